@@ -1,0 +1,166 @@
+"""`kiln` command line: thin. Parses, builds the config, hands off; user errors become one line + exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from kiln.errors import KilnError
+
+USAGE = """kiln <command> [options]
+
+commands:
+  train [PRESET_OR_YAML] [--fresh] [--section.key VALUE ...]   pretrain (resumes from the latest checkpoint)
+  generate --checkpoint CKPT --prompt TEXT [...]                  sample from a checkpoint (KV cache)
+  chat --checkpoint CKPT                                          interactive continuation
+  eval --checkpoint CKPT --data FILE_OR_DATASET                   loss / ppl / bits per byte (last line JSON)
+  export --checkpoint CKPT --out DIR                              HF folder (Llama / Qwen3 / SmolLM3)
+  presets                                                         list presets with parameter counts
+"""
+
+
+def _train(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="kiln train", description="Pretrain a model (resumes automatically).")
+    p.add_argument("preset", nargs="?", default="tiny", help="preset name or YAML path (default: tiny)")
+    p.add_argument("--fresh", action="store_true", help="start over; an existing run folder is moved aside")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    args, overrides = p.parse_known_args(argv)
+    from kiln.config import load_config
+    from kiln.train.trainer import train
+
+    cfg = load_config(args.preset, overrides)
+    summary = train(cfg, fresh=args.fresh, quiet=args.quiet)
+    return 130 if summary.get("stopped") == "signal" else 0
+
+
+def _add_ckpt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _generate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="kiln generate", description="Generate text from a checkpoint.")
+    _add_ckpt(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    from kiln.data.tokenizer import load_tokenizer
+    from kiln.generate import generate_text
+    from kiln.train.trainer import load_model_for_cli
+
+    model, cfg, _ = load_model_for_cli(args.checkpoint, device=args.device)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    stream = sys.stdout.isatty()
+    if stream:
+        print(args.prompt, end="", flush=True)
+    text = generate_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=stream)
+    print("" if stream else args.prompt + text)
+    return 0
+
+
+def _chat(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="kiln chat", description="Interactive generation (empty line or Ctrl-D quits).")
+    _add_ckpt(p)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=50)
+    args = p.parse_args(argv)
+    from kiln.data.tokenizer import load_tokenizer
+    from kiln.generate import generate_text
+    from kiln.train.trainer import load_model_for_cli
+
+    model, cfg, ckpt = load_model_for_cli(args.checkpoint, device=args.device)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    print(f"kiln chat: {ckpt} (a pretrained model continues your text; empty line quits)")
+    seed = 0
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        generate_text(model, tok, line, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=1.0, seed=seed, stream=True)
+        print()
+        seed += 1
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="kiln eval", description="Loss, perplexity and bits per byte on a text source.")
+    _add_ckpt(p)
+    p.add_argument("--data", required=True, help="txt/jsonl/parquet file, glob, folder, bundled:val, or HF dataset")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--max-tokens", type=int, default=1_000_000, help="score at most this many tokens")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=0, help="default: the checkpoint's train.seq_len")
+    args = p.parse_args(argv)
+    from kiln.eval.run import evaluate_source
+
+    result = evaluate_source(args.checkpoint, args.data, text_column=args.text_column, max_tokens=args.max_tokens,
+                             batch_size=args.batch_size, seq_len=args.seq_len, device=args.device)
+    print(json.dumps(result))
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="kiln export", description="Write a Hugging Face model folder.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = p.parse_args(argv)
+    from kiln.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype)
+    print(f"exported to {out}: transformers.AutoModelForCausalLM.from_pretrained('{out}')")
+    return 0
+
+
+def _presets(argv: list[str]) -> int:
+    from kiln.config import list_presets, load_config
+    from kiln.model import count_params
+
+    print(f"{'preset':<14}{'params':>10}{'layers':>8}{'d':>6}{'heads':>8}{'ffn':>7}{'vocab':>8}  notes")
+    for name in list_presets():
+        m = load_config(name).model
+        notes = ", ".join(x for x in ["tied" if m.tie_embeddings else "untied", "qk-norm" if m.qk_norm else "",
+                                      f"nope/{m.nope_every}" if m.nope_every else "", m.residual] if x)
+        print(f"{name:<14}{count_params(m) / 1e6:>9.1f}M{m.n_layers:>8}{m.d_model:>6}{f'{m.n_heads}/{m.n_kv_heads}':>8}"
+              f"{m.ffn_dim:>7}{m.vocab_size:>8}  {notes}")
+    return 0
+
+
+COMMANDS = {"train": _train, "generate": _generate, "chat": _chat, "eval": _eval, "export": _export,
+            "presets": _presets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"kiln: error: unknown command '{cmd}'\n\n{USAGE}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return COMMANDS[cmd](rest) or 0
+    except KilnError as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,256 @@
+"""Text sources: resolve a SourceConfig to files and load its documents as an HF `datasets.Dataset`.
+
+A source path is one of:
+  * `bundled:train` / `bundled:val`: the corpus shipped in kiln/data/corpus;
+  * a file (.txt, .jsonl, .json, .parquet, .arrow; .txt/.jsonl/.json may be .gz/.bz2/.xz/.zst);
+  * a glob (`data/*.jsonl`, `**` recurses) or a folder (every supported file inside, recursively,
+    hidden entries skipped), in sorted path order;
+  * otherwise an HF hub dataset name (`HuggingFaceFW/fineweb-edu` with `hf_config`, `split`).
+
+Local files load map-style (memory-mapped Arrow, converted once into `$KILN_CACHE/datasets`, never
+beside the user's data) with one column, "text". Every user mistake is a one-line DataError.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kiln.config import SourceConfig
+from kiln.errors import DataError
+
+if TYPE_CHECKING:
+    import datasets
+
+CORPUS_DIR = Path(__file__).parent / "corpus"
+BUNDLED = {"train": "train.jsonl.gz", "val": "val.jsonl.gz"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+# file extension -> datasets builder
+FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
+           ".arrow": "arrow"}
+
+
+def file_format(path: Path) -> str | None:
+    """The datasets builder for `path` ('json', 'text', 'parquet', 'arrow'), or None if unsupported."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+        fmt = FORMATS.get(suffixes[-1]) if suffixes else None
+        return fmt if fmt in ("text", "json") else None  # columnar formats compress internally
+    return FORMATS.get(suffixes[-1]) if suffixes else None
+
+
+def _looks_local(path: str) -> bool:
+    """A path the user meant as a file, not an HF dataset name."""
+    p = Path(path).expanduser()
+    return (path.startswith((".", "/", "~")) or os.sep in path and p.parent.exists()
+            or file_format(p) is not None or any(c in path for c in "*?["))
+
+
+def is_hub_source(src: SourceConfig) -> bool:
+    """True when `src.path` names an HF hub dataset (no local file, glob or bundled split matches)."""
+    return not (src.path.startswith("bundled:") or Path(src.path).expanduser().exists() or _looks_local(src.path))
+
+
+def resolve_files(src: SourceConfig) -> list[Path]:
+    """The local files behind `src`, sorted. An HF hub dataset resolves to []."""
+    path = src.path
+    supported = ", ".join(sorted({*FORMATS, ".jsonl.gz", ".txt.gz"}))
+    if path.startswith("bundled:"):
+        split = path.split(":", 1)[1]
+        if split not in BUNDLED:
+            raise DataError(f"{path}: unknown bundled split; use bundled:train or bundled:val")
+        f = CORPUS_DIR / BUNDLED[split]
+        if not f.is_file():
+            raise DataError(f"{path}: the bundled corpus file {f} is missing; reinstall kiln")
+        return [f]
+    p = Path(path).expanduser()
+    if p.is_file():
+        if file_format(p) is None:
+            raise DataError(f"{path}: unsupported file type; use one of {supported}")
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and file_format(f) is not None
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        if not files:
+            raise DataError(f"{path}: folder holds no {supported} files")
+        return files
+    if any(c in path for c in "*?["):
+        matched = sorted(Path(m) for m in glob.glob(os.path.expanduser(path), recursive=True))
+        matched = [m for m in matched if m.is_file()]
+        if not matched:
+            raise DataError(f"{path}: glob matches no files")
+        bad = [m for m in matched if file_format(m) is None]
+        if bad:
+            raise DataError(f"{path}: glob matches {bad[0]}, an unsupported file type; use one of {supported}")
+        return matched
+    if _looks_local(path):
+        raise DataError(f"{path}: no such file or folder")
+    return []
+
+
+def source_name(src: SourceConfig) -> str:
+    """Label for metrics: src.name, else the file stem (without .jsonl.gz etc.), else the dataset name."""
+    if src.name:
+        return src.name
+    if src.path.startswith("bundled:"):
+        return "bundled-" + src.path.split(":", 1)[1]
+    p = Path(src.path.rstrip("/"))
+    if _looks_local(src.path) or p.exists():
+        name = p.name
+        for _ in range(2):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in (*COMPRESSIONS, *FORMATS):
+                name = stem
+        return name or src.path
+    return src.path
+
+
+def _quiet_datasets() -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # failures become DataErrors
+
+
+def datasets_cache_dir() -> Path:
+    """Where local files are converted to Arrow: `<kiln cache>/datasets`."""
+    from kiln.data.tokenizer import cache_root
+
+    return cache_root() / "datasets"
+
+
+def load_documents(src: SourceConfig) -> datasets.Dataset:
+    """Map-style dataset of `src`'s documents with one column, "text", in file order."""
+    files = resolve_files(src)
+    if not files:
+        return _load_hub(src)
+    import datasets
+
+    _quiet_datasets()
+    files = [f for f in files if f.stat().st_size > 0]  # datasets cannot infer a schema from 0 bytes
+    if not files:
+        raise DataError(f"{src.path}: empty source (0 documents)")
+    parts = []
+    start = 0
+    while start < len(files):  # consecutive runs of one format, so file order is kept
+        fmt = file_format(files[start])
+        end = start
+        while end < len(files) and file_format(files[end]) == fmt:
+            end += 1
+        parts.append(_load_local(src, files[start:end], fmt))
+        start = end
+    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    _check_not_empty(ds, src.path)
+    return ds
+
+
+def _load_local(src: SourceConfig, files: list[Path], fmt: str | None) -> datasets.Dataset:
+    import datasets
+
+    kwargs = {"sample_by": src.txt_sample_by} if fmt == "text" else {}
+    try:
+        ds = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train",
+                                   cache_dir=str(datasets_cache_dir()), **kwargs)
+    except Exception as e:  # datasets wraps reader errors in several exception types
+        raise _read_error(e, files, fmt, src.path) from None
+    column = "text" if fmt == "text" else src.text_column
+    where = src.path if len(files) > 1 else str(files[0])
+    ds = _text_column(ds, column, where=where)
+    if fmt == "json":  # pyarrow's JSON reader does not check UTF-8; a bad byte would fail mid-training
+        _check_utf8(ds, where=where)
+    return ds
+
+
+def _check_utf8(ds: datasets.Dataset, *, where: str) -> None:
+    """Validate the text column's UTF-8 (fast, vectorised in Arrow) and name the first bad document."""
+    import pyarrow as pa
+
+    start = 0
+    for chunk in ds.data.column("text").chunks:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid as e:
+            index = str(e).rsplit(" ", 1)[-1]
+            row = start + int(index) if index.isdigit() else start
+            raise DataError(f"{where}: document {row} is not valid UTF-8 ({e}); re-encode the file as UTF-8") from None
+        start += len(chunk)
+
+
+def _text_column(ds: datasets.Dataset, column: str, *, where: str) -> datasets.Dataset:
+    if column not in ds.column_names:
+        raise DataError(f"{where}: no column '{column}' (columns: {', '.join(ds.column_names)}); "
+                        "set text_column on the source")
+    dtype = getattr(ds.features[column], "dtype", None)
+    if dtype not in ("string", "large_string"):
+        raise DataError(f"{where}: column '{column}' holds {dtype or type(ds.features[column]).__name__}, "
+                        "not text; set text_column to a string column")
+    ds = ds.select_columns([column])
+    return ds.rename_column(column, "text") if column != "text" else ds
+
+
+def _check_not_empty(ds: datasets.Dataset, where: str) -> None:
+    """0 rows, or no row with any text: a one-line DataError. Cheap: arrow compute over the column."""
+    if len(ds) == 0:
+        raise DataError(f"{where}: empty source (0 documents)")
+    import pyarrow.compute as pc
+
+    head = ds.data.column("text").slice(0, 1000)
+    if (pc.max(pc.utf8_length(head)).as_py() or 0) > 0:
+        return
+    if (pc.max(pc.utf8_length(ds.data.column("text"))).as_py() or 0) == 0:
+        raise DataError(f"{where}: empty source (all {len(ds)} documents have empty text)")
+
+
+def _read_error(e: Exception, files: list[Path], fmt: str | None, where: str) -> DataError:
+    """Turn a datasets/pyarrow failure into one line naming the file (and byte offset for bad UTF-8)."""
+    chain, cur = [], e
+    while cur is not None and len(chain) < 10:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    if fmt == "text" or any(isinstance(c, UnicodeDecodeError) for c in chain):
+        for f in files:
+            offset = _first_bad_utf8(f) if file_format(f) == "text" and f.suffix.lower() not in COMPRESSIONS else None
+            if offset is not None:
+                return DataError(f"{f}: not valid UTF-8 (first bad byte at offset {offset}); re-encode it as UTF-8")
+    root = next((c for c in chain if not type(c).__module__.startswith("datasets")), chain[-1])
+    msg = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+    name = str(files[0]) if len(files) == 1 else f"{where} ({len(files)} files)"
+    return DataError(f"{name}: cannot read as {fmt} ({type(root).__name__}: {msg[:200]})")
+
+
+def _first_bad_utf8(path: Path, chunk: int = 1 << 20) -> int | None:
+    """Byte offset of the first invalid UTF-8 byte in `path`, or None if the file decodes."""
+    dec = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            pending = len(dec.getstate()[0])  # bytes of a split character carried from the last block
+            try:
+                dec.decode(block, final=not block)
+            except UnicodeDecodeError as err:
+                return offset - pending + err.start
+            if not block:
+                return None
+            offset += len(block)
+
+
+def _load_hub(src: SourceConfig) -> datasets.Dataset:
+    """An HF hub dataset, map-style (downloaded into the HF cache). Not exercised offline."""
+    import datasets
+
+    _quiet_datasets()
+    try:
+        ds = datasets.load_dataset(src.path, src.hf_config or None, split=src.split, streaming=False)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{src.path}: not a local file and cannot load it as an HF dataset ({msg[:200]})") from None
+    if not isinstance(ds, datasets.Dataset):
+        raise DataError(f"{src.path}: expected one split, got {type(ds).__name__}; set split on the source")
+    ds = _text_column(ds, src.text_column, where=src.path)
+    _check_not_empty(ds, src.path)
+    return ds

@@ -1,0 +1,81 @@
+"""Terminal progress (a rich bar on a TTY, plain lines otherwise) and graceful stop on signals."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+
+from kiln.train.metrics import format_duration
+
+
+class Progress:
+    """Step progress with loss, lr, tokens/s and ETA. Plain log lines when stdout is not a terminal."""
+
+    def __init__(self, total: int, *, start: int = 0, quiet: bool = False) -> None:
+        self.total, self.start, self.quiet = total, start, quiet
+        self.t0 = time.time()
+        self.fields = {"loss": float("nan"), "lr": 0.0, "tok_s": 0.0}
+        self._bar = None
+        if not quiet and sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tok_s]:,.0f} tok/s"),
+                TimeRemainingColumn(), transient=False,
+            )
+            self._task = self._bar.add_task("train", total=total, completed=start, **self.fields)
+            self._bar.start()
+
+    def print(self, msg: str) -> None:
+        if self.quiet:
+            return
+        if self._bar is not None:
+            self._bar.console.print(msg, highlight=False, markup=False)
+        else:
+            print(msg, flush=True)
+
+    def update(self, step: int, **fields: float) -> None:
+        self.fields.update(fields)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, **self.fields)
+        elif fields and not self.quiet:
+            done = step - self.start
+            eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
+            f = self.fields
+            print(f"step {step:>6}/{self.total}  loss {f['loss']:.4f}  lr {f['lr']:.2e}  "
+                  f"{f['tok_s']:,.0f} tok/s  eta {format_duration(eta)}", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+class StopOnSignal:
+    """Turn the first SIGINT/SIGTERM into a flag the loop checks; a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nreceived {signal.Signals(signum).name}: saving at the end of this step "
+              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

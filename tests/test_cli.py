@@ -1,0 +1,123 @@
+"""The real CLI: each bad input gives one line on stderr, exit code 2, and leaves checkpoints untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import kiln_cmd
+from kiln.config import load_config
+from kiln.train.trainer import train
+from test_train import small_overrides
+
+
+def run(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(kiln_cmd(*args), capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def assert_user_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    assert res.returncode == 2, res.stderr + res.stdout
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kiln: error: "), res.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A tiny run with two checkpoints, shared by the error cases below."""
+    tmp = tmp_path_factory.mktemp("cli")
+    over = small_overrides(tmp, **{"train.max_steps": 4, "train.save_every": 2})
+    train(load_config("tiny", over), quiet=True)
+    return tmp, over
+
+
+def test_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [oops\n")
+    assert_user_error(run("train", str(bad)), str(bad), "malformed YAML")
+    assert_user_error(run("train", str(tmp_path / "none.yaml")), "none.yaml", "no such config file")
+    assert_user_error(run("train", "tiny", "--model.n_layrs", "2"), "unknown key 'model.n_layrs'")
+    assert_user_error(run("train", "tiny", "--train.seq_len", "long"), "train.seq_len", "expected an integer")
+    assert_user_error(run("train", "tiny", "--model.n_kv_heads", "3"), "model.n_kv_heads")
+
+
+def test_data_errors(tmp_path, trained):
+    _, over = trained
+    base = [o for o in over]
+
+    def with_train(spec: str) -> list[str]:
+        out = list(base)
+        i = out.index("--data.train")
+        out[i + 1] = json.dumps([{"path": spec}])
+        j = out.index("--run.out_dir")
+        out[j + 1] = str(tmp_path / "fresh-run")
+        return out
+
+    missing = tmp_path / "missing.jsonl"
+    assert_user_error(run("train", "tiny", *with_train(str(missing))), str(missing))
+    assert_user_error(run("train", "tiny", *with_train(str(tmp_path / "nothing-*.jsonl"))), "nothing-*.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert_user_error(run("train", "tiny", *with_train(str(empty))), str(empty))
+    nocol = tmp_path / "nocol.jsonl"
+    nocol.write_text(json.dumps({"body": "hello there"}) + "\n")
+    assert_user_error(run("train", "tiny", *with_train(str(nocol))), str(nocol), "text")
+    assert not (tmp_path / "fresh-run" / "checkpoints").exists()
+
+
+def test_vocab_mismatch_and_unwritable_out_dir(tmp_path, trained):
+    _, over = trained
+    res = run("train", "tiny", *over, "--model.vocab_size", "1000", "--run.out_dir", str(tmp_path / "v"))
+    assert_user_error(res, "32768", "model.vocab_size")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    res = run("train", "tiny", *over, "--run.out_dir", str(blocker / "sub"))
+    assert_user_error(res, str(blocker / "sub"), "not writable")
+
+
+def test_resume_refuses_another_architecture_and_touches_nothing(trained):
+    tmp, over = trained
+    ckpts = tmp / "run" / "checkpoints"
+    before = tree_digest(ckpts)
+    res = run("train", "tiny", *over, "--model.d_model", "64", "--train.max_steps", "6")
+    assert_user_error(res, "model.d_model", "--fresh")
+    assert tree_digest(ckpts) == before
+
+
+def test_corrupt_checkpoint_is_a_clear_error(trained, tmp_path):
+    tmp, over = trained
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(tmp / "run", copy)
+    latest = sorted((copy / "checkpoints").iterdir())[-1]
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # torn write
+    before = tree_digest(copy / "checkpoints")
+    out = [*over]
+    out[out.index("--run.out_dir") + 1] = str(copy)
+    assert_user_error(run("train", "tiny", *out, "--train.max_steps", "6"), "model.safetensors", "corrupt")
+    assert_user_error(run("generate", "--checkpoint", str(copy), "--prompt", "x"), "corrupt")
+    (latest / "train_state.pt").write_bytes(b"garbage")
+    assert_user_error(run("train", "tiny", *out, "--train.max_steps", "6"), "corrupt")
+    assert tree_digest(copy / "checkpoints") == before | {
+        str((latest / "train_state.pt").relative_to(copy / "checkpoints")): hashlib.sha256(b"garbage").hexdigest()}
+    assert_user_error(run("generate", "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x"), "nowhere")
+
+
+def test_help_and_unknown_command():
+    res = run("--help")
+    assert res.returncode == 0 and "kiln <command>" in res.stdout
+    res = run("nonsense")
+    assert res.returncode == 2 and "unknown command 'nonsense'" in res.stderr

@@ -1,0 +1,79 @@
+"""Config loading: presets, overrides, and one clear error per mistake (dotted key + file)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiln.config import Config, list_presets, load_config, parse_overrides, to_dict
+from kiln.errors import ConfigError
+
+
+def test_every_preset_loads_and_validates():
+    names = list_presets()
+    for required in ["tiny", "dense-180m", "deepone-162m", "smol-160m", "smol-600m", "llama2-437m",
+                     "small", "medium", "large", "xl", "llama-30m", "llama-124m", "llama-1b", "llama-3b"]:
+        assert required in names
+    for name in names:
+        cfg = load_config(name)
+        assert isinstance(cfg, Config)
+        assert cfg.run.name == name and cfg.run.out_dir.endswith(name)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("tiny", ["--train.max_steps", "7", "--optim.lr=1e-3", "--model.qk_norm", "true",
+                               "--optim.betas", "[0.8, 0.9]"])
+    assert cfg.train.max_steps == 7 and cfg.optim.lr == 1e-3 and cfg.model.qk_norm is True
+    assert cfg.optim.betas == (0.8, 0.9)
+    assert parse_overrides(["--a.b.c", "x"]) == {"a": {"b": {"c": "x"}}}
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["--model.n_layrs", "3"], r"unknown key 'model.n_layrs'.*model.n_layers"),
+    (["--nosection.x", "3"], r"unknown key 'nosection'"),
+    (["--model.n_layers", "abc"], r"model.n_layers: expected an integer, got 'abc'"),
+    (["--model.n_layers", "2.5"], r"model.n_layers: expected an integer"),
+    (["--model.qk_norm", "maybe"], r"model.qk_norm: expected true or false"),
+    (["--model.attention", "fast"], r"model.attention: expected one of 'eager', 'sdpa', 'flex', 'flash'"),
+    (["--model.n_kv_heads", "3"], r"model.n_heads \(4\) must be divisible by model.n_kv_heads \(3\)"),
+    (["--model.d_model", "130"], r"model.d_model \(130\) must be divisible by model.n_heads"),
+    (["--train.seq_len", "4096"], r"train.seq_len \(4096\) exceeds model.max_seq_len"),
+    (["--train.global_batch_size", "12"], r"multiple of train.micro_batch_size"),
+    (["--optim.lr", "-1"], r"optim.lr: must be a positive number"),
+    (["--model.residual", "deepnorm"], r"deepnorm needs model.init=deepnet"),
+    (["--train.max_steps"], r"missing value"),
+    (["stray"], r"unexpected argument 'stray'"),
+])
+def test_bad_overrides_fail_with_the_dotted_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny", overrides)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_layers: [1,\n")
+    with pytest.raises(ConfigError, match=rf"{bad}.*malformed YAML"):
+        load_config(str(bad))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("base: tiny\nmodel:\n  d_modle: 64\n")
+    with pytest.raises(ConfigError, match=rf"{typo}: unknown key 'model.d_modle'"):
+        load_config(str(typo))
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("train:\n  seq_len: long\n")
+    with pytest.raises(ConfigError, match=rf"{wrong}: train.seq_len: expected an integer"):
+        load_config(str(wrong))
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_config("nope")
+
+
+def test_base_inheritance_and_roundtrip(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("base: tiny\nmodel:\n  n_layers: 2\nrun:\n  name: exp1\n")
+    cfg = load_config(str(child))
+    assert cfg.model.n_layers == 2 and cfg.model.d_model == load_config("tiny").model.d_model
+    assert cfg.run.name == "exp1"
+    tree = to_dict(cfg)
+    from kiln.config import config_from_dict
+
+    assert config_from_dict(tree, where="x") == cfg
