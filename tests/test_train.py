@@ -99,9 +99,9 @@ def test_nan_loss_aborts_without_saving(tmp_path, monkeypatch):
     cfg = load_config("tiny", small_overrides(tmp_path, **{"train.max_steps": 3}))
     train(cfg, quiet=True)
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "checkpoints").rglob("*")}
-    import kiln.train.trainer as trainer
+    import kiln.train.objective as objective
 
-    real = trainer.token_loss_sum
+    real = objective.token_loss_sum
     calls = {"n": 0}
 
     def poisoned(*args, **kw):
@@ -109,9 +109,26 @@ def test_nan_loss_aborts_without_saving(tmp_path, monkeypatch):
         out = real(*args, **kw)
         return out * float("nan") if calls["n"] >= 3 else out
 
-    monkeypatch.setattr(trainer, "token_loss_sum", poisoned)
+    monkeypatch.setattr(objective, "token_loss_sum", poisoned)
     cfg = load_config("tiny", small_overrides(tmp_path, **{"train.max_steps": 10}))
     with pytest.raises(TrainingDiverged, match=r"step 5: loss=nan.*last good checkpoint: .*step_3"):
         train(cfg, quiet=True)
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "checkpoints").rglob("*")}
     assert after == before  # nothing written, nothing removed
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path):
+    a = tmp_path / "a"
+    a.mkdir()
+    train(load_config("tiny", small_overrides(a, **{"train.max_steps": 3})), quiet=True)
+    src = ckpt_io.resolve_checkpoint(a / "run")
+    over = small_overrides(a, **{"train.max_steps": 2, "run.out_dir": str(tmp_path / "b"), "run.init_from": str(a / "run"),
+                                 "train.eval_every": 100})
+    train(load_config("tiny", over), quiet=True)
+    first_eval = [r for r in read_metrics(tmp_path / "b") if r["kind"] == "eval"][0]
+    last_eval_a = [r for r in read_metrics(a / "run") if r["kind"] == "eval"][-1]
+    assert first_eval["step"] == 0 and first_eval["eval_loss"] == last_eval_a["eval_loss"]  # same weights
+    assert load_file(str(src / "model.safetensors")).keys()  # the source run is untouched and loadable
+    bad = small_overrides(a, **{"run.out_dir": str(tmp_path / "c"), "run.init_from": str(a / "run"), "model.d_model": 64})
+    with pytest.raises(Exception, match="model.d_model"):
+        train(load_config("tiny", bad), quiet=True)

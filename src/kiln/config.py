@@ -135,6 +135,7 @@ class RunConfig:
     out_dir: str = ""  # default runs/<name>
     seed: int = 1234
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    init_from: str = ""  # checkpoint or run folder whose weights start a new run (not its optimizer or data)
 
 
 @dataclass

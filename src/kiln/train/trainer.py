@@ -22,17 +22,16 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from torch import Tensor
 
 from kiln.config import Config, to_dict
-from kiln.data.loader import PackedLoader, validation_batches
-from kiln.data.sources import source_name
 from kiln.data.tokenizer import Tokenizer, load_tokenizer
 from kiln.errors import CheckpointError, DataError, KilnError
-from kiln.eval.loss import evaluate, token_loss_sum
 from kiln.model import Transformer, build_model, count_params
 from kiln.optim import build_optimizer, lr_factor
 from kiln.train import checkpoint as ckpt_io
 from kiln.train.metrics import MetricsLogger, format_duration, run_info
+from kiln.train.objective import Objective
 from kiln.train.progress import Progress, StopOnSignal
 
 
@@ -136,9 +135,12 @@ def check_resumable(saved: Config, cfg: Config, ckpt: Path) -> None:
                               f"'{cfg.data.tokenizer}'; use the same tokenizer or --fresh")
 
 
-def train(cfg: Config, *, fresh: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Run (or resume) pretraining as configured. Returns a summary of the final state."""
+def train(cfg: Config, *, objective: Objective | None = None, fresh: bool = False,
+          quiet: bool = False) -> dict[str, Any]:
+    """Run (or resume) training as configured: pretraining by default, or another `objective`
+    (SFT, DPO, ...) through the same loop. Returns a summary of the final state."""
     # ---- setup -------------------------------------------------------------------------------
+    objective = objective or Objective()
     device = pick_device(cfg.run.device)
     out = Path(cfg.run.out_dir)
     plan = make_plan(cfg)
@@ -148,21 +150,23 @@ def train(cfg: Config, *, fresh: bool = False, quiet: bool = False) -> dict[str,
     resume_from = existing[-1] if existing else None
     if resume_from is not None:  # validate before touching anything
         check_resumable(ckpt_io.read_config(resume_from), cfg, resume_from)
+    init_from = None
+    if resume_from is None and cfg.run.init_from:
+        init_from = ckpt_io.resolve_checkpoint(cfg.run.init_from)
+        check_resumable(ckpt_io.read_config(init_from), cfg, init_from)
     prepare_out_dir(out, fresh=fresh)
 
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model, device=device, seed=cfg.run.seed)
+    if init_from is not None:  # start from another run's weights (fine-tuning, continued pretraining)
+        ckpt_io.load_model_weights(model, init_from)
+    objective.setup(model, device=device)
     optimizer = build_optimizer(model, cfg.optim, device_type=device.type)
-    loader = PackedLoader(cfg.data.train, tokenizer, seq_len=cfg.train.seq_len,
-                          batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
-                          encode_batch=cfg.data.encode_batch)
-    val_sets = {source_name(s): validation_batches(s, tokenizer, seq_len=cfg.train.seq_len,
-                                                   batch_size=cfg.train.micro_batch_size,
-                                                   max_tokens=cfg.train.eval_tokens) for s in cfg.data.val}
+    loader = objective.train_data(cfg, tokenizer)
+    val_sets = objective.val_data(cfg, tokenizer)
     autocast = autocast_for(cfg, device)
-    doc_mask = cfg.data.doc_mask
     step, tokens_seen, elapsed_before = 0, 0, 0.0
 
     if resume_from is not None:
@@ -184,22 +188,18 @@ def train(cfg: Config, *, fresh: bool = False, quiet: bool = False) -> dict[str,
                    f"{cfg.train.seq_len}, accumulation {plan.accum_steps}), {plan.total_steps:,} steps = "
                    f"{plan.total_tokens:,} tokens from {plan.budget_source}; peak lr {cfg.optim.lr:g} "
                    f"{cfg.optim.schedule}, warmup {cfg.optim.warmup_steps}")
-    progress.print(f"  run folder {out}" + (f"; resumed from {resume_from.name}" if resume_from else ""))
+    progress.print(f"  run folder {out}" + (f"; resumed from {resume_from.name}" if resume_from else "")
+                   + (f"; weights from {init_from}" if init_from else ""))
 
     def run_eval() -> float | None:
         if not val_sets:
             return None
         record: dict[str, Any] = {"kind": "eval", "step": step, "tokens_seen": tokens_seen}
-        nats, count = 0.0, 0
-        for name, batches in val_sets.items():
-            res = evaluate(model, batches, device=device, doc_mask=doc_mask, autocast=autocast)
-            record[f"eval_loss/{name}"], record[f"eval_ppl/{name}"] = res["loss"], res["ppl"]
-            nats, count = nats + res["nats"], count + res["tokens"]
-        record["eval_loss"] = nats / max(count, 1)
-        record["eval_ppl"] = math.exp(min(record["eval_loss"], 50.0))
+        record.update(objective.evaluate(model, val_sets, cfg=cfg, device=device, autocast=autocast))
         metrics.log(record)
         parts = " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in record.items() if k.startswith("eval_loss/"))
-        progress.print(f"step {step:>6}  eval_loss {record['eval_loss']:.4f}  ppl {record['eval_ppl']:.1f}"
+        progress.print(f"step {step:>6}  eval_loss {record['eval_loss']:.4f}"
+                       + (f"  ppl {record['eval_ppl']:.1f}" if "eval_ppl" in record else "")
                        + (f"  ({parts})" if len(val_sets) > 1 else ""))
         return record["eval_loss"]
 
@@ -231,13 +231,18 @@ def train(cfg: Config, *, fresh: bool = False, quiet: bool = False) -> dict[str,
                 group["lr"] = lr
 
             micro_batches = [loader.next_batch().to(device) for _ in range(plan.accum_steps)]
-            n_targets = sum(b.num_targets for b in micro_batches)  # normalise by the step's true token count
+            # normalise by the step's true count (target tokens for pretraining), not per micro-batch
+            count = max(sum(objective.count(b) for b in micro_batches), 1)
             step_loss = torch.zeros((), device=device)
+            extra_sums: dict[str, Tensor] = {}
             for batch in micro_batches:
                 with autocast:
-                    loss = token_loss_sum(model, batch, doc_mask=doc_mask) / n_targets
+                    loss_sum, extras = objective.loss(model, batch, cfg=cfg)
+                    loss = loss_sum / count
                 loss.backward()
                 step_loss += loss.detach()
+                for k, v in extras.items():
+                    extra_sums[k] = extra_sums.get(k, 0.0) + v.detach().float()
 
             max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # pre-clip norm
@@ -261,6 +266,7 @@ def train(cfg: Config, *, fresh: bool = False, quiet: bool = False) -> dict[str,
                 record = {"kind": "train", "step": step, "tokens_seen": tokens_seen, "loss": window_loss / window_steps,
                           "lr": lr, "grad_norm": norm_value, "tokens_per_sec": window_tokens / max(dt, 1e-9),
                           "elapsed_sec": elapsed_before + time.time() - t_start}
+                record.update({k: float(v) / count for k, v in extra_sums.items()})  # this step's means
                 if device.type == "cuda":
                     record["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
                 metrics.log(record)

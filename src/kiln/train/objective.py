@@ -1,0 +1,80 @@
+"""What differs between pretraining and post-training: the data, the loss, and what eval reports.
+
+The train loop (kiln.train.trainer) is shared. It asks an `Objective` for:
+
+    train_data(cfg, tokenizer, rank, world_size)  a Stateful batch source: next_batch(), state_dict(), load_state_dict()
+    val_data(cfg, tokenizer)                      named lists of fixed evaluation batches
+    count(batch)                                  this batch's share of the step's denominator (target tokens,
+                                                  preference pairs, sequences ...), known before the forward
+    loss(model, batch)                            (summed loss: fp32 scalar tensor, summed extra metrics)
+    evaluate(model, val, ...)                     an eval record; it must contain "eval_loss"
+
+Every micro-batch's summed loss is divided by the whole step's count (over accumulation and, when
+distributed, data-parallel ranks), so the gradient is the true mean however the step is split (DESIGN.md
+rule 11). Extra metrics are sums too and are reported divided by the same count.
+`setup(model, device)` runs once after the model exists (DPO keeps its frozen reference there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from kiln.config import Config
+from kiln.data.loader import PackedLoader, validation_batches
+from kiln.data.packing import Batch
+from kiln.data.sources import source_name
+from kiln.data.tokenizer import Tokenizer
+from kiln.eval.loss import evaluate, token_loss_sum
+
+
+class BatchSource(Protocol):
+    """A Stateful, deterministic, endless source of micro-batches (each has `.to(device)`)."""
+
+    def next_batch(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Objective:
+    """Pretraining: next-token cross-entropy on packed documents. Subclass for other objectives."""
+
+    name = "pretrain"
+
+    def setup(self, model: nn.Module, *, device: torch.device) -> None:
+        """Called once after the model is built and initialised (or loaded)."""
+
+    def train_data(self, cfg: Config, tokenizer: Tokenizer, *, rank: int = 0, world_size: int = 1) -> BatchSource:
+        return PackedLoader(cfg.data.train, tokenizer, seq_len=cfg.train.seq_len,
+                            batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
+                            rank=rank, world_size=world_size, encode_batch=cfg.data.encode_batch)
+
+    def val_data(self, cfg: Config, tokenizer: Tokenizer) -> dict[str, list[Any]]:
+        return {source_name(s): validation_batches(s, tokenizer, seq_len=cfg.train.seq_len,
+                                                   batch_size=cfg.train.micro_batch_size,
+                                                   max_tokens=cfg.train.eval_tokens) for s in cfg.data.val}
+
+    def count(self, batch: Batch) -> int:
+        return batch.num_targets
+
+    def loss(self, model: nn.Module, batch: Batch, *, cfg: Config) -> tuple[Tensor, dict[str, Tensor]]:
+        return token_loss_sum(model, batch, doc_mask=cfg.data.doc_mask), {}
+
+    def evaluate(self, model: nn.Module, val: dict[str, list[Any]], *, cfg: Config, device: torch.device,
+                 autocast: contextlib.AbstractContextManager) -> dict[str, float]:
+        """Loss and perplexity per validation source, plus the token-weighted total."""
+        record: dict[str, float] = {}
+        nats, count = 0.0, 0
+        for name, batches in val.items():
+            res = evaluate(model, batches, device=device, doc_mask=cfg.data.doc_mask, autocast=autocast)
+            record[f"eval_loss/{name}"], record[f"eval_ppl/{name}"] = res["loss"], res["ppl"]
+            nats, count = nats + res["nats"], count + res["tokens"]
+        record["eval_loss"] = nats / max(count, 1)
+        record["eval_ppl"] = math.exp(min(record["eval_loss"], 50.0))
+        return record
