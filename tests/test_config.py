@@ -11,7 +11,8 @@ from kiln.errors import ConfigError
 def test_every_preset_loads_and_validates():
     names = list_presets()
     for required in ["tiny", "dense-180m", "deepone-162m", "smol-160m", "smol-600m", "llama2-437m",
-                     "small", "medium", "large", "xl", "llama-30m", "llama-124m", "llama-1b", "llama-3b"]:
+                     "small", "medium", "large", "xl", "llama-30m", "llama-124m", "llama-1b", "llama-3b",
+                     "mix-smollm", "mix-smol-web-code-math"]:
         assert required in names
     for name in names:
         cfg = load_config(name)
@@ -77,3 +78,13 @@ def test_base_inheritance_and_roundtrip(tmp_path):
     from kiln.config import config_from_dict
 
     assert config_from_dict(tree, where="x") == cfg
+
+
+def test_parallel_and_train_names_of_ac_and_compile_are_one_setting():
+    cfg = load_config("tiny", ["--parallel.compile", "true", "--parallel.activation_checkpointing", "full"])
+    assert (cfg.train.compile, cfg.train.activation_checkpointing) == (True, "full")
+    cfg = load_config("tiny", ["--train.activation_checkpointing", "selective"])
+    assert cfg.parallel.activation_checkpointing == "selective" and cfg.parallel.compile is False
+    with pytest.raises(ConfigError, match="disagree"):
+        load_config("tiny", ["--parallel.activation_checkpointing", "full",
+                             "--train.activation_checkpointing", "selective"])

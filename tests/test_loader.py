@@ -205,7 +205,8 @@ def test_resume_continues_with_identical_batches_across_epochs(tmp_path, two_sou
         buf = io.BytesIO()
         torch.save(first.state_dict(), buf)
         state = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
-        assert len(state["packer"]["tokens"]) <= 8 + 4 * 12  # carry + at most one encode batch
+        (shard,) = state["workers"]
+        assert len(shard["snapshot"]["packer"]["tokens"]) <= 8  # the carry only: the state stays small
         resumed = loader(srcs)
         resumed.load_state_dict(state)
         for i in range(n, total):
@@ -230,8 +231,12 @@ def test_resume_refuses_changed_data_and_world_size(tmp_path):
     path = write_jsonl(tmp_path / "docs.jsonl", list(range(1000, 1020)))
     src = SourceConfig(path=str(path))
     state = loader([src], rank=0, world_size=2).state_dict()
-    with pytest.raises(DataError, match="another data-parallel size is not supported yet"):
+    with pytest.raises(DataError, match="2 data-parallel ranks x data.num_workers=0, this run has 1 x 0"):
         loader([src], rank=0, world_size=1).load_state_dict(state)
+    with pytest.raises(DataError, match="data.num_workers=0, this run has 2 x 2.*kiln data prepare"):
+        loader([src], rank=0, world_size=2, num_workers=2).load_state_dict(state)
+    with pytest.raises(DataError, match="remainder"):
+        loader([src], rank=0, world_size=2, remainder="drop").load_state_dict(state)
     with pytest.raises(DataError, match="seed"):
         loader([src], rank=0, world_size=2, seed=9).load_state_dict(state)
     with open(path, "a") as f:
@@ -252,3 +257,61 @@ def test_validation_batches_are_fixed_first_documents_and_never_padded(tmp_path)
     short = SourceConfig(path=str(write_jsonl(tmp_path / "short.jsonl", [1000], lengths=[3])))
     (only,) = validation_batches(short, TOK, seq_len=64, batch_size=4, max_tokens=1000)
     assert only.tokens.tolist() == [[1000, X, X, X]] and only.targets.tolist() == [[X, X, X, EOS]]
+
+
+def test_resume_with_another_encode_batch_is_exact(tmp_path):
+    src = [SourceConfig(path=str(write_jsonl(tmp_path / "a.jsonl", list(range(1000, 1040)))))]
+    ref_loader = loader(src, encode_batch=8)
+    ref = [ref_loader.next_batch() for _ in range(20)]
+    for n in (3, 7):
+        first = loader(src, encode_batch=8)
+        for _ in range(n):
+            first.next_batch()
+        state = first.state_dict()
+        for encode_batch in (1, 3, 32):  # the documents come in the same order: the rows do too
+            resumed = loader(src, encode_batch=encode_batch)
+            resumed.load_state_dict(state)
+            assert all(_same(resumed.next_batch(), ref[i]) for i in range(n, 20)), (n, encode_batch)
+
+
+def test_resume_refuses_another_tokenizer(tmp_path):
+    class OtherTokenizer(MarkerTokenizer):
+        name = "other"
+
+    src = [SourceConfig(path=str(write_jsonl(tmp_path / "a.jsonl", list(range(1000, 1020)))))]
+    state = loader(src).state_dict()
+    loader(src).load_state_dict(state)
+    with pytest.raises(DataError, match=r"another tokenizer \(digest .*data.tokenizer 'other' has digest"):
+        PackedLoader(src, OtherTokenizer(), seq_len=8, batch_size=3, seed=5, encode_batch=4).load_state_dict(state)
+
+
+def test_json_utf8_is_validated_once_per_arrow_conversion(tmp_path, monkeypatch):
+    import kiln.data.sources as sources
+
+    calls = []
+    real = sources._validate_utf8
+    monkeypatch.setattr(sources, "_validate_utf8", lambda ds, where: calls.append(where) or real(ds, where=where))
+    path = write_jsonl(tmp_path / "a.jsonl", [1000, 1001])
+    for _ in range(3):  # three processes (ranks, workers, restarts) over one Arrow conversion
+        assert len(load_documents(SourceConfig(path=str(path)))) == 2
+    assert len(calls) == 1
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')  # edited: converted and validated again
+    with pytest.raises(DataError, match="document 1 is not valid UTF-8"):
+        load_documents(SourceConfig(path=str(path)))
+    assert len(calls) == 2
+
+
+def test_glob_sources_are_named_by_their_fixed_words_or_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "web").mkdir()
+    names = {"web/*.jsonl": "web", "web/**/*.parquet": "web", "data/code-*.jsonl.gz": "code",
+             "data/shard_[0-9]*.txt": "shard", "*.jsonl": tmp_path.name, "data/web.jsonl": "web"}
+    assert {p: source_name(SourceConfig(path=p)) for p in names} == names
+
+
+def test_first_line_folds_any_exception_into_one_line():
+    from kiln.errors import first_line
+
+    assert first_line(ValueError("bad thing\n  at line 2")) == "bad thing"
+    assert first_line(KeyError()) == "KeyError" and first_line(RuntimeError("  \n")) == "RuntimeError"
+    assert first_line(OSError("x" * 500)) == "x" * 200

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kiln.data.packing import IGNORE, Batch, Packer, make_batch, pack_documents
+from kiln.data.packing import IGNORE, Batch, Packer, flatten_documents, make_batch, pack_documents
 
 EOS = 0
 
@@ -98,3 +98,46 @@ def test_batch_to_and_tail():
     assert tail is not None and tail.tokens.tolist() == [1, 2, 3, 0, 4, 5, 0]
     b = make_batch([tail]).to("cpu")
     assert isinstance(b, Batch) and b.tokens.shape == (1, 6) and b.num_targets == 5
+
+
+def test_remainder_drop_starts_rows_at_documents_like_a_reference_walk():
+    docs = random_docs(80, seed=4, max_len=15)
+    T = 6
+    stream = stream_of(docs)
+    starts = np.cumsum([0] + [len(d) + 1 for d in docs])[:-1]  # (n,) stream offset of each document
+    ref, p = [], 0
+    while p + T + 1 <= len(stream):  # each row: T+1 tokens from a document start; the next row starts at
+        ref.append(stream[p:p + T + 1])  # the first document starting at or after offset T of this one
+        later = starts[starts >= p + T]
+        if not len(later):
+            break
+        p = int(later[0])
+    rows = pack_documents(docs, seq_len=T, eos_id=EOS, remainder="drop")
+    assert [r.tokens.tolist() for r in rows] == ref
+    assert all(r.doc_ids[0] == 0 and r.tokens[0] != EOS for r in rows)
+    packer, inc = Packer(seq_len=T, eos_id=EOS, remainder="drop"), []
+    for i in range(0, len(docs), 3):  # incremental adds give the same rows
+        packer.add(docs[i:i + 3])
+        inc += [r.tokens.tolist() for r in packer.rows()]
+    assert inc == ref
+    assert packer.dropped > 0 and len(ref) < len(pack_documents(docs, seq_len=T, eos_id=EOS))
+
+
+def test_flatten_documents_is_the_stream_that_packer_and_prepare_share():
+    from kiln.data.prepare import encode_stream
+
+    docs = [*random_docs(30, seed=5), [], [9]]
+    flat, lengths = flatten_documents(docs, eos_id=EOS)
+    assert flat.tolist() == stream_of([d for d in docs if d]) and flat.dtype == np.int64
+    assert lengths.tolist() == [len(d) + 1 for d in docs if d]
+    empty, none = flatten_documents([[], []], eos_id=EOS)
+    assert len(empty) == len(none) == 0
+
+    class Ids:  # a tokenizer that returns the documents themselves
+        eos_id = EOS
+
+        def encode_batch(self, texts):
+            return [docs[int(t)] for t in texts]
+
+    out, n = encode_stream(Ids(), [str(i) for i in range(len(docs))], np.dtype(np.uint16))
+    assert out.dtype == np.uint16 and out.tolist() == flat.tolist() and n.tolist() == lengths.tolist()

@@ -14,10 +14,20 @@ USAGE = """kiln <command> [options]
 commands:
   train [PRESET_OR_YAML] [--fresh] [--section.key VALUE ...]   pretrain (resumes from the latest checkpoint)
   generate --checkpoint CKPT --prompt TEXT [...]                  sample from a checkpoint (KV cache)
-  chat --checkpoint CKPT                                          interactive continuation
-  eval --checkpoint CKPT --data FILE_OR_DATASET                   loss / ppl / bits per byte (last line JSON)
+  chat --checkpoint CKPT                                          chat in the terminal (the model's chat template)
+  eval --checkpoint CKPT --data FILE_OR_DATASET [--task mc|gsm8k]  loss / ppl / bpb, or a benchmark (last line JSON)
+  sft --checkpoint CKPT --data FILE [--section.key VALUE ...]     supervised fine-tuning, jsonl {"messages": [...]}
+  dpo --checkpoint CKPT --data FILE [...]                         DPO / APO, jsonl {"prompt", "chosen", "rejected"}
+  rlvr --checkpoint CKPT --data FILE [...]                        RL with verifiable rewards, jsonl {"prompt", "answer"}
+  import --hf DIR --out RUN_DIR                                   HF Llama / Qwen3 / SmolLM3 folder -> kiln checkpoint
   export --checkpoint CKPT --out DIR                              HF folder (Llama / Qwen3 / SmolLM3)
   presets                                                         list presets with parameter counts
+  control list|save|stop|abort [JOB]                              steer running training jobs on this machine
+  logs summary|plot|compare RUN_DIR [...] [--out PNG]             run tables, PNG curves, runs overlaid
+  doctor [PRESET] [--out-dir DIR]                                 sanity checks (exit 1 on any FAIL)
+  bench PRESET [--steps N] [--warmup N] [--section.key VALUE ...] time training steps: one JSON line (tokens/s, MFU, memory)
+  estimate PRESET [--device cuda|cpu] [--section.key VALUE ...]   peak training memory per device (last line JSON)
+  data prepare|inspect|verify ...                                 pre-tokenized shards; data checks (kiln data -h)
 """
 
 
@@ -25,13 +35,20 @@ def _train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln train", description="Pretrain a model (resumes automatically).")
     p.add_argument("preset", nargs="?", default="tiny", help="preset name or YAML path (default: tiny)")
     p.add_argument("--fresh", action="store_true", help="start over; an existing run folder is moved aside")
+    from kiln.config import split_preset
+
+    preset, rest = split_preset(argv)
+    if preset is None and not {"-h", "--help"} & set(argv):
+        argv = ["tiny", *rest]  # no preset given: the value of the first override is not a preset name
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, size, budget, LR schedule and a memory estimate, then exit")
     args, overrides = p.parse_known_args(argv)
     from kiln.config import load_config
     from kiln.train.trainer import train
 
     cfg = load_config(args.preset, overrides)
-    summary = train(cfg, fresh=args.fresh, quiet=args.quiet)
+    summary = train(cfg, fresh=args.fresh, quiet=args.quiet, dry=args.dry_run)
     return 130 if summary.get("stopped") == "signal" else 0
 
 
@@ -49,6 +66,8 @@ def _generate(argv: list[str]) -> int:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 disables it (CTRL-style penalty)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
     args = p.parse_args(argv)
     from kiln.data.tokenizer import load_tokenizer
     from kiln.generate import generate_text
@@ -60,38 +79,16 @@ def _generate(argv: list[str]) -> int:
     if stream:
         print(args.prompt, end="", flush=True)
     text = generate_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=stream)
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=stream,
+                         repetition_penalty=args.repetition_penalty, stop=args.stop)
     print("" if stream else args.prompt + text)
     return 0
 
 
 def _chat(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="kiln chat", description="Interactive generation (empty line or Ctrl-D quits).")
-    _add_ckpt(p)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=50)
-    args = p.parse_args(argv)
-    from kiln.data.tokenizer import load_tokenizer
-    from kiln.generate import generate_text
-    from kiln.train.trainer import load_model_for_cli
+    from kiln.posttrain.commands import chat
 
-    model, cfg, ckpt = load_model_for_cli(args.checkpoint, device=args.device)
-    tok = load_tokenizer(cfg.data.tokenizer)
-    print(f"kiln chat: {ckpt} (a pretrained model continues your text; empty line quits)")
-    seed = 0
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        generate_text(model, tok, line, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=1.0, seed=seed, stream=True)
-        print()
-        seed += 1
-    return 0
+    return chat(argv)
 
 
 def _eval(argv: list[str]) -> int:
@@ -102,7 +99,23 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--max-tokens", type=int, default=1_000_000, help="score at most this many tokens")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=0, help="default: the checkpoint's train.seq_len")
+    p.add_argument("--task", default="loss", choices=["loss", "mc", "gsm8k"],
+                   help="loss: loss/ppl/bpb; mc: multiple choice by log-likelihood; gsm8k: generate + answer match")
+    p.add_argument("--limit", type=int, default=0, help="mc / gsm8k: score the first N items (0: all)")
+    p.add_argument("--split", default="", help="split when --data is an HF dataset name")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k")
+    p.add_argument("--chat", action="store_true", help="gsm8k: ask through the chat template (instruct models)")
+    p.add_argument("--num-fewshot", type=int, default=0, help="gsm8k: worked examples from --fewshot-data")
+    p.add_argument("--fewshot-data", default="", help="gsm8k: jsonl of {question, answer} worked examples")
     args = p.parse_args(argv)
+    if args.task != "loss":
+        from kiln.eval.run import evaluate_task
+
+        result = evaluate_task(args.checkpoint, args.data, task=args.task, limit=args.limit, split=args.split,
+                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, chat=args.chat,
+                               num_fewshot=args.num_fewshot, fewshot_data=args.fewshot_data, device=args.device)
+        print(json.dumps(result))
+        return 0
     from kiln.eval.run import evaluate_source
 
     result = evaluate_source(args.checkpoint, args.data, text_column=args.text_column, max_tokens=args.max_tokens,
@@ -124,6 +137,15 @@ def _export(argv: list[str]) -> int:
     return 0
 
 
+def _posttrain(stage: str):
+    def run(argv: list[str]) -> int:
+        from kiln.posttrain import commands
+
+        return getattr(commands, stage)(argv)
+
+    return run
+
+
 def _presets(argv: list[str]) -> int:
     from kiln.config import list_presets, load_config
     from kiln.model import count_params
@@ -138,8 +160,30 @@ def _presets(argv: list[str]) -> int:
     return 0
 
 
+def _logs(argv: list[str]) -> int:
+    from kiln.logs import main as logs_main
+
+    return logs_main(argv)
+
+
+def _doctor(argv: list[str]) -> int:
+    from kiln.doctor import main as doctor_main
+
+    return doctor_main(argv)
+
+
+def _data(argv: list[str]) -> int:
+    from kiln.data.commands import main as data_main
+
+    return data_main(argv)
+
+
 COMMANDS = {"train": _train, "generate": _generate, "chat": _chat, "eval": _eval, "export": _export,
-            "presets": _presets}
+            "presets": _presets, "sft": _posttrain("sft"), "dpo": _posttrain("dpo"),
+            "rlvr": _posttrain("rlvr"), "import": _posttrain("import_hf"), "logs": _logs, "doctor": _doctor, "data": _data,
+            "control": lambda argv: __import__("kiln.train.control", fromlist=["main"]).main(argv),
+            "bench": lambda argv: __import__("kiln.bench", fromlist=["main"]).main(argv),
+            "estimate": lambda argv: __import__("kiln.estimate", fromlist=["main"]).main(argv)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[cmd](rest) or 0
     except KilnError as e:
-        print(f"kiln: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0, not one per process
+            print(f"kiln: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)

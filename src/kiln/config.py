@@ -23,9 +23,12 @@ PRESET_DIR = Path(__file__).parent / "configs"
 AttentionBackend = Literal["eager", "sdpa", "flex", "flash"]
 InitScheme = Literal["normal", "trunc_normal", "deepnet"]
 ResidualKind = Literal["prenorm", "deepnorm"]
-ScheduleKind = Literal["cosine", "wsd", "constant"]
+ScheduleKind = Literal["cosine", "wsd", "constant", "infinite"]
+OptimName = Literal["adamw", "adafactor", "muon", "adamw8bit"]
+LRScaling = Literal["none", "sqrt"]
 DecayShape = Literal["linear", "cosine", "1-sqrt"]
 DType = Literal["auto", "fp32", "bf16"]
+PrefLoss = Literal["sigmoid", "apo_zero", "apo_down"]
 
 
 @dataclass
@@ -73,6 +76,9 @@ class SourceConfig:
     hf_config: str = ""  # HF dataset config name (e.g. "sample-10BT")
     split: str = "train"
     txt_sample_by: Literal["document", "paragraph", "line"] = "document"
+    streaming: bool = False  # read as a stream (HF IterableDataset): no download or Arrow cache first
+    skip: int = 0  # documents skipped at the start (hold out a stream's head for validation)
+    take: int = 0  # at most this many documents after `skip` (0: all)
 
 
 @dataclass
@@ -83,20 +89,58 @@ class DataConfig:
     shuffle: bool = True
     doc_mask: bool = True  # attention never crosses a document; RoPE positions restart per document
     encode_batch: int = 64  # documents tokenized per batch
+    format: Literal["text", "shards"] = "text"  # shards: data.train entries are `kiln data prepare` folders
+    shards: str = ""  # shorthand: one prepared folder as the only train source (implies format: shards)
+    num_workers: int = 0  # DataLoader worker processes per rank (0: tokenize in the training process)
+    shuffle_buffer: int = 10000  # streaming sources: documents per seeded shuffle window
+    remainder: Literal["carry", "drop"] = "carry"  # a document overflowing a row: continue it, or drop the rest
+    on_exhausted: Literal["cycle", "drop", "stop"] = "cycle"  # a source runs dry: next epoch / leave mix / stop
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw"] = "adamw"
+    """Optimizer, LR schedule and LR scaling (kiln.optim).
+
+    `lr` is the peak LR reached after warmup. With lr_scaling=sqrt it is instead the base LR for a global
+    batch of 1 sequence, and the peak is lr x sqrt(train.global_batch_size) (seed 001).
+    """
+
+    # adamw (fused on CUDA) | adafactor (factored 2nd moment) | muon (2-D weights; AdamW for the rest)
+    # | adamw8bit (torchao, `pip install kiln[lowmem]`)
+    name: OptimName = "adamw"
     lr: float = 3e-4
+    lr_scaling: LRScaling = "none"  # sqrt: lr is the base LR for global batch 1 (see above)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
     schedule: ScheduleKind = "cosine"
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # cosine and WSD end at lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # cosine and WSD end at lr * min_lr_ratio; infinite anneals to it
     decay_fraction: float = 0.2  # WSD: share of steps spent decaying
     decay_shape: DecayShape = "linear"  # WSD decay shape
+    # infinite (seed 001): warmup -> cosine cooldown to the constant -> constant -> optional anneal.
+    # cooldown steps = max(min_cooldown_tokens / tokens_per_step, cooldown_ratio x total_steps)
+    constant_lr_ratio: float = 0.5357  # constant phase at lr x ratio (seed 001: 7.5e-6 / 1.4e-5)
+    cooldown_ratio: float = 0.7
+    min_cooldown_tokens: float = 100e9  # seed 001 default, 100B tokens
+    anneal_steps: int = 0  # >0: the run's last N steps anneal geometrically to lr x min_lr_ratio
+    # Adafactor (Shazeer & Stern 2018); the schedule supplies the step size
+    adafactor_beta1: float | None = None  # None: no first moment (the memory-saving default)
+    adafactor_decay_rate: float = 0.8  # beta2 at step t = 1 - t^-decay_rate
+    adafactor_clip: float = 1.0  # update clipping threshold d on RMS(update)
+    adafactor_eps: tuple[float, float] = (1e-30, 1e-3)  # (added to grad^2, floor on RMS(param))
+    adafactor_scale_parameter: bool = False  # true: step = lr x max(eps[1], RMS(param)) (HF's scale_parameter)
+    # Muon (Jordan 2024): updates scaled by 0.2 x sqrt(max(rows, cols)) to match AdamW's RMS, so
+    # the Muon groups share lr and weight_decay with the AdamW groups
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    muon_lr_ratio: float = 1.0  # Muon groups step at lr x ratio
+    # bf16 parameters without an fp32 master copy (adafactor, muon): the trainer casts the model to
+    # param_dtype; bf16 updates are rounded stochastically (unbiased) unless stochastic_rounding=false
+    param_dtype: Literal["fp32", "bf16"] = "fp32"
+    stochastic_rounding: bool = True
+    sr_seed: int = 0  # seeds the rounding noise generator (saved in the optimizer state)
 
 
 @dataclass
@@ -114,19 +158,41 @@ class TrainConfig:
     eval_tokens: int = 65536  # tokens scored per validation source at each eval
     save_every: int = 200
     keep_last: int = 3  # checkpoints kept (the newest); 0 keeps all
+    keep_best: int = 0  # also keep the K checkpoints with the lowest eval loss (saved right after an eval)
+    checkpoint_url: str = ""  # also mirror checkpoints to this fsspec URL (s3://..., gs://...); resume from it
+    save_every_minutes: float = 0.0  # >0: also checkpoint when this much wall time passed since the last save
+    step_cadence: float = 1.0  # multiplies log_every, eval_every and save_every (seed 001)
+    divergence_threshold: float = 1.0  # abort when the fast loss EMA exceeds the slow one by this (0: off)
+    spike_z: float = 0.0  # >0: flag steps whose loss or grad norm is this many std devs above normal
+    skip_spikes: bool = False  # with spike_z: do not apply a flagged step's update
     sample_every: int = 0  # >0: print a generated sample every N steps
     sample_prompt: str = "The"
     sample_tokens: int = 48
     compile: bool = False
+    compile_mode: Literal["block", "model"] = "block"  # torch.compile each Block, or the whole trunk
+    # recompute activations in backward: full = whole blocks, selective = all but matmul/attention outputs
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    loss_impl: Literal["auto", "chunked", "liger", "plain"] = "auto"  # auto: liger on CUDA if installed, else chunked
+    fp8: bool = False  # torchao float8 training for the block linears (Hopper or newer GPUs)
+
+
+PipelineSchedule = Literal["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble",
+                           "ZBVZeroBubble", "DualPipeV"]
 
 
 @dataclass
 class ParallelConfig:
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    tp: int = 1
-    pp: int = 1
-    pp_schedule: str = "1F1B"
+    """Layout over torchrun's processes: pp x dp_replicate x dp_shard x tp must equal the world size."""
+
+    dp_replicate: int = 1  # data-parallel replicas (DDP alone; HSDP's replicate dim with dp_shard > 1)
+    dp_shard: int = 1  # FSDP2 shards
+    tp: int = 1  # tensor (+ sequence) parallel degree
+    pp: int = 1  # pipeline stages (ranks); interleaved / V schedules put 2 stages on each rank
+    pp_schedule: PipelineSchedule = "1F1B"
+    pp_microbatches: int = 0  # microbatches per pipeline step; 0 = pp x stages per rank (seed 001)
+    # the same settings as train.activation_checkpointing / train.compile (either name works)
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    compile: bool = False
 
 
 @dataclass
@@ -136,6 +202,35 @@ class RunConfig:
     seed: int = 1234
     device: Literal["auto", "cpu", "cuda"] = "auto"
     init_from: str = ""  # checkpoint or run folder whose weights start a new run (not its optimizer or data)
+    cost_per_hour: float = 0.0  # $ per hour for all devices of the run: logs cost_usd and tokens_per_usd
+    wandb: bool = False  # also log to Weights & Biases (pip install wandb); a wandb_project turns it on too
+    wandb_project: str = ""  # default: $WANDB_PROJECT, else "kiln"
+    wandb_entity: str = ""  # W&B team or user; default: wandb's own default
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: wandb reads WANDB_MODE
+
+
+@dataclass
+class PostTrainConfig:
+    """SFT / DPO / RLVR (kiln.posttrain). Pretraining ignores this section. Batch sizes are train.*:
+    rows of train.seq_len tokens for SFT, preference pairs for DPO, prompts for RLVR."""
+
+    data: str = ""  # jsonl file (or HF dataset name) of the stage; `kiln sft|dpo|rlvr --data` sets it
+    val_data: str = ""  # held-out file of the same format; empty: no eval records
+    split: str = "train"  # split, when data is an HF dataset name (NAME or NAME:CONFIG)
+    val_split: str = "test"  # split of val_data, when it is an HF dataset name
+    chat_template: str = "auto"  # auto: the tokenizer's own, else kiln's default | kiln | PATH to a .jinja file
+    epochs: float = 1.0  # passes over the data when train.max_steps and train.total_tokens are 0
+    pack: bool = True  # SFT: several conversations per row, attention kept within each (document masks)
+    beta: float = 0.1  # DPO/APO: scale of the implicit reward beta * log(pi / pi_ref)
+    loss: PrefLoss = "sigmoid"  # DPO (Rafailov et al. 2023) | APO-zero / APO-down (D'Oosterlinck et al. 2024)
+    ref: Literal["copy", "precomputed"] = "copy"  # DPO reference: frozen copy, or log-probs computed once
+    group_size: int = 8  # RLVR: completions sampled per prompt (GRPO group)
+    kl_coef: float = 0.04  # RLVR: weight of KL(policy || reference), k3 estimator
+    rewards: list[str] = field(default_factory=lambda: ["numeric"])  # RLVR verifiers, summed; see kiln.posttrain.rewards
+    max_new_tokens: int = 64  # RLVR completion length limit
+    temperature: float = 1.0  # RLVR sampling
+    top_k: int = 0
+    top_p: float = 1.0
 
 
 @dataclass
@@ -146,6 +241,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    posttrain: PostTrainConfig = field(default_factory=PostTrainConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +432,17 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
+def split_preset(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(PRESET, rest) when argv's first word is a preset name or YAML path, else (None, argv).
+
+    PRESET is only ever the first word: a parser with an optional positional would take an override's
+    value for it (`kiln bench --train.seq_len 512` must not mean preset "512").
+    """
+    if argv and not argv[0].startswith("-"):
+        return argv[0], list(argv[1:])
+    return None, list(argv)
+
+
 def load_config(preset: str = "tiny", overrides: list[str] | None = None) -> Config:
     """Preset name or YAML path, plus `--a.b value` overrides -> validated Config."""
     path = resolve_preset(preset)
@@ -357,6 +464,49 @@ def config_from_dict(tree: dict[str, Any], *, where: str) -> Config:
     cfg = build(Config, tree, where=where)
     validate(cfg, where=where)
     return cfg
+
+
+def _validate_optim(o: OptimConfig, *, where: str, parallel: ParallelConfig | None = None) -> None:
+    """Ranges of the optimizer and schedule knobs (kiln.optim), and optimizers a layout cannot run."""
+    ranges = {"optim.constant_lr_ratio": (o.constant_lr_ratio, 0.0, 1.0),
+              "optim.cooldown_ratio": (o.cooldown_ratio, 0.0, 1.0),
+              "optim.muon_momentum": (o.muon_momentum, 0.0, 0.999999),
+              "optim.betas[0]": (o.betas[0], 0.0, 0.999999), "optim.betas[1]": (o.betas[1], 0.0, 0.999999)}
+    if o.adafactor_beta1 is not None:
+        ranges["optim.adafactor_beta1"] = (o.adafactor_beta1, 0.0, 0.999999)
+    for key, (v, lo, hi) in ranges.items():
+        if not lo <= v <= hi:
+            raise ConfigError(f"{where}: {key}: must be within [{lo:g}, {hi:g}], got {v}")
+    for key, v in {"optim.min_cooldown_tokens": o.min_cooldown_tokens, "optim.anneal_steps": o.anneal_steps,
+                   "optim.weight_decay": o.weight_decay}.items():
+        if v < 0:
+            raise ConfigError(f"{where}: {key}: must be >= 0, got {v}")
+    for key, v in {"optim.adafactor_clip": o.adafactor_clip, "optim.adafactor_decay_rate": o.adafactor_decay_rate,
+                   "optim.muon_ns_steps": o.muon_ns_steps, "optim.muon_lr_ratio": o.muon_lr_ratio}.items():
+        if v <= 0:
+            raise ConfigError(f"{where}: {key}: must be positive, got {v}")
+    if o.schedule == "infinite" and o.anneal_steps and o.min_lr_ratio <= 0:
+        raise ConfigError(f"{where}: optim.min_lr_ratio: the infinite schedule's anneal is geometric and needs "
+                          "a ratio > 0 (e.g. 0.1), or set optim.anneal_steps 0")
+    if o.schedule == "infinite" and o.anneal_steps and o.min_lr_ratio > o.constant_lr_ratio:
+        raise ConfigError(f"{where}: optim.min_lr_ratio ({o.min_lr_ratio:g}) is above optim.constant_lr_ratio "
+                          f"({o.constant_lr_ratio:g}): the anneal would raise the LR; lower min_lr_ratio")
+    if o.name == "adafactor" and parallel is not None and (parallel.dp_shard > 1 or parallel.tp > 1):
+        raise ConfigError(f"{where}: optim.name=adafactor cannot run on sharded parameters (parallel.dp_shard "
+                          f"{parallel.dp_shard}, parallel.tp {parallel.tp}); use optim.name=muon or adamw")
+    if o.param_dtype == "bf16" and o.name not in ("adafactor", "muon"):
+        raise ConfigError(f"{where}: optim.param_dtype=bf16 needs optim.name=adafactor or muon (they round bf16 "
+                          f"updates stochastically); {o.name} would stall, so use fp32 parameters with it")
+
+
+def validate_source(s: SourceConfig, i: int, *, where: str) -> None:
+    """The checks every data source gets (config files, overrides, `kiln data prepare --source`)."""
+    if not s.path:
+        raise ConfigError(f"{where}: data source {i}: path is empty")
+    if s.weight <= 0:
+        raise ConfigError(f"{where}: data source {s.path}: weight must be positive")
+    if s.skip < 0 or s.take < 0:
+        raise ConfigError(f"{where}: data source {s.path}: skip and take must be >= 0")
 
 
 def validate(cfg: Config, *, where: str) -> None:
@@ -397,17 +547,51 @@ def validate(cfg: Config, *, where: str) -> None:
         raise ConfigError(f"{where}: optim.min_lr_ratio: must be within [0, 1], got {o.min_lr_ratio}")
     if not 0 < o.decay_fraction <= 1:
         raise ConfigError(f"{where}: optim.decay_fraction: must be within (0, 1], got {o.decay_fraction}")
+    _validate_optim(o, where=where, parallel=cfg.parallel)
     if m.residual == "deepnorm" and m.init != "deepnet":
         raise ConfigError(f"{where}: model.residual=deepnorm needs model.init=deepnet (DeepNet's beta init)")
     if not cfg.data.train:
         raise ConfigError(f"{where}: data.train: at least one source is needed")
     for i, s in enumerate([*cfg.data.train, *cfg.data.val]):
-        if not s.path:
-            raise ConfigError(f"{where}: data source {i}: path is empty")
-        if s.weight <= 0:
-            raise ConfigError(f"{where}: data source {s.path}: weight must be positive")
+        validate_source(s, i, where=where)
+    d = cfg.data
+    for key, v in {"data.num_workers": d.num_workers, "data.shuffle_buffer": d.shuffle_buffer}.items():
+        if v < 0:
+            raise ConfigError(f"{where}: {key}: must be >= 0, got {v}")
+    if d.encode_batch <= 0:
+        raise ConfigError(f"{where}: data.encode_batch: must be positive, got {d.encode_batch}")
+    if (d.format == "shards" or d.shards) and d.remainder == "drop":
+        raise ConfigError(f"{where}: data.remainder=drop applies to text sources; prepared shards are cut into "
+                          "fixed blocks (use data.remainder=carry, or data.format=text)")
     p = cfg.parallel
     for key, v in {"parallel.dp_replicate": p.dp_replicate, "parallel.dp_shard": p.dp_shard,
                    "parallel.tp": p.tp, "parallel.pp": p.pp}.items():
         if v < 1:
             raise ConfigError(f"{where}: {key}: must be >= 1, got {v}")
+    if p.pp_microbatches < 0:
+        raise ConfigError(f"{where}: parallel.pp_microbatches: must be >= 0, got {p.pp_microbatches}")
+    # parallel.* and train.* name one setting each; after loading both hold it
+    ac = {x for x in (p.activation_checkpointing, t.activation_checkpointing) if x != "none"}
+    if len(ac) > 1:
+        raise ConfigError(f"{where}: parallel.activation_checkpointing={p.activation_checkpointing} and "
+                          f"train.activation_checkpointing={t.activation_checkpointing} disagree; set one of them")
+    p.activation_checkpointing = t.activation_checkpointing = ac.pop() if ac else "none"
+    p.compile = t.compile = p.compile or t.compile
+    pt = cfg.posttrain
+    for key, v in {"posttrain.beta": pt.beta, "posttrain.epochs": pt.epochs, "posttrain.group_size": pt.group_size,
+                   "posttrain.max_new_tokens": pt.max_new_tokens, "posttrain.top_p": pt.top_p}.items():
+        if not v > 0:
+            raise ConfigError(f"{where}: {key}: must be positive, got {v}")
+    for key, v in {"posttrain.kl_coef": pt.kl_coef, "posttrain.temperature": pt.temperature,
+                   "posttrain.top_k": pt.top_k}.items():
+        if v < 0:
+            raise ConfigError(f"{where}: {key}: must be >= 0, got {v}")
+    if pt.top_p > 1:
+        raise ConfigError(f"{where}: posttrain.top_p: must be within (0, 1], got {pt.top_p}")
+
+
+def merge_config(cfg: Config, tree: dict[str, Any], *, where: str) -> Config:
+    """`cfg` with the nested dict `tree` merged over it (e.g. from parse_overrides), validated."""
+    out = build(Config, _merge(to_dict(cfg), tree), where=where)
+    validate(out, where=where)
+    return out

@@ -15,3 +15,10 @@ class DataError(KilnError):
 
 class CheckpointError(KilnError):
     """A checkpoint that is missing, corrupt, or from another architecture."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of `str(e)` (at most `limit` characters), or the exception's type name when it
+    has no message: a foreign exception folded into a one-line KilnError."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__

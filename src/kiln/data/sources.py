@@ -8,7 +8,10 @@ A source path is one of:
   * otherwise an HF hub dataset name (`HuggingFaceFW/fineweb-edu` with `hf_config`, `split`).
 
 Local files load map-style (memory-mapped Arrow, converted once into `$KILN_CACHE/datasets`, never
-beside the user's data) with one column, "text". Every user mistake is a one-line DataError.
+beside the user's data) with one column, "text"; `streaming: true` opens the same sources as an HF
+IterableDataset instead (`open_stream`: nothing downloaded or converted first). `skip` / `take`
+select a range of documents either way. A folder holding a `manifest.json` is a `kiln data prepare`
+output (pre-tokenized shards, kiln.data.shards), not text. Every user mistake is a one-line DataError.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from __future__ import annotations
 import codecs
 import glob
 import os
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kiln.config import SourceConfig
-from kiln.errors import DataError
+from kiln.errors import DataError, first_line
 
 if TYPE_CHECKING:
     import datasets
@@ -93,7 +97,8 @@ def resolve_files(src: SourceConfig) -> list[Path]:
 
 
 def source_name(src: SourceConfig) -> str:
-    """Label for metrics: src.name, else the file stem (without .jsonl.gz etc.), else the dataset name."""
+    """Label for metrics: src.name, else the file stem (without .jsonl.gz etc.; for a glob its fixed words,
+    "web-*.jsonl" -> web, or else its folder), else the dataset name."""
     if src.name:
         return src.name
     if src.path.startswith("bundled:"):
@@ -105,6 +110,11 @@ def source_name(src: SourceConfig) -> str:
             stem, ext = os.path.splitext(name)
             if ext.lower() in (*COMPRESSIONS, *FORMATS):
                 name = stem
+        if any(c in src.path for c in "*?["):  # a glob: its fixed words ("web-*" -> web), else its folder
+            name = re.sub(r"\[[^\]]*\]|[*?]", "", name).strip("-_. ")
+            if not name:
+                fixed = [part for part in p.parts[:-1] if not any(c in part for c in "*?[")]
+                name = Path(*fixed).expanduser().resolve().name if fixed else Path.cwd().name
         return name or src.path
     return src.path
 
@@ -125,6 +135,7 @@ def datasets_cache_dir() -> Path:
 
 def load_documents(src: SourceConfig) -> datasets.Dataset:
     """Map-style dataset of `src`'s documents with one column, "text", in file order."""
+    _not_prepared(src)
     files = resolve_files(src)
     if not files:
         return _load_hub(src)
@@ -134,18 +145,93 @@ def load_documents(src: SourceConfig) -> datasets.Dataset:
     files = [f for f in files if f.stat().st_size > 0]  # datasets cannot infer a schema from 0 bytes
     if not files:
         raise DataError(f"{src.path}: empty source (0 documents)")
-    parts = []
-    start = 0
-    while start < len(files):  # consecutive runs of one format, so file order is kept
-        fmt = file_format(files[start])
-        end = start
-        while end < len(files) and file_format(files[end]) == fmt:
-            end += 1
-        parts.append(_load_local(src, files[start:end], fmt))
-        start = end
+    parts = [_load_local(src, run, fmt) for fmt, run in _format_runs(files)]
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    ds = _skip_take(ds, src)
     _check_not_empty(ds, src.path)
     return ds
+
+
+def is_prepared(path: str) -> bool:
+    """True when `path` is a folder written by `kiln data prepare` (it holds manifest.json)."""
+    return (Path(path).expanduser() / "manifest.json").is_file()
+
+
+def _not_prepared(src: SourceConfig) -> None:
+    """A prepared folder holds .json files too: read as text, it would fail on a missing 'text' column."""
+    if is_prepared(src.path):
+        raise DataError(f"{src.path}: a folder written by `kiln data prepare` (pre-tokenized shards), not text; "
+                        f"train from it with --data.shards {src.path} (or data.format=shards), or point at the text "
+                        "it came from")
+
+
+def _format_runs(files: list[Path]) -> list[tuple[str | None, list[Path]]]:
+    """Consecutive runs of one format, so file order is kept."""
+    runs: list[tuple[str | None, list[Path]]] = []
+    for f in files:
+        fmt = file_format(f)
+        if runs and runs[-1][0] == fmt:
+            runs[-1][1].append(f)
+        else:
+            runs.append((fmt, [f]))
+    return runs
+
+
+def _skip_take(ds: datasets.Dataset, src: SourceConfig) -> datasets.Dataset:
+    if not (src.skip or src.take):
+        return ds
+    n = len(ds)
+    start = min(src.skip, n)
+    end = min(n, start + src.take) if src.take else n
+    if end <= start:
+        raise DataError(f"{src.path}: skip={src.skip} leaves no documents (the source has {n}); lower skip")
+    return ds.select(range(start, end))
+
+
+def open_stream(src: SourceConfig) -> datasets.IterableDataset:
+    """`src` as an HF IterableDataset with one column, "text" (skip/take applied). Reads nothing yet,
+    except what datasets needs to infer the columns; a missing column is a DataError here."""
+    import datasets
+
+    _not_prepared(src)
+    _quiet_datasets()
+    files = resolve_files(src)
+    if files:
+        files = [f for f in files if f.stat().st_size > 0]
+        if not files:
+            raise DataError(f"{src.path}: empty source (0 documents)")
+        parts = []
+        for fmt, run in _format_runs(files):
+            kwargs = {"sample_by": src.txt_sample_by} if fmt == "text" else {}
+            try:
+                ds = datasets.load_dataset(fmt, data_files=[str(f) for f in run], split="train", streaming=True,
+                                           **kwargs)
+            except Exception as e:
+                raise _read_error(e, run, fmt, src.path) from None
+            parts.append(_text_column(ds, "text" if fmt == "text" else src.text_column, where=src.path))
+        ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    else:
+        try:
+            ds = datasets.load_dataset(src.path, src.hf_config or None, split=src.split, streaming=True)
+        except Exception as e:
+            raise DataError(f"{src.path}: not a local file and cannot stream it as an HF dataset ({first_line(e)})"
+                            ) from None
+        ds = _text_column(ds, src.text_column, where=src.path)
+    if src.skip:
+        ds = ds.skip(src.skip)
+    if src.take:
+        ds = ds.take(src.take)
+    return ds
+
+
+def stream_error(e: Exception, src: SourceConfig) -> DataError:
+    """A failure while iterating a stream, as one line naming the source (and the bad byte for text files)."""
+    if isinstance(e, DataError):
+        return e
+    files = [f for f in resolve_files(src) if f.stat().st_size > 0] if not is_hub_source(src) else []
+    if files:
+        return _read_error(e, files, file_format(files[0]), src.path)
+    return DataError(f"{src.path}: reading the stream failed ({type(e).__name__}: {first_line(e)})")
 
 
 def _load_local(src: SourceConfig, files: list[Path], fmt: str | None) -> datasets.Dataset:
@@ -166,7 +252,18 @@ def _load_local(src: SourceConfig, files: list[Path], fmt: str | None) -> datase
 
 
 def _check_utf8(ds: datasets.Dataset, *, where: str) -> None:
-    """Validate the text column's UTF-8 (fast, vectorised in Arrow) and name the first bad document."""
+    """Validate the text column's UTF-8 (vectorised in Arrow) and name the first bad document. Once per
+    Arrow conversion: a marker keyed by the dataset's fingerprint (datasets derives it from the files'
+    paths and mtimes, as it does the cache) spares later processes (ranks, workers, restarts) the pass."""
+    marker = datasets_cache_dir() / "utf8-valid" / ds._fingerprint
+    if marker.is_file():
+        return
+    _validate_utf8(ds, where=where)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+
+
+def _validate_utf8(ds: datasets.Dataset, *, where: str) -> None:
     import pyarrow as pa
 
     start = 0
@@ -180,14 +277,17 @@ def _check_utf8(ds: datasets.Dataset, *, where: str) -> None:
         start += len(chunk)
 
 
-def _text_column(ds: datasets.Dataset, column: str, *, where: str) -> datasets.Dataset:
-    if column not in ds.column_names:
-        raise DataError(f"{where}: no column '{column}' (columns: {', '.join(ds.column_names)}); "
-                        "set text_column on the source")
-    dtype = getattr(ds.features[column], "dtype", None)
+def _text_column(ds: Any, column: str, *, where: str) -> Any:
+    """`ds` (a Dataset or an IterableDataset) reduced to one string column named "text". A stream may
+    not know its columns before it is read (column_names / features None): then it is taken on trust."""
+    names, features = ds.column_names, ds.features
+    if names is not None and column not in names:
+        raise DataError(f"{where}: no column '{column}' (columns: {', '.join(names)}); set text_column on the source")
+    feature = features.get(column) if features is not None else None
+    dtype = getattr(feature, "dtype", None) if feature is not None else "string"
     if dtype not in ("string", "large_string"):
-        raise DataError(f"{where}: column '{column}' holds {dtype or type(ds.features[column]).__name__}, "
-                        "not text; set text_column to a string column")
+        raise DataError(f"{where}: column '{column}' holds {dtype or type(feature).__name__}, not text; "
+                        "set text_column to a string column")
     ds = ds.select_columns([column])
     return ds.rename_column(column, "text") if column != "text" else ds
 
@@ -217,9 +317,8 @@ def _read_error(e: Exception, files: list[Path], fmt: str | None, where: str) ->
             if offset is not None:
                 return DataError(f"{f}: not valid UTF-8 (first bad byte at offset {offset}); re-encode it as UTF-8")
     root = next((c for c in chain if not type(c).__module__.startswith("datasets")), chain[-1])
-    msg = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
     name = str(files[0]) if len(files) == 1 else f"{where} ({len(files)} files)"
-    return DataError(f"{name}: cannot read as {fmt} ({type(root).__name__}: {msg[:200]})")
+    return DataError(f"{name}: cannot read as {fmt} ({type(root).__name__}: {first_line(root)})")
 
 
 def _first_bad_utf8(path: Path, chunk: int = 1 << 20) -> int | None:
@@ -247,10 +346,11 @@ def _load_hub(src: SourceConfig) -> datasets.Dataset:
     try:
         ds = datasets.load_dataset(src.path, src.hf_config or None, split=src.split, streaming=False)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{src.path}: not a local file and cannot load it as an HF dataset ({msg[:200]})") from None
+        raise DataError(f"{src.path}: not a local file and cannot load it as an HF dataset ({first_line(e)})"
+                        ) from None
     if not isinstance(ds, datasets.Dataset):
         raise DataError(f"{src.path}: expected one split, got {type(ds).__name__}; set split on the source")
     ds = _text_column(ds, src.text_column, where=src.path)
+    ds = _skip_take(ds, src)
     _check_not_empty(ds, src.path)
     return ds

@@ -30,7 +30,7 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from kiln.errors import DataError
+from kiln.errors import DataError, first_line
 
 # spec -> (file name suffix inside mistral_common/data, preferred file name, expected vocab size)
 MISTRAL_SPECS: dict[str, tuple[str, str, int]] = {
@@ -114,6 +114,23 @@ class Tokenizer:
         (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
+def tokenizer_digest(tokenizer: Tokenizer) -> str:
+    """sha256 of what decides the ids: the model type, the vocabulary, the BPE merges (or Unigram
+    scores) and the added tokens. Not of `to_str()` itself, whose layout changes between tokenizers
+    releases (merges were "a b" strings before 0.20, pairs since) without changing a single id."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None:  # not a kiln.data.tokenizer.Tokenizer (tests): what it exposes
+        text = f"{tokenizer.name}:{tokenizer.vocab_size}:{tokenizer.eos_id}"
+        return hashlib.sha256(text.encode()).hexdigest()
+    model = json.loads(backend.to_str()).get("model", {})
+    merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges") or []]
+    scores = [float(s) for _, s in model["vocab"]] if isinstance(model.get("vocab"), list) else []  # Unigram
+    added = sorted((i, t.content, t.special) for i, t in backend.get_added_tokens_decoder().items())
+    payload = {"type": model.get("type"), "vocab": sorted(backend.get_vocab(with_added_tokens=False).items()),
+               "merges": merges, "scores": scores, "added": added}
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -159,7 +176,7 @@ def _from_folder(folder: Path, *, name: str) -> Tokenizer:
         cfg = json.loads((folder / "tokenizer_config.json").read_text())
         tk = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
     except Exception as e:
-        raise DataError(f"tokenizer '{name}': cannot load {folder} ({str(e).splitlines()[0] if str(e) else e!r}); "
+        raise DataError(f"tokenizer '{name}': cannot load {folder} ({first_line(e)}); "
                         "delete that folder to rebuild it") from None
     return Tokenizer(tk, name=name, eos_token=cfg["eos_token"], bos_token=cfg.get("bos_token"),
                      unk_token=cfg.get("unk_token"))
@@ -169,7 +186,7 @@ def _from_json_file(path: Path, *, name: str) -> Tokenizer:
     try:
         tk = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:
-        raise DataError(f"tokenizer '{name}': cannot load {path} ({str(e).splitlines()[0]})") from None
+        raise DataError(f"tokenizer '{name}': cannot load {path} ({first_line(e)})") from None
     cfg: dict[str, Any] = {}
     if (path.parent / "tokenizer_config.json").is_file():
         try:
@@ -191,8 +208,7 @@ def _from_hf_folder(folder: Path, *, name: str) -> Tokenizer:
     try:
         hf = AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"tokenizer '{name}': AutoTokenizer cannot load this folder ({msg}); point "
+        raise DataError(f"tokenizer '{name}': AutoTokenizer cannot load this folder ({first_line(e)}); point "
                         "data.tokenizer at a folder with tokenizer.json or tokenizer.model") from None
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is None:

@@ -1,0 +1,126 @@
+"""`kiln data prepare | inspect | verify`: parse arguments and hand off to kiln.data.prepare / verify."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kiln.config import SourceConfig, build, validate_source
+from kiln.errors import DataError
+
+USAGE = """kiln data <command>
+
+  prepare --source PATH_OR_DATASET [--source ...] --out DIR [--tokenizer T] [--workers N]
+                                          pre-tokenize into memory-mapped shards (resumable)
+  inspect DIR                             tokens, documents, length histogram per source (last line JSON)
+  verify PATH [--val PATH] [--seq-len T]  exit 0 when clean: integrity, duplicated content, val overlap
+"""
+
+
+def _source(arg: str, args: argparse.Namespace, i: int) -> SourceConfig:
+    """A --source value: a path / dataset name, or a JSON object of SourceConfig fields (checked as in a
+    config file)."""
+    if arg.lstrip().startswith("{"):
+        try:
+            data = json.loads(arg)
+        except ValueError as e:
+            raise DataError(f"--source {arg}: not valid JSON ({e})") from None
+        src = build(SourceConfig, data, where="--source")
+    else:
+        src = SourceConfig(path=arg, text_column=args.text_column, hf_config=args.hf_config, split=args.split)
+    validate_source(src, i, where="--source")
+    return src
+
+
+def _prepare(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="kiln data prepare", description="Tokenize sources into memory-mapped shards.")
+    p.add_argument("--source", action="append", default=[], help="file, glob, folder, bundled:train, HF dataset, "
+                   "or a JSON object like '{\"path\": \"web/*.jsonl\", \"name\": \"web\"}'; repeat for several")
+    p.add_argument("--config", help="take the sources (data.train) and tokenizer from this preset or YAML")
+    p.add_argument("--out", required=True, help="output folder (new, or an interrupted prepare to resume)")
+    p.add_argument("--tokenizer", default=None, help="mistral-v3 (default), mistral-v1, or a tokenizer folder/json")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU core)")
+    p.add_argument("--shard-docs", type=int, default=65536, help="documents per shard")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--hf-config", default="")
+    p.add_argument("--split", default="train")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    from kiln.data.prepare import prepare
+
+    sources = [_source(s, args, i) for i, s in enumerate(args.source)]
+    tokenizer = args.tokenizer
+    if args.config:
+        from kiln.config import load_config
+
+        cfg = load_config(args.config)
+        sources = sources or list(cfg.data.train)
+        tokenizer = tokenizer or cfg.data.tokenizer
+    m = prepare(sources, args.out, tokenizer=tokenizer or "mistral-v3", workers=args.workers,
+                shard_docs=args.shard_docs, quiet=args.quiet)
+    print(json.dumps({"out": args.out, "tokens": m["tokens"], "documents": m["documents"], "shards": len(m["shards"]),
+                      "dtype": m["dtype"]}))
+    return 0
+
+
+def _inspect(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="kiln data inspect", description="Summarise a prepared folder.")
+    p.add_argument("dir")
+    args = p.parse_args(argv)
+    from kiln.data.verify import hist_labels, inspect
+
+    info = inspect(args.dir)
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"{args.dir}: {info['tokenizer']}, {info['dtype']}, {info['shards']} shards")
+        for col in ["source", "documents", "tokens", "mean len", *hist_labels()]:
+            t.add_column(col, justify="left" if col == "source" else "right")
+        for name, s in info["sources"].items():
+            t.add_row(name, f"{s['documents']:,}", f"{s['tokens']:,}", f"{s['mean_length']:.0f}",
+                      *[f"{h:,}" for h in s["histogram"]])
+        Console().print(t)
+    else:
+        labels = hist_labels()
+        for name, s in info["sources"].items():
+            hist = " ".join(f"{lab}:{h}" for lab, h in zip(labels, s["histogram"]))
+            print(f"{name}: {s['documents']:,} documents, {s['tokens']:,} tokens, mean {s['mean_length']:.0f}; {hist}")
+    print(json.dumps({"tokens": info["tokens"], "documents": info["documents"],
+                      "sources": {k: {"tokens": v["tokens"], "documents": v["documents"]}
+                                  for k, v in info["sources"].items()}}))
+    return 0
+
+
+def _verify(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="kiln data verify", description="Check data integrity, duplicated content and val overlap.")
+    p.add_argument("path", help="a prepared folder, or a text source (file, glob, folder)")
+    p.add_argument("--val", default=None, help="validation data (prepared folder or text source) to check overlap")
+    p.add_argument("--seq-len", type=int, default=2048, help="block length of the training order (shards)")
+    args = p.parse_args(argv)
+    from kiln.data.verify import VerifyFailed, verify
+
+    if args.seq_len < 1:
+        raise DataError("--seq-len must be positive")
+    try:
+        summary = verify(args.path, val=args.val, seq_len=args.seq_len)
+    except VerifyFailed as e:
+        print(f"kiln data verify: FAILED: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    return 0
+
+
+COMMANDS = {"prepare": _prepare, "inspect": _inspect, "verify": _verify}
+
+
+def main(argv: list[str]) -> int:
+    """`kiln data SUB ...`"""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"kiln data: unknown command '{argv[0]}'\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])

@@ -1,0 +1,92 @@
+"""The one place the trainer gets its data from: a config -> the training batch source and the
+validation sets. (kiln.train.objective.Objective.train_data / val_data call these.)
+
+Checkpointing the training source (`state_dict()` is plain python data):
+  * text sources (data.format=text): every data-parallel rank has its own position. Save every
+    rank's state (a list indexed by dp rank) or each rank's own; `load_state_dict` takes either.
+    Resuming needs the same dp size and data.num_workers (a DataError says so otherwise).
+  * prepared shards (data.format=shards): the state is the global position, identical on every rank;
+    saving rank 0's is enough, and it loads under any dp size, micro-batch size or num_workers
+    (`load_state_dict(any rank's state)`, or `load_resharded_state(all ranks' states)`, which also
+    checks that they agree). With the same train.global_batch_size every optimizer step after the
+    resume sees exactly the samples it would have seen.
+"""
+
+from __future__ import annotations
+
+from kiln.config import Config, DataConfig, SourceConfig
+from kiln.data.loader import PackedLoader, validation_batches
+from kiln.data.packing import Batch
+from kiln.data.shards import ShardLoader, shard_validation_sets
+from kiln.data.sources import is_prepared, source_name
+from kiln.data.tokenizer import Tokenizer
+from kiln.errors import ConfigError, DataError
+
+
+def train_sources(cfg: Config) -> list[SourceConfig]:
+    """data.train, or the single prepared folder named by data.shards (then data.train must be left at
+    its default, the bundled corpus: a ConfigError says so instead of ignoring it)."""
+    d = cfg.data
+    if not d.shards:
+        return list(d.train)
+    if d.train != DataConfig().train:
+        raise ConfigError(f"data.shards ({d.shards}) and data.train ({', '.join(s.path for s in d.train)}) are both "
+                          "set; data.shards replaces data.train: drop one, or list the prepared folders in data.train "
+                          "with data.format=shards")
+    return [SourceConfig(path=d.shards, name="shards")]
+
+
+def uses_shards(cfg: Config) -> bool:
+    return cfg.data.format == "shards" or bool(cfg.data.shards)
+
+
+def build_train_source(cfg: Config, tokenizer: Tokenizer, *, dp_rank: int = 0, dp_world: int = 1
+                       ) -> PackedLoader | ShardLoader:
+    """The training batch source of data-parallel rank `dp_rank` of `dp_world` (tensor/pipeline peers
+    pass the same dp rank and get identical batches)."""
+    d, t = cfg.data, cfg.train
+    sources = train_sources(cfg)
+    if uses_shards(cfg):
+        for s in sources:
+            if s.path.startswith("bundled:"):
+                raise DataError(f"{s.path}: data.format=shards needs folders written by `kiln data prepare`, and "
+                                f"data.train is the bundled corpus; run `kiln data prepare --source {s.path} --out "
+                                "DIR` and train with --data.shards DIR (or set data.format=text)")
+            if not is_prepared(s.path):
+                raise DataError(f"{s.path}: data.format=shards needs folders written by `kiln data prepare` "
+                                f"(no manifest.json here); run `kiln data prepare --source ... --out {s.path}` "
+                                "or set data.format=text")
+        return ShardLoader(sources, tokenizer, seq_len=t.seq_len, batch_size=t.micro_batch_size, seed=cfg.run.seed,
+                           shuffle=d.shuffle, rank=dp_rank, world_size=dp_world, num_workers=d.num_workers)
+    for s in sources:
+        if is_prepared(s.path):
+            raise DataError(f"{s.path}: a prepared (pre-tokenized) folder; train from it with "
+                            f"--data.format shards (or --data.shards {s.path})")
+    return PackedLoader(sources, tokenizer, seq_len=t.seq_len, batch_size=t.micro_batch_size, seed=cfg.run.seed,
+                        shuffle=d.shuffle, rank=dp_rank, world_size=dp_world, encode_batch=d.encode_batch,
+                        num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, remainder=d.remainder,
+                        on_exhausted=d.on_exhausted)
+
+
+def build_val_sets(cfg: Config, tokenizer: Tokenizer) -> dict[str, list[Batch]]:
+    """Fixed evaluation batches per validation source (a prepared folder gives one set per source it
+    was prepared from). Names are unique; they become eval_loss/<name> and eval_ppl/<name>."""
+    t = cfg.train
+    out: dict[str, list[Batch]] = {}
+
+    def put(name: str, batches: list[Batch]) -> None:
+        key, i = name, 2
+        while key in out:
+            key, i = f"{name}-{i}", i + 1
+        out[key] = batches
+
+    for s in cfg.data.val:
+        if is_prepared(s.path):
+            for name, batches in shard_validation_sets(s, tokenizer, seq_len=t.seq_len, batch_size=t.micro_batch_size,
+                                                       max_tokens=t.eval_tokens).items():
+                put(name, batches)
+        else:
+            put(source_name(s), validation_batches(s, tokenizer, seq_len=t.seq_len, batch_size=t.micro_batch_size,
+                                                   max_tokens=t.eval_tokens))
+    return out
+

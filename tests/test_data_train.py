@@ -1,0 +1,122 @@
+"""The data factory as the trainer uses it: config -> train source and per-domain validation sets, and
+a training run from prepared shards that resumes bitwise with another number of loader workers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kiln.config import SourceConfig, load_config
+from kiln.data.loader import PackedLoader
+from kiln.data.prepare import prepare
+from kiln.data.shards import ShardLoader
+from kiln.data.tokenizer import load_tokenizer, train_bpe
+from kiln.errors import DataError
+from kiln.train.metrics import read_metrics
+from kiln.train.objective import Objective
+from kiln.train.trainer import train
+from test_train import losses, small_overrides, write_corpus
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A 300-id BPE trained on the toy corpus (a small vocabulary keeps the model fast), and train / val
+    folders prepared with it (val: two sources, two domains)."""
+    d = tmp_path_factory.mktemp("prepared")
+    train_file = write_corpus(d / "train.jsonl", seed=0)
+    text = d / "corpus.txt"
+    text.write_text("\n".join(json.loads(line)["text"] for line in open(train_file)))
+    train_bpe([text], vocab_size=300, out_dir=d / "tok")
+    tok = str(d / "tok")
+    prepare([SourceConfig(path=str(train_file))], d / "train", tokenizer=tok, workers=1, shard_docs=50, quiet=True)
+    val_a, val_b = write_corpus(d / "prose.jsonl", n_docs=10, seed=1), write_corpus(d / "notes.jsonl", n_docs=10, seed=2)
+    prepare([SourceConfig(path=str(val_a)), SourceConfig(path=str(val_b))], d / "val", tokenizer=tok, workers=1,
+            quiet=True)
+    return d
+
+
+def overrides(tmp_path, prepared, **extra):
+    over = small_overrides(tmp_path, **{"data.tokenizer": str(prepared / "tok"), "model.vocab_size": 320, **extra})
+    if "data.shards" in extra:  # data.shards replaces data.train, which must then stay unset
+        i = over.index("--data.train")
+        del over[i:i + 2]
+    return over
+
+
+def test_objective_builds_the_configured_sources(prepared, tmp_path):
+    tok = load_tokenizer(str(prepared / "tok"))
+    over = overrides(tmp_path, prepared, **{"data.shards": str(prepared / "train"), "data.num_workers": 2,
+                                        "data.val": json.dumps([{"path": str(prepared / "val")},
+                                                                {"path": str(tmp_path / "val.jsonl"), "name": "toy"}])})
+    cfg = load_config("tiny", over)
+    obj = Objective()
+    src = obj.train_data(cfg, tok, rank=1, world_size=2)
+    assert isinstance(src, ShardLoader) and (src.rank, src.world_size, src.num_workers) == (1, 2, 2)
+    assert src.next_batch().tokens.shape == (2, 32)
+    state = src.state_dict()
+    second = src.next_batch()
+    src.close()
+    again = obj.train_data(cfg, tok, rank=0, world_size=1)  # another dp size, and a list of all ranks' states
+    again.load_state_dict([state, state])
+    both = again.next_batch()  # 1 rank reads global positions c, c+1; of 2 ranks, rank 1 read c+1 and c+3
+    assert torch.equal(both.tokens[1], second.tokens[0])
+    again.close()
+    val = obj.val_data(cfg, tok)
+    assert list(val) == ["prose", "notes", "toy"]  # one set per domain: eval_loss/<name>
+    text_cfg = load_config("tiny", overrides(tmp_path, prepared, **{"data.num_workers": 1}))
+    assert isinstance(obj.train_data(text_cfg, tok), PackedLoader)
+    bad = overrides(tmp_path, prepared, **{"data.format": "shards"})
+    with pytest.raises(DataError, match="needs folders written by `kiln data prepare`"):
+        obj.train_data(load_config("tiny", bad), tok)
+    wrong = overrides(tmp_path, prepared, **{"data.train": json.dumps([{"path": str(prepared / "train")}])})
+    with pytest.raises(DataError, match="--data.format shards"):
+        obj.train_data(load_config("tiny", wrong), tok)
+
+
+def test_data_shards_with_an_explicit_data_train_or_the_bundled_corpus_is_a_clear_error(prepared, tmp_path):
+    from kiln.errors import ConfigError
+
+    tok, obj = load_tokenizer(str(prepared / "tok")), Objective()
+    both = small_overrides(tmp_path, **{"data.tokenizer": str(prepared / "tok"), "model.vocab_size": 320,
+                                        "data.shards": str(prepared / "train")})  # data.train: toy corpus
+    with pytest.raises(ConfigError, match=r"data.shards .* and data.train .* are both set"):
+        obj.train_data(load_config("tiny", both), tok)
+    bundled = load_config("tiny", ["--data.format", "shards"])  # the default data.train: bundled:train
+    with pytest.raises(DataError) as e:
+        obj.train_data(bundled, tok)
+    msg = str(e.value)
+    assert "kiln data prepare --source bundled:train --out DIR" in msg and "--out bundled" not in msg, msg
+
+
+def test_training_from_shards_resumes_bitwise_with_another_worker_count(prepared, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    extra = {"data.shards": str(prepared / "train"), "data.val": json.dumps([{"path": str(prepared / "val")}]),
+             "train.max_steps": 4, "train.eval_every": 100, "train.save_every": 2}
+    train(load_config("tiny", overrides(a, prepared, **extra, **{"data.num_workers": 2})), quiet=True)
+    half = load_config("tiny", overrides(b, prepared, **extra, **{"data.num_workers": 2, "train.stop_at_step": 2}))
+    assert train(half, quiet=True)["stopped"] == "train.stop_at_step"
+    rest = load_config("tiny", overrides(b, prepared, **extra, **{"data.num_workers": 0}))  # other worker count
+    assert train(rest, quiet=True)["step"] == 4
+    assert losses(a / "run") == losses(b / "run")  # exact, step by step
+    ev = [r for r in read_metrics(a / "run") if r.get("kind") == "eval"][-1]
+    assert {"eval_loss/prose", "eval_loss/notes", "eval_ppl/prose", "eval_ppl/notes", "eval_loss"} <= ev.keys()
+    lo, hi = sorted([ev["eval_loss/prose"], ev["eval_loss/notes"]])
+    assert lo <= ev["eval_loss"] <= hi and torch.isfinite(torch.tensor(ev["eval_loss"]))
+
+
+@pytest.mark.parametrize("overrides_, match", [
+    (["--data.num_workers", "-1"], r"data.num_workers: must be >= 0"),
+    (["--data.remainder", "half"], r"data.remainder: expected one of 'carry', 'drop'"),
+    (["--data.on_exhausted", "wrap"], r"data.on_exhausted: expected one of 'cycle', 'drop', 'stop'"),
+    (["--data.format", "shards", "--data.remainder", "drop"], r"data.remainder=drop applies to text sources"),
+    (["--data.train", '[{"path": "a.jsonl", "skip": -2}]'], r"skip and take must be >= 0"),
+    (["--data.train", '[{"path": "a.jsonl", "streming": true}]'], r"unknown key 'data.train\[0\].streming'"),
+])
+def test_data_config_mistakes_fail_at_load_with_the_key(overrides_, match):
+    from kiln.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny", overrides_)

@@ -1,0 +1,367 @@
+"""Pre-tokenized shards: `kiln data prepare` (exact stream, parallel and interrupted runs give the same
+bytes), the block order (every block once per epoch over ranks x workers), resume across data-parallel
+sizes, validation per source, and `kiln data inspect` / `verify`.
+
+References: the tokenizer's own encode of each document (+ EOS), a reference walk over the raw token
+file, and an uninterrupted single-rank run of the same global sequence, all compared exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tokenizers
+import torch
+from tokenizers import models, pre_tokenizers
+
+from kiln.cli import main as cli
+from kiln.config import SourceConfig
+from kiln.data.loader import PackedLoader
+from kiln.data.packing import IGNORE, Row, make_batch
+from kiln.data.prepare import prepare
+from kiln.data.shards import Permutation, ShardLoader, ShardSet, shard_validation_sets
+from kiln.data.tokenizer import load_tokenizer
+from kiln.errors import DataError
+from test_loader import write_jsonl
+
+T = 16  # every window of 16 tokens holds a marker (documents have at most 11 x's): blocks are unique
+
+
+@pytest.fixture(autouse=True)
+def _caches(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path_factory.getbasetemp() / "kiln-cache"))
+
+
+def word_tokenizer(path: Path, size: int) -> str:
+    """Whitespace word-level tokenizer: marker m -> id m, 'x' -> 3, '</s>' (EOS) -> 2."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "x": 3, **{str(i): i for i in range(4, size)}}
+    tk = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Two sources (with an empty document), a 32K word tokenizer, and the folder prepared from them."""
+    d = tmp_path_factory.mktemp("shards")
+    a = write_jsonl(d / "a.jsonl", list(range(1000, 1150)))
+    with open(a, "a") as f:
+        f.write(json.dumps({"text": ""}) + "\n")
+    b = write_jsonl(d / "b.jsonl", list(range(5000, 5050)))
+    tok = word_tokenizer(d / "tok.json", 32768)
+    sources = [SourceConfig(path=str(a), name="web"), SourceConfig(path=str(b), name="code")]
+    out = d / "prepared"
+    with pytest.MonkeyPatch.context() as mp:  # the module fixture must not leak KILN_CACHE into later tests
+        mp.setenv("KILN_CACHE", str(d / "cache"))
+        prepare(sources, out, tokenizer=tok, workers=2, shard_docs=40, quiet=True)
+    return {"dir": d, "sources": sources, "tok": tok, "out": out}
+
+
+def files_of(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_permutation_is_a_seeded_bijection_with_constant_memory():
+    for n in (1, 2, 3, 7, 64, 1000, 4099):
+        p = Permutation(n, 11)(np.arange(n))
+        assert sorted(p.tolist()) == list(range(n)), n
+    a, b = Permutation(1000, 1)(np.arange(1000)), Permutation(1000, 2)(np.arange(1000))
+    assert (a != b).mean() > 0.9 and (a != np.arange(1000)).mean() > 0.9
+    assert np.array_equal(Permutation(1000, 1)(np.array([5, 900])), a[[5, 900]])  # elementwise, no table
+
+
+def test_prepare_writes_the_tokenizer_stream_and_a_document_index(data, tmp_path):
+    tok = load_tokenizer(data["tok"])
+    m = json.loads((data["out"] / "manifest.json").read_text())
+    assert m["dtype"] == "uint16" and m["eos_id"] == 2 and len(m["shards"]) == 4 + 2  # 151 docs / 40, 50 / 40
+    s = ShardSet(data["out"])
+    expected, lengths = [], []
+    for src in data["sources"]:
+        for line in open(src.path):
+            ids = tok.encode(json.loads(line)["text"])
+            if ids:  # empty documents are skipped, as the packer does
+                expected += [*ids, tok.eos_id]
+                lengths.append(len(ids) + 1)
+    assert s.read(0, s.n_tokens).tolist() == expected
+    starts = np.concatenate([np.asarray(s.index(k))[:-1] + s.bounds[k] for k in range(len(s.records))])
+    assert np.array_equal(np.diff(np.append(starts, s.n_tokens)), lengths)
+    assert [(n, hi - lo) for n, lo, hi in s.source_ranges()] == [
+        ("web", sum(lengths[:150])), ("code", sum(lengths[150:]))]
+    assert m["sources"][0]["documents"] == 150 and m["sources"][0]["input_documents"] == 151
+    # one process or two, and a vocabulary over 65536 ids (uint32): the same stream
+    one = tmp_path / "one"
+    prepare(data["sources"], one, tokenizer=data["tok"], workers=1, shard_docs=40, quiet=True)
+    assert files_of(one) == files_of(data["out"])
+    big = tmp_path / "big"
+    prepare(data["sources"], big, tokenizer=word_tokenizer(tmp_path / "big.json", 70000), workers=1,
+            shard_docs=40, quiet=True)
+    assert ShardSet(big).dtype == np.uint32 and ShardSet(big).read(0, s.n_tokens).tolist() == expected
+
+
+def test_interrupted_prepare_resumes_to_byte_identical_shards(data, tmp_path, monkeypatch, capsys):
+    import kiln.data.prepare as prep
+
+    out = tmp_path / "out"
+    real, calls = prep.write_shard, []
+
+    def dying(out_dir, *args, **kw):
+        if len(calls) == 3:  # killed while writing the 4th shard: a partial temporary file is left
+            (out_dir / ".shard-00003.bin.tmp").write_bytes(b"partial")
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(out_dir, *args, **kw)
+
+    monkeypatch.setattr(prep, "write_shard", dying)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(data["sources"], out, tokenizer=data["tok"], workers=1, shard_docs=40, quiet=True)
+    monkeypatch.setattr(prep, "write_shard", real)
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(DataError, match="did not finish here; run the same command again"):
+        ShardSet(out)
+    (out / "shard-00001.json").unlink()  # killed after the tokens were renamed, before the record
+    args = ["data", "prepare", "--source", json.dumps({"path": data["sources"][0].path, "name": "web"}),
+            "--source", json.dumps({"path": data["sources"][1].path, "name": "code"}), "--out", str(out),
+            "--tokenizer", data["tok"], "--workers", "2", "--shard-docs", "40", "--quiet"]
+    assert cli(args) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["shards"] == 6
+    assert files_of(out) == files_of(data["out"])  # byte-identical, no temporary file left
+    with pytest.raises(DataError, match="holds a prepare of other sources"):
+        prepare(data["sources"], out, tokenizer=data["tok"], workers=1, shard_docs=41, quiet=True)
+
+
+def reference_row(tokens: np.ndarray, starts: set[int], block: int) -> Row:
+    lo = block * T
+    doc = np.cumsum([1 if p in starts and p > lo else 0 for p in range(lo, lo + T + 1)]).astype(np.int32)
+    return Row(tokens=tokens[lo:lo + T + 1].astype(np.int64), doc_ids=doc)
+
+
+def test_one_epoch_over_two_ranks_by_two_workers_reads_every_block_once(data):
+    s = ShardSet(data["out"])
+    tokens = s.read(0, s.n_tokens)
+    starts = {int(p) for k in range(len(s.records)) for p in np.asarray(s.index(k))[:-1] + s.bounds[k]}
+    nb = (s.n_tokens - 1) // T
+    block_of = {tokens[b * T:(b + 1) * T].tobytes(): b for b in range(nb)}
+    assert len(block_of) == nb  # inputs identify blocks
+    W, B = 2, 3
+    rounds = -(-nb // (W * B)) + 1
+    by_pos: dict[int, int] = {}
+    for r in range(W):
+        ld = ShardLoader([SourceConfig(path=str(data["out"]))], load_tokenizer(data["tok"]), seq_len=T,
+                         batch_size=B, seed=3, rank=r, world_size=W, num_workers=2)
+        for k in range(rounds):
+            batch = ld.next_batch()
+            for j in range(B):
+                b = block_of[batch.tokens[j].numpy().astype(tokens.dtype).tobytes()]
+                ref = make_batch([reference_row(tokens, starts, b)])
+                assert torch.equal(batch.tokens[j], ref.tokens[0]) and torch.equal(batch.targets[j], ref.targets[0])
+                assert torch.equal(batch.doc_ids[j], ref.doc_ids[0])
+                by_pos[k * W * B + r + j * W] = b
+        ld.close()
+    epoch0 = [by_pos[p] for p in range(nb)]
+    assert sorted(epoch0) == list(range(nb))  # every block exactly once, across ranks and workers
+    assert epoch0 != sorted(epoch0)  # shuffled
+    assert (batch.targets == IGNORE).any()
+
+
+def global_sequence(src, tok, *, world: int, batch: int, rounds: int, state=None, workers: int = 0):
+    """Rows of `rounds` rounds, in global position order, and rank 0's state after them."""
+    lds = [ShardLoader(src, tok, seq_len=T, batch_size=batch, seed=9, rank=r, world_size=world, num_workers=workers)
+           for r in range(world)]
+    for ld in lds:
+        if state is not None:
+            ld.load_state_dict(json.loads(json.dumps(state)))
+    rows = []
+    for _ in range(rounds):
+        bs = [ld.next_batch() for ld in lds]
+        rows += [(bs[r].tokens[j], bs[r].targets[j], bs[r].doc_ids[j]) for j in range(batch) for r in range(world)]
+    st = lds[0].state_dict()
+    assert all(ld.state_dict()["cursor"] == st["cursor"] for ld in lds)  # the position is global
+    for ld in lds:
+        ld.close()
+    return rows, st
+
+
+def test_resume_is_exact_across_data_parallel_sizes(data, tmp_path):
+    tok = load_tokenizer(data["tok"])
+    web = tmp_path / "web"  # a second folder, weighted 3:1 against the first, so the mix is exercised too
+    prepare([data["sources"][0]], web, tokenizer=data["tok"], workers=1, shard_docs=64, quiet=True)
+    src = [SourceConfig(path=str(data["out"]), weight=1.0), SourceConfig(path=str(web), weight=3.0)]
+    ref, _ = global_sequence(src, tok, world=1, batch=4, rounds=40)  # 160 samples: past one epoch of each
+    part, st = global_sequence(src, tok, world=2, batch=2, rounds=10)  # 2 ranks ...
+    rest, _ = global_sequence(src, tok, world=1, batch=4, rounds=30, state=st)  # ... resumed on 1
+    assert len(part) + len(rest) == len(ref)
+    assert all(all(torch.equal(x, y) for x, y in zip(a, b)) for a, b in zip(part + rest, ref))
+    one, st = global_sequence(src, tok, world=1, batch=4, rounds=12)  # 1 rank ...
+    four, _ = global_sequence(src, tok, world=4, batch=1, rounds=28, state=st, workers=2)  # ... on 4, 2 workers
+    assert all(all(torch.equal(x, y) for x, y in zip(a, b)) for a, b in zip(one + four, ref))
+    ld = ShardLoader(src, tok, seq_len=T, batch_size=4, seed=9)
+    draws = ld.order.sources(np.arange(20000))
+    assert abs(draws.mean() - 0.75) < 4 * (0.75 * 0.25 / 20000) ** 0.5  # weights within 4 sigma
+    with pytest.raises(DataError, match="seed=9, this run has 10"):
+        ShardLoader(src, tok, seq_len=T, batch_size=4, seed=10).load_state_dict(st)
+    with pytest.raises(DataError, match="prepared with tokenizer .* the digest differs"):
+        ShardLoader(src, load_tokenizer(word_tokenizer(tmp_path / "other.json", 40000)), seq_len=T, batch_size=4,
+                    seed=9)
+
+
+def test_validation_per_source_of_a_prepared_folder(data):
+    tok = load_tokenizer(data["tok"])
+    sets = shard_validation_sets(SourceConfig(path=str(data["out"])), tok, seq_len=T, batch_size=2, max_tokens=5 * T)
+    assert list(sets) == ["web", "code"]
+    s = ShardSet(data["out"])
+    for (_, lo, _), batches in zip(s.source_ranges(), sets.values()):
+        assert [tuple(b.tokens.shape) for b in batches] == [(2, T), (2, T), (1, T)]
+        assert torch.cat([b.tokens.flatten() for b in batches]).tolist() == s.read(lo, 5 * T).tolist()
+
+
+def test_inspect_and_verify_commands(data, tmp_path, capsys):
+    out = str(data["out"])
+    assert cli(["data", "inspect", out]) == 0
+    last = json.loads(capsys.readouterr().out.splitlines()[-1])
+    s = ShardSet(out)
+    assert (last["tokens"], last["documents"]) == (s.n_tokens, s.n_docs) == (s.n_tokens, 200)
+    assert last["sources"]["code"]["documents"] == 50
+    assert cli(["data", "verify", out, "--seq-len", str(T)]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["ok"] is True and "ranks" not in summary  # no simulated coverage: it checked kiln, not the data
+    held_out = write_jsonl(tmp_path / "val.jsonl", [9000, 9001])
+    assert cli(["data", "verify", out, "--seq-len", str(T), "--val", str(held_out)]) == 0
+    leaky = write_jsonl(tmp_path / "leak.jsonl", [9000, 1003])  # 1003 is a training document
+    assert cli(["data", "verify", out, "--seq-len", str(T), "--val", str(leaky)]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 2 validation documents" in err and err.count("\n") == 1
+    assert cli(["data", "verify", data["sources"][0].path]) == 0  # text source
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["documents"] == 151
+    dup = tmp_path / "dup.jsonl"
+    write_jsonl(dup, [1000, 1001, 1002, 1001])
+    assert cli(["data", "verify", str(dup)]) == 1
+    assert "documents 1 and 3 are identical" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt"
+    prepare([data["sources"][1]], corrupt, tokenizer=data["tok"], workers=1, shard_docs=64, quiet=True)
+    raw = bytearray((corrupt / "shard-00000.bin").read_bytes())
+    raw[10] ^= 1
+    (corrupt / "shard-00000.bin").write_bytes(bytes(raw))
+    assert cli(["data", "verify", str(corrupt), "--seq-len", str(T)]) == 1
+    assert "sha256 differs" in capsys.readouterr().err
+
+
+def test_bad_input_to_prepare_is_one_line_and_exit_2(data, tmp_path, capsys):
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9\n".encode() + "na\u00efve".encode("latin-1"))
+    (tmp_path / "empty.jsonl").write_text("")
+    cases = [(str(tmp_path / "missing.jsonl"), "no such file"), (str(tmp_path / "none-*.jsonl"), "glob matches no"),
+             (str(tmp_path / "empty.jsonl"), "empty source"), (str(tmp_path / "latin1.txt"), "not valid UTF-8"),
+             (data["sources"][0].path, "no column 'body'"), (str(data["out"]), "already a prepared folder")]
+    for path, hint in cases:
+        extra = ["--text-column", "body"] if "body" in hint else []
+        assert cli(["data", "prepare", "--source", path, "--out", str(tmp_path / "o"), "--tokenizer", data["tok"],
+                    *extra]) == 2
+        err = capsys.readouterr().err
+        assert hint in err and err.count("\n") == 1, err
+    assert cli(["data", "inspect", str(tmp_path / "nowhere")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts file descriptors in /proc")
+def test_a_shard_set_keeps_at_most_max_open_files_mapped(data, monkeypatch):
+    import kiln.data.shards as shards
+
+    monkeypatch.setattr(shards, "MAX_OPEN", 3)
+    raw = np.concatenate([np.fromfile(data["out"] / f"shard-{k:05d}.bin", dtype=np.uint16) for k in range(6)])
+    before = open_fds()
+    s = ShardSet(data["out"])  # 6 shards: 12 files
+    for _ in range(2):
+        for b in range((s.n_tokens - 1) // T):  # every block, twice: each file is mapped again after eviction
+            assert s.row(b * T, T + 1).tokens.tolist() == raw[b * T:b * T + T + 1].tolist()
+            assert len(s._open) <= 3 and open_fds() - before <= 3  # a mapping holds a descriptor
+
+
+def test_tokenizer_digest_follows_the_ids_not_the_json_layout(tmp_path):
+    from tokenizers import decoders
+
+    from kiln.data.tokenizer import Tokenizer, tokenizer_digest
+
+    def digest(model, added=()) -> tuple[str, str]:
+        tk = tokenizers.Tokenizer(model)
+        tk.add_special_tokens(["</s>", *added])
+        tok = Tokenizer(tk, name="t", eos_token="</s>", bos_token=None)
+        return tokenizer_digest(tok), tk.to_str()
+
+    vocab = {"a": 0, "b": 1, "ab": 2}
+    bpe, text = digest(models.BPE(vocab, [("a", "b")]))
+    tk = tokenizers.Tokenizer.from_str(text)
+    tk.decoder = decoders.BPEDecoder()  # another serialization, the same ids
+    assert tk.to_str() != text and tokenizer_digest(Tokenizer(tk, name="t", eos_token="</s>", bos_token=None)) == bpe
+    assert digest(models.BPE(vocab, [("a", "b")]))[0] == bpe  # stable
+    assert digest(models.BPE(vocab, []))[0] != bpe  # merges
+    assert digest(models.BPE({**vocab, "ba": 3}, [("a", "b")]))[0] != bpe  # vocabulary
+    assert digest(models.BPE(vocab, [("a", "b")]), added=["<tool>"])[0] != bpe  # added tokens
+
+
+def test_prepare_pins_the_tokenizer_path_and_verify_checks_its_digest(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    word_tokenizer(tmp_path / "tok.json", 32768)
+    out = tmp_path / "prepared"
+    prepare([data["sources"][1]], out, tokenizer="tok.json", workers=1, shard_docs=64, quiet=True)
+    assert json.loads((out / "manifest.json").read_text())["tokenizer"] == str(tmp_path / "tok.json")  # absolute
+    val = str(write_jsonl(tmp_path / "val.jsonl", [9000, 9001]))
+    assert cli(["data", "verify", str(out), "--seq-len", str(T), "--val", val]) == 0
+    capsys.readouterr()
+    word_tokenizer(tmp_path / "tok.json", 40000)  # the file the folder names was replaced since
+    assert cli(["data", "verify", str(out), "--seq-len", str(T), "--val", val]) == 1
+    err = capsys.readouterr().err
+    assert "tok.json' has changed since the folder was prepared" in err and err.count("\n") == 1, err
+
+
+def test_verify_names_the_first_repeated_block(data, tmp_path, capsys):
+    # 8-token documents repeating every 3: blocks at stride 16 repeat every 3 blocks
+    src = SourceConfig(path=str(write_jsonl(tmp_path / "rep.jsonl", [1000, 1001, 1002] * 5, lengths=[6] * 15)))
+    out = tmp_path / "rep"
+    prepare([src], out, tokenizer=data["tok"], workers=1, shard_docs=64, quiet=True)
+    s = ShardSet(out)
+    seen: dict[bytes, int] = {}
+    for b in range((s.n_tokens - 1) // T):  # reference: the first block equal to an earlier one
+        key = s.read(b * T, T + 1).tobytes()
+        if key in seen:
+            break
+        seen[key] = b
+    assert key in seen and cli(["data", "verify", str(out), "--seq-len", str(T)]) == 1
+    assert f"blocks {seen[key]} and {b} (seq_len {T}) hold identical tokens" in capsys.readouterr().err
+
+
+def test_prepare_refuses_what_it_would_ignore_and_checks_json_sources(data, tmp_path, capsys):
+    path = data["sources"][1].path
+    cases = [(json.dumps({"path": path, "weight": 2}), "does not use weight=2"),
+             (json.dumps({"path": path, "streaming": True}), "does not use streaming=true"),
+             (json.dumps({"name": "web"}), "data source 0: path is empty"),
+             (json.dumps({"path": path, "skip": -1}), "skip and take must be >= 0")]
+    for arg, hint in cases:
+        assert cli(["data", "prepare", "--source", arg, "--out", str(tmp_path / "o"), "--tokenizer", data["tok"]]) == 2
+        err = capsys.readouterr().err
+        assert hint in err and err.count("\n") == 1, err
+    assert "prepare one folder per source and weight them in data.train" in cli_err(
+        ["data", "prepare", "--config", "mix-smollm", "--out", str(tmp_path / "o")], capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def cli_err(args: list[str], capsys) -> str:
+    assert cli(args) == 2
+    return capsys.readouterr().err
+
+
+def test_a_prepared_folder_is_not_read_as_text(data, tmp_path, capsys):
+    out = str(data["out"])
+    for streaming in (False, True):
+        with pytest.raises(DataError, match="written by `kiln data prepare` .*not text; train from it with --data"):
+            PackedLoader([SourceConfig(path=out, streaming=streaming)], load_tokenizer(data["tok"]), seq_len=T,
+                         batch_size=2, seed=0)
+    err = cli_err(["data", "verify", data["sources"][1].path, "--val", out], capsys)
+    assert "written by `kiln data prepare`" in err and "no column" not in err, err
