@@ -1,6 +1,10 @@
-"""Optimizers and schedules."""
+"""Optimizers (AdamW, Adafactor with bf16 stochastic rounding, Muon, 8-bit AdamW) and LR schedules."""
 
-from kiln.optim.builder import build_optimizer, param_groups
-from kiln.optim.schedules import lr_factor
+from kiln.optim.adafactor import Adafactor
+from kiln.optim.builder import build_optimizer, muon_param_groups, param_dtype, param_groups
+from kiln.optim.muon import Muon, newton_schulz
+from kiln.optim.rounding import stochastic_round_
+from kiln.optim.schedules import describe_schedule, infinite_phases, lr_factor, scaled_lr
 
-__all__ = ["build_optimizer", "lr_factor", "param_groups"]
+__all__ = ["Adafactor", "Muon", "build_optimizer", "describe_schedule", "infinite_phases", "lr_factor",
+           "muon_param_groups", "newton_schulz", "param_dtype", "param_groups", "scaled_lr", "stochastic_round_"]

@@ -1,4 +1,4 @@
-"""Parameter groups and optimizer construction."""
+"""Parameter groups and optimizer construction (optim.name: adamw | adafactor | muon | adamw8bit)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,20 @@ import torch
 from torch import nn
 
 from kiln.config import OptimConfig
+from kiln.optim.adafactor import Adafactor
+from kiln.optim.lowbit import build_adamw8bit
+from kiln.optim.muon import Muon
+
+
+def _is_embedding_or_head(name: str) -> bool:
+    parts = name.split(".")
+    return "tok_emb" in parts or "head" in parts
+
+
+def _no_decay(name: str, p: nn.Parameter, tied: bool = False) -> bool:
+    # With tied embeddings a `head.weight` can only be the embedding's copy on a pipeline's last stage.
+    return (p.ndim < 2 or "tok_emb" in name.split(".") or name.endswith("norm.weight")
+            or tied and name.split(".")[-2:] == ["head", "weight"])
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -15,21 +29,71 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     An untied head is a linear layer and is decayed.
     """
     decay, no_decay = [], []
+    tied = bool(getattr(getattr(model, "cfg", None), "tie_embeddings", False))
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or "tok_emb" in name or name.endswith("norm.weight"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
+        (no_decay if _no_decay(name, p, tied) else decay).append(p)
+    return _nonempty([
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
+    ])
+
+
+def _nonempty(groups: list[dict]) -> list[dict]:
+    """Drop empty groups (a pipeline stage may have no norms, a tied model no decayed AdamW matrix under
+    Muon): torch's layout-independent optimizer state cannot name an empty group."""
+    return [g for g in groups if g["params"]]
+
+
+def muon_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Muon takes the 2-D hidden weights; embeddings, the output head, norms and 1-D parameters go to AdamW
+    (Jordan 2024: the embedding and head are not hidden linear maps, so orthogonalising them hurts)."""
+    muon, decay, no_decay = [], [], []
+    tied = bool(getattr(getattr(model, "cfg", None), "tie_embeddings", False))
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim == 2 and not _is_embedding_or_head(name):
+            muon.append(p)
+        else:
+            (no_decay if _no_decay(name, p, tied) else decay).append(p)
+    return _nonempty([
+        {"params": muon, "weight_decay": cfg.weight_decay, "name": "muon", "use_muon": True,
+         "lr_ratio": cfg.muon_lr_ratio},
+        {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay", "use_muon": False},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay", "use_muon": False},
+    ])
+
+
+def param_dtype(cfg: OptimConfig) -> torch.dtype:
+    """The dtype the trainer should keep parameters in (bf16 only with adafactor / muon, see config)."""
+    return torch.bfloat16 if cfg.param_dtype == "bf16" else torch.float32
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, *, device_type: str) -> torch.optim.Optimizer:
-    """AdamW, fused on CUDA (one kernel for all parameters), foreach elsewhere."""
-    groups = param_groups(model, cfg.weight_decay)
+    """The optimizer named by `cfg.name`, as one torch.optim.Optimizer whose state_dict() round-trips all
+    of its state. The trainer sets group["lr"] on every group each step; group-specific multipliers
+    (Muon's `lr_ratio`) are applied inside the optimizer.
+
+    adamw: fused on CUDA (one kernel for all parameters), foreach elsewhere.
+    adafactor: factored second moments, no first moment by default, bf16 stochastic rounding.
+    muon: Newton-Schulz orthogonalised momentum for 2-D hidden weights, AdamW for the rest.
+    adamw8bit: torchao's block-wise 8-bit AdamW (raises a ConfigError where it cannot run).
+    """
+    if cfg.name == "adafactor":
+        return Adafactor(param_groups(model, cfg.weight_decay), lr=cfg.lr, beta1=cfg.adafactor_beta1,
+                         decay_rate=cfg.adafactor_decay_rate, eps=cfg.adafactor_eps,
+                         clip_threshold=cfg.adafactor_clip, scale_parameter=cfg.adafactor_scale_parameter,
+                         stochastic_rounding=cfg.stochastic_rounding, seed=cfg.sr_seed)
+    if cfg.name == "muon":
+        return Muon(muon_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.muon_momentum,
+                    nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps, betas=cfg.betas, eps=cfg.eps,
+                    stochastic_rounding=cfg.stochastic_rounding, seed=cfg.sr_seed)
+    if cfg.name == "adamw8bit":
+        return build_adamw8bit(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                               device_type=device_type)
+    assert cfg.name == "adamw", cfg.name
     extra = {"fused": True} if device_type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **extra)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                             **extra)

@@ -1,39 +1,172 @@
 """Learning-rate schedules as pure functions of the step: lr(step) = peak * factor(step).
 
 Pure functions resume trivially: the step counter is the whole schedule state.
+
+InfiniteLR (seed 001; "Beyond Cosine Decay", arXiv 2503.02844, Eq. 1):
+    warmup W steps: linear to the peak
+    cooldown C steps: cosine from 1 to constant_lr_ratio,
+        C = max(min_cooldown_tokens / tokens_per_step, cooldown_ratio x total_steps)   (real-valued)
+    constant: constant_lr_ratio until the anneal (or forever)
+    anneal (anneal_steps > 0): the run's last anneal_steps go geometrically from the value reached
+        there to min_lr_ratio (the paper's exponential anneal), reaching it exactly at the last step
+        that runs (total_steps - 1); config validation keeps min_lr_ratio <= constant_lr_ratio, so the
+        anneal never raises the LR
+
+Decays that end with the run (cosine, WSD's decay, the anneal) measure progress as
+(step - start) / (total_steps - 1 - start): steps are 0-based, so the last one that runs is
+total_steps - 1 and it gets the floor exactly.
+
+Extending train.total_tokens on resume (seed 001, example 6): total_steps grows and every step is
+recomputed from the same formula. C depends on total_steps only through cooldown_ratio x total_steps:
+when min_cooldown_tokens dominates (the seed's regime for runs under ~143B tokens at its defaults), C,
+and so the LR at every step already trained, is unchanged and the constant phase just extends. When the
+ratio term dominates, a longer run stretches the cooldown, so the LR at the resume step rises slightly
+(a small upward jump). An anneal moves to the new end of the run; resuming after an anneal has started
+jumps back up to the cooldown/constant value, which is what "continue pretraining from the pre-anneal
+state" means, but then resume from a checkpoint saved before the anneal.
+
+Seed 001's claim "3B token run: max(1.22M steps, 32K steps) = 1.22M -> trains at ~99.6% of max_lr
+throughout", checked against the formula: the two numbers come from different batches. At the default
+4-GPU batch (65,536 tokens/step) the run is 45,776 steps, 0.7 x 45,776 = 32,043, but 100B / 65,536 =
+1,525,879 cooldown steps (1.22M is 100B / 81,920, the 5-GPU batch of its example 4). Either way the
+cooldown is ~33x longer than the run, so the cosine has covered 3% of its span at the last step: the LR
+ends at 99.90% of max_lr with the seed's constant_lr (0.9978 of the way from constant to max). So
+the claim holds, and is conservative: the LR never drops below 99.9% of max_lr.
+(tests/test_optim.py::test_seed001_claim_3b_tokens checks these numbers.)
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from kiln.config import OptimConfig
 
 
-def lr_factor(step: int, *, total_steps: int, cfg: OptimConfig) -> float:
-    """Multiplier on the peak LR for optimizer step `step` (0-based), in [min_lr_ratio, 1] after warmup."""
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+def _warmup(cfg: OptimConfig, total_steps: int) -> int:
+    return min(cfg.warmup_steps, max(total_steps - 1, 0))
+
+
+def _progress(step: float, start: int, total_steps: int) -> float:
+    """0 at `start`, 1 at the last step that runs (total_steps - 1), clamped to [0, 1]."""
+    return min(max((step - start) / max(total_steps - 1 - start, 1), 0.0), 1.0)
+
+
+def _cosine(progress: float) -> float:
+    """1 -> 0 over progress 0 -> 1 (clamped)."""
+    return 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+@dataclass(frozen=True)
+class InfinitePhases:
+    """Phase boundaries of the infinite schedule (real-valued step positions)."""
+
+    warmup: int
+    cooldown_steps: float  # C
+    cooldown_end: float  # warmup + C
+    anneal_start: int | None  # None: no anneal
+    cooldown_from_tokens: bool  # True when min_cooldown_tokens set C (not the ratio)
+
+
+def infinite_phases(total_steps: int, cfg: OptimConfig, tokens_per_step: int | None) -> InfinitePhases:
+    """Where the infinite schedule's phases start and end for a run of `total_steps`."""
+    if cfg.min_cooldown_tokens > 0 and not tokens_per_step:
+        raise ValueError("schedule=infinite with min_cooldown_tokens needs tokens_per_step")
+    warmup = _warmup(cfg, total_steps)
+    from_tokens = cfg.min_cooldown_tokens / tokens_per_step if tokens_per_step else 0.0
+    from_ratio = cfg.cooldown_ratio * total_steps
+    cooldown = max(from_tokens, from_ratio)
+    anneal_start = max(total_steps - cfg.anneal_steps, warmup) if cfg.anneal_steps > 0 else None
+    return InfinitePhases(warmup, cooldown, warmup + cooldown, anneal_start, from_tokens > from_ratio)
+
+
+def _infinite_before_anneal(step: float, cfg: OptimConfig, ph: InfinitePhases) -> float:
+    c = cfg.constant_lr_ratio
+    if ph.cooldown_steps <= 0:
+        return c
+    return c + (1 - c) * _cosine((step - ph.warmup) / ph.cooldown_steps)
+
+
+def lr_factor(step: int, *, total_steps: int, cfg: OptimConfig, tokens_per_step: int | None = None) -> float:
+    """Multiplier on the peak LR for optimizer step `step` (0-based).
+
+    `tokens_per_step` is needed by schedule=infinite (min_cooldown_tokens); the others ignore it.
+    """
+    warmup = _warmup(cfg, total_steps)
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup  # linear warmup reaching the peak at the last warmup step
     floor = cfg.min_lr_ratio
     if cfg.schedule == "constant":
         return 1.0
     if cfg.schedule == "cosine":
-        span = max(total_steps - warmup, 1)
-        progress = min((step - warmup) / span, 1.0)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * _cosine(_progress(step, warmup, total_steps))
     if cfg.schedule == "wsd":
         # Warmup-Stable-Decay (Hu et al. 2024, MiniCPM): flat at the peak, then decay over the last part.
         decay_steps = max(int(round(cfg.decay_fraction * total_steps)), 1)
         decay_start = max(total_steps - decay_steps, warmup)
         if step < decay_start:
             return 1.0
-        progress = min((step - decay_start) / max(total_steps - decay_start, 1), 1.0)
+        progress = _progress(step, decay_start, total_steps)
         if cfg.decay_shape == "linear":
             shape = 1 - progress
         elif cfg.decay_shape == "cosine":
-            shape = 0.5 * (1 + math.cos(math.pi * progress))
+            shape = _cosine(progress)
         else:  # 1-sqrt (Hagele et al. 2024)
             shape = 1 - math.sqrt(progress)
         return floor + (1 - floor) * shape
+    if cfg.schedule == "infinite":
+        ph = infinite_phases(total_steps, cfg, tokens_per_step)
+        if ph.anneal_start is None or step < ph.anneal_start:
+            return _infinite_before_anneal(step, cfg, ph)
+        start = _infinite_before_anneal(ph.anneal_start, cfg, ph)
+        progress = _progress(step, ph.anneal_start, total_steps)
+        return start * (floor / start) ** progress  # geometric: start at the anneal start, floor at the end
     raise AssertionError(cfg.schedule)
+
+
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The peak LR: `optim.lr`, or with lr_scaling=sqrt `optim.lr x sqrt(global_batch)` (seed 001, after
+    Smith et al. 2017 / Malladi et al. 2022: sqrt scaling keeps the update noise level for adaptive optimizers)."""
+    if cfg.lr_scaling == "sqrt":
+        return cfg.lr * math.sqrt(global_batch)
+    return cfg.lr
+
+
+def describe_schedule(total_steps: int, cfg: OptimConfig, tokens_per_step: int | None = None, *,
+                      peak_lr: float | None = None) -> list[str]:
+    """A few human-readable lines for the start-of-run summary and --dry-run: the phases and the LR at
+    the end of warmup and at 25/50/75/100% of the run. `peak_lr` defaults to `cfg.lr` (pass scaled_lr())."""
+    peak = cfg.lr if peak_lr is None else peak_lr
+    last = max(total_steps - 1, 0)
+    warmup = _warmup(cfg, total_steps)
+
+    def at(step: int) -> str:
+        f = lr_factor(step, total_steps=total_steps, cfg=cfg, tokens_per_step=tokens_per_step)
+        return f"{peak * f:.3g} ({100 * f:.2f}%)"
+
+    scaling = ""
+    if cfg.lr_scaling == "sqrt":
+        scaling = (f" (base {cfg.lr:g} x sqrt(global batch) = x{peak / cfg.lr:.3g})" if peak_lr is not None
+                   else " (lr_scaling=sqrt: this is the base LR for global batch 1)")
+    lines = [f"lr schedule {cfg.schedule}: peak {peak:.3g}{scaling}, warmup {warmup:,} steps"]
+    if cfg.schedule == "cosine":
+        lines.append(f"  cosine decay steps {warmup:,}-{last:,} to {cfg.min_lr_ratio:g} x peak")
+    elif cfg.schedule == "wsd":
+        decay_steps = max(int(round(cfg.decay_fraction * total_steps)), 1)
+        start = max(total_steps - decay_steps, warmup)
+        lines.append(f"  stable steps {warmup:,}-{start - 1:,}, {cfg.decay_shape} decay steps {start:,}-{last:,} "
+                     f"to {cfg.min_lr_ratio:g} x peak")
+    elif cfg.schedule == "infinite":
+        ph = infinite_phases(total_steps, cfg, tokens_per_step)
+        why = (f"min_cooldown_tokens {cfg.min_cooldown_tokens:.3g} / {tokens_per_step:,} tokens/step"
+               if ph.cooldown_from_tokens else f"{cfg.cooldown_ratio:g} x {total_steps:,} steps")
+        end = math.ceil(ph.cooldown_end)
+        where = "past the end of the run" if end > last else f"then constant {cfg.constant_lr_ratio:g} x peak"
+        lines.append(f"  cosine cooldown to {cfg.constant_lr_ratio:g} x peak over {ph.cooldown_steps:,.0f} steps "
+                     f"({why}): steps {warmup:,}-{end - 1:,}, {where}")
+        if ph.anneal_start is not None:
+            lines.append(f"  anneal steps {ph.anneal_start:,}-{last:,} geometrically to {cfg.min_lr_ratio:g} x peak")
+    points = [("warmup end", max(warmup - 1, 0))] + [(f"{q}%", min(last, (total_steps * q) // 100))
+                                                     for q in (25, 50, 75)] + [("100%", last)]
+    lines.append("  lr at " + ", ".join(f"{label} (step {s:,}) {at(s)}" for label, s in points))
+    return lines

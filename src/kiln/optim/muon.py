@@ -1,0 +1,148 @@
+"""Muon for 2-D weight matrices, AdamW for everything else, in one torch.optim.Optimizer.
+
+Muon (Keller Jordan 2024, "Muon: An optimizer for hidden layers in neural networks"):
+    B <- mu B + G                         momentum (SGD form)
+    U <- G + mu B  (Nesterov)  or  B
+    O <- NewtonSchulz5(U)                 ~ the orthogonal factor U V^T of U's SVD
+    W <- W (1 - lr wd) - lr x 0.2 sqrt(max(rows, cols)) x O
+The 0.2 x sqrt(max dim) scale is the "match AdamW's update RMS" variant (Liu et al. 2025, "Muon is
+Scalable for LLM Training"): an orthogonal (rows, cols) matrix has RMS 1/sqrt(max dim), so the update
+has RMS 0.2, close to AdamW's, and the Muon groups can share the AdamW learning rate and weight decay.
+We pick it over Jordan's max(1, rows/cols)^0.5 so that one `optim.lr` and one schedule drive both parts.
+
+Under FSDP2 / DTensor, Newton-Schulz needs the whole matrix: the momentum update runs on the local
+shards, then `full_tensor()` all-gathers U, every rank orthogonalises the same full matrix, and
+`distribute_tensor(..., src_data_rank=None)` keeps each rank's slice of the result in the parameter's
+placement without further communication. (Every rank repeats the same NS work; fine at 30M-2B.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kiln.optim.rounding import RoundingRNG, as_fp32, load_with_rng, save_with_rng, write_back
+
+# Quintic iteration coefficients (Jordan 2024): chosen to push singular values into ~[0.7, 1.2] fast,
+# trading exact convergence to 1 for speed; 5 steps suffice from a Frobenius-normalised start.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: Tensor, *, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalise a (rows, cols) matrix: returns ~U V^T for g = U S V^T, in fp32.
+
+    Runs in bf16 on CUDA (as Jordan does: the iteration is robust to it and tensor cores are fast) and
+    in fp32 elsewhere (CPU bf16 matmuls are slow and fp32 keeps CPU tests exact).
+    """
+    assert g.ndim == 2, g.shape
+    a, b, c = NS_COEFFS
+    x = g.to(torch.bfloat16) if g.is_cuda else g.to(torch.float32)
+    transposed = x.size(0) > x.size(1)
+    if transposed:  # iterate on the wide form: X X^T is then (min dim, min dim)
+        x = x.mT
+    x = x / (x.norm() + eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        xxt = x @ x.mT  # (r, r), r = min(rows, cols)
+        poly = b * xxt + c * (xxt @ xxt)
+        x = a * x + poly @ x
+    if transposed:
+        x = x.mT
+    return x.to(torch.float32)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return hasattr(t, "full_tensor") and hasattr(t, "placements")
+
+
+class Muon(torch.optim.Optimizer):
+    """One optimizer, two update rules chosen per param group by its `use_muon` key.
+
+    Muon groups (2-D hidden weights): keys momentum, nesterov, ns_steps. AdamW groups (embeddings, head,
+    norms, 1-D): keys betas, eps. Both: lr, weight_decay, lr_ratio (the group steps at lr x lr_ratio, so the
+    trainer can set the same `lr` on every group). One state_dict() holds both parts.
+    """
+
+    def __init__(self, params: Iterable[Any], *, lr: float, momentum: float = 0.95, nesterov: bool = True,
+                 ns_steps: int = 5, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.0, stochastic_rounding: bool = True, seed: int = 0) -> None:
+        defaults = {"lr": lr, "lr_ratio": 1.0, "use_muon": False, "momentum": momentum, "nesterov": nesterov,
+                    "ns_steps": ns_steps, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["use_muon"] and any(p.ndim != 2 for p in group["params"]):
+                raise ValueError("Muon groups take 2-D matrices only; put other parameters in AdamW groups")
+        self.stochastic_rounding = stochastic_rounding
+        self.rng = RoundingRNG(seed)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One update: Muon for `use_muon` groups, AdamW for the rest."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr = group["lr"] * group["lr_ratio"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                x = as_fp32(p)
+                if group["weight_decay"]:
+                    x.mul_(1.0 - lr * group["weight_decay"])  # decoupled (AdamW-style) decay
+                if group["use_muon"]:
+                    self._muon_update(p, x, group, lr)
+                else:
+                    self._adamw_update(p, x, group, lr)
+                write_back(p, x, stochastic=self.stochastic_rounding, rng=self.rng)
+        return loss
+
+    def _muon_update(self, p: Tensor, x: Tensor, group: dict[str, Any], lr: float) -> None:
+        g = p.grad
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(g, dtype=torch.float32)  # same placement as G
+        buf = state["momentum_buffer"]
+        mu = group["momentum"]
+        buf.mul_(mu).add_(g)
+        u = torch.add(g, buf, alpha=mu) if group["nesterov"] else buf  # fp32, out of place: .grad untouched
+        if _is_dtensor(u):
+            from torch.distributed.tensor import distribute_tensor
+
+            full = newton_schulz(u.full_tensor(), steps=group["ns_steps"])  # all-gather: (rows, cols)
+            # each rank computed the same full result: keep the local slice, no communication
+            o = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+        else:
+            o = newton_schulz(u, steps=group["ns_steps"])
+        rows, cols = p.shape
+        x.add_(o, alpha=-lr * 0.2 * math.sqrt(max(rows, cols)))
+
+    def _adamw_update(self, p: Tensor, x: Tensor, group: dict[str, Any], lr: float) -> None:
+        """The update of torch.optim.AdamW (non-fused), with fp32 moments for any parameter dtype."""
+        g = p.grad
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(g, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(g, dtype=torch.float32)
+        state["step"] += 1
+        t = state["step"].item()
+        beta1, beta2 = group["betas"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        g32 = g.float()
+        m.lerp_(g32, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(g32, g32, value=1.0 - beta2)
+        bias1, bias2 = 1.0 - beta1**t, 1.0 - beta2**t
+        denom = (v.sqrt() / math.sqrt(bias2)).add_(group["eps"])
+        x.addcdiv_(m, denom, value=-lr / bias1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state (both parts) plus the rounding generator's state."""
+        return save_with_rng(self, super().state_dict())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Inverse of state_dict(); fp32 moments stay fp32 even for bf16 parameters."""
+        load_with_rng(self, state_dict, super().load_state_dict)
