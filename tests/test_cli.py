@@ -102,17 +102,23 @@ def test_corrupt_checkpoint_is_a_clear_error(trained, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(tmp / "run", copy)
     latest = sorted((copy / "checkpoints").iterdir())[-1]
-    weights = latest / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # torn write
+    shards = sorted((latest / "dcp").glob("*.distcp"))
+    assert shards, "the checkpoint holds DCP shards"
+    shards[0].write_bytes(shards[0].read_bytes()[: shards[0].stat().st_size // 2])  # torn write
     before = tree_digest(copy / "checkpoints")
     out = [*over]
     out[out.index("--run.out_dir") + 1] = str(copy)
-    assert_user_error(run("train", "tiny", *out, "--train.max_steps", "6"), "model.safetensors", "corrupt")
+    assert_user_error(run("train", "tiny", *out, "--train.max_steps", "6"), "dcp", "corrupt")
+    assert tree_digest(copy / "checkpoints") == before  # nothing touched
+    # the half that survived may still hold every weight (DCP writes them first); tear into them too
+    shards[0].write_bytes(shards[0].read_bytes()[:64])
     assert_user_error(run("generate", "--checkpoint", str(copy), "--prompt", "x"), "corrupt")
-    (latest / "train_state.pt").write_bytes(b"garbage")
-    assert_user_error(run("train", "tiny", *out, "--train.max_steps", "6"), "corrupt")
-    assert tree_digest(copy / "checkpoints") == before | {
-        str((latest / "train_state.pt").relative_to(copy / "checkpoints")): hashlib.sha256(b"garbage").hexdigest()}
+    shutil.copy(tmp / "run" / "checkpoints" / latest.name / "dcp" / shards[0].name, shards[0])  # repaired
+    state = latest / "state" / "common.pt"
+    state.write_bytes(b"garbage")
+    assert_user_error(run("train", "tiny", *out, "--train.max_steps", "6"), "common.pt", "corrupt")
+    assert tree_digest(copy / "checkpoints") == tree_digest(tmp / "run" / "checkpoints") | {
+        str(state.relative_to(copy / "checkpoints")): hashlib.sha256(b"garbage").hexdigest()}
     assert_user_error(run("generate", "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x"), "nowhere")
 
 

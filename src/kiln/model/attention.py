@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,15 +24,30 @@ from kiln.errors import ConfigError
 
 @dataclass
 class AttnMask:
-    """What a query may see. Built once per forward and shared by every layer.
+    """What a query may see and where it is. Built once per forward and shared by every layer.
 
     doc_ids: (B, T) document index of each token in a packed row, or None for one document per row.
     q_offset: position of the first query among the keys (> 0 when decoding with a KV cache).
+    rope: the model's RotaryEmbedding; `rotary(T, device)` gives cos/sin for the T query positions
+        (restarting per document with doc_ids). Attention asks with its own T, the full sequence
+        length, which under sequence parallelism differs from the residual stream's local length.
     """
 
     doc_ids: Tensor | None = None
     q_offset: int = 0
+    rope: Any = None
     _cache: dict = field(default_factory=dict, repr=False)
+
+    def rotary(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(cos, sin), each (B or 1, T, hd/2) fp32; computed once per forward and length."""
+        key = ("rope", T)
+        if key not in self._cache:
+            if self.doc_ids is not None:
+                positions = doc_positions(self.doc_ids)  # (B, T)
+            else:
+                positions = torch.arange(self.q_offset, self.q_offset + T, device=device)[None]  # (1, T)
+            self._cache[key] = self.rope(positions)
+        return self._cache[key]
 
     def dense(self, T: int, S: int, device: torch.device) -> Tensor | None:
         """Boolean (B or 1, 1, T, S) mask, True where attention is allowed; None if plain causal from 0."""
@@ -92,12 +108,33 @@ def _eager(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
     T, S = q.shape[1], k.shape[1]
-    allowed = mask.dense(T, S, q.device)
+    bias = _sdpa_bias(mask, T, S, q.device, _run_dtype(q))
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=allowed, is_causal=allowed is None, enable_gqa=q.shape[2] != k.shape[2],
+        attn_mask=bias, is_causal=bias is None, enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)
+
+
+def _run_dtype(q: Tensor) -> torch.dtype:
+    """The dtype sdpa computes in: autocast's when it is on, else q's."""
+    dev = q.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+
+
+def _sdpa_bias(mask: AttnMask, T: int, S: int, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+    """Additive (B or 1, 1, T, S) bias, 0 where allowed and -inf elsewhere, made once per forward.
+
+    sdpa turns a boolean mask into exactly this bias on every call, and autocast casts a float one on
+    every call; both copies are saved for backward, one per layer (B*T*S elements each). Made here
+    once, in the dtype sdpa runs in, every layer shares one tensor.
+    """
+    key = ("sdpa_bias", T, S, dtype)
+    if key not in mask._cache:
+        allowed = mask.dense(T, S, device)
+        mask._cache[key] = None if allowed is None else torch.zeros(
+            allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+    return mask._cache[key]
 
 
 @functools.cache
@@ -117,28 +154,43 @@ def _compiled_flex(device_type: str):
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
-    create_block_mask, _ = _flex_fns()
     if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
         raise ConfigError("model.attention=flex has no backward on CPU in this PyTorch; train on CPU with "
                           "model.attention=sdpa (same document mask), or use flex on a GPU")
-    B, T = q.shape[:2]
-    S = k.shape[1]
-    key = ("flex", T, S)
-    if key not in mask._cache:
-        doc_ids, off = mask.doc_ids, mask.q_offset
-        if doc_ids is None:
-            def mask_mod(b, h, q_idx, kv_idx):
-                return q_idx + off >= kv_idx
-            block = create_block_mask(mask_mod, None, None, T, S, device=q.device.type)
-        else:
-            def mask_mod(b, h, q_idx, kv_idx):
-                return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
-            block = create_block_mask(mask_mod, B, None, T, S, device=q.device.type)
-        mask._cache[key] = block
+    block = _flex_block_mask(mask, q.shape[0], q.shape[1], k.shape[1], q.device)
     fn = _compiled_flex(q.device.type)
-    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask._cache[key],
+    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block,
              enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_block_mask(T: int, S: int, offset: int, device: str):
+    """Plain causal BlockMask: the same for every batch of one shape, so it is built once per run."""
+    create_block_mask, _ = _flex_fns()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+    return create_block_mask(mask_mod, None, None, T, S, device=device)
+
+
+def _flex_block_mask(mask: AttnMask, B: int, T: int, S: int, device: torch.device):
+    """The BlockMask for this forward: cached per run (causal) or per batch (documents)."""
+    key = ("flex", T, S)
+    if key not in mask._cache:
+        if mask.doc_ids is None:
+            mask._cache[key] = _causal_block_mask(T, S, mask.q_offset, str(device))
+        else:
+            create_block_mask, _ = _flex_fns()
+            doc_ids = mask.doc_ids
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+            # Per-batch masks cost 0.15-0.3 s in eager Python (pytorch #151043); compiled, the cost
+            # is a kernel launch. Static shapes keep it to one compile.
+            mask._cache[key] = create_block_mask(mask_mod, B, None, T, S, device=device.type,
+                                                 _compile=device.type == "cuda")
+    return mask._cache[key]
 
 
 @functools.cache
@@ -160,14 +212,43 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
     if mask.doc_ids is None:
         # flash-attn aligns the causal mask to the bottom-right, which is what cached decoding needs.
         return flash_func(q, k, v, causal=True)
-    # Packed documents: every (row, document) pair is one variable-length sequence.
-    ids = mask.doc_ids + torch.arange(B, device=q.device)[:, None] * (T + 1)  # unique across rows
-    flat = ids.reshape(-1)
-    starts = torch.ones_like(flat, dtype=torch.bool)
-    starts[1:] = flat[1:] != flat[:-1]
-    start_idx = starts.nonzero().flatten().to(torch.int32)
-    cu = torch.cat([start_idx, torch.tensor([flat.numel()], device=q.device, dtype=torch.int32)])
-    max_len = int((cu[1:] - cu[:-1]).max())
+    cu, max_len = _varlen_bounds(mask, B, T, q.device)
     out = varlen_func(q.reshape(B * T, H, hd), k.reshape(B * T, -1, hd), v.reshape(B * T, -1, hd),
                       cu, cu, max_len, max_len, causal=True)
     return out.reshape(B, T, H, hd)
+
+
+def _varlen_bounds(mask: AttnMask, B: int, T: int, device: torch.device) -> tuple[Tensor, int]:
+    """(cu_seqlens int32, max_len) of the packed documents, once per forward (max_len syncs the host)."""
+    key = ("varlen", B, T)
+    if key not in mask._cache:
+        # every (row, document) pair is one variable-length sequence
+        ids = mask.doc_ids + torch.arange(B, device=device)[:, None] * (T + 1)  # unique across rows
+        flat = ids.reshape(-1)
+        starts = torch.ones_like(flat, dtype=torch.bool)
+        starts[1:] = flat[1:] != flat[:-1]
+        start_idx = starts.nonzero().flatten().to(torch.int32)
+        cu = torch.cat([start_idx, torch.tensor([flat.numel()], device=device, dtype=torch.int32)])
+        mask._cache[key] = (cu, int((cu[1:] - cu[:-1]).max()))
+    return mask._cache[key]
+
+
+def prepare_mask(mask: AttnMask, backend: str, *, B: int, T: int, S: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+    """Build what `backend` will ask `mask` for, before the blocks run.
+
+    Every layer then only reads the cache: a compiled block sees the same cache keys in every layer
+    and every step (no recompiles), and host syncs (flash's max_len) happen outside compiled code.
+    `dtype`: the activations' dtype without autocast (autocast's own dtype wins when it is on).
+    """
+    if mask.rope is not None:
+        mask.rotary(T, device)
+    if backend == "sdpa":
+        dev = device.type
+        _sdpa_bias(mask, T, S, device, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else dtype)
+    elif backend == "eager":
+        mask.dense(T, S, device)
+    elif backend == "flex" and not (device.type == "cpu" and torch.is_grad_enabled()):
+        _flex_block_mask(mask, B, T, S, device)
+    elif backend == "flash" and mask.doc_ids is not None:
+        _varlen_bounds(mask, B, T, device)

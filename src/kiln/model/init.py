@@ -12,6 +12,7 @@ Norm weights start at 1 in every scheme. RoPE frequencies are recomputed, not le
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 from torch import nn
@@ -38,23 +39,57 @@ def _rule(name: str, scheme: str, d: int, n_layers: int, std: float) -> tuple[st
     raise AssertionError(scheme)
 
 
+def clean_name(name: str) -> str:
+    """A parameter's name in the plain model, without wrapper prefixes (compile, activation
+    checkpointing, DDP) that parallelization adds."""
+    for wrapper in ("_orig_mod.", "_checkpoint_wrapped_module.", "module."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+def _param_seed(seed: int, name: str) -> int:
+    """Each tensor gets its own stream, keyed by its name: any subset of the model (a pipeline stage,
+    a shard) initialises exactly as the whole model does on one device."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+
+
 @torch.no_grad()
 def init_weights(model: nn.Module, *, seed: int | None = None) -> None:
-    """Initialise `model` (a kiln Transformer) in place, deterministically when `seed` is given."""
+    """Initialise `model` (a kiln Transformer, possibly a pipeline stage or sharded) in place.
+
+    Deterministic when `seed` is given. Sharded parameters (DTensor) are initialised by generating
+    the full tensor on their device and keeping this rank's part, so every layout starts from the
+    same weights as a single-device run.
+    """
     cfg = model.cfg
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else torch.initial_seed() % 2**63)
+    base = seed if seed is not None else torch.initial_seed() % 2**63
     for module in model.modules():
         if isinstance(module, RMSNorm | RotaryEmbedding):
             module.reset_parameters()
-    for name, p in model.named_parameters():
+    for raw_name, p in model.named_parameters():
         if p.ndim < 2:
             continue  # norm weights, done above
+        name = clean_name(raw_name)
+        if name == "head.weight" and cfg.tie_embeddings:
+            name = "tok_emb.weight"  # a pipeline's last stage holds a copy of the tied embedding
         kind, scale = _rule(name, cfg.init, cfg.d_model, cfg.n_layers, cfg.init_std)
+        full = torch.empty(p.shape, dtype=p.dtype, device=p.device.type if p.device.type != "meta" else "cpu")
+        gen = torch.Generator(device=full.device)
+        gen.manual_seed(_param_seed(base, name))
         if kind == "normal":
-            nn.init.normal_(p, mean=0.0, std=scale, generator=gen)
+            nn.init.normal_(full, mean=0.0, std=scale, generator=gen)
         elif kind == "trunc_normal":
-            nn.init.trunc_normal_(p, mean=0.0, std=scale, a=-3 * scale, b=3 * scale, generator=gen)
+            nn.init.trunc_normal_(full, mean=0.0, std=scale, a=-3 * scale, b=3 * scale, generator=gen)
         elif kind == "xavier":
-            nn.init.xavier_normal_(p, gain=scale, generator=gen)
+            nn.init.xavier_normal_(full, gain=scale, generator=gen)
+        _copy_full(p, full)
+
+
+def _copy_full(p: torch.Tensor, full: torch.Tensor) -> None:
+    """p <- full, where p may be a DTensor shard (each rank keeps its own part, no communication)."""
+    if hasattr(p, "device_mesh") and hasattr(p, "placements"):  # a DTensor, without importing distributed
+        from torch.distributed.tensor import distribute_tensor
+
+        p.copy_(distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None))
+    else:
+        p.copy_(full.to(p.device))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kiln.config import ModelConfig
-from kiln.model.attention import AttnMask, attend, doc_positions
+from kiln.model.attention import AttnMask, attend, prepare_mask
 from kiln.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
 
 
@@ -51,15 +51,17 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.use_rope = layer_idx not in cfg.nope_layers()
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: AttnMask, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, mask: AttnMask, cache: KVCache | None) -> Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        # -1, not n_heads: under tensor parallelism each rank holds a slice of the heads
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            cos, sin = mask.rotary(T, x.device)  # (B or 1, T, hd/2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, S, Hkv, hd), S = cached + T
         out = attend(q, k, v, mask, self.backend)  # (B, T, H, hd)
@@ -77,16 +79,21 @@ class Block(nn.Module):
         # DeepNet (Wang et al. 2022): x = LN(alpha * x + f(x)), alpha = (2N)^(1/4) for decoder-only.
         self.alpha = (2 * cfg.n_layers) ** 0.25 if self.deepnorm else 1.0
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: AttnMask, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, mask: AttnMask, cache: KVCache | None) -> Tensor:
         if self.deepnorm:
-            x = self.attn_norm(self.alpha * x + self.attn(x, rope, mask, cache))
+            x = self.attn_norm(self.alpha * x + self.attn(x, mask, cache))
             return self.mlp_norm(self.alpha * x + self.mlp(x))
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
+        x = x + self.attn(self.attn_norm(x), mask, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
-    """Llama-style decoder. `layers` is a ModuleDict keyed "0".."N-1" so stages can drop layers."""
+    """Llama-style decoder. `layers` is a ModuleDict keyed "0".."N-1" so stages can drop layers.
+
+    A pipeline stage is this same class with parts removed (kiln.parallel.pipeline): without
+    `tok_emb` it takes hidden states instead of tokens; without `norm` it is not the last stage and
+    returns its hidden states (plus the doc ids, which every stage's attention needs).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -98,6 +105,9 @@ class Transformer(nn.Module):
         # Tied: the head reuses tok_emb.weight (one Parameter, so sharding and saving see it once).
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.embed_mult = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
+        # forward(targets=...) computes the loss from the final hidden states without materialising
+        # the full logits when True; parallelize() turns it off where the head is sharded (TP).
+        self.fused_loss = True
 
     def init_weights(self, seed: int | None = None) -> None:
         """Every tensor's initial value; see kiln.model.init for the table."""
@@ -108,29 +118,53 @@ class Transformer(nn.Module):
     def output_weight(self) -> Tensor:
         return self.tok_emb.weight if self.head is None else self.head.weight
 
-    def hidden(self, tokens: Tensor, *, doc_ids: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """tokens (B, T) -> final normalised hidden states (B, T, d)."""
-        B, T = tokens.shape
+    def _trunk(self, x: Tensor, doc_ids: Tensor | None, cache: KVCache | None) -> Tensor:
+        """Embedding (first stage only) and this module's blocks. x: tokens (B, T) or hidden (B, T, d)."""
+        # The full sequence length: under sequence parallelism a later pipeline stage receives only its
+        # slice of the residual stream, but the doc ids always cover the whole sequence.
+        T = doc_ids.shape[1] if doc_ids is not None else x.shape[1]
         if cache is not None:
-            positions = torch.arange(cache.pos, cache.pos + T, device=tokens.device).expand(B, T)
-            mask = AttnMask(q_offset=cache.pos)
-        elif doc_ids is not None:
-            positions, mask = doc_positions(doc_ids), AttnMask(doc_ids=doc_ids)
+            mask = AttnMask(q_offset=cache.pos, rope=self.rope)
         else:
-            positions, mask = torch.arange(T, device=tokens.device).expand(B, T), AttnMask()
-        rope = self.rope(positions)  # (B, T, hd/2) x 2
-        h = self.tok_emb(tokens)  # (B, T, d)
-        if self.embed_mult != 1.0:
-            h = h * self.embed_mult
+            mask = AttnMask(doc_ids=doc_ids, rope=self.rope)
+            # masks and RoPE tables built once here and only read by the layers (no recompiles per layer)
+            act_dtype = x.dtype if x.is_floating_point() else self.tok_emb.weight.dtype
+            prepare_mask(mask, self.cfg.attention, B=x.shape[0], T=T, S=T, device=x.device, dtype=act_dtype)
+        if self.tok_emb is not None:
+            x = self.tok_emb(x)  # (B, T, d)
+            if self.embed_mult != 1.0:
+                x = x * self.embed_mult
         for block in self.layers.values():
-            h = block(h, rope, mask, cache)
+            x = block(x, mask, cache)
         if cache is not None:
             cache.pos += T
-        return self.norm(h)
+        return x
 
-    def forward(self, tokens: Tensor, *, doc_ids: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """tokens (B, T) -> logits (B, T, V)."""
-        return F.linear(self.hidden(tokens, doc_ids=doc_ids, cache=cache), self.output_weight())
+    def hidden(self, tokens: Tensor, *, doc_ids: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """tokens (B, T) -> final normalised hidden states (B, T, d)."""
+        return self.norm(self._trunk(tokens, doc_ids, cache))
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Final hidden states (B, T, d) -> logits (B, T, V)."""
+        return self.head(h) if self.head is not None else F.linear(h, self.tok_emb.weight)
+
+    def forward(self, x: Tensor, doc_ids: Tensor | None = None, *, cache: KVCache | None = None,
+                targets: Tensor | None = None, loss_impl: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
+        """tokens (B, T) -> logits (B, T, V); with `targets` (B, T) the summed next-token cross-entropy
+        over targets != -100 (fp32 scalar, see kiln.eval.loss.linear_cross_entropy for `loss_impl`).
+        A non-last pipeline stage returns its hidden states."""
+        h = self._trunk(x, doc_ids, cache)
+        if self.norm is None:  # a pipeline stage before the last
+            return h if doc_ids is None else (h, doc_ids)
+        h = self.norm(h)
+        if targets is None:
+            return self.logits(h)
+        if self.fused_loss:
+            from kiln.eval.loss import linear_cross_entropy
+
+            return linear_cross_entropy(h.flatten(0, 1), self.output_weight(), targets.flatten(), impl=loss_impl)
+        return F.cross_entropy(self.logits(h).float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                               reduction="sum")
 
     def num_params(self, *, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

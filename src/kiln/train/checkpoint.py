@@ -1,13 +1,18 @@
-"""Checkpoints: everything needed to resume exactly, written atomically, rotated.
+"""Checkpoints: everything needed to resume exactly, on any layout, written atomically, rotated.
 
 Layout of one checkpoint (a folder):
     runs/<name>/checkpoints/step_<N>/
-        model.safetensors   model weights (fp32; a tied head is stored once, as tok_emb.weight)
-        train_state.pt      optimizer, scheduler, data position, RNG states, counters
-        config.yaml         the resolved config
-        meta.json           step, tokens_seen, versions; written last, so its presence means complete
-A checkpoint is written to `.step_<N>.tmp`, fsynced, then renamed; a crash mid-save leaves the
-previous checkpoints untouched and the temp folder is ignored (and removed on the next save).
+        dcp/             model weights and optimizer state, torch.distributed.checkpoint format:
+                         every rank writes its shards; names are the whole model's parameter names, so a
+                         checkpoint saved with FSDP on 4 ranks loads on 1 process, with TP, or pipelined
+        state/common.pt  counters, detector states and other global state (rank 0)
+        state/rank_<R>.pt  per rank: RNG states, its coordinates, and its data position if it reads data
+        config.yaml      the resolved config
+        meta.json        step, tokens_seen, eval_loss (when saved right after an eval), versions;
+                         written last, so its presence means the checkpoint is complete
+A checkpoint is written to `.step_<N>.tmp`, fsynced, then renamed; a crash mid-save leaves the previous
+checkpoints untouched and the temp folder is ignored (and removed on the next save).
+Retention (`rotate`): the newest `keep_last`, plus the `keep_best` with the lowest eval loss.
 """
 
 from __future__ import annotations
@@ -16,13 +21,13 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from kiln import __version__
 from kiln.config import Config, config_from_dict, to_dict
@@ -55,57 +60,154 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return ckpts[-1]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(ckpt) / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt}/meta.json: unreadable ({e}); the checkpoint is corrupt") from None
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    for d in [*sorted(p for p in path.rglob("*") if p.is_dir()), path]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _dcp():
+    import torch.distributed.checkpoint as dcp
+
+    return dcp
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What a failed DCP read raises: its CheckpointException derives from BaseException, not Exception."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+def _quiet(fn, *args: Any, **kwargs: Any) -> Any:
+    """DCP warns that it runs without a process group; in one process that is exactly the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to.*")
+        return fn(*args, **kwargs)
+
+
+def _disk_error(e: OSError, where: Path) -> CheckpointError:
+    reason = "the disk is full" if e.errno == 28 else (e.strerror or str(e))
+    return CheckpointError(f"{where}: cannot write the checkpoint ({reason}); earlier checkpoints are untouched. "
+                           "Free space (or set run.out_dir elsewhere) and run the same command to resume")
+
+
+def _finish(tmp: Path, final: Path, *, cfg: Config, meta: dict[str, Any]) -> None:
+    """Rank 0: config + meta (last), fsync, atomic rename over any same-step folder."""
+    (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    info = {"kiln_version": __version__, "torch_version": torch.__version__, **meta}
+    (tmp / "meta.json").write_text(json.dumps(info, indent=2))
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving the same step (e.g. a final save right after a periodic one)
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_tree_dir(final.parent)
+
+
+def _fsync_tree_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def model_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """Weights as contiguous fp32 CPU tensors, keyed like the module tree."""
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+def save_training(ckpt_root: Path, step: int, *, state: dict[str, Any], rank: int, is_main: bool, cfg: Config,
+                  common: dict[str, Any], rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write step_<step> from every rank (a collective when distributed) and return its path.
 
-
-def save_checkpoint(ckpt_root: Path, step: int, *, model: Transformer, cfg: Config,
-                    train_state: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Write step_<step> atomically under ckpt_root and return its path."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+    state: {"model": ..., "optim": ...} from Engine.state_dict(); common: rank 0's global state;
+    rank_state: this rank's RNG / data position.
+    """
     final = ckpt_root / f"step_{step}"
     tmp = ckpt_root / f".step_{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
-        save_file(model_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        torch.save(train_state, tmp / "train_state.pt")
-        (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        info = {"step": step, "kiln_version": __version__, "torch_version": torch.__version__, **meta}
-        (tmp / "meta.json").write_text(json.dumps(info, indent=2))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. a final save right after a periodic one)
-            old = ckpt_root / f".step_{step}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        _fsync_dir(ckpt_root)
+        if is_main:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "state").mkdir(parents=True)
+        _barrier()
+        _quiet(_dcp().save, state, checkpoint_id=str(tmp / "dcp"))
+        torch.save(rank_state, tmp / "state" / f"rank_{rank}.pt")
+        _barrier()
+        if is_main:
+            torch.save(common, tmp / "state" / "common.pt")
+            _finish(tmp, final, cfg=cfg, meta={"step": step, **meta})
+        _barrier()
+    except OSError as e:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _disk_error(e, ckpt_root) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
 
-def rotate(ckpt_root: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints (0 keeps all). Returns deleted paths."""
+def load_training(ckpt: Path, *, state: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Load the checkpoint's model/optimizer into `state` in place (resharding to this layout) and
+    return (common state, every rank's saved rank state)."""
+    try:
+        _quiet(_dcp().load, state, checkpoint_id=str(ckpt / "dcp"))
+    except _load_errors() as e:  # DCP raises several types for truncated or mismatched files
+        raise _corrupt(ckpt / "dcp", e) from None
+    common = _torch_load(ckpt / "state" / "common.pt", ckpt)
+    ranks = [_torch_load(f, ckpt) for f in sorted((ckpt / "state").glob("rank_*.pt"),
+                                                    key=lambda p: int(p.stem.split("_")[1]))]
+    return common, ranks
+
+
+def _torch_load(f: Path, ckpt: Path) -> Any:
+    try:
+        return torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types for truncated or garbled pickles
+        raise _corrupt(f, e) from None
+
+
+def _corrupt(f: Path, e: BaseException) -> CheckpointError:
+    """f is <ckpt>/dcp or <ckpt>/state/<file>."""
+    msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    ckpt = f.parent if f.name == "dcp" else f.parent.parent
+    return CheckpointError(f"{f}: corrupt or unreadable ({msg}); delete {ckpt} to fall back to an older checkpoint, "
+                           "or pass --fresh")
+
+
+def rotate(ckpt_root: Path, *, keep_last: int, keep_best: int = 0) -> list[Path]:
+    """Delete checkpoints outside the newest `keep_last` (0 keeps all) and the `keep_best` lowest
+    eval losses. Returns the deleted paths. Stale temp folders are removed too."""
     ckpts = list_checkpoints(ckpt_root)
-    doomed = ckpts[:-keep_last] if keep_last > 0 else []
+    keep = set(ckpts[-keep_last:]) if keep_last > 0 else set(ckpts)
+    if keep_best > 0:
+        scored = [(read_meta(p).get("eval_loss"), p) for p in ckpts]
+        scored = sorted((loss, i, p) for i, (loss, p) in enumerate(scored) if isinstance(loss, float))
+        keep |= {p for _, _, p in scored[:keep_best]}
+    doomed = [p for p in ckpts if p not in keep]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     for stale in ckpt_root.glob(".step_*.tmp"):
@@ -124,23 +226,53 @@ def read_config(ckpt: Path) -> Config:
         raise CheckpointError(f"{e} (checkpoint written by another kiln version?)") from None
 
 
+# ---- plain (single-device) models: inference, export, import, tests ---------------------------
+
+
+def _model_keys(model: Transformer) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    if model.cfg.tie_embeddings:
+        sd.pop("head.weight", None)
+    return sd
+
+
 def load_model_weights(model: Transformer, ckpt: Path) -> None:
-    """Copy the checkpoint's weights into `model`; a shape or key mismatch is a clear error."""
-    f = ckpt / "model.safetensors"
+    """Copy the checkpoint's weights into a plain `model`; a shape or key mismatch is a clear error."""
+    target = {k: torch.empty_like(v, device="cpu") for k, v in _model_keys(model).items()}
     try:
-        state = load_file(str(f))
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{f}: corrupt or unreadable ({e}); delete {ckpt} to fall back to an older "
-                              "checkpoint, or pass --fresh") from None
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    bad = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or extra or bad:
-        what = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra
-                else f"shape of {bad[0]}: checkpoint {tuple(state[bad[0]].shape)} vs model {tuple(own[bad[0]].shape)}")
-        raise CheckpointError(f"{f}: does not fit this model's architecture ({what}); use a matching config or --fresh")
-    model.load_state_dict(state)
+        _quiet(_dcp().load, {"model": target}, checkpoint_id=str(ckpt / "dcp"))
+    except _load_errors() as e:
+        text = str(e)
+        if "size mismatch" in text.lower() or "missing key" in text.lower() or "shape" in text.lower():
+            raise CheckpointError(f"{ckpt}: does not fit this model's architecture ({text.strip().splitlines()[0][:160]});"
+                                  " use a matching config or --fresh") from None
+        raise _corrupt(ckpt / "dcp", e) from None
+    with torch.no_grad():
+        own = _model_keys(model)
+        for k, v in target.items():
+            own[k].copy_(v)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, *, model: Transformer, cfg: Config,
+                    train_state: dict[str, Any] | None = None, meta: dict[str, Any] | None = None) -> Path:
+    """A weights-only checkpoint of a plain model (import, fixtures); `kiln train --run.init_from`,
+    generate, eval and export read it. Written atomically like a training checkpoint."""
+    state = {"model": {k: v.detach().to("cpu", torch.float32) for k, v in _model_keys(model).items()}}
+    return save_training(Path(ckpt_root), step, state=state, rank=0, is_main=True, cfg=cfg,
+                         common=dict(train_state or {}), rank_state={}, meta=dict(meta or {}))
+
+
+def read_model_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights as full fp32 CPU tensors (tied head not repeated)."""
+    ckpt = resolve_checkpoint(ckpt)
+    with torch.device("meta"):
+        model = Transformer(read_config(ckpt).model)
+    target = {k: torch.empty(v.shape, dtype=torch.float32) for k, v in _model_keys(model).items()}
+    try:
+        _quiet(_dcp().load, {"model": target}, checkpoint_id=str(ckpt / "dcp"))
+    except _load_errors() as e:
+        raise _corrupt(ckpt / "dcp", e) from None
+    return target
 
 
 def load_for_inference(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[Transformer, Config, Path]:
@@ -151,12 +283,3 @@ def load_for_inference(path: str | Path, *, device: str | torch.device = "cpu") 
     load_model_weights(model, ckpt)
     model.eval()
     return model, cfg, ckpt
-
-
-def load_train_state(ckpt: Path) -> dict[str, Any]:
-    f = ckpt / "train_state.pt"
-    try:
-        return torch.load(f, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises several types for truncated or garbled pickles
-        raise CheckpointError(f"{f}: corrupt or unreadable ({type(e).__name__}); delete {ckpt} to fall back "
-                              "to an older checkpoint, or pass --fresh") from None

@@ -1,0 +1,137 @@
+"""Process group and DeviceMesh from `parallel.*`: pp x dp_replicate x dp_shard x tp.
+
+Under torchrun (WORLD_SIZE > 1) the layout's product must equal the world size; that is checked
+from the environment before any process-group call, so a bad layout fails at once with one line
+instead of hanging. NCCL on CUDA, gloo on CPU, chosen automatically. The mesh always has the four
+named dims (size 1 where unused), plus "dp" (replicate x shard flattened) for data-parallel
+collectives, so every consumer indexes it the same way.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kiln.config import Config, ParallelConfig
+from kiln.errors import ConfigError
+
+DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass
+class Layout:
+    """This process's place in the run. A single-process run has world_size 1 and no mesh."""
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    mesh: Any = None  # torch.distributed.device_mesh.DeviceMesh with DIMS (+ "dp"), or None
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    def coord(self, dim: str) -> int:
+        return 0 if self.mesh is None else self.mesh[dim].get_local_rank()
+
+    @property
+    def dp_rank(self) -> int:
+        return 0 if self.mesh is None else self.mesh["dp"].get_local_rank()
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coord("pp")
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coord("tp")
+
+    def group(self, dim: str) -> Any:
+        return None if self.mesh is None else self.mesh[dim].get_group()
+
+    def describe(self) -> str:
+        parts = [f"{k}={getattr(self, k)}" for k in DIMS if getattr(self, k) > 1]
+        return f"{self.world_size} processes ({' x '.join(parts) or 'replicated'})" if self.distributed else "1 process"
+
+
+def env_world() -> tuple[int, int, int]:
+    """(world_size, rank, local_rank) from torchrun's environment, (1, 0, 0) without it."""
+    return (int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
+            int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def check_layout(cfg: Config, world_size: int, *, where: str = "parallel") -> None:
+    """Static checks of parallel.* against the model and the world size (no process group needed)."""
+    p, m = cfg.parallel, cfg.model
+    product = p.pp * p.dp_replicate * p.dp_shard * p.tp
+    if product != world_size:
+        raise ConfigError(
+            f"{where}: parallel.pp x dp_replicate x dp_shard x tp = {p.pp} x {p.dp_replicate} x {p.dp_shard} x "
+            f"{p.tp} = {product}, but {world_size} process{'es' if world_size > 1 else ''} "
+            f"{'were' if world_size > 1 else 'was'} started; make the product equal the number of processes "
+            "(torchrun --nproc_per_node)")
+    if p.tp > 1:
+        for key, n in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads),
+                       ("model.ffn_dim", m.ffn_dim)):
+            if n % p.tp:
+                raise ConfigError(f"{where}: parallel.tp={p.tp} must divide {key}={n}")
+    if p.pp > 1:
+        from kiln.parallel.pipeline import stages_per_rank
+
+        n_stages = p.pp * stages_per_rank(p.pp_schedule)
+        if n_stages > m.n_layers:
+            raise ConfigError(f"{where}: parallel.pp={p.pp} with {p.pp_schedule} needs {n_stages} pipeline stages "
+                              f"but the model has only model.n_layers={m.n_layers}; lower parallel.pp")
+
+
+def init_layout(cfg: Config, device_choice: str = "auto") -> Layout:
+    """Initialise torch.distributed (when launched by torchrun) and build the mesh."""
+    world_size, rank, local_rank = env_world()
+    check_layout(cfg, world_size)
+    p: ParallelConfig = cfg.parallel
+    use_cuda = torch.cuda.is_available() and device_choice != "cpu"
+    if device_choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but no CUDA device is visible; use run.device=auto or cpu")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    layout = Layout(world_size=world_size, rank=rank, local_rank=local_rank, device=device, pp=p.pp,
+                    dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp)
+    if world_size == 1:
+        return layout
+    if not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        kwargs: dict[str, Any] = {"timeout": datetime.timedelta(minutes=int(os.environ.get("KILN_DIST_TIMEOUT_MIN",
+                                                                                          "30")))}
+        if use_cuda:
+            kwargs["device_id"] = device
+        dist.init_process_group(backend, **kwargs)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (p.pp, p.dp_replicate, p.dp_shard, p.tp), mesh_dim_names=DIMS)
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    layout.mesh = mesh
+    return layout
+
+
+def shutdown(layout: Layout) -> None:
+    if layout.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,114 @@
+"""`torchrun -m kiln train` on prepared shards against the single-process run, and resume across layouts.
+
+Prepared shards give every layout the same global batches (a seeded permutation of blocks, each
+data-parallel rank taking its positions of each global batch), so a distributed run must log the
+single-process losses (within 1e-5 relative, fp32; the sums run in another order, see
+test_layouts.py), and a run saved on one layout and resumed on another must continue with the
+uninterrupted run's losses and data position.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kiln.config import load_config
+from kiln.train.metrics import read_metrics
+from kiln.train.trainer import train
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 6
+WORDS = "the of and to in a is that for it as with was on be by at this had not are but from or have".split()
+
+
+def write_corpus(path: Path, n_docs: int, seed: int) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n_docs):
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120)))
+            f.write(json.dumps({"text": f"Document {i}. {words}."}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("shards")
+    for name, n, seed in (("train", 300, 0), ("val", 30, 1)):
+        src = write_corpus(tmp / f"{name}.jsonl", n, seed)
+        res = subprocess.run([sys.executable, "-m", "kiln", "data", "prepare", "--source", str(src), "--out",
+                              str(tmp / name), "--workers", "1", "--quiet"], capture_output=True, text=True,
+                             timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        assert res.returncode == 0, res.stderr
+    return tmp / "train", tmp / "val"
+
+
+def overrides(shards: tuple[Path, Path], out: Path, **extra: object) -> list[str]:
+    train_dir, val_dir = shards
+    over = {"run.out_dir": str(out), "run.device": "cpu", "model.d_model": 32, "model.n_layers": 4,
+            "model.n_heads": 4, "model.n_kv_heads": 2, "model.ffn_dim": 64, "train.seq_len": 32,
+            "train.micro_batch_size": 1, "train.global_batch_size": 8, "train.max_steps": STEPS,
+            "train.log_every": 1, "train.eval_every": 3, "train.save_every": 3, "train.eval_tokens": 256,
+            "train.sample_tokens": 0, "optim.warmup_steps": 2, "optim.lr": 3e-3, "data.shards": str(train_dir),
+            "data.val": json.dumps([{"path": str(val_dir), "name": "val"}]), **extra}
+    return [x for k, v in over.items() for x in (f"--{k}", str(v))]
+
+
+def torchrun(nproc: int, over: list[str]) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "kiln",
+           "train", "tiny", "--quiet", *over]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-5000:]
+
+
+def records(run: Path, kind: str, key: str) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for r in read_metrics(run):
+        if r.get("kind") == kind:
+            out[r["step"]] = r[key]
+    return out
+
+
+def assert_close(a: dict[int, float], b: dict[int, float], what: str) -> None:
+    assert a.keys() == b.keys(), (what, a.keys(), b.keys())
+    for k in a:
+        assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (what, k, a[k], b[k])
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    train(load_config("tiny", overrides(shards, out)), quiet=True)
+    return out
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["--parallel.dp_shard", "2"], ["--parallel.tp", "2"],
+                                    ["--parallel.pp", "2", "--parallel.pp_schedule", "1F1B"]],
+                         ids=["fsdp", "tp", "pp"])
+def test_torchrun_kiln_train_matches_one_process(shards, reference, tmp_path, layout):
+    torchrun(2, overrides(shards, tmp_path / "run") + layout)
+    assert_close(records(reference, "train", "loss"), records(tmp_path / "run", "train", "loss"), "train loss")
+    assert_close(records(reference, "eval", "eval_loss"), records(tmp_path / "run", "eval", "eval_loss"), "eval")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_resume_across_layouts(shards, reference, tmp_path):
+    """fsdp on 2 ranks -> 1 process; and 1 process -> tp on 2 ranks: the uninterrupted run's losses."""
+    a = tmp_path / "a"
+    torchrun(2, overrides(shards, a, **{"train.stop_at_step": 3}) + ["--parallel.dp_shard", "2"])
+    train(load_config("tiny", overrides(shards, a)), quiet=True)  # resumes at step 3 in one process
+    assert_close(records(reference, "train", "loss"), records(a, "train", "loss"), "fsdp -> 1")
+    b = tmp_path / "b"
+    train(load_config("tiny", overrides(shards, b, **{"train.stop_at_step": 3})), quiet=True)
+    torchrun(2, overrides(shards, b) + ["--parallel.tp", "2"])
+    assert_close(records(reference, "train", "loss"), records(b, "train", "loss"), "1 -> tp")
