@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite: run on a machine with one NVIDIA GPU, from the repository root.
+#
+#   make setup && .venv/bin/pip install -e '.[speed]'    # optional: Liger's fused loss, torchao (fp8)
+#   bash bench/gpu_suite.sh                              # ~20-30 min on an H100
+#
+# Every `kiln bench` run appends one JSON line to $OUT (tokens/s, step ms, MFU from the device
+# table, peak memory next to kiln.estimate's prediction); bench/vs_hf.py adds kiln and HF at the
+# same shape on the same device. At the end the table is printed and recorded in bench/RESULTS.md
+# (block "gpu"; the vs-HF table goes to block "vs_hf:cuda"). Commit RESULTS.md and $OUT together.
+set -uo pipefail
+
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S).jsonl}
+STEPS=${STEPS:-20}
+WARMUP=${WARMUP:-5}
+mkdir -p "$(dirname "$OUT")"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "${OUT%.jsonl}.gpu.txt"
+
+# per-run scratch files (mktemp: two suites on one machine never share them), removed on exit
+LINE=$(mktemp "${TMPDIR:-/tmp}/kiln_bench_line.XXXXXX")
+ERR=$(mktemp "${TMPDIR:-/tmp}/kiln_bench_err.XXXXXX")
+trap 'rm -f "$LINE" "$ERR"' EXIT
+
+bench() {  # kiln bench PRESET [overrides]; a failure (OOM, missing package) is logged and skipped
+  echo "== kiln bench $*" >&2
+  if ! "$PY" -m kiln bench "$@" --steps "$STEPS" --warmup "$WARMUP" > "$LINE" 2> "$ERR"; then
+    echo "   FAILED: $(tail -1 "$ERR")" >&2
+    return 0
+  fi
+  tail -1 "$LINE" | tee -a "$OUT"
+}
+
+# ---- dense-180m (seed 000): bf16 autocast, T=2048, micro-batch 16; one optimizer step = 1 micro-batch
+D="dense-180m --train.global_batch_size 16"
+bench $D                                                       # defaults: sdpa + doc mask, fused loss
+bench $D --train.compile true                                  # compiled blocks
+bench $D --train.compile true --train.compile_mode model       # whole trunk compiled
+bench $D --train.loss_impl plain                               # full logits (before the fused loss)
+bench $D --train.loss_impl chunked                             # kiln's chunked loss (Liger off)
+bench $D --data.doc_mask false                                 # plain causal: the flash kernel
+bench $D --model.attention flex --train.compile true           # flex attention, cached block masks
+bench $D --model.attention flash                               # flash-attn varlen (if installed)
+bench $D --train.activation_checkpointing selective
+bench $D --train.activation_checkpointing full --train.micro_batch_size 32 --train.global_batch_size 32
+bench $D --optim.name adamw --train.compile true --data.doc_mask false   # best case for the MFU target
+
+# ---- llama-1b: micro-batch 8 x 2048 (4 micro-batches per step)
+L="llama-1b --train.global_batch_size 32"
+bench $L
+bench $L --train.compile true
+bench $L --train.compile true --train.activation_checkpointing selective --train.micro_batch_size 16
+bench $L --train.compile true --data.doc_mask false
+
+# ---- kiln vs Hugging Face at the same shapes on this GPU (same weights, data, AdamW, bf16 autocast)
+"$PY" bench/vs_hf.py --device cuda --dtype bf16 --preset dense-180m --batch 8 --seq 2048 --threads 8 \
+  --steps 10 --warmup 3 --variants hf,kiln,kiln-compiled --json "$OUT" || echo "vs_hf dense-180m FAILED" >&2
+"$PY" bench/vs_hf.py --device cuda --dtype bf16 --preset llama-1b --batch 4 --seq 2048 --threads 8 \
+  --steps 10 --warmup 3 --variants hf,kiln,kiln-compiled --json "$OUT" --no-write || echo "vs_hf llama-1b FAILED" >&2
+
+"$PY" bench/report.py "$OUT" --write gpu
+echo "results: $OUT (table recorded in bench/RESULTS.md)"

@@ -1,0 +1,290 @@
+"""`kiln estimate`: peak training memory per device, from the config alone (no weights, no device).
+
+    peak = params + optimizer states + [grads, when accumulating] + saved activations
+           + max(loss buffers, head gradient + one recomputed block)
+           + bf16 weight copies (autocast over fp32 parameters, except FSDP2 without pipelining)
+           + FSDP / DDP buffers
+
+Optimizer states follow each optimizer's code: torch's AdamW keeps moments in the parameter dtype;
+Adafactor's statistics, Muon's momentum and Muon's AdamW moments are fp32 even for bf16 parameters.
+
+Activations are counted tensor by tensor from what autograd saves in kiln's Block (kiln.model),
+per token and layer, so the table below must change when the model code does; tests compare it with
+the saved tensors of a real forward on CPU. Symbols: d = d_model, q = n_heads * head_dim,
+kv = n_kv_heads * head_dim, f = ffn_dim, H = n_heads; b = bytes of the matmul dtype (2 under bf16
+autocast, else 4); the residual stream and norms are fp32 (4 bytes) in both cases.
+
+    attn_norm   input x, normalised y (4d + 4d) and 1/rms (4)
+    q, k, v in  the norm output (4d in fp32; 3 separate casts of 2d each under autocast)
+    attention   q, k, v after RoPE (bq + 2 b kv), its output (bq), logsumexp (4H)
+    qk_norm     + per q and k: fp32 copy, normalised (and its cast under autocast), 1/rms
+    mlp_norm    4d + 4d + 4; gate/up input: 4d (fp32) or 2 x 2d (autocast)
+    SwiGLU      gate out, up out, silu(gate), product: 4 x bf
+Selective checkpointing (kiln.parallel.compile_ac) keeps only matmul and attention outputs plus the
+block input; full checkpointing keeps the block input (4d); both recompute one block at a time.
+The peak is taken at the end of the forward pass (before backward frees activations): gradients are
+absent there unless an earlier micro-batch of the same step left them (accumulation > 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from kiln.config import Config, ModelConfig
+from kiln.eval.loss import default_chunk_rows
+from kiln.model import count_params
+from kiln.perf import block_matrix_shapes
+
+GIB = 1024**3
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per device; `total` is the predicted peak of allocated tensor memory."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    loss_buffers: int
+    recompute: int  # one block's activations rebuilt in backward (checkpointing only)
+    autocast_copies: int
+    parallel_buffers: int
+    activation_checkpointing: str
+    tokens_per_micro_batch: int
+    per_layer_per_token: float
+    notes: list[str] = field(default_factory=list)
+
+    head_grad: int = 0  # the output head's gradient, alive from the loss on
+
+    @property
+    def total(self) -> int:
+        # the loss buffers live at the end of the forward pass, a recomputed block later in backward
+        transient = max(self.loss_buffers, self.head_grad + self.recompute)
+        return (self.params + self.grads + self.optimizer + self.activations + transient
+                + self.autocast_copies + self.parallel_buffers)
+
+    total_bytes = total
+
+    def summary(self) -> str:
+        """One line: the terms in GiB."""
+        parts = [("params", self.params), ("grads", self.grads), ("optimizer", self.optimizer),
+                 ("activations", self.activations), ("loss", self.loss_buffers), ("recompute", self.recompute),
+                 ("bf16 copies", self.autocast_copies), ("parallel", self.parallel_buffers)]
+        return ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts if v) + f" GiB; AC {self.activation_checkpointing}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total": self.total}
+
+
+def _uses_autocast(cfg: Config, device: str) -> bool:
+    from kiln.train.trainer import autocast_dtype
+
+    return autocast_dtype(cfg, torch.device(device)) == torch.bfloat16
+
+
+def layer_activation_terms(m: ModelConfig, *, autocast: bool, ac: str) -> dict[str, float]:
+    """Bytes saved for backward per token by one Block (before tensor-parallel division)."""
+    d, hd, H, Hkv, f = m.d_model, m.hd, m.n_heads, m.n_kv_heads, m.ffn_dim
+    q, kv = H * hd, Hkv * hd
+    b = 2 if autocast else 4
+    if ac == "full":
+        return {"block input": 4 * d}
+    if ac == "selective":  # matmul outputs (q, k, v, o, gate, up, down), attention output + lse, block input
+        return {"block input": 4 * d, "matmul outputs": b * (q + 2 * kv + d + 2 * f + d),
+                "attention output": b * q + 4 * H}
+    # DeepNet's post-norm saves the same tensors: the block input feeds q, k, v instead of a norm output
+    terms = {
+        "attn_norm": 8 * d + 4,
+        "qkv input": 3 * 2 * d if autocast else 4 * d,
+        "attention q,k,v,out": b * (2 * q + 2 * kv),
+        "logsumexp": 4 * H,
+        "mlp_norm": 8 * d + 4,
+        "gate/up input": 2 * 2 * d if autocast else 4 * d,
+        "swiglu": 4 * b * f,
+    }
+    if m.qk_norm:
+        # q: fp32 copy (4q) + normalised y (4q fp32; 2q bf16 when autocast) + 1/rms (4H); the same for k.
+        # Under autocast RoPE's fp32 output is cast again for attention (counted above as bq), and the
+        # fp32 copy replaces the bf16 RoPE input, so the extra is 6q (+4H) instead of 8q.
+        extra = (6 if autocast else 8)
+        terms["qk_norm"] = extra * (q + kv) + 4 * (H + Hkv)
+    return terms
+
+
+def state_bytes(cfg: Config) -> tuple[int, int, str]:
+    """(parameter bytes, optimizer-state bytes, a note) for the whole model before any sharding: what
+    one checkpoint holds (`kiln doctor`'s disk check) and what estimate_memory divides per device."""
+    m, o = cfg.model, cfg.optim
+    n = count_params(m)
+    pbytes = 2 if o.param_dtype == "bf16" else 4
+    if o.name == "adamw":  # torch's AdamW keeps its moments in the parameter dtype (fp32: see config)
+        return n * pbytes, 2 * pbytes * n, "AdamW: exp_avg + exp_avg_sq in the parameter dtype"
+    if o.name == "adamw8bit":
+        return n * pbytes, int(n * (2 + 2 * 4 / 256)), "8-bit AdamW: two 1-byte states + an fp32 scale per 256"
+    if o.name == "adafactor":  # every statistic is fp32 whatever the parameter dtype (kiln.optim.adafactor)
+        emb = [(m.vocab_size, m.d_model)] * (1 if m.tie_embeddings else 2)
+        shapes = block_matrix_shapes(m) * m.n_layers + emb
+        vectors = n - sum(r * c for r, c in shapes)
+        first = 4 * n if o.adafactor_beta1 is not None else 0
+        return n * pbytes, sum(4 * (r + c) for r, c in shapes) + 4 * vectors + first, (
+            "Adafactor: factored fp32 second moments" + (" + an fp32 first moment" if first else ""))
+    assert o.name == "muon", o.name
+    hidden = sum(r * c for r, c in block_matrix_shapes(m)) * m.n_layers  # block matrices, all layers
+    # fp32 momentum for the block matrices; fp32 AdamW moments for embeddings, head and norms (kiln.optim.muon)
+    return n * pbytes, 4 * hidden + 8 * (n - hidden), "Muon: fp32 momentum for block matrices, fp32 AdamW rest"
+
+
+def estimate_memory(cfg: Config, *, device: str | None = None, ac: str | None = None,
+                    micro_batch_size: int | None = None) -> MemoryEstimate:
+    """Predicted peak bytes per device for training `cfg` (`ac` overrides train.activation_checkpointing).
+
+    `device`: "cuda" or "cpu" (decides bf16 autocast under train.dtype=auto); default: where
+    run.device would train here.
+    """
+    if device is None:
+        device = "cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu"
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    ac = ac or t.activation_checkpointing
+    autocast = _uses_autocast(cfg, device)
+    pbytes = 2 if cfg.optim.param_dtype == "bf16" else 4
+    B = micro_batch_size or t.micro_batch_size
+    T = t.seq_len
+    tp, pp, fsdp = p.tp, p.pp, p.dp_shard
+    notes: list[str] = []
+
+    # ---- parameters, gradients, optimizer -----------------------------------------------------
+    d, hd = m.d_model, m.hd
+    n_total = count_params(m)
+    block_matmul = sum(r * c for r, c in block_matrix_shapes(m))
+    emb = m.vocab_size * d * (1 if m.tie_embeddings else 2)
+    vectors = n_total - block_matmul * m.n_layers - emb
+    param_total, opt_total, opt_note = state_bytes(cfg)
+    notes.append(opt_note)
+    layers_here = math.ceil(m.n_layers / pp)
+    # per device: TP shards block matrices and the vocab dim; PP keeps its stage's layers (the first stage
+    # also holds the embedding, counted here); FSDP shards what is left
+    share = (block_matmul * layers_here / tp + emb / tp + vectors * layers_here / m.n_layers) / n_total
+    params = int(param_total * share / fsdp)
+    optimizer = int(opt_total * share / fsdp)
+    accum = max(t.global_batch_size // (B * p.dp_replicate * p.dp_shard), 1)
+    grads = params if accum > 1 or pp > 1 else 0
+
+    # ---- activations ----------------------------------------------------------------------------
+    tokens = B * T
+    terms = layer_activation_terms(m, autocast=autocast, ac=ac)
+    per_layer = sum(terms.values()) / tp
+    in_flight = 1
+    if pp > 1:
+        sched = p.pp_schedule
+        n_micro = p.pp_microbatches or pp * (2 if sched in ("Interleaved1F1B", "LoopedBFS",
+                                                                          "InterleavedZeroBubble", "ZBVZeroBubble",
+                                                                          "DualPipeV") else 1)
+        in_flight = n_micro if sched == "GPipe" else min(pp, n_micro)
+        notes.append(f"pipeline: first stage holds {in_flight} micro-batches of activations ({sched})")
+    acts = per_layer * tokens * layers_here * in_flight
+    recompute = 0.0
+    if ac in ("full", "selective"):  # backward recomputes one block at a time
+        recompute = sum(layer_activation_terms(m, autocast=autocast, ac="none").values()) / tp * tokens
+    b = 2 if autocast else 4
+    shared = 8 * tokens  # token ids kept by the embedding
+    rope_rows = B if cfg.data.doc_mask else 1
+    shared += 2 * 4 * rope_rows * T * (hd // 2)  # cos / sin shared by all layers
+    if cfg.data.doc_mask and m.attention in ("sdpa", "eager"):
+        shared += B * T * T * (b if m.attention == "sdpa" else 1)  # one additive bias / boolean mask
+    if m.attention == "eager":
+        acts += 2 * 4 * B * m.n_heads * T * T * layers_here / tp  # scores and probabilities per layer
+        notes.append("eager attention saves (B, H, T, T) scores per layer")
+    final_norm = (8 * d + 4) * tokens
+    activations = int(acts + shared + final_norm)
+
+    # ---- loss ----------------------------------------------------------------------------------
+    V = m.vocab_size
+    impl = t.loss_impl
+    if tp > 1 or impl == "plain":
+        # full logits in the matmul dtype, their fp32 copy and log_softmax output (vocab-sharded under TP)
+        loss_buffers = int(tokens * V * (b + 4 + 4) / tp)
+    else:
+        rows = min(default_chunk_rows(torch.device(device)), tokens)
+        bufs = rows * V * (b + 4 + (2 if autocast else 0))  # logits chunk, fp32 softmax, its bf16 cast
+        bufs += V * d * 6 if autocast else 0  # a chunk's bf16 dW and its fp32 copy before accumulation
+        loss_buffers = bufs + V * d * 4 + tokens * d * 4  # + dW (fp32) and dh made in the forward pass
+        if impl == "liger" or (impl == "auto" and device == "cuda"):
+            notes.append("loss: Liger when installed (similar buffers), else kiln's chunked loss")
+    # autocast casts each fp32 weight to bf16 once per forward and the linears save the copy; bf16
+    # parameters need no copy, and neither does FSDP2 with its bf16 MixedPrecisionPolicy when blocks are
+    # resharded after forward (pp == 1): it all-gathers bf16 weights and frees them after each block
+    fsdp_frees = fsdp > 1 and pp == 1
+    copies = autocast and pbytes == 4 and not fsdp_frees
+    autocast_copies = 2 * (block_matmul * layers_here / tp + V * d / tp) if copies else 0
+
+    # ---- parallel buffers ----------------------------------------------------------------------
+    parallel = 0
+    if fsdp > 1:
+        # FSDP2 all-gathers one block and prefetches the next, in bf16 under autocast (the mixed-precision
+        # policy), else in the parameter dtype; the root unit (embedding, head, final norm) stays gathered
+        # through the whole forward, loss included
+        gathered = 2 if autocast else pbytes
+        parallel += int((2 * block_matmul + emb) / tp * gathered)
+    if p.dp_replicate > 1 and fsdp == 1:  # DDP gradient buckets mirror the gradients
+        parallel += params
+        grads = params
+    if t.compile:
+        notes.append("torch.compile fuses elementwise ops: activations are usually below this estimate")
+    if pbytes == 2:
+        notes.append("bf16 parameters: activations counted at the fp32/autocast sizes (an over-estimate)")
+    if t.fp8:
+        notes.append("fp8: not modelled (casts are transient; saved inputs shrink)")
+    return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations=activations,
+                          loss_buffers=int(loss_buffers), recompute=int(recompute),
+                          head_grad=int(V * d * 4 / tp), autocast_copies=int(autocast_copies),
+                          parallel_buffers=parallel, activation_checkpointing=ac, tokens_per_micro_batch=tokens,
+                          per_layer_per_token=per_layer, notes=notes)
+
+
+def format_estimate(cfg: Config, *, device: str = "cuda") -> str:
+    """A table: the configured layout for every activation-checkpointing mode, then the breakdown."""
+    configured = cfg.train.activation_checkpointing
+    lines = [f"memory estimate for {cfg.run.name}: micro-batch {cfg.train.micro_batch_size} x {cfg.train.seq_len}, "
+             f"{'bf16 autocast' if _uses_autocast(cfg, device) else 'fp32'} on {device}, optimizer {cfg.optim.name}, "
+             f"layout dp_shard={cfg.parallel.dp_shard} tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
+             f"dp_replicate={cfg.parallel.dp_replicate}", "",
+             f"{'activation checkpointing':<26}{'activations':>14}{'peak':>12}"]
+    for ac in ("none", "selective", "full"):
+        e = estimate_memory(cfg, device=device, ac=ac)
+        mark = "  <- configured" if ac == configured else ""
+        lines.append(f"{ac:<26}{e.activations / GIB:>11.2f} GiB{e.total / GIB:>9.2f} GiB{mark}")
+    e = estimate_memory(cfg, device=device)
+    lines += ["", f"breakdown ({configured}):"]
+    for k in ("params", "grads", "optimizer", "activations", "loss_buffers", "recompute", "autocast_copies",
+              "parallel_buffers"):
+        lines.append(f"  {k:<18}{getattr(e, k) / GIB:>9.3f} GiB")
+    lines.append(f"  {'total':<18}{e.total / GIB:>9.3f} GiB")
+    lines += [f"  note: {n}" for n in e.notes]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """CLI entry: `kiln estimate PRESET [--device cuda|cpu] [--section.key VALUE ...]`."""
+    import argparse
+    import json
+
+    from kiln.config import load_config, split_preset
+
+    ap = argparse.ArgumentParser(prog="kiln estimate", usage="kiln estimate [PRESET] [--device cuda|cpu] "
+                                 "[--section.key VALUE ...]",
+                                 description="Peak training memory per device, from the config (PRESET: a preset "
+                                 "name or YAML path, default tiny).")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="the device to estimate for (default cuda: bf16 autocast under train.dtype=auto)")
+    preset, argv = split_preset(argv)
+    args, overrides = ap.parse_known_args(argv)
+    cfg = load_config(preset or "tiny", overrides)
+    print(format_estimate(cfg, device=args.device))
+    e = estimate_memory(cfg, device=args.device)
+    print(json.dumps({"preset": cfg.run.name, "device": args.device, **e.as_dict()}))
+    return 0

@@ -1,0 +1,213 @@
+"""The memory estimator against what autograd really saves and what a real step really allocates."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from kiln.config import load_config
+from kiln.estimate import estimate_memory, layer_activation_terms
+from kiln.model import build_model
+from kiln.parallel.compile_ac import apply_activation_checkpointing
+
+
+def _cfg(*extra: str):
+    return load_config("tiny", ["--model.vocab_size", "512", "--model.d_model", "64", "--model.n_layers", "2",
+                                "--model.ffn_dim", "96", "--train.seq_len", "32", "--train.micro_batch_size", "2", "--train.global_batch_size", "2",
+                                *extra])
+
+
+def _saved_bytes(cfg, *, autocast: bool, ac: str = "none") -> int:
+    """Bytes of the distinct storages autograd saves in a forward (parameters excluded)."""
+    model = apply_activation_checkpointing(build_model(cfg.model, seed=0), ac)
+    B, T = cfg.train.micro_batch_size, cfg.train.seq_len
+    tok = torch.randint(0, cfg.model.vocab_size, (B, T))
+    doc = (torch.arange(T) >= T // 3).long().expand(B, T) if cfg.data.doc_mask else None
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model.hidden(tok, doc_ids=doc)
+    return sum(seen.values())
+
+
+def _block_weight_copies(cfg) -> int:
+    m = cfg.model
+    per_layer = 2 * m.d_model * m.hd * (m.n_heads + m.n_kv_heads) + 3 * m.d_model * m.ffn_dim
+    return 2 * m.n_layers * per_layer  # bf16 copies made by autocast and saved by the linears
+
+
+@pytest.mark.parametrize("qk, bf16, doc", list(itertools.product([False, True], repeat=3)))
+def test_activations_equal_saved_tensors(qk, bf16, doc):
+    cfg = _cfg("--model.qk_norm", str(qk).lower(), "--train.dtype", "bf16" if bf16 else "fp32",
+               "--data.doc_mask", str(doc).lower())
+    est = estimate_memory(cfg, device="cpu")
+    measured = _saved_bytes(cfg, autocast=bf16)
+    assert est.activations + (_block_weight_copies(cfg) if bf16 else 0) == measured
+
+
+def test_full_checkpointing_saves_block_inputs_only():
+    cfg = _cfg("--train.activation_checkpointing", "full")
+    est = estimate_memory(cfg, device="cpu")
+    tokens = cfg.train.micro_batch_size * cfg.train.seq_len
+    recompute = sum(layer_activation_terms(cfg.model, autocast=False, ac="none").values()) * tokens
+    assert est.recompute == recompute
+    d, B, T, hd = cfg.model.d_model, cfg.train.micro_batch_size, cfg.train.seq_len, cfg.model.hd
+    # outside the checkpoints autograd keeps each block's input, the final norm's tensors and the token ids
+    hooks = cfg.model.n_layers * 4 * d * tokens + (8 * d + 4) * tokens + 8 * tokens
+    assert _saved_bytes(cfg, autocast=False, ac="full") == hooks
+    # the document bias and RoPE tables stay alive too (the checkpointed calls hold the mask), unseen by hooks
+    assert est.activations - hooks == B * T * T * 4 + 2 * 4 * B * T * (hd // 2)
+    none = estimate_memory(cfg, device="cpu", ac="none")
+    selective = estimate_memory(cfg, device="cpu", ac="selective")
+    assert est.per_layer_per_token < selective.per_layer_per_token < none.per_layer_per_token
+
+
+def test_params_and_optimizer_states_are_exact():
+    cfg = _cfg()
+    model = build_model(cfg.model, seed=0)
+    from kiln.optim import build_optimizer
+
+    opt = build_optimizer(model, cfg.optim, device_type="cpu")
+    model(torch.randint(0, 512, (1, 8)), targets=torch.randint(0, 512, (1, 8))).backward()
+    opt.step()
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                if torch.is_tensor(t) and t.numel() > 1)
+    est = estimate_memory(cfg, device="cpu")
+    assert est.params == sum(p.numel() * 4 for p in model.parameters())
+    assert est.optimizer == state
+    assert est.grads == 0  # no accumulation: gradients are not alive at the end of the forward pass
+    accum = estimate_memory(_cfg("--train.global_batch_size", "8"), device="cpu")
+    assert accum.grads == est.params
+
+
+def test_layouts_divide_the_right_terms():
+    base = estimate_memory(load_config("dense-180m"), device="cuda")
+    fsdp = estimate_memory(load_config("dense-180m", ["--parallel.dp_shard", "4"]), device="cuda")
+    tp = estimate_memory(load_config("dense-180m", ["--parallel.tp", "2"]), device="cuda")
+    pp = estimate_memory(load_config("dense-180m", ["--parallel.pp", "2"]), device="cuda")
+    assert fsdp.params == base.params // 4 and fsdp.optimizer == base.optimizer // 4
+    assert fsdp.activations == base.activations  # FSDP shards state, not activations
+    assert tp.params < 0.51 * base.params + 4 * 32 * 768 * 4  # matrices halved; norms replicated
+    assert tp.activations < 0.51 * base.activations
+    assert pp.params < 0.51 * base.params + base.params * 0.12  # half the layers, plus the embedding
+    assert base.total > 0.9 * 80 * 2**30 * 0.5  # dense-180m at 16 x 2048 needs ~50 GiB without checkpointing
+
+
+@pytest.mark.parametrize("ac, dtype", [("none", "fp32"), ("none", "bf16"), ("selective", "fp32"), ("full", "bf16"),
+                                       ("full", "fp32")])
+def test_estimate_matches_a_measured_cpu_step(ac, dtype):
+    """Peak tensor memory of one real optimizer step (torch's MemTracker) on CPU, within 10%."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from kiln.bench import synthetic_batches
+    from kiln.eval.loss import token_loss_sum
+    from kiln.optim import build_optimizer
+
+    cfg = load_config("tiny", ["--model.vocab_size", "2048", "--model.n_layers", "3", "--train.seq_len", "64",
+                               "--train.micro_batch_size", "4", "--train.global_batch_size", "4", "--model.qk_norm",
+                               "true", "--train.dtype", dtype, "--train.activation_checkpointing", ac])
+    model = apply_activation_checkpointing(build_model(cfg.model, seed=0), ac)
+    opt = build_optimizer(model, cfg.optim, device_type="cpu")
+    batch = synthetic_batches(cfg, 1)[0]
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = token_loss_sum(model, batch, doc_mask=True)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()  # optimizer states exist from here on, as in a running job
+    tracker = MemTracker()
+    tracker.track_external(model, opt)
+    with tracker:
+        step()
+    measured = sum(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())
+    est = estimate_memory(cfg, device="cpu").total
+    assert abs(est - measured) / measured < 0.10, (est, measured)
+
+
+def _state_bytes(opt) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+               if torch.is_tensor(t) and t.numel() > 1)  # per-parameter step counters are scalars
+
+
+@pytest.mark.parametrize("name, dtype, beta1", [("adamw", "fp32", None), ("adafactor", "fp32", None),
+                                                ("adafactor", "bf16", 0.9), ("muon", "fp32", None),
+                                                ("muon", "bf16", None)])
+@pytest.mark.parametrize("tie", [True, False])
+def test_params_and_optimizer_states_match_every_optimizer(name, dtype, beta1, tie):
+    """Parameters and optimizer state of a real step, for each optimizer, parameter dtype and tying: Muon's
+    AdamW moments and Adafactor's statistics stay fp32 under bf16 parameters; an untied embedding goes to
+    Muon's AdamW part."""
+    from kiln.optim import build_optimizer, param_dtype
+
+    extra = ["--optim.name", name, "--optim.param_dtype", dtype, "--model.tie_embeddings", str(tie).lower()]
+    if beta1 is not None:
+        extra += ["--optim.adafactor_beta1", str(beta1)]
+    cfg = _cfg(*extra)
+    model = build_model(cfg.model, seed=0)
+    for p in model.parameters():  # as the trainer does (kiln.train.engine)
+        p.data = p.data.to(param_dtype(cfg.optim))
+    opt = build_optimizer(model, cfg.optim, device_type="cpu")
+    model(torch.randint(0, 512, (1, 8)), targets=torch.randint(0, 512, (1, 8))).backward()
+    opt.step()
+    est = estimate_memory(cfg, device="cpu")
+    assert est.params == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert est.optimizer == _state_bytes(opt)
+
+
+def test_no_autocast_weight_copies_for_bf16_parameters():
+    """Autocast casts fp32 weights to bf16 and the linears save the copies; bf16 weights are used as they
+    are. Measured: saved tensors of a forward shaped like a weight matrix (or its transpose) that are not
+    the parameters themselves; B x T = 120 rows matches no weight dimension."""
+    def weight_copies(cfg) -> int:
+        model = build_model(cfg.model, seed=0)
+        if cfg.optim.param_dtype == "bf16":
+            for p in model.parameters():
+                p.data = p.data.bfloat16()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        shapes = {s for p in model.parameters() if p.ndim == 2 for s in (tuple(p.shape), tuple(p.shape)[::-1])}
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params and tuple(t.shape) in shapes:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model.hidden(torch.randint(0, 512, (3, 40)))
+        return sum(seen.values())
+
+    fp32 = _cfg("--train.dtype", "bf16")
+    bf16 = _cfg("--train.dtype", "bf16", "--optim.name", "muon", "--optim.param_dtype", "bf16")
+    assert weight_copies(fp32) == _block_weight_copies(fp32) > 0
+    assert weight_copies(bf16) == 0
+    assert estimate_memory(fp32, device="cpu").autocast_copies > 0
+    assert estimate_memory(bf16, device="cpu").autocast_copies == 0
+
+
+def test_fsdp_gathers_bf16_blocks_instead_of_autocast_copies():
+    """FSDP2 with bf16 mixed precision and pp=1 all-gathers bf16 weights block by block and frees them:
+    no all-layer autocast copies; two blocks (current + prefetch) and the root (embedding/head) in bf16."""
+    from kiln.perf import block_matrix_shapes
+
+    m = load_config("dense-180m").model
+    block = sum(r * c for r, c in block_matrix_shapes(m))
+    emb = m.vocab_size * m.d_model  # tied
+    fsdp = estimate_memory(load_config("dense-180m", ["--parallel.dp_shard", "4"]), device="cuda")
+    assert fsdp.autocast_copies == 0 and fsdp.parallel_buffers == (2 * block + emb) * 2
+    fp32 = estimate_memory(load_config("dense-180m", ["--parallel.dp_shard", "4"]), device="cpu")  # no autocast
+    assert fp32.autocast_copies == 0 and fp32.parallel_buffers == (2 * block + emb) * 4
+    # with pipelining FSDP keeps the stage's blocks gathered from forward to backward (no reshard)
+    pp = estimate_memory(load_config("dense-180m", ["--parallel.dp_shard", "2", "--parallel.pp", "2"]),
+                         device="cuda")
+    assert pp.autocast_copies == 2 * (block * m.n_layers // 2 + emb)

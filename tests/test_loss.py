@@ -1,0 +1,191 @@
+"""The chunked linear + cross-entropy against F.cross_entropy on full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kiln.config import ModelConfig
+from kiln.data.packing import Batch
+from kiln.errors import ConfigError
+from kiln.eval.loss import _liger_loss, linear_cross_entropy, token_loss_sum
+from kiln.model import build_model
+
+
+def _inputs(N=300, d=24, V=1000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, d, generator=g).requires_grad_()
+    w = (0.3 * torch.randn(V, d, generator=g)).requires_grad_()
+    y = torch.randint(0, V, (N,), generator=g)
+    y[::7] = -100  # ignored targets (document boundaries)
+    return h, w, y
+
+
+def _loss_and_grads(impl, h, w, y, **kw):
+    h.grad = w.grad = None
+    loss = linear_cross_entropy(h, w, y, impl=impl, **kw)
+    (loss / 123.0).backward()  # a scaled loss, as the trainer divides by the token count
+    return loss.detach(), h.grad.clone(), w.grad.clone()
+
+
+@pytest.mark.parametrize("chunk_rows", [64, 77, 300, 1000])
+def test_chunked_matches_full_logits(chunk_rows):
+    h, w, y = _inputs()
+    ref = F.cross_entropy((h @ w.t()).float(), y, ignore_index=-100, reduction="sum")
+    ref_h, ref_w = torch.autograd.grad(ref / 123.0, (h, w))
+    loss, gh, gw = _loss_and_grads("chunked", h, w, y, chunk_rows=chunk_rows)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(gh, ref_h, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gw, ref_w, rtol=1e-5, atol=1e-7)
+    # the plain path is the same reference through kiln's API
+    lp, ph, pw = _loss_and_grads("plain", h, w, y)
+    assert torch.equal(lp, ref.detach()) and torch.equal(ph, ref_h)
+
+
+def test_chunked_is_deterministic_and_no_grad_agrees():
+    h, w, y = _inputs(seed=3)
+    a = _loss_and_grads("chunked", h, w, y, chunk_rows=50)
+    b = _loss_and_grads("chunked", h, w, y, chunk_rows=50)
+    assert all(torch.equal(x, z) for x, z in zip(a, b))  # bit for bit, run to run (resume tests rely on it)
+    with torch.no_grad():
+        evaluated = linear_cross_entropy(h, w, y, impl="chunked", chunk_rows=50)
+    torch.testing.assert_close(evaluated, a[0], rtol=1e-6, atol=1e-4)
+
+
+def test_all_targets_ignored_gives_zero():
+    h, w, y = _inputs(N=40)
+    loss, gh, gw = _loss_and_grads("chunked", h, w, torch.full_like(y, -100), chunk_rows=16)
+    assert loss.item() == 0.0 and not gh.any() and not gw.any()
+
+
+def test_bf16_autocast_close_to_plain():
+    h, w, y = _inputs(seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_c, gh_c, gw_c = _loss_and_grads("chunked", h, w, y, chunk_rows=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_p, gh_p, gw_p = _loss_and_grads("plain", h, w, y)
+    assert gh_c.dtype == h.dtype and gw_c.dtype == w.dtype
+    torch.testing.assert_close(loss_c, loss_p, rtol=2e-3, atol=0.5)
+    torch.testing.assert_close(gw_c, gw_p, rtol=0.05, atol=2e-3)
+    torch.testing.assert_close(gh_c, gh_p, rtol=0.05, atol=2e-3)
+
+
+def test_never_materialises_the_full_logits():
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    N, d, V = 1024, 16, 8192  # full fp32 logits: 32 MiB; one 128-row chunk of them: 4 MiB
+    h, w, y = _inputs(N=N, d=d, V=V)
+
+    def peak(impl):
+        tracker = MemTracker()
+        with tracker:
+            linear_cross_entropy(h, w, y, impl=impl, chunk_rows=128).backward()
+        h.grad = w.grad = None
+        return sum(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())
+
+    full_logits = N * V * 4
+    assert peak("plain") > 2 * full_logits  # logits, log-softmax and their gradient
+    assert peak("chunked") < full_logits / 2
+
+
+def test_token_loss_sum_on_the_model_matches_plain():
+    cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+    tok = torch.randint(0, 300, (3, 20))
+    tgt = torch.randint(0, 300, (3, 20))
+    tgt[:, 5] = -100
+    doc = (torch.arange(20) >= 6).int().expand(3, 20)
+    batch = Batch(tokens=tok, targets=tgt, doc_ids=doc)
+    grads = {}
+    for impl in ("plain", "chunked"):
+        model = build_model(cfg, seed=1)
+        loss = token_loss_sum(model, batch, doc_mask=True, impl=impl)
+        loss.backward()
+        grads[impl] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(grads["chunked"][0], grads["plain"][0], rtol=1e-6, atol=1e-4)
+    for n, g in grads["plain"][1].items():
+        torch.testing.assert_close(grads["chunked"][1][n], g, rtol=1e-5, atol=1e-6)
+
+
+def test_liger_without_the_package_is_a_clear_error():
+    if _liger_loss() is not None:
+        pytest.skip("liger-kernel is installed")
+    h, w, y = _inputs(N=8)
+    with pytest.raises(ConfigError, match="liger"):
+        linear_cross_entropy(h, w, y, impl="liger")
+
+
+def test_no_rows_at_all_gives_zero_with_gradients():
+    """N = 0 rows (an empty micro-batch): a zero loss and zero gradients, not a range() error."""
+    h, w, _ = _inputs(N=8)
+    h0 = h[:0].detach().requires_grad_()
+    loss = linear_cross_entropy(h0, w, torch.zeros(0, dtype=torch.long), impl="chunked", chunk_rows=16)
+    loss.backward()
+    assert loss.item() == 0.0 and not w.grad.any()
+
+
+def test_evaluate_uses_the_given_loss_impl():
+    from kiln.eval.loss import evaluate
+
+    if _liger_loss() is not None:
+        pytest.skip("liger-kernel is installed")
+    cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+    model = build_model(cfg, seed=1)
+    batch = Batch(tokens=torch.randint(0, 300, (2, 8)), targets=torch.randint(0, 300, (2, 8)),
+                  doc_ids=torch.zeros(2, 8, dtype=torch.int32))
+    plain = evaluate(model, [batch], device=torch.device("cpu"), doc_mask=False, impl="plain")
+    assert plain["loss"] == pytest.approx(evaluate(model, [batch], device=torch.device("cpu"), doc_mask=False)["loss"],
+                                          rel=1e-5)
+    with pytest.raises(ConfigError, match="liger"):  # train.loss_impl=liger reaches the loss
+        evaluate(model, [batch], device=torch.device("cpu"), doc_mask=False, impl="liger")
+
+
+def _plain_token_logps(model, tok, tgt, temperature=1.0):
+    logits = model(tok).float() / temperature  # (N, T, V)
+    lp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1)
+    return torch.where(tgt != -100, lp, 0.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logps_matches_full_logits_with_gradients(temperature):
+    from kiln.eval.loss import token_logps
+
+    cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+    tok = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(0))
+    tgt = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(1))
+    tgt[:, :6] = -100
+    tgt[2, 15:] = -100
+    weights = torch.randn(3, 20, generator=torch.Generator().manual_seed(2))  # per-token weights, as RLVR's
+    got, want = {}, {}
+    for out, fn in ((got, lambda m: token_logps(m, tok, tgt, temperature=temperature, chunk_rows=7)),
+                    (want, lambda m: _plain_token_logps(m, tok, tgt, temperature))):
+        model = build_model(cfg, seed=1)
+        lp = fn(model)
+        (lp * weights).sum().backward()
+        out["lp"], out["grads"] = lp.detach(), {n: p.grad for n, p in model.named_parameters()}
+    torch.testing.assert_close(got["lp"], want["lp"], rtol=1e-5, atol=1e-5)
+    assert (got["lp"][tgt == -100] == 0).all()
+    for n, g in want["grads"].items():
+        torch.testing.assert_close(got["grads"][n], g, rtol=1e-4, atol=1e-6)
+
+
+def test_token_logps_runs_the_head_on_target_rows_in_chunks_only():
+    """The head sees at most chunk_rows rows at a time and only positions with a target, so the
+    (N*T, V) logits never exist; with gradients, backward recomputes each chunk."""
+    from kiln.eval.loss import token_logps
+
+    cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+    model = build_model(cfg, seed=1)
+    seen = []
+    head = model.logits
+    model.logits = lambda h: seen.append(h.shape[0]) or head(h)
+    tok = torch.randint(0, 300, (4, 30))
+    tgt = torch.full((4, 30), -100)
+    tgt[:, 20:] = torch.randint(0, 300, (4, 10))  # 40 target positions of 120
+    with torch.no_grad():
+        lp, greedy = token_logps(model, tok, tgt, chunk_rows=16, greedy=True)
+    assert seen == [16, 16, 8]  # 40 rows: one head call per chunk gives log-probs and argmax
+    assert greedy[:, :20].all()  # ignored positions count as greedy
+    seen.clear()
+    token_logps(model, tok, tgt, chunk_rows=16).sum().backward()
+    assert sorted(seen) == [8, 8, 16, 16, 16, 16]  # forward, then the recomputation in backward
