@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from kiln.config import load_config
 from kiln.train import checkpoint as ckpt_io
@@ -60,8 +59,8 @@ def test_resume_is_bitwise_identical(tmp_path):
     la, lb = losses(a / "run"), losses(b / "run")
     assert [s for s, _ in lb] == list(range(1, 9))
     assert la == lb  # exact float equality, step by step
-    wa = load_file(str(ckpt_io.resolve_checkpoint(a / "run") / "model.safetensors"))
-    wb = load_file(str(ckpt_io.resolve_checkpoint(b / "run") / "model.safetensors"))
+    wa = ckpt_io.read_model_state(a / "run")
+    wb = ckpt_io.read_model_state(b / "run")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     ev = [r for r in read_metrics(a / "run") if r.get("kind") == "eval"]
     assert ev[0]["step"] == 0 and ev[-1]["step"] == 8 and "eval_loss/toyval" in ev[-1]
@@ -128,7 +127,7 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path):
     first_eval = [r for r in read_metrics(tmp_path / "b") if r["kind"] == "eval"][0]
     last_eval_a = [r for r in read_metrics(a / "run") if r["kind"] == "eval"][-1]
     assert first_eval["step"] == 0 and first_eval["eval_loss"] == last_eval_a["eval_loss"]  # same weights
-    assert load_file(str(src / "model.safetensors")).keys()  # the source run is untouched and loadable
+    assert ckpt_io.read_model_state(src).keys()  # the source run is untouched and loadable
     bad = small_overrides(a, **{"run.out_dir": str(tmp_path / "c"), "run.init_from": str(a / "run"), "model.d_model": 64})
     with pytest.raises(Exception, match="model.d_model"):
         train(load_config("tiny", bad), quiet=True)

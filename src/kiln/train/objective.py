@@ -13,6 +13,9 @@ Every micro-batch's summed loss is divided by the whole step's count (over accum
 distributed, data-parallel ranks), so the gradient is the true mean however the step is split (DESIGN.md
 rule 11). Extra metrics are sums too and are reported divided by the same count.
 `setup(model, device)` runs once after the model exists (DPO keeps its frozen reference there).
+On a resume, setup() still sees the fresh (not yet resumed) weights, and run.init_from is not
+loaded: an objective that needs the starting policy (DPO's and RLVR's reference) loads it from the
+checkpoint path itself (kiln.posttrain.dpo.load_reference) rather than copying the model.
 """
 
 from __future__ import annotations
@@ -25,9 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from kiln.config import Config
-from kiln.data.loader import PackedLoader, validation_batches
+from kiln.data.factory import build_train_source, build_val_sets
 from kiln.data.packing import Batch
-from kiln.data.sources import source_name
 from kiln.data.tokenizer import Tokenizer
 from kiln.eval.loss import evaluate, token_loss_sum
 
@@ -51,20 +53,17 @@ class Objective:
         """Called once after the model is built and initialised (or loaded)."""
 
     def train_data(self, cfg: Config, tokenizer: Tokenizer, *, rank: int = 0, world_size: int = 1) -> BatchSource:
-        return PackedLoader(cfg.data.train, tokenizer, seq_len=cfg.train.seq_len,
-                            batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
-                            rank=rank, world_size=world_size, encode_batch=cfg.data.encode_batch)
+        """`rank` / `world_size` are the DATA-PARALLEL rank and size (kiln.data.factory documents the state)."""
+        return build_train_source(cfg, tokenizer, dp_rank=rank, dp_world=world_size)
 
     def val_data(self, cfg: Config, tokenizer: Tokenizer) -> dict[str, list[Any]]:
-        return {source_name(s): validation_batches(s, tokenizer, seq_len=cfg.train.seq_len,
-                                                   batch_size=cfg.train.micro_batch_size,
-                                                   max_tokens=cfg.train.eval_tokens) for s in cfg.data.val}
+        return build_val_sets(cfg, tokenizer)
 
     def count(self, batch: Batch) -> int:
         return batch.num_targets
 
     def loss(self, model: nn.Module, batch: Batch, *, cfg: Config) -> tuple[Tensor, dict[str, Tensor]]:
-        return token_loss_sum(model, batch, doc_mask=cfg.data.doc_mask), {}
+        return token_loss_sum(model, batch, doc_mask=cfg.data.doc_mask, impl=cfg.train.loss_impl), {}
 
     def evaluate(self, model: nn.Module, val: dict[str, list[Any]], *, cfg: Config, device: torch.device,
                  autocast: contextlib.AbstractContextManager) -> dict[str, float]:
@@ -72,7 +71,8 @@ class Objective:
         record: dict[str, float] = {}
         nats, count = 0.0, 0
         for name, batches in val.items():
-            res = evaluate(model, batches, device=device, doc_mask=cfg.data.doc_mask, autocast=autocast)
+            res = evaluate(model, batches, device=device, doc_mask=cfg.data.doc_mask, autocast=autocast,
+                           impl=cfg.train.loss_impl)
             record[f"eval_loss/{name}"], record[f"eval_ppl/{name}"] = res["loss"], res["ppl"]
             nats, count = nats + res["nats"], count + res["tokens"]
         record["eval_loss"] = nats / max(count, 1)

@@ -1,0 +1,101 @@
+"""Checkpoints on any fsspec URL (s3://, gs://, hdfs://, memory://, file://, ...).
+
+A checkpoint is always written locally first, atomically (kiln.train.checkpoint). Rank 0 then
+mirrors it to `train.checkpoint_url`: every file of `step_<N>/` is uploaded, `meta.json` last. Object
+stores have no atomic rename, so `meta.json` is the completion marker there too: a folder without it
+(an interrupted upload) is ignored and overwritten. Retention applies to the mirror as to the local
+folder. A run that finds no local checkpoint but a complete one at the URL (a fresh machine, an
+ephemeral disk) downloads the latest first and resumes from it.
+
+The remote protocol's backend must be installed (`pip install s3fs` for s3://, `gcsfs` for gs://);
+otherwise the run stops at start with one line naming the package.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from kiln.errors import ConfigError
+
+STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+class Mirror:
+    """The remote side of a run's checkpoints."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            import fsspec
+        except ImportError:
+            raise ConfigError("train.checkpoint_url needs fsspec: pip install fsspec") from None
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url)
+        except (ImportError, ValueError) as e:
+            raise ConfigError(f"train.checkpoint_url {url}: {str(e).splitlines()[0]} (install the protocol's fsspec "
+                              "backend, e.g. pip install s3fs for s3://)") from None
+        self.url, self.root = url, root.rstrip("/")
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def complete(self) -> list[tuple[int, str]]:
+        """(step, name) of the complete checkpoints at the URL, oldest first."""
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        found = []
+        for e in entries:
+            name = e.rstrip("/").rsplit("/", 1)[-1]
+            m = STEP_RE.match(name)
+            if m and self.fs.exists(self._path(name, "meta.json")):
+                found.append((int(m.group(1)), name))
+        return sorted(found)
+
+    def upload(self, ckpt: Path) -> None:
+        """Copy a complete local checkpoint folder; meta.json last, so a partial upload never counts."""
+        dest = self._path(ckpt.name)
+        if self.fs.exists(dest):
+            self.fs.rm(dest, recursive=True)
+        files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != "meta.json")
+        for f in [*files, ckpt / "meta.json"]:
+            target = self._path(ckpt.name, *f.relative_to(ckpt).parts)
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.put_file(str(f), target)
+
+    def download_latest(self, ckpt_root: Path) -> Path | None:
+        """The latest complete remote checkpoint, downloaded into `ckpt_root` (atomically), or None."""
+        complete = self.complete()
+        if not complete:
+            return None
+        _, name = complete[-1]
+        tmp = ckpt_root / f".{name}.download"
+        final = ckpt_root / name
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        src = self._path(name)
+        for remote in sorted(self.fs.find(src)):
+            rel = remote[len(src):].lstrip("/")
+            local = tmp / rel
+            local.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(remote, str(local))
+        tmp.rename(final)
+        return final
+
+    def retain(self, keep: set[str]) -> None:
+        """Delete remote checkpoints (complete or partial) whose names are not in `keep`."""
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return
+        for e in entries:
+            name = e.rstrip("/").rsplit("/", 1)[-1]
+            if STEP_RE.match(name) and name not in keep:
+                self.fs.rm(self._path(name), recursive=True)
+
+
+def mirror_for(url: str) -> Mirror | None:
+    return Mirror(url) if url else None

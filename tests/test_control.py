@@ -1,0 +1,168 @@
+"""Preemption, job control and crash safety on live `kiln train` processes.
+
+The reference is an uninterrupted in-process run of the same config: a run stopped by SIGTERM, by
+`kiln control stop`, or killed with SIGKILL at random moments (also during saves) and resumed must
+end with bit-identical weights and log the same loss at every step.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import kiln_cmd
+from kiln.config import load_config
+from kiln.train import checkpoint as ckpt_io
+from kiln.train.metrics import read_metrics
+from kiln.train.trainer import train
+from test_train import small_overrides
+
+STEPS = 40
+
+
+def overrides(tmp: Path, **extra: object) -> list[str]:
+    return small_overrides(tmp, **{"train.max_steps": STEPS, "train.save_every": 4, "train.eval_every": 1000,
+                                   "train.keep_last": 2, **extra})
+
+
+def last_per_step(run: Path) -> dict[int, float]:
+    """The last logged loss of every step (a resumed run logs again the steps a crash lost)."""
+    out: dict[int, float] = {}
+    for r in read_metrics(run):
+        if r.get("kind") == "train":
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def start(tmp: Path, over: list[str], env_extra: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "KILN_JOBS_DIR": str(tmp / "jobs"), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.Popen(kiln_cmd("train", "tiny", *over), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.stderr.read()}")
+        if max(last_per_step(run), default=0) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[dict[int, float], dict[str, torch.Tensor]]:
+    tmp = tmp_path_factory.mktemp("ref")
+    train(load_config("tiny", overrides(tmp)), quiet=True)
+    return last_per_step(tmp / "run"), ckpt_io.read_model_state(tmp / "run")
+
+
+def assert_same(run: Path, reference) -> None:
+    losses, weights = reference
+    assert last_per_step(run) == losses
+    got = ckpt_io.read_model_state(run)
+    assert ckpt_io.list_checkpoints(run)[-1].name == f"step_{STEPS}"
+    assert all(torch.equal(got[k], weights[k]) for k in weights)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_the_resumed_run_matches(tmp_path, reference):
+    over = overrides(tmp_path)
+    proc = start(tmp_path, over)
+    wait_for_step(tmp_path / "run", 10, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    stopped_at = int(ckpt_io.list_checkpoints(tmp_path / "run")[-1].name.split("_")[1])
+    assert 10 <= stopped_at < STEPS
+    train(load_config("tiny", over), quiet=True)
+    assert_same(tmp_path / "run", reference)
+
+
+@pytest.mark.slow
+def test_job_control_save_stop_abort_on_a_live_run(tmp_path, reference):
+    over = overrides(tmp_path, **{"train.save_every": 1000})
+    env = {"KILN_JOBS_DIR": str(tmp_path / "jobs")}
+    proc = start(tmp_path, over)
+    run = tmp_path / "run"
+    wait_for_step(run, 5, proc)
+
+    def control(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(kiln_cmd("control", *args), capture_output=True, text=True, timeout=180,
+                              env={**os.environ, **env})
+
+    listed = control("list")
+    assert listed.returncode == 0 and str(run.resolve()) in listed.stdout.replace("\n", "")
+    res = control("save", str(run))
+    assert res.returncode == 0, res.stderr
+    saved = ckpt_io.list_checkpoints(run)
+    assert saved, "save made a checkpoint while training goes on"
+    assert f"saved {saved[-1]}" in res.stdout and "done at step" in res.stdout  # returns once it is written
+    res = control("stop", str(run))
+    assert res.returncode == 0, res.stderr
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped by kiln control stop" in out
+    stopped = ckpt_io.list_checkpoints(run)[-1]
+    assert int(stopped.name.split("_")[1]) < STEPS
+    # abort: no new checkpoint, the previous ones stay
+    proc = start(tmp_path, over)
+    wait_for_step(run, int(stopped.name.split("_")[1]) + 2, proc)
+    before = [p.name for p in ckpt_io.list_checkpoints(run)]
+    assert control("abort", str(run)).returncode == 0
+    proc.communicate(timeout=120)
+    assert [p.name for p in ckpt_io.list_checkpoints(run)] == before
+    assert control("list").stdout.strip() == "no running kiln jobs"
+    bad = control("stop", "no-such-job")
+    assert bad.returncode == 2 and "no running kiln job matches 'no-such-job'" in bad.stderr
+    train(load_config("tiny", over), quiet=True)  # resumes from the stop
+    assert_same(run, reference)
+
+
+@pytest.mark.slow
+def test_random_kill_9_also_during_saves_then_resume_is_bitwise(tmp_path, reference):
+    over = overrides(tmp_path, **{"train.save_every": 2})
+    run = tmp_path / "run"
+    rng = random.Random(0)
+    kills, in_save = 0, 0
+    while kills < 4:
+        done = ckpt_io.list_checkpoints(run)
+        if done and done[-1].name == f"step_{STEPS}":
+            break
+        proc = start(tmp_path, over)
+        reached = max(last_per_step(run), default=0) if run.exists() else 0
+        try:
+            wait_for_step(run, min(reached + rng.randint(1, 6), STEPS - 1), proc)
+        except AssertionError:
+            proc.kill()
+            raise
+        # land inside a save half the time: wait for a temp checkpoint folder to appear
+        if kills % 2 == 0:
+            deadline = time.time() + 10
+            while time.time() < deadline and not list((run / "checkpoints").glob(".step_*.tmp")):
+                time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        in_save += bool(list((run / "checkpoints").glob(".step_*.tmp")))
+    assert in_save >= 1, "no kill landed inside a save"
+    train(load_config("tiny", over), quiet=True)
+    assert_same(run, reference)
+    assert not list((run / "checkpoints").glob(".step_*"))  # temp folders from killed saves are gone
+
+
+def test_control_without_a_job_is_a_clear_error(tmp_path):
+    env = {**os.environ, "KILN_JOBS_DIR": str(tmp_path / "jobs")}
+    res = subprocess.run(kiln_cmd("control", "save", "nothing-here"), capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert res.returncode == 2 and res.stderr.startswith("kiln: error: no running kiln job matches 'nothing-here'")
+    res = subprocess.run(kiln_cmd("control", "list"), capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0 and "no running kiln jobs" in res.stdout

@@ -1,0 +1,132 @@
+"""kiln doctor: passes on this machine, and each check can fail when its subject is broken."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import namedtuple
+
+import pytest
+
+import kiln.eval.loss
+from kiln import doctor
+from kiln.cli import main
+from kiln.config import load_config
+
+
+@pytest.fixture
+def ctx(tmp_path):
+    return doctor.Context(cfg=load_config("tiny"), device=doctor.torch.device("cpu"), out_dir=tmp_path / "out")
+
+
+def test_doctor_passes_here_and_leaves_nothing_behind(tmp_path, capsys):
+    out = tmp_path / "a" / "b"
+    assert main(["doctor", "--out-dir", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert report["fail"] == 0 and report["failed"] == []
+    assert report["pass"] + report["warn"] + report["skip"] == len(doctor.CHECKS)
+    table = "\n".join(lines[:-1])
+    for name, _ in doctor.CHECKS:
+        assert name in table
+    for expected in ("ln V", "round trip exact", "changed all", "matches eager", "bundled: batch (1, "):
+        assert expected in table
+    assert not (tmp_path / "a").exists()  # the writability probe removed the folders it made
+
+
+def test_unwritable_out_dir_fails_with_exit_code_1(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(doctor, "CHECKS", [("out dir", doctor.check_out_dir), ("wandb", doctor.check_wandb)])
+    assert main(["doctor", "--out-dir", str(blocker / "run")]) == 1
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["failed"] == ["out dir"]
+
+
+def test_model_and_optimizer_checks_catch_breakage(ctx, monkeypatch):
+    assert doctor.check_model(ctx)[0] == "PASS"
+    status, detail = doctor.check_optimizer(ctx, lr=0.0)  # a step that does nothing
+    assert status == "FAIL" and "unchanged" in detail
+    real = kiln.eval.loss.token_loss_sum
+    monkeypatch.setattr(kiln.eval.loss, "token_loss_sum", lambda *a, **k: real(*a, **k) * float("nan"))
+    status, detail = doctor.check_model(ctx)
+    assert status == "FAIL" and "not finite" in detail
+
+
+def test_tokenizer_data_and_disk_checks_catch_breakage(ctx, monkeypatch):
+    assert doctor.check_data(ctx)[0] == "SKIP"  # needs the tokenizer first
+    assert doctor.check_tokenizer(ctx)[0] == "PASS"
+    assert doctor.check_data(ctx)[0] == "PASS"
+    ctx.cfg.model.vocab_size = 1000  # smaller than the tokenizer's 32768 ids
+    status, detail = doctor.check_tokenizer(ctx)
+    assert status == "FAIL" and "model.vocab_size 1000" in detail
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10 * 2**30, 9 * 2**30, 2**30))
+    status, detail = doctor.check_disk(ctx)
+    assert status == "WARN" and "1.0 GiB free" in detail
+
+
+def test_attention_check_compares_against_eager(ctx, monkeypatch):
+    import kiln.model.attention as attention
+
+    real = attention._eager
+    monkeypatch.setattr(attention, "_flex", lambda q, k, v, mask: real(q, k, v, mask) + 1e-3)  # a subtly wrong kernel
+    status, detail = doctor.check_flex(ctx)
+    assert status == "WARN" and "max |flex - eager| = 1.0e-03" in detail  # the tiny preset trains with sdpa
+    ctx.cfg.model.attention = "flex"
+    assert doctor.check_flex(ctx)[0] == "FAIL"
+    assert doctor.check_flash(ctx)[0] == "SKIP"  # CPU: not applicable...
+    ctx.cfg.model.attention = "flash"
+    status, detail = doctor.check_flash(ctx)
+    assert status == "FAIL" and "asks for model.attention=flash" in detail  # ...unless the preset needs it
+
+
+def test_device_check_uses_the_memory_estimate(ctx, monkeypatch):
+    """dense-180m at 16 x 2048 needs ~50 GiB by kiln's own estimate (activations included): a 40 GiB machine
+    gets a WARN, although its weights, gradients and AdamW state alone are ~3 GiB."""
+    from kiln.estimate import estimate_memory
+
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 40 * 2**30 // 4096}
+    monkeypatch.setattr(doctor.os, "sysconf", lambda name: pages[name])
+    ctx.cfg = load_config("dense-180m")
+    need = estimate_memory(ctx.cfg, device="cpu").total
+    assert need > 40 * 2**30 > 16 * 200e6
+    status, detail = doctor.check_device(ctx)
+    assert status == "WARN" and f"training peak ~{need / 2**30:.1f} GiB" in detail
+    ctx.cfg = load_config("tiny")
+    assert doctor.check_device(ctx)[0] == "PASS"
+
+
+@pytest.mark.parametrize("over", [[], ["--optim.name", "adafactor", "--optim.param_dtype", "bf16"],
+                                  ["--optim.name", "muon", "--model.tie_embeddings", "false"]])
+def test_checkpoint_size_counts_parameters_and_optimizer_state(over):
+    """The disk check's checkpoint size is the bytes of the real parameter and optimizer-state tensors."""
+    import torch
+
+    from kiln.model import build_model
+    from kiln.optim import build_optimizer, param_dtype
+
+    cfg = load_config("tiny", ["--model.vocab_size", "512", "--model.n_layers", "2", *over])
+    model = build_model(cfg.model, seed=0)
+    for p in model.parameters():
+        p.data = p.data.to(param_dtype(cfg.optim))
+    opt = build_optimizer(model, cfg.optim, device_type="cpu")
+    model(torch.randint(0, 512, (1, 8)), targets=torch.randint(0, 512, (1, 8))).backward()
+    opt.step()
+    tensors = [*model.parameters(), *(t for s in opt.state.values() for t in s.values()
+                                      if torch.is_tensor(t) and t.numel() > 1)]
+    assert doctor.checkpoint_bytes(cfg) == sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_optimizer_check_steps_the_preset_parameter_dtype(ctx, monkeypatch):
+    """A bf16 preset's optimizer check runs on bf16 parameters, so stochastic rounding is exercised."""
+    import kiln.optim.rounding as rounding
+
+    calls = []
+    real = rounding.stochastic_round_
+    monkeypatch.setattr(rounding, "stochastic_round_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ctx.cfg = load_config("tiny", ["--optim.name", "adafactor", "--optim.param_dtype", "bf16"])
+    assert doctor.check_model(ctx)[0] == "PASS"
+    status, detail = doctor.check_optimizer(ctx)
+    assert status == "PASS" and "bfloat16 parameters (stochastic rounding)" in detail, detail
+    assert calls and all(p.dtype == doctor.torch.bfloat16 for p in ctx.model.parameters())
