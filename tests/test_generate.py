@@ -169,3 +169,119 @@ def test_generate_text_truncates_a_long_prompt_from_the_left(capsys):
     assert text == generate_text(model, tok, long[-24:], max_new_tokens=8, temperature=0)
     with pytest.raises(GenerationError, match="no room"):
         generate_text(model, tok, "hi", max_new_tokens=32, temperature=0)
+
+
+# ---- repetition penalty, stop strings, batched text (post-training features) ----------------
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.8])
+def test_repetition_penalty_matches_transformers(penalty):
+    from kiln.export import to_hf_model
+
+    model = tiny_model(vocab_size=64, init_std=0.05)
+    hf = to_hf_model(model, model.cfg)
+    for prompt in PROMPTS[:3]:
+        prompt = [t % 64 for t in prompt]
+        ours = generate(model, prompt, max_new_tokens=16, temperature=0, repetition_penalty=penalty)[0]
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, repetition_penalty=penalty,
+                          eos_token_id=None, pad_token_id=0)
+        assert ours == out[0, len(prompt):].tolist()
+    plain = generate(model, [3, 1, 4, 1, 5], max_new_tokens=16, temperature=0)
+    strong = generate(model, [3, 1, 4, 1, 5], max_new_tokens=16, temperature=0, repetition_penalty=5.0)
+    assert strong != plain  # the penalty is not a no-op
+
+
+def test_repetition_penalty_closed_form():
+    from kiln.generate import apply_repetition_penalty
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -2.0, 0.5, 3.0]]
+    with pytest.raises(GenerationError, match="repetition_penalty"):
+        generate(tiny_model(), [1], max_new_tokens=2, repetition_penalty=0)
+
+
+def test_stop_strings_end_generation_and_are_not_returned(capsys):
+    model = tiny_model(vocab_size=257, max_seq_len=128)
+    tok = ByteTokenizer()
+    full = generate_text(model, tok, "ab", max_new_tokens=40, temperature=0)
+    stop = full[5:7]  # a string the greedy continuation contains
+    assert len(stop) == 2 and full.find(stop) >= 0
+    cut = full[:full.find(stop)]
+    text = generate_text(model, tok, "ab", max_new_tokens=40, temperature=0, stop=[stop, "\x00never"], stream=True)
+    assert text == cut and capsys.readouterr().out == cut  # the held-back tail is never printed
+    ids = generate(model, tok.encode("ab"), max_new_tokens=40, temperature=0,
+                   stop=lambda new: stop in tok.decode(new))[0]
+    assert len(ids) < 40 and tok.decode(ids).endswith(stop)  # decoding stopped right there
+
+
+def test_generate_texts_batches_prompts_like_one_at_a_time():
+    from kiln.generate import generate_texts
+
+    model = tiny_model(vocab_size=257, max_seq_len=128)
+    tok = ByteTokenizer()
+    prompts = ["ab", "hello", "xy", "hello"]
+    batched = generate_texts(model, tok, [tok.encode(p) for p in prompts], max_new_tokens=12, temperature=0,
+                             stop=["q"])
+    alone = [generate_text(model, tok, p, max_new_tokens=12, temperature=0, stop=["q"]) for p in prompts]
+    assert batched == alone
+
+
+def test_generate_unwraps_ddp():
+    """A DDP-wrapped policy (the trainer's model under data parallelism) generates like the bare model."""
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = tiny_model()
+    want = generate(model, PROMPTS, max_new_tokens=6, temperature=0)
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group("gloo", init_method=f"file://{d}/store", rank=0, world_size=1)
+        try:
+            assert generate(DistributedDataParallel(model), PROMPTS, max_new_tokens=6, temperature=0) == want
+        finally:
+            dist.destroy_process_group()
+
+
+def test_decoding_runs_eagerly_in_a_compiled_model():
+    """kiln compiles Blocks in place (train.compile); every decode step has a new shape, so decoding
+    must not run (and recompile) the compiled code. Training forwards still do afterwards."""
+    from kiln.parallel.compile_ac import apply_compile
+
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(len(example_inputs))
+        return gm.forward
+
+    model = tiny_model()
+    want = generate(model, PROMPTS[:2], max_new_tokens=5, temperature=0)
+    apply_compile(model, "block", backend=backend)
+    torch._dynamo.reset()
+    try:
+        assert generate(model, PROMPTS[:2], max_new_tokens=5, temperature=0) == want
+        assert compiles == []
+        with torch.no_grad():
+            model(torch.tensor([PROMPTS[0]]))
+        assert compiles  # the stance is restored after decoding
+    finally:
+        torch._dynamo.reset()
+
+
+def test_cached_decoding_does_not_rebuild_the_sequence(monkeypatch):
+    """With the KV cache each step feeds one token; the growing full sequence is only built without it."""
+    real_cat, token_cats = torch.cat, []
+
+    def cat(tensors, *args, **kwargs):
+        if all(not t.is_floating_point() for t in tensors):
+            token_cats.append(len(tensors))
+        return real_cat(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", cat)
+    model = tiny_model()
+    generate(model, [PROMPTS[0]], max_new_tokens=8, temperature=0, use_cache=False)
+    assert len(token_cats) == 8  # the counter sees the uncached path's concatenations
+    token_cats.clear()
+    generate(model, [PROMPTS[0]], max_new_tokens=8, temperature=0)
+    assert token_cats == []

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +205,10 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, dtype: str 
         GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id
                          ).save_pretrained(str(tmp))
         tok.save_hf(tmp)
+        from kiln.posttrain.chat import write_chat_template
+
+        # the chat template kiln trains with, so apply_chat_template reproduces kiln's tokens
+        write_chat_template(tmp, chat_template=cfg.posttrain.chat_template, tokenizer_spec=cfg.data.tokenizer)
         info = {"kiln_version": __version__, "checkpoint": str(Path(ckpt).resolve()), "architecture": arch,
                 "dtype": dtype, "tokenizer": cfg.data.tokenizer, "embed_scale_folded": m.embed_scale}
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
@@ -267,6 +272,13 @@ def _model_config_from_hf(config: Any) -> ModelConfig:
     rope = dict(getattr(config, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") != "default" or rope.get("partial_rotary_factor", 1.0) != 1.0:
         raise ExportError(f"HF rope_parameters {rope}: only plain RoPE (rope_type default) can be imported")
+    # transformers 4.x keeps scaled RoPE (Llama 3.x's "llama3", "linear", "dynamic", "yarn" ...) in
+    # rope_scaling, with "rope_type" or the older "type"; kiln's RoPE is the unscaled one
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else scaling
+    if kind != "default":
+        raise ExportError(f"HF rope_scaling {scaling}: kiln has plain RoPE only (no {kind} scaling); this model "
+                          "cannot be imported")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ExportError("HF attention_bias / mlp_bias: kiln's linear layers have no bias")
     if getattr(config, "hidden_act", "silu") != "silu":
@@ -311,3 +323,77 @@ def from_hf(hf_dir_or_model: str | Path | nn.Module) -> tuple[ModelConfig, dict[
         state[key] = v.detach().to("cpu", torch.float32).contiguous()
     _kiln_state(state, cfg)  # every key present, none extra
     return cfg, state
+
+
+def _adds_bos(folder: Path) -> str | None:
+    """The BOS token an HF tokenizer folder puts before every encoded text, or None."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        ids = tok("a")["input_ids"]
+    except Exception:  # no loadable HF tokenizer: nothing to warn about
+        return None
+    if tok.bos_token_id is not None and ids and ids[0] == tok.bos_token_id:
+        return tok.bos_token
+    return None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt")
+
+
+def import_hf_folder(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """An HF Llama / Qwen3 / SmolLM3 folder -> a kiln run folder holding checkpoints/step_0.
+
+    The folder's tokenizer files are copied to <out>/tokenizer and data.tokenizer points there (absolute
+    path), so training, generation and export use that tokenizer, chat template included. The saved
+    config is the default one with the imported model section, run.init_from = the step_0 checkpoint
+    and run.out_dir = <out>-train: `kiln train <out>/config.yaml` continues pretraining from the
+    imported weights into a new run folder. Returns the checkpoint folder.
+    """
+    import yaml
+
+    from kiln.config import Config, to_dict, validate
+    from kiln.data.tokenizer import load_tokenizer
+    from kiln.model import build_model
+    from kiln.train.checkpoint import list_checkpoints, save_checkpoint
+
+    src, out = Path(hf_dir), Path(out_dir)
+    if not src.is_dir():
+        raise ExportError(f"{src}: no such HF model folder")
+    if list_checkpoints(out):
+        raise ExportError(f"{out}: already holds checkpoints; choose another --out")
+    mcfg, state = from_hf(src)
+    files = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
+    if not any(f.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for f in files):
+        raise ExportError(f"{src}: no tokenizer files (tokenizer.json or tokenizer.model); kiln keeps the "
+                          "model's own tokenizer, so the folder must have one")
+    tok_dir = (out / "tokenizer").resolve()
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copyfile(f, tok_dir / f.name)
+    tok = load_tokenizer(str(tok_dir))
+    if tok.vocab_size > mcfg.vocab_size:
+        raise DataError(f"{src}: its tokenizer has {tok.vocab_size} ids but the model only {mcfg.vocab_size}")
+    bos = _adds_bos(src)
+    if bos:
+        print(f"warning: {src}'s tokenizer puts {bos} before every text, so the model was probably trained "
+              "with it; kiln never adds BOS (pretraining, post-training, generation, eval), so its inputs differ "
+              "from the model's training (a chat template that writes BOS itself is unaffected)", file=sys.stderr)
+    cfg = Config()
+    cfg.model = mcfg
+    cfg.data.tokenizer = str(tok_dir)
+    cfg.run.name = out.resolve().name
+    cfg.train.seq_len = min(cfg.train.seq_len, mcfg.max_seq_len)
+    ckpt = (out / "checkpoints" / "step_0").resolve()
+    cfg.run.init_from = str(ckpt)
+    cfg.run.out_dir = str(out.resolve()) + "-train"
+    validate(cfg, where=f"import of {src}")
+    model = build_model(mcfg, device="cpu", seed=0)
+    result = model.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys, result
+    path = save_checkpoint(out / "checkpoints", 0, model=model, cfg=cfg, train_state={"imported_from": str(src)},
+                           meta={"tokens_seen": 0, "imported_from": str(src.resolve())})
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path

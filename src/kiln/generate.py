@@ -1,9 +1,20 @@
-"""Sampling with a KV cache: greedy, temperature, top-k, nucleus (top-p); text and streaming helpers.
+"""Sampling with a KV cache: greedy, temperature, top-k, nucleus (top-p), repetition penalty, stop
+conditions; text, batched-text and streaming helpers.
 
 Prompts of different lengths are grouped by length and each group decodes as one batch with its
 own KV cache (kiln's attention has no padding mask; equal lengths need none), so every row gets
-exactly the tokens it would get alone under greedy decoding. Sampling draws from one
+exactly the tokens it would get alone under greedy decoding. Decoding runs eagerly
+(torch.compiler.set_stance("force_eager")): a model compiled for training would recompile for every
+new sequence length. A DDP-wrapped model is unwrapped; FSDP and tensor-parallel models are not
+supported (the KV cache holds every head, and ranks would decode different numbers of steps). Sampling draws from one
 torch.Generator per call, seeded by `seed`, so the same prompts and seed give the same tokens.
+
+Repetition penalty (Keskar et al. 2019, CTRL), as transformers applies it: before temperature and
+the filters, the logit of every token already in the row (prompt included) is divided by the
+penalty when positive and multiplied by it when negative.
+
+Stop conditions: a row also ends when `stop(row_new_tokens)` is True; the text helpers build that
+from stop strings and cut the text before the first stop string.
 
 Length limit: `generate` refuses prompt + max_new_tokens > model.cfg.max_seq_len (GenerationError);
 `generate_text` instead keeps the last max_seq_len - max_new_tokens prompt tokens and says so on stderr.
@@ -19,13 +30,15 @@ from torch import Tensor
 
 from kiln.errors import KilnError
 from kiln.model import KVCache, Transformer
+from kiln.parallel.parallelize import unwrap
 
 
 class GenerationError(KilnError):
     """Impossible generation settings: a prompt too long for the model, a bad temperature or top-p."""
 
 
-def _check_args(*, max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+def _check_args(*, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                repetition_penalty: float = 1.0) -> None:
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not temperature >= 0:
@@ -34,12 +47,26 @@ def _check_args(*, max_new_tokens: int, temperature: float, top_k: int, top_p: f
         raise GenerationError(f"top_k must be >= 0 (0 disables it), got {top_k}")
     if not 0 < top_p <= 1:
         raise GenerationError(f"top_p must be within (0, 1], got {top_p}")
+    if not repetition_penalty > 0:
+        raise GenerationError(f"repetition_penalty must be > 0 (1 disables it), got {repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """logits (B, V) float, seen (B, V) bool -> penalised logits (CTRL: divide positive, multiply negative)."""
+    if penalty == 1.0:
+        return logits
+    scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, scaled, logits)
 
 
 def sample_next(logits: Tensor, *, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> Tensor:
-    """logits (B, V) -> next token ids (B,). temperature 0 is greedy (argmax, ties to the lowest id)."""
+                generator: torch.Generator | None, seen: Tensor | None = None,
+                repetition_penalty: float = 1.0) -> Tensor:
+    """logits (B, V) -> next token ids (B,). temperature 0 is greedy (argmax, ties to the lowest id).
+    `seen` (B, V) marks tokens already in each row, for the repetition penalty."""
     logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -61,18 +88,22 @@ def sample_next(logits: Tensor, *, temperature: float, top_k: int, top_p: float,
 @torch.no_grad()
 def generate(model: Transformer, prompt_ids: list[list[int]] | list[int], *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
-             seed: int | None = None, use_cache: bool = True,
+             seed: int | None = None, use_cache: bool = True, repetition_penalty: float = 1.0,
+             stop: Callable[[list[int]], bool] | None = None,
              on_token: Callable[[int], None] | None = None) -> list[list[int]]:
     """New tokens for each prompt (a flat list is one prompt). A row stops after emitting `eos_id`,
-    which is included in its output. `on_token` sees each new token (single prompt only)."""
-    _check_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    which is included in its output, or once `stop(its new tokens)` is True. `on_token` sees each new
+    token (single prompt only)."""
+    _check_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                repetition_penalty=repetition_penalty)
     if isinstance(prompt_ids, Tensor):
         prompt_ids = prompt_ids.tolist()
     flat = not prompt_ids or isinstance(prompt_ids[0], int)
     prompts = [list(prompt_ids)] if flat else [list(p) for p in prompt_ids]
     if on_token is not None and len(prompts) != 1:
         raise GenerationError(f"on_token streams one prompt; got {len(prompts)} prompts")
-    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile: cached decode changes shapes every step
+    model = unwrap(model)  # DDP keeps the Transformer (and its cfg) in .module
+    model = getattr(model, "_orig_mod", model)  # a whole-model torch.compile wrapper
     cfg = model.cfg
     for i, p in enumerate(prompts):
         if not p:
@@ -92,40 +123,64 @@ def generate(model: Transformer, prompt_ids: list[list[int]] | list[int], *, max
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault(len(p), []).append(i)
-    for length in sorted(groups):  # deterministic order, so one seed always draws the same numbers
-        rows = groups[length]
-        tokens = torch.tensor([prompts[i] for i in rows], device=param.device)  # (B, T0)
-        new = _decode_group(model, tokens, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, eos_id=eos_id, gen=gen, use_cache=use_cache, on_token=on_token)
-        for i, ids in zip(rows, new):
-            out[i] = ids
+    # kiln compiles Blocks or the trunk in place (train.compile), which the unwrap above cannot undo;
+    # every cached decode step has a new shape, so compiled code would recompile at each one
+    with torch.compiler.set_stance("force_eager"):
+        for length in sorted(groups):  # deterministic order, so one seed always draws the same numbers
+            rows = groups[length]
+            tokens = torch.tensor([prompts[i] for i in rows], device=param.device)  # (B, T0)
+            new = _decode_group(model, tokens, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, eos_id=eos_id, gen=gen, use_cache=use_cache, on_token=on_token,
+                                repetition_penalty=repetition_penalty, stop=stop)
+            for i, ids in zip(rows, new):
+                out[i] = ids
     return out
 
 
 def _decode_group(model: Transformer, tokens: Tensor, *, max_new_tokens: int, temperature: float, top_k: int,
                   top_p: float, eos_id: int | None, gen: torch.Generator, use_cache: bool,
-                  on_token: Callable[[int], None] | None) -> list[list[int]]:
+                  on_token: Callable[[int], None] | None, repetition_penalty: float = 1.0,
+                  stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
     """Decode rows that share one prompt length. tokens (B, T0) -> new ids per row."""
     B, T0 = tokens.shape
     param = next(model.parameters())
     cache = KVCache(model.cfg, B, T0 + max_new_tokens, device=param.device, dtype=param.dtype) if use_cache else None
     done = [False] * B  # rows that emitted eos_id keep decoding in the batch, but their tokens are dropped
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=tokens.device)  # (B, V)
+        seen.scatter_(1, tokens, True)
     new: list[list[int]] = [[] for _ in range(B)]
     seq, step_in = tokens, tokens  # full sequence so far; what the next forward consumes
     for _ in range(max_new_tokens):
         logits = model(step_in, cache=cache) if cache is not None else model(seq)  # (B, T, V)
-        nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)  # (B,)
+        nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
+                          seen=seen, repetition_penalty=repetition_penalty)  # (B,)
+        if seen is not None:
+            seen.scatter_(1, nxt[:, None], True)
         for b, t in enumerate(nxt.tolist()):
             if not done[b]:
                 new[b].append(t)
-                done[b] = t == eos_id
+                done[b] = t == eos_id or (stop is not None and stop(new[b]))
                 if on_token is not None:
                     on_token(t)
         if all(done):
             break
         step_in = nxt[:, None]  # (B, 1)
-        seq = torch.cat([seq, step_in], dim=1)
+        if cache is None:  # only the uncached path re-reads the whole sequence
+            seq = torch.cat([seq, step_in], dim=1)
     return new
+
+
+def continuation_text(tokenizer, prompt: list[int], tokens: list[int], *, base: str | None = None) -> str:
+    """The text `tokens` add after `prompt` (`base`: tokenizer.decode(prompt), when already known).
+
+    Decodes prompt + tokens and cuts the prompt's text off: decoding the new tokens alone can drop a
+    leading space (SentencePiece) or split a multi-byte character.
+    """
+    base = tokenizer.decode(prompt) if base is None else base
+    full = tokenizer.decode(list(prompt) + list(tokens))
+    return full[len(base):] if full.startswith(base) else tokenizer.decode(tokens)
 
 
 def _fit_prompt(ids: list[int], *, max_new_tokens: int, max_seq_len: int) -> list[int]:
@@ -140,44 +195,96 @@ def _fit_prompt(ids: list[int], *, max_new_tokens: int, max_seq_len: int) -> lis
     return ids
 
 
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """text before the first stop string, and whether one was found."""
+    cuts = [i for i in (text.find(x) for x in stops) if i >= 0]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
 def generate_text(model: Transformer, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float = 1.0,
-                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stream: bool = False) -> str:
+                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stream: bool = False,
+                  repetition_penalty: float = 1.0, stop: list[str] | None = None) -> str:
     """Continuation of `prompt` as text (without the prompt; a final EOS is not rendered).
 
     The prompt gets no BOS (kiln trains documents without one); an empty prompt starts from EOS, the
-    document separator. With `stream`, text is printed to stdout as it is generated.
+    document separator. With `stream`, text is printed to stdout as it is generated. Generation ends
+    at EOS or at the first of the `stop` strings, which is not part of the text.
     """
-    cfg = getattr(model, "_orig_mod", model).cfg
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
-    ids = _fit_prompt(ids, max_new_tokens=max_new_tokens, max_seq_len=cfg.max_seq_len)
-    # Decode prompt + new tokens and cut the prompt's text off: decoding the new tokens alone can
-    # drop a leading space (SentencePiece) or split a multi-byte character.
+    return generate_from_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p, seed=seed, stream=stream,
+                             repetition_penalty=repetition_penalty, stop=stop)
+
+
+def generate_from_ids(model: Transformer, tokenizer, ids: list[int], *, max_new_tokens: int,
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                      stream: bool = False, repetition_penalty: float = 1.0, stop: list[str] | None = None,
+                      out=None) -> str:
+    """`generate_text` for an already tokenized prompt (a chat prompt from its template). `out` is
+    where streamed text goes (default stdout)."""
+    cfg = getattr(unwrap(model), "_orig_mod", unwrap(model)).cfg
+    ids = _fit_prompt(list(ids), max_new_tokens=max_new_tokens, max_seq_len=cfg.max_seq_len)
+    stops = [x for x in (stop or []) if x]
+    hold = max((len(x) for x in stops), default=1) - 1  # text that may still turn into a stop string
     base = tokenizer.decode(ids)
     printed = 0
     new: list[int] = []
+    sink = out if out is not None else sys.stdout
 
     def text_of(tokens: list[int]) -> str:
-        full = tokenizer.decode(ids + tokens)
-        return full[len(base):] if full.startswith(base) else tokenizer.decode(tokens)
+        return continuation_text(tokenizer, ids, tokens, base=base)
+
+    def hit_stop(tokens: list[int]) -> bool:
+        return bool(stops) and _cut_at_stop(text_of(tokens), stops)[1]
 
     def show(tok: int) -> None:
         nonlocal printed
         new.append(tok)
         if tok == tokenizer.eos_id:
             return
-        text = text_of(new)
+        text, found = _cut_at_stop(text_of(new), stops)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its remaining bytes
             return
-        sys.stdout.write(text[printed:])
-        sys.stdout.flush()
-        printed = len(text)
+        upto = len(text) if found else max(len(text) - hold, printed)
+        if upto > printed:
+            sink.write(text[printed:upto])
+            sink.flush()
+            printed = upto
 
-    out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   eos_id=tokenizer.eos_id, seed=seed, on_token=show if stream else None)[0]
-    if out and out[-1] == tokenizer.eos_id:
-        out = out[:-1]
-    text = text_of(out)
+    out_ids = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, eos_id=tokenizer.eos_id, seed=seed, on_token=show if stream else None,
+                       repetition_penalty=repetition_penalty, stop=hit_stop if stops else None)[0]
+    if out_ids and out_ids[-1] == tokenizer.eos_id:
+        out_ids = out_ids[:-1]
+    text, _ = _cut_at_stop(text_of(out_ids), stops)
     if stream and len(text) > printed:
-        sys.stdout.write(text[printed:])
-        sys.stdout.flush()
+        sink.write(text[printed:])
+        sink.flush()
     return text
+
+
+def generate_texts(model: Transformer, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                   repetition_penalty: float = 1.0, stop: list[str] | None = None) -> list[str]:
+    """Batched: the text continuation of each tokenized prompt (EOS not rendered, cut at `stop`)."""
+    stops = [x for x in (stop or []) if x]
+    bases = {}
+
+    def text_of(prompt: list[int], tokens: list[int]) -> str:
+        key = tuple(prompt)
+        if key not in bases:
+            bases[key] = tokenizer.decode(prompt)
+        return continuation_text(tokenizer, prompt, tokens, base=bases[key])
+
+    def hit_stop(tokens: list[int]) -> bool:  # decodes the new tokens alone: cheap, and only an early exit
+        return any(x in tokenizer.decode(tokens) for x in stops)
+
+    outs = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                    top_p=top_p, eos_id=tokenizer.eos_id, seed=seed, repetition_penalty=repetition_penalty,
+                    stop=hit_stop if stops else None)
+    texts = []
+    for prompt, o in zip(prompts, outs):
+        if o and o[-1] == tokenizer.eos_id:
+            o = o[:-1]
+        texts.append(_cut_at_stop(text_of(prompt, o), stops)[0])
+    return texts

@@ -32,7 +32,68 @@ def evaluate_source(checkpoint: str, data: str, *, text_column: str = "text", ma
     T = seq_len or cfg.train.seq_len
     batches = validation_batches(src, tok, seq_len=T, batch_size=batch_size, max_tokens=max_tokens)
     dev = next(model.parameters()).device
-    res = evaluate(model, batches, device=dev, doc_mask=cfg.data.doc_mask, autocast=autocast_for(cfg, dev))
+    res = evaluate(model, batches, device=dev, doc_mask=cfg.data.doc_mask, autocast=autocast_for(cfg, dev),
+                   impl=cfg.train.loss_impl)
     n_bytes = scored_bytes(batches, tok)
     return {"loss": res["loss"], "ppl": res["ppl"], "bits_per_byte": res["nats"] / math.log(2) / max(n_bytes, 1),
             "tokens": res["tokens"], "bytes": n_bytes, "checkpoint": str(ckpt), "data": data}
+
+
+def _records(data: str, split: str, limit: int) -> list[tuple[str, dict]]:
+    from kiln.posttrain.chat import load_records
+
+    recs = load_records(data, split=split or "test", what="--data")
+    return recs[:limit] if limit > 0 else recs
+
+
+def evaluate_task(checkpoint: str, data: str, *, task: str, limit: int = 0, split: str = "", batch_size: int = 8,
+                  max_new_tokens: int = 256, chat: bool = False, num_fewshot: int = 0, fewshot_data: str = "",
+                  device: str = "auto") -> dict[str, Any]:
+    """`kiln eval --task mc|gsm8k`: a downstream benchmark on local jsonl (kiln.eval.tasks), under the
+    checkpoint's autocast (train.dtype: bf16 on CUDA by default)."""
+    model, cfg, ckpt = load_model_for_cli(checkpoint, device=device)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    recs = _records(data, split, limit)
+    with autocast_for(cfg, next(model.parameters()).device):  # the precision `kiln eval --task loss` uses
+        res = _run_task(model, cfg, tok, recs, task=task, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                        chat=chat, num_fewshot=num_fewshot, fewshot_data=fewshot_data)
+    res.update({"checkpoint": str(ckpt), "data": data})
+    return res
+
+
+def _run_task(model, cfg, tok, recs: list[tuple[str, dict]], *, task: str, batch_size: int, max_new_tokens: int,
+              chat: bool, num_fewshot: int, fewshot_data: str) -> dict[str, Any]:
+    from kiln.errors import DataError
+    from kiln.eval import tasks as T
+
+    if task == "mc":
+        items = [T.mc_item(r, where=w) for w, r in recs]
+        res = T.score_mc(model, tok, items, max_len=cfg.model.max_seq_len, batch_size=batch_size)
+        res.pop("loglikelihoods")
+    elif task == "gsm8k":
+        from kiln.generate import generate_texts
+
+        items = [T.gen_item(r, where=w) for w, r in recs]
+        shots: list = []
+        if num_fewshot:
+            if not fewshot_data:
+                raise DataError("--num-fewshot needs --fewshot-data FILE.jsonl (worked examples, e.g. GSM8K train)")
+            shots = [T.gen_item(r, where=w) for w, r in _records(fewshot_data, "train", num_fewshot)]
+        if chat:
+            from kiln.posttrain.chat import ChatFormat
+
+            fmt = ChatFormat.for_config(tok, chat_template=cfg.posttrain.chat_template,
+                                        tokenizer_spec=cfg.data.tokenizer)
+            prompts, stops = [fmt.prompt_ids(T.chat_messages(it, shots)) for it in items], []
+        else:
+            prompts, stops = [tok.encode(T.plain_prompt(it, shots)) for it in items], T.PLAIN_STOPS
+        room = cfg.model.max_seq_len - max_new_tokens
+        prompts = [p[-room:] for p in prompts]
+        completions = []
+        for i in range(0, len(prompts), batch_size):
+            completions += generate_texts(model, tok, prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
+                                          temperature=0.0, stop=stops)
+        res = T.score_gsm8k(items, completions)
+    else:
+        raise DataError(f"--task {task}: expected loss, mc or gsm8k")
+    return res

@@ -1,0 +1,287 @@
+"""Chat templates, conversation encoding with assistant-token masks, and the post-training data readers.
+
+A conversation is a list of messages `{"role": "system" | "user" | "assistant", "content": str}`.
+It is rendered to text by a Jinja chat template (the same renderer transformers'
+`apply_chat_template` uses, so an exported tokenizer reproduces kiln's tokens exactly), and the
+text is tokenized once. Which template:
+
+    posttrain.chat_template = auto   the tokenizer's own (tokenizer_config.json `chat_template` or
+                                     chat_template.jinja of an HF tokenizer folder), else kiln's default
+                            = kiln   kiln's default (below), whatever the tokenizer
+                            = PATH   a .jinja file
+
+kiln's default template (KILN_TEMPLATE) is Mistral's instruct format without BOS (kiln trains
+documents without one):
+
+    [INST] {system}\\n\\n{user 1}[/INST] {assistant 1}</s>[INST] {user 2}[/INST] {assistant 2}</s>
+
+The system message, if any, is put before the first user message. The generation prompt is the
+text up to and including `[/INST]`. The Mistral tokenizers have [INST] / [/INST] as control tokens,
+so every turn boundary is a token boundary; with another tokenizer they are plain text.
+
+Assistant masks: the characters an assistant message adds are found by rendering incrementally
+(the conversation up to the message with the generation prompt, then including the message); the
+tokens whose character offsets overlap those spans are the assistant's, including the closing EOS
+(the model must learn to stop). A template whose renders are not prefixes of each other cannot be
+masked this way and raises DataError.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.data.tokenizer import Tokenizer
+from kiln.errors import DataError
+
+KILN_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{%- set system = messages[0]['content'] %}{%- set turns = messages[1:] %}"
+    "{%- else %}{%- set system = '' %}{%- set turns = messages %}{%- endif %}"
+    "{%- for m in turns %}"
+    "{%- if m['role'] == 'user' %}"
+    "{{- '[INST] ' }}{%- if loop.first and system %}{{- system + '\\n\\n' }}{%- endif %}{{- m['content'] + '[/INST]' }}"
+    "{%- elif m['role'] == 'assistant' %}"
+    "{{- ' ' + m['content'] + eos_token }}"
+    "{%- else %}"
+    "{{- raise_exception('kiln chat template: roles are system (first only), user and assistant') }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+ROLES = ("system", "user", "assistant")
+
+
+def tokenizer_chat_template(spec: str) -> str | None:
+    """The chat template shipped with an HF tokenizer folder (or next to a tokenizer.json), if any."""
+    path = Path(spec).expanduser()
+    folder = path if path.is_dir() else path.parent if path.is_file() else None
+    if folder is None:
+        return None  # a named kiln tokenizer (mistral-v3 ...): no template of its own
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    try:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    tpl = cfg.get("chat_template")
+    if isinstance(tpl, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+        tpl = named.get("default")
+    return tpl if isinstance(tpl, str) and tpl.strip() else None
+
+
+def resolve_template(choice: str, tokenizer_spec: str) -> tuple[str, str]:
+    """(name, Jinja source) of the chat template for `posttrain.chat_template` = choice."""
+    if choice == "auto":
+        own = tokenizer_chat_template(tokenizer_spec)
+        return ("tokenizer", own) if own else ("kiln", KILN_TEMPLATE)
+    if choice == "kiln":
+        return "kiln", KILN_TEMPLATE
+    path = Path(choice).expanduser()
+    if not path.is_file():
+        raise DataError(f"posttrain.chat_template={choice!r}: expected auto, kiln, or a path to a .jinja file")
+    return str(path), path.read_text()
+
+
+def check_messages(messages: Any, *, where: str) -> list[dict[str, str]]:
+    """Validate one conversation; DataError naming `where` (file:line) otherwise."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: message {i} must be {{\"role\": one of {', '.join(ROLES)}, "
+                            f"\"content\": text}}, got {str(m)[:80]}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+@dataclass
+class Encoded:
+    """A tokenized conversation. mask[j] is True where token j was written by a trained assistant turn."""
+
+    ids: np.ndarray  # (L,) int32 (half the memory of int64; batches are built as int64)
+    mask: np.ndarray  # (L,) bool
+
+
+class ChatFormat:
+    """Renders conversations with one template and tokenizes them with kiln's tokenizer."""
+
+    def __init__(self, tokenizer: Tokenizer, *, template: str = KILN_TEMPLATE, name: str = "kiln") -> None:
+        self.tokenizer, self.template, self.name = tokenizer, template, name
+        self._special = {k: v for k, v in (("eos_token", tokenizer.eos_token), ("bos_token", tokenizer.bos_token),
+                                            ("unk_token", tokenizer.unk_token)) if v}
+
+    @classmethod
+    def for_config(cls, tokenizer: Tokenizer, *, chat_template: str, tokenizer_spec: str) -> ChatFormat:
+        name, template = resolve_template(chat_template, tokenizer_spec)
+        return cls(tokenizer, template=template, name=name)
+
+    def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
+        """The template's text for `messages` (what `apply_chat_template(tokenize=False)` returns)."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        try:
+            rendered, _ = render_jinja_template(conversations=[messages], chat_template=self.template,
+                                                add_generation_prompt=add_generation_prompt, **self._special)
+        except Exception as e:  # jinja errors, raise_exception() from the template
+            raise DataError(f"chat template '{self.name}': {str(e).splitlines()[0] if str(e) else e!r}") from None
+        return rendered[0]
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Tokens of `messages` followed by the generation prompt: what the model continues at inference."""
+        return self.tokenizer.encode(self.render(messages, add_generation_prompt=True))
+
+    def encode(self, messages: list[dict[str, str]], *, train_on: str = "all") -> Encoded:
+        """Tokens of the whole conversation and the mask of assistant tokens.
+
+        train_on="all" marks every assistant message, "last" only the final one (DPO, whose pair
+        differs in that message alone).
+        """
+        full = self.render(messages)
+        targets = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if train_on == "last":
+            targets = targets[-1:] if targets and targets[-1] == len(messages) - 1 else []
+        spans = []
+        for i in targets:
+            before = self.render(messages[:i], add_generation_prompt=True)
+            after = self.render(messages[: i + 1])
+            if not (after.startswith(before) and full.startswith(after)):
+                raise DataError(f"chat template '{self.name}': the text rendered up to message {i} is not a "
+                                "prefix of the whole conversation, so assistant tokens cannot be located; use "
+                                "--posttrain.chat_template kiln")
+            spans.append((len(before), len(after)))
+        enc = self.tokenizer.backend.encode(full, add_special_tokens=False)
+        ids = np.asarray(enc.ids, dtype=np.int32)
+        mask = np.zeros(len(ids), dtype=bool)
+        if spans:
+            starts = np.asarray([o[0] for o in enc.offsets])
+            ends = np.asarray([o[1] for o in enc.offsets])
+            for a, b in spans:
+                mask |= (starts < b) & (ends > a)
+        return Encoded(ids=ids, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading post-training data
+
+
+def load_records(path: str, *, split: str = "train", what: str = "posttrain.data") -> list[tuple[str, dict]]:
+    """[(where, record)] from a local .jsonl / .json file (where = file:line), or an HF dataset
+    (NAME or NAME:CONFIG, see _hub_records)."""
+    if not path:
+        raise DataError(f"{what}: no data given; pass --data FILE.jsonl")
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix == ".json":
+            try:
+                data = json.loads(p.read_text())
+            except (OSError, ValueError) as e:
+                raise DataError(f"{p}: not valid JSON ({e})") from None
+            if not isinstance(data, list):
+                raise DataError(f"{p}: a .json file must hold a list of records (or use .jsonl)")
+            return [(f"{p}[{i}]", r) for i, r in enumerate(data)]
+        out = []
+        with open(p, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    out.append((f"{p}:{n}", json.loads(line)))
+                except ValueError as e:
+                    raise DataError(f"{p}:{n}: not valid JSON ({e.args[0][:60]})") from None
+        if not out:
+            raise DataError(f"{p}: no records")
+        return out
+    # a missing file in an existing folder (data/x.jsonl) is a typo, not a hub name; a local dataset
+    # folder goes to `datasets` like a hub name
+    if not p.is_dir() and (p.suffix in (".jsonl", ".json") or "/" not in path or p.parent.exists()):
+        raise DataError(f"{what}: no such file {path}")
+    return _hub_records(path, split=split)
+
+
+def _hub_records(name: str, *, split: str) -> list[tuple[str, dict]]:
+    """An HF hub dataset: NAME (HuggingFaceTB/smoltalk) or NAME:CONFIG (openai/gsm8k:main,
+    allenai/ai2_arc:ARC-Easy, cais/mmlu:all); needs network access or a local HF cache."""
+    import datasets
+
+    path, _, config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(path, config or None, split=split)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = "" if config else " (a dataset with several configs needs NAME:CONFIG, e.g. openai/gsm8k:main)"
+        raise DataError(f"{name}: cannot load this HF dataset ({msg}){hint}; pass a local .jsonl file "
+                        "instead") from None
+    return [(f"{name}[{i}]", dict(r)) for i, r in enumerate(ds)]
+
+
+class EpochCursor:
+    """A Stateful position (epoch, cursor) in an endless run of epochs, shared by the post-training
+    loaders. `items(epoch)` lists one epoch's items in order (this rank's share); the current epoch's
+    list is cached, so a shuffle is computed once per epoch. `empty` is the DataError message for an
+    epoch with no items (a rank whose share is empty would otherwise wait forever)."""
+
+    def __init__(self, items: Callable[[int], Sequence], *, empty: str) -> None:
+        self._items, self.empty = items, empty
+        self.epoch, self.cursor = 0, 0
+        self._cache: tuple[int, Sequence] | None = None
+        self.items(0)  # fail at construction, not at the first step
+
+    def items(self, epoch: int) -> Sequence:
+        if self._cache is None or self._cache[0] != epoch:
+            items = self._items(epoch)
+            if len(items) == 0:
+                raise DataError(self.empty)
+            self._cache = (epoch, items)
+        return self._cache[1]
+
+    def take(self, k: int) -> list:
+        """The next k items, continuing into the next epoch(s) when this one runs out."""
+        out: list = []
+        while len(out) < k:
+            items = self.items(self.epoch)
+            if self.cursor >= len(items):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                continue
+            n = min(k - len(out), len(items) - self.cursor)
+            out.extend(items[self.cursor:self.cursor + n])
+            self.cursor += n
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+def shuffled_share(n: int, *, seed: int, stream: int, rank: int, world_size: int) -> Callable[[int], np.ndarray]:
+    """epoch -> this rank's share (every world_size-th) of a permutation of range(n) seeded by (seed, stream, epoch)."""
+    return lambda epoch: np.random.default_rng([seed, stream, epoch]).permutation(n)[rank::world_size]
+
+
+def as_messages(value: Any, *, role: str, where: str, field: str) -> list[dict[str, str]]:
+    """A string (one message of `role`), one message object, or a list of messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise DataError(f"{where}: '{field}' must be a string or a list of messages")
+    return check_messages(value, where=f"{where} ({field})")
+
+
+def write_chat_template(folder: Path, *, chat_template: str, tokenizer_spec: str) -> str:
+    """Put the resolved chat template into an exported tokenizer_config.json; returns its name."""
+    name, template = resolve_template(chat_template, tokenizer_spec)
+    cfg_file = Path(folder) / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["chat_template"] = template
+    cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+    return name

@@ -1,0 +1,256 @@
+"""`kiln sft | dpo | rlvr | chat | import`: parse, build the stage's config from the source checkpoint, hand off.
+
+A post-training run's config is the source checkpoint's resolved config, then the stage's defaults
+(below), then the user's `--section.key value` overrides; run.init_from is the source checkpoint and
+run.out_dir defaults to runs/<source name>-<stage>. It trains through kiln.train.trainer.train with
+the stage's Objective, so schedule, accumulation, clipping, checkpoints, resume and metrics are the
+pretraining loop's. When neither train.max_steps nor train.total_tokens is given, the run lasts
+posttrain.epochs passes over the data (rows for SFT, pairs for DPO, prompts for RLVR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from kiln.config import Config, merge_config, parse_overrides
+from kiln.errors import ConfigError
+
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Fine-tuning rates for ~100M-1B models; tiny CPU models want larger ones (--optim.lr).
+    "sft": {"optim": {"lr": 2e-5, "warmup_steps": 10, "weight_decay": 0.0, "schedule": "cosine"}},
+    "dpo": {"optim": {"lr": 5e-7, "warmup_steps": 10, "weight_decay": 0.0, "schedule": "cosine"}},
+    "rlvr": {"optim": {"lr": 1e-6, "warmup_steps": 0, "weight_decay": 0.0, "schedule": "constant"}},
+}
+
+
+def _stage_parser(stage: str, what: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"kiln {stage}", description=what,
+                                epilog="Any config key can follow as --section.key VALUE (e.g. --optim.lr 1e-5 "
+                                       "--train.max_steps 200 --posttrain.beta 0.1).")
+    p.add_argument("--checkpoint", required=True, help="source checkpoint or run folder (kiln train / import)")
+    p.add_argument("--data", help="jsonl file (or HF dataset name); same as --posttrain.data")
+    p.add_argument("--val-data", help="held-out jsonl of the same format (or HF dataset, split "
+                   "posttrain.val_split); same as --posttrain.val_data")
+    p.add_argument("--fresh", action="store_true", help="start over; an existing run folder is moved aside")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def stage_config(stage: str, args: argparse.Namespace, overrides: list[str]) -> tuple[Config, Path, dict]:
+    """(config, source checkpoint, the user's override tree) for a post-training stage.
+
+    The source checkpoint is also DPO's and RLVR's reference. On a resume (the run folder already
+    holds checkpoints and no --fresh) it is the one the run started from (its saved run.init_from),
+    not what --checkpoint resolves to now: a source run folder that gained or rotated checkpoints
+    would otherwise change the reference mid-run. A --checkpoint naming another checkpoint is an error.
+    """
+    from kiln.train.checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.checkpoint).resolve()
+    cfg, user = _stage_tree(stage, ckpt, args, overrides)
+    saved = _resumed_source(stage, cfg, ckpt, args)
+    if saved is not None and saved != ckpt:
+        print(f"note: resuming {cfg.run.out_dir}: its source and reference stay {saved} "
+              f"({args.checkpoint} now means {ckpt})", file=sys.stderr)
+        ckpt = saved
+        cfg, user = _stage_tree(stage, ckpt, args, overrides)
+    if not cfg.posttrain.data:
+        raise ConfigError(f"kiln {stage}: no training data; pass --data FILE.jsonl")
+    return cfg, ckpt, user
+
+
+def _stage_tree(stage: str, ckpt: Path, args: argparse.Namespace, overrides: list[str]) -> tuple[Config, dict]:
+    from kiln.train.checkpoint import read_config
+
+    base = read_config(ckpt)
+    user = parse_overrides(overrides)
+    if args.data:
+        user.setdefault("posttrain", {})["data"] = args.data
+    if args.val_data:
+        user.setdefault("posttrain", {})["val_data"] = args.val_data
+    name = f"{base.run.name or ckpt.parent.parent.name}-{stage}"
+    tree: dict[str, Any] = {
+        "run": {"name": name, "out_dir": str(Path("runs") / name), "init_from": str(ckpt)},
+        "train": {"max_steps": 0, "total_tokens": 0, "stop_at_step": 0, "sample_tokens": 0},
+        "posttrain": {"data": "", "val_data": ""},  # the source stage's data is not this stage's
+        **{k: dict(v) for k, v in STAGE_DEFAULTS[stage].items()},
+    }
+    cfg = merge_config(base, tree, where=f"{stage} defaults")
+    cfg = merge_config(cfg, user, where="command line")
+    if "name" in user.get("run", {}) and "out_dir" not in user.get("run", {}):
+        cfg.run.out_dir = str(Path("runs") / cfg.run.name)
+    return cfg, user
+
+
+def _resumed_source(stage: str, cfg: Config, ckpt: Path, args: argparse.Namespace) -> Path | None:
+    """The source checkpoint of the run this command resumes, or None when it starts one."""
+    from kiln.train.checkpoint import list_checkpoints, read_config
+
+    existing = [] if args.fresh else list_checkpoints(Path(cfg.run.out_dir))
+    saved_from = read_config(existing[-1]).run.init_from if existing else ""
+    if not saved_from:
+        return None
+    saved = Path(saved_from).resolve()
+    if saved == ckpt:
+        return saved
+    given = Path(args.checkpoint).resolve()
+    if given == ckpt or saved.parent.parent != given:  # a checkpoint folder, or another run folder
+        raise ConfigError(f"{cfg.run.out_dir}: resumes a {stage} run that started from {saved}, but --checkpoint "
+                          f"is {ckpt}; pass --checkpoint {saved} to resume, or --fresh to start over")
+    if not (saved / "meta.json").exists():
+        raise ConfigError(f"{cfg.run.out_dir}: resumes a {stage} run whose source checkpoint {saved} (its "
+                          "reference) no longer exists; restore it, or pass --fresh to start over")
+    return saved
+
+
+def _set_steps(cfg: Config, user: dict, units: int) -> None:
+    """train.max_steps from posttrain.epochs when the user set no budget."""
+    t = user.get("train", {})
+    if "max_steps" in t or "total_tokens" in t:
+        return
+    cfg.train.max_steps = max(1, math.ceil(cfg.posttrain.epochs * units / cfg.train.global_batch_size))
+
+
+def _chat_format(cfg: Config):
+    from kiln.data.tokenizer import load_tokenizer
+    from kiln.posttrain.chat import ChatFormat
+
+    tok = load_tokenizer(cfg.data.tokenizer)
+    return tok, ChatFormat.for_config(tok, chat_template=cfg.posttrain.chat_template, tokenizer_spec=cfg.data.tokenizer)
+
+
+def _finish(summary: dict) -> int:
+    return 130 if summary.get("stopped") == "signal" else 0
+
+
+def sft(argv: list[str]) -> int:
+    """`kiln sft --checkpoint CKPT --data FILE [overrides]`: jsonl {"messages": [{"role", "content"}, ...]}."""
+    args, overrides = _stage_parser("sft", "Supervised fine-tuning on chat data (loss on assistant tokens)."
+                                    ).parse_known_args(argv)
+    from kiln.posttrain.sft import SFTObjective, load_sft_data, rows_per_epoch
+    from kiln.train.trainer import train
+
+    cfg, _, user = stage_config("sft", args, overrides)
+    tok, fmt = _chat_format(cfg)
+    pt, T = cfg.posttrain, cfg.train.seq_len
+    convs = load_sft_data(pt.data, fmt, max_len=T, split=pt.split)
+    val = load_sft_data(pt.val_data, fmt, max_len=T, split=pt.val_split) if pt.val_data else None
+    _set_steps(cfg, user, rows_per_epoch(convs, seq_len=T, pack=pt.pack))
+    print(f"kiln sft: {len(convs)} conversations, chat template '{fmt.name}', from {cfg.run.init_from}")
+    return _finish(train(cfg, objective=SFTObjective(convs, val, pack=pt.pack), fresh=args.fresh, quiet=args.quiet))
+
+
+def dpo(argv: list[str]) -> int:
+    """`kiln dpo --checkpoint CKPT --data FILE [overrides]`: jsonl {"prompt", "chosen", "rejected"}."""
+    args, overrides = _stage_parser("dpo", "Preference optimisation: DPO (sigmoid) or APO-zero / APO-down."
+                                    ).parse_known_args(argv)
+    from kiln.posttrain.dpo import DPOObjective, load_pairs
+    from kiln.train.trainer import train
+
+    cfg, ckpt, user = stage_config("dpo", args, overrides)
+    tok, fmt = _chat_format(cfg)
+    pt, L = cfg.posttrain, cfg.train.seq_len + 1
+    pairs = load_pairs(pt.data, fmt, max_len=L, split=pt.split)
+    val = load_pairs(pt.val_data, fmt, max_len=L, split=pt.val_split) if pt.val_data else None
+    _set_steps(cfg, user, len(pairs))
+    print(f"kiln dpo: {len(pairs)} pairs, loss {pt.loss}, beta {pt.beta}, reference {ckpt} ({pt.ref})")
+    obj = DPOObjective(pairs, val, reference=ckpt, beta=pt.beta, kind=pt.loss, precompute=pt.ref == "precomputed",
+                       batch_size=cfg.train.micro_batch_size, config=cfg)
+    return _finish(train(cfg, objective=obj, fresh=args.fresh, quiet=args.quiet))
+
+
+def rlvr(argv: list[str]) -> int:
+    """`kiln rlvr --checkpoint CKPT --data FILE [overrides]`: jsonl {"prompt", "answer"}."""
+    args, overrides = _stage_parser("rlvr", "RL with verifiable rewards (GRPO-style groups, KL to the reference)."
+                                    ).parse_known_args(argv)
+    from kiln.posttrain.rewards import build_reward
+    from kiln.posttrain.rlvr import RLVRObjective, load_tasks
+    from kiln.train.trainer import train
+
+    cfg, ckpt, user = stage_config("rlvr", args, overrides)
+    pt = cfg.posttrain
+    if pt.group_size < 2:
+        raise ConfigError("posttrain.group_size: RLVR compares completions within a group; use 2 or more")
+    reward = build_reward(pt.rewards)
+    tok, fmt = _chat_format(cfg)
+    room = cfg.model.max_seq_len - pt.max_new_tokens
+    tasks = load_tasks(pt.data, fmt, max_prompt_len=room, split=pt.split)
+    val = load_tasks(pt.val_data, fmt, max_prompt_len=room, split=pt.val_split) if pt.val_data else None
+    _set_steps(cfg, user, len(tasks))
+    print(f"kiln rlvr: {len(tasks)} prompts x {pt.group_size} samples, rewards {pt.rewards}, kl {pt.kl_coef}")
+    obj = RLVRObjective(tasks, val, reference=ckpt, reward=reward, tokenizer=tok, group_size=pt.group_size,
+                        kl_coef=pt.kl_coef, max_new_tokens=pt.max_new_tokens, temperature=pt.temperature,
+                        top_k=pt.top_k, top_p=pt.top_p, config=cfg)
+    return _finish(train(cfg, objective=obj, fresh=args.fresh, quiet=args.quiet))
+
+
+def chat(argv: list[str]) -> int:
+    """`kiln chat --checkpoint CKPT`: a conversation in the terminal with the model's chat template."""
+    p = argparse.ArgumentParser(prog="kiln chat", description="Chat with a model (empty line, /quit or Ctrl-D "
+                                "quits; /reset forgets the conversation).")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--system", default="", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="no chat template: the model continues your text")
+    args = p.parse_args(argv)
+    from kiln.generate import generate_from_ids, generate_text
+    from kiln.train.trainer import load_model_for_cli
+
+    model, cfg, ckpt = load_model_for_cli(args.checkpoint, device=args.device)
+    tok, fmt = _chat_format(cfg)
+    interactive = sys.stdin.isatty()
+    mode = "raw continuation" if args.raw else f"chat template '{fmt.name}'"
+    print(f"kiln chat: {ckpt} ({mode}; empty line quits, /reset starts over)", file=sys.stderr)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    seed = args.seed
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+               top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip() or line.strip() == "/quit":
+            break
+        if line.strip() == "/reset":
+            history = []
+            continue
+        if args.raw:
+            generate_text(model, tok, line, seed=seed, stream=True, **gen)
+        else:
+            history.append({"role": "user", "content": line})
+            ids = fmt.prompt_ids(system + history)
+            while len(ids) + args.max_new_tokens > cfg.model.max_seq_len and len(history) > 2:
+                history = history[2:]  # forget the oldest exchange
+                ids = fmt.prompt_ids(system + history)
+            reply = generate_from_ids(model, tok, ids, seed=seed, stream=True, **gen)
+            history.append({"role": "assistant", "content": reply.strip()})
+        print(flush=True)
+        seed += 1
+    return 0
+
+
+def import_hf(argv: list[str]) -> int:
+    """`kiln import --hf DIR --out RUN_DIR`: an HF Llama / Qwen3 / SmolLM3 folder as a kiln run folder."""
+    p = argparse.ArgumentParser(prog="kiln import", description="Import a Hugging Face model folder "
+                                "(Llama, Qwen3, SmolLM3; safetensors) as a kiln checkpoint.")
+    p.add_argument("--hf", required=True, help="HF model folder (config.json, model.safetensors, tokenizer files)")
+    p.add_argument("--out", required=True, help="kiln run folder to create")
+    args = p.parse_args(argv)
+    from kiln.export import import_hf_folder
+
+    ckpt = import_hf_folder(args.hf, args.out)
+    print(f"imported {args.hf} -> {ckpt}\n  fine-tune: kiln sft --checkpoint {args.out} --data chats.jsonl\n"
+          f"  continue pretraining: kiln train {Path(args.out) / 'config.yaml'} --data.train ...")
+    return 0

@@ -1,0 +1,213 @@
+"""Reinforcement learning with verifiable rewards: GRPO-style group sampling, KL to a frozen reference.
+
+Data: jsonl records {"prompt", "answer"} (prompt: a string, one user message, or a list of messages).
+Each micro-batch is train.micro_batch_size prompts. In `loss` (the trainer's one loop, unchanged):
+
+  1. sample G = posttrain.group_size completions per prompt with the current policy (eval mode, no
+     grad, batched KV-cache decoding, seeded per batch from the loader so a resume replays it);
+  2. score each with the verifiers (kiln.posttrain.rewards) -> r (B*G,);
+  3. advantages A = (r - mean_group) / (std_group + 1e-4)  (GRPO, Shao et al. 2024, DeepSeekMath);
+  4. per completion token: -A * exp(logp - sg(logp)) + kl_coef * k3, where
+     k3 = exp(ref - logp) - (ref - logp) - 1 is Schulman's unbiased, non-negative KL(policy || ref)
+     estimator; averaged over the completion's tokens, summed over completions.
+
+logp is the log-probability under the distribution the completions were sampled from: the logits
+divided by posttrain.temperature (the reference's too, for the KL; as TRL's GRPOTrainer does).
+posttrain.top_k / top_p truncate the sampling distribution but are ignored in logp, so with them
+the samples are slightly off-policy. One gradient step per generation, so GRPO's clipped ratio
+pi / pi_old is 1 (up to that truncation) and is left out; the exp(logp - sg(logp)) factor is 1 in
+value and gives the policy gradient A * grad logp.
+count(batch) = completions (B * G). Metrics: reward, kl, completion_len, group_reward_std (means).
+Eval: greedy completions of the validation prompts; eval_reward is their mean reward and
+eval_loss = -eval_reward (the trainer's loop wants a loss).
+
+Single device only (`single_device`): generation is not distributed-safe yet (under FSDP ranks would
+decode different numbers of steps and their collectives go out of step; under TP the KV cache
+expects every head), so kiln.train.engine refuses a distributed layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kiln.config import Config
+from kiln.data.packing import IGNORE
+from kiln.errors import DataError
+from kiln.eval.loss import right_padded, token_logps
+from kiln.generate import continuation_text, generate
+from kiln.posttrain.chat import ChatFormat, EpochCursor, as_messages, load_records, shuffled_share
+from kiln.posttrain.dpo import autocast_dtype_of, load_reference
+from kiln.posttrain.rewards import Reward
+from kiln.train.objective import Objective
+
+
+@dataclass
+class Task:
+    prompt: list[int]  # chat-templated prompt tokens, ending with the generation prompt
+    text: str  # the prompt as the verifier sees it (the last user message)
+    answer: str
+
+
+@dataclass
+class PromptBatch:
+    tasks: list[Task]
+    seed: int  # sampling seed of this batch (from the loader's state)
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> PromptBatch:
+        return self  # token tensors are built in `loss`, after sampling
+
+
+def encode_tasks(records: list[tuple[str, dict]], fmt: ChatFormat, *, max_prompt_len: int) -> list[Task]:
+    out = []
+    for where, rec in records:
+        if not isinstance(rec, dict) or "prompt" not in rec or "answer" not in rec:
+            raise DataError(f"{where}: an RLVR record needs \"prompt\" and \"answer\"")
+        msgs = as_messages(rec["prompt"], role="user", where=where, field="prompt")
+        ids = fmt.prompt_ids(msgs)
+        if len(ids) > max_prompt_len:
+            raise DataError(f"{where}: the prompt has {len(ids)} tokens; with posttrain.max_new_tokens it must fit "
+                            f"model.max_seq_len ({max_prompt_len} tokens left for it)")
+        out.append(Task(ids, msgs[-1]["content"], str(rec["answer"])))
+    if not out:
+        raise DataError("RLVR data: no prompts")
+    return out
+
+
+class PromptLoader:
+    """Endless, Stateful prompt batches, shuffled per epoch by (seed, epoch); each batch gets its own seed."""
+
+    def __init__(self, tasks: list[Task], *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.tasks, self.batch_size, self.seed, self.rank = tasks, batch_size, seed, rank
+        self.cursor = EpochCursor(shuffled_share(len(tasks), seed=seed, stream=4, rank=rank, world_size=world_size),
+                                  empty=f"RLVR data: {len(tasks)} prompt(s) for {world_size} data-parallel ranks, "
+                                  f"so rank {rank} gets none; add prompts or use fewer ranks")
+        self.batches = 0
+
+    def next_batch(self) -> PromptBatch:
+        picked = [self.tasks[int(i)] for i in self.cursor.take(self.batch_size)]
+        self.batches += 1
+        seed = int(np.random.default_rng([self.seed, 5, self.rank, self.batches]).integers(2**62))
+        return PromptBatch(picked, seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "prompts", **self.cursor.state_dict(), "batches": self.batches, "prompts": len(self.tasks)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "prompts" or state.get("prompts") != len(self.tasks):
+            raise DataError(f"RLVR data changed under a resume (saved {state.get('prompts')} prompts, now "
+                            f"{len(self.tasks)}); restore the data or start fresh")
+        self.cursor.load_state_dict(state)
+        self.batches = int(state["batches"])
+
+
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """(N,) rewards, N = prompts x G, grouped consecutively -> (N,) (r - mean) / (std + eps) per group."""
+    r = rewards.view(-1, group_size)
+    std = r.std(dim=1, keepdim=True, unbiased=False) if group_size > 1 else torch.zeros_like(r[:, :1])
+    return ((r - r.mean(dim=1, keepdim=True)) / (std + eps)).flatten()
+
+
+def completion_batch(prompts: list[list[int]], completions: list[list[int]], *, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded inputs and targets (-100 except on completion tokens). Each (N, T)."""
+    return right_padded([p + c for p, c in zip(prompts, completions)],
+                        [[False] * len(p) + [True] * len(c) for p, c in zip(prompts, completions)], pad_id=pad_id)
+
+
+class RLVRObjective(Objective):
+    """GRPO with verifiable rewards; count = completions."""
+
+    name = "rlvr"
+    single_device = True  # sampling is not distributed-safe: kiln.train.engine refuses a distributed layout
+
+    def __init__(self, train: list[Task], val: list[Task] | None = None, *, reference: Path, reward: Reward,
+                 tokenizer, group_size: int, kl_coef: float, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, config: Config | None = None) -> None:
+        """`config`: the run's config, for the trainer's autocast (train.dtype) in `setup`; None: fp32."""
+        self.train, self.val, self.reference, self.reward, self.tok = train, val or [], reference, reward, tokenizer
+        self.G, self.kl_coef, self.max_new_tokens = group_size, kl_coef, max_new_tokens
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.config = config
+        self.ref: nn.Module | None = None
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        from kiln.train.trainer import autocast_for
+
+        return autocast_for(self.config, device) if self.config is not None else contextlib.nullcontext()
+
+    def setup(self, model: nn.Module, *, device: torch.device) -> None:
+        self.ref = None if self.kl_coef <= 0 else load_reference(
+            self.reference, device=device, like=model, autocast_dtype=autocast_dtype_of(self._autocast(device), device))
+
+    def train_data(self, cfg, tokenizer, *, rank: int = 0, world_size: int = 1) -> PromptLoader:
+        return PromptLoader(self.train, batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, rank=rank,
+                            world_size=world_size)
+
+    def val_data(self, cfg, tokenizer) -> dict[str, list[list[Task]]]:
+        return {"rlvr": [self.val]} if self.val else {}
+
+    def count(self, batch: PromptBatch) -> int:
+        return len(batch.tasks) * self.G
+
+    def completions_text(self, prompt: list[int], completion: list[int]) -> str:
+        if completion and completion[-1] == self.tok.eos_id:
+            completion = completion[:-1]
+        return continuation_text(self.tok, prompt, completion)
+
+    def sample(self, model: nn.Module, tasks: list[Task], *, n: int, temperature: float, seed: int) -> list[list[int]]:
+        """n completions per task (grouped consecutively), sampled with the policy in eval mode."""
+        was = model.training
+        model.eval()
+        prompts = [t.prompt for t in tasks for _ in range(n)]
+        outs = generate(model, prompts, max_new_tokens=self.max_new_tokens, temperature=temperature,
+                        top_k=self.top_k, top_p=self.top_p, eos_id=self.tok.eos_id, seed=seed)
+        model.train(was)
+        return outs
+
+    def score(self, tasks: list[Task], outs: list[list[int]], n: int) -> Tensor:
+        rewards = [self.reward(t.text, self.completions_text(t.prompt, o), t.answer)
+                   for t, o in zip([t for t in tasks for _ in range(n)], outs)]
+        return torch.tensor(rewards, dtype=torch.float32)
+
+    def loss(self, model: nn.Module, batch: PromptBatch, *, cfg) -> tuple[Tensor, dict[str, Tensor]]:
+        outs = self.sample(model, batch.tasks, n=self.G, temperature=self.temperature, seed=batch.seed)
+        rewards = self.score(batch.tasks, outs, self.G)  # (N,)
+        device = next(model.parameters()).device
+        adv = group_advantages(rewards, self.G).to(device)  # (N,)
+        prompts = [t.prompt for t in batch.tasks for _ in range(self.G)]
+        tok, tgt = completion_batch(prompts, outs, pad_id=self.tok.eos_id)
+        tok, tgt = tok.to(device), tgt.to(device)
+        mask = (tgt != IGNORE).float()  # (N, T)
+        lengths = mask.sum(dim=1).clamp(min=1)  # (N,)
+        logp = token_logps(model, tok, tgt, temperature=self.temperature)  # (N, T)
+        per_tok = -adv[:, None] * torch.exp(logp - logp.detach())
+        kl = torch.zeros_like(logp)
+        if self.ref is not None:
+            with torch.no_grad(), self._autocast(device):  # fresh: the reference's linear weights may be bf16
+                ref = token_logps(self.ref, tok, tgt, temperature=self.temperature)
+            delta = ref - logp
+            kl = torch.exp(delta) - delta - 1  # k3 >= 0
+            per_tok = per_tok + self.kl_coef * kl
+        per_seq = (per_tok * mask).sum(dim=1) / lengths  # (N,)
+        kl_seq = ((kl * mask).sum(dim=1) / lengths).detach()
+        std = rewards.view(-1, self.G).std(dim=1, unbiased=False)
+        extras = {"reward": rewards.sum().to(device), "kl": kl_seq.sum(), "completion_len": lengths.sum().detach(),
+                  "group_reward_std": (std.repeat_interleave(self.G)).sum().to(device)}
+        return per_seq.sum(), extras
+
+    def evaluate(self, model, val, *, cfg, device, autocast) -> dict[str, float]:
+        tasks = val["rlvr"][0]
+        with autocast or contextlib.nullcontext():
+            outs = self.sample(model, tasks, n=1, temperature=0.0, seed=0)
+        mean = float(self.score(tasks, outs, 1).mean())
+        return {"eval_loss": -mean, "eval_reward": mean}
+
+
+def load_tasks(path: str, fmt: ChatFormat, *, max_prompt_len: int, split: str = "train") -> list[Task]:
+    return encode_tasks(load_records(path, split=split), fmt, max_prompt_len=max_prompt_len)

@@ -1,0 +1,149 @@
+"""HF folder -> `kiln import` -> kiln checkpoint -> `kiln export` -> HF folder: logits, tokenizer and chat
+template survive the round trip for Llama, Qwen3 and SmolLM3; the imported checkpoint fine-tunes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from conftest import kiln_cmd
+from kiln.config import load_config
+from kiln.export import ExportError, export_checkpoint, import_hf_folder
+from kiln.train import checkpoint as ckpt_io
+from test_sft import CHATML, CONVO, tiny_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16, "tie_word_embeddings": True}),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {"no_rope_layer_interval": 2, "use_sliding_window": False,
+                                                       "pad_token_id": None, "bos_token_id": 0, "eos_token_id": 1}),
+}
+
+
+def hf_folder(tmp_path, family: str):
+    """A random HF model with non-trivial norms, saved with an HF-written tokenizer that has a chat template."""
+    cfg_cls, model_cls, extra = FAMILIES[family]
+    if not hasattr(transformers, model_cls):
+        pytest.skip(f"transformers has no {model_cls}")
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**{**BASE, **extra})).eval()
+    with torch.no_grad():
+        for _name, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if p.ndim == 1 else 0.1 * torch.randn_like(p))
+    out = tmp_path / f"hf-{family}"
+    model.save_pretrained(out)
+    from kiln.data.tokenizer import load_tokenizer
+
+    kiln_tok = load_tokenizer(tiny_tokenizer(tmp_path / "tok"))
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=kiln_tok.backend, eos_token="</s>", bos_token="<s>")
+    hf_tok.chat_template = CHATML
+    hf_tok.save_pretrained(out)
+    return model, out
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_import_export_round_trip_keeps_logits_tokens_and_template(tmp_path, family):
+    original, src = hf_folder(tmp_path, family)
+    run = tmp_path / "run"
+    if family == "llama":  # once through the command line, as a user would
+        res = subprocess.run(kiln_cmd("import", "--hf", str(src), "--out", str(run)), capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        ckpt = ckpt_io.resolve_checkpoint(run)
+    else:
+        ckpt = import_hf_folder(src, run)
+    model, cfg, _ = ckpt_io.load_for_inference(run)
+    assert cfg.model.qk_norm == (family == "qwen3") and cfg.model.nope_every == (2 if family == "smollm3" else 0)
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(ids) - logits(original, ids)).abs().max().item() <= 1e-5  # kiln computes what HF does
+
+    back = export_checkpoint(ckpt, tmp_path / "back")
+    again = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
+    assert type(again).__name__ == FAMILIES[family][1]
+    assert torch.equal(logits(again, ids), logits(original, ids))  # the same weights, bit for bit
+
+    tok_a = transformers.AutoTokenizer.from_pretrained(src)
+    tok_b = transformers.AutoTokenizer.from_pretrained(back)
+    for text in ["What is 2+3? hello  world", "caf\u00e9 [INST] x</s>"]:
+        assert tok_a(text, add_special_tokens=False)["input_ids"] == tok_b(text, add_special_tokens=False)["input_ids"]
+    chat_a = tok_a.apply_chat_template(CONVO, tokenize=True, add_generation_prompt=True)["input_ids"]
+    assert list(tok_b.apply_chat_template(CONVO, tokenize=True, add_generation_prompt=True)["input_ids"]) == list(chat_a)
+
+    # the run folder's config continues pretraining from the imported weights, into a new folder
+    cont = load_config(str(run / "config.yaml"))
+    assert cont.run.init_from == str(ckpt.resolve()) and cont.run.out_dir == str(run.resolve()) + "-train"
+    assert cont.data.tokenizer == str((run / "tokenizer").resolve())
+
+
+def test_imported_model_fine_tunes_with_its_own_chat_template(tmp_path):
+    from kiln.data.tokenizer import load_tokenizer
+    from kiln.posttrain.chat import ChatFormat
+    from kiln.posttrain.sft import SFTObjective, encode_conversations
+    from kiln.train.trainer import train
+
+    _, src = hf_folder(tmp_path, "llama")
+    ckpt = import_hf_folder(src, tmp_path / "run")
+    cfg = ckpt_io.read_config(ckpt)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    fmt = ChatFormat.for_config(tok, chat_template="auto", tokenizer_spec=cfg.data.tokenizer)
+    assert fmt.name == "tokenizer" and "<|im_start|>" in fmt.render(CONVO)
+    convs = encode_conversations([("t", {"messages": CONVO})] * 8, fmt, max_len=64)
+    cfg.run.init_from, cfg.run.out_dir = str(ckpt), str(tmp_path / "sft")
+    cfg.train.seq_len, cfg.train.max_steps, cfg.train.micro_batch_size, cfg.train.global_batch_size = 64, 2, 2, 2
+    cfg.train.sample_tokens = 0
+    summary = train(cfg, objective=SFTObjective(convs), quiet=True)
+    assert summary["step"] == 2
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["imported_from"] == str(src.resolve())
+    with pytest.raises(ExportError, match="already holds checkpoints"):
+        import_hf_folder(src, tmp_path / "run")
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "llama3", "factor": 8.0}, {"type": "linear", "factor": 2.0}])
+def test_scaled_rope_is_refused(scaling):
+    """transformers 4.x keeps Llama 3.x's RoPE scaling in rope_scaling (rope_parameters is 5.x only):
+    such a config must not import as plain RoPE with the wrong frequencies."""
+    from types import SimpleNamespace
+
+    from kiln.export import _model_config_from_hf
+
+    def config(**kw):
+        return SimpleNamespace(model_type="llama", num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, intermediate_size=96, max_position_embeddings=128,
+                               rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, vocab_size=320,
+                               **kw)
+
+    assert _model_config_from_hf(config(rope_scaling=None)).rope_theta == 500000.0  # 4.x, plain RoPE
+    assert _model_config_from_hf(config(rope_scaling={"rope_type": "default"})).n_layers == 2
+    with pytest.raises(ExportError, match="rope_scaling"):
+        _model_config_from_hf(config(rope_scaling=scaling))
+
+
+def test_import_warns_when_the_tokenizer_adds_bos(tmp_path, capsys):
+    """kiln never adds BOS; a model whose tokenizer prepends it was trained with it: say so on import."""
+    from tokenizers.processors import TemplateProcessing
+
+    _, src = hf_folder(tmp_path, "llama")
+    import_hf_folder(src, tmp_path / "plain")
+    assert "BOS" not in capsys.readouterr().err
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    bos = tok.convert_tokens_to_ids("<s>")
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    tok.save_pretrained(src)
+    assert transformers.AutoTokenizer.from_pretrained(src)("a")["input_ids"][0] == bos
+    import_hf_folder(src, tmp_path / "bos")
+    err = capsys.readouterr().err
+    assert "puts <s> before every text" in err and "kiln never adds BOS" in err

@@ -1,0 +1,203 @@
+"""RLVR: verifiers, group advantages, the policy-gradient loss against a hand-built surrogate, a toy task."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from kiln.data.tokenizer import load_tokenizer
+from kiln.errors import ConfigError
+from kiln.eval.loss import token_logps
+from kiln.posttrain.chat import ChatFormat
+from kiln.posttrain.rewards import RewardError, build_reward, extract_number, numeric_match
+from kiln.posttrain.rlvr import (
+    PromptBatch,
+    PromptLoader,
+    RLVRObjective,
+    completion_batch,
+    encode_tasks,
+    group_advantages,
+)
+from kiln.posttrain.sft import SFTObjective, encode_conversations
+from kiln.train import checkpoint as ckpt_io
+from kiln.train.metrics import read_metrics
+from kiln.train.trainer import train
+from test_sft import base_checkpoint, tiny_config, tiny_tokenizer
+
+
+def test_numeric_verifier():
+    assert extract_number("so 3 apples, then 1,234.") == 1234
+    assert numeric_match("", "The answer is 1,234.", "She has 1000 + 234 = 1234\n#### 1,234") == 1.0
+    assert numeric_match("", "-3.50", "-3.5") == 1.0
+    assert numeric_match("", "72 or 73", "#### 72") == 0.0  # the last number counts
+    assert numeric_match("", "no idea", "5") == 0.0
+    assert numeric_match("", "5", "no number") == 0.0
+
+
+def test_reward_specs(tmp_path):
+    f = tmp_path / "verify.py"
+    f.write_text("def score(prompt, completion, answer):\n    return len(completion) / 10\n"
+                 "def broken(prompt, completion, answer):\n    return 1 / 0\n"
+                 "def text(prompt, completion, answer):\n    return 'yes'\n")
+    r = build_reward(["numeric", "0.5*regex:^\\d+$", f"python:{f}:score"])
+    assert r("p", "42", "42") == pytest.approx(1.0 + 0.5 + 0.2)
+    assert r("p", "x 41", "42") == pytest.approx(0.4)
+    assert build_reward(["exact"])("p", " hi ", "hi") == 1.0
+    assert build_reward(["contains"])("p", "I say hi!", "hi") == 1.0
+    assert build_reward(["python:math:isclose"]) is not None  # an import string works too
+    with pytest.raises(RewardError, match="ZeroDivisionError"):
+        build_reward([f"python:{f}:broken"])("p", "c", "a")
+    with pytest.raises(RewardError, match="finite number"):
+        build_reward([f"python:{f}:text"])("p", "c", "a")
+    with pytest.raises(ConfigError, match="unknown verifier"):
+        build_reward(["numbers"])
+    with pytest.raises(ConfigError, match="invalid pattern"):
+        build_reward(["regex:("])
+    with pytest.raises(ConfigError, match="no function nope"):
+        build_reward([f"python:{f}:nope"])
+
+
+def test_group_advantages_closed_form():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    a = group_advantages(r, 4, eps=1e-4)
+    # group 1: mean 0.5, population std 0.5, so (r - 0.5) / (0.5 + eps)
+    h = 0.5 / (0.5 + 1e-4)
+    assert a[:4].tolist() == pytest.approx([h, -h, -h, h], rel=1e-6)
+    assert a[4:].tolist() == [0.0] * 4  # equal rewards: no signal
+
+
+def test_completion_batch_targets_only_the_completion():
+    tok, tgt = completion_batch([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad_id=0)
+    assert tok.tolist() == [[5, 6, 7, 1], [8, 3, 4, 0]]
+    assert tgt.tolist() == [[-100, -100, 1, 2], [3, 4, 9, -100]]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_loss_gradient_is_the_group_relative_policy_gradient(tmp_path, temperature):
+    """At the reference the k3 KL term has zero gradient; what remains is -sum_i A_i mean_t grad log p,
+    with log p that of the sampling distribution (logits / temperature)."""
+    ckpt = base_checkpoint(tmp_path)
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    tasks = encode_tasks([("t", {"prompt": f"What is {i}+1?", "answer": str(i + 1)}) for i in range(3)],
+                         ChatFormat(tok), max_prompt_len=100)
+    model, _, _ = ckpt_io.load_for_inference(ckpt)
+    model.train()
+    reward = build_reward(["regex:[0-4]"])
+    obj = RLVRObjective(tasks, reference=ckpt, reward=reward, tokenizer=tok, group_size=4, kl_coef=0.5,
+                        max_new_tokens=6, temperature=temperature)
+    obj.setup(model, device=torch.device("cpu"))
+    batch = PromptBatch(tasks, seed=7)
+    loss, extras = obj.loss(model, batch, cfg=None)
+    assert extras["kl"].item() == pytest.approx(0.0, abs=1e-6)
+    got = torch.autograd.grad(loss, list(model.parameters()))
+
+    outs = obj.sample(model, tasks, n=4, temperature=temperature, seed=7)  # the same completions (same seed)
+    rewards = torch.tensor([reward(t.text, obj.completions_text(t.prompt, o), t.answer)
+                            for t, o in zip([t for t in tasks for _ in range(4)], outs)])
+    assert extras["reward"].item() == pytest.approx(rewards.sum().item())
+    assert 0 < rewards.sum() < len(rewards)  # both outcomes occur, so the gradient is not trivially zero
+    adv = group_advantages(rewards, 4)
+    tk, tg = completion_batch([t.prompt for t in tasks for _ in range(4)], outs, pad_id=tok.eos_id)
+    mask = (tg != -100).float()
+    logits = model(tk).float() / temperature  # (N, T, V): the distribution the completions were drawn from
+    logp = torch.log_softmax(logits, -1).gather(-1, tg.clamp(min=0)[..., None]).squeeze(-1) * mask
+    surrogate = -(adv * logp.sum(1) / mask.sum(1)).sum()
+    want = torch.autograd.grad(surrogate, list(model.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    if temperature != 1.0:  # the temperature matters: log p of the raw logits gives another gradient
+        raw = token_logps(model, tk, tg)
+        other = torch.autograd.grad(-(adv * (raw * mask).sum(1) / mask.sum(1)).sum(), list(model.parameters()))
+        assert max((g - o).abs().max().item() for g, o in zip(got, other)) > 1e-3
+
+
+def test_rlvr_is_refused_under_a_distributed_layout():
+    """Sampling is single-device: the engine refuses RLVR on any distributed layout; SFT and DPO pass the guard."""
+    from types import SimpleNamespace
+
+    from kiln.posttrain.dpo import DPOObjective
+    from kiln.train.engine import Engine
+
+    assert RLVRObjective.single_device is True
+    assert SFTObjective.single_device is False and DPOObjective.single_device is False
+    obj = RLVRObjective([], reference=None, reward=None, tokenizer=None, group_size=2, kl_coef=0.0, max_new_tokens=1)
+    with pytest.raises(ConfigError, match="rlvr runs in one process"):
+        Engine(None, SimpleNamespace(distributed=True, pp=1), obj, seed=0)
+
+
+def test_prompt_loader_refuses_a_rank_without_prompts(tmp_path):
+    from kiln.errors import DataError
+
+    tok = load_tokenizer(tiny_tokenizer(tmp_path / "tok"))
+    tasks = encode_tasks([("t", {"prompt": "hi", "answer": "1"})] * 2, ChatFormat(tok), max_prompt_len=100)
+    assert len(PromptLoader(tasks, batch_size=3, seed=0, rank=1, world_size=2).next_batch().tasks) == 3
+    with pytest.raises(DataError, match="2 prompt\\(s\\) for 3 data-parallel ranks, so rank 2 gets none"):
+        PromptLoader(tasks, batch_size=1, seed=0, rank=2, world_size=3)
+
+
+@pytest.mark.slow
+def test_rlvr_raises_mean_reward_on_a_toy_task(tmp_path):
+    """SFT teaches 'reply with one digit' (uniform); RLVR with an exact-match verifier for 7 makes 7 likely."""
+    ckpt = base_checkpoint(tmp_path)
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    fmt = ChatFormat(tok)
+    prompts = ["Say a digit.", "A digit please.", "Give me a number.", "Say it."]
+    rng = random.Random(0)
+    chats = [[{"role": "user", "content": rng.choice(prompts)}, {"role": "assistant", "content": str(rng.randint(0, 9))}]
+             for _ in range(400)]
+    convs = encode_conversations([("t", {"messages": m}) for m in chats], fmt, max_len=64)
+    cfg = tiny_config(tmp_path, **{"run.out_dir": str(tmp_path / "sft"), "run.init_from": str(ckpt),
+                                   "train.max_steps": 120, "train.micro_batch_size": 8, "train.global_batch_size": 8,
+                                   "optim.lr": 1e-2})
+    train(cfg, objective=SFTObjective(convs), quiet=True)
+    sft = ckpt_io.resolve_checkpoint(tmp_path / "sft")
+
+    data = tmp_path / "rl.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "answer": "7"}) + "\n" for p in prompts))
+    tasks = encode_tasks([("t", {"prompt": p, "answer": "7"}) for p in prompts], fmt, max_prompt_len=100)
+    obj = RLVRObjective(tasks, reference=sft, reward=build_reward(["exact"]), tokenizer=tok, group_size=8,
+                        kl_coef=0.01, max_new_tokens=4)
+
+    def sampled_reward(ckpt_path) -> float:
+        model, _, _ = ckpt_io.load_for_inference(ckpt_path)
+        outs = obj.sample(model, tasks, n=64, temperature=1.0, seed=123)
+        return float(obj.score(tasks, outs, 64).mean())
+
+    before = sampled_reward(sft)
+    assert 0.02 < before < 0.3  # about 1 in 10: the SFT model says a digit, any digit
+    cfg = tiny_config(tmp_path, **{"run.out_dir": str(tmp_path / "rl"), "run.init_from": str(sft),
+                                   "train.max_steps": 25, "train.micro_batch_size": 4, "train.global_batch_size": 4,
+                                   "optim.lr": 3e-3})
+    train(cfg, objective=obj, quiet=True)
+    after = sampled_reward(tmp_path / "rl")
+    rewards = [r["reward"] for r in read_metrics(tmp_path / "rl") if r["kind"] == "train"]
+    print(f"sampled mean reward {before:.3f} -> {after:.3f}; training reward {rewards[:3]} ... {rewards[-3:]}")
+    assert after > before + 0.3
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5
+
+
+def test_rlvr_resume_replays_the_same_samples(tmp_path):
+    """The sampling seed is part of the loader state and the reference is reloaded from its checkpoint,
+    so 2 steps + resume + 2 steps equals 4 steps (losses, rewards)."""
+    ckpt = base_checkpoint(tmp_path)
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    tasks = encode_tasks([("t", {"prompt": f"What is {i}+1?", "answer": str(i + 1)}) for i in range(5)],
+                         ChatFormat(tok), max_prompt_len=100)
+
+    def run(out: str, stop: int = 0) -> list[tuple]:
+        obj = RLVRObjective(tasks, reference=ckpt, reward=build_reward(["regex:[0-4]"]), tokenizer=tok,
+                            group_size=4, kl_coef=0.1, max_new_tokens=4)
+        cfg = tiny_config(tmp_path, **{"run.out_dir": str(tmp_path / out), "run.init_from": str(ckpt),
+                                       "train.max_steps": 4, "train.stop_at_step": stop, "train.save_every": 2,
+                                       "train.micro_batch_size": 2, "train.global_batch_size": 2, "optim.lr": 1e-2})
+        train(cfg, objective=obj, quiet=True)
+        return [(r["step"], r["loss"], r["reward"], r["kl"]) for r in read_metrics(tmp_path / out)
+                if r["kind"] == "train"]
+
+    full = run("a")
+    run("b", stop=2)
+    assert run("b") == full and len(full) == 4
+    assert any(r[3] > 0 for r in full)  # the policy moved away from the reference

@@ -1,0 +1,345 @@
+"""SFT: chat template (and its HF equality), assistant-only masks, packing with document masks, training, resume.
+
+Also the shared helpers of the post-training tests: a tiny byte-level BPE with chat control tokens
+(fast models: 320 ids) and a tiny checkpoint to start post-training from.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import kiln_cmd
+from kiln.config import Config, ModelConfig
+from kiln.data.packing import IGNORE
+from kiln.data.tokenizer import Tokenizer, load_tokenizer
+from kiln.eval.loss import token_loss_sum
+from kiln.model import build_model
+from kiln.posttrain.chat import KILN_TEMPLATE, ChatFormat, write_chat_template
+from kiln.posttrain.sft import SFTLoader, SFTObjective, encode_conversations, pack_rows, rows_to_batch
+from kiln.train import checkpoint as ckpt_io
+from kiln.train.metrics import read_metrics
+from kiln.train.trainer import train
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+WORDS = ("What is the answer say digit number plus minus times yes no hello world good bad it . ? ! "
+         "0 1 2 3 4 5 6 7 8 9 + = Be brief").split()
+CONVO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+         {"role": "assistant", "content": "It is 4."}, {"role": "user", "content": "And 3+3?"},
+         {"role": "assistant", "content": "6"}]
+
+
+def tiny_tokenizer(folder: Path, *, chat_template: str | None = None) -> str:
+    """A 320-id byte-level BPE with <s>, </s>, [INST], [/INST], <|im_start|>, <|im_end|>; returns its folder."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tk = tokenizers.Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    rng = random.Random(0)
+    text = [" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(200)]
+    trainer = trainers.BpeTrainer(vocab_size=320, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<s>", "</s>", "[INST]", "[/INST]", "<|im_start|>", "<|im_end|>"])
+    tk.train_from_iterator(text, trainer=trainer)
+    Tokenizer(tk, name="tiny", eos_token="</s>", bos_token="<s>").save_hf(folder)
+    if chat_template:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        cfg["chat_template"] = chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return str(folder)
+
+
+def tiny_config(tmp_path: Path, **over) -> Config:
+    """A 4-layer-free, 320-vocab config on the tiny tokenizer (tests build it in-process)."""
+    tok = tiny_tokenizer(tmp_path / "tok")
+    cfg = Config()
+    cfg.model = ModelConfig(vocab_size=320, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                            max_seq_len=128)
+    cfg.data.tokenizer = tok
+    cfg.run.name, cfg.run.out_dir, cfg.run.seed = "base", str(tmp_path / "base"), 0
+    t = cfg.train
+    t.seq_len, t.micro_batch_size, t.global_batch_size, t.log_every, t.eval_every = 64, 4, 4, 1, 1000
+    t.save_every, t.sample_tokens, t.max_steps = 1000, 0, 1
+    cfg.optim.warmup_steps, cfg.optim.weight_decay, cfg.optim.schedule = 0, 0.0, "constant"
+    for k, v in over.items():
+        section, key = k.split(".")
+        setattr(getattr(cfg, section), key, v)
+    return cfg
+
+
+def base_checkpoint(tmp_path: Path) -> Path:
+    """A randomly initialised tiny checkpoint, written as `kiln train` writes one."""
+    cfg = tiny_config(tmp_path)
+    model = build_model(cfg.model, seed=0)
+    return ckpt_io.save_checkpoint(tmp_path / "base" / "checkpoints", 0, model=model, cfg=cfg, train_state={},
+                                   meta={"tokens_seen": 0})
+
+
+def addition_chats(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, 4), rng.randint(0, 4)
+        out.append([{"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": f"{a + b}"}])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mistral():
+    return load_tokenizer("mistral-v3")
+
+
+def test_assistant_mask_is_exactly_the_assistant_spans(mistral):
+    fmt = ChatFormat(mistral)
+    assert fmt.render(CONVO) == "[INST] Be brief.\n\nWhat is 2+2?[/INST] It is 4.</s>[INST] And 3+3?[/INST] 6</s>"
+    enc = fmt.encode(CONVO)
+    # the masked runs are exactly [prompt up to message i, conversation up to message i) for each assistant i
+    want = np.zeros(len(enc.ids), dtype=bool)
+    for i in (2, 4):
+        start, end = len(fmt.prompt_ids(CONVO[:i])), len(fmt.encode(CONVO[:i + 1]).ids)
+        assert enc.ids[:end].tolist() == fmt.encode(CONVO[:i + 1]).ids.tolist()  # prefix-consistent
+        want[start:end] = True
+    assert enc.mask.tolist() == want.tolist()
+    runs = [mistral.decode(enc.ids[s:e].tolist()) for s, e in _runs(enc.mask)]
+    assert runs == ["It is 4.</s>", "6</s>"]  # (the decoder drops each run's leading space)
+    assert enc.ids[enc.mask][-1] == mistral.eos_id and enc.ids[0] == mistral.backend.token_to_id("[INST]")
+    # train_on="last" (DPO) keeps only the final reply
+    last = fmt.encode(CONVO, train_on="last").mask
+    assert last.tolist() == (want & (np.arange(len(want)) >= len(fmt.prompt_ids(CONVO[:4])))).tolist()
+    # the packed row's targets are those tokens, shifted by one, and nothing else
+    row = pack_rows([enc], np.arange(1), seq_len=64, pack=True, pad_id=mistral.eos_id)[0]
+    scored = np.flatnonzero(row[1] != IGNORE) + 1
+    assert scored.tolist() == np.flatnonzero(enc.mask).tolist()
+    assert (row[1][scored - 1] == enc.ids[scored]).all()
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    out, start = [], None
+    for i, m in enumerate([*mask.tolist(), False]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def test_exported_template_reproduces_kiln_tokens_in_transformers(tmp_path, mistral):
+    from transformers import AutoTokenizer
+
+    mistral.save_hf(tmp_path / "hf")
+    assert write_chat_template(tmp_path / "hf", chat_template="auto", tokenizer_spec="mistral-v3") == "kiln"
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    fmt = ChatFormat(mistral)
+    for msgs in (CONVO, CONVO[1:4], [{"role": "user", "content": "caf\u00e9  twice  spaced\n\nline"}]):
+        for gen in (False, True):
+            ours = fmt.prompt_ids(msgs) if gen else fmt.encode(msgs).ids.tolist()
+            theirs = hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)["input_ids"]
+            assert ours == list(theirs)
+
+
+def test_the_tokenizers_own_template_is_used_and_masked(tmp_path):
+    spec = tiny_tokenizer(tmp_path / "tok", chat_template=CHATML)
+    tok = load_tokenizer(spec)
+    fmt = ChatFormat.for_config(tok, chat_template="auto", tokenizer_spec=spec)
+    assert fmt.name == "tokenizer" and fmt.template == CHATML
+    enc = fmt.encode(CONVO)
+    runs = [tok.decode(enc.ids[s:e].tolist()) for s, e in _runs(enc.mask)]
+    assert runs == ["It is 4.<|im_end|>\n", "6<|im_end|>\n"]
+    assert ChatFormat.for_config(tok, chat_template="kiln", tokenizer_spec=spec).template == KILN_TEMPLATE
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "export"
+    tok.save_hf(out)
+    write_chat_template(out, chat_template="auto", tokenizer_spec=spec)
+    hf = AutoTokenizer.from_pretrained(out)
+    assert list(hf.apply_chat_template(CONVO, tokenize=True)["input_ids"]) == enc.ids.tolist()
+
+
+def test_packed_rows_give_each_conversation_its_own_loss(tmp_path):
+    """Document masks: the loss of packed conversations equals the sum of their losses alone."""
+    tok = load_tokenizer(tiny_tokenizer(tmp_path / "tok"))
+    fmt = ChatFormat(tok)
+    chats = addition_chats(6) + [[{"role": "user", "content": "say hello world"},
+                                  {"role": "assistant", "content": "hello world good"}]]
+    convs = encode_conversations([("t", {"messages": m}) for m in chats], fmt, max_len=64)
+    rows = pack_rows(convs, np.arange(len(convs)), seq_len=64, pack=True, pad_id=tok.eos_id)
+    assert len(rows) < len(convs)  # several conversations share a row
+    model = build_model(ModelConfig(vocab_size=320, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                                    max_seq_len=128, init_std=0.1), seed=0).eval()
+    with torch.no_grad():
+        packed = sum(token_loss_sum(model, rows_to_batch([r]), doc_mask=True).item() for r in rows)
+        alone = [token_loss_sum(model, rows_to_batch(pack_rows([c], np.arange(1), seq_len=64, pack=False,
+                                                                  pad_id=tok.eos_id)), doc_mask=False).item()
+                 for c in convs]
+    assert packed == pytest.approx(sum(alone), rel=1e-5)
+    n_targets = sum(int((r[1] != IGNORE).sum()) for r in rows)
+    assert n_targets == sum(int(c.mask[1:].sum()) for c in convs)  # every assistant token, once
+    # a conversation never straddles two rows
+    for _tok_row, _, doc in rows:
+        assert (np.diff(doc) >= 0).all()
+
+
+def test_sft_learns_and_resumes_exactly(tmp_path):
+    ckpt = base_checkpoint(tmp_path)
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    fmt = ChatFormat(tok)
+    convs = encode_conversations([("t", {"messages": m}) for m in addition_chats(48)], fmt, max_len=64)
+    val = encode_conversations([("v", {"messages": m}) for m in addition_chats(16, seed=1)], fmt, max_len=64)
+
+    def run(out: str, steps: int, stop: int = 0):
+        cfg = tiny_config(tmp_path, **{"run.out_dir": str(tmp_path / out), "run.init_from": str(ckpt),
+                                       "train.max_steps": steps, "train.stop_at_step": stop,
+                                       "train.eval_every": 6, "train.save_every": 3, "optim.lr": 1e-2})
+        return train(cfg, objective=SFTObjective(convs, val), quiet=True)
+
+    run("a", 12)
+    run("b", 12, stop=5)
+    run("b", 12)
+    la = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "a") if r["kind"] == "train"]
+    lb = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "b") if r["kind"] == "train"]
+    assert la == lb and len(la) == 12
+    ev = [r["eval_loss"] for r in read_metrics(tmp_path / "a") if r["kind"] == "eval"]
+    assert ev[-1] < ev[0] - 1.0  # the assistant tokens are learnt
+
+
+def test_loader_state_round_trip():
+    convs = [type("E", (), {"ids": np.arange(n), "mask": np.ones(n, bool)})() for n in (5, 9, 3, 7, 12, 4)]
+    a = SFTLoader(convs, seq_len=16, batch_size=2, seed=3, pack=True, pad_id=0)
+    for _ in range(3):
+        a.next_batch()
+    b = SFTLoader(convs, seq_len=16, batch_size=2, seed=3, pack=True, pad_id=0)
+    b.load_state_dict(a.state_dict())
+    for _ in range(4):
+        x, y = a.next_batch(), b.next_batch()
+        assert torch.equal(x.tokens, y.tokens) and torch.equal(x.targets, y.targets)
+
+
+def test_cli_reports_bad_chat_data_in_one_line(tmp_path):
+    ckpt = base_checkpoint(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
+                   + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    res = subprocess.run(kiln_cmd("sft", "--checkpoint", str(ckpt), "--data", str(bad), "--run.out_dir",
+                                  str(tmp_path / "sft")), capture_output=True, text=True)
+    assert res.returncode == 2
+    err = res.stderr.strip().splitlines()[-1]
+    assert err.startswith("kiln: error:") and f"{bad}:2: message 0" in err
+
+
+def test_sft_loss_and_eval_use_train_loss_impl(tmp_path):
+    from kiln.errors import ConfigError
+    from kiln.eval.loss import _liger_loss
+
+    if _liger_loss() is not None:
+        pytest.skip("liger-kernel is installed")
+    tok = load_tokenizer(tiny_tokenizer(tmp_path / "tok"))
+    convs = encode_conversations([("t", {"messages": m}) for m in addition_chats(4)], ChatFormat(tok), max_len=64)
+    cfg = tiny_config(tmp_path, **{"train.loss_impl": "liger"})  # not installed: the loss must say so
+    obj = SFTObjective(convs, convs)
+    model = build_model(cfg.model, seed=0)
+    batch = obj.train_data(cfg, tok).next_batch()
+    with pytest.raises(ConfigError, match="liger"):
+        obj.loss(model, batch, cfg=cfg)
+    with pytest.raises(ConfigError, match="liger"):
+        obj.evaluate(model, obj.val_data(cfg, tok), cfg=cfg, device=torch.device("cpu"), autocast=None)
+
+
+def test_loader_memory_does_not_grow_with_the_epochs_tokens():
+    """Only row plans (conversation indices) are kept per epoch; rows are built when batched."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    convs = [type("E", (), {"ids": np.arange(n, dtype=np.int32), "mask": np.ones(n, bool)})()
+             for n in rng.integers(8, 40, size=3000)]
+    tokens = sum(len(c.ids) for c in convs)
+    tracemalloc.start()
+    loader = SFTLoader(convs, seq_len=128, batch_size=4, seed=0, pack=True, pad_id=0)
+    loader.next_batch()
+    kept = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    # materialised rows would be 20 bytes per row position (int64 tokens and targets, int32 doc ids)
+    assert kept < 5 * tokens, f"{kept} bytes kept for {tokens} tokens"
+
+
+def test_loaders_refuse_a_rank_without_data():
+    from kiln.errors import DataError
+
+    convs = [type("E", (), {"ids": np.arange(5), "mask": np.ones(5, bool)})() for _ in range(3)]
+    SFTLoader(convs, seq_len=16, batch_size=2, seed=0, pack=False, pad_id=0, rank=2, world_size=3)  # 3 rows, 3 ranks
+    with pytest.raises(DataError, match="rank 3 gets none"):
+        SFTLoader(convs, seq_len=16, batch_size=2, seed=0, pack=False, pad_id=0, rank=3, world_size=4)
+    with pytest.raises(DataError, match="fewer rows"):  # packed: 3 conversations fill one row
+        SFTLoader(convs, seq_len=16, batch_size=2, seed=0, pack=True, pad_id=0, rank=1, world_size=2)
+
+
+def test_epoch_cursor_computes_each_epoch_once_and_continues_across_epochs():
+    from kiln.posttrain.chat import EpochCursor
+
+    calls = []
+
+    def items(epoch: int) -> list[int]:
+        calls.append(epoch)
+        return [10 * epoch + i for i in range(3)]
+
+    cur = EpochCursor(items, empty="none")
+    assert cur.take(2) == [0, 1] and cur.take(2) == [2, 10] and cur.take(4) == [11, 12, 20, 21]
+    assert calls == [0, 1, 2]  # once per epoch, not once per item
+    other = EpochCursor(items, empty="none")
+    other.load_state_dict(cur.state_dict())
+    assert other.take(3) == cur.take(3) == [22, 30, 31]
+
+
+def test_hub_datasets_take_a_config_and_local_typos_are_not_hub_names(tmp_path, monkeypatch):
+    import datasets
+
+    from kiln.errors import DataError
+    from kiln.posttrain.chat import load_records
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, split=None: calls.append(
+        (path, name, split)) or [{"question": "q", "answer": "1"}])
+    monkeypatch.chdir(tmp_path)
+    assert load_records("openai/gsm8k:main", split="test") == [("openai/gsm8k:main[0]", {"question": "q", "answer": "1"})]
+    load_records("HuggingFaceTB/smoltalk")
+    (tmp_path / "data" / "local_ds").mkdir(parents=True)
+    load_records("data/local_ds")  # a local dataset folder goes to `datasets` too
+    assert calls == [("openai/gsm8k", "main", "test"), ("HuggingFaceTB/smoltalk", None, "train"),
+                     ("data/local_ds", None, "train")]
+    for missing in ("data/x.parquet", "data/x.jsonl", str(tmp_path / "data" / "x.parquet"), "./x.jsonl"):
+        with pytest.raises(DataError, match="no such file"):
+            load_records(missing)
+    assert len(calls) == 3
+
+
+def test_val_data_from_the_hub_uses_posttrain_val_split(tmp_path, monkeypatch):
+    import kiln.posttrain.chat as chat
+    import kiln.train.trainer as trainer
+    from kiln.posttrain import commands
+
+    ckpt = base_checkpoint(tmp_path)
+    splits = {}
+
+    def hub(name, *, split):
+        splits[name] = split
+        return [(f"{name}[{i}]", {"messages": m}) for i, m in enumerate(addition_chats(4))]
+
+    monkeypatch.setattr(chat, "_hub_records", hub)
+    monkeypatch.setattr(trainer, "train", lambda cfg, **kw: {})
+    monkeypatch.chdir(tmp_path)
+    args = ["--checkpoint", str(ckpt), "--data", "org/chats", "--val-data", "org/chats_val", "--run.out_dir", "sft"]
+    assert commands.sft(args) == 0
+    assert splits == {"org/chats": "train", "org/chats_val": "test"}
+    commands.sft([*args, "--posttrain.val_split", "validation"])
+    assert splits["org/chats_val"] == "validation"
