@@ -201,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     except KilnError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0, not one per process
             print(f"kiln: error: {e}", file=sys.stderr)
+        else:  # the agent stops every worker when one exits: give rank 0 time to print its line
+            import time
+
+            time.sleep(5)
         return 2
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
