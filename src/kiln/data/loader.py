@@ -129,7 +129,25 @@ class _TextJob:
             yield arrays, stream.state_dict()
 
 
-class PackedLoader:
+class PooledLoader:
+    """Base of the loaders that may own a WorkerPool (`self._pool`): stopping it, also on collection."""
+
+    _pool: WorkerPool | None = None
+
+    def close(self) -> None:
+        """Stop the worker processes (they also stop when the loader is garbage collected)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the pool may already be gone
+            pass
+
+
+class PackedLoader(PooledLoader):
     """Endless packed (batch_size, seq_len) batches over weighted text sources for one rank. Stateful."""
 
     def __init__(self, sources: list[SourceConfig], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
@@ -182,18 +200,6 @@ class PackedLoader:
             self._states[worker] = state
         self._consumed += 1
         return batch
-
-    def close(self) -> None:
-        """Stop the worker processes (they also stop when the loader is garbage collected)."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # ---- Stateful ---------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from kiln.config import SourceConfig
-from kiln.data.loader import WorkerPool, finish_validation, pin_default
+from kiln.data.loader import PooledLoader, WorkerPool, finish_validation, pin_default
 from kiln.data.packing import Batch, Row, batch_from_arrays
 from kiln.data.perm import Permutation, mix_key, uniform
 from kiln.data.tokenizer import Tokenizer, tokenizer_digest
@@ -305,7 +305,7 @@ class _ShardJob:
                 yield arrays, {"cursor": cursor, "counts": counts.tolist()}
 
 
-class ShardLoader:
+class ShardLoader(PooledLoader):
     """Endless (batch_size, seq_len) batches from prepared folders for one data-parallel rank. Stateful."""
 
     def __init__(self, sources: list[SourceConfig], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
@@ -355,17 +355,6 @@ class ShardLoader:
             _, batch, state = self._pool.next()
             self.cursor, self.counts = int(state["cursor"]), np.asarray(state["counts"], dtype=np.int64)
         return batch
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def state_dict(self) -> dict[str, Any]:
         """The global position (identical on every rank): save any one rank's."""

@@ -238,7 +238,8 @@ def _train(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fre
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     engine = Engine(cfg, layout, objective, seed=cfg.run.seed)
-    assert engine.micro_batches_per_step() == plan.accum_steps  # also checks the pipeline's microbatch split
+    if engine.micro_batches_per_step() != plan.accum_steps:  # the call also checks the pipeline's split
+        raise AssertionError("engine and plan disagree on micro-batches per step")
     if init_from is not None:  # start from another run's weights (fine-tuning, continued pretraining)
         state = engine.state_dict(optimizer=False)
         ckpt_io.load_training(init_from, state=state)
