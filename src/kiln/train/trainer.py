@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -507,7 +506,3 @@ def load_model_for_cli(path: str, *, device: str = "auto") -> tuple[Transformer,
     """Model + config + checkpoint path for generate / eval / chat."""
     return ckpt_io.load_for_inference(path, device=pick_device(device))
 
-
-def clear_run(out: Path) -> None:
-    """Remove a run folder (tests and `make clean`)."""
-    shutil.rmtree(out, ignore_errors=True)
