@@ -84,6 +84,9 @@ class Engine:
         if layout.distributed and getattr(objective, "single_device", False):
             raise ConfigError(f"{objective.name} runs in one process for now (its sampling is not distributed); "
                               "run it without torchrun")
+        if cfg.model.attention == "flex" and layout.device.type == "cpu":  # before compile hides the error
+            raise ConfigError("model.attention=flex has no backward on CPU in this PyTorch; train on CPU with "
+                              "model.attention=sdpa (same document mask), or use flex on a GPU")
         if layout.pp > 1:
             if type(objective) is not Objective:
                 raise ConfigError("parallel.pp > 1 supports pretraining only; post-training runs with data, tensor "
