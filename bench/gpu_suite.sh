@@ -3,6 +3,10 @@
 #
 #   make setup && .venv/bin/pip install -e '.[speed]'    # optional: Liger's fused loss, torchao (fp8)
 #   bash bench/gpu_suite.sh                              # ~20-30 min on an H100
+#   OUT=bench/results/gpu.jsonl bash bench/gpu_suite.sh dense    # one part: dense | llama | hf (any of them)
+#
+# Parts append to the same $OUT when it is given, so a machine with a per-command time limit runs
+# them one call each and the last call's table holds all of them.
 #
 # Every `kiln bench` run appends one JSON line to $OUT (tokens/s, step ms, MFU from the device
 # table, peak memory next to kiln.estimate's prediction); bench/vs_hf.py adds kiln and HF at the
@@ -10,10 +14,18 @@
 # (block "gpu"; the vs-HF table goes to block "vs_hf:cuda"). Commit RESULTS.md and $OUT together.
 set -uo pipefail
 
-PY=${PY:-.venv/bin/python}
+# the project's venv (`make setup`), else the machine's python3 with kiln read from src/ (a GPU box with torch
+# and transformers but no network: `kiln bench` and vs_hf.py need neither datasets nor mistral-common)
+if [ -z "${PY:-}" ]; then if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi; fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S).jsonl}
 STEPS=${STEPS:-20}
 WARMUP=${WARMUP:-5}
+PARTS=${*:-dense llama hf}
+for p in $PARTS; do
+  case $p in dense|llama|hf) ;; *) echo "gpu_suite.sh: unknown part '$p' (dense, llama, hf)" >&2; exit 2;; esac
+done
+want() { [[ " $PARTS " == *" $1 "* ]]; }
 mkdir -p "$(dirname "$OUT")"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "${OUT%.jsonl}.gpu.txt"
 
@@ -33,6 +45,7 @@ bench() {  # kiln bench PRESET [overrides]; a failure (OOM, missing package) is 
 
 # ---- dense-180m (seed 000): bf16 autocast, T=2048, micro-batch 16; one optimizer step = 1 micro-batch
 D="dense-180m --train.global_batch_size 16"
+if want dense; then
 bench $D                                                       # defaults: sdpa + doc mask, fused loss
 bench $D --train.compile true                                  # compiled blocks
 bench $D --train.compile true --train.compile_mode model       # whole trunk compiled
@@ -44,19 +57,24 @@ bench $D --model.attention flash                               # flash-attn varl
 bench $D --train.activation_checkpointing selective
 bench $D --train.activation_checkpointing full --train.micro_batch_size 32 --train.global_batch_size 32
 bench $D --optim.name adamw --train.compile true --data.doc_mask false   # best case for the MFU target
+fi
 
 # ---- llama-1b: micro-batch 8 x 2048 (4 micro-batches per step)
 L="llama-1b --train.global_batch_size 32"
+if want llama; then
 bench $L
 bench $L --train.compile true
 bench $L --train.compile true --train.activation_checkpointing selective --train.micro_batch_size 16
 bench $L --train.compile true --data.doc_mask false
+fi
 
 # ---- kiln vs Hugging Face at the same shapes on this GPU (same weights, data, AdamW, bf16 autocast)
+if want hf; then
 "$PY" bench/vs_hf.py --device cuda --dtype bf16 --preset dense-180m --batch 8 --seq 2048 --threads 8 \
   --steps 10 --warmup 3 --variants hf,kiln,kiln-compiled --json "$OUT" || echo "vs_hf dense-180m FAILED" >&2
 "$PY" bench/vs_hf.py --device cuda --dtype bf16 --preset llama-1b --batch 4 --seq 2048 --threads 8 \
   --steps 10 --warmup 3 --variants hf,kiln,kiln-compiled --json "$OUT" --no-write || echo "vs_hf llama-1b FAILED" >&2
+fi
 
 "$PY" bench/report.py "$OUT" --write gpu
 echo "results: $OUT (table recorded in bench/RESULTS.md)"

@@ -241,3 +241,12 @@ exit 0
     targets = set((tmp_path / "stdout_targets").read_text().split())
     assert len(targets) == 1 and targets.pop().startswith(str(scratch) + "/kiln_bench_line.")
     assert list(scratch.iterdir()) == []  # removed at exit
+    # one part per call (a machine with a per-command time limit), appending to the same OUT
+    part = subprocess.run(["bash", "bench/gpu_suite.sh", "llama"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert part.returncode == 0 and part.stderr.count("== kiln bench llama-1b") == 4, part.stderr
+    assert "dense-180m" not in part.stderr
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == runs - 1 + 4
+    bad = subprocess.run(["bash", "bench/gpu_suite.sh", "dense", "tiny"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown part 'tiny'" in bad.stderr and "== kiln bench" not in bad.stderr
