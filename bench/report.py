@@ -2,6 +2,7 @@
 
     python bench/report.py bench/results/gpu-*.jsonl                 # print the table
     python bench/report.py FILE.jsonl --write gpu                    # also replace RESULTS.md's "gpu" block
+    python bench/report.py ROUNDS.jsonl --median                     # repeated runs: each one's median run
 
 `write_block` is the one writer of RESULTS.md's marker blocks (`<!-- KEY:begin -->` ...
 `<!-- KEY:end -->`); bench/vs_hf.py uses it too.
@@ -51,6 +52,22 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def median_runs(records: list[dict]) -> list[dict]:
+    """Of repeated `kiln bench` runs of one configuration, the run with the median tokens/s (the upper
+    middle one for an even count), in the order configurations first appear; vs_hf.py lines pass through."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        key = (id(r),) if r.get("bench") == "vs_hf" else (
+            r.get("preset"), variant(r), r.get("micro_batch_size"), r.get("seq_len"), r.get("accumulation"),
+            r.get("device_name"), r.get("git_sha"))
+        groups.setdefault(key, []).append(r)
+    out = []
+    for runs in groups.values():
+        runs = sorted(runs, key=lambda r: r.get("tokens_per_sec", 0))
+        out.append(runs[len(runs) // 2])
+    return out
+
+
 def write_block(key: str, body: str, *, heading: str = "", path: Path | None = None) -> None:
     """Replace block `key` of RESULTS.md (or `path`) with `body`, keeping everything else. A new block goes
     right under `heading` (added at the end when missing), or at the end when no heading is given."""
@@ -73,6 +90,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+")
     ap.add_argument("--write", default="", help="replace this block of bench/RESULTS.md with the table")
+    ap.add_argument("--median", action="store_true", help="one row per configuration: its median run")
     args = ap.parse_args()
     records = []
     for f in args.files:
@@ -80,7 +98,7 @@ def main() -> int:
             line = line.strip()
             if line.startswith("{"):
                 records.append(json.loads(line))
-    body = table(records)
+    body = table(median_runs(records) if args.median else records)
     print(body)
     if args.write:
         write_block(args.write, body)

@@ -189,6 +189,17 @@ def test_results_blocks_are_replaced_in_place(tmp_path):
     assert "keep me" in text and "text" in text
 
 
+def test_report_median_keeps_each_configurations_median_run():
+    report = _bench_script("report")
+    base = {"preset": "tiny", "attention": "sdpa", "loss_impl": "auto", "micro_batch_size": 8, "seq_len": 256,
+            "accumulation": 1, "device_name": "cpu", "git_sha": "abc"}
+    runs = [{**base, "tokens_per_sec": t, "tag": t} for t in (30, 10, 20)]
+    runs += [{**base, "compile": True, "compile_mode": "block", "tokens_per_sec": t, "tag": t} for t in (5, 7)]
+    runs.append({"bench": "vs_hf", "rows": []})
+    kept = report.median_runs(runs)
+    assert [r.get("tag") for r in kept] == [20, 7, None]
+
+
 def test_vs_hf_labels_the_loss_it_ran(monkeypatch):
     """The "kiln" variant runs loss_impl=auto's choice explicitly and is named after it (Liger on CUDA when
     it imports, chunked otherwise), so a GPU table never calls Liger's kernel "chunked"."""
