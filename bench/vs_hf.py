@@ -5,8 +5,8 @@
 
 Both models start from kiln's initialisation (the HF copy is made with kiln.export.to_hf_model) and
 their step-0 losses must agree before anything is timed. Each step is what training does: forward,
-loss, backward, clip_grad_norm_(1.0), AdamW (foreach on CPU, fused on CUDA, same hyperparameters
-and decay groups). The variants run interleaved (A B C A B C ...), so a noisy shared machine slows
+loss, backward, clip_grad_norm_(1.0), AdamW (torch's fused kernel for both, as kiln builds it; same
+hyperparameters and decay groups). The variants run interleaved (A B C A B C ...), so a noisy shared machine slows
 them alike; the step time is the median over the timed steps. The result is printed as a table
 and, unless --no-write, recorded in bench/RESULTS.md (machine, date and commit beside it).
 """
@@ -79,7 +79,7 @@ def hf_optimizer(model: torch.nn.Module, cfg: OptimConfig, *, device_type: str) 
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "embed_tokens" in name else decay).append(p)
-    extra = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    extra = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}  # as kiln.optim.builder
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
                              lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **extra)
