@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -200,10 +200,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         step = statistics.median(v.times)
         rows.append({"variant": v.name, "step_ms": step * 1000, "tokens_per_sec": tokens / step,
                      "mfu": mfu(tokens_per_sec=tokens / step, flops_per_token=flops, peak_flops=peak.peak_flops),
-                     "loss_first": v.losses[0], "loss_last": v.losses[-1], "step_ms_min": min(v.times) * 1000})
-    hf_row = next((r for r in rows if r["variant"].startswith("HF")), None)
-    for r in rows:
-        r["vs_hf"] = r["tokens_per_sec"] / hf_row["tokens_per_sec"] if hf_row else None
+                     "loss_first": v.losses[0], "loss_last": v.losses[-1], "step_ms_min": min(v.times) * 1000,
+                     "step_ms_all": [round(t * 1000, 3) for t in v.times]})
+    hf = next((v for v in variants if v.name.startswith("HF")), None)
+    for v, r in zip(variants, rows):
+        # paired: round i's HF step over round i's step of this variant (adjacent in time, so a load spike
+        # hits both), then the median over rounds; the ratio of the two medians is kept beside it
+        r["vs_hf"] = statistics.median(a / b for a, b in zip(hf.times, v.times)) if hf else None
+        r["vs_hf_of_medians"] = statistics.median(hf.times) / statistics.median(v.times) if hf else None
     shape = (f"{cfg.n_layers} layers, d={cfg.d_model}, heads {cfg.n_heads}/{cfg.n_kv_heads}, ffn {cfg.ffn_dim}, "
              f"vocab {cfg.vocab_size}, {'tied' if cfg.tie_embeddings else 'untied'}"
              f"{', qk-norm' if cfg.qk_norm else ''}, batch {args.batch}x{args.seq}, {args.dtype}")
@@ -216,7 +220,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(res: dict[str, Any]) -> str:
-    lines = [f"{res['shape']}; median of {res['steps']} steps after {res['warmup']} warm-up, variants interleaved.",
+    lines = [f"{res['shape']}; median of {res['steps']} steps after {res['warmup']} warm-up, variants interleaved; "
+             "vs HF is the median over rounds of HF's step time over the variant's in the same round.",
              f"Machine: {res['machine']}; {res['date']}; commit {res['commit']}; torch {res['torch']}, "
              f"transformers {res['transformers']}.", "",
              "| variant | step ms | tokens/s | MFU | vs HF |", "|---|---:|---:|---:|---:|"]

@@ -212,7 +212,7 @@ def test_vs_hf_labels_the_loss_it_ran(monkeypatch):
     monkeypatch.setattr(loss, "_LIGER", [None])  # not installed
     assert vs_hf.resolved_loss_impl(torch.device("cuda")) == "chunked"
     args = vs_hf.parse_args(["--layers", "1", "--d-model", "32", "--heads", "2", "--kv-heads", "1", "--ffn", "64",
-                             "--vocab", "128", "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "0",
+                             "--vocab", "128", "--batch", "2", "--seq", "16", "--steps", "3", "--warmup", "0",
                              "--threads", "1", "--variants", "hf,kiln", "--no-write"])
     threads = torch.get_num_threads()
     try:
@@ -220,6 +220,10 @@ def test_vs_hf_labels_the_loss_it_ran(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert [r["variant"] for r in res["rows"]] == ["HF LlamaForCausalLM", "kiln (chunked loss)"]
+    hf, kiln = res["rows"]
+    assert hf["vs_hf"] == 1.0  # paired per round, then the median over rounds
+    paired = sorted(a / b for a, b in zip(hf["step_ms_all"], kiln["step_ms_all"]))
+    assert kiln["vs_hf"] == pytest.approx(paired[1], rel=1e-3)
     assert res["commit"] == git_describe(ROOT)
 
 
