@@ -145,15 +145,26 @@ def test_a_response_that_repeats_the_prompt_is_the_same_pair(tmp_path):
         assert x.ids.tolist() == y.ids.tolist() and x.mask.tolist() == y.mask.tolist()
 
 
-def test_pair_loader_refuses_a_rank_without_pairs(tmp_path):
-    from kiln.errors import DataError
+def test_pair_loader_ranks_split_the_single_process_stream(tmp_path):
+    """3 pairs on 4 ranks: rank 3 takes its first pair from the second epoch; each step's pairs over
+    the ranks are the single process's; the position reshards from 4 ranks to 2."""
     from kiln.posttrain.dpo import PairLoader
 
     tok = load_tokenizer(tiny_tokenizer(tmp_path / "tok"))
     pairs = encode_pairs([("t", p) for p in pairs_data(3)], ChatFormat(tok), max_len=65)
-    PairLoader(pairs, batch_size=2, seed=0, pad_id=0, rank=2, world_size=3).next_batch()
-    with pytest.raises(DataError, match="3 pair\\(s\\) for 4 data-parallel ranks, so rank 3 gets none"):
-        PairLoader(pairs, batch_size=2, seed=0, pad_id=0, rank=3, world_size=4)
+
+    one = PairLoader(pairs, batch_size=4, seed=0, pad_id=0)
+    four = [PairLoader(pairs, batch_size=1, seed=0, pad_id=0, rank=r, world_size=4) for r in range(4)]
+    for _ in range(3):
+        want = one.cursor.take(4)
+        assert want == [x for ld in four for x in ld.cursor.take(1)]
+    two = [PairLoader(pairs, batch_size=2, seed=0, pad_id=0, rank=r, world_size=2) for r in range(2)]
+    for ld in two:
+        ld.load_resharded_state([ld4.state_dict() for ld4 in four])
+    want = one.cursor.take(4)
+    a, b = two[0].cursor.take(2), two[1].cursor.take(2)  # rank r of 2 takes positions r, r+2 of the step
+    assert want == [a[0], b[0], a[1], b[1]]
+    assert one.next_batch().tokens.shape[0] == 2 * 4 and two[1].next_batch().tokens.shape[0] == 2 * 2
 
 
 def test_cli_rejects_incomplete_pairs(tmp_path):

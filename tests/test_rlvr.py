@@ -128,14 +128,19 @@ def test_rlvr_is_refused_under_a_distributed_layout():
         Engine(None, SimpleNamespace(distributed=True, pp=1), obj, seed=0)
 
 
-def test_prompt_loader_refuses_a_rank_without_prompts(tmp_path):
+def test_prompt_loader_ranks_split_the_single_process_stream(tmp_path):
+    """2 prompts on 3 ranks: rank 2 takes its first prompt from the second epoch."""
     from kiln.errors import DataError
 
     tok = load_tokenizer(tiny_tokenizer(tmp_path / "tok"))
-    tasks = encode_tasks([("t", {"prompt": "hi", "answer": "1"})] * 2, ChatFormat(tok), max_prompt_len=100)
-    assert len(PromptLoader(tasks, batch_size=3, seed=0, rank=1, world_size=2).next_batch().tasks) == 3
-    with pytest.raises(DataError, match="2 prompt\\(s\\) for 3 data-parallel ranks, so rank 2 gets none"):
-        PromptLoader(tasks, batch_size=1, seed=0, rank=2, world_size=3)
+    tasks = encode_tasks([("t", {"prompt": f"hi {i}", "answer": "1"}) for i in range(2)], ChatFormat(tok),
+                         max_prompt_len=100)
+    one = PromptLoader(tasks, batch_size=3, seed=0)
+    three = [PromptLoader(tasks, batch_size=1, seed=0, rank=r, world_size=3) for r in range(3)]
+    for _ in range(3):
+        assert one.cursor.take(3) == [x for ld in three for x in ld.cursor.take(1)]
+    with pytest.raises(DataError, match="no prompts"):
+        PromptLoader([], batch_size=1, seed=0)
 
 
 @pytest.mark.slow

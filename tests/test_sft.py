@@ -273,15 +273,61 @@ def test_loader_memory_does_not_grow_with_the_epochs_tokens():
     assert kept < 5 * tokens, f"{kept} bytes kept for {tokens} tokens"
 
 
-def test_loaders_refuse_a_rank_without_data():
+def test_ranks_split_one_global_stream_of_rows():
+    """W ranks take rows r, r+W, ... of the epochs' rows one after another: each step's rows over all
+    ranks are the single process's rows for that step, also across an epoch boundary and when an
+    epoch has fewer rows than ranks (3 rows, 4 ranks). An empty data set is one clear error."""
     from kiln.errors import DataError
 
-    convs = [type("E", (), {"ids": np.arange(5), "mask": np.ones(5, bool)})() for _ in range(3)]
-    SFTLoader(convs, seq_len=16, batch_size=2, seed=0, pack=False, pad_id=0, rank=2, world_size=3)  # 3 rows, 3 ranks
-    with pytest.raises(DataError, match="rank 3 gets none"):
-        SFTLoader(convs, seq_len=16, batch_size=2, seed=0, pack=False, pad_id=0, rank=3, world_size=4)
-    with pytest.raises(DataError, match="fewer rows"):  # packed: 3 conversations fill one row
-        SFTLoader(convs, seq_len=16, batch_size=2, seed=0, pack=True, pad_id=0, rank=1, world_size=2)
+    convs = [type("E", (), {"ids": np.arange(n), "mask": np.ones(n, bool)})() for n in (5, 9, 3)]
+    for pack, world in ((False, 4), (False, 2), (True, 2)):  # packed: 3 conversations fill 2 rows of 16
+        one = SFTLoader(convs, seq_len=16, batch_size=world, seed=0, pack=pack, pad_id=0)
+        ranks = [SFTLoader(convs, seq_len=16, batch_size=1, seed=0, pack=pack, pad_id=0, rank=r, world_size=world)
+                 for r in range(world)]
+        for _ in range(5):
+            want = one.next_batch().tokens
+            got = torch.cat([loader.next_batch().tokens for loader in ranks])
+            assert torch.equal(want, got), (pack, world)
+    with pytest.raises(DataError, match="no conversations"):
+        SFTLoader([], seq_len=16, batch_size=2, seed=0, pack=True, pad_id=0)
+
+
+def test_sft_position_reshards_to_another_number_of_ranks():
+    """Saved on 2 ranks after 3 steps, resumed on 3 ranks or 1: the single process's next rows."""
+    convs = [type("E", (), {"ids": np.arange(n), "mask": np.ones(n, bool)})() for n in (5, 9, 3, 7, 12, 4, 6)]
+
+    def loader(rank=0, world=1, batch=1):
+        return SFTLoader(convs, seq_len=16, batch_size=batch, seed=1, pack=True, pad_id=0, rank=rank, world_size=world)
+
+    one = loader(batch=6)
+    two = [loader(r, 2, batch=3) for r in range(2)]
+    for _ in range(3):
+        one.next_batch()
+        for ld in two:
+            ld.next_batch()
+    saved = [ld.state_dict() for ld in two]
+    continued = loader(batch=6)
+    continued.load_resharded_state(saved)
+    expected = [continued.next_batch().tokens for _ in range(3)]
+    assert torch.equal(expected[0], one.next_batch().tokens)  # resharded to 1 = the uninterrupted process
+    for world in (3, 1):
+        resumed = [loader(r, world, batch=6 // world) for r in range(world)]
+        for ld in resumed:
+            ld.load_resharded_state(saved)
+        for want in expected:  # rank r's i-th row is the step's row r + i * world
+            got = torch.stack([ld.next_batch().tokens for ld in resumed], dim=1).reshape(want.shape)
+            assert torch.equal(want, got), world
+
+
+def test_an_earlier_kilns_distributed_position_is_refused():
+    from kiln.errors import DataError
+
+    convs = [type("E", (), {"ids": np.arange(n), "mask": np.ones(n, bool)})() for n in (5, 9, 3)]
+    old = {"kind": "sft", "epoch": 0, "cursor": 1, "conversations": 3}  # no cursor_version: per-rank shares
+    SFTLoader(convs, seq_len=16, batch_size=1, seed=0, pack=False, pad_id=0).load_state_dict(old)  # 1 process: same
+    two = SFTLoader(convs, seq_len=16, batch_size=1, seed=0, pack=False, pad_id=0, rank=1, world_size=2)
+    with pytest.raises(DataError, match="earlier kiln"):
+        two.load_state_dict(old)
 
 
 def test_epoch_cursor_computes_each_epoch_once_and_continues_across_epochs():

@@ -42,7 +42,7 @@ from kiln.data.packing import IGNORE
 from kiln.errors import DataError
 from kiln.eval.loss import right_padded, token_logps
 from kiln.generate import continuation_text, generate
-from kiln.posttrain.chat import ChatFormat, EpochCursor, as_messages, load_records, shuffled_share
+from kiln.posttrain.chat import ChatFormat, EpochCursor, as_messages, load_records, shuffled
 from kiln.posttrain.dpo import autocast_dtype_of, load_reference
 from kiln.posttrain.rewards import Reward
 from kiln.train.objective import Objective
@@ -85,9 +85,8 @@ class PromptLoader:
 
     def __init__(self, tasks: list[Task], *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.tasks, self.batch_size, self.seed, self.rank = tasks, batch_size, seed, rank
-        self.cursor = EpochCursor(shuffled_share(len(tasks), seed=seed, stream=4, rank=rank, world_size=world_size),
-                                  empty=f"RLVR data: {len(tasks)} prompt(s) for {world_size} data-parallel ranks, "
-                                  f"so rank {rank} gets none; add prompts or use fewer ranks")
+        self.cursor = EpochCursor(shuffled(len(tasks), seed=seed, stream=4), empty="RLVR data: no prompts",
+                                  rank=rank, world_size=world_size)
         self.batches = 0
 
     def next_batch(self) -> PromptBatch:

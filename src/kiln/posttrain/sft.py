@@ -102,7 +102,8 @@ def rows_to_batch(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Batc
 
 
 class SFTLoader:
-    """Endless, Stateful micro-batches of packed SFT rows; rank r of W takes rows r, r+W, ...
+    """Endless, Stateful micro-batches of packed SFT rows; rank r of W takes rows r, r+W, ... of the
+    epochs' rows one after another (kiln.posttrain.chat.EpochCursor).
 
     Per epoch only the row plans (conversation indices) are kept; a row's arrays are built when it
     is batched, so memory does not grow with the epoch's token count.
@@ -112,13 +113,13 @@ class SFTLoader:
                  rank: int = 0, world_size: int = 1) -> None:
         self.convs, self.seq_len, self.batch_size, self.seed = convs, seq_len, batch_size, seed
         self.pack, self.pad_id, self.rank, self.world_size = pack, pad_id, rank, world_size
-        self.cursor = EpochCursor(self._plans, empty=f"SFT data: an epoch packs into fewer rows of train.seq_len "
-                                  f"({seq_len}) than the {world_size} data-parallel ranks, so rank {rank} gets "
-                                  "none; add conversations or use fewer ranks")
+        self.cursor = EpochCursor(self._plans, empty="SFT data: no conversations to train on", rank=rank,
+                                  world_size=world_size)
 
     def _plans(self, epoch: int) -> list[list[int]]:
+        """One epoch's rows (conversation indices each), the same on every rank."""
         order = np.random.default_rng([self.seed, 2, epoch]).permutation(len(self.convs))
-        return plan_rows(self.convs, order, seq_len=self.seq_len, pack=self.pack)[self.rank::self.world_size]
+        return plan_rows(self.convs, order, seq_len=self.seq_len, pack=self.pack)
 
     def next_batch(self) -> Batch:
         plans = self.cursor.take(self.batch_size)
@@ -127,11 +128,20 @@ class SFTLoader:
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "sft", **self.cursor.state_dict(), "conversations": len(self.convs)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def _check(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "sft" or state.get("conversations") != len(self.convs):
             raise DataError(f"SFT data changed under a resume (saved {state.get('conversations')} conversations, "
                             f"now {len(self.convs)}); restore the data or start fresh")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check(state)
         self.cursor.load_state_dict(state)
+
+    def load_resharded_state(self, states: list[dict[str, Any]]) -> None:
+        """The data position of a run saved with another number of data-parallel ranks."""
+        for state in states:
+            self._check(state)
+        self.cursor.load_resharded_state(states)
 
 
 def rows_per_epoch(convs: list[Encoded], *, seq_len: int, pack: bool) -> int:
