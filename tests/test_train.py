@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,3 +132,88 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path):
     bad = small_overrides(a, **{"run.out_dir": str(tmp_path / "c"), "run.init_from": str(a / "run"), "model.d_model": 64})
     with pytest.raises(Exception, match="model.d_model"):
         train(load_config("tiny", bad), quiet=True)
+
+
+def _checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint: weights and optimizer state (DCP), per-rank and global state files."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    sd: dict = {}
+    _load_state_dict(sd, storage_reader=FileSystemReader(str(ckpt / "dcp")), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    flat = {f"dcp/{k}": v for k, v in sd.items()}
+    for f in sorted((ckpt / "state").glob("*.pt")):
+        flat[f"state/{f.name}"] = torch.load(f, weights_only=False)
+    return flat
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, np.ndarray):  # numpy's RNG state
+        return isinstance(b, np.ndarray) and np.array_equal(a, b)
+    return a == b or (a != a and b != b)  # NaN == NaN here
+
+
+def test_async_checkpoints_hold_the_same_state_and_resume_exactly(tmp_path, monkeypatch):
+    """train.async_checkpoint: the state is copied when the save starts and written in the background
+    while training goes on, so each checkpoint must be the synchronous one, byte for byte in content
+    (weights, optimizer, RNG, data position, counters); a run stopped and resumed from them matches.
+    The writer is slowed down so that later steps really run while it writes."""
+    import time
+
+    from torch.distributed.checkpoint import filesystem
+
+    write = filesystem.FileSystemWriter.write_data
+
+    def slow_write(self, plan, planner):
+        time.sleep(0.5)
+        return write(self, plan, planner)
+
+    monkeypatch.setattr(filesystem.FileSystemWriter, "write_data", slow_write)
+    a, b = tmp_path / "a", tmp_path / "b"  # one corpus (its path is part of the data position), two runs
+    keep = {"train.max_steps": 8, "train.save_every": 2, "train.keep_last": 0}
+    train(load_config("tiny", small_overrides(tmp_path, **keep, **{"run.out_dir": a / "run"})), quiet=True)
+    asyn = {**keep, "run.out_dir": b / "run", "train.async_checkpoint": True}
+    train(load_config("tiny", small_overrides(tmp_path, **asyn, **{"train.stop_at_step": 5})), quiet=True)
+    names = [p.name for p in ckpt_io.list_checkpoints(b / "run")]
+    assert names == ["step_2", "step_4", "step_5"] and not list((b / "run" / "checkpoints").glob(".step_*"))
+    for name in names[:2]:
+        want, got = (_checkpoint_tensors(run / "run" / "checkpoints" / name) for run in (a, b))
+        for part in (want, got):  # wall-clock fields differ between any two runs
+            part["state/common.pt"].pop("elapsed")
+        assert want.keys() == got.keys() and all(_same(want[k], got[k]) for k in want), name
+    train(load_config("tiny", small_overrides(tmp_path, **asyn)), quiet=True)
+    assert losses(a / "run") == losses(b / "run")
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_full_disk_inside_dcps_writer_is_one_line(tmp_path, monkeypatch, asynchronous):
+    """ENOSPC raised where DCP writes files (its writer, in the background thread when asynchronous)
+    reaches the user as the one-line CheckpointError, not as DCP's CheckpointException traceback;
+    earlier checkpoints stay and no temp folder is left."""
+    import errno
+
+    from torch.distributed.checkpoint import filesystem
+
+    from kiln.errors import CheckpointError
+
+    over = {"train.save_every": 2, "train.async_checkpoint": asynchronous}
+    train(load_config("tiny", small_overrides(tmp_path, **over, **{"train.max_steps": 2})), quiet=True)
+
+    def full(self, plan, planner):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(filesystem.FileSystemWriter, "write_data", full)
+    with pytest.raises(CheckpointError, match=r"cannot write the checkpoint \(the disk is full\)") as e:
+        train(load_config("tiny", small_overrides(tmp_path, **over, **{"train.max_steps": 6})), quiet=True)
+    assert "\n" not in str(e.value)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in ckpt_io.list_checkpoints(tmp_path / "run")] == ["step_2"]
+    assert not list(ckpts.glob(".step_*"))

@@ -160,6 +160,7 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept (the newest); 0 keeps all
     keep_best: int = 0  # also keep the K checkpoints with the lowest eval loss (saved right after an eval)
     checkpoint_url: str = ""  # also mirror checkpoints to this fsspec URL (s3://..., gs://...); resume from it
+    async_checkpoint: bool = False  # write checkpoints in the background (a CPU copy of the state meanwhile)
     save_every_minutes: float = 0.0  # >0: also checkpoint when this much wall time passed since the last save
     step_cadence: float = 1.0  # multiplies log_every, eval_every and save_every (seed 001)
     divergence_threshold: float = 1.0  # abort when the fast loss EMA exceeds the slow one by this (0: off)

@@ -112,3 +112,20 @@ def test_resume_across_layouts(shards, reference, tmp_path):
     train(load_config("tiny", overrides(shards, b, **{"train.stop_at_step": 3})), quiet=True)
     torchrun(2, overrides(shards, b) + ["--parallel.tp", "2"])
     assert_close(records(reference, "train", "loss"), records(b, "train", "loss"), "1 -> tp")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_async_checkpoints_under_fsdp_resume_exactly(shards, reference, tmp_path):
+    """train.async_checkpoint on 2 FSDP ranks (DCP writes over its own gloo group in a background
+    thread while training's collectives go on): the step-3 checkpoint resumes in one process to the
+    uninterrupted run's losses, and no temp folder is left."""
+    a = tmp_path / "a"
+    torchrun(2, overrides(shards, a, **{"train.stop_at_step": 5, "train.async_checkpoint": True})
+             + ["--parallel.dp_shard", "2"])
+    assert sorted(p.name for p in (a / "checkpoints").iterdir()) == ["step_3", "step_5"]
+    import shutil
+
+    shutil.rmtree(a / "checkpoints" / "step_5")  # resume from the one written in the background
+    train(load_config("tiny", overrides(shards, a)), quiet=True)
+    assert_close(records(reference, "train", "loss"), records(a, "train", "loss"), "async fsdp -> 1")

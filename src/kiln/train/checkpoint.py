@@ -159,15 +159,138 @@ def save_training(ckpt_root: Path, step: int, *, state: dict[str, Any], rank: in
             torch.save(common, tmp / "state" / "common.pt")
             _finish(tmp, final, cfg=cfg, meta={"step": step, **meta})
         _barrier()
-    except OSError as e:
+    except BaseException as e:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise _disk_error(e, ckpt_root) from None
-    except BaseException:
-        if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+        err = _os_error_in(e)
+        if err is not None:
+            raise _disk_error(err, ckpt_root) from None
         raise
     return final
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The OSError behind a failed write: raised directly, or inside DCP's CheckpointException, which
+    wraps each rank's failure (a full disk in DCP's writer arrives that way, not as an OSError)."""
+    if isinstance(e, OSError):
+        return e
+    for failure in (getattr(e, "failures", None) or {}).values():
+        exc = failure[0] if isinstance(failure, tuple) else getattr(failure, "exc", None)
+        if isinstance(exc, OSError):
+            return exc
+    return None
+
+
+class Checkpointer:
+    """Writes training checkpoints, synchronously or (`train.async_checkpoint`) in the background.
+
+    Asynchronous: the step's weights and optimizer state are copied to CPU memory (DCP's default
+    stager; training may change the live tensors right after), the small per-rank and global state
+    files are written at once, and DCP writes the shards from a background thread over a separate
+    gloo group (so its collectives never interleave with training's). The checkpoint appears
+    (`.step_<N>.tmp` renamed to `step_<N>`, then rotation and mirroring) once the write is done:
+    rank 0 checks after every step (`poll`, no collectives), and every rank waits for the write
+    before the next save, a divergence verdict and the end of the run (`wait`), where a failed
+    write surfaces as the synchronous path's one-line error. A crash or kill before that leaves
+    only the temp folder, which is ignored, so the previous checkpoints stay what resumes.
+    """
+
+    def __init__(self, ckpt_root: Path, *, rank: int, is_main: bool, asynchronous: bool,
+                 on_saved: Any = None) -> None:
+        self.root, self.rank, self.is_main, self.asynchronous = ckpt_root, rank, is_main, asynchronous
+        self.on_saved = on_saved or (lambda path: None)  # rank 0, once a checkpoint is complete: rotate, mirror
+        self._pending: dict[str, Any] | None = None
+        self._group = None
+        if asynchronous and dist.is_initialized():  # every rank creates it, in the same order
+            self._group = dist.new_group(backend="gloo")
+        elif asynchronous:  # DCP's writer thread says it assumes one process: exactly the intent
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+
+    def save(self, step: int, *, state: dict[str, Any], cfg: Config, common: dict[str, Any],
+             rank_state: dict[str, Any], meta: dict[str, Any], wait: bool = False) -> Path:
+        """Checkpoint `step`; returns its final path (complete on return unless asynchronous and not `wait`)."""
+        self.wait()
+        if not self.asynchronous:
+            path = save_training(self.root, step, state=state, rank=self.rank, is_main=self.is_main, cfg=cfg,
+                                 common=common, rank_state=rank_state, meta=meta)
+            if self.is_main:
+                self.on_saved(path)
+            return path
+        final, tmp = self.root / f"step_{step}", self.root / f".step_{step}.tmp"
+        try:
+            if self.is_main:
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                (tmp / "state").mkdir(parents=True)
+            _barrier()
+            torch.save(rank_state, tmp / "state" / f"rank_{self.rank}.pt")
+            if self.is_main:
+                torch.save(common, tmp / "state" / "common.pt")
+            future = _dcp().async_save(state, checkpoint_id=str(tmp / "dcp"), process_group=self._group,
+                                       no_dist=not dist.is_initialized())
+        except BaseException as e:
+            self._abandon(tmp)
+            err = _os_error_in(e)
+            if err is not None:
+                raise _disk_error(err, self.root) from None
+            raise
+        self._pending = {"future": future, "tmp": tmp, "final": final, "cfg": cfg, "meta": {"step": step, **meta}}
+        if wait:
+            self.wait()
+        return final
+
+    def poll(self) -> Path | None:
+        """Rank 0: complete a finished background write (rename, rotate, mirror); the path, or None."""
+        p = self._pending
+        if not self.is_main or p is None or p.get("done") or not p["future"].done():
+            return None
+        if p["future"].exception() is not None:
+            return None  # raised by wait() on every rank
+        return self._complete(p)
+
+    def wait(self) -> None:
+        """Every rank: wait for the background write, complete it, and raise its error if it failed."""
+        p, self._pending = self._pending, None
+        if p is None:
+            return
+        try:
+            p["future"].result()
+        except BaseException as e:
+            self._abandon(p["tmp"])
+            err = _os_error_in(e)
+            if err is not None:
+                raise _disk_error(err, self.root) from None
+            raise
+        if self.is_main and not p.get("done"):
+            self._complete(p)
+        _barrier()
+
+    def close(self) -> None:
+        """On an error exit: let a background write finish and complete it (no collectives, errors
+        swallowed: the run is failing for another reason already)."""
+        p, self._pending = self._pending, None
+        if p is None:
+            return
+        try:
+            p["future"].result()
+            if self.is_main and not p.get("done"):
+                self._complete(p)
+        except BaseException:
+            self._abandon(p["tmp"])
+
+    def _complete(self, p: dict[str, Any]) -> Path:
+        try:
+            _finish(p["tmp"], p["final"], cfg=p["cfg"], meta=p["meta"])
+        except OSError as e:
+            shutil.rmtree(p["tmp"], ignore_errors=True)
+            raise _disk_error(e, self.root) from None
+        p["done"] = True
+        self.on_saved(p["final"])
+        return p["final"]
+
+    def _abandon(self, tmp: Path) -> None:
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_training(ckpt: Path, *, state: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -273,6 +273,15 @@ def _train(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fre
     control = JobControl(out, name=cfg.run.name) if main else None
     if metrics is not None and control is not None:  # also on errors; both closes are idempotent
         cleanup.extend([metrics.close, lambda: control.close("failed")])
+    def after_save(path: Path) -> None:  # rank 0, once a checkpoint is complete
+        ckpt_io.rotate(out / "checkpoints", keep_last=cfg.train.keep_last, keep_best=cfg.train.keep_best)
+        if mirror is not None:
+            mirror.upload(path)
+            mirror.retain({p.name for p in ckpt_io.list_checkpoints(out)})
+
+    checkpointer = ckpt_io.Checkpointer(out / "checkpoints", rank=layout.rank, is_main=main,
+                                        asynchronous=cfg.train.async_checkpoint, on_saved=after_save)
+    cleanup.append(checkpointer.close)  # an error exit still completes a background write
     monitor = StepMonitor(cfg, layout, plan, elapsed_before=elapsed_before)
     progress = Progress(plan.total_steps, start=step, quiet=quiet)
     progress.print(f"kiln train {cfg.run.name}: {plan.n_params / 1e6:.2f}M parameters on {device} "
@@ -298,7 +307,7 @@ def _train(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fre
                        + (f"  ({parts})" if len(val_sets) > 1 else ""))
         return record["eval_loss"]
 
-    def save(eval_loss: float | None = None) -> Path:
+    def save(eval_loss: float | None = None, *, wait: bool = False) -> Path:
         nonlocal saved_at
         common = {"step": step, "tokens_seen": tokens_seen, "elapsed": monitor.elapsed(),
                   "divergence": divergence.state_dict(), "spikes": spikes.state_dict(),
@@ -310,13 +319,8 @@ def _train(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fre
         meta = {"tokens_seen": tokens_seen, "layout": layout.describe()}
         if eval_loss is not None:
             meta["eval_loss"] = eval_loss
-        path = ckpt_io.save_training(out / "checkpoints", step, state=engine.state_dict(), rank=layout.rank,
-                                     is_main=main, cfg=cfg, common=common, rank_state=rank_state, meta=meta)
-        if main:
-            ckpt_io.rotate(out / "checkpoints", keep_last=cfg.train.keep_last, keep_best=cfg.train.keep_best)
-            if mirror is not None:
-                mirror.upload(path)
-                mirror.retain({p.name for p in ckpt_io.list_checkpoints(out)})
+        path = checkpointer.save(step, state=engine.state_dict(), cfg=cfg, common=common, rank_state=rank_state,
+                                 meta=meta, wait=wait)
         monitor.saved()
         saved_at = step
         return path
@@ -355,6 +359,7 @@ def _train(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fre
             loss, extra_means, (sig_stop, want_save, want_stop, want_abort, time_save) = \
                 engine.reduce(loss_sum, count, extras, flags)
             if not (math.isfinite(loss) and math.isfinite(norm)):
+                checkpointer.wait()  # a save still being written is of a good state: complete it
                 last = ckpt_io.list_checkpoints(out)
                 raise TrainingDiverged(
                     f"step {step + 1}: loss={loss} grad_norm={norm}; the update was not applied and nothing was "
@@ -371,8 +376,10 @@ def _train(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fre
             engine.optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += plan.tokens_per_step
+            checkpointer.poll()  # rank 0: a finished background write becomes step_<N>
 
             if cfg.train.divergence_threshold > 0 and divergence.update(step, loss):
+                checkpointer.wait()  # complete it first, so a suspect one is set aside with the others
                 _diverged(out, divergence, step, main)
             record = monitor.step(step, loss=loss, lr=lr, grad_norm=norm, tokens_seen=tokens_seen, extras=extra_means,
                                   spike=spike)
@@ -397,7 +404,7 @@ def _train(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fre
                 break
             periodic = step % plan.save_every == 0 and step != plan.total_steps
             if periodic or best or want_save or time_save:
-                saved = save(eval_loss)
+                saved = save(eval_loss, wait=bool(want_save))  # the acknowledgement names a complete checkpoint
                 if want_save and control is not None:
                     control.ack(pending, step=step, checkpoint=str(saved))
             if want_stop or sig_stop:  # saved below
@@ -405,11 +412,12 @@ def _train(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fre
                 break
 
     # ---- end ---------------------------------------------------------------------------------
+    checkpointer.wait()
     final_eval = run_eval() if step > 0 and not stopped and not complete else None
     last = ckpt_io.list_checkpoints(out)
     path = last[-1] if last and saved_at == step else None
     if step > 0 and stopped != "kiln control abort" and saved_at != step:
-        path = save(final_eval)
+        path = save(final_eval, wait=True)
     progress.close()
     summary = {"step": step, "tokens_seen": tokens_seen, "final_eval_loss": final_eval, "stopped": stopped,
                "checkpoint": str(path) if path else None, "elapsed": format_duration(monitor.elapsed())}
