@@ -43,6 +43,32 @@ def test_backends_agree_with_and_without_documents(kw):
         assert (outs["eager"] - outs["flex"]).abs().max() < 1e-5
 
 
+def test_flex_under_bf16_autocast_with_qk_norm(monkeypatch):
+    """Under autocast QK-norm returns fp32 q and k beside a bf16 v; sdpa casts them itself, flex (and
+    flash-attn) must be given one dtype, autocast's (torch 2.13's eager flex casts by itself, older
+    ones and the compiled kernel refuse or run in fp32). Same logits as sdpa, within bf16 rounding."""
+    import kiln.model.attention as attention
+
+    flex = attention._compiled_flex("cpu")
+    seen = []
+
+    def checked(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return flex(q, k, v, **kw)
+
+    monkeypatch.setattr(attention, "_compiled_flex", lambda device_type: checked)
+    model = build_model(tiny_cfg(qk_norm=True), seed=1)
+    tokens = torch.randint(0, 97, (2, 24))
+    doc_ids = torch.tensor([[0] * 5 + [1] * 12 + [2] * 7, [0] * 24])
+    outs = {}
+    for backend in ("sdpa", "flex"):
+        set_backend(model, backend)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[backend] = model(tokens, doc_ids=doc_ids).float()
+    assert (outs["sdpa"] - outs["flex"]).abs().max() < 0.05 * outs["sdpa"].abs().max()
+    assert seen and set(seen) == {(torch.bfloat16,) * 3}
+
+
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_no_gradient_crosses_a_document_boundary(backend):
     model = build_model(tiny_cfg(n_layers=3), seed=2)

@@ -202,19 +202,23 @@ def mfu(*, tokens_per_sec: float, flops_per_token: float, peak_flops: float | No
 def git_describe(path: str | Path | None = None) -> str | None:
     """The short commit of the checkout holding `path` (default: kiln's own source), with "+dirty" when
     the working tree differs from it (modified, staged or untracked files, as `git status` lists
-    them); None outside a git checkout. Benchmarks record it so a number names the code it measured."""
+    them); None outside a git checkout. Benchmarks record it so a number names the code it measured.
+    A copy of the tree without .git (a lent GPU machine) takes it from KILN_GIT_SHA when set."""
+    import os
     import subprocess
+
+    fallback = os.environ.get("KILN_GIT_SHA") or None
 
     cwd = Path(path) if path is not None else Path(__file__).parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=cwd)
         if sha.returncode != 0 or not sha.stdout.strip():
-            return None
+            return fallback
         status = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=30,
                                 cwd=cwd)
     except (OSError, subprocess.SubprocessError):
-        return None
+        return fallback
     # bench/RESULTS.md is where benchmarks write their numbers: an earlier benchmark's fresh table
     # there does not change the code being measured
     changed = [ln for ln in status.stdout.splitlines() if not ln.endswith("bench/RESULTS.md")]

@@ -157,6 +157,7 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
     if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
         raise ConfigError("model.attention=flex has no backward on CPU in this PyTorch; train on CPU with "
                           "model.attention=sdpa (same document mask), or use flex on a GPU")
+    q, k, v = _same_dtype(q, k, v)
     block = _flex_block_mask(mask, q.shape[0], q.shape[1], k.shape[1], q.device)
     fn = _compiled_flex(q.device.type)
     out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block,
@@ -204,8 +205,17 @@ def _flash_fns():
     return flash_attn.flash_attn_func, flash_attn.flash_attn_varlen_func
 
 
+def _same_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v in the dtype attention runs in. Under autocast QK-norm's RMSNorm returns fp32 (its fp32
+    weight times the normalised bf16 activations) while v stays bf16; sdpa is autocast-aware and
+    casts, flex and flash-attn kernels are not (they refuse mixed dtypes or run all in fp32)."""
+    dt = _run_dtype(q)
+    return q.to(dt), k.to(dt), v.to(dt)
+
+
 def _flash(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
     flash_func, varlen_func = _flash_fns()
+    q, k, v = _same_dtype(q, k, v)
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
         raise ConfigError("model.attention=flash runs on CUDA in bf16/fp16 only; use train.dtype=bf16 on a GPU")
     B, T, H, hd = q.shape
