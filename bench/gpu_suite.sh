@@ -3,10 +3,11 @@
 #
 #   make setup && .venv/bin/pip install -e '.[speed]'    # optional: Liger's fused loss, torchao (fp8)
 #   bash bench/gpu_suite.sh                              # ~20-30 min on an H100
-#   OUT=bench/results/gpu.jsonl bash bench/gpu_suite.sh dense    # one part: dense | llama | hf (any of them)
+#   OUT=bench/results/gpu.jsonl bash bench/gpu_suite.sh dense    # one part: dense | dense2 | llama | hf
 #
 # Parts append to the same $OUT when it is given, so a machine with a per-command time limit runs
-# them one call each and the last call's table holds all of them.
+# them one call each and the last call's table holds all of them. An $OUT that is a folder (a lent
+# machine's output folder) gets gpu.jsonl inside it, and a copy of the updated RESULTS.md.
 #
 # Every `kiln bench` run appends one JSON line to $OUT (tokens/s, step ms, MFU from the device
 # table, peak memory next to kiln.estimate's prediction); bench/vs_hf.py adds kiln and HF at the
@@ -19,15 +20,22 @@ set -uo pipefail
 if [ -z "${PY:-}" ]; then if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi; fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S).jsonl}
+OUT_DIR=""
+if [ -d "$OUT" ]; then OUT_DIR=$OUT; OUT="$OUT/gpu.jsonl"; fi
 STEPS=${STEPS:-20}
 WARMUP=${WARMUP:-5}
-PARTS=${*:-dense llama hf}
+PARTS=${*:-dense dense2 llama hf}
 for p in $PARTS; do
-  case $p in dense|llama|hf) ;; *) echo "gpu_suite.sh: unknown part '$p' (dense, llama, hf)" >&2; exit 2;; esac
+  case $p in dense|dense2|llama|hf) ;;
+    *) echo "gpu_suite.sh: unknown part '$p' (dense, dense2, llama, hf)" >&2; exit 2;;
+  esac
 done
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 mkdir -p "$(dirname "$OUT")"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "${OUT%.jsonl}.gpu.txt"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  # sdpa with a document mask and GQA runs on cuDNN's kernel where this torch ranks it first
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())" 2>&1
+} | tee "${OUT%.jsonl}.gpu.txt"
 
 # per-run scratch files (mktemp: two suites on one machine never share them), removed on exit
 LINE=$(mktemp "${TMPDIR:-/tmp}/kiln_bench_line.XXXXXX")
@@ -48,15 +56,19 @@ D="dense-180m --train.global_batch_size 16"
 if want dense; then
 bench $D                                                       # defaults: sdpa + doc mask, fused loss
 bench $D --train.compile true                                  # compiled blocks
-bench $D --train.compile true --train.compile_mode model       # whole trunk compiled
 bench $D --train.loss_impl plain                               # full logits (before the fused loss)
-bench $D --train.loss_impl chunked                             # kiln's chunked loss (Liger off)
 bench $D --data.doc_mask false                                 # plain causal: the flash kernel
+bench $D --train.compile true --data.doc_mask false            # best case for the MFU target
 bench $D --model.attention flex --train.compile true           # flex attention, cached block masks
+fi
+if want dense2; then
+bench $D --train.compile true --train.compile_mode model       # whole trunk compiled
+if "$PY" -c "import liger_kernel" 2>/dev/null; then
+  bench $D --train.loss_impl chunked                           # kiln's chunked loss (the default is Liger's)
+fi
 bench $D --model.attention flash                               # flash-attn varlen (if installed)
 bench $D --train.activation_checkpointing selective
 bench $D --train.activation_checkpointing full --train.micro_batch_size 32 --train.global_batch_size 32
-bench $D --optim.name adamw --train.compile true --data.doc_mask false   # best case for the MFU target
 fi
 
 # ---- llama-1b: micro-batch 8 x 2048 (4 micro-batches per step)
@@ -77,4 +89,5 @@ if want hf; then
 fi
 
 "$PY" bench/report.py "$OUT" --write gpu
+if [ -n "$OUT_DIR" ]; then cp bench/RESULTS.md "$OUT_DIR/RESULTS.md"; fi
 echo "results: $OUT (table recorded in bench/RESULTS.md)"

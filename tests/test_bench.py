@@ -265,3 +265,11 @@ exit 0
     bad = subprocess.run(["bash", "bench/gpu_suite.sh", "dense", "tiny"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "unknown part 'tiny'" in bad.stderr and "== kiln bench" not in bad.stderr
+    # a lent machine's OUT is a folder: the lines go to gpu.jsonl in it, with a copy of RESULTS.md
+    folder = tmp_path / "device_out"
+    folder.mkdir()
+    dev = subprocess.run(["bash", "bench/gpu_suite.sh", "llama"], cwd=ROOT, env={**env, "OUT": str(folder)},
+                         capture_output=True, text=True, timeout=120)
+    assert dev.returncode == 0, dev.stderr
+    assert (folder / "gpu.jsonl").read_text().splitlines() == ['{"preset": "stub"}'] * 4
+    assert (folder / "RESULTS.md").read_text() == (ROOT / "bench" / "RESULTS.md").read_text()
