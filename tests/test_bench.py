@@ -79,12 +79,8 @@ def test_estimate_cli_and_bad_arguments():
     assert flex.returncode == 2 and "model.attention=flex" in flex.stderr and "Traceback" not in flex.stderr
 
 
-def test_peak_tensor_memory_agrees_with_memtracker():
-    """kiln's CPU peak counter (it handles gradient accumulation) against torch's MemTracker."""
-    import torch
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    from kiln.bench import PeakTensorMemory
+def _tiny_training_step():
+    """A small model's training step (run once, so optimizer state exists) and its live state tensors."""
     from kiln.eval.loss import token_loss_sum
     from kiln.model import build_model
     from kiln.optim import build_optimizer
@@ -99,13 +95,23 @@ def test_peak_tensor_memory_agrees_with_memtracker():
         opt.step()
         opt.zero_grad(set_to_none=True)
     step()
+    existing = [*model.parameters(), *model.buffers(), *(t for s in opt.state.values() for t in s.values()
+                                                         if torch.is_tensor(t))]
+    return step, model, opt, existing
+
+
+def test_peak_tensor_memory_agrees_with_memtracker():
+    """kiln's CPU peak counter (it handles gradient accumulation) against torch's MemTracker."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from kiln.bench import PeakTensorMemory
+
+    step, model, opt, existing = _tiny_training_step()
     tracker = MemTracker()
     tracker.track_external(model, opt)
     with tracker:
         step()
     reference = sum(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())
-    existing = [*model.parameters(), *model.buffers(), *(t for s in opt.state.values() for t in s.values()
-                                                         if torch.is_tensor(t))]
     with PeakTensorMemory(existing) as ours:
         step()
     assert ours.peak == reference
@@ -117,22 +123,8 @@ def test_profiler_peak_agrees_with_the_dispatch_mode_count():
     profiler sees the allocator (kernels' scratch buffers, 4-byte scalars made inside composite ops),
     the dispatch mode sees op outputs' storages."""
     from kiln.bench import PeakTensorMemory, profiled_peak_bytes
-    from kiln.eval.loss import token_loss_sum
-    from kiln.model import build_model
-    from kiln.optim import build_optimizer
 
-    cfg = load_config("tiny", SMALL)
-    model = build_model(cfg.model, seed=0)
-    opt = build_optimizer(model, cfg.optim, device_type="cpu")
-    (batch,) = synthetic_batches(cfg, 1)
-
-    def step():
-        token_loss_sum(model, batch, doc_mask=True).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    step()
-    existing = [*model.parameters(), *model.buffers(), *(t for s in opt.state.values() for t in s.values()
-                                                         if torch.is_tensor(t))]
+    step, _, _, existing = _tiny_training_step()
     with PeakTensorMemory(existing) as ours:
         step()
     assert profiled_peak_bytes(existing, step) == pytest.approx(ours.peak, rel=0.005)
