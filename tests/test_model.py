@@ -69,6 +69,27 @@ def test_flex_under_bf16_autocast_with_qk_norm(monkeypatch):
     assert seen and set(seen) == {(torch.bfloat16,) * 3}
 
 
+def test_masked_gqa_with_repeated_kv_equals_enable_gqa(monkeypatch):
+    """On CUDA, masked GQA attention repeats k, v per query head (so that a fused masked kernel can take
+    it); forced here on CPU, the logits and every gradient equal the enable_gqa path's."""
+    import kiln.model.attention as attention
+
+    model = build_model(tiny_cfg(n_heads=4, n_kv_heads=2, qk_norm=True), seed=3)
+    tokens = torch.randint(0, 97, (2, 24))
+    doc_ids = torch.tensor([[0] * 5 + [1] * 12 + [2] * 7, [0] * 24])
+    results = []
+    for expand in (False, True):
+        monkeypatch.setattr(attention, "expand_kv_for_mask", lambda device, e=expand: e)
+        model.zero_grad(set_to_none=True)
+        logits = model(tokens, doc_ids=doc_ids)
+        logits.square().mean().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_no_gradient_crosses_a_document_boundary(backend):
     model = build_model(tiny_cfg(n_layers=3), seed=2)

@@ -87,8 +87,9 @@ def _uses_autocast(cfg: Config, device: str) -> bool:
     return autocast_dtype(cfg, torch.device(device)) == torch.bfloat16
 
 
-def layer_activation_terms(m: ModelConfig, *, autocast: bool, ac: str) -> dict[str, float]:
-    """Bytes saved for backward per token by one Block (before tensor-parallel division)."""
+def layer_activation_terms(m: ModelConfig, *, autocast: bool, ac: str, expand_kv: bool = False) -> dict[str, float]:
+    """Bytes saved for backward per token by one Block (before tensor-parallel division). `expand_kv`:
+    masked GQA attention on CUDA gets k, v repeated to every query head (kiln.model.attention)."""
     d, hd, H, Hkv, f = m.d_model, m.hd, m.n_heads, m.n_kv_heads, m.ffn_dim
     q, kv = H * hd, Hkv * hd
     b = 2 if autocast else 4
@@ -113,6 +114,8 @@ def layer_activation_terms(m: ModelConfig, *, autocast: bool, ac: str) -> dict[s
         # fp32 copy replaces the bf16 RoPE input, so the extra is 6q (+4H) instead of 8q.
         extra = (6 if autocast else 8)
         terms["qk_norm"] = extra * (q + kv) + 4 * (H + Hkv)
+    if expand_kv and Hkv < H:
+        terms["k,v repeated per query head"] = b * 2 * (q - kv)
     return terms
 
 
@@ -176,7 +179,10 @@ def estimate_memory(cfg: Config, *, device: str | None = None, ac: str | None = 
 
     # ---- activations ----------------------------------------------------------------------------
     tokens = B * T
-    terms = layer_activation_terms(m, autocast=autocast, ac=ac)
+    from kiln.model.attention import expand_kv_for_mask
+
+    expand_kv = cfg.data.doc_mask and m.attention == "sdpa" and expand_kv_for_mask(torch.device(device))
+    terms = layer_activation_terms(m, autocast=autocast, ac=ac, expand_kv=expand_kv)
     per_layer = sum(terms.values()) / tp
     in_flight = 1
     if pp > 1:
@@ -189,7 +195,8 @@ def estimate_memory(cfg: Config, *, device: str | None = None, ac: str | None = 
     acts = per_layer * tokens * layers_here * in_flight
     recompute = 0.0
     if ac in ("full", "selective"):  # backward recomputes one block at a time
-        recompute = sum(layer_activation_terms(m, autocast=autocast, ac="none").values()) / tp * tokens
+        recompute = sum(layer_activation_terms(m, autocast=autocast, ac="none", expand_kv=expand_kv).values()
+                        ) / tp * tokens
     b = 2 if autocast else 4
     shared = 8 * tokens  # token ids kept by the embedding
     rope_rows = B if cfg.data.doc_mask else 1

@@ -109,11 +109,26 @@ def _eager(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
     T, S = q.shape[1], k.shape[1]
     bias = _sdpa_bias(mask, T, S, q.device, _run_dtype(q))
+    gqa = q.shape[2] != k.shape[2]
+    if gqa and bias is not None and expand_kv_for_mask(q.device):
+        rep = q.shape[2] // k.shape[2]  # query head h reads kv head h // rep, as enable_gqa does
+        k, v, gqa = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2), False
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=bias, is_causal=bias is None, enable_gqa=q.shape[2] != k.shape[2],
+        attn_mask=bias, is_causal=bias is None, enable_gqa=gqa,
     )
     return out.transpose(1, 2)
+
+
+def expand_kv_for_mask(device: torch.device) -> bool:
+    """Whether masked GQA attention gets k, v repeated to every query head (CUDA).
+
+    With an attention mask, sdpa's flash kernel is out; PyTorch's memory-efficient kernel takes the
+    mask but not GQA before 2.13, and cuDNN's is ranked first only with a recent cuDNN. What is left
+    is the math kernel, which saves (B, H, T, T) fp32 probabilities per layer (an out-of-memory at
+    T=2048). Repeated k, v (H instead of Hkv heads, saved for backward) fit every masked kernel.
+    """
+    return device.type == "cuda"
 
 
 def _run_dtype(q: Tensor) -> torch.dtype:
