@@ -55,6 +55,32 @@ def test_cached_logits_equal_full_recompute(name):
             assert (step[:, 0] - full[:, t]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["gqa", "qk-norm", "nope", "eager", "flex"])
+def test_mixed_length_prompts_decode_in_one_batch_as_each_would_alone(name):
+    """Prompts of several lengths share one batch, left-padded: the pad keys are masked and RoPE starts at
+    each prompt's first token, so every row's logits at every step are its own, alone, unpadded
+    (cached: KVCache.pad; uncached: the padding is a document of its own)."""
+    model = tiny_model(**(CONFIGS.get(name) or dict(attention="flex")))
+    batch = generate(model, PROMPTS, max_new_tokens=12, temperature=0)
+    alone = [generate(model, p, max_new_tokens=12, temperature=0)[0] for p in PROMPTS]
+    assert batch == alone == generate(model, PROMPTS, max_new_tokens=12, temperature=0, use_cache=False)
+    # the logits themselves, step by step, for the longest and the shortest prompt
+    long, short = PROMPTS[2], PROMPTS[1]
+    pad = len(long) - len(short)
+    cache = KVCache(model.cfg, 2, 24, device="cpu", dtype=torch.float32)
+    cache.pad = torch.tensor([0, pad])
+    seqs = [list(long), list(short)]
+    with torch.no_grad():
+        step = model(torch.tensor([long, [short[0]] * pad + short]), cache=cache)[:, -1]
+        for _ in range(6):
+            for row, want in zip(step, (model(torch.tensor([s]))[0, -1] for s in seqs)):
+                assert (row - want).abs().max() <= 1e-5
+            nxt = step.argmax(-1)
+            for s, t in zip(seqs, nxt.tolist()):
+                s.append(t)
+            step = model(nxt[:, None], cache=cache)[:, -1]
+
+
 def test_seed_reproducible_and_different_seeds_differ():
     model = tiny_model()
     a = generate(model, PROMPTS, max_new_tokens=32, temperature=1.0, seed=11)

@@ -1,9 +1,11 @@
 """Sampling with a KV cache: greedy, temperature, top-k, nucleus (top-p), repetition penalty, stop
 conditions; text, batched-text and streaming helpers.
 
-Prompts of different lengths are grouped by length and each group decodes as one batch with its
-own KV cache (kiln's attention has no padding mask; equal lengths need none), so every row gets
-exactly the tokens it would get alone under greedy decoding. Decoding runs eagerly
+Prompts of different lengths decode as one batch, left-padded: the KV cache carries each row's
+padding (`KVCache.pad`), which no query attends to, and RoPE positions start at each prompt's first
+token, so every row's logits are those it would get alone (tested to 1e-5) and greedy decoding
+gives exactly its tokens. Masked decoding runs through sdpa whatever `model.attention` is (flex's
+and flash-attn's causal masks know no padding). Decoding runs eagerly
 (torch.compiler.set_stance("force_eager")): a model compiled for training would recompile for every
 new sequence length. A DDP-wrapped model is unwrapped; FSDP and tensor-parallel models are not
 supported (the KV cache holds every head, and ranks would decode different numbers of steps). Sampling draws from one
@@ -119,41 +121,45 @@ def generate(model: Transformer, prompt_ids: list[list[int]] | list[int], *, max
         gen.seed()
     else:
         gen.manual_seed(seed)
-    out: list[list[int]] = [[] for _ in prompts]
-    groups: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(len(p), []).append(i)
+    # one batch: shorter prompts are left-padded and their pad positions never attended to (a masked
+    # prefix in the KV cache, or a document of its own without it); RoPE positions start at each
+    # prompt's first token, so a row decodes as it would alone
+    length = max(len(p) for p in prompts)
+    pad = [length - len(p) for p in prompts]
+    tokens = torch.tensor([[p[0]] * n + p for p, n in zip(prompts, pad)], device=param.device)  # (B, T0)
     # kiln compiles Blocks or the trunk in place (train.compile), which the unwrap above cannot undo;
     # every cached decode step has a new shape, so compiled code would recompile at each one
     with torch.compiler.set_stance("force_eager"):
-        for length in sorted(groups):  # deterministic order, so one seed always draws the same numbers
-            rows = groups[length]
-            tokens = torch.tensor([prompts[i] for i in rows], device=param.device)  # (B, T0)
-            new = _decode_group(model, tokens, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                top_p=top_p, eos_id=eos_id, gen=gen, use_cache=use_cache, on_token=on_token,
-                                repetition_penalty=repetition_penalty, stop=stop)
-            for i, ids in zip(rows, new):
-                out[i] = ids
-    return out
+        return _decode_group(model, tokens, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, eos_id=eos_id, gen=gen, use_cache=use_cache, on_token=on_token,
+                             repetition_penalty=repetition_penalty, stop=stop, pad=pad if any(pad) else None)
 
 
 def _decode_group(model: Transformer, tokens: Tensor, *, max_new_tokens: int, temperature: float, top_k: int,
                   top_p: float, eos_id: int | None, gen: torch.Generator, use_cache: bool,
                   on_token: Callable[[int], None] | None, repetition_penalty: float = 1.0,
-                  stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
-    """Decode rows that share one prompt length. tokens (B, T0) -> new ids per row."""
+                  stop: Callable[[list[int]], bool] | None = None, pad: list[int] | None = None) -> list[list[int]]:
+    """Decode one batch of prompts. tokens (B, T0), row b left-padded by pad[b] -> new ids per row."""
     B, T0 = tokens.shape
     param = next(model.parameters())
     cache = KVCache(model.cfg, B, T0 + max_new_tokens, device=param.device, dtype=param.dtype) if use_cache else None
+    docs = None  # uncached and padded: the padding is document 0, the prompt and its continuation document 1
+    if pad is not None:
+        pad_t = torch.tensor(pad, device=param.device)
+        if cache is not None:
+            cache.pad = pad_t
+        else:
+            docs = (torch.arange(T0, device=param.device)[None] >= pad_t[:, None]).to(torch.int32)  # (B, T0)
     done = [False] * B  # rows that emitted eos_id keep decoding in the batch, but their tokens are dropped
     seen = None
     if repetition_penalty != 1.0:
         seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=tokens.device)  # (B, V)
-        seen.scatter_(1, tokens, True)
+        for b in range(B):  # the prompt's own tokens, not its padding
+            seen[b, tokens[b, (pad[b] if pad else 0):]] = True
     new: list[list[int]] = [[] for _ in range(B)]
     seq, step_in = tokens, tokens  # full sequence so far; what the next forward consumes
     for _ in range(max_new_tokens):
-        logits = model(step_in, cache=cache) if cache is not None else model(seq)  # (B, T, V)
+        logits = model(step_in, cache=cache) if cache is not None else model(seq, docs)  # (B, T, V)
         nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
                           seen=seen, repetition_penalty=repetition_penalty)  # (B,)
         if seen is not None:
@@ -169,6 +175,8 @@ def _decode_group(model: Transformer, tokens: Tensor, *, max_new_tokens: int, te
         step_in = nxt[:, None]  # (B, 1)
         if cache is None:  # only the uncached path re-reads the whole sequence
             seq = torch.cat([seq, step_in], dim=1)
+            if docs is not None:
+                docs = torch.cat([docs, torch.ones_like(docs[:, :1])], dim=1)
     return new
 
 

@@ -28,6 +28,8 @@ class AttnMask:
 
     doc_ids: (B, T) document index of each token in a packed row, or None for one document per row.
     q_offset: position of the first query among the keys (> 0 when decoding with a KV cache).
+    pad: (B,) left-padding per row when decoding prompts of several lengths in one batch: a row's
+        first pad[b] keys are never attended to and its RoPE positions start at its first real token.
     rope: the model's RotaryEmbedding; `rotary(T, device)` gives cos/sin for the T query positions
         (restarting per document with doc_ids). Attention asks with its own T, the full sequence
         length, which under sequence parallelism differs from the residual stream's local length.
@@ -36,6 +38,7 @@ class AttnMask:
     doc_ids: Tensor | None = None
     q_offset: int = 0
     rope: Any = None
+    pad: Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def rotary(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -44,6 +47,9 @@ class AttnMask:
         if key not in self._cache:
             if self.doc_ids is not None:
                 positions = doc_positions(self.doc_ids)  # (B, T)
+            elif self.pad is not None:  # position 0 at each row's first real token
+                positions = (torch.arange(self.q_offset, self.q_offset + T, device=device)[None]
+                             - self.pad[:, None]).clamp_min(0)  # (B, T)
             else:
                 positions = torch.arange(self.q_offset, self.q_offset + T, device=device)[None]  # (1, T)
             self._cache[key] = self.rope(positions)
@@ -53,12 +59,17 @@ class AttnMask:
         """Boolean (B or 1, 1, T, S) mask, True where attention is allowed; None if plain causal from 0."""
         key = ("dense", T, S)
         if key not in self._cache:
-            if self.doc_ids is None and self.q_offset == 0 and T == S:
+            if self.doc_ids is None and self.pad is None and self.q_offset == 0 and T == S:
                 self._cache[key] = None
             else:
                 q_pos = torch.arange(T, device=device)[:, None] + self.q_offset
-                mask = q_pos >= torch.arange(S, device=device)[None, :]  # (T, S)
-                mask = mask[None, None]
+                k_pos = torch.arange(S, device=device)[None, :]
+                mask = q_pos >= k_pos  # (T, S)
+                if self.pad is not None:  # no real query sees a pad key; a pad query sees itself (no NaN rows)
+                    mask = mask & ((k_pos >= self.pad[:, None, None]) | (k_pos == q_pos))  # (B, T, S)
+                    mask = mask[:, None]
+                else:
+                    mask = mask[None, None]
                 if self.doc_ids is not None:
                     assert self.q_offset == 0 and T == S, "document masks are for training, not cached decode"
                     same = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]  # (B, T, S)
@@ -79,6 +90,8 @@ def doc_positions(doc_ids: Tensor) -> Tensor:
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask, backend: str) -> Tensor:
     """q: (B, T, H, hd); k, v: (B, S, Hkv, hd) -> (B, T, H, hd)."""
+    if mask.pad is not None and backend in ("flex", "flash"):
+        backend = "sdpa"  # decoding left-padded rows needs a per-row mask: sdpa's, the same numbers
     if backend == "sdpa":
         return _sdpa(q, k, v, mask)
     if backend == "eager":

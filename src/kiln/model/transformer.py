@@ -26,6 +26,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
         self.max_len = max_len
+        self.pad: Tensor | None = None  # (B,) left-padding per row (prompts of several lengths in one batch)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         T = k.shape[1]
@@ -124,7 +125,7 @@ class Transformer(nn.Module):
         # slice of the residual stream, but the doc ids always cover the whole sequence.
         T = doc_ids.shape[1] if doc_ids is not None else x.shape[1]
         if cache is not None:
-            mask = AttnMask(q_offset=cache.pos, rope=self.rope)
+            mask = AttnMask(q_offset=cache.pos, rope=self.rope, pad=cache.pad)
         else:
             mask = AttnMask(doc_ids=doc_ids, rope=self.rope)
             # masks and RoPE tables built once here and only read by the layers (no recompiles per layer)
