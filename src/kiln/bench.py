@@ -136,7 +136,8 @@ def profiled_peak_bytes(existing: Any, step_fn: Any) -> int:
 
     For compiled code, where a TorchDispatchMode cannot run (torch.compile refuses one): the CPU
     allocator reports every allocation and free to the profiler, inductor's kernels included.
-    `existing` tensors are counted from the start, as PeakTensorMemory does (tested equal to it).
+    `existing` tensors are counted from the start, as PeakTensorMemory does (the two agree within
+    0.5% on an eager step, tested; the profiler also sees kernels' scratch allocations).
     """
     from torch.profiler import ProfilerActivity, profile
 

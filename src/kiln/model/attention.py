@@ -137,9 +137,10 @@ def expand_kv_for_mask(device: torch.device) -> bool:
     """Whether masked GQA attention gets k, v repeated to every query head (CUDA).
 
     With an attention mask, sdpa's flash kernel is out; PyTorch's memory-efficient kernel takes the
-    mask but not GQA before 2.13, and cuDNN's is ranked first only with a recent cuDNN. What is left
-    is the math kernel, which saves (B, H, T, T) fp32 probabilities per layer (an out-of-memory at
-    T=2048). Repeated k, v (H instead of Hkv heads, saved for backward) fit every masked kernel.
+    mask but, in the releases this was written against (2.11), not GQA, and cuDNN's kernel is ranked
+    first only with a recent cuDNN. What is left then is the math kernel, which saves (B, H, T, T)
+    fp32 probabilities per layer (out of memory at T=2048). Repeated k, v (H instead of Hkv heads,
+    saved for backward: counted by kiln.estimate) fit every masked kernel. Not measured on a GPU yet.
     """
     return device.type == "cuda"
 

@@ -273,6 +273,7 @@ def _train(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fre
     control = JobControl(out, name=cfg.run.name) if main else None
     if metrics is not None and control is not None:  # also on errors; both closes are idempotent
         cleanup.extend([metrics.close, lambda: control.close("failed")])
+
     def after_save(path: Path) -> None:  # rank 0, once a checkpoint is complete
         ckpt_io.rotate(out / "checkpoints", keep_last=cfg.train.keep_last, keep_best=cfg.train.keep_best)
         if mirror is not None:
