@@ -286,6 +286,39 @@ class EpochCursor:
         self.epoch, self.cursor = self._advance(int(states[0]["epoch"]), int(states[0]["cursor"]), self.rank)
 
 
+class CursorLoader:
+    """What the post-training loaders share: their state is an EpochCursor position plus the number of
+    items the data had, checked on a resume so that changed data is one clear error.
+
+    A subclass sets `cursor`, `KIND` (the state's "kind"), `ITEMS` (the state key and the word for an
+    item, e.g. "pairs"), `WHAT` (the data's name in messages) and `n_items()`.
+    """
+
+    KIND = ITEMS = WHAT = ""
+    cursor: EpochCursor
+
+    def n_items(self) -> int:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.KIND, **self.cursor.state_dict(), self.ITEMS: self.n_items()}
+
+    def _check(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != self.KIND or state.get(self.ITEMS) != self.n_items():
+            raise DataError(f"{self.WHAT} changed under a resume (saved {state.get(self.ITEMS)} {self.ITEMS}, "
+                            f"now {self.n_items()}); restore the data or start fresh")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check(state)
+        self.cursor.load_state_dict(state)
+
+    def load_resharded_state(self, states: list[dict[str, Any]]) -> None:
+        """The data position of a run saved with another number of data-parallel ranks."""
+        for state in states:
+            self._check(state)
+        self.cursor.load_resharded_state(states)
+
+
 def shuffled(n: int, *, seed: int, stream: int) -> Callable[[int], np.ndarray]:
     """epoch -> a permutation of range(n) seeded by (seed, stream, epoch), the same on every rank."""
     return lambda epoch: np.random.default_rng([seed, stream, epoch]).permutation(n)

@@ -32,7 +32,6 @@ import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,15 @@ from torch import Tensor, nn
 from kiln.config import Config
 from kiln.errors import DataError
 from kiln.eval.loss import right_padded, token_logps
-from kiln.posttrain.chat import ChatFormat, Encoded, EpochCursor, as_messages, load_records, shuffled
+from kiln.posttrain.chat import (
+    ChatFormat,
+    CursorLoader,
+    Encoded,
+    EpochCursor,
+    as_messages,
+    load_records,
+    shuffled,
+)
 from kiln.train.objective import Objective
 
 
@@ -123,8 +130,10 @@ def preference_loss(c: Tensor, r: Tensor, *, beta: float, kind: str) -> Tensor:
     raise AssertionError(f"unknown preference loss {kind}")
 
 
-class PairLoader:
+class PairLoader(CursorLoader):
     """Endless, Stateful micro-batches of pairs, shuffled per epoch by (seed, epoch)."""
+
+    KIND, ITEMS, WHAT = "pairs", "pairs", "preference data"
 
     def __init__(self, pairs: list[Pair], *, batch_size: int, seed: int, pad_id: int, rank: int = 0,
                  world_size: int = 1) -> None:
@@ -132,26 +141,11 @@ class PairLoader:
         self.cursor = EpochCursor(shuffled(len(pairs), seed=seed, stream=3), empty="DPO data: no preference pairs",
                                   rank=rank, world_size=world_size)
 
+    def n_items(self) -> int:
+        return len(self.pairs)
+
     def next_batch(self) -> PairBatch:
         return make_pair_batch([self.pairs[int(i)] for i in self.cursor.take(self.batch_size)], pad_id=self.pad_id)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": "pairs", **self.cursor.state_dict(), "pairs": len(self.pairs)}
-
-    def _check(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "pairs" or state.get("pairs") != len(self.pairs):
-            raise DataError(f"preference data changed under a resume (saved {state.get('pairs')} pairs, now "
-                            f"{len(self.pairs)}); restore the data or start fresh")
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._check(state)
-        self.cursor.load_state_dict(state)
-
-    def load_resharded_state(self, states: list[dict[str, Any]]) -> None:
-        """The data position of a run saved with another number of data-parallel ranks."""
-        for state in states:
-            self._check(state)
-        self.cursor.load_resharded_state(states)
 
 
 def load_reference(ckpt: Path, *, device: torch.device, like: nn.Module | None = None,

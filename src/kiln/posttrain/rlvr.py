@@ -42,7 +42,7 @@ from kiln.data.packing import IGNORE
 from kiln.errors import DataError
 from kiln.eval.loss import right_padded, token_logps
 from kiln.generate import continuation_text, generate
-from kiln.posttrain.chat import ChatFormat, EpochCursor, as_messages, load_records, shuffled
+from kiln.posttrain.chat import ChatFormat, CursorLoader, EpochCursor, as_messages, load_records, shuffled
 from kiln.posttrain.dpo import autocast_dtype_of, load_reference
 from kiln.posttrain.rewards import Reward
 from kiln.train.objective import Objective
@@ -80,8 +80,10 @@ def encode_tasks(records: list[tuple[str, dict]], fmt: ChatFormat, *, max_prompt
     return out
 
 
-class PromptLoader:
+class PromptLoader(CursorLoader):
     """Endless, Stateful prompt batches, shuffled per epoch by (seed, epoch); each batch gets its own seed."""
+
+    KIND, ITEMS, WHAT = "prompts", "prompts", "RLVR data"
 
     def __init__(self, tasks: list[Task], *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.tasks, self.batch_size, self.seed, self.rank = tasks, batch_size, seed, rank
@@ -95,14 +97,14 @@ class PromptLoader:
         seed = int(np.random.default_rng([self.seed, 5, self.rank, self.batches]).integers(2**62))
         return PromptBatch(picked, seed)
 
+    def n_items(self) -> int:
+        return len(self.tasks)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "prompts", **self.cursor.state_dict(), "batches": self.batches, "prompts": len(self.tasks)}
+        return {**super().state_dict(), "batches": self.batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "prompts" or state.get("prompts") != len(self.tasks):
-            raise DataError(f"RLVR data changed under a resume (saved {state.get('prompts')} prompts, now "
-                            f"{len(self.tasks)}); restore the data or start fresh")
-        self.cursor.load_state_dict(state)
+        super().load_state_dict(state)
         self.batches = int(state["batches"])
 
 

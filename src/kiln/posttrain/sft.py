@@ -18,14 +18,21 @@ order. The loader state is (epoch, row cursor), so resuming replays exactly.
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import numpy as np
 import torch
 
 from kiln.data.packing import IGNORE, Batch
 from kiln.errors import DataError
-from kiln.posttrain.chat import ChatFormat, Encoded, EpochCursor, as_messages, check_messages, load_records
+from kiln.posttrain.chat import (
+    ChatFormat,
+    CursorLoader,
+    Encoded,
+    EpochCursor,
+    as_messages,
+    check_messages,
+    load_records,
+)
 from kiln.train.objective import Objective
 
 
@@ -101,13 +108,15 @@ def rows_to_batch(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Batc
                  doc_ids=torch.from_numpy(np.stack([r[2] for r in rows])))
 
 
-class SFTLoader:
+class SFTLoader(CursorLoader):
     """Endless, Stateful micro-batches of packed SFT rows; rank r of W takes rows r, r+W, ... of the
     epochs' rows one after another (kiln.posttrain.chat.EpochCursor).
 
     Per epoch only the row plans (conversation indices) are kept; a row's arrays are built when it
     is batched, so memory does not grow with the epoch's token count.
     """
+
+    KIND, ITEMS, WHAT = "sft", "conversations", "SFT data"
 
     def __init__(self, convs: list[Encoded], *, seq_len: int, batch_size: int, seed: int, pack: bool, pad_id: int,
                  rank: int = 0, world_size: int = 1) -> None:
@@ -125,23 +134,8 @@ class SFTLoader:
         plans = self.cursor.take(self.batch_size)
         return rows_to_batch([build_row(self.convs, p, seq_len=self.seq_len, pad_id=self.pad_id) for p in plans])
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": "sft", **self.cursor.state_dict(), "conversations": len(self.convs)}
-
-    def _check(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "sft" or state.get("conversations") != len(self.convs):
-            raise DataError(f"SFT data changed under a resume (saved {state.get('conversations')} conversations, "
-                            f"now {len(self.convs)}); restore the data or start fresh")
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._check(state)
-        self.cursor.load_state_dict(state)
-
-    def load_resharded_state(self, states: list[dict[str, Any]]) -> None:
-        """The data position of a run saved with another number of data-parallel ranks."""
-        for state in states:
-            self._check(state)
-        self.cursor.load_resharded_state(states)
+    def n_items(self) -> int:
+        return len(self.convs)
 
 
 def rows_per_epoch(convs: list[Encoded], *, seq_len: int, pack: bool) -> int:
