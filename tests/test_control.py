@@ -42,7 +42,9 @@ def last_per_step(run: Path) -> dict[int, float]:
 
 
 def start(tmp: Path, over: list[str], env_extra: dict[str, str] | None = None) -> subprocess.Popen:
-    env = {**os.environ, "KILN_JOBS_DIR": str(tmp / "jobs"), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    # the reference runs in this process: the same thread count keeps CPU reductions bit-identical
+    env = {**os.environ, "KILN_JOBS_DIR": str(tmp / "jobs"), "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           **(env_extra or {})}
     return subprocess.Popen(kiln_cmd("train", "tiny", *over), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
 
