@@ -32,11 +32,13 @@ from report import write_block  # noqa: E402
 
 from kiln.config import ModelConfig, OptimConfig, load_config  # noqa: E402
 from kiln.data.packing import Batch  # noqa: E402
+from kiln.device import cpu_name, matmul_precision  # noqa: E402
 from kiln.eval.loss import token_loss_sum  # noqa: E402
 from kiln.export import to_hf_model  # noqa: E402
 from kiln.model import build_model  # noqa: E402
 from kiln.optim import build_optimizer  # noqa: E402
-from kiln.perf import cpu_name, device_peak, flops_per_token, git_describe, matmul_precision, mfu  # noqa: E402
+from kiln.perf import device_peak, flops_per_token, mfu  # noqa: E402
+from kiln.runinfo import git_describe  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 
@@ -126,9 +128,9 @@ def machine(device: torch.device, threads: int) -> str:
 
 
 def resolved_loss_impl(device: torch.device) -> str:
-    """What kiln's loss_impl="auto" runs on `device` (kiln.eval.loss.linear_cross_entropy's rule):
+    """What kiln's loss_impl="auto" runs on `device` (kiln.model.loss.linear_cross_entropy's rule):
     Liger's fused kernel on CUDA when it imports, else kiln's chunked loss."""
-    from kiln.eval.loss import _liger_loss
+    from kiln.model.loss import _liger_loss
 
     return "liger" if device.type == "cuda" and _liger_loss() is not None else "chunked"
 

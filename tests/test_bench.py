@@ -16,7 +16,8 @@ from conftest import ROOT, kiln_cmd
 from kiln.bench import run_bench, synthetic_batches
 from kiln.config import load_config, split_preset
 from kiln.model import count_params
-from kiln.perf import flops_per_token, git_describe
+from kiln.perf import flops_per_token
+from kiln.runinfo import git_describe
 
 SMALL = ["--model.vocab_size", "1024", "--model.d_model", "64", "--model.n_layers", "2", "--model.ffn_dim", "128",
          "--train.seq_len", "64", "--train.micro_batch_size", "2", "--train.global_batch_size", "4"]
@@ -195,7 +196,7 @@ def test_report_median_keeps_each_configurations_median_run():
 def test_vs_hf_labels_the_loss_it_ran(monkeypatch):
     """The "kiln" variant runs loss_impl=auto's choice explicitly and is named after it (Liger on CUDA when
     it imports, chunked otherwise), so a GPU table never calls Liger's kernel "chunked"."""
-    import kiln.eval.loss as loss
+    import kiln.model.loss as loss
 
     vs_hf = _bench_script("vs_hf")
     monkeypatch.setattr(loss, "_LIGER", [object])  # "Liger imports"

@@ -7,6 +7,7 @@ end with bit-identical weights and log the same loss at every step.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -159,6 +160,57 @@ def test_random_kill_9_also_during_saves_then_resume_is_bitwise(tmp_path, refere
     train(load_config("tiny", over), quiet=True)
     assert_same(run, reference)
     assert not list((run / "checkpoints").glob(".step_*"))  # temp folders from killed saves are gone
+
+
+WALL_CLOCK = {"tokens_per_sec", "elapsed_sec", "eta_sec", "mfu", "peak_memory_bytes", "cost_usd", "tokens_per_usd",
+              "eta_cost_usd"}
+
+
+def records_per_step(run: Path) -> dict[tuple[str, int], dict]:
+    """The last train and eval record of every step, without the wall-clock fields (a resumed run logs
+    again the steps that a kill lost)."""
+    out = {}
+    for r in read_metrics(run):
+        out[(r["kind"], r["step"])] = {k: v for k, v in r.items() if k not in WALL_CLOCK}
+    return out
+
+
+@pytest.mark.slow
+def test_metrics_after_ten_random_kill_9_equal_the_uninterrupted_runs(tmp_path):
+    """A train record is the mean over the steps since the previous one: with log_every 10 and
+    save_every 5, a run killed after step 27 resumes at 25 and must still log the mean of 21-30 at
+    step 30 (the window of losses is training state, saved in the checkpoint)."""
+    extra = {"train.log_every": 10, "train.save_every": 5, "train.eval_every": 15}
+    (tmp_path / "ref").mkdir()
+    train(load_config("tiny", overrides(tmp_path / "ref", **extra)), quiet=True)
+    reference = records_per_step(tmp_path / "ref" / "run")
+    assert sorted(s for k, s in reference if k == "train") == [10, 20, 30, 40]
+    over = overrides(tmp_path, **extra)
+    run = tmp_path / "run"
+    rng = random.Random(1)
+    kills = 0
+    while kills < 10:
+        done = ckpt_io.list_checkpoints(run)
+        if done and done[-1].name == f"step_{STEPS}":
+            break
+        proc = start(tmp_path, over)
+        saved = int(done[-1].name.split("_")[1]) if done else 0
+        try:  # kill between 1 and 9 steps after the checkpoint it resumed from: mid-window, or past a record
+            target = min(saved + rng.randint(1, 9), STEPS - 1)
+            deadline = time.time() + 120
+            while proc.poll() is None and time.time() < deadline:
+                state = json.loads((run / "control" / "status.json").read_text()) \
+                    if (run / "control" / "status.json").exists() else {}
+                if state.get("step", 0) >= target or max(last_per_step(run), default=0) >= target:
+                    break
+                time.sleep(0.01)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        kills += 1
+    train(load_config("tiny", over), quiet=True)
+    got = records_per_step(run)
+    assert got == reference
 
 
 def test_control_without_a_job_is_a_clear_error(tmp_path):

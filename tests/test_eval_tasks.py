@@ -260,7 +260,7 @@ def test_downstream_tasks_run_under_the_checkpoints_autocast(tmp_path, monkeypat
     model = build_model(cfg.model, seed=0).eval()
     seen = []
     model.norm.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
-    monkeypatch.setattr(run, "load_model_for_cli", lambda checkpoint, device: (model, cfg, tmp_path / "ckpt"))
+    monkeypatch.setattr(run, "load_for_inference", lambda checkpoint, device: (model, cfg, tmp_path / "ckpt"))
     data = tmp_path / "data.jsonl"
     rec = {"context": "What is 1?", "choices": [" yes", " no"], "answer": 0} if task == "mc" else \
         {"question": "What is 1+1?", "answer": "#### 2"}

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from kiln.config import ModelConfig
 from kiln.data.packing import Batch
 from kiln.errors import ConfigError
-from kiln.eval.loss import _liger_loss, linear_cross_entropy, token_loss_sum
+from kiln.eval.loss import token_loss_sum
 from kiln.model import build_model
+from kiln.model.loss import _liger_loss, linear_cross_entropy
 
 
 def _inputs(N=300, d=24, V=1000, seed=0):

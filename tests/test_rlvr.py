@@ -125,7 +125,7 @@ def test_rlvr_is_refused_under_a_distributed_layout():
     assert SFTObjective.single_device is False and DPOObjective.single_device is False
     obj = RLVRObjective([], reference=None, reward=None, tokenizer=None, group_size=2, kl_coef=0.0, max_new_tokens=1)
     with pytest.raises(ConfigError, match="rlvr runs in one process"):
-        Engine(None, SimpleNamespace(distributed=True, pp=1), obj, seed=0)
+        Engine(None, SimpleNamespace(distributed=True, pp=1), obj, seed=0, accum_steps=1)
 
 
 def test_prompt_loader_ranks_split_the_single_process_stream(tmp_path):

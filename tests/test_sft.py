@@ -240,7 +240,7 @@ def test_cli_reports_bad_chat_data_in_one_line(tmp_path):
 
 def test_sft_loss_and_eval_use_train_loss_impl(tmp_path):
     from kiln.errors import ConfigError
-    from kiln.eval.loss import _liger_loss
+    from kiln.model.loss import _liger_loss
 
     if _liger_loss() is not None:
         pytest.skip("liger-kernel is installed")

@@ -211,16 +211,10 @@ def test_full_disk_during_a_save_is_one_line_and_loses_no_checkpoint(tmp_path, m
                 for p in sorted(ckpts.rglob("*")) if p.is_file()}
 
     before = digest()
-    real = ck._dcp()
+    def full_disk(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    class FullDisk:
-        def save(self, *a, **kw):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-    monkeypatch.setattr(ck, "_dcp", lambda: FullDisk())
+    monkeypatch.setattr(ck.dcp, "save", full_disk)
     with pytest.raises(CheckpointError, match=r"cannot write the checkpoint \(the disk is full\); earlier "
                                               r"checkpoints are untouched") as e:
         train(load_config("tiny", small_overrides(tmp_path, **over, **{"train.max_steps": 8})), quiet=True)

@@ -32,11 +32,18 @@ import torch
 
 from kiln.config import Config, load_config, split_preset
 from kiln.data.packing import Batch, Row, make_batch
+from kiln.device import autocast_for, train_precision
 from kiln.estimate import estimate_memory
 from kiln.eval.loss import token_loss_sum
 from kiln.model import count_params
-from kiln.perf import device_peak, flops_per_token, git_describe, mfu, train_precision
+from kiln.optim import param_dtype
+from kiln.parallel.mesh import init_layout, shutdown
+from kiln.parallel.pipeline import microbatches
+from kiln.perf import device_peak, flops_per_token, mfu
+from kiln.runinfo import git_describe
+from kiln.train.engine import Engine
 from kiln.train.objective import Objective
+from kiln.train.plan import make_plan
 
 
 class _BenchObjective(Objective):
@@ -182,18 +189,16 @@ def _cpu_peak_bytes(engine: Any, step_fn: Any) -> tuple[int, str]:
 
 def run_bench(cfg: Config, *, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
     """Warm up, time `steps` training steps, measure peak memory; the result record."""
-    from kiln.parallel.mesh import init_layout, shutdown
-    from kiln.train.engine import Engine
-    from kiln.train.trainer import autocast_for
-
-    layout = init_layout(cfg, cfg.run.device)
+    layout = init_layout(cfg.parallel, cfg.model, cfg.run.device)
     device = layout.device
     torch.manual_seed(cfg.run.seed)
     objective = _BenchObjective() if cfg.parallel.pp == 1 else Objective()
-    engine = Engine(cfg, layout, objective, seed=cfg.run.seed)
+    plan = make_plan(cfg.model, cfg.train, cfg.optim, dp_size=layout.dp_size,
+                     pipeline_microbatches=microbatches(cfg.parallel) if layout.pp > 1 else 1)
+    engine = Engine(cfg, layout, objective, seed=cfg.run.seed, accum_steps=plan.accum_steps)
     engine.train()
-    autocast = autocast_for(cfg, device)
-    n_micro = engine.micro_batches_per_step()
+    autocast = autocast_for(cfg.train.dtype, device)
+    n_micro = plan.accum_steps
     batches = [b.to(device) for b in synthetic_batches(cfg, max(n_micro, 2), seed=cfg.run.seed + layout.dp_rank)]
     max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
 
@@ -233,7 +238,7 @@ def run_bench(cfg: Config, *, steps: int = 10, warmup: int = 3) -> dict[str, Any
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
     tps = tokens_per_step / step_s
     fl = flops_per_token(cfg.model, seq_len=cfg.train.seq_len)
-    pk = device_peak(device, precision=train_precision(cfg, device))
+    pk = device_peak(device, precision=train_precision(cfg.train.dtype, param_dtype(cfg.optim), device))
     est = estimate_memory(cfg, device=device.type)
     result = {
         "preset": cfg.run.name, "tokens_per_sec": round(tps, 1), "step_ms": round(step_s * 1000, 2),

@@ -71,9 +71,9 @@ def _generate(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from kiln.data.tokenizer import load_tokenizer
     from kiln.generate import generate_text
-    from kiln.train.trainer import load_model_for_cli
+    from kiln.train.checkpoint import load_for_inference
 
-    model, cfg, _ = load_model_for_cli(args.checkpoint, device=args.device)
+    model, cfg, _ = load_for_inference(args.checkpoint, device=args.device)
     tok = load_tokenizer(cfg.data.tokenizer)
     stream = sys.stdout.isatty()
     if stream:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 
 from kiln.config import Config, ModelConfig, load_config, split_preset
+from kiln.device import pick_device
 
 Status = Literal["PASS", "WARN", "FAIL", "SKIP"]
 MIN_FREE_BYTES = 5 * 2**30  # WARN below 5 GiB free in the output folder's file system
@@ -80,7 +81,7 @@ def _version(pkg: str) -> str | None:
 
 def check_versions(ctx: Context) -> tuple[Status, str]:
     from kiln import __version__
-    from kiln.perf import git_describe
+    from kiln.runinfo import git_describe
 
     tv = torch.__version__
     detail = (f"python {platform.python_version()}, torch {tv}, transformers {_version('transformers')}, "
@@ -419,7 +420,6 @@ CHECKS: list[tuple[str, Callable[[Context], tuple[Status, str]]]] = [
 
 def run_checks(cfg: Config, *, out_dir: Path | None = None, device: torch.device | None = None) -> list[Check]:
     """Run every check in order; an exception inside a check is that check's FAIL."""
-    from kiln.train.trainer import pick_device
 
     ctx = Context(cfg=cfg, device=device or pick_device(cfg.run.device), out_dir=Path(out_dir or cfg.run.out_dir))
     results = []

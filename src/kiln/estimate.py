@@ -35,8 +35,9 @@ from typing import Any
 import torch
 
 from kiln.config import Config, ModelConfig
-from kiln.eval.loss import default_chunk_rows
+from kiln.device import autocast_dtype
 from kiln.model import count_params
+from kiln.model.loss import default_chunk_rows
 from kiln.perf import block_matrix_shapes
 
 GIB = 1024**3
@@ -82,9 +83,8 @@ class MemoryEstimate:
 
 
 def _uses_autocast(cfg: Config, device: str) -> bool:
-    from kiln.train.trainer import autocast_dtype
 
-    return autocast_dtype(cfg, torch.device(device)) == torch.bfloat16
+    return autocast_dtype(cfg.train.dtype, torch.device(device)) == torch.bfloat16
 
 
 def layer_activation_terms(m: ModelConfig, *, autocast: bool, ac: str, expand_kv: bool = False) -> dict[str, float]:

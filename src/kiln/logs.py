@@ -25,7 +25,8 @@ from typing import Any
 import yaml
 
 from kiln.errors import KilnError
-from kiln.train.metrics import format_duration, read_metrics
+from kiln.runinfo import format_duration
+from kiln.train.metrics import read_metrics
 
 KINDS = ("train", "eval")
 FIGSIZE, DPI = (15.0, 8.0), 100  # plot: 1500 x 800 pixels

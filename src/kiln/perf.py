@@ -18,7 +18,7 @@ subtracted. Activation recomputation is never counted: this is MFU, not hardware
 
 The matmul precision (which peak to divide by) is bf16 when autocast runs in bf16 and also when the
 parameters themselves are bf16 (optim.param_dtype=bf16): then every matmul runs in bf16 even under
-train.dtype=fp32. `train_precision(cfg, device)` is the one place that decides it.
+train.dtype=fp32. `kiln.device.train_precision` is the one place that decides it.
 
 The peak is looked up from `torch.cuda.get_device_name()` in a table of dense (no 2:4 sparsity)
 vendor numbers per precision. An unknown device gives mfu=None with a note, never a guess
@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from kiln.config import Config, ModelConfig
-
-Precision = str  # "bf16" | "fp16" | "tf32" | "fp32" | "fp8"
+from kiln.config import ModelConfig
+from kiln.device import Precision, cpu_name
 
 
 @dataclass(frozen=True)
@@ -127,35 +125,6 @@ def lookup_peak(device_name: str) -> DevicePeak | None:
     return None
 
 
-_LOW = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def matmul_precision(*, device: torch.device, autocast_dtype: torch.dtype | None,
-                     param_dtype: torch.dtype = torch.float32) -> Precision:
-    """The precision the tensor cores run the matmuls in, for picking the peak.
-
-    Autocast's dtype when there is one; else the parameters' dtype when it is 16-bit (bf16 weights
-    make bf16 activations, so every matmul runs in bf16); else tf32 / fp32.
-    """
-    if autocast_dtype is not None:
-        return _LOW.get(autocast_dtype, "fp32")
-    if param_dtype in _LOW:
-        return _LOW[param_dtype]
-    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "fp32"
-
-
-def train_precision(cfg: Config, device: torch.device) -> Precision:
-    """The matmul precision training `cfg` runs at on `device` (train.dtype and optim.param_dtype):
-    the one helper the trainer's MFU and `kiln bench` pick their peak with."""
-    from kiln.optim import param_dtype
-    from kiln.train.trainer import autocast_dtype
-
-    return matmul_precision(device=device, autocast_dtype=autocast_dtype(cfg, device),
-                            param_dtype=param_dtype(cfg.optim))
-
-
 @dataclass(frozen=True)
 class PeakInfo:
     device_name: str
@@ -178,49 +147,8 @@ def device_peak(device: torch.device, *, precision: Precision) -> PeakInfo:
     return PeakInfo(name, precision, tflops * 1e12, f"{entry.name} dense {precision} {tflops:g} TFLOP/s ({entry.source})")
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one (platform.processor() is often empty)."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def mfu(*, tokens_per_sec: float, flops_per_token: float, peak_flops: float | None, n_devices: int = 1) -> float | None:
     """Model FLOPs utilisation in [0, 1]: achieved model FLOP/s over the devices' dense peak."""
     if peak_flops is None or peak_flops <= 0:
         return None
     return tokens_per_sec * flops_per_token / (peak_flops * n_devices)
-
-
-def git_describe(path: str | Path | None = None) -> str | None:
-    """The short commit of the checkout holding `path` (default: kiln's own source), with "+dirty" when
-    the working tree differs from it (modified, staged or untracked files, as `git status` lists
-    them); None outside a git checkout. Benchmarks record it so a number names the code it measured.
-    A copy of the tree without .git (a lent GPU machine) takes it from KILN_GIT_SHA when set."""
-    import os
-    import subprocess
-
-    fallback = os.environ.get("KILN_GIT_SHA") or None
-
-    cwd = Path(path) if path is not None else Path(__file__).parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=cwd)
-        if sha.returncode != 0 or not sha.stdout.strip():
-            return fallback
-        status = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=30,
-                                cwd=cwd)
-    except (OSError, subprocess.SubprocessError):
-        return fallback
-    # bench/RESULTS.md is where benchmarks write their numbers: an earlier benchmark's fresh table
-    # there does not change the code being measured
-    changed = [ln for ln in status.stdout.splitlines() if not ln.endswith("bench/RESULTS.md")]
-    dirty = status.returncode != 0 or bool(changed)
-    return sha.stdout.strip() + ("+dirty" if dirty else "")

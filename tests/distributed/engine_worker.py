@@ -19,8 +19,10 @@ import torch
 from kiln.config import load_config
 from kiln.data.packing import Batch
 from kiln.parallel.mesh import init_layout, shutdown
+from kiln.parallel.pipeline import microbatches
 from kiln.train.engine import Engine
 from kiln.train.objective import Objective
+from kiln.train.plan import make_plan
 
 STEPS = 3
 BASE = ["--model.vocab_size", "128", "--model.d_model", "32", "--model.n_layers", "4", "--model.n_heads", "4",
@@ -42,10 +44,12 @@ def global_batch(step: int, rows: int, T: int, vocab: int) -> Batch:
 
 def run(overrides: list[str]) -> tuple[list[dict], object]:
     cfg = load_config("tiny", BASE + overrides)
-    layout = init_layout(cfg, "cpu")
-    engine = Engine(cfg, layout, Objective(), seed=0)
+    layout = init_layout(cfg.parallel, cfg.model, "cpu")
+    plan = make_plan(cfg.model, cfg.train, cfg.optim, dp_size=layout.dp_size,
+                     pipeline_microbatches=microbatches(cfg.parallel) if layout.pp > 1 else 1)
+    engine = Engine(cfg, layout, Objective(), seed=0, accum_steps=plan.accum_steps)
     t = cfg.train
-    n_mb = engine.micro_batches_per_step()
+    n_mb = plan.accum_steps
     records = []
     for step in range(STEPS):
         gb = global_batch(step, t.global_batch_size, t.seq_len, cfg.model.vocab_size)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from kiln.config import load_config
+from kiln.parallel.pipeline import SCHEDULES
 from kiln.train.metrics import read_metrics
 from kiln.train.trainer import train
 
@@ -91,13 +92,29 @@ def reference(shards, tmp_path_factory) -> Path:
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["--parallel.dp_shard", "2"], ["--parallel.tp", "2"],
-                                    ["--parallel.pp", "2", "--parallel.pp_schedule", "1F1B"]],
-                         ids=["fsdp", "tp", "pp"])
+@pytest.mark.parametrize("layout", [["--parallel.dp_shard", "2"], ["--parallel.tp", "2"]], ids=["fsdp", "tp"])
 def test_torchrun_kiln_train_matches_one_process(shards, reference, tmp_path, layout):
     torchrun(2, overrides(shards, tmp_path / "run") + layout)
     assert_close(records(reference, "train", "loss"), records(tmp_path / "run", "train", "loss"), "train loss")
     assert_close(records(reference, "eval", "eval_loss"), records(tmp_path / "run", "eval", "eval_loss"), "eval")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_every_pipeline_schedule_trains_evaluates_saves_and_resumes(shards, reference, tmp_path, schedule):
+    """`torchrun -m kiln train --parallel.pp 2 --parallel.pp_schedule S` as a user runs it: the step-0
+    and step-3 evals, the step-3 checkpoint, then a resume in one process to the end; losses and eval
+    losses equal the single-process run's (the V schedules' own eval() fails in torch 2.13: kiln
+    evaluates every schedule through a forward-only schedule of the same stages)."""
+    run = tmp_path / "run"
+    torchrun(2, overrides(shards, run, **{"train.stop_at_step": 3})
+             + ["--parallel.pp", "2", "--parallel.pp_schedule", schedule])
+    assert sorted(records(run, "eval", "eval_loss")) == [0, 3]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_3"]
+    train(load_config("tiny", overrides(shards, run)), quiet=True)  # resumes at step 3 in one process
+    assert_close(records(reference, "train", "loss"), records(run, "train", "loss"), f"{schedule} train loss")
+    assert_close(records(reference, "eval", "eval_loss"), records(run, "eval", "eval_loss"), f"{schedule} eval")
 
 
 @pytest.mark.dist

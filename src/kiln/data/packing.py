@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-IGNORE = -100
+from kiln.model.loss import IGNORE  # targets the loss skips (padding, document starts)
 
 
 @dataclass

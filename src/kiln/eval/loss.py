@@ -1,19 +1,7 @@
-"""The pretraining loss (summed next-token cross-entropy) and validation loss / perplexity.
+"""Validation loss / perplexity and per-token log-probabilities, on top of the model's fused loss.
 
-The output head of a small model is most of its cost: for d=256 and a 32768-entry vocabulary the
-(B*T, V) fp32 logits of one 8 x 256 micro-batch are 268 MB, and cross-entropy over them (forward
-and backward) is a third of a CPU step. `token_loss_sum` therefore fuses the head matmul with the
-cross-entropy and works on row chunks of the final hidden states, so the full logits never exist:
-
-    for each chunk of rows c:  z = h_c W^T  (c, V) -> log_softmax -> loss_c
-                               dz = softmax(z) - onehot(y)  (in place, same buffer)
-                               dh_c = dz W,  dW += dz^T h_c
-
-The gradients are computed in the forward pass (the loss is a scalar, so the incoming gradient is
-one number that backward multiplies in); nothing is recomputed and only one chunk of logits is
-alive at a time. Liger-Kernel's fused linear cross-entropy does the same thing with Triton kernels
-(Hsu et al. 2024); with `impl="auto"` it is used on CUDA when installed.
-
+`token_loss_sum` is the pretraining loss: the summed next-token cross-entropy, computed by the model's
+forward with the fused, chunked head + cross-entropy of kiln.model.loss (the full logits never exist).
 `token_logps` gives per-token log-probabilities (DPO, RLVR, multiple-choice scoring) the same way:
 the head runs on row chunks of the final hidden states, and only on positions that have a target.
 """
@@ -23,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable
-from typing import Literal
 
 import numpy as np
 import torch
@@ -31,152 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kiln.data.packing import IGNORE, Batch
-from kiln.errors import ConfigError
 from kiln.model import Transformer
-
-LossImpl = Literal["auto", "chunked", "liger", "plain"]
-
-
-def default_chunk_rows(device: torch.device) -> int:
-    """Rows per chunk. A chunk's logits are rows x V (x 4 bytes in fp32: 256 x 32768 -> 32 MB).
-
-    On CPU small chunks stay closer to the caches (256 rows measured fastest of 64-2048 for
-    d=256, V=32768 on 1 thread); on a GPU each chunk must be big enough to fill the device (4096
-    rows: 0.5 GB of fp32 softmax at V=32768, small next to the activations).
-    """
-    return 4096 if device.type == "cuda" else 256
-
-
-def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The dtype autocast would run the head matmul in here (the input dtype without autocast)."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return dtype
-
-
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i W^T, y_i) over rows with y_i != -100; the gradients are made in forward."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, targets: Tensor, chunk_rows: int, cdt: torch.dtype) -> Tensor:
-        # h: (N, d), w: (V, d), targets: (N,) int64 -> scalar fp32
-        N, V = h.shape[0], w.shape[0]
-        rows = max(1, min(chunk_rows, N))  # N = 0 (every target ignored): no chunk runs, the loss is 0
-        wc = w.to(cdt)  # one cast of the head for all chunks (a no-op in fp32)
-        grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-        # summed over chunks in fp32; the first chunk writes it (zeros only when there are no rows)
-        grad_w = (torch.empty if N else torch.zeros)(w.shape, dtype=torch.float32, device=w.device)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        # (rows, V) buffers reused by every chunk: on CPU a fresh 32 MB tensor per chunk costs more in page
-        # faults than the softmax itself (CUDA's caching allocator reuses memory anyway)
-        z_buf = torch.empty(rows, V, dtype=cdt, device=h.device)
-        p_buf = torch.empty(rows, V, dtype=torch.float32, device=h.device) if cdt == torch.float32 else None
-        with torch.autocast(h.device.type, enabled=False):
-            for start in range(0, N, rows):
-                stop = min(start + rows, N)
-                n = stop - start
-                hc = h[start:stop].to(cdt)  # (n, d)
-                y = targets[start:stop]
-                valid = y != IGNORE
-                y_safe = y.clamp_min(0)[:, None]  # (n, 1); ignored rows point at id 0 and are zeroed below
-                z = torch.mm(hc, wc.t(), out=z_buf[:n])  # (n, V) logits
-                z_y = z.gather(1, y_safe).squeeze(1).float()  # (n,)
-                z_max = z.amax(dim=-1).float()  # (n,)
-                if cdt == torch.float32:
-                    p = torch.ops.aten._softmax.out(z, -1, False, out=p_buf[:n])  # (n, V)
-                else:
-                    p = torch.softmax(z, dim=-1, dtype=torch.float32)
-                # logsumexp without a second exp pass: the largest probability is exp(0) / sum = 1 / sum,
-                # and it is at least 1/V, so its log never underflows.
-                lse = z_max - torch.log(p.amax(dim=-1))
-                total += torch.where(valid, lse - z_y, 0.0).sum()
-                # d(sum CE)/dz = softmax - onehot, made in p's buffer; ignored rows get zero
-                p.scatter_add_(1, y_safe, torch.where(valid, -1.0, 0.0)[:, None])
-                if h.is_cuda or not bool(valid.all()):  # no host sync on CUDA: always mask there
-                    p.mul_(valid[:, None])
-                dz = p.to(cdt)
-                if dz.dtype == grad_h.dtype:
-                    torch.mm(dz, wc, out=grad_h[start:stop])  # (n, d)
-                else:
-                    grad_h[start:stop] = dz @ wc
-                if cdt == torch.float32 and start == 0:  # (V, d)
-                    torch.mm(dz.t(), hc, out=grad_w)
-                elif cdt == torch.float32:
-                    grad_w.addmm_(dz.t(), hc)
-                elif start == 0:
-                    grad_w.copy_(dz.t() @ hc)
-                else:
-                    grad_w += (dz.t() @ hc).float()
-        ctx.save_for_backward(grad_h, grad_w.to(w.dtype))
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        # scaled in place: no second (V, d) buffer; a second backward through this graph would need the
-        # unscaled values and fails autograd's version check instead of silently using these
-        return grad_h.mul_(grad_out.to(grad_h.dtype)), grad_w.mul_(grad_out.to(grad_w.dtype)), None, None, None
-
-
-def _chunked_loss_no_grad(h: Tensor, w: Tensor, targets: Tensor, chunk_rows: int, cdt: torch.dtype) -> Tensor:
-    """The same sum without gradients (evaluation): one chunk of logits at a time."""
-    total = torch.zeros((), dtype=torch.float32, device=h.device)
-    wc = w.to(cdt)
-    with torch.autocast(h.device.type, enabled=False):
-        for start in range(0, h.shape[0], chunk_rows):
-            logits = (h[start:start + chunk_rows].to(cdt) @ wc.t()).float()
-            total += F.cross_entropy(logits, targets[start:start + chunk_rows], ignore_index=IGNORE, reduction="sum")
-    return total
-
-
-def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, *, impl: LossImpl = "auto",
-                         chunk_rows: int | None = None) -> Tensor:
-    """Summed cross-entropy of logits h @ w.T against `targets` (-100 ignored), fp32 scalar.
-
-    h: (N, d) final hidden states; w: (V, d) output head; targets: (N,). `impl`:
-      plain    full logits, F.cross_entropy (the reference)
-      chunked  row chunks, fused gradients (never holds more than chunk_rows x V logits)
-      liger    Liger-Kernel's fused linear cross-entropy (CUDA, `pip install liger-kernel`)
-      auto     liger on CUDA when installed, else chunked
-    """
-    if impl == "auto":
-        impl = "liger" if h.is_cuda and _liger_loss() is not None else "chunked"
-    if impl == "plain":
-        logits = F.linear(h, w)  # (N, V)
-        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
-    cdt = _compute_dtype(h.device, h.dtype)
-    if impl == "liger":
-        loss_cls = _liger_loss()
-        if loss_cls is None:
-            raise ConfigError("loss impl 'liger' needs liger-kernel (pip install 'kiln[gpu]' or liger-kernel); "
-                              "use train.loss_impl=chunked")
-        return loss_cls(ignore_index=IGNORE, reduction="sum")(w.to(cdt), h.to(cdt), targets).float()
-    if impl != "chunked":
-        raise ConfigError(f"train.loss_impl: unknown '{impl}'; expected auto, chunked, liger or plain")
-    chunk_rows = chunk_rows or default_chunk_rows(h.device)
-    if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
-        return _ChunkedLinearCrossEntropy.apply(h, w, targets, chunk_rows, cdt)
-    return _chunked_loss_no_grad(h, w, targets, chunk_rows, cdt)
-
-
-_LIGER: list = []
-
-
-def _liger_loss():
-    """Liger's LigerFusedLinearCrossEntropyLoss class, or None when the package is missing."""
-    if not _LIGER:
-        try:
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        except Exception:  # not installed, or no Triton / CUDA build
-            LigerFusedLinearCrossEntropyLoss = None
-        _LIGER.append(LigerFusedLinearCrossEntropyLoss)
-    return _LIGER[0]
+from kiln.model.loss import LossImpl, default_chunk_rows
 
 
 def token_loss_sum(model: Transformer, batch: Batch, *, doc_mask: bool, impl: LossImpl = "auto") -> torch.Tensor:
     """Summed next-token cross-entropy (nats, fp32) over the batch's non-ignored targets.
 
-    Never materialises the full (B*T, V) fp32 logits unless impl="plain" (see the module docstring).
+    Never materialises the full (B*T, V) fp32 logits unless impl="plain" (kiln.model.loss).
     """
     # Through forward (not model.hidden + the head here): DDP and FSDP only see what runs inside it.
     return model(batch.tokens, batch.doc_ids if doc_mask else None, targets=batch.targets, loss_impl=impl)
@@ -197,6 +46,19 @@ def evaluate(model: Transformer, batches: Iterable[Batch], *, device: torch.devi
     model.train(was_training)
     loss = total.item() / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count, "nats": total.item()}
+
+
+def eval_record(per_source: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """{eval_loss, eval_ppl} per source and token-weighted over all, from each source's (summed nats, targets)."""
+    record: dict[str, float] = {}
+    nats_all, count_all = 0.0, 0.0
+    for name, (nats, count) in per_source.items():
+        record[f"eval_loss/{name}"] = nats / max(count, 1)
+        record[f"eval_ppl/{name}"] = math.exp(min(record[f"eval_loss/{name}"], 50.0))
+        nats_all, count_all = nats_all + nats, count_all + count
+    record["eval_loss"] = nats_all / max(count_all, 1)
+    record["eval_ppl"] = math.exp(min(record["eval_loss"], 50.0))
+    return record
 
 
 # ---------------------------------------------------------------------------------------------

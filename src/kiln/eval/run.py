@@ -9,8 +9,9 @@ from typing import Any
 from kiln.config import SourceConfig
 from kiln.data.loader import validation_batches
 from kiln.data.tokenizer import load_tokenizer
+from kiln.device import autocast_for
 from kiln.eval.loss import evaluate
-from kiln.train.trainer import autocast_for, load_model_for_cli
+from kiln.train.checkpoint import load_for_inference
 
 
 def scored_bytes(batches: list, tokenizer: Any) -> int:
@@ -26,13 +27,13 @@ def scored_bytes(batches: list, tokenizer: Any) -> int:
 def evaluate_source(checkpoint: str, data: str, *, text_column: str = "text", max_tokens: int = 1_000_000,
                     batch_size: int = 8, seq_len: int = 0, device: str = "auto") -> dict[str, Any]:
     """Score the first `max_tokens` tokens of `data` (documents in file order, packed as in training)."""
-    model, cfg, ckpt = load_model_for_cli(checkpoint, device=device)
+    model, cfg, ckpt = load_for_inference(checkpoint, device=device)
     tok = load_tokenizer(cfg.data.tokenizer)
     src = SourceConfig(path=data, name=Path(data).stem or data, text_column=text_column)
     T = seq_len or cfg.train.seq_len
     batches = validation_batches(src, tok, seq_len=T, batch_size=batch_size, max_tokens=max_tokens)
     dev = next(model.parameters()).device
-    res = evaluate(model, batches, device=dev, doc_mask=cfg.data.doc_mask, autocast=autocast_for(cfg, dev),
+    res = evaluate(model, batches, device=dev, doc_mask=cfg.data.doc_mask, autocast=autocast_for(cfg.train.dtype, dev),
                    impl=cfg.train.loss_impl)
     n_bytes = scored_bytes(batches, tok)
     return {"loss": res["loss"], "ppl": res["ppl"], "bits_per_byte": res["nats"] / math.log(2) / max(n_bytes, 1),
@@ -51,10 +52,10 @@ def evaluate_task(checkpoint: str, data: str, *, task: str, limit: int = 0, spli
                   device: str = "auto") -> dict[str, Any]:
     """`kiln eval --task mc|gsm8k`: a downstream benchmark on local jsonl (kiln.eval.tasks), under the
     checkpoint's autocast (train.dtype: bf16 on CUDA by default)."""
-    model, cfg, ckpt = load_model_for_cli(checkpoint, device=device)
+    model, cfg, ckpt = load_for_inference(checkpoint, device=device)
     tok = load_tokenizer(cfg.data.tokenizer)
     recs = _records(data, split, limit)
-    with autocast_for(cfg, next(model.parameters()).device):  # the precision `kiln eval --task loss` uses
+    with autocast_for(cfg.train.dtype, next(model.parameters()).device):  # the precision `kiln eval --task loss` uses
         res = _run_task(model, cfg, tok, recs, task=task, batch_size=batch_size, max_new_tokens=max_new_tokens,
                         chat=chat, num_fewshot=num_fewshot, fewshot_data=fewshot_data)
     res.update({"checkpoint": str(ckpt), "data": data})

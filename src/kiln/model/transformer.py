@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from kiln.config import ModelConfig
 from kiln.model.attention import AttnMask, attend, prepare_mask
 from kiln.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
+from kiln.model.loss import linear_cross_entropy
 
 
 class KVCache:
@@ -152,7 +153,7 @@ class Transformer(nn.Module):
     def forward(self, x: Tensor, doc_ids: Tensor | None = None, *, cache: KVCache | None = None,
                 targets: Tensor | None = None, loss_impl: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
         """tokens (B, T) -> logits (B, T, V); with `targets` (B, T) the summed next-token cross-entropy
-        over targets != -100 (fp32 scalar, see kiln.eval.loss.linear_cross_entropy for `loss_impl`).
+        over targets != -100 (fp32 scalar, see kiln.model.loss.linear_cross_entropy for `loss_impl`).
         A non-last pipeline stage returns its hidden states."""
         h = self._trunk(x, doc_ids, cache)
         if self.norm is None:  # a pipeline stage before the last
@@ -161,8 +162,6 @@ class Transformer(nn.Module):
         if targets is None:
             return self.logits(h)
         if self.fused_loss:
-            from kiln.eval.loss import linear_cross_entropy
-
             return linear_cross_entropy(h.flatten(0, 1), self.output_weight(), targets.flatten(), impl=loss_impl)
         return F.cross_entropy(self.logits(h).float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                                reduction="sum")

@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
-from kiln.config import Config, ParallelConfig
+from kiln.config import ModelConfig, ParallelConfig
 from kiln.errors import ConfigError
+from kiln.parallel.pipeline import stages_per_rank
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -78,9 +80,8 @@ def env_world() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def check_layout(cfg: Config, world_size: int, *, where: str = "parallel") -> None:
+def check_layout(p: ParallelConfig, m: ModelConfig, world_size: int, *, where: str = "parallel") -> None:
     """Static checks of parallel.* against the model and the world size (no process group needed)."""
-    p, m = cfg.parallel, cfg.model
     product = p.pp * p.dp_replicate * p.dp_shard * p.tp
     if product != world_size:
         raise ConfigError(
@@ -94,19 +95,17 @@ def check_layout(cfg: Config, world_size: int, *, where: str = "parallel") -> No
             if n % p.tp:
                 raise ConfigError(f"{where}: parallel.tp={p.tp} must divide {key}={n}")
     if p.pp > 1:
-        from kiln.parallel.pipeline import stages_per_rank
-
         n_stages = p.pp * stages_per_rank(p.pp_schedule)
         if n_stages > m.n_layers:
             raise ConfigError(f"{where}: parallel.pp={p.pp} with {p.pp_schedule} needs {n_stages} pipeline stages "
                               f"but the model has only model.n_layers={m.n_layers}; lower parallel.pp")
 
 
-def init_layout(cfg: Config, device_choice: str = "auto") -> Layout:
-    """Initialise torch.distributed (when launched by torchrun) and build the mesh."""
+def init_layout(p: ParallelConfig, model: ModelConfig, device_choice: str = "auto") -> Layout:
+    """Initialise torch.distributed (when launched by torchrun) and build the mesh for `parallel.*`
+    (`model` is checked against it: tensor-parallel divisibility, enough layers for the stages)."""
     world_size, rank, local_rank = env_world()
-    check_layout(cfg, world_size)
-    p: ParallelConfig = cfg.parallel
+    check_layout(p, model, world_size)
     use_cuda = torch.cuda.is_available() and device_choice != "cpu"
     if device_choice == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device=cuda but no CUDA device is visible; use run.device=auto or cpu")
@@ -124,8 +123,6 @@ def init_layout(cfg: Config, device_choice: str = "auto") -> Layout:
         if use_cuda:
             kwargs["device_id"] = device
         dist.init_process_group(backend, **kwargs)
-    from torch.distributed.device_mesh import init_device_mesh
-
     mesh = init_device_mesh(device.type, (p.pp, p.dp_replicate, p.dp_shard, p.tp), mesh_dim_names=DIMS)
     mesh["dp_replicate", "dp_shard"]._flatten("dp")
     layout.mesh = mesh

@@ -23,8 +23,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from kiln.config import Config
+from kiln.config import TrainConfig
+from kiln.device import autocast_dtype
+from kiln.model.init import init_weights
+from kiln.parallel import compile_ac
 from kiln.parallel.mesh import Layout
 
 
@@ -86,23 +90,20 @@ def apply_fsdp(model: nn.Module, mesh: Any, *, param_dtype: torch.dtype | None,
     fully_shard(model, **kwargs)
 
 
-def parallelize(model: nn.Module, layout: Layout, cfg: Config) -> nn.Module:
+def parallelize(model: nn.Module, layout: Layout, train: TrainConfig) -> nn.Module:
     """TP -> float8 -> activation checkpointing -> compile -> FSDP (DDP is applied after materialisation)."""
     if layout.tp > 1:
         apply_tp(model, layout.mesh["tp"])
-    t = cfg.train
-    if t.fp8 or t.activation_checkpointing != "none" or t.compile:
-        from kiln.parallel import compile_ac
-
-        if t.fp8:
-            compile_ac.apply_fp8(model)
-        if t.activation_checkpointing != "none":
-            compile_ac.apply_activation_checkpointing(model, t.activation_checkpointing)
-        if t.compile:
-            compile_ac.apply_compile(model, t.compile_mode)
+    t = train
+    if t.fp8:
+        compile_ac.apply_fp8(model)
+    if t.activation_checkpointing != "none":
+        compile_ac.apply_activation_checkpointing(model, t.activation_checkpointing)
+    if t.compile:
+        compile_ac.apply_compile(model, t.compile_mode)
     if layout.dp_size > 1 and not uses_ddp(layout):
         mesh = layout.mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else layout.mesh["dp_shard"]
-        param_dtype = torch.bfloat16 if _bf16(cfg, layout) else None
+        param_dtype = torch.bfloat16 if autocast_dtype(t.dtype, layout.device) == torch.bfloat16 else None
         apply_fsdp(model, mesh, param_dtype=param_dtype, reshard_after_forward=layout.pp == 1)
     return model
 
@@ -112,21 +113,11 @@ def uses_ddp(layout: Layout) -> bool:
     return layout.dp_replicate > 1 and layout.dp_shard == 1 and layout.tp == 1 and layout.pp == 1
 
 
-def _bf16(cfg: Config, layout: Layout) -> bool:
-    from kiln.train.trainer import autocast_dtype
-
-    return autocast_dtype(cfg, layout.device) == torch.bfloat16
-
-
 def materialize(model: nn.Module, layout: Layout, *, seed: int) -> nn.Module:
     """Allocate the (possibly sharded) parameters on the device, initialise them, and wrap in DDP."""
-    from kiln.model.init import init_weights
-
     model.to_empty(device=layout.device)
     init_weights(model, seed=seed)
     if uses_ddp(layout):
-        from torch.nn.parallel import DistributedDataParallel
-
         model = DistributedDataParallel(model, process_group=layout.group("dp"),
                                         device_ids=[layout.device.index] if layout.device.type == "cuda" else None)
     return model

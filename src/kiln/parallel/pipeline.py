@@ -17,15 +17,29 @@ the next stage receives both.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed import pipelining
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (  # the runtime torch's own multi-stage schedules run on
+    _Action,
+    _add_send_recv,
+    _add_unshard_reshard,
+    _ComputationType,
+    _PipelineScheduleRuntime,
+)
 
-from kiln.config import ModelConfig
+from kiln.config import ModelConfig, ParallelConfig
+from kiln.data.packing import Batch
+from kiln.model import Transformer
+from kiln.model.loss import IGNORE
 
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
 _SINGLE = {"GPipe": "ScheduleGPipe", "1F1B": "Schedule1F1B"}
@@ -49,8 +63,13 @@ def stage_ids(schedule: str, pp: int, pp_rank: int) -> list[int]:
 
 
 def default_microbatches(schedule: str, pp: int) -> int:
-    """Microbatches per pipeline step when parallel.pp_microbatches is 0: one per stage (seed 001)."""
+    """Microbatches per pipeline step when parallel.pp_microbatches is 0: one per stage."""
     return pp * stages_per_rank(schedule)
+
+
+def microbatches(p: ParallelConfig) -> int:
+    """Microbatches per pipeline step: parallel.pp_microbatches, or one per stage."""
+    return p.pp_microbatches or default_microbatches(p.pp_schedule, p.pp)
 
 
 def layer_split(n_layers: int, n_stages: int) -> list[list[int]]:
@@ -60,8 +79,6 @@ def layer_split(n_layers: int, n_stages: int) -> list[list[int]]:
 
 def build_stage(cfg: ModelConfig, stage: int, n_stages: int) -> nn.Module:
     """Stage `stage` of `n_stages` on the meta device, with the whole model's parameter names."""
-    from kiln.model import Transformer
-
     with torch.device("meta"):
         model = Transformer(cfg)
         keep = {str(i) for i in layer_split(cfg.n_layers, n_stages)[stage]}
@@ -76,15 +93,65 @@ def build_stage(cfg: ModelConfig, stage: int, n_stages: int) -> nn.Module:
     return model
 
 
+def make_schedule(name: str, stages: list[Any], n_microbatches: int, loss_fn: Any) -> Any:
+    """The training schedule `name` over this rank's PipelineStages (gradients are not rescaled: the
+    loss is already divided by the step's global target count)."""
+    if name in _SINGLE:
+        cls = getattr(pipelining, _SINGLE[name])
+        return cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    if name not in _MULTI:
+        raise AssertionError(name)
+    cls = getattr(pipelining, _MULTI[name])
+    return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+class ForwardOnlySchedule(_PipelineScheduleRuntime):
+    """Evaluation for any stage placement: each rank runs forward for every microbatch of its stages,
+    lowest stage first, and torch's runtime inserts the sends and receives.
+
+    The training schedules' own `eval()` replays their training order without the backward; the V
+    schedules (ZBVZeroBubble, DualPipeV) then still hand a backward input between the two stages of
+    one rank and fail ("can't steal_bwd_input if this stage doesn't have backward", torch 2.13).
+    The order is deadlock-free: a rank finishes its lower stage for all microbatches before its
+    higher one, and every stage's input comes from a lower stage.
+    """
+
+    def __init__(self, stages: list[Any], *, n_microbatches: int, loss_fn: Any, placement: dict[int, list[int]]
+                 ) -> None:
+        self.placement = placement
+        super().__init__(stages=stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+        self.pipeline_order = {rank: [_Action(sid, _ComputationType.FORWARD, mb) for sid in sorted(ids)
+                                      for mb in range(n_microbatches)] for rank, ids in placement.items()}
+        self._prepare_schedule_with_comms(self.pipeline_order)
+
+    def _prepare_schedule_with_comms(self, actions: dict[int, list[_Action | None]], format: str = "compute_only"
+                                     ) -> None:
+        """torch's version first validates that every stage has one backward per microbatch, which a
+        forward-only order has not; so the stage -> rank map comes straight from the placement, then
+        torch's own lowering adds the sends and receives."""
+        self.stage_index_to_group_rank = {sid: rank for rank, ids in self.placement.items() for sid in ids}
+        for stage in self._stages:
+            stage.stage_index_to_group_rank = self.stage_index_to_group_rank
+        self.pipeline_order_with_comms = _add_send_recv(
+            {rank: _add_unshard_reshard(order) for rank, order in actions.items()},
+            stage_to_rank=lambda s: self.stage_index_to_group_rank[s], num_stages=self._num_stages)
+
+
 @dataclass
 class Pipeline:
-    """This rank's stages, the schedule, and what it feeds and receives."""
+    """This rank's stages, the training and evaluation schedules, and what each rank feeds and receives.
+
+    A step's micro-batches are grouped into schedule steps of `n_microbatches`; the first stage gets
+    tokens (and document ids), the last gets targets and returns one summed loss per microbatch.
+    """
 
     stages: list[nn.Module]  # the stage modules (possibly FSDP-wrapped), in stage order
     ids: list[int]
     n_stages: int
     schedule: Any
+    eval_schedule: Any
     n_microbatches: int
+    doc_mask: bool  # the first stage also gets document ids (every stage's attention needs them)
     tie_group: Any = None  # process group of the ranks holding the tied pair (None: same rank or untied)
     loss_scale: list[float] = field(default_factory=lambda: [1.0])  # 1 / the step's global target count
 
@@ -99,17 +166,78 @@ class Pipeline:
     def modules_by_id(self) -> dict[int, nn.Module]:
         return dict(zip(self.ids, self.stages))
 
+    def _run(self, fn: Any, group: list[Any] | None, losses: list[Tensor]) -> None:
+        """Call schedule.step / eval_schedule.eval with what this rank's stages consume."""
+        args: tuple[Tensor, ...] = ()
+        kwargs: dict[str, Any] = {}
+        if group is not None and self.has_first:
+            tokens = torch.cat([b.tokens for b in group])
+            args = (tokens, torch.cat([b.doc_ids for b in group])) if self.doc_mask else (tokens,)
+        if group is not None and self.has_last:
+            kwargs = {"target": torch.cat([b.targets for b in group]), "losses": losses}
+        fn(*args, **kwargs)
 
-def make_schedule(name: str, stages: list[Any], n_microbatches: int, loss_fn: Any) -> Any:
-    from torch.distributed import pipelining
+    def forward_backward(self, micro_batches: list[Any], *, n_groups: int, count: float, grad_scale: float,
+                         device: torch.device) -> Tensor:
+        """One optimizer step's pipeline steps (`n_groups` of them; ranks that read no data pass no
+        batches), each microbatch's summed loss scaled by grad_scale / count for backward. Returns this
+        rank's summed, unscaled loss (zero off the last stage)."""
+        self.loss_scale[0] = grad_scale / count
+        n = self.n_microbatches
+        groups = [micro_batches[i:i + n] for i in range(0, len(micro_batches), n)] if micro_batches else []
+        total = torch.zeros((), device=device)
+        for g in groups or [None] * n_groups:
+            losses: list[Tensor] = []
+            self._run(self.schedule.step, g, losses)
+            if losses:
+                total += torch.stack([x.detach().float() for x in losses]).sum() * (count / grad_scale)
+        return total
 
-    if name in _SINGLE:
-        cls = getattr(pipelining, _SINGLE[name])
-        return cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
-    if name not in _MULTI:
-        raise AssertionError(name)
-    cls = getattr(pipelining, _MULTI[name])
-    return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    @torch.no_grad()
+    def evaluate(self, batches: list[Any], *, seq_len: int, micro_batch_size: int, device: torch.device
+                 ) -> tuple[float, int]:
+        """(summed nats, target count) over `batches` regrouped into full pipeline steps; rows that do not
+        fill a last pipeline step are skipped (a schedule runs fixed shapes). Every rank calls it with
+        the same batches."""
+        rows = [(b.tokens[i], b.targets[i], b.doc_ids[i]) for b in batches for i in range(b.tokens.shape[0])
+                if b.tokens.shape[1] == seq_len]
+        per_step = self.n_microbatches * micro_batch_size
+        self.loss_scale[0] = 1.0
+        nats, count = 0.0, 0
+        for start in range(0, len(rows) - per_step + 1, per_step):
+            chunk = rows[start:start + per_step]
+            batch = Batch(tokens=torch.stack([r[0] for r in chunk]), targets=torch.stack([r[1] for r in chunk]),
+                          doc_ids=torch.stack([r[2] for r in chunk])).to(device)
+            losses: list[Tensor] = []
+            self._run(self.eval_schedule.eval, [batch], losses)
+            nats += float(sum(x.float().item() for x in losses))
+            count += batch.num_targets
+        return nats, count
+
+
+def build_pipeline(cfg: ModelConfig, *, schedule: str, pp: int, pp_rank: int, n_microbatches: int,
+                   device: torch.device, pp_group: Any, mesh: Any, doc_mask: bool,
+                   prepare: Callable[[nn.Module], nn.Module]) -> Pipeline:
+    """This rank's stages on the meta device, each made real by `prepare` (parallelize + materialise),
+    wrapped for torch.distributed.pipelining with a training and a forward-only schedule."""
+    n_stages = pp * stages_per_rank(schedule)
+    ids = stage_ids(schedule, pp, pp_rank)
+    modules = [prepare(build_stage(cfg, sid, n_stages)) for sid in ids]
+    scale = [1.0]
+
+    def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:  # on the last stage, per microbatch
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        return ce * scale[0]
+
+    def stages() -> list[Any]:  # the eval schedule gets its own stage objects (their buffers are per schedule)
+        return [PipelineStage(m, sid, n_stages, device, group=pp_group) for m, sid in zip(modules, ids)]
+
+    placement = {r: stage_ids(schedule, pp, r) for r in range(pp)}
+    train_schedule = make_schedule(schedule, stages(), n_microbatches, loss_fn)
+    eval_schedule = ForwardOnlySchedule(stages(), n_microbatches=n_microbatches, loss_fn=loss_fn, placement=placement)
+    tied = tie_group(mesh, schedule, pp) if cfg.tie_embeddings else None
+    return Pipeline(stages=modules, ids=ids, n_stages=n_stages, schedule=train_schedule, eval_schedule=eval_schedule,
+                    n_microbatches=n_microbatches, doc_mask=doc_mask, tie_group=tied, loss_scale=scale)
 
 
 def tie_group(mesh: Any, schedule: str, pp: int) -> Any:

@@ -204,9 +204,9 @@ def chat(argv: list[str]) -> int:
     p.add_argument("--raw", action="store_true", help="no chat template: the model continues your text")
     args = p.parse_args(argv)
     from kiln.generate import generate_from_ids, generate_text
-    from kiln.train.trainer import load_model_for_cli
+    from kiln.train.checkpoint import load_for_inference
 
-    model, cfg, ckpt = load_model_for_cli(args.checkpoint, device=args.device)
+    model, cfg, ckpt = load_for_inference(args.checkpoint, device=args.device)
     tok, fmt = _chat_format(cfg)
     interactive = sys.stdin.isatty()
     mode = "raw continuation" if args.raw else f"chat template '{fmt.name}'"

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kiln.config import Config
+from kiln.device import autocast_for
 from kiln.errors import DataError
 from kiln.eval.loss import right_padded, token_logps
 from kiln.posttrain.chat import (
@@ -194,9 +195,7 @@ class DPOObjective(Objective):
         self.ref: nn.Module | None = None
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        from kiln.train.trainer import autocast_for
-
-        return autocast_for(self.config, device) if self.config is not None else contextlib.nullcontext()
+        return autocast_for(self.config.train.dtype, device) if self.config is not None else contextlib.nullcontext()
 
     def setup(self, model: nn.Module, *, device: torch.device) -> None:
         autocast = self._autocast(device)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from kiln.config import Config
 from kiln.data.packing import IGNORE
+from kiln.device import autocast_for
 from kiln.errors import DataError
 from kiln.eval.loss import right_padded, token_logps
 from kiln.generate import continuation_text, generate
@@ -138,9 +139,7 @@ class RLVRObjective(Objective):
         self.ref: nn.Module | None = None
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        from kiln.train.trainer import autocast_for
-
-        return autocast_for(self.config, device) if self.config is not None else contextlib.nullcontext()
+        return autocast_for(self.config.train.dtype, device) if self.config is not None else contextlib.nullcontext()
 
     def setup(self, model: nn.Module, *, device: torch.device) -> None:
         self.ref = None if self.kl_coef <= 0 else load_reference(

@@ -21,18 +21,32 @@ import json
 import os
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import yaml
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from kiln import __version__
 from kiln.config import Config, config_from_dict, to_dict
+from kiln.device import pick_device
 from kiln.errors import CheckpointError, ConfigError
 from kiln.model import Transformer, build_model
+from kiln.parallel.parallelize import unwrap
+from kiln.train.control import Requests
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -85,16 +99,8 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _dcp():
-    import torch.distributed.checkpoint as dcp
-
-    return dcp
-
-
 def _load_errors() -> tuple[type[BaseException], ...]:
     """What a failed DCP read raises: its CheckpointException derives from BaseException, not Exception."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
     return (Exception, CheckpointException)
 
 
@@ -152,7 +158,7 @@ def save_training(ckpt_root: Path, step: int, *, state: dict[str, Any], rank: in
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "state").mkdir(parents=True)
         _barrier()
-        _quiet(_dcp().save, state, checkpoint_id=str(tmp / "dcp"))
+        _quiet(dcp.save, state, checkpoint_id=str(tmp / "dcp"))
         torch.save(rank_state, tmp / "state" / f"rank_{rank}.pt")
         _barrier()
         if is_main:
@@ -195,10 +201,14 @@ class Checkpointer:
     only the temp folder, which is ignored, so the previous checkpoints stay what resumes.
     """
 
-    def __init__(self, ckpt_root: Path, *, rank: int, is_main: bool, asynchronous: bool,
-                 on_saved: Any = None) -> None:
+    def __init__(self, ckpt_root: Path, *, rank: int, is_main: bool, asynchronous: bool, on_saved: Any = None,
+                 save_every: int = 0, save_every_minutes: float = 0.0, keep_best: int = 0, total_steps: int = 0,
+                 saved_at: int = -1) -> None:
         self.root, self.rank, self.is_main, self.asynchronous = ckpt_root, rank, is_main, asynchronous
         self.on_saved = on_saved or (lambda path: None)  # rank 0, once a checkpoint is complete: rotate, mirror
+        self.save_every, self.save_every_minutes = save_every, save_every_minutes
+        self.keep_best, self.total_steps = keep_best, total_steps
+        self.saved_at, self._last_save = saved_at, time.time()  # the step of the newest checkpoint; when saved
         self._pending: dict[str, Any] | None = None
         self._group = None
         if asynchronous and dist.is_initialized():  # every rank creates it, in the same order
@@ -206,10 +216,30 @@ class Checkpointer:
         elif asynchronous:  # DCP's writer thread says it assumes one process: exactly the intent
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
 
+    # ---- cadence: the checkpointer decides when a save is due ----------------------------------
+
+    def clock_due(self) -> bool:
+        """train.save_every_minutes has passed since the last save (read on rank 0, agreed by the step's
+        all-reduce as Requests.clock_save)."""
+        m = self.save_every_minutes
+        return self.is_main and m > 0 and time.time() - self._last_save >= 60 * m
+
+    def due(self, step: int, *, eval_loss: float | None, evals: list[float], requests: Requests) -> bool:
+        """Whether to checkpoint after `step`: every save_every steps (the last step is saved at the end of
+        the run), right after an eval among the keep_best lowest so far (`evals` ends with this one),
+        on request, or by the clock."""
+        periodic = self.save_every > 0 and step % self.save_every == 0 and step != self.total_steps
+        best = (eval_loss is not None and self.keep_best > 0
+                and len([b for b in evals[:-1] if b <= eval_loss]) < self.keep_best)
+        return periodic or best or requests.save or requests.clock_save
+
+    # ---- writing ------------------------------------------------------------------------------
+
     def save(self, step: int, *, state: dict[str, Any], cfg: Config, common: dict[str, Any],
              rank_state: dict[str, Any], meta: dict[str, Any], wait: bool = False) -> Path:
         """Checkpoint `step`; returns its final path (complete on return unless asynchronous and not `wait`)."""
         self.wait()
+        self.saved_at, self._last_save = step, time.time()
         if not self.asynchronous:
             path = save_training(self.root, step, state=state, rank=self.rank, is_main=self.is_main, cfg=cfg,
                                  common=common, rank_state=rank_state, meta=meta)
@@ -226,7 +256,7 @@ class Checkpointer:
             torch.save(rank_state, tmp / "state" / f"rank_{self.rank}.pt")
             if self.is_main:
                 torch.save(common, tmp / "state" / "common.pt")
-            future = _dcp().async_save(state, checkpoint_id=str(tmp / "dcp"), process_group=self._group,
+            future = dcp.async_save(state, checkpoint_id=str(tmp / "dcp"), process_group=self._group,
                                        no_dist=not dist.is_initialized())
         except BaseException as e:
             self._abandon(tmp)
@@ -297,7 +327,7 @@ def load_training(ckpt: Path, *, state: dict[str, Any]) -> tuple[dict[str, Any],
     """Load the checkpoint's model/optimizer into `state` in place (resharding to this layout) and
     return (common state, every rank's saved rank state)."""
     try:
-        _quiet(_dcp().load, state, checkpoint_id=str(ckpt / "dcp"))
+        _quiet(dcp.load, state, checkpoint_id=str(ckpt / "dcp"))
     except _load_errors() as e:  # DCP raises several types for truncated or mismatched files
         raise _corrupt(ckpt / "dcp", e) from None
     common = _torch_load(ckpt / "state" / "common.pt", ckpt)
@@ -363,7 +393,7 @@ def load_model_weights(model: Transformer, ckpt: Path) -> None:
     """Copy the checkpoint's weights into a plain `model`; a shape or key mismatch is a clear error."""
     target = {k: torch.empty_like(v, device="cpu") for k, v in _model_keys(model).items()}
     try:
-        _quiet(_dcp().load, {"model": target}, checkpoint_id=str(ckpt / "dcp"))
+        _quiet(dcp.load, {"model": target}, checkpoint_id=str(ckpt / "dcp"))
     except _load_errors() as e:
         text = str(e)
         if "size mismatch" in text.lower() or "missing key" in text.lower() or "shape" in text.lower():
@@ -392,17 +422,79 @@ def read_model_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
         model = Transformer(read_config(ckpt).model)
     target = {k: torch.empty(v.shape, dtype=torch.float32) for k, v in _model_keys(model).items()}
     try:
-        _quiet(_dcp().load, {"model": target}, checkpoint_id=str(ckpt / "dcp"))
+        _quiet(dcp.load, {"model": target}, checkpoint_id=str(ckpt / "dcp"))
     except _load_errors() as e:
         raise _corrupt(ckpt / "dcp", e) from None
     return target
 
 
-def load_for_inference(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[Transformer, Config, Path]:
-    """(model in eval mode, its config, the checkpoint folder) from a checkpoint or run folder."""
+def load_for_inference(path: str | Path, *, device: str | torch.device = "auto") -> tuple[Transformer, Config, Path]:
+    """(model in eval mode, its config, the checkpoint folder) from a checkpoint or run folder; `device` is a
+    torch.device or a `run.device` choice (auto | cpu | cuda)."""
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
-    model = build_model(cfg.model, device=device, seed=0)
+    model = build_model(cfg.model, device=pick_device(device) if isinstance(device, str) else device, seed=0)
     load_model_weights(model, ckpt)
     model.eval()
     return model, cfg, ckpt
+
+
+# ---- a layout's training state under the whole model's names (DCP) -----------------------------
+#
+# Every layout saves its weights and optimizer state under the plain model's parameter names, so a
+# checkpoint moves between layouts. The one rename: a pipeline's last stage holds a copy of a tied
+# embedding as `head.weight`; it is stored (and read back) as `tok_emb.weight`, the same tensor a plain
+# model saves.
+
+
+def _alias(part: nn.Module, *, tie_embeddings: bool) -> dict[str, str]:
+    m = unwrap(part)
+    if tie_embeddings and m.tok_emb is None and getattr(m, "head", None) is not None:
+        return {"head.weight": "tok_emb.weight"}
+    return {}
+
+
+def _rename(sd: dict[str, Any], alias: dict[str, str]) -> dict[str, Any]:
+    out = {}
+    for k, v in sd.items():
+        for old, new in alias.items():
+            if k == old or k.endswith("." + old) or f".{old}." in k or k.startswith(old + "."):
+                k = k.replace(old, new)
+        out[k] = v
+    return out
+
+
+def _part_state(part: nn.Module, optim: torch.optim.Optimizer, *, tie_embeddings: bool
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    model_sd = get_model_state_dict(part)
+    if tie_embeddings and "tok_emb.weight" in model_sd:
+        model_sd.pop("head.weight", None)  # the tensor-parallel head shares the embedding Parameter
+    optim_sd = get_optimizer_state_dict(part, optim, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    alias = _alias(part, tie_embeddings=tie_embeddings)
+    return _rename(model_sd, alias), _rename(optim_sd, alias)
+
+
+def layout_state_dict(parts: list[nn.Module], optims: list[torch.optim.Optimizer], *, tie_embeddings: bool,
+                      optimizer: bool = True) -> dict[str, Any]:
+    """{"model": ..., "optim": ...} of a layout's model parts (pipeline stages, or the one model) keyed by
+    whole-model parameter names; values may be sharded DTensors (DCP saves and reshards them)."""
+    model_sd: dict[str, Any] = {}
+    optim_sd: dict[str, Any] = {}
+    for part, optim in zip(parts, optims):
+        m, o = _part_state(part, optim, tie_embeddings=tie_embeddings)
+        model_sd.update(m)
+        optim_sd.update(o)
+    return {"model": model_sd, "optim": optim_sd} if optimizer else {"model": model_sd}
+
+
+def load_layout_state_dict(parts: list[nn.Module], optims: list[torch.optim.Optimizer], state: dict[str, Any], *,
+                           tie_embeddings: bool, optimizer: bool = True) -> None:
+    """Copy a state that DCP loaded in place into `layout_state_dict`'s structure back into the parts."""
+    for part, optim in zip(parts, optims):
+        inverse = {v: k for k, v in _alias(part, tie_embeddings=tie_embeddings).items()}
+        own_model, own_optim = _part_state(part, optim, tie_embeddings=tie_embeddings)
+        model_sd = _rename({k: state["model"][k] for k in own_model}, inverse)
+        set_model_state_dict(part, model_sd, options=StateDictOptions(strict=False))
+        if optimizer:
+            optim_sd = _rename({k: state["optim"][k] for k in own_optim}, inverse)
+            set_optimizer_state_dict(part, optim, optim_sd, options=StateDictOptions(flatten_optimizer_state_dict=True))

@@ -1,4 +1,4 @@
-"""Job control (seed 001): `kiln control list | save | stop | abort [JOB]` for runs on this machine.
+"""Job control: `kiln control list | save | stop | abort [JOB]` for runs on this machine.
 
 A training job (rank 0) registers itself in `<kiln cache>/jobs/<job_id>.json` and keeps a status
 file `<run_dir>/control/status.json` up to date. `kiln control CMD JOB` drops a request file into
@@ -21,12 +21,32 @@ import os
 import socket
 import sys
 import time
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
 from kiln.errors import KilnError
 
 COMMANDS = ("save", "stop", "abort")
+
+
+@dataclass(frozen=True)
+class Requests:
+    """What this step was asked to do besides training, agreed on every rank (any rank's request counts)."""
+
+    signal: bool = False  # SIGTERM / SIGINT: save and exit
+    save: bool = False  # kiln control save: checkpoint now, keep training
+    stop: bool = False  # kiln control stop: save and exit
+    abort: bool = False  # kiln control abort: exit without saving
+    clock_save: bool = False  # train.save_every_minutes passed since the last save (rank 0's clock)
+
+    def flags(self) -> list[float]:
+        """As numbers, for the step's one all-reduce."""
+        return [float(v) for v in astuple(self)]
+
+    @classmethod
+    def from_flags(cls, flags: list[bool]) -> Requests:
+        return cls(*flags)
 
 
 def jobs_dir() -> Path:

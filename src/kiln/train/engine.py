@@ -21,25 +21,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kiln.config import Config
+from kiln.config import Config, OptimConfig
 from kiln.errors import ConfigError
 from kiln.model import Transformer
-from kiln.optim import build_optimizer
+from kiln.optim import build_optimizer, param_dtype
 from kiln.parallel import pipeline as pl
 from kiln.parallel.mesh import Layout
 from kiln.parallel.parallelize import materialize, parallelize, unwrap, uses_ddp
 from kiln.train.objective import Objective
 
 
-def _cast_params(model: nn.Module, cfg: Config) -> nn.Module:
+def _cast_params(model: nn.Module, optim: OptimConfig) -> nn.Module:
     """optim.param_dtype=bf16 (Adafactor / Muon with stochastic rounding): parameters in bf16 with no
     fp32 master copy. Buffers (RoPE frequencies) stay fp32."""
-    from kiln.optim import param_dtype
-
-    dtype = param_dtype(cfg.optim)
+    dtype = param_dtype(optim)
     if dtype != torch.float32:
         for p in model.parameters():
             p.data = p.data.to(dtype)
@@ -76,59 +73,42 @@ class Optimizers:
 
 
 class Engine:
-    """Builds the model(s) for `layout`, the optimizer, and runs forward/backward/clip."""
+    """Builds the model(s) for `layout` and the optimizer, and runs one step's forward/backward and clip.
 
-    def __init__(self, cfg: Config, layout: Layout, objective: Objective, *, seed: int) -> None:
-        self.cfg, self.layout, self.objective = cfg, layout, objective
+    `accum_steps` is the plan's micro-batches per optimizer step on each data-parallel rank."""
+
+    def __init__(self, cfg: Config, layout: Layout, objective: Objective, *, seed: int, accum_steps: int) -> None:
+        self.cfg, self.layout, self.objective, self.accum_steps = cfg, layout, objective, accum_steps
         self.pipe: pl.Pipeline | None = None
-        if layout.distributed and getattr(objective, "single_device", False):
+        if layout.distributed and objective.single_device:
             raise ConfigError(f"{objective.name} runs in one process for now (its sampling is not distributed); "
                               "run it without torchrun")
         if cfg.model.attention == "flex" and layout.device.type == "cpu":  # before compile hides the error
             raise ConfigError("model.attention=flex has no backward on CPU in this PyTorch; train on CPU with "
                               "model.attention=sdpa (same document mask), or use flex on a GPU")
+
+        def prepare(module: nn.Module) -> nn.Module:  # meta -> parallelized, real, initialised
+            return materialize(parallelize(_cast_params(module, cfg.optim), layout, cfg.train), layout, seed=seed)
+
         if layout.pp > 1:
             if type(objective) is not Objective:
                 raise ConfigError("parallel.pp > 1 supports pretraining only; post-training runs with data, tensor "
                                   "or fully-sharded parallelism")
-            self.parts = self._build_pipeline(seed)
+            p = cfg.parallel
+            self.pipe = pl.build_pipeline(
+                cfg.model, schedule=p.pp_schedule, pp=p.pp, pp_rank=layout.pp_rank,
+                n_microbatches=pl.microbatches(p), device=layout.device, pp_group=layout.group("pp"),
+                mesh=layout.mesh, doc_mask=cfg.data.doc_mask, prepare=prepare)
+            self.parts = self.pipe.stages
         else:
             with torch.device("meta"):
                 model = Transformer(cfg.model)
-            model = parallelize(_cast_params(model, cfg), layout, cfg)
-            self.parts = [materialize(model, layout, seed=seed)]
+            self.parts = [prepare(model)]
         self.optimizer = Optimizers([build_optimizer(unwrap(m), cfg.optim, device_type=layout.device.type)
                                      for m in self.parts])
         # DDP and FSDP average gradients over data-parallel ranks; the loss is already divided by the
         # global count, so backward runs on loss x dp_size to make that average the sum we want.
         self.grad_scale = float(layout.dp_size)
-
-    # ---- construction ----------------------------------------------------------------------
-
-    def _build_pipeline(self, seed: int) -> list[nn.Module]:
-        from torch.distributed.pipelining import PipelineStage
-
-        cfg, layout = self.cfg, self.layout
-        p = cfg.parallel
-        n_stages = p.pp * pl.stages_per_rank(p.pp_schedule)
-        ids = pl.stage_ids(p.pp_schedule, p.pp, layout.pp_rank)
-        modules = []
-        for sid in ids:
-            module = parallelize(_cast_params(pl.build_stage(cfg.model, sid, n_stages), cfg), layout, cfg)
-            modules.append(materialize(module, layout, seed=seed))
-        stages = [PipelineStage(m, sid, n_stages, layout.device, group=layout.group("pp")) for m, sid in zip(modules, ids)]
-        n_mb = p.pp_microbatches or pl.default_microbatches(p.pp_schedule, p.pp)
-        scale = [1.0]
-
-        def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:  # on the last stage, per microbatch
-            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-            return ce * scale[0]
-
-        schedule = pl.make_schedule(p.pp_schedule, stages, n_mb, loss_fn)
-        group = pl.tie_group(layout.mesh, p.pp_schedule, p.pp) if cfg.model.tie_embeddings else None
-        self.pipe = pl.Pipeline(stages=modules, ids=ids, n_stages=n_stages, schedule=schedule, n_microbatches=n_mb,
-                                tie_group=group, loss_scale=scale)
-        return modules
 
     # ---- what the loop needs ------------------------------------------------------------------
 
@@ -147,17 +127,6 @@ class Engine:
     def owns_loss(self) -> bool:
         """Whether this rank's loss counts in the global total (one rank per data-parallel replica)."""
         return self.layout.tp_rank == 0 and (self.pipe is None or self.pipe.has_last)
-
-    def micro_batches_per_step(self) -> int:
-        """Micro-batches each data-parallel rank consumes per optimizer step."""
-        t = self.cfg.train
-        n = t.global_batch_size // (t.micro_batch_size * self.layout.dp_size)
-        if self.pipe is not None and n % self.pipe.n_microbatches:
-            raise ConfigError(
-                f"train.global_batch_size={t.global_batch_size} gives {n} micro-batches of {t.micro_batch_size} per "
-                f"data-parallel rank, not a multiple of the pipeline's {self.pipe.n_microbatches} microbatches "
-                "(parallel.pp_microbatches); adjust one of them")
-        return n
 
     def train(self) -> None:
         for m in self.parts:
@@ -209,60 +178,24 @@ class Engine:
         return contextlib.nullcontext()
 
     def _pipeline_step(self, micro_batches: list[Any]) -> tuple[Tensor, float, dict[str, Tensor]]:
-        pipe, cfg = self.pipe, self.cfg
+        pipe = self.pipe
         assert pipe is not None
-        n = pipe.n_microbatches
         local = sum(b.num_targets for b in micro_batches) if pipe.has_last else 0
         # only last-stage ranks need the count (the loss lives there); their dp group holds exactly them
         count = max(self._global_count(local), 1.0) if pipe.has_last else 1.0
-        pipe.loss_scale[0] = self.grad_scale / count
-        loss_sum = torch.zeros((), device=self.layout.device)
-        groups = [micro_batches[i:i + n] for i in range(0, len(micro_batches), n)] if micro_batches else []
-        for g in groups or [None] * (self.micro_batches_per_step() // n):
-            losses: list[Tensor] = []
-            self._run_schedule(pipe.schedule.step, g, losses)
-            if losses:
-                loss_sum += torch.stack([x.detach().float() for x in losses]).sum() * (count / self.grad_scale)
-        if cfg.model.tie_embeddings:
+        loss_sum = pipe.forward_backward(micro_batches, n_groups=self.accum_steps // pipe.n_microbatches, count=count,
+                                         grad_scale=self.grad_scale, device=self.layout.device)
+        if self.cfg.model.tie_embeddings:
             pl.sync_tied_grads(pipe)
         return loss_sum, count, {}
 
-    def _run_schedule(self, fn: Any, group: list[Any] | None, losses: list[Tensor]) -> None:
-        """Call schedule.step / .eval with what this rank's stages consume."""
-        pipe = self.pipe
-        assert pipe is not None
-        args: tuple[Tensor, ...] = ()
-        kwargs: dict[str, Any] = {}
-        if group is not None and pipe.has_first:
-            tokens = torch.cat([b.tokens for b in group])
-            args = (tokens, torch.cat([b.doc_ids for b in group])) if self.cfg.data.doc_mask else (tokens,)
-        if group is not None and pipe.has_last:
-            kwargs = {"target": torch.cat([b.targets for b in group]), "losses": losses}
-        fn(*args, **kwargs)
-
-    @torch.no_grad()
-    def pipeline_eval(self, batches: list[Any]) -> tuple[float, int]:
-        """(summed nats, target count) over `batches` regrouped into full pipeline steps; rows that do not
-        fill a last pipeline step are skipped (a schedule runs fixed shapes)."""
-        pipe = self.pipe
-        assert pipe is not None
-        from kiln.data.packing import Batch
-
-        T = self.cfg.train.seq_len
-        rows = [(b.tokens[i], b.targets[i], b.doc_ids[i]) for b in batches for i in range(b.tokens.shape[0])
-                if b.tokens.shape[1] == T]
-        per_step = pipe.n_microbatches * self.cfg.train.micro_batch_size
-        pipe.loss_scale[0] = 1.0
-        nats, count = 0.0, 0
-        for start in range(0, len(rows) - per_step + 1, per_step):
-            chunk = rows[start:start + per_step]
-            batch = Batch(tokens=torch.stack([r[0] for r in chunk]), targets=torch.stack([r[1] for r in chunk]),
-                          doc_ids=torch.stack([r[2] for r in chunk])).to(self.layout.device)
-            losses: list[Tensor] = []
-            self._run_schedule(pipe.schedule.eval, [batch], losses)
-            nats += float(sum(x.float().item() for x in losses))
-            count += batch.num_targets
-        return nats, count
+    def pipeline_eval(self, batches: list[Any]) -> tuple[float, float]:
+        """(summed nats, target count) of `batches` through the pipeline, on every rank."""
+        assert self.pipe is not None
+        t = self.cfg.train
+        nats, count = self.pipe.evaluate(batches, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
+                                         device=self.layout.device)
+        return self.reduce_eval(nats, count)
 
     def reduce(self, loss_sum: Tensor, count: float, extras: dict[str, Tensor], flags: list[float]
                ) -> tuple[float, dict[str, float], list[bool]]:
@@ -293,68 +226,6 @@ class Engine:
     def _loss_replicas(self) -> int:
         """How many owning ranks reported the same global count (one per data-parallel rank)."""
         return self.layout.dp_size
-
-    # ---- checkpoint state (torch.distributed.checkpoint, layout-independent names) ------------
-
-    def _alias(self, part: nn.Module) -> dict[str, str]:
-        """Saved-name aliases: a pipeline's last-stage copy of a tied embedding is stored (and read back)
-        as the embedding itself, so checkpoints move between pipelined and plain layouts."""
-        m = unwrap(part)
-        if self.cfg.model.tie_embeddings and m.tok_emb is None and getattr(m, "head", None) is not None:
-            return {"head.weight": "tok_emb.weight"}
-        return {}
-
-    @staticmethod
-    def _rename(sd: dict[str, Any], alias: dict[str, str]) -> dict[str, Any]:
-        out = {}
-        for k, v in sd.items():
-            for old, new in alias.items():
-                if k == old or k.endswith("." + old) or f".{old}." in k or k.startswith(old + "."):
-                    k = k.replace(old, new)
-            out[k] = v
-        return out
-
-    def _part_state(self, part: nn.Module, optim: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        model_sd = get_model_state_dict(part)
-        if self.cfg.model.tie_embeddings and "tok_emb.weight" in model_sd:
-            model_sd.pop("head.weight", None)  # the tensor-parallel head shares the embedding Parameter
-        optim_sd = get_optimizer_state_dict(part, optim, options=StateDictOptions(flatten_optimizer_state_dict=True))
-        alias = self._alias(part)
-        return self._rename(model_sd, alias), self._rename(optim_sd, alias)
-
-    def state_dict(self, *, optimizer: bool = True) -> dict[str, Any]:
-        """{"model": ..., "optim": ...} keyed by whole-model parameter names, values possibly sharded."""
-        model_sd: dict[str, Any] = {}
-        optim_sd: dict[str, Any] = {}
-        for part, optim in zip(self.parts, self.optimizer.optims):
-            m, o = self._part_state(part, optim)
-            model_sd.update(m)
-            optim_sd.update(o)
-        return {"model": model_sd, "optim": optim_sd} if optimizer else {"model": model_sd}
-
-    def load_state_dict(self, state: dict[str, Any], *, optimizer: bool = True) -> None:
-        """Copy a state loaded (in place, by DCP) into `self.state_dict()`'s structure back into the parts."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        for part, optim in zip(self.parts, self.optimizer.optims):
-            inverse = {v: k for k, v in self._alias(part).items()}
-            own_model, own_optim = self._part_state(part, optim)
-            model_sd = self._rename({k: state["model"][k] for k in own_model}, inverse)
-            set_model_state_dict(part, model_sd, options=StateDictOptions(strict=False))
-            if optimizer:
-                optim_sd = self._rename({k: state["optim"][k] for k in own_optim}, inverse)
-                set_optimizer_state_dict(part, optim, optim_sd,
-                                         options=StateDictOptions(flatten_optimizer_state_dict=True))
 
     # ---- gradient norm ------------------------------------------------------------------------
 

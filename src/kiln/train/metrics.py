@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from kiln.config import ModelConfig
+from kiln.device import Precision
+from kiln.perf import device_peak, flops_per_token, mfu
+from kiln.runinfo import format_duration
+from kiln.train.control import JobControl
+from kiln.train.plan import Plan
+from kiln.train.progress import Progress
+from kiln.train.sinks import wandb_sink
+from kiln.train.state import TrainState
 
 
 class MetricsLogger:
@@ -44,8 +53,6 @@ class MetricsLogger:
                 self._tb = None
         self._sinks: list[Any] = []
         if cfg is not None:
-            from kiln.train.sinks import wandb_sink
-
             sink = wandb_sink(cfg, run_dir)
             if sink is not None:
                 self._sinks.append(sink)
@@ -73,63 +80,70 @@ class MetricsLogger:
             sink.close()
 
 
-class StepMonitor:
-    """Per-step bookkeeping for train records: windowed loss and tokens/s, MFU, memory, progress,
-    ETA and cost (seed 002's cost tracker), plus the wall-clock save timer."""
+class StepLog:
+    """Train records at their cadence (every plan.log_every steps and the last): the mean loss over
+    the steps since the previous record (TrainState.window, so a resumed run logs what an
+    uninterrupted one does), lr, grad norm, tokens/s, MFU, memory, progress, ETA and cost; written to
+    the metrics sinks (rank 0), the progress bar and the job-control status.
 
-    def __init__(self, cfg: Any, layout: Any, plan: Any, *, elapsed_before: float = 0.0) -> None:
-        from kiln import perf
+    Wall-clock fields (tokens_per_sec, eta_sec, elapsed_sec, cost) count only this process's steps."""
 
-        self.cfg, self.layout, self.plan = cfg, layout, plan
-        self.t0, self.elapsed_before = time.time(), elapsed_before
-        self.last_save = time.time()
-        self._window: list[float] = []
-        self._t_window = time.time()
-        peak = perf.device_peak(layout.device, precision=perf.train_precision(cfg, layout.device))
-        self.peak_flops = peak.peak_flops
-        self.flops_per_token = perf.flops_per_token(cfg.model, seq_len=cfg.train.seq_len).total
+    def __init__(self, plan: Plan, *, device: torch.device, n_devices: int, model: ModelConfig, seq_len: int,
+                 precision: Precision, cost_per_hour: float, progress: Progress, metrics: MetricsLogger | None,
+                 control: JobControl | None) -> None:
+        self.plan, self.device, self.n_devices, self.cost_per_hour = plan, device, n_devices, cost_per_hour
+        self.progress, self.metrics, self.control = progress, metrics, control
+        self.peak_flops = device_peak(device, precision=precision).peak_flops
+        self.flops_per_token = flops_per_token(model, seq_len=seq_len).total
+        self._timed, self._t_window = 0, time.time()  # steps of this process since the last record, and when
 
-    def elapsed(self) -> float:
-        return self.elapsed_before + time.time() - self.t0
+    def due(self, step: int) -> bool:
+        return step % self.plan.log_every == 0 or step == self.plan.total_steps
 
-    def saved(self) -> None:
-        self.last_save = time.time()
+    def step(self, state: TrainState, *, lr: float, grad_norm: float, extras: dict[str, float],
+             spike: bool = False) -> None:
+        """After `state.advance`: write the record when one is due, else move the progress bar."""
+        self._timed += 1
+        if not self.due(state.step):
+            self.progress.update(state.step)
+            return
+        record = self.record(state, lr=lr, grad_norm=grad_norm, extras=extras, spike=spike)
+        state.window.clear()
+        self._timed, self._t_window = 0, time.time()
+        if self.metrics is not None:
+            self.metrics.log(record)
+        self.progress.update(state.step, loss=record["loss"], lr=lr, tok_s=record["tokens_per_sec"])
+        if self.control is not None:
+            self.control.status(step=state.step, total_steps=self.plan.total_steps, loss=record["loss"],
+                                tokens_per_sec=record["tokens_per_sec"], eta=format_duration(record["eta_sec"]))
 
-    def time_to_save(self) -> bool:
-        m = self.cfg.train.save_every_minutes
-        return m > 0 and time.time() - self.last_save >= 60 * m
-
-    def step(self, step: int, *, loss: float, lr: float, grad_norm: float, tokens_seen: int,
-             extras: dict[str, float], spike: bool = False) -> dict[str, Any]:
-        """Record this step; returns the train record over the window since the last logged step."""
-        from kiln import perf
-
-        self._window.append(loss)
-        now = time.time()
-        dt = max(now - self._t_window, 1e-9)
-        tok_s = len(self._window) * self.plan.tokens_per_step / dt
-        remaining = self.plan.total_steps - step
+    def record(self, state: TrainState, *, lr: float, grad_norm: float, extras: dict[str, float],
+               spike: bool = False) -> dict[str, Any]:
+        """The train record of the window ending at `state.step`."""
+        dt = max(time.time() - self._t_window, 1e-9)
+        timed = max(self._timed, 1)
+        tok_s = timed * self.plan.tokens_per_step / dt
+        elapsed = state.elapsed()
         record: dict[str, Any] = {
-            "kind": "train", "step": step, "tokens_seen": tokens_seen, "loss": sum(self._window) / len(self._window),
-            "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tok_s, "elapsed_sec": self.elapsed(),
-            "progress": step / self.plan.total_steps, "eta_sec": remaining * dt / len(self._window),
+            "kind": "train", "step": state.step, "tokens_seen": state.tokens_seen,
+            "loss": sum(state.window) / max(len(state.window), 1), "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_sec": tok_s, "elapsed_sec": elapsed, "progress": state.step / self.plan.total_steps,
+            "eta_sec": (self.plan.total_steps - state.step) * dt / timed,
         }
-        u = perf.mfu(tokens_per_sec=tok_s, flops_per_token=self.flops_per_token, peak_flops=self.peak_flops,
-                     n_devices=self.layout.world_size)
+        u = mfu(tokens_per_sec=tok_s, flops_per_token=self.flops_per_token, peak_flops=self.peak_flops,
+                n_devices=self.n_devices)
         if u is not None:
             record["mfu"] = u
-        if self.layout.device.type == "cuda":
-            record["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.layout.device)
-        if self.cfg.run.cost_per_hour > 0:
-            usd = self.elapsed() / 3600 * self.cfg.run.cost_per_hour
+        if self.device.type == "cuda":
+            record["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        if self.cost_per_hour > 0:
+            usd = elapsed / 3600 * self.cost_per_hour
             record["cost_usd"] = usd
-            record["tokens_per_usd"] = tokens_seen / max(usd, 1e-9)
-            record["eta_cost_usd"] = record["eta_sec"] / 3600 * self.cfg.run.cost_per_hour
+            record["tokens_per_usd"] = state.tokens_seen / max(usd, 1e-9)
+            record["eta_cost_usd"] = record["eta_sec"] / 3600 * self.cost_per_hour
         if spike:
             record["spike"] = True
         record.update(extras)
-        if step % self.plan.log_every == 0 or step == self.plan.total_steps:
-            self._window, self._t_window = [], now
         return record
 
 
@@ -145,39 +159,3 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return out
-
-
-def git_sha() -> str | None:
-    """kiln's commit, with "+dirty" when its checkout has uncommitted changes (kiln.perf.git_describe)."""
-    from kiln.perf import git_describe
-
-    return git_describe()
-
-
-def run_info(device: torch.device) -> dict[str, Any]:
-    """Versions, git SHA and device, logged at the start of every run."""
-    import datasets
-    import tokenizers
-    import transformers
-
-    from kiln import __version__
-
-    info = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "kiln": __version__, "git_sha": git_sha(), "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "datasets": datasets.__version__, "tokenizers": tokenizers.__version__,
-        "device": str(device), "threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        info["cpu"] = platform.processor() or platform.machine()
-    return info
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

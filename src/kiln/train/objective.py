@@ -21,7 +21,6 @@ checkpoint path itself (kiln.posttrain.dpo.load_reference) rather than copying t
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Protocol
 
 import torch
@@ -31,7 +30,7 @@ from kiln.config import Config
 from kiln.data.factory import build_train_source, build_val_sets
 from kiln.data.packing import Batch
 from kiln.data.tokenizer import Tokenizer
-from kiln.eval.loss import evaluate, token_loss_sum
+from kiln.eval.loss import eval_record, evaluate, token_loss_sum
 
 
 class BatchSource(Protocol):
@@ -48,6 +47,7 @@ class Objective:
     """Pretraining: next-token cross-entropy on packed documents. Subclass for other objectives."""
 
     name = "pretrain"
+    single_device = False  # True: the objective cannot run distributed yet (kiln.train.engine refuses it)
 
     def setup(self, model: nn.Module, *, device: torch.device) -> None:
         """Called once after the model is built and initialised (or loaded)."""
@@ -68,13 +68,9 @@ class Objective:
     def evaluate(self, model: nn.Module, val: dict[str, list[Any]], *, cfg: Config, device: torch.device,
                  autocast: contextlib.AbstractContextManager) -> dict[str, float]:
         """Loss and perplexity per validation source, plus the token-weighted total."""
-        record: dict[str, float] = {}
-        nats, count = 0.0, 0
+        per_source = {}
         for name, batches in val.items():
             res = evaluate(model, batches, device=device, doc_mask=cfg.data.doc_mask, autocast=autocast,
                            impl=cfg.train.loss_impl)
-            record[f"eval_loss/{name}"], record[f"eval_ppl/{name}"] = res["loss"], res["ppl"]
-            nats, count = nats + res["nats"], count + res["tokens"]
-        record["eval_loss"] = nats / max(count, 1)
-        record["eval_ppl"] = math.exp(min(record["eval_loss"], 50.0))
-        return record
+            per_source[name] = (res["nats"], res["tokens"])
+        return eval_record(per_source)

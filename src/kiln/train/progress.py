@@ -8,7 +8,7 @@ import threading
 import time
 from types import FrameType
 
-from kiln.train.metrics import format_duration
+from kiln.runinfo import format_duration
 
 
 class Progress:

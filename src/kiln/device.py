@@ -1,0 +1,76 @@
+"""Device and precision decisions, made in one place: which device, which autocast dtype, which
+matmul precision (the peak that MFU divides by).
+
+    train.dtype  auto: bf16 autocast on CUDA, fp32 on CPU;  bf16: autocast everywhere;  fp32: none
+    optim.param_dtype=bf16 makes every matmul bf16 even without autocast (bf16 weights, bf16 activations)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+
+import torch
+
+from kiln.config import DType
+from kiln.errors import KilnError
+
+Precision = str  # "bf16" | "fp16" | "tf32" | "fp32" | "fp8"
+_LOW = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def pick_device(choice: str) -> torch.device:
+    """`run.device` (auto | cpu | cuda) -> the device; cuda without a visible GPU is a user error."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise KilnError("run.device=cuda but no CUDA device is visible; use run.device=auto or cpu")
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def autocast_dtype(dtype: DType, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `train.dtype` on `device`: bf16 on CUDA by default, none (fp32) on CPU
+    unless train.dtype=bf16."""
+    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def autocast_for(dtype: DType, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context for `autocast_dtype` (a no-op context without one)."""
+    low = autocast_dtype(dtype, device)
+    return torch.autocast(device.type, dtype=low) if low is not None else contextlib.nullcontext()
+
+
+def matmul_precision(*, device: torch.device, autocast_dtype: torch.dtype | None,
+                     param_dtype: torch.dtype = torch.float32) -> Precision:
+    """The precision the tensor cores run the matmuls in, for picking the peak.
+
+    Autocast's dtype when there is one; else the parameters' dtype when it is 16-bit (bf16 weights
+    make bf16 activations, so every matmul runs in bf16); else tf32 / fp32.
+    """
+    if autocast_dtype is not None:
+        return _LOW.get(autocast_dtype, "fp32")
+    if param_dtype in _LOW:
+        return _LOW[param_dtype]
+    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "fp32"
+
+
+def train_precision(dtype: DType, param_dtype: torch.dtype, device: torch.device) -> Precision:
+    """The matmul precision training runs at on `device` (train.dtype, optim.param_dtype): the one
+    helper the trainer's MFU and `kiln bench` pick their peak with."""
+    return matmul_precision(device=device, autocast_dtype=autocast_dtype(dtype, device), param_dtype=param_dtype)
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one (platform.processor() is often empty)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"

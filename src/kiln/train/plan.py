@@ -1,0 +1,67 @@
+"""How long a run is and how often things happen: derived once from the config and the model size.
+
+    tokens/step  = train.global_batch_size x train.seq_len
+    accumulation = global batch / (micro batch x data-parallel ranks)   micro-batches per rank per step
+    steps        = train.max_steps, else train.total_tokens / tokens per step, else Chinchilla's
+                   20 tokens per parameter (Hoffmann et al. 2022)
+    intervals    = train.log_every / eval_every / save_every, each x train.step_cadence
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from kiln.config import ModelConfig, OptimConfig, TrainConfig
+from kiln.errors import ConfigError
+from kiln.model import count_params
+from kiln.optim import scaled_lr
+
+
+@dataclass
+class Plan:
+    """The run's length, batch split, peak LR and intervals."""
+
+    n_params: int
+    tokens_per_step: int
+    accum_steps: int  # micro-batches per optimizer step on each data-parallel rank
+    total_steps: int
+    total_tokens: int
+    budget_source: str  # what set total_steps, for the printout
+    peak_lr: float
+    log_every: int
+    eval_every: int
+    save_every: int
+
+
+def make_plan(model: ModelConfig, train: TrainConfig, optim: OptimConfig, *, dp_size: int = 1,
+              pipeline_microbatches: int = 1) -> Plan:
+    """The plan for `dp_size` data-parallel ranks; a pipeline runs `pipeline_microbatches` micro-batches
+    per schedule step, so the accumulation must be a multiple of it."""
+    t = train
+    n_params = count_params(model)
+    per_pass = t.micro_batch_size * dp_size
+    if t.global_batch_size % per_pass:
+        raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                          f"train.micro_batch_size x data-parallel ranks ({t.micro_batch_size} x {dp_size})")
+    accum = t.global_batch_size // per_pass
+    if accum % pipeline_microbatches:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} gives {accum} micro-batches of {t.micro_batch_size} per "
+            f"data-parallel rank, not a multiple of the pipeline's {pipeline_microbatches} microbatches "
+            "(parallel.pp_microbatches); adjust one of them")
+    tokens_per_step = t.global_batch_size * t.seq_len
+    if t.max_steps > 0:
+        steps, source = t.max_steps, "train.max_steps"
+    elif t.total_tokens > 0:
+        steps, source = math.ceil(t.total_tokens / tokens_per_step), "train.total_tokens"
+    else:
+        steps, source = math.ceil(20 * n_params / tokens_per_step), "Chinchilla default (20 x parameters)"
+
+    def cadence(n: int) -> int:
+        return max(1, round(n * t.step_cadence))
+
+    return Plan(n_params=n_params, tokens_per_step=tokens_per_step, accum_steps=accum, total_steps=steps,
+                total_tokens=steps * tokens_per_step, budget_source=source,
+                peak_lr=scaled_lr(optim, t.global_batch_size), log_every=cadence(t.log_every),
+                eval_every=cadence(t.eval_every), save_every=cadence(t.save_every))

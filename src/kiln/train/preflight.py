@@ -1,0 +1,73 @@
+"""Before a run starts: the run folder, whether a checkpoint can be resumed with this config, whether the
+tokenizer fits the model, and `kiln train --dry-run`'s plan."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kiln.config import Config, to_dict
+from kiln.data.tokenizer import Tokenizer
+from kiln.errors import CheckpointError, DataError, KilnError
+from kiln.estimate import estimate_memory
+from kiln.optim import describe_schedule
+from kiln.parallel.mesh import Layout
+from kiln.train.plan import Plan
+
+
+def check_tokenizer(tok: Tokenizer, cfg: Config, where: str) -> None:
+    """The tokenizer's ids must fit model.vocab_size."""
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise DataError(f"{where}: tokenizer '{cfg.data.tokenizer}' has {tok.vocab_size} ids but model.vocab_size is "
+                        f"{cfg.model.vocab_size}; set --model.vocab_size {tok.vocab_size} or use a matching tokenizer")
+
+
+def prepare_out_dir(out: Path, *, fresh: bool) -> None:
+    """Create the run folder; with --fresh, move an existing one aside (never delete checkpoints)."""
+    if fresh and out.exists() and any(out.iterdir()):
+        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        print(f"--fresh: moved the previous run to {aside}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise KilnError(f"run.out_dir {out}: not writable ({e.strerror}); pass --run.out_dir DIR") from None
+
+
+def check_resumable(saved: Config, cfg: Config, ckpt: Path) -> None:
+    """Architecture and tokenizer must match the checkpoint; schedule, budget, layout and intervals may change."""
+    a, b = to_dict(saved.model), to_dict(cfg.model)
+    a.pop("attention"), b.pop("attention")  # the backend does not change the weights
+    diff = [k for k in a if a[k] != b[k]]
+    if diff:
+        k = diff[0]
+        raise CheckpointError(f"{ckpt}: saved with model.{k}={a[k]} but the config says {b[k]}; resume with the "
+                              "same architecture, or pass --fresh to start over (the old run is moved aside)")
+    if saved.data.tokenizer != cfg.data.tokenizer:
+        raise CheckpointError(f"{ckpt}: trained with tokenizer '{saved.data.tokenizer}', config says "
+                              f"'{cfg.data.tokenizer}'; use the same tokenizer or --fresh")
+
+
+def dry_run(cfg: Config, plan: Plan, layout: Layout) -> dict[str, Any]:
+    """Print what the run would do (config, size, budget, LR curve, memory estimate) and return it."""
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+    print(f"\nparameters       {plan.n_params:,} ({plan.n_params / 1e6:.2f}M)")
+    print(f"layout           {layout.describe()}")
+    print(f"tokens/step      {plan.tokens_per_step:,} (global batch {cfg.train.global_batch_size} x "
+          f"{cfg.train.seq_len}, {plan.accum_steps} micro-batches of {cfg.train.micro_batch_size} per rank)")
+    print(f"steps            {plan.total_steps:,} = {plan.total_tokens:,} tokens ({plan.budget_source})")
+    print(f"intervals        log {plan.log_every}, eval {plan.eval_every}, save {plan.save_every} steps")
+    for line in describe_schedule(plan.total_steps, cfg.optim, plan.tokens_per_step, peak_lr=plan.peak_lr):
+        print(line)
+    summary: dict[str, Any] = {"dry_run": True, "n_params": plan.n_params, "total_steps": plan.total_steps,
+                               "tokens_per_step": plan.tokens_per_step, "peak_lr": plan.peak_lr}
+    est = estimate_memory(cfg)
+    summary["memory_bytes"] = est.total_bytes
+    print(f"memory estimate  {est.total_bytes / 2**30:.2f} GiB per device ({est.summary()})")
+    return summary

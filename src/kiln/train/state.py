@@ -1,0 +1,76 @@
+"""What the training loop counts, as one Stateful record saved in every checkpoint.
+
+`TrainState` holds the counters, the eval history (keep_best), the stability detectors and the log
+window (the losses of the steps since the last train record), so a resumed run logs the same records
+as an uninterrupted one. The random number generators are per rank (`rng_state`), saved beside it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.train.stability import DivergenceDetector, SpikeDetector
+
+
+@dataclass
+class TrainState:
+    """Counters and detectors of one run. `elapsed()` is wall time across every process of the run."""
+
+    divergence: DivergenceDetector
+    spikes: SpikeDetector
+    step: int = 0  # optimizer steps taken
+    tokens_seen: int = 0
+    evals: list[float] = field(default_factory=list)  # every eval loss so far, the latest last (keep_best)
+    window: list[float] = field(default_factory=list)  # losses of the steps since the last train record
+    elapsed_before: float = 0.0  # wall seconds of the earlier processes of a resumed run
+    started: float = field(default_factory=time.time)  # this process's start
+
+    def advance(self, *, tokens: int, loss: float) -> None:
+        """One optimizer step was taken on `tokens` tokens with this (global mean) loss."""
+        self.step += 1
+        self.tokens_seen += tokens
+        self.window.append(loss)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed(),
+                "best_evals": list(self.evals), "window": list(self.window),
+                "divergence": self.divergence.state_dict(), "spikes": self.spikes.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.elapsed_before, self.started = float(state.get("elapsed", 0.0)), time.time()
+        self.evals = list(state.get("best_evals", []))
+        self.window = list(state.get("window", []))  # absent in checkpoints written before it was saved
+        self.divergence.load_state_dict(state["divergence"])
+        self.spikes.load_state_dict(state["spikes"])
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random number generators (python, numpy, torch, CUDA)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
