@@ -80,11 +80,19 @@ def test_base_inheritance_and_roundtrip(tmp_path):
     assert config_from_dict(tree, where="x") == cfg
 
 
-def test_parallel_and_train_names_of_ac_and_compile_are_one_setting():
-    cfg = load_config("tiny", ["--parallel.compile", "true", "--parallel.activation_checkpointing", "full"])
+def test_compile_and_activation_checkpointing_have_one_name_and_the_old_one_says_the_new():
+    cfg = load_config("tiny", ["--train.compile", "true", "--train.activation_checkpointing", "full"])
     assert (cfg.train.compile, cfg.train.activation_checkpointing) == (True, "full")
-    cfg = load_config("tiny", ["--train.activation_checkpointing", "selective"])
-    assert cfg.parallel.activation_checkpointing == "selective" and cfg.parallel.compile is False
-    with pytest.raises(ConfigError, match="disagree"):
-        load_config("tiny", ["--parallel.activation_checkpointing", "full",
-                             "--train.activation_checkpointing", "selective"])
+    for old, new in (("parallel.compile", "train.compile"),
+                     ("parallel.activation_checkpointing", "train.activation_checkpointing")):
+        with pytest.raises(ConfigError, match=f"'{old}' is now '{new}'; use --{new}") as e:
+            load_config("tiny", [f"--{old}", "full" if "activation" in old else "true"])
+        assert "\n" not in str(e.value)
+    # a config saved by an older kiln (in a checkpoint) still loads, with the old key moved
+    from kiln.config import config_from_dict
+
+    tree = to_dict(load_config("tiny"))
+    tree["parallel"]["activation_checkpointing"] = "selective"
+    tree["parallel"]["compile"] = True
+    old = config_from_dict(tree, where="old checkpoint")
+    assert (old.train.activation_checkpointing, old.train.compile) == ("selective", True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -151,6 +152,16 @@ class TrainConfig:
     total_tokens: int = 0  # 0: Chinchilla default, 20 x parameters
     max_steps: int = 0  # >0 overrides the token budget
     stop_at_step: int = 0  # >0: save and exit after this step; the schedule still spans the whole run
+    # a wall-clock budget ("90s", "10m", "8h", "1h30m") instead of a step or token count: the run times its
+    # steps, evals and a checkpoint during the LR warmup, then fixes the steps that fit (saved, so a
+    # resume follows the same schedule); evals and checkpoints count against it
+    time_budget: str = ""
+    target_loss: float = 0.0  # >0: stop once an eval loss (or target_metric) reaches it; report time/tokens/cost to it
+    target_metric: str = "eval_loss"  # the eval key target_loss watches, e.g. eval/heldout-next/acc_norm (higher wins)
+    # downstream multiple-choice tasks scored at every eval (eval/<task>/acc, acc_norm): "heldout-next"
+    # (bundled: the true next sentence among others), or jsonl files in the HellaSwag / ARC / MMLU layouts
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_tasks_limit: int = 200  # items per task: the same first N at every eval
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
     dtype: DType = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     log_every: int = 10
@@ -158,7 +169,8 @@ class TrainConfig:
     eval_tokens: int = 65536  # tokens scored per validation source at each eval
     save_every: int = 200
     keep_last: int = 3  # checkpoints kept (the newest); 0 keeps all
-    keep_best: int = 0  # also keep the K checkpoints with the lowest eval loss (saved right after an eval)
+    keep_best: int = 0  # also keep the K checkpoints with the best keep_best_metric (saved right after an eval)
+    keep_best_metric: str = "eval_loss"  # lower is better; keys with "acc" (eval/<task>/acc_norm) higher is better
     checkpoint_url: str = ""  # also mirror checkpoints to this fsspec URL (s3://..., gs://...); resume from it
     async_checkpoint: bool = False  # write checkpoints in the background (a CPU copy of the state meanwhile)
     save_every_minutes: float = 0.0  # >0: also checkpoint when this much wall time passed since the last save
@@ -190,10 +202,7 @@ class ParallelConfig:
     tp: int = 1  # tensor (+ sequence) parallel degree
     pp: int = 1  # pipeline stages (ranks); interleaved / V schedules put 2 stages on each rank
     pp_schedule: PipelineSchedule = "1F1B"
-    pp_microbatches: int = 0  # microbatches per pipeline step; 0 = pp x stages per rank (seed 001)
-    # the same settings as train.activation_checkpointing / train.compile (either name works)
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
-    compile: bool = False
+    pp_microbatches: int = 0  # microbatches per pipeline step; 0 = pp x stages per rank
 
 
 @dataclass
@@ -284,6 +293,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         return build(tp, value, where=where, prefix=key)
     if origin is list:
         (item_tp,) = get_args(tp)
+        if isinstance(value, str) and item_tp is str:  # --train.eval_tasks a,b on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
@@ -320,6 +331,26 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     raise AssertionError(f"unsupported config type {tp} at {key}")
 
 
+# Keys that moved: a config naming the old key gets a one-line error that names the new one; a config
+# saved in an older checkpoint is read with the old key moved (config_from_dict).
+RENAMED = {"parallel.compile": "train.compile",
+           "parallel.activation_checkpointing": "train.activation_checkpointing"}
+
+
+def _migrate(tree: dict[str, Any]) -> dict[str, Any]:
+    """A saved config tree with RENAMED keys moved to their new place (the new key wins when both are set)."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    for old, new in RENAMED.items():
+        (osec, okey), (nsec, nkey) = old.split("."), new.split(".")
+        section = tree.get(osec)
+        if isinstance(section, dict) and okey in section:
+            value = section.pop(okey)
+            target = tree.setdefault(nsec, {})
+            if isinstance(target, dict) and target.get(nkey) in (None, False, "none"):
+                target[nkey] = value
+    return tree
+
+
 def build(cls: type, data: dict[str, Any], *, where: str = "<config>", prefix: str = "") -> Any:
     """Build dataclass `cls` from a dict, refusing unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
@@ -328,6 +359,8 @@ def build(cls: type, data: dict[str, Any], *, where: str = "<config>", prefix: s
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
+            if key in RENAMED:
+                raise ConfigError(f"{where}: '{key}' is now '{RENAMED[key]}'; use --{RENAMED[key]} (or rename the key)")
             close = [n for n in names if n.startswith(str(k)[:3])]
             hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
             raise ConfigError(f"{where}: unknown key '{key}'{hint}")
@@ -461,8 +494,8 @@ def load_config(preset: str = "tiny", overrides: list[str] | None = None) -> Con
 
 
 def config_from_dict(tree: dict[str, Any], *, where: str) -> Config:
-    """Rebuild a Config saved in a checkpoint or run directory."""
-    cfg = build(Config, tree, where=where)
+    """Rebuild a Config saved in a checkpoint or run directory (keys renamed since are moved)."""
+    cfg = build(Config, _migrate(tree), where=where)
     validate(cfg, where=where)
     return cfg
 
@@ -498,6 +531,26 @@ def _validate_optim(o: OptimConfig, *, where: str, parallel: ParallelConfig | No
     if o.param_dtype == "bf16" and o.name not in ("adafactor", "muon"):
         raise ConfigError(f"{where}: optim.param_dtype=bf16 needs optim.name=adafactor or muon (they round bf16 "
                           f"updates stochastically); {o.name} would stall, so use fp32 parameters with it")
+
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_duration(text: str, *, key: str = "train.time_budget", where: str = "<config>") -> float:
+    """"90s", "10m", "8h", "1h30m", "45" (seconds) -> seconds; anything else is a ConfigError."""
+    m = _DURATION.match(str(text).strip().lower())
+    if not str(text).strip() or m is None or not any(m.groups()):
+        raise ConfigError(f"{where}: {key}: expected a duration like 90s, 10m, 8h or 1h30m, got {text!r}")
+    h, mins, s = (float(g) if g else 0.0 for g in m.groups())
+    seconds = 3600 * h + 60 * mins + s
+    if seconds <= 0:
+        raise ConfigError(f"{where}: {key}: must be longer than 0 s, got {text!r}")
+    return seconds
+
+
+def higher_is_better(metric: str) -> bool:
+    """Accuracies improve upwards, losses and perplexities downwards."""
+    return "acc" in metric or "exact_match" in metric
 
 
 def validate_source(s: SourceConfig, i: int, *, where: str) -> None:
@@ -564,6 +617,20 @@ def validate(cfg: Config, *, where: str) -> None:
     if (d.format == "shards" or d.shards) and d.remainder == "drop":
         raise ConfigError(f"{where}: data.remainder=drop applies to text sources; prepared shards are cut into "
                           "fixed blocks (use data.remainder=carry, or data.format=text)")
+    if t.time_budget:
+        parse_duration(t.time_budget, where=where)
+        if t.max_steps > 0:
+            raise ConfigError(f"{where}: train.time_budget ({t.time_budget}) and train.max_steps ({t.max_steps}) both "
+                              "set the run's length; set one of them (the budget replaces train.total_tokens)")
+        if o.warmup_steps < 3 and o.schedule != "constant":
+            raise ConfigError(f"{where}: train.time_budget times the steps of the LR warmup (whose LR does not depend "
+                              f"on the run's length) before fixing it; set optim.warmup_steps >= 3 (got {o.warmup_steps})")
+    if t.target_loss < 0 or t.eval_tasks_limit <= 0:
+        raise ConfigError(f"{where}: train.target_loss must be >= 0 and train.eval_tasks_limit positive")
+    for key, metric in (("train.target_metric", t.target_metric), ("train.keep_best_metric", t.keep_best_metric)):
+        if metric != "eval_loss" and not metric.startswith(("eval_loss/", "eval/")):
+            raise ConfigError(f"{where}: {key}: expected eval_loss, eval_loss/<source> or eval/<task>/<metric> "
+                              f"(an eval record key), got {metric!r}")
     p = cfg.parallel
     for key, v in {"parallel.dp_replicate": p.dp_replicate, "parallel.dp_shard": p.dp_shard,
                    "parallel.tp": p.tp, "parallel.pp": p.pp}.items():
@@ -571,13 +638,6 @@ def validate(cfg: Config, *, where: str) -> None:
             raise ConfigError(f"{where}: {key}: must be >= 1, got {v}")
     if p.pp_microbatches < 0:
         raise ConfigError(f"{where}: parallel.pp_microbatches: must be >= 0, got {p.pp_microbatches}")
-    # parallel.* and train.* name one setting each; after loading both hold it
-    ac = {x for x in (p.activation_checkpointing, t.activation_checkpointing) if x != "none"}
-    if len(ac) > 1:
-        raise ConfigError(f"{where}: parallel.activation_checkpointing={p.activation_checkpointing} and "
-                          f"train.activation_checkpointing={t.activation_checkpointing} disagree; set one of them")
-    p.activation_checkpointing = t.activation_checkpointing = ac.pop() if ac else "none"
-    p.compile = t.compile = p.compile or t.compile
     pt = cfg.posttrain
     for key, v in {"posttrain.beta": pt.beta, "posttrain.epochs": pt.epochs, "posttrain.group_size": pt.group_size,
                    "posttrain.max_new_tokens": pt.max_new_tokens, "posttrain.top_p": pt.top_p}.items():

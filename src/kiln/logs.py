@@ -29,7 +29,7 @@ from kiln.runinfo import format_duration
 from kiln.train.metrics import read_metrics
 
 KINDS = ("train", "eval")
-FIGSIZE, DPI = (15.0, 8.0), 100  # plot: 1500 x 800 pixels
+FIGSIZE, DPI = (20.0, 8.0), 100  # plot: 2000 x 800 pixels
 COMPARE_FIGSIZE = (16.0, 5.0)  # compare: 1600 x 500 pixels
 
 
@@ -43,6 +43,7 @@ class RunLog:
     eval: list[dict[str, Any]]
     superseded: int  # records dropped because a resumed segment logged the same steps again
     config: dict[str, Any] | None
+    target: dict[str, Any] | None = None  # the "target" record: train.target_loss reached
 
 
 def find_run_dir(path: str | Path) -> Path:
@@ -96,7 +97,9 @@ def load_run(path: str | Path) -> RunLog:
             config = yaml.safe_load((run_dir / "config.yaml").read_text())
         except yaml.YAMLError:
             config = None
-    return RunLog(run_dir, run_dir.name, train, ev, superseded, config if isinstance(config, dict) else None)
+    target = next((r for r in reversed(records) if r.get("kind") == "target"), None)
+    return RunLog(run_dir, run_dir.name, train, ev, superseded, config if isinstance(config, dict) else None,
+                  target)
 
 
 def _num(v: Any) -> float | None:
@@ -124,6 +127,14 @@ def eval_keys(run: RunLog) -> list[str]:
     return sorted(keys, key=lambda k: (k != "eval_loss", keys.index(k)))
 
 
+def task_keys(run: RunLog) -> list[str]:
+    """The downstream tasks' "eval/<task>/acc_norm" keys (train.eval_tasks), in first-seen order."""
+    keys: list[str] = []
+    for r in run.eval:
+        keys += [k for k in r if k.startswith("eval/") and k.endswith("/acc_norm") and k not in keys]
+    return keys
+
+
 def summarize(run: RunLog) -> dict[str, Any]:
     """The numbers `kiln logs summary` prints (and its JSON line): last/best losses, speed, cost."""
     tr = run.train
@@ -142,6 +153,15 @@ def summarize(run: RunLog) -> dict[str, Any]:
             out[key] = vals[-1]
             out["best_" + key] = vals[i]
             out["best_" + key + "_step"] = int(steps[i])
+    for key in task_keys(run):  # accuracies: higher is better
+        steps, vals = _series(run.eval, key)
+        if vals:
+            i = max(range(len(vals)), key=vals.__getitem__)
+            out[key], out["best_" + key], out["best_" + key + "_step"] = vals[-1], vals[i], int(steps[i])
+    if run.target is not None:  # train.target_loss was reached: what it cost
+        t = run.target
+        out["target"] = {k: t.get(k) for k in ("metric", "target", "value", "step", "tokens_seen", "elapsed_sec",
+                                                "cost_usd") if t.get(k) is not None}
     _, tps = _series(tr, "tokens_per_sec")
     if tps:
         out["tokens_per_sec_median"] = statistics.median(tps)
@@ -183,6 +203,15 @@ def _rows(s: dict[str, Any]) -> dict[str, str]:
         label = "eval loss" + (f" {key.split('/', 1)[1]}" if "/" in key else "")
         rows[f"{label} (last)"] = f"{s[key]:.4f}"
         rows[f"{label} (best)"] = f"{s['best_' + key]:.4f} @ {s['best_' + key + '_step']}"
+    for key in [k for k in s if k.startswith("eval/") and k.endswith("/acc_norm")]:
+        task = key.split("/")[1]
+        rows[f"{task} acc_norm (last)"] = f"{s[key]:.3f}"
+        rows[f"{task} acc_norm (best)"] = f"{s['best_' + key]:.3f} @ {s['best_' + key + '_step']}"
+    if "target" in s:
+        t = s["target"]
+        cost = f", ${t['cost_usd']:,.2f}" if "cost_usd" in t else ""
+        rows["target reached"] = (f"{t['metric']} {t['value']:.4f} <= {t['target']:g} at step {t['step']}: "
+                                  f"{format_duration(t['elapsed_sec'])}, {_fmt_tokens(t['tokens_seen'])} tokens{cost}")
     if "tokens_per_sec_median" in s:
         rows["tok/s (median)"] = f"{s['tokens_per_sec_median']:,.0f}"
     if "mfu_median" in s:
@@ -275,7 +304,7 @@ def plot_run(run: RunLog, out: str | Path | None = None) -> Path:
         raise KilnError(f"{run.path / 'metrics.jsonl'}: no train or eval records yet; train first")
     out = Path(out) if out else run.path / "plots" / "curves.png"
     fig = _figure(FIGSIZE)
-    axes = fig.subplots(2, 3).flatten()
+    axes = fig.subplots(2, 4).flatten()
     tr = run.train
     fig.suptitle(f"{run.name}  ({run.path})")
 
@@ -319,6 +348,17 @@ def plot_run(run: RunLog, out: str | Path | None = None) -> Path:
         ax.set(title=title, xlabel="step")
 
     ax = axes[5]
+    for i, key in enumerate(task_keys(run)):
+        xs, ys = _series(run.eval, key)
+        ax.plot(xs, ys, marker="o", ms=3, lw=1.5, color=f"C{i}", label=key.split("/")[1])
+    if task_keys(run):
+        ax.legend()
+    else:
+        _empty(ax, "train.eval_tasks")
+    ax.set(title="downstream acc_norm", xlabel="step")
+
+    axes[7].axis("off")
+    ax = axes[6]
     ax.axis("off")
     text = "\n".join(f"{k}: {v}" for k, v in _rows(summarize(run)).items())
     ax.text(0.02, 0.98, text, va="top", ha="left", family="monospace", fontsize=10, transform=ax.transAxes)

@@ -175,6 +175,18 @@ def save_training(ckpt_root: Path, step: int, *, state: dict[str, Any], rank: in
     return final
 
 
+def probe_save(root: Path, step: int, *, state: dict[str, Any], cfg: Config, common: dict[str, Any],
+               rank_state: dict[str, Any], meta: dict[str, Any], rank: int, is_main: bool) -> None:
+    """Write a real checkpoint to the scratch folder `root` and delete it (every rank): what one costs."""
+    try:
+        save_training(root, step, state=state, rank=rank, is_main=is_main, cfg=cfg, common=common,
+                      rank_state=rank_state, meta=meta)
+    finally:
+        _barrier()
+        if is_main:
+            shutil.rmtree(root, ignore_errors=True)
+
+
 def _os_error_in(e: BaseException) -> OSError | None:
     """The OSError behind a failed write: raised directly, or inside DCP's CheckpointException, which
     wraps each rank's failure (a full disk in DCP's writer arrives that way, not as an OSError)."""
@@ -224,13 +236,13 @@ class Checkpointer:
         m = self.save_every_minutes
         return self.is_main and m > 0 and time.time() - self._last_save >= 60 * m
 
-    def due(self, step: int, *, eval_loss: float | None, evals: list[float], requests: Requests) -> bool:
+    def due(self, step: int, *, score: float | None, scores: list[float], requests: Requests) -> bool:
         """Whether to checkpoint after `step`: every save_every steps (the last step is saved at the end of
-        the run), right after an eval among the keep_best lowest so far (`evals` ends with this one),
-        on request, or by the clock."""
+        the run), right after an eval whose keep-best score (lower is better) is among the keep_best
+        lowest so far (`scores` ends with this one), on request, or by the clock."""
         periodic = self.save_every > 0 and step % self.save_every == 0 and step != self.total_steps
-        best = (eval_loss is not None and self.keep_best > 0
-                and len([b for b in evals[:-1] if b <= eval_loss]) < self.keep_best)
+        best = (score is not None and self.keep_best > 0
+                and len([b for b in scores[:-1] if b <= score]) < self.keep_best)
         return periodic or best or requests.save or requests.clock_save
 
     # ---- writing ------------------------------------------------------------------------------
@@ -357,7 +369,7 @@ def rotate(ckpt_root: Path, *, keep_last: int, keep_best: int = 0) -> list[Path]
     ckpts = list_checkpoints(ckpt_root)
     keep = set(ckpts[-keep_last:]) if keep_last > 0 else set(ckpts)
     if keep_best > 0:
-        scored = [(read_meta(p).get("eval_loss"), p) for p in ckpts]
+        scored = [(_best_score(read_meta(p)), p) for p in ckpts]
         scored = sorted((loss, i, p) for i, (loss, p) in enumerate(scored) if isinstance(loss, float))
         keep |= {p for _, _, p in scored[:keep_best]}
     doomed = [p for p in ckpts if p not in keep]
@@ -366,6 +378,11 @@ def rotate(ckpt_root: Path, *, keep_last: int, keep_best: int = 0) -> list[Path]
     for stale in ckpt_root.glob(".step_*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
     return doomed
+
+
+def _best_score(meta: dict[str, Any]) -> float | None:
+    """A checkpoint's keep-best score (lower is better): train.keep_best_metric's, else its eval loss."""
+    return meta.get("best_score", meta.get("eval_loss"))
 
 
 def read_config(ckpt: Path) -> Config:

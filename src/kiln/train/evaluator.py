@@ -3,56 +3,111 @@
 
 On a plain layout the objective evaluates the model; a pipeline evaluates through its forward-only
 schedule (every stage joins), per source. Either way the record is kiln.eval.loss.eval_record's:
-eval_loss / eval_ppl per source and token-weighted over all of them.
+eval_loss / eval_ppl per source and token-weighted over all of them, plus the downstream tasks of
+`train.eval_tasks` (kiln.eval.suite: eval/<task>/acc and acc_norm).
+
+An `Evaluation` also carries the run's two uses of it: `score` (train.keep_best_metric, lower is better)
+and whether train.target_loss is reached (on train.target_metric).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
+from dataclasses import dataclass
 from typing import Any
 
-from kiln.config import Config
+from kiln.config import Config, higher_is_better
 from kiln.eval.loss import eval_record
+from kiln.eval.suite import score_tasks
+from kiln.eval.tasks import MCItem
 from kiln.train.engine import Engine
 from kiln.train.metrics import MetricsLogger
 from kiln.train.objective import Objective
+from kiln.train.plan import Plan
 from kiln.train.progress import Progress
 from kiln.train.state import TrainState
+
+
+@dataclass
+class Evaluation:
+    """One eval's record, its keep-best score (lower is better) and whether it reached the target."""
+
+    record: dict[str, Any]
+    score: float | None
+    reached_target: bool
+    seconds: float
+
+    @property
+    def loss(self) -> float | None:
+        return self.record.get("eval_loss")
 
 
 class Evaluator:
     """Runs and logs evals; `due(step)` says when a periodic one is."""
 
     def __init__(self, *, engine: Engine, objective: Objective, val_sets: dict[str, list[Any]], cfg: Config,
-                 autocast: contextlib.AbstractContextManager, every: int, total_steps: int,
-                 metrics: MetricsLogger | None, progress: Progress) -> None:
+                 autocast: contextlib.AbstractContextManager, plan: Plan, tokenizer: Any,
+                 tasks: dict[str, list[MCItem]], metrics: MetricsLogger | None, progress: Progress) -> None:
         self.engine, self.objective, self.val_sets, self.cfg, self.autocast = engine, objective, val_sets, cfg, autocast
-        self.every, self.total_steps, self.metrics, self.progress = every, total_steps, metrics, progress
+        self.plan, self.tokenizer, self.tasks, self.metrics, self.progress = plan, tokenizer, tasks, metrics, progress
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.val_sets or self.tasks)
 
     def due(self, step: int) -> bool:
         """A periodic eval after `step` (the last step's eval is the run's final one, run at the end)."""
-        return step % self.every == 0 and step != self.total_steps
+        return step % self.plan.eval_every == 0 and step != self.plan.total_steps
 
-    def run(self, state: TrainState) -> float | None:
-        """Evaluate now (every rank), log the record (rank 0), note the loss in `state.evals`; the eval loss,
-        or None without validation data."""
-        if not self.val_sets:
+    def run(self, state: TrainState) -> Evaluation | None:
+        """Evaluate now (every rank), log the record (rank 0), note the keep-best score in `state.evals`;
+        None without validation data or tasks."""
+        if not self.enabled:
             return None
+        t0 = time.perf_counter()
         record: dict[str, Any] = {"kind": "eval", "step": state.step, "tokens_seen": state.tokens_seen}
         record.update(self.evaluate())
-        state.evals.append(record["eval_loss"])
+        t = self.cfg.train
+        score = _score(record, t.keep_best_metric)
+        if score is not None:
+            state.evals.append(score)
+        target = _score(record, t.target_metric) if t.target_loss > 0 else None
+        reached = target is not None and target <= (-t.target_loss if higher_is_better(t.target_metric)
+                                                     else t.target_loss)
         if self.metrics is not None:
             self.metrics.log(record)
-        parts = " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in record.items() if k.startswith("eval_loss/"))
-        self.progress.print(f"step {state.step:>6}  eval_loss {record['eval_loss']:.4f}"
-                            + (f"  ppl {record['eval_ppl']:.1f}" if "eval_ppl" in record else "")
-                            + (f"  ({parts})" if len(self.val_sets) > 1 else ""))
-        return record["eval_loss"]
+        self.progress.print(_line(record, several=len(self.val_sets) > 1))
+        return Evaluation(record=record, score=score, reached_target=reached, seconds=time.perf_counter() - t0)
 
     def evaluate(self) -> dict[str, float]:
-        """The objective's eval record; for a pipeline, per-source loss through the schedule."""
+        """The objective's eval record (for a pipeline, per-source loss through the schedule) and the tasks."""
         engine = self.engine
-        if engine.pipe is None:
-            return self.objective.evaluate(engine.model, self.val_sets, cfg=self.cfg, device=engine.layout.device,
-                                           autocast=self.autocast)
-        return eval_record({name: engine.pipeline_eval(self.val_sets[name]) for name in sorted(self.val_sets)})
+        if engine.pipe is not None:
+            return eval_record({name: engine.pipeline_eval(self.val_sets[name]) for name in sorted(self.val_sets)})
+        record = self.objective.evaluate(engine.model, self.val_sets, cfg=self.cfg, device=engine.layout.device,
+                                         autocast=self.autocast) if self.val_sets else {}
+        if self.tasks:
+            with self.autocast:
+                record.update(score_tasks(engine.model, self.tokenizer, self.tasks, max_len=self.cfg.train.seq_len,
+                                          batch_size=self.cfg.train.micro_batch_size))
+        return record
+
+
+def _score(record: dict[str, Any], metric: str) -> float | None:
+    """The record's `metric`, negated when higher is better (so lower always wins); None when absent."""
+    value = record.get(metric)
+    if not isinstance(value, int | float):
+        return None
+    return -float(value) if higher_is_better(metric) else float(value)
+
+
+def _line(record: dict[str, Any], *, several: bool) -> str:
+    parts = " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in record.items() if k.startswith("eval_loss/"))
+    tasks = " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in record.items()
+                     if k.startswith("eval/") and k.endswith("/acc_norm"))
+    line = f"step {record['step']:>6}"
+    if "eval_loss" in record:
+        line += f"  eval_loss {record['eval_loss']:.4f}" + (f"  ppl {record['eval_ppl']:.1f}" if "eval_ppl" in record
+                                                           else "") + (f"  ({parts})" if several else "")
+    return line + (f"  acc_norm: {tasks}" if tasks else "")

@@ -115,7 +115,8 @@ class StepLog:
         self.progress.update(state.step, loss=record["loss"], lr=lr, tok_s=record["tokens_per_sec"])
         if self.control is not None:
             self.control.status(step=state.step, total_steps=self.plan.total_steps, loss=record["loss"],
-                                tokens_per_sec=record["tokens_per_sec"], eta=format_duration(record["eta_sec"]))
+                                tokens_per_sec=record["tokens_per_sec"],
+                                eta=format_duration(record["eta_sec"]) if record["eta_sec"] is not None else "?")
 
     def record(self, state: TrainState, *, lr: float, grad_norm: float, extras: dict[str, float],
                spike: bool = False) -> dict[str, Any]:
@@ -130,6 +131,8 @@ class StepLog:
             "tokens_per_sec": tok_s, "elapsed_sec": elapsed, "progress": state.step / self.plan.total_steps,
             "eta_sec": (self.plan.total_steps - state.step) * dt / timed,
         }
+        if self.plan.provisional:  # a time budget not fixed yet: no length to measure progress against
+            record["progress"] = record["eta_sec"] = None
         u = mfu(tokens_per_sec=tok_s, flops_per_token=self.flops_per_token, peak_flops=self.peak_flops,
                 n_devices=self.n_devices)
         if u is not None:
@@ -140,7 +143,8 @@ class StepLog:
             usd = elapsed / 3600 * self.cost_per_hour
             record["cost_usd"] = usd
             record["tokens_per_usd"] = state.tokens_seen / max(usd, 1e-9)
-            record["eta_cost_usd"] = record["eta_sec"] / 3600 * self.cost_per_hour
+            if record["eta_sec"] is not None:
+                record["eta_cost_usd"] = record["eta_sec"] / 3600 * self.cost_per_hour
         if spike:
             record["spike"] = True
         record.update(extras)

@@ -2,8 +2,9 @@
 
     tokens/step  = train.global_batch_size x train.seq_len
     accumulation = global batch / (micro batch x data-parallel ranks)   micro-batches per rank per step
-    steps        = train.max_steps, else train.total_tokens / tokens per step, else Chinchilla's
-                   20 tokens per parameter (Hoffmann et al. 2022)
+    steps        = train.max_steps, else train.time_budget's (fixed after the warmup, kiln.train.budget),
+                   else train.total_tokens / tokens per step, else Chinchilla's 20 tokens per parameter
+                   (Hoffmann et al. 2022)
     intervals    = train.log_every / eval_every / save_every, each x train.step_cadence
 """
 
@@ -16,6 +17,8 @@ from kiln.config import ModelConfig, OptimConfig, TrainConfig
 from kiln.errors import ConfigError
 from kiln.model import count_params
 from kiln.optim import scaled_lr
+
+PROVISIONAL_STEPS = 10**9  # a time budget's length until it is fixed
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Plan:
     log_every: int
     eval_every: int
     save_every: int
+    provisional: bool = False  # train.time_budget before the steps are fixed: total_steps is a placeholder
 
 
 def make_plan(model: ModelConfig, train: TrainConfig, optim: OptimConfig, *, dp_size: int = 1,
@@ -51,8 +55,11 @@ def make_plan(model: ModelConfig, train: TrainConfig, optim: OptimConfig, *, dp_
             f"data-parallel rank, not a multiple of the pipeline's {pipeline_microbatches} microbatches "
             "(parallel.pp_microbatches); adjust one of them")
     tokens_per_step = t.global_batch_size * t.seq_len
+    provisional = False
     if t.max_steps > 0:
         steps, source = t.max_steps, "train.max_steps"
+    elif t.time_budget:  # until it is fixed no schedule phase but the warmup may depend on the length
+        steps, source, provisional = PROVISIONAL_STEPS, f"train.time_budget {t.time_budget} (fixed after the warmup)", True
     elif t.total_tokens > 0:
         steps, source = math.ceil(t.total_tokens / tokens_per_step), "train.total_tokens"
     else:
@@ -64,4 +71,4 @@ def make_plan(model: ModelConfig, train: TrainConfig, optim: OptimConfig, *, dp_
     return Plan(n_params=n_params, tokens_per_step=tokens_per_step, accum_steps=accum, total_steps=steps,
                 total_tokens=steps * tokens_per_step, budget_source=source,
                 peak_lr=scaled_lr(optim, t.global_batch_size), log_every=cadence(t.log_every),
-                eval_every=cadence(t.eval_every), save_every=cadence(t.save_every))
+                eval_every=cadence(t.eval_every), save_every=cadence(t.save_every), provisional=provisional)

@@ -9,12 +9,14 @@ from typing import Any
 
 import yaml
 
-from kiln.config import Config, to_dict
+from kiln.bench import run_bench
+from kiln.config import Config, parse_duration, to_dict
 from kiln.data.tokenizer import Tokenizer
 from kiln.errors import CheckpointError, DataError, KilnError
 from kiln.estimate import estimate_memory
 from kiln.optim import describe_schedule
 from kiln.parallel.mesh import Layout
+from kiln.train.budget import Costs, fit_steps
 from kiln.train.plan import Plan
 
 
@@ -61,13 +63,33 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout) -> dict[str, Any]:
     print(f"layout           {layout.describe()}")
     print(f"tokens/step      {plan.tokens_per_step:,} (global batch {cfg.train.global_batch_size} x "
           f"{cfg.train.seq_len}, {plan.accum_steps} micro-batches of {cfg.train.micro_batch_size} per rank)")
-    print(f"steps            {plan.total_steps:,} = {plan.total_tokens:,} tokens ({plan.budget_source})")
+    steps = plan.total_steps
+    if plan.provisional:  # a time budget: estimate the steps from a short benchmark of real steps here
+        steps = _budget_estimate(cfg, plan, layout)
+        print(f"steps            ~{steps:,} = {steps * plan.tokens_per_step:,} tokens ({plan.budget_source}; this "
+              "estimate times 3 steps on synthetic batches here, the run times its own warmup and fixes the count)")
+    else:
+        print(f"steps            {plan.total_steps:,} = {plan.total_tokens:,} tokens ({plan.budget_source})")
     print(f"intervals        log {plan.log_every}, eval {plan.eval_every}, save {plan.save_every} steps")
-    for line in describe_schedule(plan.total_steps, cfg.optim, plan.tokens_per_step, peak_lr=plan.peak_lr):
+    for line in describe_schedule(steps, cfg.optim, plan.tokens_per_step, peak_lr=plan.peak_lr):
         print(line)
-    summary: dict[str, Any] = {"dry_run": True, "n_params": plan.n_params, "total_steps": plan.total_steps,
+    summary: dict[str, Any] = {"dry_run": True, "n_params": plan.n_params, "total_steps": steps,
                                "tokens_per_step": plan.tokens_per_step, "peak_lr": plan.peak_lr}
     est = estimate_memory(cfg)
     summary["memory_bytes"] = est.total_bytes
     print(f"memory estimate  {est.total_bytes / 2**30:.2f} GiB per device ({est.summary()})")
     return summary
+
+
+def _budget_estimate(cfg: Config, plan: Plan, layout: Layout) -> int:
+    """The steps a time budget would fit, from `kiln bench`'s timing of 3 steps (one process; under
+    torchrun the run's own measurement decides). An eval's forward costs about a third of a training
+    step per token; checkpoints are not estimated."""
+    if layout.distributed:
+        return plan.total_steps
+    bench = run_bench(cfg, steps=3, warmup=1)
+    step = bench["step_ms"] / 1e3
+    eval_s = len(cfg.data.val) * cfg.train.eval_tokens / (3 * bench["tokens_per_sec"])
+    return fit_steps(parse_duration(cfg.train.time_budget), elapsed=eval_s, done=0,
+                     costs=Costs(step=step, eval=eval_s, save=0.0), eval_every=plan.eval_every,
+                     save_every=plan.save_every, save_every_minutes=cfg.train.save_every_minutes)

@@ -14,7 +14,8 @@ from kiln.runinfo import format_duration
 class Progress:
     """Step progress with loss, lr, tokens/s and ETA. Plain log lines when stdout is not a terminal."""
 
-    def __init__(self, total: int, *, start: int = 0, quiet: bool = False) -> None:
+    def __init__(self, total: int | None, *, start: int = 0, quiet: bool = False) -> None:
+        """`total` None: not known yet (a time budget fixes it after the warmup)."""
         self.total, self.start, self.quiet = total, start, quiet
         self.t0 = time.time()
         self.fields = {"loss": float("nan"), "lr": 0.0, "tok_s": 0.0}
@@ -31,6 +32,12 @@ class Progress:
             self._task = self._bar.add_task("train", total=total, completed=start, **self.fields)
             self._bar.start()
 
+    def set_total(self, total: int) -> None:
+        """The run's length changed (a time budget fixed it)."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.update(self._task, total=total)
+
     def print(self, msg: str) -> None:
         if self.quiet:
             return
@@ -45,10 +52,10 @@ class Progress:
             self._bar.update(self._task, completed=step, **self.fields)
         elif fields and not self.quiet:
             done = step - self.start
-            eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
+            eta = format_duration((time.time() - self.t0) / max(done, 1) * (self.total - step)) if self.total else "?"
             f = self.fields
-            print(f"step {step:>6}/{self.total}  loss {f['loss']:.4f}  lr {f['lr']:.2e}  "
-                  f"{f['tok_s']:,.0f} tok/s  eta {format_duration(eta)}", flush=True)
+            print(f"step {step:>6}/{self.total or '?'}  loss {f['loss']:.4f}  lr {f['lr']:.2e}  "
+                  f"{f['tok_s']:,.0f} tok/s  eta {eta}", flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

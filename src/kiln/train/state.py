@@ -26,7 +26,9 @@ class TrainState:
     spikes: SpikeDetector
     step: int = 0  # optimizer steps taken
     tokens_seen: int = 0
-    evals: list[float] = field(default_factory=list)  # every eval loss so far, the latest last (keep_best)
+    evals: list[float] = field(default_factory=list)  # keep-best scores of the evals so far, the latest last
+    planned_steps: int = 0  # train.time_budget: the steps fixed after the warmup (0: not fixed yet)
+    target_step: int = 0  # train.target_loss: the step that reached it (0: not reached)
     window: list[float] = field(default_factory=list)  # losses of the steps since the last train record
     elapsed_before: float = 0.0  # wall seconds of the earlier processes of a resumed run
     started: float = field(default_factory=time.time)  # this process's start
@@ -42,7 +44,8 @@ class TrainState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed(),
-                "best_evals": list(self.evals), "window": list(self.window),
+                "best_evals": list(self.evals), "window": list(self.window), "planned_steps": self.planned_steps,
+                "target_step": self.target_step,
                 "divergence": self.divergence.state_dict(), "spikes": self.spikes.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -50,6 +53,7 @@ class TrainState:
         self.elapsed_before, self.started = float(state.get("elapsed", 0.0)), time.time()
         self.evals = list(state.get("best_evals", []))
         self.window = list(state.get("window", []))  # absent in checkpoints written before it was saved
+        self.planned_steps, self.target_step = int(state.get("planned_steps", 0)), int(state.get("target_step", 0))
         self.divergence.load_state_dict(state["divergence"])
         self.spikes.load_state_dict(state["spikes"])
 

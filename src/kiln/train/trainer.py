@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +26,21 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from kiln.config import Config, to_dict
+from kiln.config import Config, parse_duration, to_dict
 from kiln.data.tokenizer import Tokenizer, load_tokenizer
 from kiln.device import autocast_for, train_precision
-from kiln.errors import DataError, KilnError
+from kiln.errors import ConfigError, DataError, KilnError
+from kiln.eval.suite import load_tasks
 from kiln.generate import generate_text
 from kiln.optim import describe_schedule, lr_factor, param_dtype
 from kiln.parallel.mesh import Layout, init_layout, shutdown
 from kiln.parallel.pipeline import microbatches
 from kiln.runinfo import format_duration, run_info
 from kiln.train import checkpoint as ckpt_io
+from kiln.train.budget import TimeBudget
 from kiln.train.control import JobControl, Requests
 from kiln.train.engine import Engine
-from kiln.train.evaluator import Evaluator
+from kiln.train.evaluator import Evaluation, Evaluator
 from kiln.train.metrics import MetricsLogger, StepLog
 from kiln.train.mirror import Mirror, mirror_for
 from kiln.train.objective import BatchSource, Objective
@@ -71,8 +74,9 @@ class Run:
     control: JobControl | None  # rank 0
     resumed_from: Path | None
     autocast: contextlib.AbstractContextManager
+    budget: TimeBudget | None  # train.time_budget
     pending: dict[str, Any] | None = None  # the job-control request being carried out (acknowledged when done)
-    summary: dict[str, Any] = field(default_factory=dict)
+    last_eval: Evaluation | None = None
 
     @property
     def out(self) -> Path:
@@ -93,21 +97,70 @@ class Run:
         return Requests(signal=signal.requested, save=command == "save", stop=command == "stop",
                         abort=command == "abort", clock_save=self.checkpointer.clock_due())
 
-    def save(self, eval_loss: float | None = None, *, wait: bool = False) -> Path:
+    def evaluate(self) -> Evaluation | None:
+        """An eval now; a time budget learns what one costs."""
+        evaluation = self.evaluator.run(self.state)
+        if evaluation is not None:
+            self.last_eval = evaluation
+            if self.budget is not None:
+                self.budget.eval_done(evaluation.seconds)
+        return evaluation
+
+    def save(self, evaluation: Evaluation | None = None, *, wait: bool = False) -> Path:
         """Checkpoint the current state on every rank (a collective when distributed)."""
+        return self.checkpointer.save(self.state.step, **self._save_parts(evaluation), wait=wait)
+
+    def _save_parts(self, evaluation: Evaluation | None) -> dict[str, Any]:
         layout, engine, loader = self.layout, self.engine, self.loader
         reader = loader is not None and layout.tp_rank == 0 and (engine.pipe is None or engine.pipe.has_first)
         rank_state = {"rank": layout.rank, "world_size": layout.world_size, "dp_rank": layout.dp_rank,
                       "dp_size": layout.dp_size, "rng": rng_state(), "loader": loader.state_dict() if reader else None,
                       "optim_extra": engine.optimizer.extra_state(), "layout": layout.describe()}
         meta: dict[str, Any] = {"tokens_seen": self.state.tokens_seen, "layout": layout.describe()}
-        if eval_loss is not None:
-            meta["eval_loss"] = eval_loss
+        if evaluation is not None and evaluation.loss is not None:
+            meta["eval_loss"] = evaluation.loss
+        if evaluation is not None and evaluation.score is not None:
+            meta["best_score"] = evaluation.score
         state = ckpt_io.layout_state_dict(engine.parts, engine.optimizer.optims,
                                           tie_embeddings=self.cfg.model.tie_embeddings)
-        return self.checkpointer.save(self.state.step, state=state, cfg=self.cfg,
-                                      common={**self.state.state_dict(), "world_size": layout.world_size},
-                                      rank_state=rank_state, meta=meta, wait=wait)
+        return {"state": state, "cfg": self.cfg, "common": {**self.state.state_dict(), "world_size": layout.world_size},
+                "rank_state": rank_state, "meta": meta}
+
+    def budget_step(self, seconds: float) -> None:
+        """train.time_budget: note the step's time; after the timed warmup steps, fix the plan once. Its
+        cost estimate for a checkpoint is a real one, written to a scratch folder and deleted."""
+        budget, state = self.budget, self.state
+        assert budget is not None
+        budget.step_done(state.step, seconds)
+        if not budget.due(state.step, state.planned_steps):
+            return
+        self.checkpointer.wait()
+        t0 = time.perf_counter()
+        ckpt_io.probe_save(self.out / ".budget-probe", state.step, **self._save_parts(None), rank=self.layout.rank,
+                           is_main=self.layout.is_main)
+        t = self.cfg.train
+        n = budget.fix(self.plan, elapsed=state.elapsed(), done=state.step, save_seconds=time.perf_counter() - t0,
+                       save_every_minutes=t.save_every_minutes, warmup_steps=self.cfg.optim.warmup_steps)
+        self._apply_plan(n)
+        self.progress.print(f"  {n:,} steps = {self.plan.total_tokens:,} tokens fit {self.plan.budget_source}")
+
+    def _apply_plan(self, steps: int) -> None:
+        """The run's length is now `steps` (a time budget's, fixed once): every component that counts to it."""
+        self.state.planned_steps = steps
+        self.plan.total_steps, self.plan.total_tokens = steps, steps * self.plan.tokens_per_step
+        self.plan.provisional = False
+        self.checkpointer.total_steps = steps
+        self.progress.set_total(steps)
+
+    def already_done(self) -> str | None:
+        """Why a resumed run has nothing left to train (None: it has)."""
+        if self.resumed_from is None:
+            return None
+        if self.state.target_step:
+            return f"it reached train.target_loss at step {self.state.target_step}"
+        if self.state.step >= self.plan.total_steps:
+            return f"it is complete at step {self.state.step}"
+        return None
 
 
 @dataclass
@@ -119,6 +172,7 @@ class StepResult:
     extras: dict[str, float]
     spike: bool
     requests: Requests
+    seconds: float  # the step's wall time (forward, backward, reductions, update)
 
 
 def train(cfg: Config, *, objective: Objective | None = None, fresh: bool = False, quiet: bool = False,
@@ -142,10 +196,11 @@ def fit(run: Run) -> dict[str, Any]:
     """The training loop: step, guard, log, evaluate, checkpoint, until the plan's last step or a stop."""
     state, plan, checkpointer = run.state, run.plan, run.checkpointer
     if state.step == 0:
-        run.evaluator.run(state)  # the loss at initialisation anchors every curve
-    if run.resumed_from is not None and state.step >= plan.total_steps:
-        run.progress.print(f"the run is already complete at step {state.step}; raise train.max_steps or "
-                           "train.total_tokens to train further, or pass --fresh to start over")
+        run.evaluate()  # the loss at initialisation anchors every curve
+    done = run.already_done()
+    if done is not None:
+        run.progress.print(f"nothing to train: {done}; raise train.max_steps / train.total_tokens / "
+                           "train.time_budget to train further, or pass --fresh to start over")
         return finish(run, None, complete=True)
     stopped: str | None = None  # why the run ended before its last step
     with StopOnSignal() as signal:
@@ -160,18 +215,29 @@ def fit(run: Run) -> dict[str, Any]:
             if run.cfg.train.divergence_threshold > 0 and state.divergence.update(state.step, result.loss):
                 checkpointer.wait()  # complete it first, so a suspect one is set aside with the others
                 _diverged(run.out, state.divergence, state.step, run.layout.is_main)
+            if run.budget is not None:
+                run.budget_step(result.seconds)  # times the warmup, then fixes the steps that fit, once
             run.log.step(state, lr=lr, grad_norm=result.grad_norm, extras=result.extras, spike=result.spike)
-            eval_loss = run.evaluator.run(state) if run.evaluator.due(state.step) else None
+            evaluation = run.evaluate() if run.evaluator.due(state.step) else None
+            if evaluation is not None and evaluation.reached_target:
+                state.target_step = state.step  # before any save: a resumed run knows it is done
             requests = result.requests
             if requests.abort:
                 stopped = "kiln control abort"
                 break
-            if checkpointer.due(state.step, eval_loss=eval_loss, evals=state.evals, requests=requests):
-                saved = run.save(eval_loss, wait=requests.save)  # an acknowledgement names a complete checkpoint
+            if checkpointer.due(state.step, score=evaluation.score if evaluation else None, scores=state.evals,
+                                requests=requests):
+                saved = run.save(evaluation, wait=requests.save)  # an acknowledgement names a complete checkpoint
                 if requests.save and run.control is not None:
                     run.control.ack(run.pending, step=state.step, checkpoint=str(saved))
+            if state.target_step:
+                stopped = "target"
+                break
             if requests.stop or requests.signal:  # saved at the end
                 stopped = "kiln control stop" if requests.stop else "signal"
+                break
+            if run.budget is not None and state.planned_steps and run.budget.overrun(state.elapsed()):
+                stopped = "train.time_budget"
                 break
     return finish(run, stopped)
 
@@ -180,6 +246,7 @@ def train_step(run: Run, *, lr: float, requests: Requests) -> StepResult:
     """One optimizer step on every rank: forward + backward over the step's micro-batches, clip, the
     NaN and spike guards, the update. The step's one small all-reduce also agrees on `requests`."""
     engine, cfg = run.engine, run.cfg
+    t0 = time.perf_counter()
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
     device = run.layout.device
@@ -205,7 +272,7 @@ def train_step(run: Run, *, lr: float, requests: Requests) -> StepResult:
         engine.step()
     engine.optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss, grad_norm=norm, extras=extra_means, spike=spike,
-                      requests=Requests.from_flags(flags))
+                      requests=Requests.from_flags(flags), seconds=time.perf_counter() - t0)
 
 
 def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fresh: bool, quiet: bool,
@@ -239,6 +306,10 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     if loader is not None and hasattr(loader, "close"):
         closing.callback(loader.close)
     val_sets = objective.val_data(cfg, tokenizer)  # small; every pipeline stage joins the same eval steps
+    if cfg.train.eval_tasks and engine.pipe is not None:
+        raise ConfigError("train.eval_tasks scores whole sequences on one model; a pipeline (parallel.pp > 1) splits "
+                          "it: evaluate the checkpoints with `kiln eval --task mc` instead, or drop train.eval_tasks")
+    tasks = load_tasks(cfg.train.eval_tasks, limit=cfg.train.eval_tasks_limit, seed=cfg.run.seed)
     state = TrainState(divergence=DivergenceDetector(threshold=cfg.train.divergence_threshold),
                        spikes=SpikeDetector(z_threshold=cfg.train.spike_z or 6.0))
     if resume_from is not None:
@@ -268,16 +339,21 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
         save_every=plan.save_every, save_every_minutes=t.save_every_minutes, keep_best=t.keep_best,
         total_steps=plan.total_steps, saved_at=state.step if resume_from is not None else -1)
     closing.callback(checkpointer.close)  # an error exit still completes a background write
-    progress = Progress(plan.total_steps, start=state.step, quiet=quiet)
+    progress = Progress(None if plan.provisional else plan.total_steps, start=state.step, quiet=quiet)
     log = StepLog(plan, device=device, n_devices=layout.world_size, model=cfg.model, seq_len=t.seq_len,
                   precision=train_precision(t.dtype, param_dtype(cfg.optim), device),
                   cost_per_hour=cfg.run.cost_per_hour, progress=progress, metrics=metrics, control=control)
     autocast = autocast_for(t.dtype, device)
     evaluator = Evaluator(engine=engine, objective=objective, val_sets=val_sets, cfg=cfg, autocast=autocast,
-                          every=plan.eval_every, total_steps=plan.total_steps, metrics=metrics, progress=progress)
+                          plan=plan, tokenizer=tokenizer, tasks=tasks, metrics=metrics, progress=progress)
+    budget = TimeBudget(parse_duration(t.time_budget), text=t.time_budget, warmup_steps=cfg.optim.warmup_steps) \
+        if t.time_budget else None
     run = Run(cfg=cfg, layout=layout, plan=plan, engine=engine, loader=loader, tokenizer=tokenizer, state=state,
               evaluator=evaluator, checkpointer=checkpointer, log=log, progress=progress, metrics=metrics,
-              control=control, resumed_from=resume_from, autocast=autocast)
+              control=control, resumed_from=resume_from, autocast=autocast, budget=budget)
+    if budget is not None and state.planned_steps:  # fixed by an earlier process of this run: never re-planned
+        run._apply_plan(state.planned_steps)
+        plan.budget_source = f"train.time_budget {t.time_budget} (fixed at the start of the run)"
     _announce(run, info, init_from)
     engine.train()
     return run
@@ -285,26 +361,35 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
 
 def finish(run: Run, stopped: str | None, *, complete: bool = False) -> dict[str, Any]:
     """The end of the run: the final eval and checkpoint (unless aborted, or `complete` already: a
-    resumed run with nothing left to train), the summary, a sample."""
+    resumed run with nothing left to train), the summary, a sample. Reaching train.target_loss ends
+    a run like its last step does (its eval is the final one)."""
     state, main, checkpointer = run.state, run.layout.is_main, run.checkpointer
     checkpointer.wait()
-    final_eval = run.evaluator.run(state) if state.step > 0 and not stopped and not complete else None
+    reached = stopped == "target"
+    final = run.last_eval if reached else None
+    if state.step > 0 and not (stopped and not reached) and not complete:
+        final = run.evaluate() if not reached else final
     last = ckpt_io.list_checkpoints(run.out)
     path = last[-1] if last and checkpointer.saved_at == state.step else None
     if state.step > 0 and stopped != "kiln control abort" and checkpointer.saved_at != state.step:
-        path = run.save(final_eval, wait=True)
+        path = run.save(final, wait=True)
     run.progress.close()
-    summary = {"step": state.step, "tokens_seen": state.tokens_seen, "final_eval_loss": final_eval,
-               "stopped": stopped, "checkpoint": str(path) if path else None,
-               "elapsed": format_duration(state.elapsed())}
+    summary: dict[str, Any] = {"step": state.step, "tokens_seen": state.tokens_seen,
+                               "final_eval_loss": final.loss if final else None,
+                               "stopped": None if reached else stopped, "checkpoint": str(path) if path else None,
+                               "elapsed": format_duration(state.elapsed())}
+    if reached:
+        summary["target"] = _target_record(run, final)
     if run.control is not None:
         if stopped in ("kiln control stop", "kiln control abort"):
             run.control.ack(run.pending, step=state.step, checkpoint=str(path) if path else None)
-        run.control.close(stopped or "finished")
-    if stopped:
+        run.control.close(stopped if stopped and not reached else "finished")
+    if stopped and not reached:
         if main:
             what = f"saved {path}" if path else "nothing saved (the last checkpoint stays)"
-            print(f"stopped by {stopped} at step {state.step}: {what}; run the same command again to resume")
+            why = (f"the run went over its train.time_budget {run.cfg.train.time_budget} by more than 10%"
+                   if stopped == "train.time_budget" else f"stopped by {stopped}")
+            print(f"{why} at step {state.step}: {what}; run the same command again to resume")
         return summary
     cfg = run.cfg
     if main and not run.progress.quiet and cfg.train.sample_tokens > 0 and not run.layout.distributed:
@@ -315,8 +400,27 @@ def finish(run: Run, stopped: str | None, *, complete: bool = False) -> dict[str
         summary["sample"] = text
         print(f"\nsample: {cfg.train.sample_prompt}{text}\n")
     if main:
+        if reached:
+            tr = summary["target"]
+            print(f"reached {tr['metric']} {tr['value']:.4f} (target {tr['target']:g}) at step {state.step}: "
+                  f"{tr['elapsed_sec']:.0f} s, {state.tokens_seen:,} tokens"
+                  + (f", ${tr['cost_usd']:.2f}" if "cost_usd" in tr else ""))
         print(f"done: {state.step} steps, {state.tokens_seen:,} tokens in {summary['elapsed']}; checkpoint {path}")
     return summary
+
+
+def _target_record(run: Run, evaluation: Evaluation | None) -> dict[str, Any]:
+    """What reaching train.target_loss cost: logged as a "target" record and returned in the summary."""
+    t, state = run.cfg.train, run.state
+    record: dict[str, Any] = {"kind": "target", "step": state.step, "tokens_seen": state.tokens_seen,
+                              "metric": t.target_metric, "target": t.target_loss,
+                              "value": evaluation.record.get(t.target_metric) if evaluation else None,
+                              "elapsed_sec": state.elapsed()}
+    if run.cfg.run.cost_per_hour > 0:
+        record["cost_usd"] = state.elapsed() / 3600 * run.cfg.run.cost_per_hour
+    if run.metrics is not None:
+        run.metrics.log(record)
+    return record
 
 
 # ---- setup helpers ------------------------------------------------------------------------------

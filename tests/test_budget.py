@@ -1,0 +1,157 @@
+"""Training for a wall-clock budget, to a target, and with downstream tasks scored at every eval."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import kiln_cmd
+from kiln.config import load_config, parse_duration
+from kiln.errors import ConfigError
+from kiln.eval.suite import heldout_next_items, load_tasks
+from kiln.train import checkpoint as ckpt_io
+from kiln.train.budget import Costs, fit_steps
+from kiln.train.metrics import read_metrics
+from kiln.train.trainer import train
+from test_train import small_overrides
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(kiln_cmd(*args), capture_output=True, text=True, timeout=600)
+
+
+def train_records(run: Path) -> dict[int, dict]:
+    wall = {"tokens_per_sec", "elapsed_sec", "eta_sec", "progress"}
+    return {r["step"]: {k: v for k, v in r.items() if k not in wall}
+            for r in read_metrics(run) if r["kind"] == "train"}
+
+
+def test_durations_parse_and_bad_ones_are_one_line():
+    assert [parse_duration(x) for x in ("90s", "10m", "8h", "1h30m", "45", "1.5m")] == [90, 600, 28800, 5400, 45, 90]
+    for bad in ("", "abc", "10 minutes", "0s", "-5m"):
+        with pytest.raises(ConfigError, match="train.time_budget: ") as e:
+            parse_duration(bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="train.time_budget .* and train.max_steps .* both set"):
+        load_config("tiny", ["--train.time_budget", "10m", "--train.max_steps", "5"])
+    with pytest.raises(ConfigError, match="set optim.warmup_steps >= 3"):
+        load_config("tiny", ["--train.time_budget", "10m", "--optim.warmup_steps", "1"])
+
+
+def test_fit_steps_counts_steps_evals_and_saves():
+    # 100 s budget, 10 s used, margin 2 s, final eval 4 s + save 2 s: 82 s left for steps at 1 s each,
+    # plus an eval (4 s) every 10 steps and a save (2 s) every 25
+    costs = Costs(step=1.0, eval=4.0, save=2.0)
+    n = fit_steps(100.0, elapsed=10.0, done=5, costs=costs, eval_every=10, save_every=25)
+
+    def spent(n: int) -> float:
+        evals = len([s for s in range(6, n) if s % 10 == 0])  # the last step's eval is the final one
+        saves = len([s for s in range(6, n) if s % 25 == 0])
+        return (n - 5) * 1.0 + 4.0 * evals + 2.0 * saves
+
+    assert spent(n) <= 82.0 < spent(n + 1)
+    assert fit_steps(10.0, elapsed=20.0, done=5, costs=costs, eval_every=10, save_every=25) == 5  # no time left
+
+
+@pytest.mark.slow
+def test_time_budget_fixes_the_steps_once_and_a_resumed_run_follows_them(tmp_path):
+    """kiln train --train.time_budget as a user types it: the plan line, the steps fixed after the warmup and
+    saved in every checkpoint, a stop + resume that keeps them, and the same losses as a run of that many
+    steps without a budget (the warmup's LR does not depend on the length, the rest follows the same plan)."""
+    over = small_overrides(tmp_path, **{"train.time_budget": "25s", "optim.warmup_steps": 8, "train.save_every": 20,
+                                        "train.eval_every": 20, "train.stop_at_step": 12})
+    first = run_cli("train", "tiny", *over)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "fit train.time_budget 25s (" in first.stdout and "ms/step" in first.stdout
+    ckpt = ckpt_io.list_checkpoints(tmp_path / "run")[-1]
+    planned = torch.load(ckpt / "state" / "common.pt", weights_only=False)["planned_steps"]
+    assert planned > 12, first.stdout
+    second = run_cli("train", "tiny", *[x for x in over if x not in ("--train.stop_at_step", "12")])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "fixed at the start of the run" in second.stdout
+    steps = sorted(train_records(tmp_path / "run"))
+    assert steps[-1] == planned  # the resumed run kept the plan
+    assert not (tmp_path / "run" / ".budget-probe").exists()  # the timed scratch checkpoint is gone
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    ref_over = small_overrides(ref, **{"train.max_steps": planned, "optim.warmup_steps": 8, "train.save_every": 20,
+                                       "train.eval_every": 20})
+    train(load_config("tiny", ref_over), quiet=True)
+    assert train_records(tmp_path / "run") == train_records(ref / "run")
+
+
+def test_a_budget_too_short_is_one_line_and_saves_nothing(tmp_path):
+    res = run_cli("train", "tiny", *small_overrides(tmp_path, **{"train.time_budget": "0.5s", "optim.warmup_steps": 4,
+                                                                  "train.save_every": 100}))
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("kiln: error: train.time_budget 0.5s is too short")
+    assert "Traceback" not in res.stderr
+    assert ckpt_io.list_checkpoints(tmp_path / "run") == []
+
+
+def test_target_loss_stops_at_the_first_eval_that_reaches_it_and_reports_the_cost(tmp_path):
+    over = small_overrides(tmp_path, **{"train.max_steps": 60, "train.eval_every": 5, "train.target_loss": 9.0,
+                                        "run.cost_per_hour": 3.6})
+    res = run_cli("train", "tiny", *over)
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = read_metrics(tmp_path / "run")
+    evals = [r for r in records if r["kind"] == "eval"]
+    first = next(r for r in evals if r["eval_loss"] <= 9.0)
+    assert evals[-1] is first and 0 < first["step"] < 60  # stopped right there
+    target = [r for r in records if r["kind"] == "target"]
+    assert len(target) == 1 and target[0]["step"] == first["step"] and target[0]["value"] == first["eval_loss"]
+    assert target[0]["cost_usd"] == pytest.approx(target[0]["elapsed_sec"] / 1000)
+    assert f"reached eval_loss {first['eval_loss']:.4f} (target 9) at step {first['step']}" in res.stdout
+    assert ckpt_io.list_checkpoints(tmp_path / "run")[-1].name == f"step_{first['step']}"
+    summary = run_cli("logs", "summary", str(tmp_path / "run"))
+    assert summary.returncode == 0 and "target reached" in summary.stdout
+    assert json.loads(summary.stdout.strip().splitlines()[-1])["target"]["step"] == first["step"]
+    again = run_cli("train", "tiny", *over)  # the same command again: nothing left to do
+    assert again.returncode == 0 and f"reached train.target_loss at step {first['step']}" in again.stdout
+
+
+def test_heldout_next_items_are_fixed_and_the_true_sentence_is_one_of_four():
+    texts = [" ".join(f"Document {d} says thing number {i} in a longer sentence." for i in range(12))
+             for d in range(10)]
+    a, b = heldout_next_items(texts, n=20, seed=0), heldout_next_items(texts, n=20, seed=0)
+    assert [(x.context, x.choices, x.answer) for x in a] == [(x.context, x.choices, x.answer) for x in b]
+    for it in a:
+        assert len(it.choices) == 4 and it.delimiter == " "
+        doc = it.context.split()[1]
+        true = it.choices[it.answer]
+        assert true.startswith(f"Document {doc} ")  # the true one continues the context's document
+        assert all(not c.startswith(f"Document {doc} ") for j, c in enumerate(it.choices) if j != it.answer)
+    assert len(load_tasks(["heldout-next"], limit=50)["heldout-next"]) == 50  # from the bundled held-out split
+
+
+def test_eval_tasks_score_at_every_eval_and_keep_best_uses_them(tmp_path):
+    arc = tmp_path / "arc.jsonl"
+    arc.write_text("\n".join(json.dumps({"question": f"What is {i} plus one?", "choices": {
+        "text": [str(i + 1), str(i + 5)], "label": ["A", "B"]}, "answerKey": "A"}) for i in range(6)) + "\n")
+    over = small_overrides(tmp_path, **{"train.max_steps": 6, "train.eval_every": 3,
+                                        "train.eval_tasks": f"heldout-next,{arc}", "train.eval_tasks_limit": 8,
+                                        "train.keep_best": 1, "train.keep_best_metric": "eval/heldout-next/acc_norm",
+                                        "train.keep_last": 1})
+    train(load_config("tiny", over), quiet=True)
+    evals = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    for r in evals:
+        for task in ("heldout-next", "arc"):
+            assert 0.0 <= r[f"eval/{task}/acc"] <= 1.0 and 0.0 <= r[f"eval/{task}/acc_norm"] <= 1.0
+    meta = [ckpt_io.read_meta(p) for p in ckpt_io.list_checkpoints(tmp_path / "run")]
+    assert all(m["best_score"] == -next(r for r in evals if r["step"] == m["step"])["eval/heldout-next/acc_norm"]
+               for m in meta if "best_score" in m)
+    plot = run_cli("logs", "plot", str(tmp_path / "run"))
+    assert plot.returncode == 0, plot.stderr[-2000:]
+
+
+def test_an_unknown_eval_task_is_one_line(tmp_path):
+    res = run_cli("train", "tiny", *small_overrides(tmp_path, **{"train.max_steps": 2,
+                                                                  "train.eval_tasks": "no/such/task.jsonl"}))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith(
+        "kiln: error: train.eval_tasks: no such task file 'no/such/task.jsonl'")
