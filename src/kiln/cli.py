@@ -21,6 +21,7 @@ commands:
   rlvr --checkpoint CKPT --data FILE [...]                        RL with verifiable rewards, jsonl {"prompt", "answer"}
   import --hf DIR --out RUN_DIR                                   HF Llama / Qwen3 / SmolLM3 folder -> kiln checkpoint
   export --checkpoint CKPT --out DIR                              HF folder (Llama / Qwen3 / SmolLM3)
+  average CKPT CKPT ... --out DIR [--ema D] [--last K]            one checkpoint from several (uniform or EMA)
   presets                                                         list presets with parameter counts
   control list|save|stop|abort [JOB]                              steer running training jobs on this machine
   logs summary|plot|compare RUN_DIR [...] [--out PNG]             run tables, PNG curves, runs overlaid
@@ -183,7 +184,8 @@ COMMANDS = {"train": _train, "generate": _generate, "chat": _chat, "eval": _eval
             "rlvr": _posttrain("rlvr"), "import": _posttrain("import_hf"), "logs": _logs, "doctor": _doctor, "data": _data,
             "control": lambda argv: __import__("kiln.train.control", fromlist=["main"]).main(argv),
             "bench": lambda argv: __import__("kiln.bench", fromlist=["main"]).main(argv),
-            "estimate": lambda argv: __import__("kiln.estimate", fromlist=["main"]).main(argv)}
+            "estimate": lambda argv: __import__("kiln.estimate", fromlist=["main"]).main(argv),
+            "average": lambda argv: __import__("kiln.average", fromlist=["main"]).main(argv)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,122 @@
+"""`kiln average`: one checkpoint from several of a run, by a uniform or an exponential moving average.
+
+Averaging the checkpoints of a constant-LR stretch (the stable phase of a WSD run) approximates the
+model a learning-rate decay would reach, without the decay run (Sanyal et al. 2023, "Early weight
+averaging meets high learning rates"; Megatron / NVIDIA Nemotron report it for WSD runs):
+
+    uniform   w = mean_i w_i
+    ema       w = ((w_1 * d + (1 - d) w_2) * d + (1 - d) w_3) ...   over the checkpoints in step order
+
+The checkpoints may be written by any layout (the weights are read under whole-model names). They
+must share the architecture and the tokenizer; the result is a weights-only checkpoint in a run folder
+(OUT/checkpoints/step_<last step>) that generate, eval, export, sft, dpo, rlvr and --run.init_from take.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from kiln.config import to_dict
+from kiln.errors import CheckpointError, ConfigError
+from kiln.model import build_model
+from kiln.train import checkpoint as ckpt_io
+
+
+def _step(ckpt: Path) -> int:
+    return int(ckpt.name.split("_")[1])
+
+
+def expand(paths: list[str], *, last: int = 0) -> list[Path]:
+    """Checkpoint folders from checkpoint or run folders: a run folder means its last `last` checkpoints
+    (its latest when `last` is 0). Sorted by step, duplicates removed."""
+    out: list[Path] = []
+    for p in paths:
+        path = Path(p)
+        if last > 0 and not (path / "meta.json").exists():
+            found = ckpt_io.list_checkpoints(path)
+            if not found:
+                raise CheckpointError(f"{path}: no complete checkpoint found (expected {path}/checkpoints/step_<N>)")
+            out += found[-last:]
+        else:
+            out.append(ckpt_io.resolve_checkpoint(path))
+    unique = {c.resolve(): c for c in out}
+    return sorted(unique.values(), key=_step)
+
+
+def check_compatible(ckpts: list[Path]) -> None:
+    """Same architecture (the attention backend aside) and tokenizer, or one line naming the first difference."""
+    first = ckpt_io.read_config(ckpts[0])
+    a = to_dict(first.model)
+    a.pop("attention")
+    for c in ckpts[1:]:
+        cfg = ckpt_io.read_config(c)
+        b = to_dict(cfg.model)
+        b.pop("attention")
+        diff = [k for k in a if a[k] != b[k]]
+        if diff:
+            k = diff[0]
+            raise CheckpointError(f"cannot average {ckpts[0]} and {c}: model.{k} is {a[k]} in one and {b[k]} in the "
+                                  "other; average checkpoints of one architecture (one run)")
+        if cfg.data.tokenizer != first.data.tokenizer:
+            raise CheckpointError(f"cannot average {ckpts[0]} and {c}: tokenizers '{first.data.tokenizer}' and "
+                                  f"'{cfg.data.tokenizer}' differ")
+
+
+def average_weights(ckpts: list[Path], *, ema: float = 0.0) -> dict[str, torch.Tensor]:
+    """The uniform mean (ema 0) or the EMA with decay `ema` of the checkpoints' fp32 weights, in step order;
+    one checkpoint's weights in memory besides the result."""
+    avg: dict[str, torch.Tensor] = {}
+    for i, c in enumerate(ckpts):
+        w = ckpt_io.read_model_state(c)
+        if not avg:
+            avg = {k: v.clone() for k, v in w.items()}
+            continue
+        for k, v in w.items():
+            if ema > 0:
+                avg[k].mul_(ema).add_(v, alpha=1 - ema)
+            else:  # running mean: avg += (v - avg) / (i + 1)
+                avg[k].add_(v.sub(avg[k]), alpha=1.0 / (i + 1))
+    return avg
+
+
+def average(paths: list[str], out: str | Path, *, ema: float = 0.0, last: int = 0) -> Path:
+    """Average checkpoints (see the module docstring) into the run folder `out`; the new checkpoint's path."""
+    if not 0 <= ema < 1:
+        raise ConfigError(f"--ema: the decay must be within [0, 1), got {ema}")
+    ckpts = expand(paths, last=last)
+    if len(ckpts) < 2:
+        raise ConfigError(f"kiln average needs at least two checkpoints, got {len(ckpts)} "
+                          f"({', '.join(map(str, ckpts))}); pass several, or a run folder with --last K")
+    check_compatible(ckpts)
+    out = Path(out)
+    if ckpt_io.list_checkpoints(out):
+        raise CheckpointError(f"{out}: already holds checkpoints; pass a new --out folder")
+    cfg = ckpt_io.read_config(ckpts[-1])
+    model = build_model(cfg.model, device="cpu", seed=0)
+    weights = average_weights(ckpts, ema=ema)
+    own = model.state_dict()
+    with torch.no_grad():
+        for k, v in weights.items():
+            own[k].copy_(v)
+    cfg.run.out_dir, cfg.run.init_from = str(out), ""
+    meta = {"averaged_from": [str(c) for c in ckpts], "method": "ema" if ema > 0 else "uniform",
+            "tokens_seen": ckpt_io.read_meta(ckpts[-1]).get("tokens_seen")}
+    if ema > 0:
+        meta["ema_decay"] = ema
+    return ckpt_io.save_checkpoint(out / "checkpoints", _step(ckpts[-1]), model=model, cfg=cfg, meta=meta)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="kiln average", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoints", nargs="+", help="checkpoint folders, or run folders (their latest, or --last K)")
+    p.add_argument("--out", required=True, help="a new run folder for the averaged checkpoint")
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay over the checkpoints in step order (0: uniform)")
+    p.add_argument("--last", type=int, default=0, help="take the last K checkpoints of each run folder given")
+    args = p.parse_args(argv)
+    path = average(args.checkpoints, args.out, ema=args.ema, last=args.last)
+    meta = ckpt_io.read_meta(path)
+    print(f"averaged {len(meta['averaged_from'])} checkpoints ({meta['method']}) into {path}")
+    return 0

@@ -1,0 +1,73 @@
+"""`kiln average`: uniform and EMA averages of a run's checkpoints, as a checkpoint every command takes."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from conftest import kiln_cmd
+from kiln.config import load_config
+from kiln.train import checkpoint as ckpt_io
+from kiln.train.trainer import train
+from test_train import small_overrides
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(kiln_cmd(*args), capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("avg")
+    train(load_config("tiny", small_overrides(tmp, **{"train.max_steps": 8, "train.save_every": 2,
+                                                      "train.keep_last": 0, "optim.schedule": "constant"})), quiet=True)
+    return tmp / "run"
+
+
+def test_uniform_average_of_the_last_three_through_the_cli(run, tmp_path):
+    ckpts = ckpt_io.list_checkpoints(run)
+    assert [c.name for c in ckpts] == ["step_2", "step_4", "step_6", "step_8"]
+    res = run_cli("average", str(run), "--last", "3", "--out", str(tmp_path / "avg"))
+    assert res.returncode == 0, res.stderr
+    assert "averaged 3 checkpoints (uniform)" in res.stdout
+    got = ckpt_io.read_model_state(tmp_path / "avg")
+    states = [ckpt_io.read_model_state(c) for c in ckpts[1:]]
+    for k in got:
+        want = torch.stack([s[k] for s in states]).mean(0)
+        torch.testing.assert_close(got[k], want, rtol=1e-6, atol=1e-7)
+    meta = ckpt_io.read_meta(ckpt_io.resolve_checkpoint(tmp_path / "avg"))
+    assert meta["step"] == 8 and meta["method"] == "uniform" and len(meta["averaged_from"]) == 3
+    # a normal checkpoint: generate, eval and export take it
+    gen = run_cli("generate", "--checkpoint", str(tmp_path / "avg"), "--prompt", "The", "--max-new-tokens", "4",
+                  "--temperature", "0")
+    assert gen.returncode == 0, gen.stderr
+    exp = run_cli("export", "--checkpoint", str(tmp_path / "avg"), "--out", str(tmp_path / "hf"))
+    assert exp.returncode == 0, exp.stderr
+
+
+def test_ema_average_weights_later_checkpoints_more(run, tmp_path):
+    ckpts = ckpt_io.list_checkpoints(run)
+    res = run_cli("average", *map(str, ckpts), "--ema", "0.5", "--out", str(tmp_path / "ema"))
+    assert res.returncode == 0, res.stderr
+    got = ckpt_io.read_model_state(tmp_path / "ema")
+    states = [ckpt_io.read_model_state(c) for c in ckpts]
+    for k in got:
+        want = states[0][k].clone()
+        for s in states[1:]:
+            want = 0.5 * want + 0.5 * s[k]
+        torch.testing.assert_close(got[k], want, rtol=1e-6, atol=1e-7)
+
+
+def test_different_architectures_one_checkpoint_or_a_used_folder_are_one_line(run, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    train(load_config("tiny", small_overrides(other, **{"train.max_steps": 2, "model.d_model": 64})), quiet=True)
+    res = run_cli("average", str(run), str(other / "run"), "--out", str(tmp_path / "x"))
+    assert res.returncode == 2 and "model.d_model is 64 in one and 32 in the other" in res.stderr  # in step order
+    assert "Traceback" not in res.stderr and not (tmp_path / "x").exists()
+    res = run_cli("average", str(run), "--out", str(tmp_path / "x"))
+    assert res.returncode == 2 and "needs at least two checkpoints" in res.stderr
+    res = run_cli("average", str(run), "--last", "2", "--out", str(run))
+    assert res.returncode == 2 and "already holds checkpoints" in res.stderr
