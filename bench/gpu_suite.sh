@@ -51,7 +51,7 @@ bench() {  # kiln bench PRESET [overrides]; a failure (OOM, missing package) is 
   tail -1 "$LINE" | tee -a "$OUT"
 }
 
-# ---- dense-180m (seed 000): bf16 autocast, T=2048, micro-batch 16; one optimizer step = 1 micro-batch
+# ---- dense-180m (the Dense-180M guide): bf16 autocast, T=2048, micro-batch 16; one optimizer step = 1 micro-batch
 D="dense-180m --train.global_batch_size 16"
 if want dense; then
 bench $D                                                       # defaults: sdpa + doc mask, fused loss

@@ -144,7 +144,7 @@ def test_param_count_formula_matches_model(kw):
 
 def test_nope_layers_skip_rope():
     cfg = tiny_cfg(n_layers=8, nope_every=4)
-    assert cfg.nope_layers() == [3, 7]  # seed 002: (i + 1) % 4 == 0
+    assert cfg.nope_layers() == [3, 7]  # SmolLM3-style: (i + 1) % 4 == 0
     model = Transformer(cfg)
     assert [b.attn.use_rope for b in model.layers.values()] == [True, True, True, False] * 2
 
@@ -180,22 +180,22 @@ def test_meta_build_then_materialise_has_no_uninitialised_values():
     assert torch.isfinite(model.rope.inv_freq).all() and model.rope.inv_freq[0] == 1.0
 
 
-# Parameter counts the seeds state, and what the described architecture really has.
-# (claimed, tolerance, vocab the claim counts (None: the preset's), note). Where the seed's number is
+# Parameter counts the source guides state, and what the described architecture really has.
+# (claimed, tolerance, vocab the claim counts (None: the preset's), note). Where the guide's number is
 # wrong, the tolerance is None and the note gives the true count.
 SEED_COUNTS = {
-    "dense-180m": (190e6, None, None, "seed 000 says ~180-200M; 32 x (attn 1.57M + SwiGLU 4.72M) + 25.2M embedding = 226.5M"),
-    "deepone-162m": (162e6, 0.01, None, "seed 001: 162M"),
-    "smol-160m": (138e6, 0.01, None, "seed 002 table: ~138M"),
-    "smol-600m": (653e6, 0.01, None, "seed 002 table: ~653M"),
-    "llama2-437m": (437.6e6, 0.001, None, "seed 004: 437.6M"),
-    "small": (125e6, None, None, "seed 003 quotes GPT-2's 124M (GELU MLP, 50257 vocab); SwiGLU 4d untied is 162.4M"),
-    "medium": (350e6, None, None, "seed 003 quotes GPT-2's 355M; this architecture is 468.2M"),
-    "large": (774e6, None, None, "seed 003 quotes GPT-2's 774M; this architecture is 1025.7M"),
-    "xl": (1.5e9, None, None, "seed 003 quotes GPT-2's 1.5B; this architecture is 2068.6M"),
+    "dense-180m": (190e6, None, None, "the Dense-180M guide says ~180-200M; 32 x (attn 1.57M + SwiGLU 4.72M) + 25.2M embedding = 226.5M"),
+    "deepone-162m": (162e6, 0.01, None, "the forgather small-LLM guide: 162M"),
+    "smol-160m": (138e6, 0.01, None, "the SmolLM pipeline guide table: ~138M"),
+    "smol-600m": (653e6, 0.01, None, "the SmolLM pipeline guide table: ~653M"),
+    "llama2-437m": (437.6e6, 0.001, None, "Sabareesh's 437.6M Llama-2 guide: 437.6M"),
+    "small": (125e6, None, None, "the minimal parallel-pretraining guide quotes GPT-2's 124M (GELU MLP, 50257 vocab); SwiGLU 4d untied is 162.4M"),
+    "medium": (350e6, None, None, "the minimal parallel-pretraining guide quotes GPT-2's 355M; this architecture is 468.2M"),
+    "large": (774e6, None, None, "the minimal parallel-pretraining guide quotes GPT-2's 774M; this architecture is 1025.7M"),
+    "xl": (1.5e9, None, None, "the minimal parallel-pretraining guide quotes GPT-2's 1.5B; this architecture is 2068.6M"),
     # forgather's 30M counts its 8K wikitext tokenizer; the preset's 32768 vocabulary makes it 43.0M
-    "llama-30m": (30e6, 0.02, 8192, "seed 001 (forgather llama 30M, 8K vocabulary)"),
-    "llama-124m": (124e6, 0.01, None, "seed 001 (forgather 124M)"),
+    "llama-30m": (30e6, 0.02, 8192, "the forgather small-LLM guide (forgather llama 30M, 8K vocabulary)"),
+    "llama-124m": (124e6, 0.01, None, "the forgather small-LLM guide (forgather 124M)"),
     "llama-1b": (1.04e9, 0.01, None, "Llama 3.2 1B body with a 32768 vocabulary"),
     "llama-3b": (2.92e9, 0.01, None, "Llama 3.2 3B body with a 32768 vocabulary"),
 }

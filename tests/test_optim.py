@@ -72,7 +72,7 @@ def test_no_decay_on_norms_and_embeddings():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-# ---- InfiniteLR (seed 001) ------------------------------------------------------------------------
+# ---- InfiniteLR (the forgather guide) ------------------------------------------------------------------------
 
 
 def inf(step, total, tokens_per_step=None, **kw):
@@ -115,8 +115,8 @@ def test_infinite_anneal_is_geometric_to_the_floor():
     assert inf(89.5, 100, **kw2) == pytest.approx(start * (0.1 / start) ** 0.5)
 
 
-def test_seed001_claim_3b_tokens():
-    """Seed 001: 3B tokens at 65,536 tokens/step, warmup 500, 100B min_cooldown_tokens, constant 7.5e-6 of
+def test_forgather_claim_3b_tokens():
+    """The forgather guide: 3B tokens at 65,536 tokens/step, warmup 500, 100B min_cooldown_tokens, constant 7.5e-6 of
     max 1.4e-5: the cooldown is 1.53M steps (1.22M at 81,920 tokens/step) and the LR stays >= 99.6% of max."""
     cfg = OptimConfig(schedule="infinite", warmup_steps=500, constant_lr_ratio=7.5e-6 / 1.4e-5)
     total = 3_000_000_000 // 65536  # 45,776 steps
@@ -134,7 +134,7 @@ def test_seed001_claim_3b_tokens():
 
 
 def test_infinite_extending_total_tokens_on_resume():
-    # Seed 001 example 6: resume a 1000-step run as a 3000-step run.
+    # The forgather guide, example 6: resume a 1000-step run as a 3000-step run.
     # min_cooldown_tokens dominates (5000 > 0.7 x 3000 steps): every trained step keeps its LR exactly.
     kw = dict(warmup_steps=50, min_cooldown_tokens=5_000_000)
     assert all(inf(s, 1000, 1000, **kw) == inf(s, 3000, 1000, **kw) for s in range(1000))
@@ -156,7 +156,7 @@ def test_schedules_are_continuous_after_warmup(schedule):
 
 def test_sqrt_lr_scaling():
     cfg = OptimConfig(lr=1.4e-5, lr_scaling="sqrt")
-    assert scaled_lr(cfg, 16) == pytest.approx(5.6e-5)  # seed 001: 1.4e-5 x sqrt(16)
+    assert scaled_lr(cfg, 16) == pytest.approx(5.6e-5)  # the forgather guide: 1.4e-5 x sqrt(16)
     assert scaled_lr(cfg, 20) == pytest.approx(1.4e-5 * math.sqrt(20))
     assert scaled_lr(OptimConfig(lr=1.4e-5), 16) == 1.4e-5  # opt-in only
 

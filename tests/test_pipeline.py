@@ -1,4 +1,4 @@
-"""Seed 002's pipeline from the command line, as a new user runs it, on a tiny model:
+"""The SmolLM pipeline (pretrain -> SFT -> DPO -> RLVR) from the command line, as a new user runs it, on a tiny model:
 pretrain -> sft -> dpo -> rlvr -> chat (stdin) -> export -> transformers generate, plus the benchmarks."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def records(path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_seed_002_pipeline_end_to_end(tmp_path):
+def test_smollm_pipeline_end_to_end(tmp_path):
     rng = random.Random(0)
     sums = [(rng.randint(0, 4), rng.randint(0, 4)) for _ in range(64)]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"messages": [

@@ -48,9 +48,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3 style)
     tie_embeddings: bool = True
-    nope_every: int = 0  # >0: layers with (i + 1) % nope_every == 0 skip RoPE (hybrid NoPE, seed 002)
-    embed_scale: bool = False  # multiply token embeddings by sqrt(d_model) (seed 002)
-    residual: ResidualKind = "prenorm"  # deepnorm: post-norm with x*alpha residual (DeepNet, seed 001)
+    nope_every: int = 0  # >0: layers with (i + 1) % nope_every == 0 skip RoPE (hybrid NoPE as in SmolLM3)
+    embed_scale: bool = False  # multiply token embeddings by sqrt(d_model) (Gemma-style)
+    residual: ResidualKind = "prenorm"  # deepnorm: post-norm with x*alpha residual (DeepNet, Wang et al. 2022)
     attention: AttentionBackend = "sdpa"
     init: InitScheme = "normal"
     init_std: float = 0.02  # used by init=normal
@@ -103,7 +103,7 @@ class OptimConfig:
     """Optimizer, LR schedule and LR scaling (kiln.optim).
 
     `lr` is the peak LR reached after warmup. With lr_scaling=sqrt it is instead the base LR for a global
-    batch of 1 sequence, and the peak is lr x sqrt(train.global_batch_size) (seed 001).
+    batch of 1 sequence, and the peak is lr x sqrt(train.global_batch_size) (square-root scaling, as in the forgather guide).
     """
 
     # adamw (fused on CUDA) | adafactor (factored 2nd moment) | muon (2-D weights; AdamW for the rest)
@@ -119,11 +119,11 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine and WSD end at lr * min_lr_ratio; infinite anneals to it
     decay_fraction: float = 0.2  # WSD: share of steps spent decaying
     decay_shape: DecayShape = "linear"  # WSD decay shape
-    # infinite (seed 001): warmup -> cosine cooldown to the constant -> constant -> optional anneal.
+    # infinite (InfiniteLR, arXiv 2503.02844): warmup -> cosine cooldown to the constant -> constant -> optional anneal.
     # cooldown steps = max(min_cooldown_tokens / tokens_per_step, cooldown_ratio x total_steps)
-    constant_lr_ratio: float = 0.5357  # constant phase at lr x ratio (seed 001: 7.5e-6 / 1.4e-5)
+    constant_lr_ratio: float = 0.5357  # constant phase at lr x ratio (the forgather guide's 7.5e-6 / 1.4e-5)
     cooldown_ratio: float = 0.7
-    min_cooldown_tokens: float = 100e9  # seed 001 default, 100B tokens
+    min_cooldown_tokens: float = 100e9  # the forgather guide's default, 100B tokens
     anneal_steps: int = 0  # >0: the run's last N steps anneal geometrically to lr x min_lr_ratio
     # Adafactor (Shazeer & Stern 2018); the schedule supplies the step size
     adafactor_beta1: float | None = None  # None: no first moment (the memory-saving default)
@@ -174,7 +174,7 @@ class TrainConfig:
     checkpoint_url: str = ""  # also mirror checkpoints to this fsspec URL (s3://..., gs://...); resume from it
     async_checkpoint: bool = False  # write checkpoints in the background (a CPU copy of the state meanwhile)
     save_every_minutes: float = 0.0  # >0: also checkpoint when this much wall time passed since the last save
-    step_cadence: float = 1.0  # multiplies log_every, eval_every and save_every (seed 001)
+    step_cadence: float = 1.0  # multiplies log_every, eval_every and save_every (forgather's step cadence)
     divergence_threshold: float = 1.0  # abort when the fast loss EMA exceeds the slow one by this (0: off)
     spike_z: float = 0.0  # >0: flag steps whose loss or grad norm is this many std devs above normal
     skip_spikes: bool = False  # with spike_z: do not apply a flagged step's update

@@ -13,7 +13,7 @@ document it ends. A target in another document than its input (x = E, y = first 
 document) is set to -100, so the model never predicts across a document boundary.
 
 Remainders (`remainder=`): "carry" (default) continues a document that overflows a row in the
-next row, so no token is lost (densification as in seed 004, without its per-batch drop). "drop"
+next row, so no token is lost (densification as in Sabareesh's 437.6M guide, without its per-batch drop). "drop"
 starts every row at a document start: the part of the document that overflows a row is dropped
 (a document longer than a row keeps only its first T+1 tokens), so no row begins mid-document.
 Either way a row is always full: no padding.

@@ -1,7 +1,7 @@
 """`kiln data inspect` and `kiln data verify` for prepared folders (and `verify` for text sources).
 
 inspect: tokens, documents and a document-length histogram per source.
-verify (seed 000's diversity check, made exact), exit 0 when clean:
+verify (the Dense-180M guide's diversity check, made exact), exit 0 when clean:
   1. integrity (shards): sizes, offsets, every document ends with EOS, ids below the vocabulary, sha256;
   2. content: no two blocks of seq_len + 1 tokens (shards) or documents (text) of the train data are
      identical;

@@ -2,7 +2,7 @@
 
 Schemes (model.init):
   normal        N(0, std) everywhere; residual outputs (wo, w_down) std / sqrt(2 * n_layers) (GPT-2).
-  trunc_normal  truncated N(0, 0.5 / sqrt(d)) at +-3 std for every matrix (seed 002); pair it with
+  trunc_normal  truncated N(0, 0.5 / sqrt(d)) at +-3 std for every matrix (the SmolLM pipeline guide's init); pair it with
                 model.embed_scale=true, which multiplies the embedding output by sqrt(d).
   deepnet       Xavier-normal; v, wo and the MLP scaled by beta = (8N)^(-1/4) (DeepNet, Wang et al.
                 2022, decoder-only constants); pair it with model.residual=deepnorm.

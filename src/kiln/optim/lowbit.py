@@ -1,4 +1,4 @@
-"""8-bit AdamW (seed 004) through torchao: block-wise quantised moments, 2 bytes of state per parameter
+"""8-bit AdamW (Dettmers et al. 2022) through torchao: block-wise quantised moments, 2 bytes of state per parameter
 instead of 8 (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization").
 
 torchao's AdamW8bit compiles its per-parameter step with torch.compile, so it runs on CUDA and, given a

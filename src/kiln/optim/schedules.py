@@ -2,7 +2,7 @@
 
 Pure functions resume trivially: the step counter is the whole schedule state.
 
-InfiniteLR (seed 001; "Beyond Cosine Decay", arXiv 2503.02844, Eq. 1):
+InfiniteLR ("Beyond Cosine Decay", arXiv 2503.02844, Eq. 1):
     warmup W steps: linear to the peak
     cooldown C steps: cosine from 1 to constant_lr_ratio,
         C = max(min_cooldown_tokens / tokens_per_step, cooldown_ratio x total_steps)   (real-valued)
@@ -16,23 +16,23 @@ Decays that end with the run (cosine, WSD's decay, the anneal) measure progress 
 (step - start) / (total_steps - 1 - start): steps are 0-based, so the last one that runs is
 total_steps - 1 and it gets the floor exactly.
 
-Extending train.total_tokens on resume (seed 001, example 6): total_steps grows and every step is
+Extending train.total_tokens on resume (the forgather guide's example 6): total_steps grows and every step is
 recomputed from the same formula. C depends on total_steps only through cooldown_ratio x total_steps:
-when min_cooldown_tokens dominates (the seed's regime for runs under ~143B tokens at its defaults), C,
+when min_cooldown_tokens dominates (the forgather guide's regime for runs under ~143B tokens at its defaults), C,
 and so the LR at every step already trained, is unchanged and the constant phase just extends. When the
 ratio term dominates, a longer run stretches the cooldown, so the LR at the resume step rises slightly
 (a small upward jump). An anneal moves to the new end of the run; resuming after an anneal has started
 jumps back up to the cooldown/constant value, which is what "continue pretraining from the pre-anneal
 state" means, but then resume from a checkpoint saved before the anneal.
 
-Seed 001's claim "3B token run: max(1.22M steps, 32K steps) = 1.22M -> trains at ~99.6% of max_lr
+The forgather guide's claim "3B token run: max(1.22M steps, 32K steps) = 1.22M -> trains at ~99.6% of max_lr
 throughout", checked against the formula: the two numbers come from different batches. At the default
 4-GPU batch (65,536 tokens/step) the run is 45,776 steps, 0.7 x 45,776 = 32,043, but 100B / 65,536 =
 1,525,879 cooldown steps (1.22M is 100B / 81,920, the 5-GPU batch of its example 4). Either way the
 cooldown is ~33x longer than the run, so the cosine has covered 3% of its span at the last step: the LR
-ends at 99.90% of max_lr with the seed's constant_lr (0.9978 of the way from constant to max). So
+ends at 99.90% of max_lr with the guide's constant_lr (0.9978 of the way from constant to max). So
 the claim holds, and is conservative: the LR never drops below 99.9% of max_lr.
-(tests/test_optim.py::test_seed001_claim_3b_tokens checks these numbers.)
+(tests/test_optim.py::test_forgather_claim_3b_tokens checks these numbers.)
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def lr_factor(step: int, *, total_steps: int, cfg: OptimConfig, tokens_per_step:
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
-    """The peak LR: `optim.lr`, or with lr_scaling=sqrt `optim.lr x sqrt(global_batch)` (seed 001, after
+    """The peak LR: `optim.lr`, or with lr_scaling=sqrt `optim.lr x sqrt(global_batch)` (the forgather guide, after
     Smith et al. 2017 / Malladi et al. 2022: sqrt scaling keeps the update noise level for adaptive optimizers)."""
     if cfg.lr_scaling == "sqrt":
         return cfg.lr * math.sqrt(global_batch)

@@ -10,8 +10,8 @@ The train loop (kiln.train.trainer) is shared. It asks an `Objective` for:
     evaluate(model, val, ...)                     an eval record; it must contain "eval_loss"
 
 Every micro-batch's summed loss is divided by the whole step's count (over accumulation and, when
-distributed, data-parallel ranks), so the gradient is the true mean however the step is split (DESIGN.md
-rule 11). Extra metrics are sums too and are reported divided by the same count.
+distributed, data-parallel ranks), so the gradient is the true mean however the step is split (HF
+transformers PR #34191 shows the bug averaging per micro-batch causes; docs/architecture.md). Extra metrics are sums too and are reported divided by the same count.
 `setup(model, device)` runs once after the model exists (DPO keeps its frozen reference there).
 On a resume, setup() still sees the fresh (not yet resumed) weights, and run.init_from is not
 loaded: an objective that needs the starting policy (DPO's and RLVR's reference) loads it from the

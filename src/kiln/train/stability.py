@@ -3,7 +3,7 @@
 Both are Stateful (their EMAs are saved in every checkpoint), so a resumed run makes exactly the
 decisions the uninterrupted run would have made.
 
-DivergenceDetector (seed 001's dual-time-scale detector): a fast and a slow exponential moving
+DivergenceDetector (a dual-time-scale detector, as in the forgather guide): a fast and a slow exponential moving
 average of the training loss. While training is healthy the fast EMA sits at or below the slow one
 (the loss falls); when the run diverges the fast EMA rises above the slow one. The run is aborted
 when fast - slow > threshold, after a warm-up in which the slow EMA settles. The detector also
@@ -28,7 +28,7 @@ class DivergenceDetector:
 
     fast_decay: float = 0.9  # ~10-step memory
     slow_decay: float = 0.99  # ~100-step memory
-    threshold: float = 1.0  # nats of fast - slow (seed 001 uses 1.0)
+    threshold: float = 1.0  # nats of fast - slow (the forgather guide uses 1.0)
     warmup: int = 20  # steps before the detector may fire
     fast: float | None = None
     slow: float | None = None
