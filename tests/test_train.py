@@ -122,13 +122,15 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path):
     a.mkdir()
     train(load_config("tiny", small_overrides(a, **{"train.max_steps": 3})), quiet=True)
     src = ckpt_io.resolve_checkpoint(a / "run")
+    before = ckpt_io.read_model_state(src)
     over = small_overrides(a, **{"train.max_steps": 2, "run.out_dir": str(tmp_path / "b"), "run.init_from": str(a / "run"),
                                  "train.eval_every": 100})
     train(load_config("tiny", over), quiet=True)
     first_eval = [r for r in read_metrics(tmp_path / "b") if r["kind"] == "eval"][0]
     last_eval_a = [r for r in read_metrics(a / "run") if r["kind"] == "eval"][-1]
     assert first_eval["step"] == 0 and first_eval["eval_loss"] == last_eval_a["eval_loss"]  # same weights
-    assert ckpt_io.read_model_state(src).keys()  # the source run is untouched and loadable
+    after = ckpt_io.read_model_state(src)  # the source run is untouched and loadable
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     bad = small_overrides(a, **{"run.out_dir": str(tmp_path / "c"), "run.init_from": str(a / "run"), "model.d_model": 64})
     with pytest.raises(Exception, match="model.d_model"):
         train(load_config("tiny", bad), quiet=True)

@@ -11,6 +11,7 @@ norm. That is a property of the optimizer, seen equally in DDP, FSDP, TP and PP.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -81,5 +82,10 @@ def test_layout_matches_single_process(results, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["pp-1F1B-bf16-sr", "pp-ZBVZeroBubble-bf16-sr"])
 def test_pipeline_tied_copies_stay_equal_under_stochastic_rounding(results, name):
-    """The worker fails if the first stage's embedding and the last stage's copy differ after the run."""
-    assert len(results[name]) == 3 and all(r["loss"] == r["loss"] for r in results[name])
+    """The first stage's embedding and the last stage's tied copy are bit-identical after 3 steps of bf16
+    parameters with stochastic rounding (each copy draws its own rounding noise, so without the re-sync
+    after every step they drift), and the run trains (finite losses below the uniform ln V)."""
+    last = results[name][-1]
+    assert last["param_dtype"] == "torch.bfloat16"
+    assert last["tied_max_diff"] == 0.0, last
+    assert all(math.isfinite(r["loss"]) and r["loss"] < math.log(128) + 0.5 for r in results[name])
