@@ -71,7 +71,8 @@ def run(overrides: list[str]) -> tuple[list[dict], object]:
         last = engine.pipe.n_stages - 1
         pair = [mods[0].tok_emb.weight if 0 in mods else None, mods[last].head.weight if last in mods else None]
         local = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in pair if p is not None]
-        records[-1]["param_dtype"] = str(local[0].dtype)
+        if local:  # a V schedule's middle rank holds neither copy
+            records[-1]["param_dtype"] = str(local[0].dtype)
         if len(local) == 2:
             records[-1]["tied_max_diff"] = (local[0].float() - local[1].float()).abs().max().item()
         elif engine.pipe.tie_group is not None:
