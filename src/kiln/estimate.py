@@ -37,7 +37,9 @@ import torch
 from kiln.config import Config, ModelConfig
 from kiln.device import autocast_dtype
 from kiln.model import count_params
+from kiln.model.attention import expand_kv_for_mask
 from kiln.model.loss import default_chunk_rows
+from kiln.parallel.pipeline import microbatches
 from kiln.perf import block_matrix_shapes
 
 GIB = 1024**3
@@ -151,106 +153,121 @@ def estimate_memory(cfg: Config, *, device: str | None = None, ac: str | None = 
     """
     if device is None:
         device = "cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu"
-    m, t, p = cfg.model, cfg.train, cfg.parallel
+    t = cfg.train
     ac = ac or t.activation_checkpointing
-    autocast = _uses_autocast(cfg, device)
-    pbytes = 2 if cfg.optim.param_dtype == "bf16" else 4
     B = micro_batch_size or t.micro_batch_size
-    T = t.seq_len
-    tp, pp, fsdp = p.tp, p.pp, p.dp_shard
     notes: list[str] = []
+    params, grads, optimizer = _state_terms(cfg, B=B, notes=notes)
+    activations, recompute, per_layer = _activation_terms(cfg, device=device, ac=ac, B=B, notes=notes)
+    loss_buffers, autocast_copies = _loss_terms(cfg, device=device, B=B, notes=notes)
+    parallel = _parallel_terms(cfg, device=device, params=params)
+    if cfg.parallel.dp_replicate > 1 and cfg.parallel.dp_shard == 1:  # DDP: buckets mirror the gradients
+        grads = params
+    if t.compile:
+        notes.append("torch.compile fuses elementwise ops: activations are usually below this estimate")
+    if cfg.optim.param_dtype == "bf16":
+        notes.append("bf16 parameters: activations counted at the fp32/autocast sizes (an over-estimate)")
+    if t.fp8:
+        notes.append("fp8: not modelled (casts are transient; saved inputs shrink)")
+    m = cfg.model
+    return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations=activations,
+                          loss_buffers=loss_buffers, recompute=recompute,
+                          head_grad=int(m.vocab_size * m.d_model * 4 / cfg.parallel.tp),
+                          autocast_copies=autocast_copies, parallel_buffers=parallel, activation_checkpointing=ac,
+                          tokens_per_micro_batch=B * t.seq_len, per_layer_per_token=per_layer, notes=notes)
 
-    # ---- parameters, gradients, optimizer -----------------------------------------------------
-    d, hd = m.d_model, m.hd
+
+def _layers_here(cfg: Config) -> int:
+    """Layers on one pipeline stage's device (all of them without a pipeline)."""
+    return math.ceil(cfg.model.n_layers / cfg.parallel.pp)
+
+
+def _state_terms(cfg: Config, *, B: int, notes: list[str]) -> tuple[int, int, int]:
+    """(parameters, gradients, optimizer state) per device. TP shards block matrices and the vocab dim; PP
+    keeps its stage's layers (the first stage also holds the embedding, counted here); FSDP shards the rest."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
     n_total = count_params(m)
     block_matmul = sum(r * c for r, c in block_matrix_shapes(m))
-    emb = m.vocab_size * d * (1 if m.tie_embeddings else 2)
+    emb = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
     vectors = n_total - block_matmul * m.n_layers - emb
     param_total, opt_total, opt_note = state_bytes(cfg)
     notes.append(opt_note)
-    layers_here = math.ceil(m.n_layers / pp)
-    # per device: TP shards block matrices and the vocab dim; PP keeps its stage's layers (the first stage
-    # also holds the embedding, counted here); FSDP shards what is left
-    share = (block_matmul * layers_here / tp + emb / tp + vectors * layers_here / m.n_layers) / n_total
-    params = int(param_total * share / fsdp)
-    optimizer = int(opt_total * share / fsdp)
+    layers = _layers_here(cfg)
+    share = (block_matmul * layers / p.tp + emb / p.tp + vectors * layers / m.n_layers) / n_total
+    params = int(param_total * share / p.dp_shard)
+    optimizer = int(opt_total * share / p.dp_shard)
     accum = max(t.global_batch_size // (B * p.dp_replicate * p.dp_shard), 1)
-    grads = params if accum > 1 or pp > 1 else 0
+    return params, params if accum > 1 or p.pp > 1 else 0, optimizer
 
-    # ---- activations ----------------------------------------------------------------------------
-    tokens = B * T
-    from kiln.model.attention import expand_kv_for_mask
 
+def _activation_terms(cfg: Config, *, device: str, ac: str, B: int, notes: list[str]) -> tuple[int, int, float]:
+    """(saved activations, one block's recompute under activation checkpointing, bytes per layer and token)."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    T, tokens, layers = t.seq_len, B * t.seq_len, _layers_here(cfg)
+    autocast = _uses_autocast(cfg, device)
     expand_kv = cfg.data.doc_mask and m.attention == "sdpa" and expand_kv_for_mask(torch.device(device))
-    terms = layer_activation_terms(m, autocast=autocast, ac=ac, expand_kv=expand_kv)
-    per_layer = sum(terms.values()) / tp
+    per_layer = sum(layer_activation_terms(m, autocast=autocast, ac=ac, expand_kv=expand_kv).values()) / p.tp
     in_flight = 1
-    if pp > 1:
-        sched = p.pp_schedule
-        n_micro = p.pp_microbatches or pp * (2 if sched in ("Interleaved1F1B", "LoopedBFS",
-                                                                          "InterleavedZeroBubble", "ZBVZeroBubble",
-                                                                          "DualPipeV") else 1)
-        in_flight = n_micro if sched == "GPipe" else min(pp, n_micro)
-        notes.append(f"pipeline: first stage holds {in_flight} micro-batches of activations ({sched})")
-    acts = per_layer * tokens * layers_here * in_flight
+    if p.pp > 1:
+        n_micro = microbatches(p)
+        in_flight = n_micro if p.pp_schedule == "GPipe" else min(p.pp, n_micro)
+        notes.append(f"pipeline: first stage holds {in_flight} micro-batches of activations ({p.pp_schedule})")
+    acts = per_layer * tokens * layers * in_flight
     recompute = 0.0
     if ac in ("full", "selective"):  # backward recomputes one block at a time
         recompute = sum(layer_activation_terms(m, autocast=autocast, ac="none", expand_kv=expand_kv).values()
-                        ) / tp * tokens
+                        ) / p.tp * tokens
     b = 2 if autocast else 4
     shared = 8 * tokens  # token ids kept by the embedding
     rope_rows = B if cfg.data.doc_mask else 1
-    shared += 2 * 4 * rope_rows * T * (hd // 2)  # cos / sin shared by all layers
+    shared += 2 * 4 * rope_rows * T * (m.hd // 2)  # cos / sin shared by all layers
     if cfg.data.doc_mask and m.attention in ("sdpa", "eager"):
         shared += B * T * T * (b if m.attention == "sdpa" else 1)  # one additive bias / boolean mask
     if m.attention == "eager":
-        acts += 2 * 4 * B * m.n_heads * T * T * layers_here / tp  # scores and probabilities per layer
+        acts += 2 * 4 * B * m.n_heads * T * T * layers / p.tp  # scores and probabilities per layer
         notes.append("eager attention saves (B, H, T, T) scores per layer")
-    final_norm = (8 * d + 4) * tokens
-    activations = int(acts + shared + final_norm)
+    final_norm = (8 * m.d_model + 4) * tokens
+    return int(acts + shared + final_norm), int(recompute), per_layer
 
-    # ---- loss ----------------------------------------------------------------------------------
-    V = m.vocab_size
-    impl = t.loss_impl
-    if tp > 1 or impl == "plain":
+
+def _loss_terms(cfg: Config, *, device: str, B: int, notes: list[str]) -> tuple[int, int]:
+    """(loss buffers, autocast's bf16 weight copies)."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    V, d, tokens = m.vocab_size, m.d_model, B * t.seq_len
+    autocast = _uses_autocast(cfg, device)
+    b = 2 if autocast else 4
+    if p.tp > 1 or t.loss_impl == "plain":
         # full logits in the matmul dtype, their fp32 copy and log_softmax output (vocab-sharded under TP)
-        loss_buffers = int(tokens * V * (b + 4 + 4) / tp)
+        loss_buffers = int(tokens * V * (b + 4 + 4) / p.tp)
     else:
         rows = min(default_chunk_rows(torch.device(device)), tokens)
         bufs = rows * V * (b + 4 + (2 if autocast else 0))  # logits chunk, fp32 softmax, its bf16 cast
         bufs += V * d * 6 if autocast else 0  # a chunk's bf16 dW and its fp32 copy before accumulation
         loss_buffers = bufs + V * d * 4 + tokens * d * 4  # + dW (fp32) and dh made in the forward pass
-        if impl == "liger" or (impl == "auto" and device == "cuda"):
+        if t.loss_impl == "liger" or (t.loss_impl == "auto" and device == "cuda"):
             notes.append("loss: Liger when installed (similar buffers), else kiln's chunked loss")
     # autocast casts each fp32 weight to bf16 once per forward and the linears save the copy; bf16
     # parameters need no copy, and neither does FSDP2 with its bf16 MixedPrecisionPolicy when blocks are
     # resharded after forward (pp == 1): it all-gathers bf16 weights and frees them after each block
-    fsdp_frees = fsdp > 1 and pp == 1
-    copies = autocast and pbytes == 4 and not fsdp_frees
-    autocast_copies = 2 * (block_matmul * layers_here / tp + V * d / tp) if copies else 0
+    fsdp_frees = p.dp_shard > 1 and p.pp == 1
+    copies = autocast and cfg.optim.param_dtype != "bf16" and not fsdp_frees
+    block_matmul = sum(r * c for r, c in block_matrix_shapes(m))
+    return int(loss_buffers), int(2 * (block_matmul * _layers_here(cfg) / p.tp + V * d / p.tp) if copies else 0)
 
-    # ---- parallel buffers ----------------------------------------------------------------------
+
+def _parallel_terms(cfg: Config, *, device: str, params: int) -> int:
+    """Communication buffers: FSDP2's gathered blocks (one + the prefetched next, and the root unit), or
+    DDP's gradient buckets (as large as the gradients)."""
+    m, p = cfg.model, cfg.parallel
     parallel = 0
-    if fsdp > 1:
-        # FSDP2 all-gathers one block and prefetches the next, in bf16 under autocast (the mixed-precision
-        # policy), else in the parameter dtype; the root unit (embedding, head, final norm) stays gathered
-        # through the whole forward, loss included
-        gathered = 2 if autocast else pbytes
-        parallel += int((2 * block_matmul + emb) / tp * gathered)
-    if p.dp_replicate > 1 and fsdp == 1:  # DDP gradient buckets mirror the gradients
+    if p.dp_shard > 1:
+        gathered = 2 if _uses_autocast(cfg, device) else (2 if cfg.optim.param_dtype == "bf16" else 4)
+        block_matmul = sum(r * c for r, c in block_matrix_shapes(m))
+        emb = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+        parallel += int((2 * block_matmul + emb) / p.tp * gathered)
+    if p.dp_replicate > 1 and p.dp_shard == 1:
         parallel += params
-        grads = params
-    if t.compile:
-        notes.append("torch.compile fuses elementwise ops: activations are usually below this estimate")
-    if pbytes == 2:
-        notes.append("bf16 parameters: activations counted at the fp32/autocast sizes (an over-estimate)")
-    if t.fp8:
-        notes.append("fp8: not modelled (casts are transient; saved inputs shrink)")
-    return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations=activations,
-                          loss_buffers=int(loss_buffers), recompute=int(recompute),
-                          head_grad=int(V * d * 4 / tp), autocast_copies=int(autocast_copies),
-                          parallel_buffers=parallel, activation_checkpointing=ac, tokens_per_micro_batch=tokens,
-                          per_layer_per_token=per_layer, notes=notes)
+    return parallel
 
 
 def format_estimate(cfg: Config, *, device: str = "cuda") -> str:
