@@ -147,6 +147,12 @@ def test_eval_tasks_score_at_every_eval_and_keep_best_uses_them(tmp_path):
                for m in meta if "best_score" in m)
     plot = run_cli("logs", "plot", str(tmp_path / "run"))
     assert plot.returncode == 0, plot.stderr[-2000:]
+    from matplotlib.image import imread
+
+    img = imread(tmp_path / "run" / "plots" / "curves.png")[..., :3]  # 2 x 4 panels; [1, 1] is downstream acc_norm
+    h, w = img.shape[0] // 2, img.shape[1] // 4
+    panel = img[h:, w:2 * w]
+    assert ((panel.max(axis=-1) - panel.min(axis=-1)) > 0.3).sum() > 200  # coloured curves of both tasks
 
 
 def test_an_unknown_eval_task_is_one_line(tmp_path):

@@ -25,14 +25,20 @@ import os
 import statistics
 import sys
 import time
+import weakref
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from kiln.config import Config, load_config, split_preset
 from kiln.data.packing import Batch, Row, make_batch
 from kiln.device import autocast_for, train_precision
+from kiln.errors import ConfigError
 from kiln.estimate import estimate_memory
 from kiln.eval.loss import token_loss_sum
 from kiln.model import count_params
@@ -81,9 +87,6 @@ class PeakTensorMemory:
     """
 
     def __init__(self, existing: Any = ()) -> None:
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils.weak import WeakIdKeyDictionary
-
         tracker = self
 
         class _Mode(TorchDispatchMode):
@@ -100,8 +103,6 @@ class PeakTensorMemory:
             self._track(t)
 
     def _track(self, t: Any) -> None:
-        import weakref
-
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             return
         st = t.untyped_storage()
@@ -146,7 +147,6 @@ def profiled_peak_bytes(existing: Any, step_fn: Any) -> int:
     `existing` tensors are counted from the start, as PeakTensorMemory does (the two agree within
     0.5% on an eager step, tested; the profiler also sees kernels' scratch allocations).
     """
-    from torch.profiler import ProfilerActivity, profile
 
     seen: dict[int, int] = {}
     for t in existing:
@@ -228,8 +228,6 @@ def run_bench(cfg: Config, *, steps: int = 10, warmup: int = 3) -> dict[str, Any
     else:
         peak, peak_source = _cpu_peak_bytes(engine, step)
     if layout.distributed:
-        import torch.distributed as dist
-
         t = torch.tensor([float(peak or 0)], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         peak = int(t.item())
@@ -276,8 +274,6 @@ def main(argv: list[str]) -> int:
     args, overrides = p.parse_known_args(argv)
     cfg = load_config(preset or "tiny", overrides)
     if args.steps < 1 or args.warmup < 0:
-        from kiln.errors import ConfigError
-
         raise ConfigError("kiln bench: --steps must be >= 1 and --warmup >= 0")
     res = run_bench(cfg, steps=args.steps, warmup=args.warmup)
     if res.pop("is_main"):

@@ -28,13 +28,15 @@ absent there unless an earlier micro-batch of the same step left them (accumulat
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from kiln.config import Config, ModelConfig
+from kiln.config import Config, ModelConfig, load_config, split_preset
 from kiln.device import autocast_dtype
 from kiln.model import count_params
 from kiln.model.attention import expand_kv_for_mask
@@ -294,10 +296,6 @@ def format_estimate(cfg: Config, *, device: str = "cuda") -> str:
 
 def main(argv: list[str]) -> int:
     """CLI entry: `kiln estimate PRESET [--device cuda|cpu] [--section.key VALUE ...]`."""
-    import argparse
-    import json
-
-    from kiln.config import load_config, split_preset
 
     ap = argparse.ArgumentParser(prog="kiln estimate", usage="kiln estimate [PRESET] [--device cuda|cpu] "
                                  "[--section.key VALUE ...]",

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.console import Console
+from rich.table import Table
 
 from kiln.errors import KilnError
 from kiln.runinfo import format_duration
@@ -236,9 +238,6 @@ def _rows(s: dict[str, Any]) -> dict[str, str]:
 
 def print_summary(summaries: Sequence[dict[str, Any]]) -> None:
     """A rich table (one column per run), then one JSON line per run."""
-    from rich.console import Console
-    from rich.table import Table
-
     rows = [_rows(s) for s in summaries]
     labels: list[str] = []
     for r in rows:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from kiln.data.packing import IGNORE, Batch
 from kiln.model import Transformer
@@ -119,8 +120,6 @@ def token_logps(model: torch.nn.Module, tokens: Tensor, targets: Tensor, *, temp
     for s in range(0, len(idx), chunk):
         r, yc = rows[s:s + chunk], y[s:s + chunk]
         if recompute:
-            from torch.utils.checkpoint import checkpoint
-
             parts.append(checkpoint(_chunk_logps, r, yc, head, temperature, use_reentrant=False))
             if greedy:
                 with torch.no_grad():

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from kiln.config import ModelConfig
 from kiln.model.attention import AttnMask, attend, prepare_mask
+from kiln.model.init import init_weights
 from kiln.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
 from kiln.model.loss import linear_cross_entropy
 
@@ -113,8 +114,6 @@ class Transformer(nn.Module):
 
     def init_weights(self, seed: int | None = None) -> None:
         """Every tensor's initial value; see kiln.model.init for the table."""
-        from kiln.model.init import init_weights
-
         init_weights(self, seed=seed)
 
     def output_weight(self) -> Tensor:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import distribute_tensor
 
 from kiln.optim.rounding import RoundingRNG, as_fp32, load_with_rng, save_with_rng, write_back
 
@@ -110,8 +111,6 @@ class Muon(torch.optim.Optimizer):
         buf.mul_(mu).add_(g)
         u = torch.add(g, buf, alpha=mu) if group["nesterov"] else buf  # fp32, out of place: .grad untouched
         if _is_dtensor(u):
-            from torch.distributed.tensor import distribute_tensor
-
             full = newton_schulz(u.full_tensor(), steps=group["ns_steps"])  # all-gather: (rows, cols)
             # each rank computed the same full result: keep the local slice, no communication
             o = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)

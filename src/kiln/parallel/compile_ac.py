@@ -30,6 +30,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from kiln.errors import ConfigError
 
@@ -67,8 +68,6 @@ def _saved_ops() -> frozenset:
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
-    from torch.utils.checkpoint import CheckpointPolicy
-
     return CheckpointPolicy.MUST_SAVE if op in _saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
 
 
@@ -78,8 +77,6 @@ def apply_activation_checkpointing(model: nn.Module, mode: ACMode = "selective")
         return model
     if mode not in ("full", "selective"):
         raise ConfigError(f"train.activation_checkpointing: expected none, full or selective, got {mode!r}")
-    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
-
     context_fn = (functools.partial(create_selective_checkpoint_contexts, _selective_policy)
                   if mode == "selective" else None)
     for block in _blocks(model):

@@ -16,6 +16,7 @@ works for torchrun jobs with many processes and for run folders on shared storag
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -24,6 +25,9 @@ import time
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
+
+from rich.console import Console
+from rich.table import Table
 
 from kiln.errors import KilnError
 
@@ -186,8 +190,6 @@ def send(spec: str, command: str, *, wait: float = 60.0) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     """`kiln control list | save | stop | abort [JOB] [--no-wait]`."""
-    import argparse
-
     p = argparse.ArgumentParser(prog="kiln control", description="List and steer training jobs on this machine.")
     p.add_argument("command", choices=["list", *COMMANDS])
     p.add_argument("job", nargs="?", help="job id, run name, run folder or pid (see kiln control list)")
@@ -211,9 +213,6 @@ def main(argv: list[str]) -> int:
             for r in rows:
                 print("\t".join(r))
             return 0
-        from rich.console import Console
-        from rich.table import Table
-
         table = Table(*header)
         for r in rows:
             table.add_row(*r)

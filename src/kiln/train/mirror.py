@@ -14,6 +14,7 @@ otherwise the run stops at start with one line naming the package.
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 from kiln.errors import ConfigError
@@ -72,8 +73,6 @@ class Mirror:
         _, name = complete[-1]
         tmp = ckpt_root / f".{name}.download"
         final = ckpt_root / name
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         src = self._path(name)

@@ -8,6 +8,9 @@ import threading
 import time
 from types import FrameType
 
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+
 from kiln.runinfo import format_duration
 
 
@@ -21,9 +24,6 @@ class Progress:
         self.fields = {"loss": float("nan"), "lr": 0.0, "tok_s": 0.0}
         self._bar = None
         if not quiet and sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-            from rich.progress import Progress as RichProgress
-
             self._bar = RichProgress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tok_s]:,.0f} tok/s"),
