@@ -70,5 +70,5 @@ def test_the_checker_finds_a_cycle():
 
 def test_kiln_has_no_import_cycles():
     graph = import_graph()
-    assert len(graph) > 50 and "kiln.train.trainer" in graph["kiln.cli"] | {"kiln.train.trainer"}
+    assert len(graph) > 50 and "kiln.train.engine" in graph["kiln.train.trainer"]  # the graph is read
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
