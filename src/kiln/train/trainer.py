@@ -143,6 +143,9 @@ class Run:
                        save_every_minutes=t.save_every_minutes, warmup_steps=self.cfg.optim.warmup_steps)
         self._apply_plan(n)
         self.progress.print(f"  {n:,} steps = {self.plan.total_tokens:,} tokens fit {self.plan.budget_source}")
+        p = self.plan
+        for line in describe_schedule(n, self.cfg.optim, p.tokens_per_step, peak_lr=p.peak_lr):
+            self.progress.print("  " + line)
 
     def _apply_plan(self, steps: int) -> None:
         """The run's length is now `steps` (a time budget's, fixed once): every component that counts to it."""
@@ -460,11 +463,14 @@ def _announce(run: Run, info: dict[str, Any], init_from: Path | None) -> None:
     cfg, plan, p = run.cfg, run.plan, run.progress
     p.print(f"kiln train {cfg.run.name}: {plan.n_params / 1e6:.2f}M parameters on {run.layout.device} "
             f"({run.layout.describe()}; torch {info['torch']}, git {info['git_sha']})")
+    length = (f"the steps that fit {plan.budget_source.replace(' (fixed after the warmup)', '')}, fixed after "
+              f"timing the first {run.budget.measure_until} steps" if plan.provisional and run.budget is not None
+              else f"{plan.total_steps:,} steps = {plan.total_tokens:,} tokens from {plan.budget_source}")
     p.print(f"  {plan.tokens_per_step:,} tokens/step (global batch {cfg.train.global_batch_size} x "
-            f"{cfg.train.seq_len}, {plan.accum_steps} micro-batches per rank), {plan.total_steps:,} steps = "
-            f"{plan.total_tokens:,} tokens from {plan.budget_source}")
-    for line in describe_schedule(plan.total_steps, cfg.optim, plan.tokens_per_step, peak_lr=plan.peak_lr):
-        p.print("  " + line)
+            f"{cfg.train.seq_len}, {plan.accum_steps} micro-batches per rank), {length}")
+    if not plan.provisional:  # a time budget's schedule is printed once its length is fixed
+        for line in describe_schedule(plan.total_steps, cfg.optim, plan.tokens_per_step, peak_lr=plan.peak_lr):
+            p.print("  " + line)
     p.print(f"  run folder {run.out}" + (f"; resumed from {run.resumed_from.name}" if run.resumed_from else "")
             + (f"; weights from {init_from}" if init_from else ""))
 
