@@ -221,7 +221,7 @@ def _train(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fre
     if not existing and not fresh and mirror is not None and main:  # a fresh disk: resume from the mirror
         downloaded = mirror.download_latest(out / "checkpoints")
         existing = [downloaded] if downloaded is not None else []
-    resume_from = _agree(existing[-1] if existing else None, layout)
+    resume_from = _agree(ckpt_io.latest_intact(out, is_main=main) if existing else None, layout)  # verified
     if resume_from is not None:  # validate before touching anything
         check_resumable(ckpt_io.read_config(resume_from), cfg, resume_from)
     init_from = None
