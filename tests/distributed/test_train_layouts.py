@@ -146,3 +146,26 @@ def test_async_checkpoints_under_fsdp_resume_exactly(shards, reference, tmp_path
     shutil.rmtree(a / "checkpoints" / "step_5")  # resume from the one written in the background
     train(load_config("tiny", overrides(shards, a)), quiet=True)
     assert_close(records(reference, "train", "loss"), records(a, "train", "loss"), "async fsdp -> 1")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_damaged_checkpoint_under_fsdp_is_set_aside_by_rank_0(shards, reference, tmp_path):
+    """Two FSDP ranks each checksum their own shard as they write it; rank 0 lists both in meta.json.
+    A resume on two ranks finds step_5 damaged (rank 1's shard truncated): rank 0 alone renames it
+    step_5.corrupt, both ranks resume from step_3 and end with the uninterrupted run's losses."""
+    from kiln.train import checkpoint as ckpt_io
+    from kiln.train import storage
+
+    a = tmp_path / "a"
+    fsdp = ["--parallel.dp_shard", "2"]
+    torchrun(2, overrides(shards, a, **{"train.stop_at_step": 5}) + fsdp)
+    step5 = a / "checkpoints" / "step_5"
+    files = ckpt_io.read_meta(step5)["files"]
+    assert {"dcp/__0_0.distcp", "dcp/__1_0.distcp", "state/rank_0.pt", "state/rank_1.pt"} <= files.keys()
+    assert storage.verify(step5) is True and not list(step5.rglob("*.sums.json"))
+    shard = step5 / "dcp" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    torchrun(2, overrides(shards, a) + fsdp)
+    assert (a / "checkpoints" / "step_5.corrupt").is_dir()
+    assert_close(records(reference, "train", "loss"), records(a, "train", "loss"), "set aside, fsdp -> fsdp")

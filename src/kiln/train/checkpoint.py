@@ -8,10 +8,14 @@ Layout of one checkpoint (a folder):
         state/common.pt  counters, detector states and other global state (rank 0)
         state/rank_<R>.pt  per rank: RNG states, its coordinates, and its data position if it reads data
         config.yaml      the resolved config
-        meta.json        step, tokens_seen, eval_loss (when saved right after an eval), versions;
-                         written last, so its presence means the checkpoint is complete
+        meta.json        step, tokens_seen, eval_loss (when saved right after an eval), versions, and
+                         every other file's size and checksum (kiln.train.storage); written last, so
+                         its presence means the checkpoint is complete
 A checkpoint is written to `.step_<N>.tmp`, fsynced, then renamed; a crash mid-save leaves the previous
-checkpoints untouched and the temp folder is ignored (and removed on the next save).
+checkpoints untouched and the temp folder is ignored (and removed on the next save). A full disk is one
+line (CheckpointError), the temp folder removed.
+Every load verifies the files first: inference, export and post-training sources refuse a damaged
+checkpoint; a resume sets a damaged latest one aside as `step_<N>.corrupt` (`latest_intact`).
 Retention (`rotate`): the newest `keep_last`, plus the `keep_best` with the lowest eval loss.
 """
 
@@ -21,10 +25,11 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -47,6 +52,15 @@ from kiln.errors import CheckpointError, ConfigError
 from kiln.model import Transformer, build_model
 from kiln.parallel.parallelize import unwrap
 from kiln.train.control import Requests
+from kiln.train.storage import (
+    DamagedCheckpoint,
+    check_room,
+    collect_digests,
+    marker_fields,
+    summing_writer,
+    verify,
+    write_error,
+)
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -62,16 +76,20 @@ def list_checkpoints(run_or_ckpt_dir: Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder meaning its latest checkpoint."""
+    """A checkpoint folder, or a run folder meaning its latest checkpoint; verified (DamagedCheckpoint
+    when a file differs from its marker: a damaged latest checkpoint is refused, not skipped)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint or run folder")
-    if (p / "meta.json").exists():
-        return p
-    ckpts = list_checkpoints(p)
-    if not ckpts:
-        raise CheckpointError(f"{p}: no complete checkpoint found (expected {p}/checkpoints/step_<N>/meta.json)")
-    return ckpts[-1]
+    if not (p / "meta.json").exists():
+        if STEP_RE.match(p.name) or (p / "dcp").is_dir():  # a checkpoint folder whose save never completed
+            raise DamagedCheckpoint(p, "meta.json", "missing")
+        ckpts = list_checkpoints(p)
+        if not ckpts:
+            raise CheckpointError(f"{p}: no complete checkpoint found (expected {p}/checkpoints/step_<N>/meta.json)")
+        p = ckpts[-1]
+    verify(p)
+    return p
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
@@ -112,16 +130,12 @@ def _quiet(fn, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
 
-def _disk_error(e: OSError, where: Path) -> CheckpointError:
-    reason = "the disk is full" if e.errno == 28 else (e.strerror or str(e))
-    return CheckpointError(f"{where}: cannot write the checkpoint ({reason}); earlier checkpoints are untouched. "
-                           "Free space (or set run.out_dir elsewhere) and run the same command to resume")
-
-
 def _finish(tmp: Path, final: Path, *, cfg: Config, meta: dict[str, Any]) -> None:
-    """Rank 0: config + meta (last), fsync, atomic rename over any same-step folder."""
+    """Rank 0: config, every file's size and checksum, meta (last), fsync, atomic rename over any
+    same-step folder."""
     (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    info = {"kiln_version": __version__, "torch_version": torch.__version__, **meta}
+    info = {"kiln_version": __version__, "torch_version": torch.__version__, **meta,
+            **marker_fields(collect_digests(tmp))}
     (tmp / "meta.json").write_text(json.dumps(info, indent=2))
     _fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. a final save right after a periodic one)
@@ -152,13 +166,14 @@ def save_training(ckpt_root: Path, step: int, *, state: dict[str, Any], rank: in
     """
     final = ckpt_root / f"step_{step}"
     tmp = ckpt_root / f".step_{step}.tmp"
+    check_room(ckpt_root, state)
     try:
         if is_main:
             ckpt_root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "state").mkdir(parents=True)
         _barrier()
-        _quiet(dcp.save, state, checkpoint_id=str(tmp / "dcp"))
+        _quiet(dcp.save, state, storage_writer=summing_writer(tmp / "dcp"))
         torch.save(rank_state, tmp / "state" / f"rank_{rank}.pt")
         _barrier()
         if is_main:
@@ -166,11 +181,11 @@ def save_training(ckpt_root: Path, step: int, *, state: dict[str, Any], rank: in
             _finish(tmp, final, cfg=cfg, meta={"step": step, **meta})
         _barrier()
     except BaseException as e:
+        err = write_error(e, ckpt_root)  # before the temp folder goes: its files may be what filled the disk
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        err = _os_error_in(e)
         if err is not None:
-            raise _disk_error(err, ckpt_root) from None
+            raise err from None
         raise
     return final
 
@@ -187,30 +202,18 @@ def probe_save(root: Path, step: int, *, state: dict[str, Any], cfg: Config, com
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _os_error_in(e: BaseException) -> OSError | None:
-    """The OSError behind a failed write: raised directly, or inside DCP's CheckpointException, which
-    wraps each rank's failure (a full disk in DCP's writer arrives that way, not as an OSError)."""
-    if isinstance(e, OSError):
-        return e
-    for failure in (getattr(e, "failures", None) or {}).values():
-        exc = failure[0] if isinstance(failure, tuple) else getattr(failure, "exc", None)
-        if isinstance(exc, OSError):
-            return exc
-    return None
-
-
 class Checkpointer:
     """Writes training checkpoints, synchronously or (`train.async_checkpoint`) in the background.
 
     Asynchronous: the step's weights and optimizer state are copied to CPU memory (DCP's default
     stager; training may change the live tensors right after), the small per-rank and global state
     files are written at once, and DCP writes the shards from a background thread over a separate
-    gloo group (so its collectives never interleave with training's). The checkpoint appears
-    (`.step_<N>.tmp` renamed to `step_<N>`, then rotation and mirroring) once the write is done:
-    rank 0 checks after every step (`poll`, no collectives), and every rank waits for the write
-    before the next save, a divergence verdict and the end of the run (`wait`), where a failed
-    write surfaces as the synchronous path's one-line error. A crash or kill before that leaves
-    only the temp folder, which is ignored, so the previous checkpoints stay what resumes.
+    gloo group (so its collectives never interleave with training's), checksumming them as it goes.
+    The checkpoint appears (`.step_<N>.tmp` renamed to `step_<N>`, then rotation and mirroring) once
+    the write is done: rank 0 checks after every step (`poll`, no collectives), and every rank waits
+    for the write before the next save, a divergence verdict and the end of the run (`wait`), where a
+    failed write surfaces as the synchronous path's one-line error. A crash or kill before that
+    leaves only the temp folder, which is ignored, so the previous checkpoints stay what resumes.
     """
 
     def __init__(self, ckpt_root: Path, *, rank: int, is_main: bool, asynchronous: bool, on_saved: Any = None,
@@ -259,6 +262,7 @@ class Checkpointer:
                 self.on_saved(path)
             return path
         final, tmp = self.root / f"step_{step}", self.root / f".step_{step}.tmp"
+        check_room(self.root, state)
         try:
             if self.is_main:
                 self.root.mkdir(parents=True, exist_ok=True)
@@ -268,14 +272,10 @@ class Checkpointer:
             torch.save(rank_state, tmp / "state" / f"rank_{self.rank}.pt")
             if self.is_main:
                 torch.save(common, tmp / "state" / "common.pt")
-            future = dcp.async_save(state, checkpoint_id=str(tmp / "dcp"), process_group=self._group,
-                                       no_dist=not dist.is_initialized())
+            future = dcp.async_save(state, storage_writer=summing_writer(tmp / "dcp"), process_group=self._group,
+                                    no_dist=not dist.is_initialized())
         except BaseException as e:
-            self._abandon(tmp)
-            err = _os_error_in(e)
-            if err is not None:
-                raise _disk_error(err, self.root) from None
-            raise
+            self._fail(e, tmp)
         self._pending = {"future": future, "tmp": tmp, "final": final, "cfg": cfg, "meta": {"step": step, **meta}}
         if wait:
             self.wait()
@@ -298,11 +298,7 @@ class Checkpointer:
         try:
             p["future"].result()
         except BaseException as e:
-            self._abandon(p["tmp"])
-            err = _os_error_in(e)
-            if err is not None:
-                raise _disk_error(err, self.root) from None
-            raise
+            self._fail(e, p["tmp"])
         if self.is_main and not p.get("done"):
             self._complete(p)
         _barrier()
@@ -323,12 +319,19 @@ class Checkpointer:
     def _complete(self, p: dict[str, Any]) -> Path:
         try:
             _finish(p["tmp"], p["final"], cfg=p["cfg"], meta=p["meta"])
-        except OSError as e:
-            shutil.rmtree(p["tmp"], ignore_errors=True)
-            raise _disk_error(e, self.root) from None
+        except Exception as e:
+            self._fail(e, p["tmp"])
         p["done"] = True
         self.on_saved(p["final"])
         return p["final"]
+
+    def _fail(self, e: BaseException, tmp: Path) -> NoReturn:
+        """Raise the one-line error for a failed write (or `e` itself), the temp folder removed."""
+        err = write_error(e, self.root)  # first: the temp folder's files may be what filled the disk
+        self._abandon(tmp)
+        if err is not None:
+            raise err from None
+        raise e
 
     def _abandon(self, tmp: Path) -> None:
         if self.is_main:
@@ -337,7 +340,8 @@ class Checkpointer:
 
 def load_training(ckpt: Path, *, state: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Load the checkpoint's model/optimizer into `state` in place (resharding to this layout) and
-    return (common state, every rank's saved rank state)."""
+    return (common state, every rank's saved rank state). Verified first (DamagedCheckpoint)."""
+    verify(ckpt)
     try:
         _quiet(dcp.load, state, checkpoint_id=str(ckpt / "dcp"))
     except _load_errors() as e:  # DCP raises several types for truncated or mismatched files
@@ -356,11 +360,44 @@ def _torch_load(f: Path, ckpt: Path) -> Any:
 
 
 def _corrupt(f: Path, e: BaseException) -> CheckpointError:
-    """f is <ckpt>/dcp or <ckpt>/state/<file>."""
+    """f is <ckpt>/dcp or <ckpt>/state/<file>; its checksums passed (or it has none), yet it does not load."""
     msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
     ckpt = f.parent if f.name == "dcp" else f.parent.parent
-    return CheckpointError(f"{f}: corrupt or unreadable ({msg}); delete {ckpt} to fall back to an older checkpoint, "
-                           "or pass --fresh")
+    return CheckpointError(f"{f}: corrupt or unreadable ({msg}); pass an earlier checkpoint, or move this one aside "
+                           f"(mv {ckpt} {ckpt}.corrupt) so that `kiln train` resumes from the one before, or pass --fresh")
+
+
+def latest_intact(run_dir: Path, *, is_main: bool) -> Path | None:
+    """Rank 0: the newest complete checkpoint of a run whose files verify, or None when the run has
+    none (other ranks: None; the trainer broadcasts rank 0's answer). Damaged ones newer than it are
+    set aside as `step_<N>.corrupt` (renamed, never deleted; rotation ignores them), said in one line
+    on stderr. When every checkpoint is damaged: all set aside, and a CheckpointError."""
+    if not is_main:
+        return None
+    aside: list[str] = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            verify(ckpt)
+        except DamagedCheckpoint as e:
+            aside.append(f"{ckpt.name} ({e.short()}) as {_set_aside(ckpt).name}")
+            continue
+        if aside:
+            print(f"warning: set aside damaged checkpoint {', '.join(aside)}; resuming from {ckpt.name}",
+                  file=sys.stderr)
+        return ckpt
+    if aside:
+        raise CheckpointError(f"{run_dir}: every checkpoint is damaged; set aside {', '.join(aside)}. Restore one "
+                              "from a copy, or run the same command again to start the run over")
+    return None
+
+
+def _set_aside(ckpt: Path) -> Path:
+    target, n = ckpt.with_name(f"{ckpt.name}.corrupt"), 1
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"{ckpt.name}.corrupt{n}")
+    ckpt.rename(target)
+    return target
 
 
 def rotate(ckpt_root: Path, *, keep_last: int, keep_best: int = 0) -> list[Path]:
@@ -407,7 +444,9 @@ def _model_keys(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def load_model_weights(model: Transformer, ckpt: Path) -> None:
-    """Copy the checkpoint's weights into a plain `model`; a shape or key mismatch is a clear error."""
+    """Copy the checkpoint's weights into a plain `model` (verified first); a shape or key mismatch is a
+    clear error."""
+    verify(ckpt)
     target = {k: torch.empty_like(v, device="cpu") for k, v in _model_keys(model).items()}
     try:
         _quiet(dcp.load, {"model": target}, checkpoint_id=str(ckpt / "dcp"))
@@ -433,7 +472,7 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model: Transformer, cfg: Conf
 
 
 def read_model_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights as full fp32 CPU tensors (tied head not repeated)."""
+    """The checkpoint's weights as full fp32 CPU tensors (tied head not repeated); verified."""
     ckpt = resolve_checkpoint(ckpt)
     with torch.device("meta"):
         model = Transformer(read_config(ckpt).model)
@@ -447,7 +486,8 @@ def read_model_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
 
 def load_for_inference(path: str | Path, *, device: str | torch.device = "auto") -> tuple[Transformer, Config, Path]:
     """(model in eval mode, its config, the checkpoint folder) from a checkpoint or run folder; `device` is a
-    torch.device or a `run.device` choice (auto | cpu | cuda)."""
+    torch.device or a `run.device` choice (auto | cpu | cuda). A damaged checkpoint is refused
+    (DamagedCheckpoint), never loaded."""
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
     model = build_model(cfg.model, device=pick_device(device) if isinstance(device, str) else device, seed=0)

@@ -286,7 +286,7 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_tokenizer(tokenizer, cfg, where="config")
     mirror = mirror_for(cfg.train.checkpoint_url)
-    resume_from = _agree(_latest_checkpoint(out, mirror, fresh=fresh, main=main), layout)
+    resume_from = _agree(_latest_checkpoint(out, mirror, fresh=fresh, main=main), layout)  # verified
     if resume_from is not None:  # validate before touching anything
         check_resumable(ckpt_io.read_config(resume_from), cfg, resume_from)
     init_from = None
@@ -430,14 +430,17 @@ def _target_record(run: Run, evaluation: Evaluation | None) -> dict[str, Any]:
 
 
 def _latest_checkpoint(out: Path, mirror: Mirror | None, *, fresh: bool, main: bool) -> Path | None:
-    """The checkpoint to resume from (rank 0's view): the newest in out, else the mirror's on a fresh disk."""
+    """The checkpoint to resume from (rank 0's view): the newest intact one in out (damaged newer ones are set
+    aside as step_N.corrupt), else the mirror's on a fresh disk."""
     if fresh:
         return None
+    if not main:
+        return None  # rank 0 decides (and sets damaged checkpoints aside); the choice is broadcast
     existing = ckpt_io.list_checkpoints(out)
-    if not existing and mirror is not None and main:
+    if not existing and mirror is not None:
         downloaded = mirror.download_latest(out / "checkpoints")
         existing = [downloaded] if downloaded is not None else []
-    return existing[-1] if existing else None
+    return ckpt_io.latest_intact(out, is_main=main) if existing else None
 
 
 def _load_weights(engine: Engine, ckpt: Path, *, tie: bool, optimizer: bool
