@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -211,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk met outside a checkpoint (metrics, job-control status): one line too
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"kiln: error: {e.filename or 'a file'}: the disk is full ({e.strerror}); checkpoints already written are "
+              "intact: free space and run the same command to resume", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
