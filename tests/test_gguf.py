@@ -23,6 +23,7 @@ from kiln.convert.gguf import (
     USER_DEFINED,
     export_gguf,
     gguf_architecture,
+    gguf_chat_template,
     gguf_tensors,
     gguf_vocab,
     half_split_to_interleaved,
@@ -186,6 +187,26 @@ def test_mistral_vocab_is_kilns_with_types_and_merge_scores(tok, tmp_path):
     assert scores[ids("\u2581t")] > scores[ids("\u2581the")] > scores[ids("\u2581truth")]
 
 
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who wrote Emma?"},
+        {"role": "assistant", "content": "Jane Austen."}, {"role": "user", "content": " And Persuasion?"}]
+
+
+def test_kiln_chat_template_leaves_out_the_space_llama_cpp_adds_after_control_tokens(tok):
+    import dataclasses
+
+    from kiln.posttrain.chat import KILN_TEMPLATE, ChatFormat
+
+    v = gguf_vocab(tok, n_vocab=32768)
+    adapted = gguf_chat_template(KILN_TEMPLATE, v)
+    kiln_text = ChatFormat(tok).render(CHAT, add_generation_prompt=True)
+    text = ChatFormat(tok, template=adapted).render(CHAT, add_generation_prompt=True)
+    assert kiln_text == "[INST] Be brief.\n\nWho wrote Emma?[/INST] Jane Austen.</s>[INST]  And Persuasion?[/INST]"
+    assert text == "[INST]Be brief.\n\nWho wrote Emma?[/INST]Jane Austen.</s>[INST] And Persuasion?[/INST]"
+    assert gguf_chat_template("{{ messages }}", v) == "{{ messages }}"  # another template: as it is
+    plain = dataclasses.replace(v, types=[t if x not in ("[INST]", "[/INST]") else 1 for x, t in zip(v.tokens, v.types)])
+    assert gguf_chat_template(KILN_TEMPLATE, plain) == KILN_TEMPLATE  # [INST] as plain text: no space added
+
+
 def test_vocab_is_padded_to_the_model_rows(tok):
     v = gguf_vocab(tok, n_vocab=32800)
     assert len(v.tokens) == len(v.types) == len(v.scores) == 32800
@@ -205,6 +226,24 @@ def test_bytelevel_bpe_is_written_as_gpt2_with_merges(tmp_path):
     assert v.types[:2] == [CONTROL, CONTROL] and v.types[2] == NORMAL and v.types[300:] == [UNUSED] * 20
     merges = [list(m) for m in __import__("json").loads(bpe.backend.to_str())["model"]["merges"]]
     assert v.merges == [f"{a} {b}" for a, b in merges] and v.merges
+
+
+@pytest.mark.parametrize("form,prefix", [("first", True), ("always", True), ("never", False), ("legacy", True)])
+def test_sentencepiece_style_forms(form, prefix):
+    """Metaspace with each prepend scheme, and the older HF Llama form (a Prepend + Replace normalizer)."""
+    import tokenizers
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<0x41>": 3, "\u2581": 4, "a": 5, "\u2581a": 6}
+    tk = tokenizers.Tokenizer(models.BPE(vocab, [("\u2581", "a")], byte_fallback=True, unk_token="<unk>"))
+    if form == "legacy":
+        tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    else:
+        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=form)
+    v = gguf_vocab(Tokenizer(tk, name=form, eos_token="</s>", bos_token="<s>", unk_token="<unk>"), n_vocab=8)
+    assert (v.model, v.add_space_prefix, v.unk_id) == ("llama", prefix, 0)
+    assert v.types[:7] == [UNKNOWN, NORMAL, NORMAL, BYTE, NORMAL, NORMAL, NORMAL] and v.types[7] == UNUSED
+    assert v.scores[6] == 0.0 and v.scores[5] < v.scores[6]  # "_a" is merge 0; "a" no merge makes
 
 
 def test_unsupported_tokenizer_is_refused(tmp_path):

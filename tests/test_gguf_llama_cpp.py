@@ -329,3 +329,24 @@ def test_q8_0_is_byte_identical_to_llama_cpp_quantizing_the_f32_file(random_runs
     for name in a:
         assert a[name].tensor_type == b[name].tensor_type, name
         assert np.asarray(a[name].data).tobytes() == np.asarray(b[name].data).tobytes(), name
+
+
+def test_chat_prompt_tokens_equal_kiln(random_runs, work):
+    """llama-cpp-python's chat formatter renders the file's chat template; llama.cpp tokenizes that into the
+    tokens kiln trains and prompts with (kiln's template, Mistral control tokens)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from kiln.posttrain.chat import ChatFormat
+    from test_gguf import CHAT
+
+    out = export_gguf(random_runs["llama"], work / "chat.gguf")
+    tok = load_tokenizer("mistral-v3")
+    llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
+    try:
+        template = llm.metadata["tokenizer.chat_template"]
+        for n in (2, 4):
+            prompt = Jinja2ChatFormatter(template=template, eos_token="</s>", bos_token="<s>")(messages=CHAT[:n]).prompt
+            ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+            assert ids == ChatFormat(tok).prompt_ids(CHAT[:n]), prompt
+    finally:
+        llm.close()

@@ -30,7 +30,8 @@ separate SentencePiece file, so llama.cpp sees the ids the model was trained on:
 
 kiln never puts BOS before a text (pretraining, generation, eval), so add_bos_token is false and
 llama.cpp's tokenizer agrees; EOS is the tokenizer's. Ids the tokenizer lacks below model.vocab_size
-become UNUSED "[PADi]" tokens. The chat template kiln trains with goes into tokenizer.chat_template.
+become UNUSED "[PADi]" tokens. The chat template kiln trains with goes into tokenizer.chat_template
+(kiln's own one adapted to llama.cpp's space after special tokens: gguf_chat_template).
 
 Weights: --dtype f32 | f16 | bf16 | q8_0; norms (1-D tensors) stay f32, as llama.cpp expects. q8_0
 quantizes every matrix whose rows are a multiple of 32 and writes the others as f16.
@@ -54,8 +55,8 @@ from kiln.config import ModelConfig
 from kiln.data.tokenizer import Tokenizer, load_tokenizer
 from kiln.errors import DataError
 from kiln.export import ExportError, to_hf_state_dict
-from kiln.posttrain.chat import resolve_template
-from kiln.train.checkpoint import load_for_inference
+from kiln.posttrain.chat import KILN_TEMPLATE, resolve_template
+from kiln.train.checkpoint import load_for_inference, read_config, resolve_checkpoint
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 DTYPE_ALIASES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
@@ -217,6 +218,24 @@ def gguf_vocab(tok: Tokenizer, *, n_vocab: int) -> GGUFVocab:
     return GGUFVocab(model="llama", scores=scores, add_space_prefix=prefix, **common)
 
 
+def gguf_chat_template(template: str, vocab: GGUFVocab) -> str:
+    """The chat template for llama.cpp, rendering text that llama.cpp tokenizes into kiln's tokens.
+
+    llama.cpp's SentencePiece-style tokenizer puts a space before the text after every special token;
+    kiln's only at the start of the whole text. kiln's own template writes one space after [INST] and
+    after [/INST]: where those (and EOS) are control tokens, the GGUF copy leaves that space out, which
+    llama.cpp then adds back. Any other template is written as it is."""
+    control = {t for t, kind in zip(vocab.tokens, vocab.types) if kind == CONTROL}
+    marks = {"[INST]", "[/INST]", vocab.tokens[vocab.eos_id]}
+    if template != KILN_TEMPLATE or vocab.model != "llama" or not marks <= control:
+        return template
+    pairs = [("'[INST] '", "'[INST]'"), ("' ' + m['content'] + eos_token", "m['content'] + eos_token")]
+    for old, new in pairs:
+        assert template.count(old) == 1, old
+        template = template.replace(old, new)
+    return template
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing
 
@@ -288,7 +307,7 @@ def write_gguf(path: str | Path, model_or_state: nn.Module | dict[str, Tensor], 
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_vocab(w, vocab)
     if chat_template:
-        w.add_chat_template(chat_template)
+        w.add_chat_template(gguf_chat_template(chat_template, vocab))
     for key, value in (extra or {}).items():
         w.add_string(key, value)
     for tname, t in tensors.items():
@@ -329,9 +348,11 @@ def export_gguf(ckpt_path: str | Path, out_path: str | Path, *, dtype: str = "f3
     _gguf()  # a missing package fails before the checkpoint is read
     out = Path(out_path)
     _check_out(out)
-    model, cfg, ckpt = load_for_inference(ckpt_path)
-    gguf_architecture(cfg.model)
+    cfg = read_config(resolve_checkpoint(ckpt_path))
+    gguf_architecture(cfg.model)  # refusals come before any weights are read
     tok = load_tokenizer(cfg.data.tokenizer)
+    gguf_vocab(tok, n_vocab=cfg.model.vocab_size)
+    model, cfg, ckpt = load_for_inference(ckpt_path)
     _, template = resolve_template(cfg.posttrain.chat_template, cfg.data.tokenizer)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
