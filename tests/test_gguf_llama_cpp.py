@@ -35,9 +35,10 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not ins
 CORPUS = ROOT / "src" / "kiln" / "data" / "corpus"
 PROMPTS = ["It is a truth universally acknowledged", "KING HENRY.", "She said that", "The house was",
            "My lord, I", "When the"]
-# max |log p_llama.cpp - log p_kiln| over every position and every vocabulary entry, kiln at fp32;
-# the measured values are in the module docstring of kiln.convert.gguf's report (GGUF-PARITY lines)
-LOGP_TOL = {"f32": 1e-4, "f16": 0.05, "bf16": 0.5, "q8_0": 0.5}
+# max |log p_llama.cpp - log p_kiln| over every position and every vocabulary entry, kiln at fp32. Measured
+# (llama.cpp 0.3.36 build, fp32 KV cache, the random models below): f32 7.3e-6, f16 7.4e-3, bf16 6.8e-2,
+# q8_0 2.3e-1 (q8_0 quantizes the activations too). llama.cpp's default f16 KV cache alone gives 2.5e-3 at f32.
+LOGP_TOL = {"f32": 1e-4, "f16": 3e-2, "bf16": 0.25, "q8_0": 0.6}
 
 
 def docs(split: str, n: int) -> list[str]:
