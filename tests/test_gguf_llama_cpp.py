@@ -30,7 +30,8 @@ from kiln.model import Transformer, build_model
 from kiln.train.checkpoint import load_for_inference, save_checkpoint
 
 pytestmark = [pytest.mark.external, pytest.mark.slow]  # minutes in all: a trained model, 20+ files
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test-gguf builds it)")
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test-gguf builds it)",
+                                exc_type=ImportError)
 
 CORPUS = ROOT / "src" / "kiln" / "data" / "corpus"
 PROMPTS = ["It is a truth universally acknowledged", "KING HENRY.", "She said that", "The house was",
