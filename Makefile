@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiln-installed
 ARGS ?=
 
-.PHONY: setup train test test-fast lint bench clean
+.PHONY: setup train test test-fast test-gguf lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,13 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests $(ARGS)
+
+# GGUF files run by llama.cpp itself: builds llama-cpp-python once (compiles llama.cpp, 10-20 min on 2 cores)
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+test-gguf: setup
+	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
+		CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} $(BIN)/pip install "$(LLAMA_CPP_PYTHON)"
+	$(BIN)/python -m pytest -q tests/test_gguf.py tests/test_gguf_llama_cpp.py $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests bench scripts

@@ -21,7 +21,7 @@ commands:
   dpo --checkpoint CKPT --data FILE [...]                         DPO / APO, jsonl {"prompt", "chosen", "rejected"}
   rlvr --checkpoint CKPT --data FILE [...]                        RL with verifiable rewards, jsonl {"prompt", "answer"}
   import --hf DIR --out RUN_DIR                                   HF Llama / Qwen3 / SmolLM3 folder -> kiln checkpoint
-  export --checkpoint CKPT --out DIR                              HF folder (Llama / Qwen3 / SmolLM3)
+  export --checkpoint CKPT --out DIR [--format hf|gguf]           HF folder, or a GGUF file for llama.cpp
   average CKPT CKPT ... --out DIR [--ema D] [--last K]            one checkpoint from several (uniform or EMA)
   presets                                                         list presets with parameter counts
   control list|save|stop|abort [JOB]                              steer running training jobs on this machine
@@ -127,11 +127,20 @@ def _eval(argv: list[str]) -> int:
 
 
 def _export(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="kiln export", description="Write a Hugging Face model folder.")
+    p = argparse.ArgumentParser(prog="kiln export", description="Write a Hugging Face model folder or a GGUF file.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"], help="hf: a transformers folder; gguf: llama.cpp")
+    p.add_argument("--dtype", default=None, help="hf: float32 | bfloat16 | float16; gguf: f32 | f16 | bf16 | q8_0")
     args = p.parse_args(argv)
+    if args.format == "gguf":
+        from kiln.convert.gguf import export_gguf
+
+        out = export_gguf(args.checkpoint, args.out, dtype=args.dtype or "f32")
+        print(f"exported to {out}: llama-cli -m {out}")
+        return 0
+    if args.dtype is None:
+        args.dtype = "float32"
     from kiln.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype)
