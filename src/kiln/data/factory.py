@@ -64,8 +64,8 @@ def build_train_source(cfg: Config, tokenizer: Tokenizer, *, dp_rank: int = 0, d
                             f"--data.format shards (or --data.shards {s.path})")
     return PackedLoader(sources, tokenizer, seq_len=t.seq_len, batch_size=t.micro_batch_size, seed=cfg.run.seed,
                         shuffle=d.shuffle, rank=dp_rank, world_size=dp_world, encode_batch=d.encode_batch,
-                        num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, remainder=d.remainder,
-                        on_exhausted=d.on_exhausted)
+                        num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, row_shuffle=d.row_shuffle,
+                        remainder=d.remainder, on_exhausted=d.on_exhausted)
 
 
 def build_val_sets(cfg: Config, tokenizer: Tokenizer) -> dict[str, list[Batch]]:
