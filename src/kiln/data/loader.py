@@ -9,6 +9,8 @@ kiln.data.mixing in max(num_workers, 1) shards per rank:
     k mod N. Each batch travels with its worker's state after producing it; this process keeps the
     latest state of every worker and the count of batches consumed. A resumed loader restarts each
     worker from its own state and rotates the workers so that the one due next is read first.
+Each shard shuffles its packed rows in seeded windows of `row_shuffle` rows (kiln.data.rowshuffle), so
+a batch holds rows of many documents, not consecutive rows of one; shards stay disjoint.
 The order of batches depends on the number of shards (ranks x max(num_workers, 1)): resuming text
 sources with another data-parallel size or another num_workers raises a DataError that says so, as
 does another tokenizer (by tokenizer_digest) or changed files (names and document counts; for

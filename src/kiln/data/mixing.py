@@ -26,6 +26,12 @@ snapshot, replays that one batch and skips the popped rows, so the state stays s
 the documents are, and the restored shard emits exactly the rows the original would have. The
 documents' order does not depend on encode_batch, so a resume may change it: the replay tokenizes
 until the popped rows are there (several smaller batches, or one larger).
+
+Rows. The packed rows then pass through a seeded shuffle in windows of `row_shuffle` rows per shard
+(kiln.data.rowshuffle; off with shuffle=False or row_shuffle <= 1): documents are packed one after
+another, so without it a long document fills many consecutive rows and a batch holds one or two
+documents. The shard's state is then that same snapshot + count, taken at the window's start, plus
+the window and the rows emitted of it; a restore replays up to two windows.
 """
 
 from __future__ import annotations
@@ -251,8 +257,10 @@ class TextStream:
         self._filled, self._popped = False, 0
         # for kiln.data.diversity: (source, document key, tokens) of every document the packer got, in order
         self.origins: list[tuple[int, Any, int]] | None = [] if track else None
-        self._rows = RowWindows(self._pull_row, self._inner_state, self._load_inner, size=row_shuffle,
-                                key=[seed, ROWS_TAG, shard, num_shards], dry=DataExhausted) if shuffle and row_shuffle > 1 else None
+        self._rows: RowWindows | None = None  # data.row_shuffle (module docstring)
+        if shuffle and row_shuffle > 1:
+            self._rows = RowWindows(self._pull_row, self._inner_state, self._load_inner, size=row_shuffle,
+                                    key=[seed, ROWS_TAG, shard, num_shards], dry=DataExhausted)
 
     @property
     def epoch(self) -> int:
