@@ -37,7 +37,7 @@ def expected(m: int) -> list[int]:
     return [m] + [X] * (1 + (m * 7) % 11)
 
 
-KW = {"seq_len": 8, "batch_size": 3, "seed": 5, "encode_batch": 4}
+KW = {"seq_len": 8, "batch_size": 3, "seed": 5, "encode_batch": 4, "row_shuffle": 0}  # rows in stream order
 
 
 def per_shard_docs(batches, n_workers: int) -> list[list[list[int]]]:
@@ -223,7 +223,7 @@ def test_mix_presets_run_on_local_stand_ins_with_their_weights(tmp_path, preset,
         stand_ins.append(SourceConfig(path=str(path), name=s.name, weight=s.weight, text_column=s.text_column,
                                       streaming=True, skip=min(s.skip, 50)))  # the preset's hold-out, scaled
     ld = PackedLoader(stand_ins, TOK, seq_len=64, batch_size=8, seed=1, encode_batch=64, shuffle_buffer=100,
-                      num_workers=2)  # 2 shards
+                      row_shuffle=0, num_workers=2)  # 2 shards, rows in stream order (documents rebuilt)
     docs = sum(per_shard_docs([ld.next_batch() for _ in range(60)], 2), [])  # ~15K documents of 2 tokens
     ld.close()
     for i, s in enumerate(stand_ins):  # the held-out head never reaches training

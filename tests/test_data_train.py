@@ -109,6 +109,7 @@ def test_training_from_shards_resumes_bitwise_with_another_worker_count(prepared
 
 @pytest.mark.parametrize("overrides_, match", [
     (["--data.num_workers", "-1"], r"data.num_workers: must be >= 0"),
+    (["--data.row_shuffle", "-5"], r"data.row_shuffle: must be >= 0"),
     (["--data.remainder", "half"], r"data.remainder: expected one of 'carry', 'drop'"),
     (["--data.on_exhausted", "wrap"], r"data.on_exhausted: expected one of 'cycle', 'drop', 'stop'"),
     (["--data.format", "shards", "--data.remainder", "drop"], r"data.remainder=drop applies to text sources"),

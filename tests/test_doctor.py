@@ -29,7 +29,8 @@ def test_doctor_passes_here_and_leaves_nothing_behind(tmp_path, capsys):
     table = "\n".join(lines[:-1])
     for name, _ in doctor.CHECKS:
         assert name in table
-    for expected in ("ln V", "round trip exact", "changed all", "matches eager", "bundled: batch (1, "):
+    for expected in ("ln V", "round trip exact", "changed all", "matches eager", "bundled: batch (1, ",
+                     "documents per batch of 8 rows"):
         assert expected in table
     assert not (tmp_path / "a").exists()  # the writability probe removed the folders it made
 
@@ -130,3 +131,15 @@ def test_optimizer_check_steps_the_preset_parameter_dtype(ctx, monkeypatch):
     status, detail = doctor.check_optimizer(ctx)
     assert status == "PASS" and "bfloat16 parameters (stochastic rounding)" in detail, detail
     assert calls and all(p.dtype == doctor.torch.bfloat16 for p in ctx.model.parameters())
+
+
+def test_diversity_check_warns_when_batches_come_from_few_documents(ctx):
+    """The tiny preset's loader (row shuffle on) passes; rows in stream order (the loader before
+    data.row_shuffle) fill a batch from one or two documents and WARN."""
+    assert doctor.check_diversity(ctx)[0] == "SKIP"  # needs the tokenizer first
+    assert doctor.check_tokenizer(ctx)[0] == "PASS"
+    status, detail = doctor.check_diversity(ctx)
+    assert status == "PASS" and "documents per batch of 8 rows" in detail, detail
+    ctx.cfg = load_config("tiny", ["--data.row_shuffle", "0"])
+    status, detail = doctor.check_diversity(ctx)
+    assert status == "WARN" and "raise data.row_shuffle" in detail, detail

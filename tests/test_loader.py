@@ -71,7 +71,9 @@ def stream_docs(batches) -> list[list[int]]:
 
 
 def loader(srcs, **kw) -> PackedLoader:
-    args = {"seq_len": 8, "batch_size": 3, "seed": 5, "encode_batch": 4} | kw
+    """Rows in stream order (row_shuffle=0) unless asked: these tests rebuild documents from the stream;
+    tests/test_rowshuffle.py relates the shuffled rows to these."""
+    args = {"seq_len": 8, "batch_size": 3, "seed": 5, "encode_batch": 4, "row_shuffle": 0} | kw
     return PackedLoader(srcs, TOK, **args)
 
 

@@ -235,8 +235,8 @@ def test_inspect_and_verify_commands(data, tmp_path, capsys):
     assert cli(["data", "verify", out, "--seq-len", str(T), "--val", str(leaky)]) == 1
     err = capsys.readouterr().err
     assert "1 of 2 validation documents" in err and err.count("\n") == 1
-    assert cli(["data", "verify", data["sources"][0].path]) == 0  # text source
-    assert json.loads(capsys.readouterr().out.splitlines()[-1])["documents"] == 151
+    assert cli(["data", "verify", data["sources"][0].path, "--seq-len", str(T), "--tokenizer", data["tok"]]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["documents"] == 151  # text source
     dup = tmp_path / "dup.jsonl"
     write_jsonl(dup, [1000, 1001, 1002, 1001])
     assert cli(["data", "verify", str(dup)]) == 1

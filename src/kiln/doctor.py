@@ -2,9 +2,10 @@
 
 Each check prints PASS / WARN / FAIL / SKIP (not applicable here) and one line of detail: versions,
 device and bf16, flex and flash attention, a tiny model's forward/backward (fp32 and bf16
-autocast), an optimizer step, the tokenizer round trip, a batch from the real data loader, disk
-space and the output folder. The tiny model keeps the preset's architecture switches (QK-norm,
-NoPE, residual kind, init, tying, attention backend) at a size that runs in a second on a CPU.
+autocast), an optimizer step, the tokenizer round trip, a batch from the real data loader, the
+diversity of its batches (documents per batch against random rows), disk space and the output
+folder. The tiny model keeps the preset's architecture switches (QK-norm, NoPE, residual kind,
+init, tying, attention backend) at a size that runs in a second on a CPU.
 Exit code 0 when nothing FAILs, 1 otherwise. The last line is JSON with the counts.
 """
 
@@ -337,8 +338,9 @@ def check_data(ctx: Context) -> tuple[Status, str]:
             resolve_files(s)  # raises a one-line DataError when missing
     if not local:
         return "WARN", f"only HF hub sources ({', '.join(hub)}): not fetched here (network); run kiln train to see"
-    # the trainer's own batch source, one sequence per batch, tokenizing in this process
-    data = dataclasses.replace(cfg.data, train=local, shards="", num_workers=0,
+    # the trainer's own batch source, one sequence per batch, tokenizing in this process, rows in stream
+    # order (the row shuffle would tokenize its whole first window for one row; "data diversity" measures it)
+    data = dataclasses.replace(cfg.data, train=local, shards="", num_workers=0, row_shuffle=0,
                                format="shards" if uses_shards(cfg) else cfg.data.format)
     small = dataclasses.replace(cfg, data=data, train=dataclasses.replace(cfg.train, micro_batch_size=1))
     batch = build_train_source(small, ctx.tokenizer).next_batch()
@@ -353,6 +355,21 @@ def check_data(ctx: Context) -> tuple[Status, str]:
     if hub:
         return "WARN", detail + f"; hub sources not fetched here: {', '.join(hub)}"
     return "PASS", detail
+
+
+def check_diversity(ctx: Context) -> tuple[Status, str]:
+    """Distinct documents and sources per batch and per 10 batches of the trainer's loader, against rows
+    drawn at random (kiln.data.diversity): WARN when batches hold far fewer documents than random rows."""
+    from kiln.data.factory import measure_diversity, train_sources, uses_shards
+    from kiln.data.sources import is_hub_source
+
+    if ctx.tokenizer is None:
+        return "SKIP", "needs the tokenizer check to pass"
+    sources = train_sources(ctx.cfg)
+    if not uses_shards(ctx.cfg) and any(is_hub_source(s) for s in sources):
+        return "SKIP", "HF hub sources are not fetched here (network); measure local data with `kiln data verify`"
+    d = measure_diversity(ctx.cfg, ctx.tokenizer, sources=sources)
+    return d.status, d.line()
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -413,7 +430,8 @@ def check_wandb(ctx: Context) -> tuple[Status, str]:
 CHECKS: list[tuple[str, Callable[[Context], tuple[Status, str]]]] = [
     ("versions", check_versions), ("device", check_device), ("bf16", check_bf16), ("flex attention", check_flex),
     ("flash-attn", check_flash), ("model fwd/bwd", check_model), ("optimizer step", check_optimizer),
-    ("tokenizer", check_tokenizer), ("data sample", check_data), ("disk space", check_disk),
+    ("tokenizer", check_tokenizer), ("data sample", check_data), ("data diversity", check_diversity),
+    ("disk space", check_disk),
     ("out dir", check_out_dir), ("wandb", check_wandb),
 ]
 

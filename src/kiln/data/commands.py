@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from kiln.config import SourceConfig, build, validate_source
+from kiln.config import Config, SourceConfig, build, load_config, validate_source
 from kiln.errors import DataError
 
 USAGE = """kiln data <command>
@@ -14,7 +14,9 @@ USAGE = """kiln data <command>
   prepare --source PATH_OR_DATASET [--source ...] --out DIR [--tokenizer T] [--workers N]
                                           pre-tokenize into memory-mapped shards (resumable)
   inspect DIR                             tokens, documents, length histogram per source (last line JSON)
-  verify PATH [--val PATH] [--seq-len T]  exit 0 when clean: integrity, duplicated content, val overlap
+  verify PATH [--val PATH] [--seq-len T] [--config C]
+                                          exit 0 when clean: integrity, duplicated content, val overlap;
+                                          prints the batches' diversity (documents per batch vs random rows)
 """
 
 
@@ -52,8 +54,6 @@ def _prepare(argv: list[str]) -> int:
     sources = [_source(s, args, i) for i, s in enumerate(args.source)]
     tokenizer = args.tokenizer
     if args.config:
-        from kiln.config import load_config
-
         cfg = load_config(args.config)
         sources = sources or list(cfg.data.train)
         tokenizer = tokenizer or cfg.data.tokenizer
@@ -94,20 +94,41 @@ def _inspect(argv: list[str]) -> int:
 
 
 def _verify(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="kiln data verify", description="Check data integrity, duplicated content and val overlap.")
-    p.add_argument("path", help="a prepared folder, or a text source (file, glob, folder)")
-    p.add_argument("--val", default=None, help="validation data (prepared folder or text source) to check overlap")
-    p.add_argument("--seq-len", type=int, default=2048, help="block length of the training order (shards)")
-    args = p.parse_args(argv)
+    from kiln.data.diversity import BATCHES  # torch, tokenizers: only for this command
     from kiln.data.verify import VerifyFailed, verify
 
-    if args.seq_len < 1:
-        raise DataError("--seq-len must be positive")
+    p = argparse.ArgumentParser(prog="kiln data verify", description="Check data integrity, duplicated content and "
+                                "val overlap; measure the training batches' diversity.")
+    p.add_argument("path", help="a prepared folder, or a text source (file, glob, folder)")
+    p.add_argument("--val", default=None, help="validation data (prepared folder or text source) to check overlap")
+    p.add_argument("--config", help="take train.seq_len, train.micro_batch_size, run.seed and the data settings "
+                   "(tokenizer, row_shuffle, ...) from this preset or YAML; the flags below override them")
+    p.add_argument("--seq-len", type=int, default=None, help="block length of the training order (default 2048)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per batch for the diversity (default 8)")
+    p.add_argument("--seed", type=int, default=None, help="the loader's seed (run.seed; default 0)")
+    p.add_argument("--tokenizer", default=None, help="text sources: data.tokenizer (default mistral-v3)")
+    p.add_argument("--row-shuffle", type=int, default=None, help="text sources: data.row_shuffle")
+    p.add_argument("--batches", type=int, default=BATCHES, help=f"batches the diversity reads (default {BATCHES}; "
+                   "0: not measured)")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config) if args.config else Config()
+    d, t = cfg.data, cfg.train
+    seq_len = args.seq_len or (t.seq_len if args.config else 2048)
+    for flag, v in (("--seq-len", seq_len), ("--batch-size", args.batch_size or 1), ("--batches", args.batches + 1)):
+        if v < 1:
+            raise DataError(f"{flag} must be positive")
+    stream = {"shuffle": d.shuffle, "encode_batch": d.encode_batch, "shuffle_buffer": d.shuffle_buffer,
+              "row_shuffle": d.row_shuffle if args.row_shuffle is None else args.row_shuffle, "remainder": d.remainder}
     try:
-        summary = verify(args.path, val=args.val, seq_len=args.seq_len)
+        summary = verify(args.path, val=args.val, seq_len=seq_len, batch_size=args.batch_size or t.micro_batch_size,
+                         seed=cfg.run.seed if args.seed is None else args.seed, batches=args.batches,
+                         tokenizer=args.tokenizer or d.tokenizer, stream=stream)
     except VerifyFailed as e:
         print(f"kiln data verify: FAILED: {e}", file=sys.stderr)
         return 1
+    if "diversity" in summary:
+        div = summary["diversity"]
+        print(f"diversity: {div['status']}: {div['detail']}")
     print(json.dumps(summary))
     return 0
 

@@ -15,6 +15,7 @@ Checkpointing the training source (`state_dict()` is plain python data):
 from __future__ import annotations
 
 from kiln.config import Config, DataConfig, SourceConfig
+from kiln.data.diversity import BATCHES, Diversity, shard_diversity, text_diversity
 from kiln.data.loader import PackedLoader, validation_batches
 from kiln.data.packing import Batch
 from kiln.data.shards import ShardLoader, shard_validation_sets
@@ -64,8 +65,24 @@ def build_train_source(cfg: Config, tokenizer: Tokenizer, *, dp_rank: int = 0, d
                             f"--data.format shards (or --data.shards {s.path})")
     return PackedLoader(sources, tokenizer, seq_len=t.seq_len, batch_size=t.micro_batch_size, seed=cfg.run.seed,
                         shuffle=d.shuffle, rank=dp_rank, world_size=dp_world, encode_batch=d.encode_batch,
-                        num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, remainder=d.remainder,
-                        on_exhausted=d.on_exhausted)
+                        num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, row_shuffle=d.row_shuffle,
+                        remainder=d.remainder, on_exhausted=d.on_exhausted)
+
+
+def measure_diversity(cfg: Config, tokenizer: Tokenizer, *, sources: list[SourceConfig] | None = None,
+                      batches: int = BATCHES) -> Diversity:
+    """The training batches' diversity (kiln.data.diversity) under `cfg`'s data settings, micro-batch,
+    seq_len and seed, over `sources` (default: the training sources)."""
+    d, t = cfg.data, cfg.train
+    sources = train_sources(cfg) if sources is None else sources
+    if uses_shards(cfg):
+        return shard_diversity([s.path for s in sources], seq_len=t.seq_len, batch_size=t.micro_batch_size,
+                               seed=cfg.run.seed, shuffle=d.shuffle, weights=[s.weight for s in sources],
+                               batches=batches)
+    return text_diversity(sources, tokenizer, seq_len=t.seq_len, batch_size=t.micro_batch_size, seed=cfg.run.seed,
+                          batches=batches, shuffle=d.shuffle, encode_batch=d.encode_batch,
+                          shuffle_buffer=d.shuffle_buffer, row_shuffle=d.row_shuffle, remainder=d.remainder,
+                          on_exhausted=d.on_exhausted)
 
 
 def build_val_sets(cfg: Config, tokenizer: Tokenizer) -> dict[str, list[Batch]]:

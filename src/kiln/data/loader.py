@@ -9,6 +9,8 @@ kiln.data.mixing in max(num_workers, 1) shards per rank:
     k mod N. Each batch travels with its worker's state after producing it; this process keeps the
     latest state of every worker and the count of batches consumed. A resumed loader restarts each
     worker from its own state and rotates the workers so that the one due next is read first.
+Each shard shuffles its packed rows in seeded windows of `row_shuffle` rows (kiln.data.rowshuffle), so
+a batch holds rows of many documents, not consecutive rows of one; shards stay disjoint.
 The order of batches depends on the number of shards (ranks x max(num_workers, 1)): resuming text
 sources with another data-parallel size or another num_workers raises a DataError that says so, as
 does another tokenizer (by tokenizer_digest) or changed files (names and document counts; for
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from kiln.config import SourceConfig
-from kiln.data.mixing import OnExhausted, TextStream
+from kiln.data.mixing import ROW_SHUFFLE, OnExhausted, TextStream
 from kiln.data.packing import Batch, Packer, batch_from_arrays, make_batch
 from kiln.data.sources import load_documents, open_stream, stream_error
 from kiln.data.tokenizer import Tokenizer, tokenizer_digest
@@ -152,19 +154,21 @@ class PackedLoader(PooledLoader):
 
     def __init__(self, sources: list[SourceConfig], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                  seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1, encode_batch: int = 64,
-                 num_workers: int = 0, shuffle_buffer: int = 10000, remainder: Literal["carry", "drop"] = "carry",
-                 on_exhausted: OnExhausted = "cycle", pin_memory: bool | None = None) -> None:
+                 num_workers: int = 0, shuffle_buffer: int = 10000, row_shuffle: int = ROW_SHUFFLE,
+                 remainder: Literal["carry", "drop"] = "carry", on_exhausted: OnExhausted = "cycle",
+                 pin_memory: bool | None = None) -> None:
         assert 0 <= rank < world_size and num_workers >= 0
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.seq_len, self.num_workers = seq_len, num_workers
         # what decides the rows besides the sources (encode_batch does not: any value resumes exactly)
         self.layout = {"remainder": remainder, "on_exhausted": on_exhausted, "shuffle_buffer": shuffle_buffer,
-                       "tokenizer": tokenizer_digest(tokenizer)}
+                       "row_shuffle": row_shuffle if shuffle and row_shuffle > 1 else 0, "tokenizer": tokenizer_digest(tokenizer)}
         self.tokenizer_name = tokenizer.name
         n = max(1, num_workers)
         self._args = {"sources": sources, "tokenizer": tokenizer, "seq_len": seq_len, "batch_size": batch_size,
                       "seed": seed, "shuffle": shuffle, "num_shards": world_size * n, "encode_batch": encode_batch,
-                      "shuffle_buffer": shuffle_buffer, "remainder": remainder, "on_exhausted": on_exhausted}
+                      "shuffle_buffer": shuffle_buffer, "row_shuffle": row_shuffle, "remainder": remainder,
+                      "on_exhausted": on_exhausted}
         # this rank's first shard, built here so that source errors surface in this process;
         # with num_workers=0 it is the loader itself
         self._local = TextStream(**self._args, shard=rank * n)
@@ -236,8 +240,10 @@ class PackedLoader(PooledLoader):
                             f"run's data.tokenizer '{self.tokenizer_name}' has digest {self.layout['tokenizer'][:12]}; "
                             "resume with the same data.tokenizer, or start fresh")
         for key, now in {"seed": self.seed, "shuffle": self.shuffle, "seq_len": self.seq_len, **self.layout}.items():
-            if state[key] != now:
-                raise DataError(f"data position was saved with {key}={state[key]!r}, this run has {now!r}; "
+            old = state.get(key, 0 if key == "row_shuffle" else None)  # states before the row shuffle: none
+            if old != now:
+                name = {"seed": "run.seed", "seq_len": "train.seq_len"}.get(key, f"data.{key}")
+                raise DataError(f"data position was saved with {name}={old!r}, this run has {now!r}; "
                                 "resume with the same value, or start fresh")
         saved_src = state["sources"]
         if [s["path"] for s in saved_src] != [d.cfg.path for d in self.sources]:

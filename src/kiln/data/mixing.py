@@ -26,25 +26,36 @@ snapshot, replays that one batch and skips the popped rows, so the state stays s
 the documents are, and the restored shard emits exactly the rows the original would have. The
 documents' order does not depend on encode_batch, so a resume may change it: the replay tokenizes
 until the popped rows are there (several smaller batches, or one larger).
+
+Rows. The packed rows then pass through a seeded shuffle in windows of `row_shuffle` rows per shard
+(kiln.data.rowshuffle; off with shuffle=False or row_shuffle <= 1): documents are packed one after
+another, so without it a long document fills many consecutive rows and a batch holds one or two
+documents. The shard's state is then that same snapshot + count, taken at the window's start, plus
+the window and the rows emitted of it; a restore replays up to two windows.
 """
 
 from __future__ import annotations
 
 import bisect
 import copy
+import hashlib
 import itertools
 from typing import Any, Literal
 
 import numpy as np
 
 from kiln.config import SourceConfig
-from kiln.data.packing import Batch, Packer, batch_from_arrays, stack_rows
+from kiln.data.packing import Batch, Packer, Row, batch_from_arrays, stack_rows
 from kiln.data.perm import Permutation, mix_key
+from kiln.data.rowshuffle import RowWindows
 from kiln.data.sources import load_documents, open_stream, resolve_files, source_name, stream_error
 from kiln.data.tokenizer import Tokenizer
 from kiln.errors import DataError
 
-PERM_TAG, MIX_TAG, WINDOW_TAG = 0, 1, 2  # keep the seeded streams apart
+PERM_TAG, MIX_TAG, WINDOW_TAG, ROWS_TAG = 0, 1, 2, 3  # keep the seeded streams apart
+# data.row_shuffle's default: rows per seeded shuffle window of each loader shard (kiln.data.rowshuffle;
+# kiln.config.DataConfig says why this size)
+ROW_SHUFFLE = 4096
 OnExhausted = Literal["cycle", "drop", "stop"]
 
 
@@ -221,8 +232,9 @@ class TextStream:
 
     def __init__(self, sources: list[SourceConfig], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                  seed: int, shuffle: bool = True, shard: int = 0, num_shards: int = 1, encode_batch: int = 64,
-                 shuffle_buffer: int = 10000, remainder: Literal["carry", "drop"] = "carry",
-                 on_exhausted: OnExhausted = "cycle") -> None:
+                 shuffle_buffer: int = 10000, row_shuffle: int = ROW_SHUFFLE,
+                 remainder: Literal["carry", "drop"] = "carry", on_exhausted: OnExhausted = "cycle",
+                 track: bool = False) -> None:
         if not sources:
             raise DataError("data.train: at least one source is needed")
         assert 0 <= shard < num_shards and seq_len > 0 and batch_size > 0 and encode_batch > 0
@@ -243,6 +255,12 @@ class TextStream:
         self._max_fills = known // encode_batch + 1000  # a whole epoch of empty texts must not loop forever
         self._snap = self._capture()
         self._filled, self._popped = False, 0
+        # for kiln.data.diversity: (source, document key, tokens) of every document the packer got, in order
+        self.origins: list[tuple[int, Any, int]] | None = [] if track else None
+        self._rows: RowWindows | None = None  # data.row_shuffle (module docstring)
+        if shuffle and row_shuffle > 1:
+            self._rows = RowWindows(self._pull_row, self._inner_state, self._load_inner, size=row_shuffle,
+                                    key=[seed, ROWS_TAG, shard, num_shards], dry=DataExhausted)
 
     @property
     def epoch(self) -> int:
@@ -255,15 +273,20 @@ class TextStream:
 
     def next_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """The next batch as (B, T+1) int32 tokens and doc ids (packing.stack_rows)."""
-        rows = []
-        while len(rows) < self.batch_size:
-            if self._packer.ready:
-                rows.append(self._packer.pop_row())
-                self._popped += 1
-            else:
-                self._snap, self._filled, self._popped = self._capture(), True, 0
-                self._fill()
-        return stack_rows(rows)
+        return stack_rows(self.next_rows())
+
+    def next_rows(self) -> list[Row]:
+        """The next batch's rows (through the row shuffle when there is one)."""
+        pull = self._pull_row if self._rows is None else self._rows.next_row
+        return [pull() for _ in range(self.batch_size)]
+
+    def _pull_row(self) -> Row:
+        """The next row of the packed document stream."""
+        while not self._packer.ready:
+            self._snap, self._filled, self._popped = self._capture(), True, 0
+            self._fill()
+        self._popped += 1
+        return self._packer.pop_row()
 
     def _pick(self) -> int:
         """Source of the next document among the active ones (one uniform draw)."""
@@ -307,7 +330,10 @@ class TextStream:
                     for j, t in zip(slots, src.fetch([picks[j][1] for j in slots])):
                         texts[j] = t
             before = len(self._packer)
-            self._packer.add(self.tokenizer.encode_batch(texts))
+            ids = self.tokenizer.encode_batch(texts)
+            if self.origins is not None:  # the packer skips empty documents: so do the origins
+                self.origins += [(s, _doc_key(h), len(d) + 1) for (s, h), d in zip(picks, ids) if d]
+            self._packer.add(ids)
             if len(self._packer) > before:
                 return
         raise DataError(f"{', '.join(d.cfg.path for d in self.docs)}: thousands of documents in a row tokenized "
@@ -319,12 +345,26 @@ class TextStream:
         return {"sources": [d.state() for d in self.docs], "rng": self._rng.bit_generator.state,
                 "round": self._round, "packer": self._packer.state_dict()}
 
+    def _inner_state(self) -> dict[str, Any]:
+        return {"snapshot": self._snap, "filled": self._filled, "popped": self._popped}
+
     def state_dict(self) -> dict[str, Any]:
-        """Snapshot before the last tokenization batch + rows popped since (plain python data)."""
-        return {"snapshot": self._snap, "filled": self._filled, "popped": self._popped, "epoch": self.epoch}
+        """Snapshot before the last tokenization batch + rows popped since (plain python data); with the
+        row shuffle, that of the window's start + the window and the rows emitted of it."""
+        inner = self._inner_state() if self._rows is None else self._rows.state_dict()
+        return {**inner, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where the saved shard stopped (replays one tokenization batch)."""
+        """Continue exactly where the saved shard stopped (replays one tokenization batch, or with the row
+        shuffle up to two windows of rows)."""
+        assert self.origins is None, "a tracked stream starts fresh"
+        state = {k: v for k, v in state.items() if k != "epoch"}
+        if self._rows is None:
+            self._load_inner(state)
+        else:
+            self._rows.load_state_dict(state)
+
+    def _load_inner(self, state: dict[str, Any]) -> None:
         snap = state["snapshot"]
         for d, s in zip(self.docs, snap["sources"]):
             d.load(s)
@@ -337,3 +377,10 @@ class TextStream:
                     self._fill()
                 self._packer.pop_row()
         self._snap, self._filled, self._popped = snap, bool(state["filled"]), int(state["popped"])
+
+
+def _doc_key(handle: Any) -> Any:
+    """A document's identity for kiln.data.diversity: its index (local sources), or its text's digest (streams)."""
+    if isinstance(handle, str):
+        return hashlib.blake2b(handle.encode(), digest_size=8).hexdigest()
+    return handle

@@ -38,6 +38,7 @@ class Row:
 
     tokens: np.ndarray  # (T+1,) int64
     doc_ids: np.ndarray  # (T+1,) int32, starts at 0
+    first: int = 0  # the packer's count of its first document (documents added before it); for diversity checks
 
 
 @dataclass
@@ -128,6 +129,7 @@ class Packer:
         self.dropped = 0  # tokens dropped so far (remainder=drop); statistics only, not state
         self._tok = np.zeros(0, dtype=np.int64)  # (N,) buffered stream
         self._doc = np.zeros(0, dtype=np.int64)  # (N,) document counter of each buffered token
+        self._count = 0  # documents added (since made or restored): the next one's counter
 
     def __len__(self) -> int:
         """Tokens buffered (carry + unconsumed)."""
@@ -143,7 +145,7 @@ class Packer:
         flat, lengths = flatten_documents(docs, eos_id=self.eos_id)
         if not len(lengths):
             return
-        first = int(self._doc[-1]) + 1 if len(self._doc) else 0
+        first, self._count = self._count, self._count + len(lengths)
         doc = np.repeat(np.arange(first, first + len(lengths), dtype=np.int64), lengths)
         self._tok = np.concatenate([self._tok, flat])
         self._doc = np.concatenate([self._doc, doc])
@@ -153,7 +155,7 @@ class Packer:
         T = self.seq_len
         assert self.ready, "pop_row on a packer without a full row"
         tok, doc = self._tok[:T + 1].copy(), self._doc[:T + 1]
-        row = Row(tokens=tok, doc_ids=(doc - doc[0]).astype(np.int32))
+        row = Row(tokens=tok, doc_ids=(doc - doc[0]).astype(np.int32), first=int(doc[0]))
         cut = T
         if self.remainder == "drop":
             # next row starts at the first document start at or after T (the row's last token, a target only,
@@ -185,4 +187,5 @@ class Packer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._tok = np.asarray(state["tokens"], dtype=np.int64)
         self._doc = np.asarray(state["doc_ids"], dtype=np.int64)
+        self._count = int(self._doc[-1]) + 1 if len(self._doc) else 0
         assert self._tok.shape == self._doc.shape

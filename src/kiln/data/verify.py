@@ -6,7 +6,9 @@ verify (the Dense-180M guide's diversity check, made exact), exit 0 when clean:
   2. content: no two blocks of seq_len + 1 tokens (shards) or documents (text) of the train data are
      identical;
   3. with --val: no validation document also occurs in the train data (hashed token sequences, or
-     hashed texts for text sources).
+     hashed texts for text sources);
+  4. diversity (kiln.data.diversity; PASS or WARN, never a failure): distinct documents and sources
+     per batch and per 10 batches of the training loader, against random rows.
 Items are compared by 128-bit blake2b digests kept in numpy arrays (16 bytes per block or document,
 sorted to find equal ones), not in Python sets: memory still grows with the corpus, but at about a
 tenth of the cost.
@@ -24,8 +26,10 @@ from typing import Any
 import numpy as np
 
 from kiln.config import SourceConfig
+from kiln.data.diversity import BATCHES, shard_diversity, text_diversity
 from kiln.data.shards import ShardSet
 from kiln.data.sources import is_prepared, load_documents
+from kiln.data.tokenizer import load_tokenizer, tokenizer_digest
 from kiln.errors import DataError
 
 HIST_EDGES = [1, 64, 256, 1024, 4096, 16384]  # document length bins, tokens (EOS included)
@@ -150,8 +154,10 @@ def _overlap(val: np.ndarray, train: np.ndarray) -> int:
     return int(np.isin(val, train).sum())
 
 
-def verify_shards(path: str | Path, *, val: str | None = None, seq_len: int = 2048) -> dict[str, Any]:
-    """Raise VerifyFailed with a one-line reason, or return a summary."""
+def verify_shards(path: str | Path, *, val: str | None = None, seq_len: int = 2048, batch_size: int = 8,
+                  seed: int = 0, batches: int = BATCHES, **_: Any) -> dict[str, Any]:
+    """Raise VerifyFailed with a one-line reason, or return a summary (with the loader's diversity over
+    `batches` batches of `batch_size` blocks; 0 batches: not measured)."""
     s = ShardSet(path)
     _check_integrity(s)
     _shard_blocks(s, seq_len=seq_len)
@@ -165,8 +171,6 @@ def verify_shards(path: str | Path, *, val: str | None = None, seq_len: int = 20
             _check_integrity(v)
             vh = _shard_doc_hashes(v)
         else:
-            from kiln.data.tokenizer import load_tokenizer, tokenizer_digest
-
             name, digest = s.manifest["tokenizer"], s.manifest["tokenizer_sha256"]
             tok = load_tokenizer(name)
             if tokenizer_digest(tok) != digest:
@@ -179,11 +183,17 @@ def verify_shards(path: str | Path, *, val: str | None = None, seq_len: int = 20
             raise VerifyFailed(f"{both} of {len(vh)} validation documents of {val} also occur in the train data "
                                f"{path}; hold them out of one side")
         summary["val_documents"] = len(vh)
+    if batches:
+        d = shard_diversity([str(path)], seq_len=seq_len, batch_size=batch_size, seed=seed, batches=batches)
+        summary["diversity"] = {**d.as_dict(), "detail": d.line()}
     return summary
 
 
-def verify_text(src: SourceConfig, *, val: str | None = None) -> dict[str, Any]:
-    """Text source: duplicate texts, and validation documents that also occur in the train data."""
+def verify_text(src: SourceConfig, *, val: str | None = None, seq_len: int = 2048, batch_size: int = 8, seed: int = 0,
+                batches: int = BATCHES, tokenizer: str = "mistral-v3", stream: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """Text source: duplicate texts, validation documents that also occur in the train data, and the
+    diversity of `batches` batches of the loader (TextStream with `stream` settings; 0: not measured)."""
     ds = load_documents(src)
 
     def texts(d: Any) -> Iterable[bytes | None]:
@@ -202,14 +212,18 @@ def verify_text(src: SourceConfig, *, val: str | None = None) -> dict[str, Any]:
             raise VerifyFailed(f"{both} of {len(vds)} validation documents of {val} also occur in {src.path}; "
                                "hold them out of one side")
         summary["val_documents"] = len(vds)
+    if batches:
+        d = text_diversity([src], load_tokenizer(tokenizer), seq_len=seq_len, batch_size=batch_size, seed=seed,
+                           batches=batches, **(stream or {}))
+        summary["diversity"] = {**d.as_dict(), "detail": d.line()}
     return summary
 
 
 def verify(path: str, **kw: Any) -> dict[str, Any]:
-    """verify_shards for a prepared folder, verify_text for anything else."""
+    """verify_shards for a prepared folder, verify_text for anything else (keywords: val, seq_len,
+    batch_size, seed, batches; for text also tokenizer and stream)."""
     if is_prepared(path):
         return verify_shards(path, **kw)
-    kw.pop("seq_len", None)
     if not Path(path).expanduser().exists() and "*" not in path and not path.startswith("bundled:"):
         raise DataError(f"{path}: no such file or folder")
     return verify_text(SourceConfig(path=path), **kw)
