@@ -414,13 +414,13 @@ def finish(run: Run, stopped: str | None, *, complete: bool = False) -> dict[str
 
 def _target_record(run: Run, evaluation: Evaluation | None) -> dict[str, Any]:
     """What reaching train.target_loss cost: logged as a "target" record and returned in the summary."""
-    t, state = run.cfg.train, run.state
+    t, state, elapsed = run.cfg.train, run.state, run.state.elapsed()
     record: dict[str, Any] = {"kind": "target", "step": state.step, "tokens_seen": state.tokens_seen,
                               "metric": t.target_metric, "target": t.target_loss,
                               "value": evaluation.record.get(t.target_metric) if evaluation else None,
-                              "elapsed_sec": state.elapsed()}
+                              "elapsed_sec": elapsed}
     if run.cfg.run.cost_per_hour > 0:
-        record["cost_usd"] = state.elapsed() / 3600 * run.cfg.run.cost_per_hour
+        record["cost_usd"] = elapsed / 3600 * run.cfg.run.cost_per_hour
     if run.metrics is not None:
         run.metrics.log(record)
     return record
