@@ -49,7 +49,7 @@ def test_model_and_optimizer_checks_catch_breakage(ctx, monkeypatch):
     status, detail = doctor.check_optimizer(ctx, lr=0.0)  # a step that does nothing
     assert status == "FAIL" and "unchanged" in detail
     real = kiln.eval.loss.token_loss_sum
-    monkeypatch.setattr(kiln.eval.loss, "token_loss_sum", lambda *a, **k: real(*a, **k) * float("nan"))
+    monkeypatch.setattr(doctor, "token_loss_sum", lambda *a, **k: real(*a, **k) * float("nan"))
     status, detail = doctor.check_model(ctx)
     assert status == "FAIL" and "not finite" in detail
 

@@ -27,9 +27,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
+from kiln import __version__
 from kiln.config import Config, ModelConfig, load_config, split_preset
+from kiln.data.factory import build_train_source, measure_diversity, train_sources, uses_shards
+from kiln.data.packing import Batch
+from kiln.data.sources import is_hub_source, resolve_files, source_name
+from kiln.data.tokenizer import load_tokenizer
 from kiln.device import pick_device
+from kiln.estimate import estimate_memory, state_bytes
+from kiln.eval.loss import token_loss_sum
+from kiln.model import build_model, count_params
+from kiln.model.attention import AttnMask, attend
+from kiln.optim import build_optimizer, param_dtype
+from kiln.runinfo import git_describe
+from kiln.train.sinks import wandb_enabled
 
 Status = Literal["PASS", "WARN", "FAIL", "SKIP"]
 MIN_FREE_BYTES = 5 * 2**30  # WARN below 5 GiB free in the output folder's file system
@@ -81,9 +95,6 @@ def _version(pkg: str) -> str | None:
 
 
 def check_versions(ctx: Context) -> tuple[Status, str]:
-    from kiln import __version__
-    from kiln.runinfo import git_describe
-
     tv = torch.__version__
     detail = (f"python {platform.python_version()}, torch {tv}, transformers {_version('transformers')}, "
               f"datasets {_version('datasets')}, kiln {__version__} (git {git_describe() or 'unknown'})")
@@ -96,22 +107,16 @@ def check_versions(ctx: Context) -> tuple[Status, str]:
 def training_bytes(cfg: Config, device: torch.device) -> int:
     """Predicted peak memory per device of training `cfg` on `device` (kiln.estimate: the configured
     optimizer, parameter dtype, batch, checkpointing and layout, activations included)."""
-    from kiln.estimate import estimate_memory
-
     return estimate_memory(cfg, device="cuda" if device.type == "cuda" else "cpu").total
 
 
 def checkpoint_bytes(cfg: Config) -> int:
     """Bytes of one checkpoint's tensors: the parameters and the configured optimizer's state."""
-    from kiln.estimate import state_bytes
-
     params, optimizer, _ = state_bytes(cfg)
     return params + optimizer
 
 
 def check_device(ctx: Context) -> tuple[Status, str]:
-    from kiln.model import count_params
-
     n = count_params(ctx.cfg.model)
     need = training_bytes(ctx.cfg, ctx.device)
     preset = (f"{ctx.cfg.run.name}: {n / 1e6:.1f}M params, training peak ~{_gib(need)} per device "
@@ -144,8 +149,6 @@ def check_bf16(ctx: Context) -> tuple[Status, str]:
 
 def _attn_inputs(device: torch.device, dtype: torch.dtype, *, grad: bool) -> tuple:
     """q (B, T, H, hd), k and v (B, T, Hkv, hd) and two documents per row, fixed seed."""
-    from kiln.model.attention import AttnMask
-
     g = torch.Generator(device).manual_seed(0)
     B, T, H, Hkv, hd = 2, 128, 4, 2, 32
     q = torch.randn(B, T, H, hd, device=device, generator=g, dtype=dtype)
@@ -159,8 +162,6 @@ def _attn_inputs(device: torch.device, dtype: torch.dtype, *, grad: bool) -> tup
 
 def _compare_backend(backend: str, device: torch.device, dtype: torch.dtype, *, grad: bool) -> float:
     """Max abs difference between `backend` and the eager reference (outputs, and grads when `grad`)."""
-    from kiln.model.attention import attend
-
     q, k, v, mask = _attn_inputs(device, dtype, grad=grad)
     with torch.set_grad_enabled(grad):
         ref = attend(q, k, v, mask(), "eager")
@@ -228,8 +229,6 @@ def tiny_model_config(cfg: ModelConfig, *, device: torch.device) -> tuple[ModelC
 
 
 def _synthetic_batch(vocab: int, device: torch.device) -> Any:
-    from kiln.data.packing import Batch
-
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab, (2, 65), generator=g)  # (B, T+1)
     doc_ids = (torch.arange(65) >= 40).int().expand(2, 65)  # two documents per row
@@ -239,9 +238,6 @@ def _synthetic_batch(vocab: int, device: torch.device) -> Any:
 
 
 def check_model(ctx: Context) -> tuple[Status, str]:
-    from kiln.eval.loss import token_loss_sum
-    from kiln.model import build_model
-
     tiny, backend = tiny_model_config(ctx.cfg.model, device=ctx.device)
     model = build_model(tiny, device=ctx.device, seed=0)
     batch = _synthetic_batch(tiny.vocab_size, ctx.device)
@@ -274,9 +270,6 @@ def check_model(ctx: Context) -> tuple[Status, str]:
 
 
 def check_optimizer(ctx: Context, *, lr: float = 3e-3, steps: int = 5) -> tuple[Status, str]:
-    from kiln.eval.loss import token_loss_sum
-    from kiln.optim import build_optimizer, param_dtype
-
     if ctx.model is None:
         return "SKIP", "needs the model check to pass"
     model, batch = ctx.model, ctx.batch
@@ -307,8 +300,6 @@ def check_optimizer(ctx: Context, *, lr: float = 3e-3, steps: int = 5) -> tuple[
 
 
 def check_tokenizer(ctx: Context) -> tuple[Status, str]:
-    from kiln.data.tokenizer import load_tokenizer
-
     spec = ctx.cfg.data.tokenizer
     tok = load_tokenizer(spec)
     ids = tok.encode(ROUND_TRIP_TEXT)
@@ -324,9 +315,6 @@ def check_tokenizer(ctx: Context) -> tuple[Status, str]:
 
 
 def check_data(ctx: Context) -> tuple[Status, str]:
-    from kiln.data.factory import build_train_source, train_sources, uses_shards
-    from kiln.data.sources import is_hub_source, resolve_files, source_name
-
     if ctx.tokenizer is None:
         return "SKIP", "needs the tokenizer check to pass"
     cfg = ctx.cfg
@@ -360,9 +348,6 @@ def check_data(ctx: Context) -> tuple[Status, str]:
 def check_diversity(ctx: Context) -> tuple[Status, str]:
     """Distinct documents and sources per batch and per 10 batches of the trainer's loader, against rows
     drawn at random (kiln.data.diversity): WARN when batches hold far fewer documents than random rows."""
-    from kiln.data.factory import measure_diversity, train_sources, uses_shards
-    from kiln.data.sources import is_hub_source
-
     if ctx.tokenizer is None:
         return "SKIP", "needs the tokenizer check to pass"
     sources = train_sources(ctx.cfg)
@@ -413,8 +398,6 @@ def check_out_dir(ctx: Context) -> tuple[Status, str]:
 
 
 def check_wandb(ctx: Context) -> tuple[Status, str]:
-    from kiln.train.sinks import wandb_enabled
-
     version = _version("wandb")
     wanted = wandb_enabled(ctx.cfg)
     if version is None:
@@ -453,9 +436,6 @@ def run_checks(cfg: Config, *, out_dir: Path | None = None, device: torch.device
 
 def print_report(results: list[Check]) -> dict[str, Any]:
     """The table, then (returned and printed) a JSON line with the counts."""
-    from rich.console import Console
-    from rich.table import Table
-
     colors = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red", "SKIP": "dim"}
     table = Table(title="kiln doctor")
     table.add_column("check", style="bold", no_wrap=True)
