@@ -331,7 +331,7 @@ def test_an_earlier_kilns_distributed_position_is_refused():
 
 
 def test_epoch_cursor_computes_each_epoch_once_and_continues_across_epochs():
-    from kiln.posttrain.chat import EpochCursor
+    from kiln.data.cursor import EpochCursor
 
     calls = []
 

@@ -1,4 +1,4 @@
-"""`kiln sft | dpo | rlvr | chat | import`: parse, build the stage's config from the source checkpoint, hand off.
+"""`kiln sft | dpo | rlvr | chat`: parse, build the stage's config from the source checkpoint, hand off.
 
 A post-training run's config is the source checkpoint's resolved config, then the stage's defaults
 (below), then the user's `--section.key value` overrides; run.init_from is the source checkpoint and
@@ -238,19 +238,4 @@ def chat(argv: list[str]) -> int:
             history.append({"role": "assistant", "content": reply.strip()})
         print(flush=True)
         seed += 1
-    return 0
-
-
-def import_hf(argv: list[str]) -> int:
-    """`kiln import --hf DIR --out RUN_DIR`: an HF Llama / Qwen3 / SmolLM3 folder as a kiln run folder."""
-    p = argparse.ArgumentParser(prog="kiln import", description="Import a Hugging Face model folder "
-                                "(Llama, Qwen3, SmolLM3; safetensors) as a kiln checkpoint.")
-    p.add_argument("--hf", required=True, help="HF model folder (config.json, model.safetensors, tokenizer files)")
-    p.add_argument("--out", required=True, help="kiln run folder to create")
-    args = p.parse_args(argv)
-    from kiln.export import import_hf_folder
-
-    ckpt = import_hf_folder(args.hf, args.out)
-    print(f"imported {args.hf} -> {ckpt}\n  fine-tune: kiln sft --checkpoint {args.out} --data chats.jsonl\n"
-          f"  continue pretraining: kiln train {Path(args.out) / 'config.yaml'} --data.train ...")
     return 0

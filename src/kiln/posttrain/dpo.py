@@ -38,17 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kiln.config import Config
+from kiln.data.cursor import CursorLoader, EpochCursor, shuffled
 from kiln.errors import DataError
 from kiln.eval.loss import right_padded, token_logps
-from kiln.posttrain.chat import (
-    ChatFormat,
-    CursorLoader,
-    Encoded,
-    EpochCursor,
-    as_messages,
-    load_records,
-    shuffled,
-)
+from kiln.posttrain.chat import ChatFormat, Encoded, as_messages, load_records
 from kiln.train.objective import Objective
 
 

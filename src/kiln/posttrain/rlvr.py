@@ -38,11 +38,12 @@ import torch
 from torch import Tensor, nn
 
 from kiln.config import Config
+from kiln.data.cursor import CursorLoader, EpochCursor, shuffled
 from kiln.data.packing import IGNORE
 from kiln.errors import DataError
 from kiln.eval.loss import right_padded, token_logps
 from kiln.generate import continuation_text, generate
-from kiln.posttrain.chat import ChatFormat, CursorLoader, EpochCursor, as_messages, load_records, shuffled
+from kiln.posttrain.chat import ChatFormat, as_messages, load_records
 from kiln.posttrain.dpo import autocast_dtype_of, load_reference
 from kiln.posttrain.rewards import Reward
 from kiln.train.objective import Objective

@@ -1,0 +1,1 @@
+"""Converting between kiln checkpoints and other formats (Hugging Face folders)."""
