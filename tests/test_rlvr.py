@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
@@ -21,11 +20,11 @@ from kiln.posttrain.rlvr import (
     encode_tasks,
     group_advantages,
 )
-from kiln.posttrain.sft import SFTObjective, encode_conversations
+from kiln.posttrain.sft import SFTObjective
 from kiln.train import checkpoint as ckpt_io
 from kiln.train.metrics import read_metrics
 from kiln.train.trainer import train
-from test_sft import base_checkpoint, tiny_config, tiny_tokenizer
+from test_sft import BASE_LR, base_checkpoint, jsonl, run_stage, tiny_config, tiny_tokenizer
 
 
 def test_numeric_verifier():
@@ -144,44 +143,28 @@ def test_prompt_loader_ranks_split_the_single_process_stream(tmp_path):
 
 
 @pytest.mark.slow
-def test_rlvr_raises_mean_reward_on_a_toy_task(tmp_path):
-    """SFT teaches 'reply with one digit' (uniform); RLVR with an exact-match verifier for 7 makes 7 likely."""
-    ckpt = base_checkpoint(tmp_path)
-    tok = load_tokenizer(str(tmp_path / "tok"))
-    fmt = ChatFormat(tok)
+def test_rlvr_raises_the_reward_with_the_default_lr_derived_from_the_checkpoint(tmp_path):
+    """`kiln sft` then `kiln rlvr`, both with no --optim.lr: SFT teaches 'reply with one digit' (about
+    uniform), RLVR with an exact-match verifier for 7 makes 7 likely. RLVR's rate is derived from the
+    pretraining peak that SFT recorded, not from SFT's own rate. With the fixed 1e-6 kiln used before,
+    the reward stays at about 0.1 over the 20 steps (measured: 0.05 ... 0.14)."""
+    ckpt = base_checkpoint(tmp_path, **{"optim.lr": BASE_LR})
     prompts = ["Say a digit.", "A digit please.", "Give me a number.", "Say it."]
     rng = random.Random(0)
-    chats = [[{"role": "user", "content": rng.choice(prompts)}, {"role": "assistant", "content": str(rng.randint(0, 9))}]
-             for _ in range(400)]
-    convs = encode_conversations([("t", {"messages": m}) for m in chats], fmt, max_len=64)
-    cfg = tiny_config(tmp_path, **{"run.out_dir": str(tmp_path / "sft"), "run.init_from": str(ckpt),
-                                   "train.max_steps": 120, "train.micro_batch_size": 8, "train.global_batch_size": 8,
-                                   "optim.lr": 1e-2})
-    train(cfg, objective=SFTObjective(convs), quiet=True)
-    sft = ckpt_io.resolve_checkpoint(tmp_path / "sft")
-
-    data = tmp_path / "rl.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p, "answer": "7"}) + "\n" for p in prompts))
-    tasks = encode_tasks([("t", {"prompt": p, "answer": "7"}) for p in prompts], fmt, max_prompt_len=100)
-    obj = RLVRObjective(tasks, reference=sft, reward=build_reward(["exact"]), tokenizer=tok, group_size=8,
-                        kl_coef=0.01, max_new_tokens=4)
-
-    def sampled_reward(ckpt_path) -> float:
-        model, _, _ = ckpt_io.load_for_inference(ckpt_path)
-        outs = obj.sample(model, tasks, n=64, temperature=1.0, seed=123)
-        return float(obj.score(tasks, outs, 64).mean())
-
-    before = sampled_reward(sft)
-    assert 0.02 < before < 0.3  # about 1 in 10: the SFT model says a digit, any digit
-    cfg = tiny_config(tmp_path, **{"run.out_dir": str(tmp_path / "rl"), "run.init_from": str(sft),
-                                   "train.max_steps": 25, "train.micro_batch_size": 4, "train.global_batch_size": 4,
-                                   "optim.lr": 3e-3})
-    train(cfg, objective=obj, quiet=True)
-    after = sampled_reward(tmp_path / "rl")
+    chats = [{"messages": [{"role": "user", "content": rng.choice(prompts)},
+                           {"role": "assistant", "content": str(rng.randint(0, 9))}]} for _ in range(400)]
+    run_stage("sft", ckpt, jsonl(tmp_path / "chats.jsonl", chats), tmp_path / "sft", "--train.max_steps", "60",
+              "--train.micro_batch_size", "8", "--train.global_batch_size", "8")
+    tasks = jsonl(tmp_path / "rl.jsonl", [{"prompt": p, "answer": "7"} for p in prompts])
+    out = run_stage("rlvr", tmp_path / "sft", tasks, tmp_path / "rl", "--train.max_steps", "20",
+                    "--posttrain.rewards", '["exact"]', "--posttrain.max_new_tokens", "4", "--posttrain.group_size", "8")
+    factor = (4096 / 48) ** 1.5 / 1000
+    assert (f"kiln rlvr: optim.lr {BASE_LR * factor:.3g}: pretraining peak {BASE_LR:.3g} (posttrain.pretrain_lr of "
+            in out)
     rewards = [r["reward"] for r in read_metrics(tmp_path / "rl") if r["kind"] == "train"]
-    print(f"sampled mean reward {before:.3f} -> {after:.3f}; training reward {rewards[:3]} ... {rewards[-3:]}")
-    assert after > before + 0.3
-    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    print(f"training reward {first:.3f} (first 5 steps) -> {last:.3f} (last 5): {[round(r, 3) for r in rewards]}")
+    assert first < 0.35 and last > first + 0.3
 
 
 def test_rlvr_resume_replays_the_same_samples(tmp_path):
