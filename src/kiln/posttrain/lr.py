@@ -20,10 +20,11 @@ width      narrower models take a larger share of their pretraining peak. Publis
            recipes run far hotter than the 7B ratios: SmolLM2-1.7B (d 2048, peak 5e-4) does SFT
            at 3e-4 and DPO at 1e-6 (alignment-handbook recipes/smollm2), nanochat fine-tunes at its
            pretraining LR (chat_sft.py init_lr_frac 1.0). muP's 1/width for Adam (Yang et al. 2022,
-           Tensor Programs V) is too shallow to reach that: measured on kiln's tiny (d 128,
-           bench/posttrain_lr.py), DPO's margin and RLVR's reward barely move in tens of steps at
-           the 1/width rates (1.1e-4, 6.4e-5) and move clearly at 4e-4. The exponent 1.5 joins
-           the 7-8B ratios to that measurement. The share is capped at 1: never above the peak.
+           Tensor Programs V) is too shallow to reach that. Measured on kiln's tiny (d 128, peak
+           2e-3, after 40 SFT steps; bench/posttrain_lr.py data): DPO's held-out margin after 40
+           steps is 0.025 at the 1/width rate 1.1e-4, 0.14 at 4e-4, 0.08 at 2e-3; RLVR's greedy
+           reward after 20 steps stays 0 at 6.4e-5 and reaches 0.12 at 4e-4. The exponent 1.5 joins
+           the 7-8B ratios to those rates. The share is capped at 1: never above the peak.
 
 What it gives (SFT, DPO, RLVR): a 1B model (d 2048, peak 3e-4) 2.8e-5, 1.4e-6, 8.5e-7 (kiln's earlier
 fixed defaults, tuned for ~1B, were 2e-5, 5e-7, 1e-6; SmolLM2-1.7B's DPO 1e-6); kiln's `tiny`
