@@ -10,6 +10,7 @@ import torch
 from kiln.data.tokenizer import load_tokenizer
 from kiln.errors import ConfigError
 from kiln.eval.loss import token_logps
+from kiln.model import build_model
 from kiln.posttrain.chat import ChatFormat
 from kiln.posttrain.rewards import RewardError, build_reward, extract_number, numeric_match
 from kiln.posttrain.rlvr import (
@@ -20,7 +21,6 @@ from kiln.posttrain.rlvr import (
     encode_tasks,
     group_advantages,
 )
-from kiln.posttrain.sft import SFTObjective
 from kiln.train import checkpoint as ckpt_io
 from kiln.train.metrics import read_metrics
 from kiln.train.trainer import train
@@ -88,12 +88,12 @@ def test_loss_gradient_is_the_group_relative_policy_gradient(tmp_path, temperatu
     obj = RLVRObjective(tasks, reference=ckpt, reward=reward, tokenizer=tok, group_size=4, kl_coef=0.5,
                         max_new_tokens=6, temperature=temperature)
     obj.setup(model, device=torch.device("cpu"))
-    batch = PromptBatch(tasks, seed=7)
+    batch = PromptBatch(tasks, seeds=[36, 37, 38])  # seeds under which every group has both outcomes
     loss, extras = obj.loss(model, batch, cfg=None)
     assert extras["kl"].item() == pytest.approx(0.0, abs=1e-6)
     got = torch.autograd.grad(loss, list(model.parameters()))
 
-    outs = obj.sample(model, tasks, n=4, temperature=temperature, seed=7)  # the same completions (same seed)
+    outs = obj.sample(model, tasks, n=4, temperature=temperature, seeds=batch.seeds)  # the same completions
     rewards = torch.tensor([reward(t.text, obj.completions_text(t.prompt, o), t.answer)
                             for t, o in zip([t for t in tasks for _ in range(4)], outs)])
     assert extras["reward"].item() == pytest.approx(rewards.sum().item())
@@ -113,18 +113,36 @@ def test_loss_gradient_is_the_group_relative_policy_gradient(tmp_path, temperatu
         assert max((g - o).abs().max().item() for g, o in zip(got, other)) > 1e-3
 
 
-def test_rlvr_is_refused_under_a_distributed_layout():
-    """Sampling is single-device: the engine refuses RLVR on any distributed layout; SFT and DPO pass the guard."""
-    from types import SimpleNamespace
+def test_prompt_draws_are_seeded_by_their_place_in_the_global_stream(tmp_path):
+    """One process with 4 prompts per micro-batch and 2 ranks with 2 each draw the same (prompt, seed)
+    pairs at each step, also after a reshard from 2 ranks to 1; a group's samples do not depend on the
+    other prompts of its micro-batch. (The torchrun runs are tests/distributed/test_posttrain_layouts.py.)"""
+    tok = load_tokenizer(tiny_tokenizer(tmp_path / "tok"))
+    tasks = encode_tasks([("t", {"prompt": f"What is {i}+1?", "answer": str(i + 1)}) for i in range(5)],
+                         ChatFormat(tok), max_prompt_len=100)
 
-    from kiln.posttrain.dpo import DPOObjective
-    from kiln.train.engine import Engine
+    def draws(batch: PromptBatch) -> list[tuple[str, int]]:
+        return sorted((t.text, s) for t, s in zip(batch.tasks, batch.seeds))
 
-    assert RLVRObjective.single_device is True
-    assert SFTObjective.single_device is False and DPOObjective.single_device is False
-    obj = RLVRObjective([], reference=None, reward=None, tokenizer=None, group_size=2, kl_coef=0.0, max_new_tokens=1)
-    with pytest.raises(ConfigError, match="rlvr runs in one process"):
-        Engine(None, SimpleNamespace(distributed=True, pp=1), obj, seed=0)
+    one = PromptLoader(tasks, batch_size=4, seed=0, global_batch=4)
+    two = [PromptLoader(tasks, batch_size=2, seed=0, rank=r, world_size=2, global_batch=4) for r in range(2)]
+    for step in range(3):  # 5 prompts, 4 per step: steps cross epoch boundaries
+        want, got = one.next_batch(), [ld.next_batch() for ld in two]
+        assert want.step == step and [b.step for b in got] == [step, step]
+        assert draws(want) == sorted(d for b in got for d in draws(b))
+        assert len(set(want.seeds)) == 4
+    resumed = PromptLoader(tasks, batch_size=4, seed=0, global_batch=4)
+    resumed.load_resharded_state([ld.state_dict() for ld in two])
+    want, got = one.next_batch(), resumed.next_batch()
+    assert (want.seeds, want.step) == (got.seeds, got.step) and draws(want) == draws(got)
+
+    model = build_model(tiny_config(tmp_path).model, seed=0)
+    obj = RLVRObjective(tasks, reference=None, reward=build_reward(["numeric"]), tokenizer=tok, group_size=3,
+                        kl_coef=0.0, max_new_tokens=5)
+    whole = obj.sample(model, want.tasks, n=3, temperature=1.0, seeds=want.seeds)
+    halves = [o for i in (0, 2) for o in obj.sample(model, want.tasks[i:i + 2], n=3, temperature=1.0,
+                                                     seeds=want.seeds[i:i + 2])]
+    assert whole == halves and len(whole) == 12
 
 
 def test_prompt_loader_ranks_split_the_single_process_stream(tmp_path):
@@ -177,7 +195,7 @@ def test_rlvr_resume_replays_the_same_samples(tmp_path):
 
     def run(out: str, stop: int = 0) -> list[tuple]:
         obj = RLVRObjective(tasks, reference=ckpt, reward=build_reward(["regex:[0-4]"]), tokenizer=tok,
-                            group_size=4, kl_coef=0.1, max_new_tokens=4)
+                            group_size=4, kl_coef=0.1, max_new_tokens=6)
         cfg = tiny_config(tmp_path, **{"run.out_dir": str(tmp_path / out), "run.init_from": str(ckpt),
                                        "train.max_steps": 4, "train.stop_at_step": stop, "train.save_every": 2,
                                        "train.micro_batch_size": 2, "train.global_batch_size": 2, "optim.lr": 1e-2})
@@ -188,4 +206,4 @@ def test_rlvr_resume_replays_the_same_samples(tmp_path):
     full = run("a")
     run("b", stop=2)
     assert run("b") == full and len(full) == 4
-    assert any(r[3] > 0 for r in full)  # the policy moved away from the reference
+    assert any(r[2] > 0 for r in full) and any(r[3] > 0 for r in full)  # rewarded samples; the policy moved

@@ -54,9 +54,14 @@ class EpochCursor:
 
     def take(self, k: int) -> list:
         """This rank's next k items, continuing into the next epoch(s) when one runs out."""
-        out: list = []
+        return [item for _, item in self.take_positioned(k)]
+
+    def take_positioned(self, k: int) -> list[tuple[tuple[int, int], Any]]:
+        """`take(k)` with each item's (epoch, index) in the global stream: the same on every layout for
+        the same draw, so per-item randomness seeded by it (RLVR's sampling) does not depend on the rank."""
+        out: list[tuple[tuple[int, int], Any]] = []
         for _ in range(k):
-            out.append(self.items(self.epoch)[self.cursor])
+            out.append(((self.epoch, self.cursor), self.items(self.epoch)[self.cursor]))
             self.epoch, self.cursor = self._advance(self.epoch, self.cursor, self.world_size)
         return out
 

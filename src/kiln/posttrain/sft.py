@@ -141,7 +141,6 @@ class SFTObjective(Objective):
     """Cross-entropy on assistant tokens; count = assistant target tokens in the step."""
 
     name = "sft"
-    single_device = False  # runs under every layout (kiln.train.engine refuses a distributed one when True)
 
     def __init__(self, train: list[Encoded], val: list[Encoded] | None = None, *, pack: bool = True) -> None:
         self.train, self.val, self.pack = train, val or [], pack
