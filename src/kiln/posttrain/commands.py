@@ -66,7 +66,7 @@ def stage_config(stage: str, args: argparse.Namespace, overrides: list[str]) -> 
     return cfg, ckpt, user
 
 
-def _stage_lr(stage: str, cfg: Config, base: Config, user: dict, ckpt: Path) -> str:
+def _stage_lr(stage: str, *, cfg: Config, base: Config, user: dict, ckpt: Path) -> str:
     """Set cfg.optim.lr (unless the user gave it) and posttrain.pretrain_lr from the source `base`;
     returns the one-line reason."""
     from kiln.posttrain.lr import pretrain_peak, stage_lr
@@ -105,7 +105,7 @@ def _stage_tree(stage: str, ckpt: Path, args: argparse.Namespace, overrides: lis
     cfg = merge_config(cfg, user, where="command line")
     if "name" in user.get("run", {}) and "out_dir" not in user.get("run", {}):
         cfg.run.out_dir = str(Path("runs") / cfg.run.name)
-    return cfg, user, _stage_lr(stage, cfg, base, user, ckpt)
+    return cfg, user, _stage_lr(stage, cfg=cfg, base=base, user=user, ckpt=ckpt)
 
 
 def _resumed_source(stage: str, cfg: Config, ckpt: Path, args: argparse.Namespace) -> Path | None:
