@@ -21,9 +21,9 @@ count(batch) = completions (B * G). Metrics: reward, kl, completion_len, group_r
 Eval: greedy completions of the validation prompts; eval_reward is their mean reward and
 eval_loss = -eval_reward (the trainer's loop wants a loss).
 
-Distributed (torchrun; DDP, FSDP2 / HSDP, TP): data-parallel ranks split the prompts as SFT and DPO
-split their items (kiln.data.cursor: rank r of W takes the step's prompts r, r+W, ...), and each
-prompt draw is seeded by its (epoch, index) in that global stream. A prompt's group is decoded alone
+Distributed (torchrun; DDP, FSDP2, TP; HSDP takes the FSDP path, untested): data-parallel ranks
+split the prompts as SFT and DPO split their items (kiln.data.cursor: rank r of W takes the step's
+prompts r, r+W, ...), and each prompt draw is seeded by its (epoch, index) in that global stream. A prompt's group is decoded alone
 (G rows of the same prompt: no padding, no batch-mates), so its tokens depend only on its seed and
 the weights: a distributed run samples what one process samples, and resuming on another number of
 ranks continues the same stream. A group lives on one rank, so advantages need no communication;
