@@ -93,6 +93,12 @@ def _chat(argv: list[str]) -> int:
     return chat(argv)
 
 
+def _import(argv: list[str]) -> int:
+    from kiln.convert.hf_import import import_hf
+
+    return import_hf(argv)
+
+
 def _eval(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln eval", description="Loss, perplexity and bits per byte on a text source.")
     _add_ckpt(p)
@@ -191,7 +197,7 @@ def _data(argv: list[str]) -> int:
 
 COMMANDS = {"train": _train, "generate": _generate, "chat": _chat, "eval": _eval, "export": _export,
             "presets": _presets, "sft": _posttrain("sft"), "dpo": _posttrain("dpo"),
-            "rlvr": _posttrain("rlvr"), "import": _posttrain("import_hf"), "logs": _logs, "doctor": _doctor, "data": _data,
+            "rlvr": _posttrain("rlvr"), "import": _import, "logs": _logs, "doctor": _doctor, "data": _data,
             "control": lambda argv: __import__("kiln.train.control", fromlist=["main"]).main(argv),
             "bench": lambda argv: __import__("kiln.bench", fromlist=["main"]).main(argv),
             "estimate": lambda argv: __import__("kiln.estimate", fromlist=["main"]).main(argv),

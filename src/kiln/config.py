@@ -249,6 +249,9 @@ class PostTrainConfig:
     temperature: float = 1.0  # RLVR sampling
     top_k: int = 0
     top_p: float = 1.0
+    # peak LR of the pretraining run this model descends from; kiln sft|dpo|rlvr record it and derive
+    # their default optim.lr from it (kiln.posttrain.lr). 0: the source is a pretraining run (its optim.lr)
+    pretrain_lr: float = 0.0
 
 
 @dataclass
@@ -653,7 +656,7 @@ def validate(cfg: Config, *, where: str) -> None:
         if not v > 0:
             raise ConfigError(f"{where}: {key}: must be positive, got {v}")
     for key, v in {"posttrain.kl_coef": pt.kl_coef, "posttrain.temperature": pt.temperature,
-                   "posttrain.top_k": pt.top_k}.items():
+                   "posttrain.top_k": pt.top_k, "posttrain.pretrain_lr": pt.pretrain_lr}.items():
         if v < 0:
             raise ConfigError(f"{where}: {key}: must be >= 0, got {v}")
     if pt.top_p > 1:

@@ -1,1 +1,2 @@
-"""Conversions between kiln checkpoints and other formats (GGUF for llama.cpp, Hugging Face imports)."""
+"""Conversions between kiln checkpoints and other formats: Hugging Face folders (import; export in
+kiln.export) and GGUF files for llama.cpp."""

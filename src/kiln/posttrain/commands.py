@@ -1,8 +1,10 @@
-"""`kiln sft | dpo | rlvr | chat | import`: parse, build the stage's config from the source checkpoint, hand off.
+"""`kiln sft | dpo | rlvr | chat`: parse, build the stage's config from the source checkpoint, hand off.
 
 A post-training run's config is the source checkpoint's resolved config, then the stage's defaults
 (below), then the user's `--section.key value` overrides; run.init_from is the source checkpoint and
-run.out_dir defaults to runs/<source name>-<stage>. It trains through kiln.train.trainer.train with
+run.out_dir defaults to runs/<source name>-<stage>. Without --optim.lr the stage's LR is derived from
+the source checkpoint (its pretraining peak LR and width, kiln.posttrain.lr); the run prints which
+LR it chose and why. It trains through kiln.train.trainer.train with
 the stage's Objective, so schedule, accumulation, clipping, checkpoints, resume and metrics are the
 pretraining loop's. When neither train.max_steps nor train.total_tokens is given, the run lasts
 posttrain.epochs passes over the data (rows for SFT, pairs for DPO, prompts for RLVR).
@@ -19,11 +21,11 @@ from typing import Any
 from kiln.config import Config, merge_config, parse_overrides
 from kiln.errors import ConfigError
 
+# optim.lr is derived per checkpoint (kiln.posttrain.lr); lr_scaling none: it is the peak itself
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    # Fine-tuning rates for ~100M-1B models; tiny CPU models want larger ones (--optim.lr).
-    "sft": {"optim": {"lr": 2e-5, "warmup_steps": 10, "weight_decay": 0.0, "schedule": "cosine"}},
-    "dpo": {"optim": {"lr": 5e-7, "warmup_steps": 10, "weight_decay": 0.0, "schedule": "cosine"}},
-    "rlvr": {"optim": {"lr": 1e-6, "warmup_steps": 0, "weight_decay": 0.0, "schedule": "constant"}},
+    "sft": {"optim": {"warmup_steps": 10, "weight_decay": 0.0, "schedule": "cosine", "lr_scaling": "none"}},
+    "dpo": {"optim": {"warmup_steps": 10, "weight_decay": 0.0, "schedule": "cosine", "lr_scaling": "none"}},
+    "rlvr": {"optim": {"warmup_steps": 0, "weight_decay": 0.0, "schedule": "constant", "lr_scaling": "none"}},
 }
 
 
@@ -51,19 +53,39 @@ def stage_config(stage: str, args: argparse.Namespace, overrides: list[str]) -> 
     from kiln.train.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.checkpoint).resolve()
-    cfg, user = _stage_tree(stage, ckpt, args, overrides)
+    cfg, user, why = _stage_tree(stage, ckpt, args, overrides)
     saved = _resumed_source(stage, cfg, ckpt, args)
     if saved is not None and saved != ckpt:
         print(f"note: resuming {cfg.run.out_dir}: its source and reference stay {saved} "
               f"({args.checkpoint} now means {ckpt})", file=sys.stderr)
         ckpt = saved
-        cfg, user = _stage_tree(stage, ckpt, args, overrides)
+        cfg, user, why = _stage_tree(stage, ckpt, args, overrides)
     if not cfg.posttrain.data:
         raise ConfigError(f"kiln {stage}: no training data; pass --data FILE.jsonl")
+    print(f"kiln {stage}: optim.lr {cfg.optim.lr:.3g}: {why}")
     return cfg, ckpt, user
 
 
-def _stage_tree(stage: str, ckpt: Path, args: argparse.Namespace, overrides: list[str]) -> tuple[Config, dict]:
+def _stage_lr(stage: str, *, cfg: Config, base: Config, user: dict, ckpt: Path) -> str:
+    """Set cfg.optim.lr (unless the user gave it) and posttrain.pretrain_lr from the source `base`;
+    returns the one-line reason."""
+    from kiln.posttrain.lr import pretrain_peak, stage_lr
+
+    given = user.get("posttrain", {}).get("pretrain_lr")
+    if given:
+        choice = stage_lr(stage, base, peak=float(given), peak_from="--posttrain.pretrain_lr")
+    else:
+        peak, key = pretrain_peak(base)
+        choice = stage_lr(stage, base, peak=peak, peak_from=f"{key} of {ckpt}")
+    cfg.posttrain.pretrain_lr = choice.peak  # the next stage derives from the same pretraining peak
+    rule = choice.describe(stage, d_model=base.model.d_model)
+    if "lr" in user.get("optim", {}):
+        return f"--optim.lr (the derived default would be {choice.lr:.3g} = {rule})"
+    cfg.optim.lr = choice.lr
+    return f"{rule} (kiln.posttrain.lr; --optim.lr overrides)"
+
+
+def _stage_tree(stage: str, ckpt: Path, args: argparse.Namespace, overrides: list[str]) -> tuple[Config, dict, str]:
     from kiln.train.checkpoint import read_config
 
     base = read_config(ckpt)
@@ -83,7 +105,7 @@ def _stage_tree(stage: str, ckpt: Path, args: argparse.Namespace, overrides: lis
     cfg = merge_config(cfg, user, where="command line")
     if "name" in user.get("run", {}) and "out_dir" not in user.get("run", {}):
         cfg.run.out_dir = str(Path("runs") / cfg.run.name)
-    return cfg, user
+    return cfg, user, _stage_lr(stage, cfg=cfg, base=base, user=user, ckpt=ckpt)
 
 
 def _resumed_source(stage: str, cfg: Config, ckpt: Path, args: argparse.Namespace) -> Path | None:
@@ -238,19 +260,4 @@ def chat(argv: list[str]) -> int:
             history.append({"role": "assistant", "content": reply.strip()})
         print(flush=True)
         seed += 1
-    return 0
-
-
-def import_hf(argv: list[str]) -> int:
-    """`kiln import --hf DIR --out RUN_DIR`: an HF Llama / Qwen3 / SmolLM3 folder as a kiln run folder."""
-    p = argparse.ArgumentParser(prog="kiln import", description="Import a Hugging Face model folder "
-                                "(Llama, Qwen3, SmolLM3; safetensors) as a kiln checkpoint.")
-    p.add_argument("--hf", required=True, help="HF model folder (config.json, model.safetensors, tokenizer files)")
-    p.add_argument("--out", required=True, help="kiln run folder to create")
-    args = p.parse_args(argv)
-    from kiln.export import import_hf_folder
-
-    ckpt = import_hf_folder(args.hf, args.out)
-    print(f"imported {args.hf} -> {ckpt}\n  fine-tune: kiln sft --checkpoint {args.out} --data chats.jsonl\n"
-          f"  continue pretraining: kiln train {Path(args.out) / 'config.yaml'} --data.train ...")
     return 0

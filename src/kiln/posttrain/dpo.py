@@ -38,18 +38,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kiln.config import Config
+from kiln.data.cursor import CursorLoader, EpochCursor, shuffled
+from kiln.data.packing import IGNORE
 from kiln.device import autocast_for
 from kiln.errors import DataError
 from kiln.eval.loss import right_padded, token_logps
-from kiln.posttrain.chat import (
-    ChatFormat,
-    CursorLoader,
-    Encoded,
-    EpochCursor,
-    as_messages,
-    load_records,
-    shuffled,
-)
+from kiln.posttrain.chat import ChatFormat, Encoded, as_messages, load_records
 from kiln.train.objective import Objective
 
 
@@ -115,6 +109,17 @@ def make_pair_batch(pairs: list[Pair], *, pad_id: int) -> PairBatch:
     return PairBatch(tok, tgt, ref)
 
 
+def pad_to_multiple(tokens: Tensor, targets: Tensor, *, cfg: Config | None) -> tuple[Tensor, Tensor]:
+    """(N, T) inputs and targets right-padded (token 0, target -100) to a length divisible by
+    parallel.tp: tensor parallelism shards the sequence dim (sequence parallel), which the collectives
+    need even. The padding comes after every scored token, so causal attention leaves their scores alone."""
+    multiple = cfg.parallel.tp if cfg is not None else 1
+    extra = -tokens.shape[1] % multiple
+    if extra == 0:
+        return tokens, targets
+    return F.pad(tokens, (0, extra), value=0), F.pad(targets, (0, extra), value=IGNORE)
+
+
 def sequence_logps(model: nn.Module, tokens: Tensor, targets: Tensor) -> Tensor:
     """Sum of log p(target) over the non-ignored targets of each row. (N, T) -> (N,) fp32."""
     return token_logps(model, tokens, targets).sum(dim=1)
@@ -163,14 +168,20 @@ def load_reference(ckpt: Path, *, device: torch.device, like: nn.Module | None =
 
     ref = build_model(read_config(ckpt).model, device=device, seed=0)
     load_model_weights(ref, ckpt)
+    return cast_frozen(ref, like=like, autocast_dtype=autocast_dtype)
+
+
+def cast_frozen(model: nn.Module, *, like: nn.Module | None, autocast_dtype: torch.dtype | None) -> nn.Module:
+    """`model` in eval mode without gradients, its parameters in `like`'s dtype (fp32 without one)
+    and, with `autocast_dtype`, its nn.Linear weights in that dtype (see load_reference)."""
     dtype = next(like.parameters()).dtype if like is not None else torch.float32
-    for p in ref.parameters():  # parameters only: buffers (RoPE frequencies) stay fp32, as in the policy
+    for p in model.parameters():  # parameters only: buffers (RoPE frequencies) stay fp32, as in the policy
         p.data = p.data.to(dtype)
     if autocast_dtype is not None:
-        for m in ref.modules():
+        for m in model.modules():
             if isinstance(m, nn.Linear):
                 m.weight.data = m.weight.data.to(autocast_dtype)
-    return ref.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
 
 
 def autocast_dtype_of(autocast: contextlib.AbstractContextManager, device: torch.device) -> torch.dtype | None:
@@ -183,7 +194,6 @@ class DPOObjective(Objective):
     """DPO / APO on preference pairs; count = pairs."""
 
     name = "dpo"
-    single_device = False  # runs under every layout (kiln.train.engine refuses a distributed one when True)
 
     def __init__(self, train: list[Pair], val: list[Pair] | None = None, *, reference: Path, beta: float,
                  kind: str = "sigmoid", precompute: bool = False, batch_size: int = 8,
@@ -241,7 +251,8 @@ class DPOObjective(Objective):
 
     def loss(self, model: nn.Module, batch: PairBatch, *, cfg) -> tuple[Tensor, dict[str, Tensor]]:
         B = batch.pairs
-        logps = sequence_logps(model, batch.tokens, batch.targets)  # (2B,)
+        tokens, targets = pad_to_multiple(batch.tokens, batch.targets, cfg=cfg)
+        logps = sequence_logps(model, tokens, targets)  # (2B,)
         ratios = logps - self._ref_logps(batch)
         c, r = ratios[:B], ratios[B:]
         losses = preference_loss(c, r, beta=self.beta, kind=self.kind)  # (B,)

@@ -4,7 +4,7 @@ Data: jsonl records {"prompt", "answer"} (prompt: a string, one user message, or
 Each micro-batch is train.micro_batch_size prompts. In `loss` (the trainer's one loop, unchanged):
 
   1. sample G = posttrain.group_size completions per prompt with the current policy (eval mode, no
-     grad, batched KV-cache decoding, seeded per batch from the loader so a resume replays it);
+     grad, KV-cache decoding of the prompt's group as one batch, seeded per prompt, see below);
   2. score each with the verifiers (kiln.posttrain.rewards) -> r (B*G,);
   3. advantages A = (r - mean_group) / (std_group + 1e-4)  (GRPO, Shao et al. 2024, DeepSeekMath);
   4. per completion token: -A * exp(logp - sg(logp)) + kl_coef * k3, where
@@ -21,9 +21,22 @@ count(batch) = completions (B * G). Metrics: reward, kl, completion_len, group_r
 Eval: greedy completions of the validation prompts; eval_reward is their mean reward and
 eval_loss = -eval_reward (the trainer's loop wants a loss).
 
-Single device only (`single_device`): generation is not distributed-safe yet (under FSDP ranks would
-decode different numbers of steps and their collectives go out of step; under TP the KV cache
-expects every head), so kiln.train.engine refuses a distributed layout.
+Distributed (torchrun; DDP, FSDP2, TP; HSDP takes the FSDP path, untested): data-parallel ranks
+split the prompts as SFT and DPO split their items (kiln.data.cursor: rank r of W takes the step's
+prompts r, r+W, ...), and each prompt draw is seeded by its (epoch, index) in that global stream. A prompt's group is decoded alone
+(G rows of the same prompt: no padding, no batch-mates), so its tokens depend only on its seed and
+the weights: a distributed run samples what one process samples, and resuming on another number of
+ranks continues the same stream. A group lives on one rank, so advantages need no communication;
+the loss and the metrics are sums over completions that the engine divides by the global count.
+Sharded weights (FSDP, TP) cannot decode rank by rank (ranks would run different numbers of decode
+steps and their collectives would go out of step), so each rank decodes with a whole local copy of
+the policy, gathered once per optimizer step (SamplingCopy); DDP and one process decode with the
+policy itself. Under TP the scored batch is padded to a length divisible by parallel.tp (sequence
+parallelism shards that dim). Tested against one process (tests/distributed/test_posttrain_layouts.py):
+FSDP, DDP and TP on 2 ranks log the same rewards and, within 1e-5, the same losses; a run saved on
+2 FSDP ranks resumes in one process like the uninterrupted one. The price: decoding runs one batch
+of G rows per prompt, not one of the micro-batch's B x G rows (on a GPU, less parallel work per
+decoding step; not measured).
 """
 
 from __future__ import annotations
@@ -31,20 +44,24 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from kiln.config import Config
+from kiln.data.cursor import CursorLoader, EpochCursor, shuffled
 from kiln.data.packing import IGNORE
 from kiln.device import autocast_for
 from kiln.errors import DataError
 from kiln.eval.loss import right_padded, token_logps
 from kiln.generate import continuation_text, generate
-from kiln.posttrain.chat import ChatFormat, CursorLoader, EpochCursor, as_messages, load_records, shuffled
-from kiln.posttrain.dpo import autocast_dtype_of, load_reference
+from kiln.model import build_model
+from kiln.parallel.parallelize import unwrap
+from kiln.posttrain.chat import ChatFormat, as_messages, load_records
+from kiln.posttrain.dpo import autocast_dtype_of, cast_frozen, load_reference, pad_to_multiple
 from kiln.posttrain.rewards import Reward
 from kiln.train.objective import Objective
 
@@ -59,7 +76,8 @@ class Task:
 @dataclass
 class PromptBatch:
     tasks: list[Task]
-    seed: int  # sampling seed of this batch (from the loader's state)
+    seeds: list[int]  # sampling seed of each task's group (from its position in the global stream)
+    step: int = -1  # the optimizer step the batch belongs to (-1: unknown; the sampling copy is refreshed)
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> PromptBatch:
         return self  # token tensors are built in `loss`, after sampling
@@ -82,31 +100,29 @@ def encode_tasks(records: list[tuple[str, dict]], fmt: ChatFormat, *, max_prompt
 
 
 class PromptLoader(CursorLoader):
-    """Endless, Stateful prompt batches, shuffled per epoch by (seed, epoch); each batch gets its own seed."""
+    """Endless, Stateful prompt batches, shuffled per epoch by (seed, epoch). Each prompt draw's sampling
+    seed comes from (seed, epoch, index in the epoch): the same draw gets the same seed on every layout
+    and after a resume, so the state is the cursor alone and reshards like SFT's and DPO's.
+    `global_batch` (prompts per optimizer step over all ranks) tells each batch its step."""
 
     KIND, ITEMS, WHAT = "prompts", "prompts", "RLVR data"
 
-    def __init__(self, tasks: list[Task], *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, tasks: list[Task], *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 global_batch: int = 0) -> None:
         self.tasks, self.batch_size, self.seed, self.rank = tasks, batch_size, seed, rank
+        self.global_batch = global_batch
         self.cursor = EpochCursor(shuffled(len(tasks), seed=seed, stream=4), empty="RLVR data: no prompts",
                                   rank=rank, world_size=world_size)
-        self.batches = 0
 
     def next_batch(self) -> PromptBatch:
-        picked = [self.tasks[int(i)] for i in self.cursor.take(self.batch_size)]
-        self.batches += 1
-        seed = int(np.random.default_rng([self.seed, 5, self.rank, self.batches]).integers(2**62))
-        return PromptBatch(picked, seed)
+        taken = self.cursor.take_positioned(self.batch_size)
+        seeds = [int(np.random.default_rng([self.seed, 5, epoch, index]).integers(2**62)) for (epoch, index), _ in taken]
+        (epoch, index), _ = taken[0]
+        step = (epoch * len(self.tasks) + index) // self.global_batch if self.global_batch > 0 else -1
+        return PromptBatch([self.tasks[int(i)] for _, i in taken], seeds, step)
 
     def n_items(self) -> int:
         return len(self.tasks)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "batches": self.batches}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.batches = int(state["batches"])
 
 
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
@@ -122,11 +138,48 @@ def completion_batch(prompts: list[list[int]], completions: list[list[int]], *, 
                         [[False] * len(p) + [True] * len(c) for p, c in zip(prompts, completions)], pad_id=pad_id)
 
 
+class SamplingCopy:
+    """A whole local copy of a sharded (FSDP / TP) policy to decode with, refreshed once per optimizer step.
+
+    `get_model_state_dict(full_state_dict=True)` all-gathers every parameter on every rank; `loss` runs
+    on every rank for each micro-batch in lockstep, so the gathers line up. Decoding then runs on plain
+    local modules, with no collectives, however many steps each rank decodes. The copy's parameters
+    take the policy's dtype and, under autocast, its linear weights the autocast dtype (as DPO's
+    reference: the same logits, about half the memory). A policy with no sharded parameter (one
+    process, DDP) is used as it is.
+    """
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None
+        self.step: int | None = None
+
+    @staticmethod
+    def needed(model: nn.Module) -> bool:
+        return any(isinstance(p, DTensor) for p in model.parameters())
+
+    def policy(self, model: nn.Module, *, step: int, autocast_dtype: torch.dtype | None) -> nn.Module:
+        """The module to decode with at `step` (-1: refresh in any case)."""
+        if not self.needed(model):
+            return model
+        if self.model is None:
+            inner = unwrap(model)
+            cfg = getattr(inner, "_orig_mod", inner).cfg
+            self.model = cast_frozen(build_model(cfg, device=next(model.parameters()).device, seed=0),
+                                     like=model, autocast_dtype=autocast_dtype)
+        if step < 0 or step != self.step:
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    p.copy_(full[name])
+            del full
+            self.step = step
+        return self.model
+
+
 class RLVRObjective(Objective):
     """GRPO with verifiable rewards; count = completions."""
 
     name = "rlvr"
-    single_device = True  # sampling is not distributed-safe: kiln.train.engine refuses a distributed layout
 
     def __init__(self, train: list[Task], val: list[Task] | None = None, *, reference: Path, reward: Reward,
                  tokenizer, group_size: int, kl_coef: float, max_new_tokens: int, temperature: float = 1.0,
@@ -137,6 +190,7 @@ class RLVRObjective(Objective):
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.config = config
         self.ref: nn.Module | None = None
+        self.copy = SamplingCopy()
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         return autocast_for(self.config.train.dtype, device) if self.config is not None else contextlib.nullcontext()
@@ -147,7 +201,7 @@ class RLVRObjective(Objective):
 
     def train_data(self, cfg, tokenizer, *, rank: int = 0, world_size: int = 1) -> PromptLoader:
         return PromptLoader(self.train, batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, rank=rank,
-                            world_size=world_size)
+                            world_size=world_size, global_batch=cfg.train.global_batch_size)
 
     def val_data(self, cfg, tokenizer) -> dict[str, list[list[Task]]]:
         return {"rlvr": [self.val]} if self.val else {}
@@ -160,15 +214,25 @@ class RLVRObjective(Objective):
             completion = completion[:-1]
         return continuation_text(self.tok, prompt, completion)
 
-    def sample(self, model: nn.Module, tasks: list[Task], *, n: int, temperature: float, seed: int) -> list[list[int]]:
-        """n completions per task (grouped consecutively), sampled with the policy in eval mode."""
+    def _decode(self, model: nn.Module, prompts: list[list[int]], *, temperature: float, seed: int) -> list[list[int]]:
         was = model.training
         model.eval()
-        prompts = [t.prompt for t in tasks for _ in range(n)]
         outs = generate(model, prompts, max_new_tokens=self.max_new_tokens, temperature=temperature,
                         top_k=self.top_k, top_p=self.top_p, eos_id=self.tok.eos_id, seed=seed)
         model.train(was)
         return outs
+
+    def sample(self, model: nn.Module, tasks: list[Task], *, n: int, temperature: float,
+               seeds: list[int]) -> list[list[int]]:
+        """n completions per task (grouped consecutively), sampled with `model` in eval mode. Task i's
+        group is decoded alone with seed seeds[i], so its tokens do not depend on the other tasks."""
+        return [o for t, seed in zip(tasks, seeds, strict=True)
+                for o in self._decode(model, [t.prompt] * n, temperature=temperature, seed=seed)]
+
+    def _policy(self, model: nn.Module, *, step: int) -> nn.Module:
+        """What to decode with: the policy, or its gathered local copy when it is sharded."""
+        device = next(model.parameters()).device
+        return self.copy.policy(model, step=step, autocast_dtype=autocast_dtype_of(self._autocast(device), device))
 
     def score(self, tasks: list[Task], outs: list[list[int]], n: int) -> Tensor:
         rewards = [self.reward(t.text, self.completions_text(t.prompt, o), t.answer)
@@ -176,12 +240,13 @@ class RLVRObjective(Objective):
         return torch.tensor(rewards, dtype=torch.float32)
 
     def loss(self, model: nn.Module, batch: PromptBatch, *, cfg) -> tuple[Tensor, dict[str, Tensor]]:
-        outs = self.sample(model, batch.tasks, n=self.G, temperature=self.temperature, seed=batch.seed)
+        outs = self.sample(self._policy(model, step=batch.step), batch.tasks, n=self.G,
+                           temperature=self.temperature, seeds=batch.seeds)
         rewards = self.score(batch.tasks, outs, self.G)  # (N,)
         device = next(model.parameters()).device
         adv = group_advantages(rewards, self.G).to(device)  # (N,)
         prompts = [t.prompt for t in batch.tasks for _ in range(self.G)]
-        tok, tgt = completion_batch(prompts, outs, pad_id=self.tok.eos_id)
+        tok, tgt = pad_to_multiple(*completion_batch(prompts, outs, pad_id=self.tok.eos_id), cfg=cfg)
         tok, tgt = tok.to(device), tgt.to(device)
         mask = (tgt != IGNORE).float()  # (N, T)
         lengths = mask.sum(dim=1).clamp(min=1)  # (N,)
@@ -203,8 +268,9 @@ class RLVRObjective(Objective):
 
     def evaluate(self, model, val, *, cfg, device, autocast) -> dict[str, float]:
         tasks = val["rlvr"][0]
+        policy = self._policy(model, step=-1)  # after the step's update: refreshed
         with autocast or contextlib.nullcontext():
-            outs = self.sample(model, tasks, n=1, temperature=0.0, seed=0)
+            outs = self._decode(policy, [t.prompt for t in tasks], temperature=0.0, seed=0)  # greedy, one batch
         mean = float(self.score(tasks, outs, 1).mean())
         return {"eval_loss": -mean, "eval_reward": mean}
 

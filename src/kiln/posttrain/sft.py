@@ -22,17 +22,10 @@ import sys
 import numpy as np
 import torch
 
+from kiln.data.cursor import CursorLoader, EpochCursor
 from kiln.data.packing import IGNORE, Batch
 from kiln.errors import DataError
-from kiln.posttrain.chat import (
-    ChatFormat,
-    CursorLoader,
-    Encoded,
-    EpochCursor,
-    as_messages,
-    check_messages,
-    load_records,
-)
+from kiln.posttrain.chat import ChatFormat, Encoded, as_messages, check_messages, load_records
 from kiln.train.objective import Objective
 
 
@@ -110,7 +103,7 @@ def rows_to_batch(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Batc
 
 class SFTLoader(CursorLoader):
     """Endless, Stateful micro-batches of packed SFT rows; rank r of W takes rows r, r+W, ... of the
-    epochs' rows one after another (kiln.posttrain.chat.EpochCursor).
+    epochs' rows one after another (kiln.data.cursor.EpochCursor).
 
     Per epoch only the row plans (conversation indices) are kept; a row's arrays are built when it
     is batched, so memory does not grow with the epoch's token count.
@@ -148,7 +141,6 @@ class SFTObjective(Objective):
     """Cross-entropy on assistant tokens; count = assistant target tokens in the step."""
 
     name = "sft"
-    single_device = False  # runs under every layout (kiln.train.engine refuses a distributed one when True)
 
     def __init__(self, train: list[Encoded], val: list[Encoded] | None = None, *, pack: bool = True) -> None:
         self.train, self.val, self.pack = train, val or [], pack

@@ -80,9 +80,6 @@ class Engine:
     def __init__(self, cfg: Config, layout: Layout, objective: Objective, *, seed: int, accum_steps: int) -> None:
         self.cfg, self.layout, self.objective, self.accum_steps = cfg, layout, objective, accum_steps
         self.pipe: pl.Pipeline | None = None
-        if layout.distributed and objective.single_device:
-            raise ConfigError(f"{objective.name} runs in one process for now (its sampling is not distributed); "
-                              "run it without torchrun")
         if cfg.model.attention == "flex" and layout.device.type == "cpu":  # before compile hides the error
             raise ConfigError("model.attention=flex has no backward on CPU in this PyTorch; train on CPU with "
                               "model.attention=sdpa (same document mask), or use flex on a GPU")

@@ -47,7 +47,6 @@ class Objective:
     """Pretraining: next-token cross-entropy on packed documents. Subclass for other objectives."""
 
     name = "pretrain"
-    single_device = False  # True: the objective cannot run distributed yet (kiln.train.engine refuses it)
 
     def setup(self, model: nn.Module, *, device: torch.device) -> None:
         """Called once after the model is built and initialised (or loaded)."""
