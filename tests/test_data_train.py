@@ -15,7 +15,7 @@ from kiln.data.shards import ShardLoader
 from kiln.data.tokenizer import load_tokenizer, train_bpe
 from kiln.errors import DataError
 from kiln.train.metrics import read_metrics
-from kiln.train.objective import Objective
+from kiln.train.objective import Objective, RunSettings
 from kiln.train.trainer import train
 from test_train import losses, small_overrides, write_corpus
 
@@ -45,47 +45,54 @@ def overrides(tmp_path, prepared, **extra):
     return over
 
 
+def configured(cfg) -> Objective:
+    """Pretraining as the trainer configures it for `cfg`."""
+    obj = Objective()
+    obj.configure(RunSettings.of(cfg))
+    return obj
+
+
 def test_objective_builds_the_configured_sources(prepared, tmp_path):
     tok = load_tokenizer(str(prepared / "tok"))
     over = overrides(tmp_path, prepared, **{"data.shards": str(prepared / "train"), "data.num_workers": 2,
                                         "data.val": json.dumps([{"path": str(prepared / "val")},
                                                                 {"path": str(tmp_path / "val.jsonl"), "name": "toy"}])})
     cfg = load_config("tiny", over)
-    obj = Objective()
-    src = obj.train_data(cfg, tok, rank=1, world_size=2)
+    obj = configured(cfg)
+    src = obj.train_data(tok, rank=1, world_size=2)
     assert isinstance(src, ShardLoader) and (src.rank, src.world_size, src.num_workers) == (1, 2, 2)
     assert src.next_batch().tokens.shape == (2, 32)
     state = src.state_dict()
     second = src.next_batch()
     src.close()
-    again = obj.train_data(cfg, tok, rank=0, world_size=1)  # another dp size, and a list of all ranks' states
+    again = obj.train_data(tok, rank=0, world_size=1)  # another dp size, and a list of all ranks' states
     again.load_state_dict([state, state])
     both = again.next_batch()  # 1 rank reads global positions c, c+1; of 2 ranks, rank 1 read c+1 and c+3
     assert torch.equal(both.tokens[1], second.tokens[0])
     again.close()
-    val = obj.val_data(cfg, tok)
+    val = obj.val_data(tok)
     assert list(val) == ["prose", "notes", "toy"]  # one set per domain: eval_loss/<name>
     text_cfg = load_config("tiny", overrides(tmp_path, prepared, **{"data.num_workers": 1}))
-    assert isinstance(obj.train_data(text_cfg, tok), PackedLoader)
+    assert isinstance(configured(text_cfg).train_data(tok), PackedLoader)
     bad = overrides(tmp_path, prepared, **{"data.format": "shards"})
     with pytest.raises(DataError, match="needs folders written by `kiln data prepare`"):
-        obj.train_data(load_config("tiny", bad), tok)
+        configured(load_config("tiny", bad)).train_data(tok)
     wrong = overrides(tmp_path, prepared, **{"data.train": json.dumps([{"path": str(prepared / "train")}])})
     with pytest.raises(DataError, match="--data.format shards"):
-        obj.train_data(load_config("tiny", wrong), tok)
+        configured(load_config("tiny", wrong)).train_data(tok)
 
 
 def test_data_shards_with_an_explicit_data_train_or_the_bundled_corpus_is_a_clear_error(prepared, tmp_path):
     from kiln.errors import ConfigError
 
-    tok, obj = load_tokenizer(str(prepared / "tok")), Objective()
+    tok = load_tokenizer(str(prepared / "tok"))
     both = small_overrides(tmp_path, **{"data.tokenizer": str(prepared / "tok"), "model.vocab_size": 320,
                                         "data.shards": str(prepared / "train")})  # data.train: toy corpus
     with pytest.raises(ConfigError, match=r"data.shards .* and data.train .* are both set"):
-        obj.train_data(load_config("tiny", both), tok)
+        configured(load_config("tiny", both)).train_data(tok)
     bundled = load_config("tiny", ["--data.format", "shards"])  # the default data.train: bundled:train
     with pytest.raises(DataError) as e:
-        obj.train_data(bundled, tok)
+        configured(bundled).train_data(tok)
     msg = str(e.value)
     assert "kiln data prepare --source bundled:train --out DIR" in msg and "--out bundled" not in msg, msg
 

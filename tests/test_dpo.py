@@ -118,7 +118,7 @@ def test_precomputed_reference_equals_the_frozen_copy(tmp_path, dtype):
         cfg = tiny_config(tmp_path, **{"run.out_dir": str(tmp_path / mode), "run.init_from": str(ckpt),
                                        "train.max_steps": 3, "optim.lr": 5e-3, "train.dtype": dtype})
         train(cfg, objective=DPOObjective(data, None, reference=ckpt, beta=0.5, precompute=mode == "precomputed",
-                                          batch_size=4, config=cfg), quiet=True)
+                                          batch_size=4), quiet=True)
         losses[mode] = [r["loss"] for r in read_metrics(tmp_path / mode) if r["kind"] == "train"]
     assert losses["copy"] == pytest.approx(losses["precomputed"], rel=1e-5)
     assert losses["copy"][0] == pytest.approx(math.log(2), rel=1e-6)

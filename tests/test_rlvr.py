@@ -89,7 +89,7 @@ def test_loss_gradient_is_the_group_relative_policy_gradient(tmp_path, temperatu
                         max_new_tokens=6, temperature=temperature)
     obj.setup(model, device=torch.device("cpu"))
     batch = PromptBatch(tasks, seeds=[36, 37, 38])  # seeds under which every group has both outcomes
-    loss, extras = obj.loss(model, batch, cfg=None)
+    loss, extras = obj.loss(model, batch)
     assert extras["kl"].item() == pytest.approx(0.0, abs=1e-6)
     got = torch.autograd.grad(loss, list(model.parameters()))
 

@@ -25,6 +25,7 @@ from kiln.posttrain.chat import KILN_TEMPLATE, ChatFormat, write_chat_template
 from kiln.posttrain.sft import SFTLoader, SFTObjective, encode_conversations, pack_rows, rows_to_batch
 from kiln.train import checkpoint as ckpt_io
 from kiln.train.metrics import read_metrics
+from kiln.train.objective import RunSettings
 from kiln.train.trainer import train
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
@@ -328,12 +329,13 @@ def test_sft_loss_and_eval_use_train_loss_impl(tmp_path):
     convs = encode_conversations([("t", {"messages": m}) for m in addition_chats(4)], ChatFormat(tok), max_len=64)
     cfg = tiny_config(tmp_path, **{"train.loss_impl": "liger"})  # not installed: the loss must say so
     obj = SFTObjective(convs, convs)
+    obj.configure(RunSettings.of(cfg))
     model = build_model(cfg.model, seed=0)
-    batch = obj.train_data(cfg, tok).next_batch()
+    batch = obj.train_data(tok).next_batch()
     with pytest.raises(ConfigError, match="liger"):
-        obj.loss(model, batch, cfg=cfg)
+        obj.loss(model, batch)
     with pytest.raises(ConfigError, match="liger"):
-        obj.evaluate(model, obj.val_data(cfg, tok), cfg=cfg, device=torch.device("cpu"), autocast=None)
+        obj.evaluate(model, obj.val_data(tok), device=torch.device("cpu"), autocast=None)
 
 
 def test_loader_memory_does_not_grow_with_the_epochs_tokens():

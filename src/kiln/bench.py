@@ -40,7 +40,6 @@ from kiln.data.packing import Batch, Row, make_batch
 from kiln.device import autocast_for, train_precision
 from kiln.errors import ConfigError
 from kiln.estimate import estimate_memory
-from kiln.eval.loss import token_loss_sum
 from kiln.model import count_params
 from kiln.optim import param_dtype
 from kiln.parallel.mesh import init_layout, shutdown
@@ -48,15 +47,8 @@ from kiln.parallel.pipeline import microbatches
 from kiln.perf import device_peak, flops_per_token, mfu
 from kiln.runinfo import git_describe
 from kiln.train.engine import Engine
-from kiln.train.objective import Objective
+from kiln.train.objective import Objective, RunSettings
 from kiln.train.plan import make_plan
-
-
-class _BenchObjective(Objective):
-    """Pretraining with the configured train.loss_impl (the fused / chunked / plain loss)."""
-
-    def loss(self, model, batch, *, cfg):
-        return token_loss_sum(model, batch, doc_mask=cfg.data.doc_mask, impl=cfg.train.loss_impl), {}
 
 
 def synthetic_batches(cfg: Config, n: int, *, seed: int = 0) -> list[Batch]:
@@ -180,7 +172,7 @@ def _quiet_stderr() -> Any:
 
 def _cpu_peak_bytes(engine: Any, step_fn: Any) -> tuple[int, str]:
     """Peak tensor bytes of one more step on CPU, and how it was counted."""
-    if engine.cfg.train.compile:  # compiled blocks refuse a dispatch mode; the profiler sees their allocations
+    if engine.train_cfg.compile:  # compiled blocks refuse a dispatch mode; the profiler sees their allocations
         return profiled_peak_bytes(_state_tensors(engine), step_fn), "profiler allocator events (one extra step)"
     with PeakTensorMemory(_state_tensors(engine)) as tracker:
         step_fn()
@@ -192,10 +184,12 @@ def run_bench(cfg: Config, *, steps: int = 10, warmup: int = 3) -> dict[str, Any
     layout = init_layout(cfg.parallel, cfg.model, cfg.run.device)
     device = layout.device
     torch.manual_seed(cfg.run.seed)
-    objective = _BenchObjective() if cfg.parallel.pp == 1 else Objective()
+    objective = Objective()  # pretraining, with the configured train.loss_impl
+    objective.configure(RunSettings.of(cfg))
     plan = make_plan(cfg.model, cfg.train, cfg.optim, dp_size=layout.dp_size,
                      pipeline_microbatches=microbatches(cfg.parallel) if layout.pp > 1 else 1)
-    engine = Engine(cfg, layout, objective, seed=cfg.run.seed, accum_steps=plan.accum_steps)
+    engine = Engine(model=cfg.model, optim=cfg.optim, train=cfg.train, parallel=cfg.parallel, doc_mask=cfg.data.doc_mask,
+                    layout=layout, objective=objective, seed=cfg.run.seed, accum_steps=plan.accum_steps)
     engine.train()
     autocast = autocast_for(cfg.train.dtype, device)
     n_micro = plan.accum_steps

@@ -32,7 +32,7 @@ from rich.table import Table
 
 from kiln import __version__
 from kiln.config import Config, ModelConfig, load_config, split_preset
-from kiln.data.factory import build_train_source, measure_diversity, train_sources, uses_shards
+from kiln.data.factory import Batching, build_train_source, measure_diversity, train_sources, uses_shards
 from kiln.data.packing import Batch
 from kiln.data.sources import is_hub_source, resolve_files, source_name
 from kiln.data.tokenizer import load_tokenizer
@@ -318,8 +318,8 @@ def check_data(ctx: Context) -> tuple[Status, str]:
     if ctx.tokenizer is None:
         return "SKIP", "needs the tokenizer check to pass"
     cfg = ctx.cfg
-    sources = train_sources(cfg)
-    local = [s for s in sources if uses_shards(cfg) or not is_hub_source(s)]
+    sources = train_sources(cfg.data)
+    local = [s for s in sources if uses_shards(cfg.data) or not is_hub_source(s)]
     hub = [s.path for s in sources if s not in local]
     for s in cfg.data.val:
         if not is_hub_source(s):
@@ -329,9 +329,9 @@ def check_data(ctx: Context) -> tuple[Status, str]:
     # the trainer's own batch source, one sequence per batch, tokenizing in this process, rows in stream
     # order (the row shuffle would tokenize its whole first window for one row; "data diversity" measures it)
     data = dataclasses.replace(cfg.data, train=local, shards="", num_workers=0, row_shuffle=0,
-                               format="shards" if uses_shards(cfg) else cfg.data.format)
-    small = dataclasses.replace(cfg, data=data, train=dataclasses.replace(cfg.train, micro_batch_size=1))
-    batch = build_train_source(small, ctx.tokenizer).next_batch()
+                               format="shards" if uses_shards(cfg.data) else cfg.data.format)
+    one_row = Batching(seq_len=cfg.train.seq_len, batch_size=1, seed=cfg.run.seed)
+    batch = build_train_source(data, ctx.tokenizer, one_row).next_batch()
     seq_len = cfg.train.seq_len
     top = int(batch.tokens.max())
     docs = int(batch.doc_ids.max()) + 1
@@ -350,10 +350,12 @@ def check_diversity(ctx: Context) -> tuple[Status, str]:
     drawn at random (kiln.data.diversity): WARN when batches hold far fewer documents than random rows."""
     if ctx.tokenizer is None:
         return "SKIP", "needs the tokenizer check to pass"
-    sources = train_sources(ctx.cfg)
-    if not uses_shards(ctx.cfg) and any(is_hub_source(s) for s in sources):
+    cfg = ctx.cfg
+    sources = train_sources(cfg.data)
+    if not uses_shards(cfg.data) and any(is_hub_source(s) for s in sources):
         return "SKIP", "HF hub sources are not fetched here (network); measure local data with `kiln data verify`"
-    d = measure_diversity(ctx.cfg, ctx.tokenizer, sources=sources)
+    batching = Batching(seq_len=cfg.train.seq_len, batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed)
+    d = measure_diversity(cfg.data, ctx.tokenizer, batching, sources=sources)
     return d.status, d.line()
 
 

@@ -21,7 +21,7 @@ from kiln.data.packing import Batch
 from kiln.parallel.mesh import init_layout, shutdown
 from kiln.parallel.pipeline import microbatches
 from kiln.train.engine import Engine
-from kiln.train.objective import Objective
+from kiln.train.objective import Objective, RunSettings
 from kiln.train.plan import make_plan
 
 STEPS = 3
@@ -47,7 +47,10 @@ def run(overrides: list[str]) -> tuple[list[dict], object]:
     layout = init_layout(cfg.parallel, cfg.model, "cpu")
     plan = make_plan(cfg.model, cfg.train, cfg.optim, dp_size=layout.dp_size,
                      pipeline_microbatches=microbatches(cfg.parallel) if layout.pp > 1 else 1)
-    engine = Engine(cfg, layout, Objective(), seed=0, accum_steps=plan.accum_steps)
+    objective = Objective()
+    objective.configure(RunSettings.of(cfg))
+    engine = Engine(model=cfg.model, optim=cfg.optim, train=cfg.train, parallel=cfg.parallel,
+                    doc_mask=cfg.data.doc_mask, layout=layout, objective=objective, seed=0, accum_steps=plan.accum_steps)
     t = cfg.train
     n_mb = plan.accum_steps
     records = []

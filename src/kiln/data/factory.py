@@ -14,7 +14,9 @@ Checkpointing the training source (`state_dict()` is plain python data):
 
 from __future__ import annotations
 
-from kiln.config import Config, DataConfig, SourceConfig
+from dataclasses import dataclass
+
+from kiln.config import DataConfig, SourceConfig
 from kiln.data.diversity import BATCHES, Diversity, shard_diversity, text_diversity
 from kiln.data.loader import PackedLoader, validation_batches
 from kiln.data.packing import Batch
@@ -24,10 +26,18 @@ from kiln.data.tokenizer import Tokenizer
 from kiln.errors import ConfigError, DataError
 
 
-def train_sources(cfg: Config) -> list[SourceConfig]:
+@dataclass(frozen=True)
+class Batching:
+    """How a loader cuts and orders rows: train.seq_len, train.micro_batch_size and run.seed."""
+
+    seq_len: int
+    batch_size: int
+    seed: int
+
+
+def train_sources(d: DataConfig) -> list[SourceConfig]:
     """data.train, or the single prepared folder named by data.shards (then data.train must be left at
     its default, the bundled corpus: a ConfigError says so instead of ignoring it)."""
-    d = cfg.data
     if not d.shards:
         return list(d.train)
     if d.train != DataConfig().train:
@@ -37,17 +47,16 @@ def train_sources(cfg: Config) -> list[SourceConfig]:
     return [SourceConfig(path=d.shards, name="shards")]
 
 
-def uses_shards(cfg: Config) -> bool:
-    return cfg.data.format == "shards" or bool(cfg.data.shards)
+def uses_shards(d: DataConfig) -> bool:
+    return d.format == "shards" or bool(d.shards)
 
 
-def build_train_source(cfg: Config, tokenizer: Tokenizer, *, dp_rank: int = 0, dp_world: int = 1
+def build_train_source(d: DataConfig, tokenizer: Tokenizer, b: Batching, *, dp_rank: int = 0, dp_world: int = 1
                        ) -> PackedLoader | ShardLoader:
     """The training batch source of data-parallel rank `dp_rank` of `dp_world` (tensor/pipeline peers
     pass the same dp rank and get identical batches)."""
-    d, t = cfg.data, cfg.train
-    sources = train_sources(cfg)
-    if uses_shards(cfg):
+    sources = train_sources(d)
+    if uses_shards(d):
         for s in sources:
             if s.path.startswith("bundled:"):
                 raise DataError(f"{s.path}: data.format=shards needs folders written by `kiln data prepare`, and "
@@ -57,38 +66,36 @@ def build_train_source(cfg: Config, tokenizer: Tokenizer, *, dp_rank: int = 0, d
                 raise DataError(f"{s.path}: data.format=shards needs folders written by `kiln data prepare` "
                                 f"(no manifest.json here); run `kiln data prepare --source ... --out {s.path}` "
                                 "or set data.format=text")
-        return ShardLoader(sources, tokenizer, seq_len=t.seq_len, batch_size=t.micro_batch_size, seed=cfg.run.seed,
+        return ShardLoader(sources, tokenizer, seq_len=b.seq_len, batch_size=b.batch_size, seed=b.seed,
                            shuffle=d.shuffle, rank=dp_rank, world_size=dp_world, num_workers=d.num_workers)
     for s in sources:
         if is_prepared(s.path):
             raise DataError(f"{s.path}: a prepared (pre-tokenized) folder; train from it with "
                             f"--data.format shards (or --data.shards {s.path})")
-    return PackedLoader(sources, tokenizer, seq_len=t.seq_len, batch_size=t.micro_batch_size, seed=cfg.run.seed,
+    return PackedLoader(sources, tokenizer, seq_len=b.seq_len, batch_size=b.batch_size, seed=b.seed,
                         shuffle=d.shuffle, rank=dp_rank, world_size=dp_world, encode_batch=d.encode_batch,
                         num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, row_shuffle=d.row_shuffle,
                         remainder=d.remainder, on_exhausted=d.on_exhausted)
 
 
-def measure_diversity(cfg: Config, tokenizer: Tokenizer, *, sources: list[SourceConfig] | None = None,
+def measure_diversity(d: DataConfig, tokenizer: Tokenizer, b: Batching, *, sources: list[SourceConfig] | None = None,
                       batches: int = BATCHES) -> Diversity:
-    """The training batches' diversity (kiln.data.diversity) under `cfg`'s data settings, micro-batch,
-    seq_len and seed, over `sources` (default: the training sources)."""
-    d, t = cfg.data, cfg.train
-    sources = train_sources(cfg) if sources is None else sources
-    if uses_shards(cfg):
-        return shard_diversity([s.path for s in sources], seq_len=t.seq_len, batch_size=t.micro_batch_size,
-                               seed=cfg.run.seed, shuffle=d.shuffle, weights=[s.weight for s in sources],
+    """The training batches' diversity (kiln.data.diversity) under these data settings and batching, over
+    `sources` (default: the training sources)."""
+    sources = train_sources(d) if sources is None else sources
+    if uses_shards(d):
+        return shard_diversity([s.path for s in sources], seq_len=b.seq_len, batch_size=b.batch_size,
+                               seed=b.seed, shuffle=d.shuffle, weights=[s.weight for s in sources],
                                batches=batches)
-    return text_diversity(sources, tokenizer, seq_len=t.seq_len, batch_size=t.micro_batch_size, seed=cfg.run.seed,
+    return text_diversity(sources, tokenizer, seq_len=b.seq_len, batch_size=b.batch_size, seed=b.seed,
                           batches=batches, shuffle=d.shuffle, encode_batch=d.encode_batch,
                           shuffle_buffer=d.shuffle_buffer, row_shuffle=d.row_shuffle, remainder=d.remainder,
                           on_exhausted=d.on_exhausted)
 
 
-def build_val_sets(cfg: Config, tokenizer: Tokenizer) -> dict[str, list[Batch]]:
-    """Fixed evaluation batches per validation source (a prepared folder gives one set per source it
-    was prepared from). Names are unique; they become eval_loss/<name> and eval_ppl/<name>."""
-    t = cfg.train
+def build_val_sets(d: DataConfig, tokenizer: Tokenizer, b: Batching, *, max_tokens: int) -> dict[str, list[Batch]]:
+    """Fixed evaluation batches per validation source, at most `max_tokens` each (a prepared folder gives
+    one set per source it was prepared from). Names are unique: eval_loss/<name> and eval_ppl/<name>."""
     out: dict[str, list[Batch]] = {}
 
     def put(name: str, batches: list[Batch]) -> None:
@@ -97,13 +104,13 @@ def build_val_sets(cfg: Config, tokenizer: Tokenizer) -> dict[str, list[Batch]]:
             key, i = f"{name}-{i}", i + 1
         out[key] = batches
 
-    for s in cfg.data.val:
+    for s in d.val:
         if is_prepared(s.path):
-            for name, batches in shard_validation_sets(s, tokenizer, seq_len=t.seq_len, batch_size=t.micro_batch_size,
-                                                       max_tokens=t.eval_tokens).items():
+            for name, batches in shard_validation_sets(s, tokenizer, seq_len=b.seq_len, batch_size=b.batch_size,
+                                                       max_tokens=max_tokens).items():
                 put(name, batches)
         else:
-            put(source_name(s), validation_batches(s, tokenizer, seq_len=t.seq_len, batch_size=t.micro_batch_size,
-                                                   max_tokens=t.eval_tokens))
+            put(source_name(s), validation_batches(s, tokenizer, seq_len=b.seq_len, batch_size=b.batch_size,
+                                                   max_tokens=max_tokens))
     return out
 

@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kiln.config import Config
 from kiln.data.cursor import CursorLoader, EpochCursor, shuffled
 from kiln.data.packing import IGNORE
 from kiln.device import autocast_for
@@ -109,11 +108,10 @@ def make_pair_batch(pairs: list[Pair], *, pad_id: int) -> PairBatch:
     return PairBatch(tok, tgt, ref)
 
 
-def pad_to_multiple(tokens: Tensor, targets: Tensor, *, cfg: Config | None) -> tuple[Tensor, Tensor]:
+def pad_to_multiple(tokens: Tensor, targets: Tensor, *, multiple: int) -> tuple[Tensor, Tensor]:
     """(N, T) inputs and targets right-padded (token 0, target -100) to a length divisible by
     parallel.tp: tensor parallelism shards the sequence dim (sequence parallel), which the collectives
     need even. The padding comes after every scored token, so causal attention leaves their scores alone."""
-    multiple = cfg.parallel.tp if cfg is not None else 1
     extra = -tokens.shape[1] % multiple
     if extra == 0:
         return tokens, targets
@@ -196,16 +194,14 @@ class DPOObjective(Objective):
     name = "dpo"
 
     def __init__(self, train: list[Pair], val: list[Pair] | None = None, *, reference: Path, beta: float,
-                 kind: str = "sigmoid", precompute: bool = False, batch_size: int = 8,
-                 config: Config | None = None) -> None:
-        """`config`: the run's config, for the trainer's autocast (train.dtype) in `setup`; None: fp32."""
+                 kind: str = "sigmoid", precompute: bool = False, batch_size: int = 8) -> None:
         self.train, self.val = train, val or []
         self.reference, self.beta, self.kind, self.precompute = reference, beta, kind, precompute
-        self.batch_size, self.config = batch_size, config
+        self.batch_size = batch_size
         self.ref: nn.Module | None = None
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        return autocast_for(self.config.train.dtype, device) if self.config is not None else contextlib.nullcontext()
+        return autocast_for(self._run.dtype, device) if self._run is not None else contextlib.nullcontext()
 
     def setup(self, model: nn.Module, *, device: torch.device) -> None:
         autocast = self._autocast(device)
@@ -227,14 +223,14 @@ class DPOObjective(Objective):
                         p.ref = (lp[j], lp[n + j])
         del ref  # precomputed once: the reference never takes memory during training
 
-    def train_data(self, cfg, tokenizer, *, rank: int = 0, world_size: int = 1) -> PairLoader:
-        return PairLoader(self.train, batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed,
+    def train_data(self, tokenizer, *, rank: int = 0, world_size: int = 1) -> PairLoader:
+        return PairLoader(self.train, batch_size=self.run.batching.batch_size, seed=self.run.batching.seed,
                           pad_id=tokenizer.eos_id, rank=rank, world_size=world_size)
 
-    def val_data(self, cfg, tokenizer) -> dict[str, list[PairBatch]]:
+    def val_data(self, tokenizer) -> dict[str, list[PairBatch]]:
         if not self.val:
             return {}
-        B = cfg.train.micro_batch_size
+        B = self.run.batching.batch_size
         return {"pref": [make_pair_batch(self.val[i:i + B], pad_id=tokenizer.eos_id)
                          for i in range(0, len(self.val), B)]}
 
@@ -249,9 +245,10 @@ class DPOObjective(Objective):
         with torch.no_grad(), self._autocast(batch.tokens.device):
             return sequence_logps(self.ref, batch.tokens, batch.targets)
 
-    def loss(self, model: nn.Module, batch: PairBatch, *, cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, model: nn.Module, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor]]:
         B = batch.pairs
-        tokens, targets = pad_to_multiple(batch.tokens, batch.targets, cfg=cfg)
+        tp = self._run.tp if self._run is not None else 1
+        tokens, targets = pad_to_multiple(batch.tokens, batch.targets, multiple=tp)
         logps = sequence_logps(model, tokens, targets)  # (2B,)
         ratios = logps - self._ref_logps(batch)
         c, r = ratios[:B], ratios[B:]
@@ -262,14 +259,14 @@ class DPOObjective(Objective):
         return losses.sum(), extras
 
     @torch.no_grad()
-    def evaluate(self, model, val, *, cfg, device, autocast) -> dict[str, float]:
+    def evaluate(self, model, val, *, device, autocast) -> dict[str, float]:
         was = model.training
         model.eval()
         sums: dict[str, float] = {}
         n = 0
         for batch in val["pref"]:
             with autocast or contextlib.nullcontext():
-                loss, extras = self.loss(model, batch.to(device), cfg=cfg)
+                loss, extras = self.loss(model, batch.to(device))
             for k, v in {"loss": loss, **extras}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += batch.pairs

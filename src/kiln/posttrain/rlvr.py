@@ -51,7 +51,6 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from kiln.config import Config
 from kiln.data.cursor import CursorLoader, EpochCursor, shuffled
 from kiln.data.packing import IGNORE
 from kiln.device import autocast_for
@@ -183,27 +182,26 @@ class RLVRObjective(Objective):
 
     def __init__(self, train: list[Task], val: list[Task] | None = None, *, reference: Path, reward: Reward,
                  tokenizer, group_size: int, kl_coef: float, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, config: Config | None = None) -> None:
-        """`config`: the run's config, for the trainer's autocast (train.dtype) in `setup`; None: fp32."""
+                 top_k: int = 0, top_p: float = 1.0) -> None:
         self.train, self.val, self.reference, self.reward, self.tok = train, val or [], reference, reward, tokenizer
         self.G, self.kl_coef, self.max_new_tokens = group_size, kl_coef, max_new_tokens
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.config = config
         self.ref: nn.Module | None = None
         self.copy = SamplingCopy()
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        return autocast_for(self.config.train.dtype, device) if self.config is not None else contextlib.nullcontext()
+        return autocast_for(self._run.dtype, device) if self._run is not None else contextlib.nullcontext()
 
     def setup(self, model: nn.Module, *, device: torch.device) -> None:
         self.ref = None if self.kl_coef <= 0 else load_reference(
             self.reference, device=device, like=model, autocast_dtype=autocast_dtype_of(self._autocast(device), device))
 
-    def train_data(self, cfg, tokenizer, *, rank: int = 0, world_size: int = 1) -> PromptLoader:
-        return PromptLoader(self.train, batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, rank=rank,
-                            world_size=world_size, global_batch=cfg.train.global_batch_size)
+    def train_data(self, tokenizer, *, rank: int = 0, world_size: int = 1) -> PromptLoader:
+        b = self.run.batching
+        return PromptLoader(self.train, batch_size=b.batch_size, seed=b.seed, rank=rank, world_size=world_size,
+                            global_batch=self.run.global_batch_size)
 
-    def val_data(self, cfg, tokenizer) -> dict[str, list[list[Task]]]:
+    def val_data(self, tokenizer) -> dict[str, list[list[Task]]]:
         return {"rlvr": [self.val]} if self.val else {}
 
     def count(self, batch: PromptBatch) -> int:
@@ -239,14 +237,15 @@ class RLVRObjective(Objective):
                    for t, o in zip([t for t in tasks for _ in range(n)], outs)]
         return torch.tensor(rewards, dtype=torch.float32)
 
-    def loss(self, model: nn.Module, batch: PromptBatch, *, cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, model: nn.Module, batch: PromptBatch) -> tuple[Tensor, dict[str, Tensor]]:
         outs = self.sample(self._policy(model, step=batch.step), batch.tasks, n=self.G,
                            temperature=self.temperature, seeds=batch.seeds)
         rewards = self.score(batch.tasks, outs, self.G)  # (N,)
         device = next(model.parameters()).device
         adv = group_advantages(rewards, self.G).to(device)  # (N,)
         prompts = [t.prompt for t in batch.tasks for _ in range(self.G)]
-        tok, tgt = pad_to_multiple(*completion_batch(prompts, outs, pad_id=self.tok.eos_id), cfg=cfg)
+        tok, tgt = pad_to_multiple(*completion_batch(prompts, outs, pad_id=self.tok.eos_id),
+                                   multiple=self._run.tp if self._run is not None else 1)
         tok, tgt = tok.to(device), tgt.to(device)
         mask = (tgt != IGNORE).float()  # (N, T)
         lengths = mask.sum(dim=1).clamp(min=1)  # (N,)
@@ -266,7 +265,7 @@ class RLVRObjective(Objective):
                   "group_reward_std": (std.repeat_interleave(self.G)).sum().to(device)}
         return per_seq.sum(), extras
 
-    def evaluate(self, model, val, *, cfg, device, autocast) -> dict[str, float]:
+    def evaluate(self, model, val, *, device, autocast) -> dict[str, float]:
         tasks = val["rlvr"][0]
         policy = self._policy(model, step=-1)  # after the step's update: refreshed
         with autocast or contextlib.nullcontext():

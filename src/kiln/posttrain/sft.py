@@ -25,6 +25,7 @@ import torch
 from kiln.data.cursor import CursorLoader, EpochCursor
 from kiln.data.packing import IGNORE, Batch
 from kiln.errors import DataError
+from kiln.eval.loss import evaluate, token_loss_sum
 from kiln.posttrain.chat import ChatFormat, Encoded, as_messages, check_messages, load_records
 from kiln.train.objective import Objective
 
@@ -145,28 +146,25 @@ class SFTObjective(Objective):
     def __init__(self, train: list[Encoded], val: list[Encoded] | None = None, *, pack: bool = True) -> None:
         self.train, self.val, self.pack = train, val or [], pack
 
-    def train_data(self, cfg, tokenizer, *, rank: int = 0, world_size: int = 1) -> SFTLoader:
-        return SFTLoader(self.train, seq_len=cfg.train.seq_len, batch_size=cfg.train.micro_batch_size,
-                         seed=cfg.run.seed, pack=self.pack, pad_id=tokenizer.eos_id, rank=rank, world_size=world_size)
+    def train_data(self, tokenizer, *, rank: int = 0, world_size: int = 1) -> SFTLoader:
+        b = self.run.batching
+        return SFTLoader(self.train, seq_len=b.seq_len, batch_size=b.batch_size, seed=b.seed, pack=self.pack,
+                         pad_id=tokenizer.eos_id, rank=rank, world_size=world_size)
 
-    def val_data(self, cfg, tokenizer) -> dict[str, list[Batch]]:
+    def val_data(self, tokenizer) -> dict[str, list[Batch]]:
         if not self.val:
             return {}
-        rows = pack_rows(self.val, np.arange(len(self.val)), seq_len=cfg.train.seq_len, pack=self.pack,
+        rows = pack_rows(self.val, np.arange(len(self.val)), seq_len=self.run.batching.seq_len, pack=self.pack,
                          pad_id=tokenizer.eos_id)
-        B = cfg.train.micro_batch_size
+        B = self.run.batching.batch_size
         return {"sft": [rows_to_batch(rows[i:i + B]) for i in range(0, len(rows), B)]}
 
-    def loss(self, model, batch: Batch, *, cfg):
-        from kiln.eval.loss import token_loss_sum
+    def loss(self, model, batch: Batch):
+        return token_loss_sum(model, batch, doc_mask=self.pack, impl=self.run.loss_impl), {}
 
-        return token_loss_sum(model, batch, doc_mask=self.pack, impl=cfg.train.loss_impl), {}
-
-    def evaluate(self, model, val, *, cfg, device, autocast) -> dict[str, float]:
-        from kiln.eval.loss import evaluate
-
+    def evaluate(self, model, val, *, device, autocast) -> dict[str, float]:
         res = evaluate(model, val["sft"], device=device, doc_mask=self.pack, autocast=autocast,
-                       impl=cfg.train.loss_impl)
+                       impl=self.run.loss_impl)
         return {"eval_loss": res["loss"], "eval_ppl": res["ppl"], "eval_tokens": res["tokens"]}
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from kiln.config import Config, OptimConfig
+from kiln.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from kiln.errors import ConfigError
 from kiln.model import Transformer
 from kiln.optim import build_optimizer, param_dtype
@@ -77,31 +77,33 @@ class Engine:
 
     `accum_steps` is the plan's micro-batches per optimizer step on each data-parallel rank."""
 
-    def __init__(self, cfg: Config, layout: Layout, objective: Objective, *, seed: int, accum_steps: int) -> None:
-        self.cfg, self.layout, self.objective, self.accum_steps = cfg, layout, objective, accum_steps
+    def __init__(self, *, model: ModelConfig, optim: OptimConfig, train: TrainConfig, parallel: ParallelConfig,
+                 doc_mask: bool, layout: Layout, objective: Objective, seed: int, accum_steps: int) -> None:
+        self.model_cfg, self.optim_cfg, self.train_cfg = model, optim, train
+        self.layout, self.objective, self.accum_steps = layout, objective, accum_steps
         self.pipe: pl.Pipeline | None = None
-        if cfg.model.attention == "flex" and layout.device.type == "cpu":  # before compile hides the error
+        if model.attention == "flex" and layout.device.type == "cpu":  # before compile hides the error
             raise ConfigError("model.attention=flex has no backward on CPU in this PyTorch; train on CPU with "
                               "model.attention=sdpa (same document mask), or use flex on a GPU")
 
         def prepare(module: nn.Module) -> nn.Module:  # meta -> parallelized, real, initialised
-            return materialize(parallelize(_cast_params(module, cfg.optim), layout, cfg.train), layout, seed=seed)
+            return materialize(parallelize(_cast_params(module, optim), layout, train), layout, seed=seed)
 
         if layout.pp > 1:
             if type(objective) is not Objective:
                 raise ConfigError("parallel.pp > 1 supports pretraining only; post-training runs with data, tensor "
                                   "or fully-sharded parallelism")
-            p = cfg.parallel
+            p = parallel
             self.pipe = pl.build_pipeline(
-                cfg.model, schedule=p.pp_schedule, pp=p.pp, pp_rank=layout.pp_rank,
+                model, schedule=p.pp_schedule, pp=p.pp, pp_rank=layout.pp_rank,
                 n_microbatches=pl.microbatches(p), device=layout.device, pp_group=layout.group("pp"),
-                mesh=layout.mesh, doc_mask=cfg.data.doc_mask, prepare=prepare)
+                mesh=layout.mesh, doc_mask=doc_mask, prepare=prepare)
             self.parts = self.pipe.stages
         else:
             with torch.device("meta"):
-                model = Transformer(cfg.model)
-            self.parts = [prepare(model)]
-        self.optimizer = Optimizers([build_optimizer(unwrap(m), cfg.optim, device_type=layout.device.type)
+                module = Transformer(model)
+            self.parts = [prepare(module)]
+        self.optimizer = Optimizers([build_optimizer(unwrap(m), optim, device_type=layout.device.type)
                                      for m in self.parts])
         # DDP and FSDP average gradients over data-parallel ranks; the loss is already divided by the
         # global count, so backward runs on loss x dp_size to make that average the sum we want.
@@ -134,7 +136,7 @@ class Engine:
         last stage's copy takes the first stage's values: both got the same update, but stochastic
         rounding draws independent noise for each, so they would drift apart."""
         self.optimizer.step()
-        if self.pipe is not None and self.cfg.model.tie_embeddings and self.cfg.optim.param_dtype == "bf16":
+        if self.pipe is not None and self.model_cfg.tie_embeddings and self.optim_cfg.param_dtype == "bf16":
             pl.sync_tied_weights(self.pipe)
 
     def _global_count(self, local: int) -> float:
@@ -158,7 +160,7 @@ class Engine:
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with self._grad_sync(last), autocast:
-                loss, more = obj.loss(model, batch, cfg=self.cfg)
+                loss, more = obj.loss(model, batch)
                 (loss * (self.grad_scale / count)).backward()
             loss_sum += loss.detach().float()
             for k, v in more.items():
@@ -182,14 +184,14 @@ class Engine:
         count = max(self._global_count(local), 1.0) if pipe.has_last else 1.0
         loss_sum = pipe.forward_backward(micro_batches, n_groups=self.accum_steps // pipe.n_microbatches, count=count,
                                          grad_scale=self.grad_scale, device=self.layout.device)
-        if self.cfg.model.tie_embeddings:
+        if self.model_cfg.tie_embeddings:
             pl.sync_tied_grads(pipe)
         return loss_sum, count, {}
 
     def pipeline_eval(self, batches: list[Any]) -> tuple[float, float]:
         """(summed nats, target count) of `batches` through the pipeline, on every rank."""
         assert self.pipe is not None
-        t = self.cfg.train
+        t = self.train_cfg
         nats, count = self.pipe.evaluate(batches, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
                                          device=self.layout.device)
         return self.reduce_eval(nats, count)
@@ -232,7 +234,7 @@ class Engine:
     def _norm_params(self) -> list[nn.Parameter]:
         """Parameters counted in the gradient norm: a pipeline's tied-head copy is the embedding's
         twin (same gradient after sync_tied_grads), so it is counted once, as on one device."""
-        if self.pipe is None or not self.cfg.model.tie_embeddings or not self.pipe.has_last or self.pipe.n_stages == 1:
+        if self.pipe is None or not self.model_cfg.tie_embeddings or not self.pipe.has_last or self.pipe.n_stages == 1:
             return self.params()
         twin = self.pipe.modules_by_id()[self.pipe.n_stages - 1].head.weight
         return [p for p in self.params() if p is not twin]

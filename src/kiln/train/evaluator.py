@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kiln.config import Config, higher_is_better
+from kiln.config import TrainConfig, higher_is_better
 from kiln.eval.loss import eval_record
 from kiln.eval.suite import score_tasks
 from kiln.eval.tasks import MCItem
@@ -46,10 +46,10 @@ class Evaluation:
 class Evaluator:
     """Runs and logs evals; `due(step)` says when a periodic one is."""
 
-    def __init__(self, *, engine: Engine, objective: Objective, val_sets: dict[str, list[Any]], cfg: Config,
+    def __init__(self, *, engine: Engine, objective: Objective, val_sets: dict[str, list[Any]], train: TrainConfig,
                  autocast: contextlib.AbstractContextManager, plan: Plan, tokenizer: Any,
                  tasks: dict[str, list[MCItem]], metrics: MetricsLogger | None, progress: Progress) -> None:
-        self.engine, self.objective, self.val_sets, self.cfg, self.autocast = engine, objective, val_sets, cfg, autocast
+        self.engine, self.objective, self.val_sets, self.train, self.autocast = engine, objective, val_sets, train, autocast
         self.plan, self.tokenizer, self.tasks, self.metrics, self.progress = plan, tokenizer, tasks, metrics, progress
 
     @property
@@ -68,7 +68,7 @@ class Evaluator:
         t0 = time.perf_counter()
         record: dict[str, Any] = {"kind": "eval", "step": state.step, "tokens_seen": state.tokens_seen}
         record.update(self.evaluate())
-        t = self.cfg.train
+        t = self.train
         score = _score(record, t.keep_best_metric)
         if score is not None:
             state.evals.append(score)
@@ -85,12 +85,12 @@ class Evaluator:
         engine = self.engine
         if engine.pipe is not None:
             return eval_record({name: engine.pipeline_eval(self.val_sets[name]) for name in sorted(self.val_sets)})
-        record = self.objective.evaluate(engine.model, self.val_sets, cfg=self.cfg, device=engine.layout.device,
+        record = self.objective.evaluate(engine.model, self.val_sets, device=engine.layout.device,
                                          autocast=self.autocast) if self.val_sets else {}
         if self.tasks:
             with self.autocast:
-                record.update(score_tasks(engine.model, self.tokenizer, self.tasks, max_len=self.cfg.train.seq_len,
-                                          batch_size=self.cfg.train.micro_batch_size))
+                record.update(score_tasks(engine.model, self.tokenizer, self.tasks, max_len=self.train.seq_len,
+                                          batch_size=self.train.micro_batch_size))
         return record
 
 

@@ -43,7 +43,7 @@ from kiln.train.engine import Engine
 from kiln.train.evaluator import Evaluation, Evaluator
 from kiln.train.metrics import MetricsLogger, StepLog
 from kiln.train.mirror import Mirror, mirror_for
-from kiln.train.objective import BatchSource, Objective
+from kiln.train.objective import BatchSource, Objective, RunSettings
 from kiln.train.plan import Plan, make_plan
 from kiln.train.preflight import check_resumable, check_tokenizer, dry_run, prepare_out_dir
 from kiln.train.progress import Progress, StopOnSignal
@@ -299,16 +299,18 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
         dist.barrier()
 
     seed_everything(cfg.run.seed)
-    engine = Engine(cfg, layout, objective, seed=cfg.run.seed, accum_steps=plan.accum_steps)
+    objective.configure(RunSettings.of(cfg))
+    engine = Engine(model=cfg.model, optim=cfg.optim, train=cfg.train, parallel=cfg.parallel, doc_mask=cfg.data.doc_mask,
+                    layout=layout, objective=objective, seed=cfg.run.seed, accum_steps=plan.accum_steps)
     if init_from is not None:  # start from another run's weights (fine-tuning, continued pretraining)
         _load_weights(engine, init_from, tie=cfg.model.tie_embeddings, optimizer=False)
     if engine.pipe is None:
         objective.setup(engine.model, device=device)
-    loader = objective.train_data(cfg, tokenizer, rank=layout.dp_rank, world_size=layout.dp_size) \
+    loader = objective.train_data(tokenizer, rank=layout.dp_rank, world_size=layout.dp_size) \
         if engine.reads_data else None
     if loader is not None and hasattr(loader, "close"):
         closing.callback(loader.close)
-    val_sets = objective.val_data(cfg, tokenizer)  # small; every pipeline stage joins the same eval steps
+    val_sets = objective.val_data(tokenizer)  # small; every pipeline stage joins the same eval steps
     if cfg.train.eval_tasks and engine.pipe is not None:
         raise ConfigError("train.eval_tasks scores whole sequences on one model; a pipeline (parallel.pp > 1) splits "
                           "it: evaluate the checkpoints with `kiln eval --task mc` instead, or drop train.eval_tasks")
@@ -347,7 +349,7 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
                   precision=train_precision(t.dtype, param_dtype(cfg.optim), device),
                   cost_per_hour=cfg.run.cost_per_hour, progress=progress, metrics=metrics, control=control)
     autocast = autocast_for(t.dtype, device)
-    evaluator = Evaluator(engine=engine, objective=objective, val_sets=val_sets, cfg=cfg, autocast=autocast,
+    evaluator = Evaluator(engine=engine, objective=objective, val_sets=val_sets, train=cfg.train, autocast=autocast,
                           plan=plan, tokenizer=tokenizer, tasks=tasks, metrics=metrics, progress=progress)
     budget = TimeBudget(parse_duration(t.time_budget), text=t.time_budget, warmup_steps=cfg.optim.warmup_steps) \
         if t.time_budget else None
