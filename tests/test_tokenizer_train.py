@@ -155,6 +155,26 @@ def test_a_small_corpus_fills_the_vocabulary_with_reserved_tokens(tmp_path):
     assert load_tokenizer(str(tmp_path / "tok")).vocab_size == record["vocab_size"] == 600
 
 
+def test_several_sources_and_a_stream_train_the_same_tokenizer(corpus, tmp_path):
+    lines = corpus.read_text().splitlines(keepends=True)
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("".join(lines[:40]))
+    second.write_text("".join(lines[40:]))
+    both = train_tokenizer([SourceConfig(path=str(first)), SourceConfig(path=str(second))], tmp_path / "two",
+                           vocab_size=512, quiet=True)
+    one = train_tokenizer([SourceConfig(path=str(corpus))], tmp_path / "one", vocab_size=512, quiet=True)
+    stream = train_tokenizer([SourceConfig(path=str(corpus), streaming=True)], tmp_path / "stream", vocab_size=512,
+                             quiet=True)
+    assert both["documents"] == one["documents"] == stream["documents"] == len(lines)
+    tokenizer_json = {(tmp_path / n / "tokenizer.json").read_bytes() for n in ("two", "one", "stream")}
+    assert len(tokenizer_json) == 1  # the same documents, whatever the files or the reader
+    head = train_tokenizer([SourceConfig(path=str(corpus), take=10)], tmp_path / "head", vocab_size=512, quiet=True)
+    assert head["documents"] == 10 and head["digest"] != one["digest"]
+    with pytest.raises(DataError, match=r"weight=2 has no effect; balance sources with take") as e:
+        train_tokenizer([SourceConfig(path=str(corpus), weight=2.0)], tmp_path / "w", vocab_size=512, quiet=True)
+    assert "\n" not in str(e.value) and not (tmp_path / "w").exists()
+
+
 def test_alphabet_covers_the_text_and_ascii_and_is_deterministic():
     counts = collections.Counter({"a": 10_000, "b": 10_000, " ": 5000, "\u00e9": 20, "\u65e5": 1, "\u00df": 20})
     alphabet = choose_alphabet(counts, coverage=0.9995, limit=1000)

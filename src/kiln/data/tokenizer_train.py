@@ -25,8 +25,14 @@ The vocabulary is rounded up to a multiple of 64 (--multiple-of; 1 keeps the num
 the embedding and the output head have GPU-friendly shapes, and every id is a real token: a
 corpus too small for that many merges gets `<reserved_N>` placeholders at the end instead.
 
-Deterministic: the same sources and options give a byte-identical tokenizer.json (documents in
-source order; the alphabet chosen here, not by the trainer's tie-breaking).
+Sources are written as for `kiln data prepare --source` (kiln.data.sources): files, globs, folders,
+bundled:train, HF dataset names, or JSON objects of source fields; every document of every source
+is read once, in order (`take` / `skip` select a range; `streaming: true` reads a stream instead of
+converting it to Arrow first, twice: characters are counted before the words).
+
+Deterministic: the same sources and options give a byte-identical tokenizer.json. BPE depends on
+the counts of words only (ties go to the smaller pair of ids), and the alphabet, whose ids those
+are, is chosen here rather than by the trainer's limit_alphabet, which breaks ties in hash order.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 
 from kiln.config import SourceConfig, build, validate_source
-from kiln.data.sources import load_documents
+from kiln.data.sources import load_documents, open_stream, stream_error
 from kiln.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_digest
 from kiln.errors import DataError, first_line
 
@@ -112,11 +118,27 @@ class _Progress:
             self.say(f"{phase}: {docs:,} documents, {nbytes / 1e6:,.1f} MB")
 
 
-def _texts(sources: list[Any], progress: _Progress, phase: str) -> Iterator[list[str]]:
+def _open(src: SourceConfig) -> Any:
+    """`src`'s documents: map-style (the Arrow cache `kiln data prepare` uses), or a stream with streaming: true
+    (read twice, once to count characters: give it a `take`)."""
+    if src.weight != 1:
+        raise DataError(f"{src.path}: tokenizer training reads every source whole, once, so weight={src.weight:g} "
+                        "has no effect; balance sources with take (a JSON --source) instead")
+    return open_stream(src) if src.streaming else load_documents(src)
+
+
+def _texts(sources: list[SourceConfig], opened: list[Any], progress: _Progress, phase: str) -> Iterator[list[str]]:
     """Batches of non-empty documents of every source, in order."""
     docs = nbytes = 0
-    for ds in sources:
-        for batch in ds.iter(batch_size=1024):
+    for src, ds in zip(sources, opened):
+        batches = ds.iter(batch_size=1024)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as e:  # a stream fails while read: one line naming the source
+                raise stream_error(e, src) from None
             texts = [t for t in batch["text"] if t]
             docs += len(texts)
             nbytes += sum(len(t.encode()) for t in texts)
@@ -197,10 +219,10 @@ def train_tokenizer(sources: list[SourceConfig], out: str | Path, *, vocab_size:
     out = Path(out).expanduser()
     _check_out(out)
     progress = _Progress(quiet=quiet)
-    datasets = [load_documents(src) for src in sources]  # every source checked before any long work
+    opened = [_open(src) for src in sources]  # every source checked before any long work
     counts: collections.Counter[str] = collections.Counter()
     docs = nbytes = 0
-    for texts in _texts(datasets, progress, "counting characters"):
+    for texts in _texts(sources, opened, progress, "counting characters"):
         for t in texts:
             counts.update(t)
         docs += len(texts)
@@ -218,7 +240,7 @@ def train_tokenizer(sources: list[SourceConfig], out: str | Path, *, vocab_size:
     tk = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tk.pre_tokenizer = pre_tokenizer()
     t0 = time.time()
-    tk.train_from_iterator(_texts(datasets, progress, "counting words"), trainer=trainer)
+    tk.train_from_iterator(_texts(sources, opened, progress, "counting words"), trainer=trainer)
     final, stats = assemble(tk, alphabet=alphabet, vocab_size=target)
     seconds = time.time() - t0
     progress.say(f"learned {stats['merges']:,} merges in {seconds:.1f} s")
@@ -253,7 +275,7 @@ def _write(tok: Tokenizer, out: Path, record: dict[str, Any]) -> None:
 def tokenizer_stats(spec: str, sources: list[SourceConfig]) -> dict[str, Any]:
     """Bytes (UTF-8) per token of `spec` on `sources`, and its encode speed on this machine."""
     tok = load_tokenizer(spec)
-    texts = [t for ds in (load_documents(s) for s in sources) for t in ds["text"] if t]
+    texts = [t for batch in _texts(sources, [_open(s) for s in sources], _Progress(quiet=True), "") for t in batch]
     t0 = time.time()
     tokens = sum(len(ids) for ids in tok.encode_batch(texts))
     seconds = time.time() - t0
