@@ -30,6 +30,7 @@ commands:
   bench PRESET [--steps N] [--warmup N] [--section.key VALUE ...] time training steps: one JSON line (tokens/s, MFU, memory)
   estimate PRESET [--device cuda|cpu] [--section.key VALUE ...]   peak training memory per device (last line JSON)
   data prepare|inspect|verify ...                                 pre-tokenized shards; data checks (kiln data -h)
+  tokenizer train|stats ...                                       train a BPE tokenizer; bytes/token (kiln tokenizer -h)
 """
 
 
@@ -201,7 +202,8 @@ COMMANDS = {"train": _train, "generate": _generate, "chat": _chat, "eval": _eval
             "control": lambda argv: __import__("kiln.train.control", fromlist=["main"]).main(argv),
             "bench": lambda argv: __import__("kiln.bench", fromlist=["main"]).main(argv),
             "estimate": lambda argv: __import__("kiln.estimate", fromlist=["main"]).main(argv),
-            "average": lambda argv: __import__("kiln.average", fromlist=["main"]).main(argv)}
+            "average": lambda argv: __import__("kiln.average", fromlist=["main"]).main(argv),
+            "tokenizer": lambda argv: __import__("kiln.data.tokenizer_train", fromlist=["main"]).main(argv)}
 
 
 def main(argv: list[str] | None = None) -> int:

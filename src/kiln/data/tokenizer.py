@@ -1,5 +1,8 @@
 """Tokenizers: load (Mistral SentencePiece, HF folder, tokenizer.json), train a ByteLevel BPE, export.
 
+`kiln tokenizer train` (kiln.data.tokenizer_train) trains the Mistral-v3-style BPE with byte
+fallback users train with; `train_bpe` below is the small GPT-2-style one the tests build.
+
 Every tokenizer runs through one `tokenizers.Tokenizer` (the HF fast implementation), in
 training and in the exported HF folder alike, so an exported model sees exactly the tokens it
 was trained on. The Mistral SentencePiece models shipped in `mistral-common` are converted once

@@ -3,6 +3,9 @@ tokenizer fits the model, and `kiln train --dry-run`'s plan."""
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,10 +24,25 @@ from kiln.train.plan import Plan
 
 
 def check_tokenizer(tok: Tokenizer, cfg: Config, where: str) -> None:
-    """The tokenizer's ids must fit model.vocab_size."""
+    """The tokenizer's ids must fit model.vocab_size; a model far larger than them is said in one line (rank 0)."""
     if tok.vocab_size > cfg.model.vocab_size:
         raise DataError(f"{where}: tokenizer '{cfg.data.tokenizer}' has {tok.vocab_size} ids but model.vocab_size is "
                         f"{cfg.model.vocab_size}; set --model.vocab_size {tok.vocab_size} or use a matching tokenizer")
+    note = unused_vocab_note(tok, cfg)
+    if note and os.environ.get("RANK", "0") == "0":
+        print(note, file=sys.stderr)
+
+
+def unused_vocab_note(tok: Tokenizer, cfg: Config) -> str | None:
+    """A warning when model.vocab_size exceeds the tokenizer's ids by more than rounding them up to a multiple
+    of 128 (padding for GPU shapes or tensor parallelism): those embedding and head rows are never an input or
+    a target, yet the head computes their logits every step."""
+    v, m = tok.vocab_size, cfg.model.vocab_size
+    if m <= math.ceil(v / 128) * 128:
+        return None
+    rows = (m - v) * cfg.model.d_model * (1 if cfg.model.tie_embeddings else 2)
+    return (f"warning: model.vocab_size is {m} but tokenizer '{cfg.data.tokenizer}' has {v} ids, so {m - v} "
+            f"embedding/head rows ({rows:,} parameters) are never used; set --model.vocab_size {v}")
 
 
 def prepare_out_dir(out: Path, *, fresh: bool) -> None:
