@@ -513,6 +513,12 @@ def config_from_dict(tree: dict[str, Any], *, where: str) -> Config:
 
 def _validate_optim(o: OptimConfig, *, where: str, parallel: ParallelConfig | None = None) -> None:
     """Ranges of the optimizer and schedule knobs (kiln.optim), and optimizers a layout cannot run."""
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        raise ConfigError(f"{where}: optim.lr: must be a positive number, got {o.lr}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"{where}: optim.min_lr_ratio: must be within [0, 1], got {o.min_lr_ratio}")
+    if not 0 < o.decay_fraction <= 1:
+        raise ConfigError(f"{where}: optim.decay_fraction: must be within (0, 1], got {o.decay_fraction}")
     ranges = {"optim.constant_lr_ratio": (o.constant_lr_ratio, 0.0, 1.0),
               "optim.cooldown_ratio": (o.cooldown_ratio, 0.0, 1.0),
               "optim.muon_momentum": (o.muon_momentum, 0.0, 0.999999),
@@ -574,25 +580,29 @@ def validate_source(s: SourceConfig, i: int, *, where: str) -> None:
         raise ConfigError(f"{where}: data source {s.path}: skip and take must be >= 0")
 
 
+def _check(where: str, checks: dict[str, tuple[float, str]]) -> None:
+    """{key: (value, rule)} with rule "> 0" or ">= 0": the first value breaking its rule is a ConfigError."""
+    for key, (v, rule) in checks.items():
+        if (rule == "> 0" and not v > 0) or (rule == ">= 0" and v < 0):
+            raise ConfigError(f"{where}: {key}: must be {'positive' if rule == '> 0' else '>= 0'}, got {v}")
+
+
 def validate(cfg: Config, *, where: str) -> None:
-    """Cross-field checks that a type system cannot express."""
-    m, t, o = cfg.model, cfg.train, cfg.optim
-    positive = {
-        "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
-        "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads, "model.ffn_dim": m.ffn_dim,
-        "model.max_seq_len": m.max_seq_len, "train.seq_len": t.seq_len,
-        "train.micro_batch_size": t.micro_batch_size, "train.global_batch_size": t.global_batch_size,
-        "train.log_every": t.log_every, "train.eval_every": t.eval_every, "train.save_every": t.save_every,
-    }
-    for key, v in positive.items():
-        if v <= 0:
-            raise ConfigError(f"{where}: {key}: must be positive, got {v}")
-    for key, v in {"train.total_tokens": t.total_tokens, "train.max_steps": t.max_steps,
-                   "model.head_dim": m.head_dim, "model.nope_every": m.nope_every,
-                   "optim.warmup_steps": o.warmup_steps, "train.keep_last": t.keep_last,
-                   "train.stop_at_step": t.stop_at_step}.items():
-        if v < 0:
-            raise ConfigError(f"{where}: {key}: must be >= 0, got {v}")
+    """Cross-field checks that a type system cannot express, section by section."""
+    _validate_model(cfg.model, where=where)
+    _validate_train(cfg.train, cfg.optim, cfg.model, where=where)
+    _validate_optim(cfg.optim, where=where, parallel=cfg.parallel)
+    _validate_data(cfg.data, where=where)
+    _validate_parallel(cfg.parallel, where=where)
+    _validate_posttrain(cfg.posttrain, where=where)
+
+
+def _validate_model(m: ModelConfig, *, where: str) -> None:
+    _check(where, {"model.vocab_size": (m.vocab_size, "> 0"), "model.d_model": (m.d_model, "> 0"),
+                   "model.n_layers": (m.n_layers, "> 0"), "model.n_heads": (m.n_heads, "> 0"),
+                   "model.n_kv_heads": (m.n_kv_heads, "> 0"), "model.ffn_dim": (m.ffn_dim, "> 0"),
+                   "model.max_seq_len": (m.max_seq_len, "> 0"), "model.head_dim": (m.head_dim, ">= 0"),
+                   "model.nope_every": (m.nope_every, ">= 0")})
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(
             f"{where}: model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
@@ -601,34 +611,23 @@ def validate(cfg: Config, *, where: str) -> None:
                           f"({m.n_heads}), or set model.head_dim")
     if m.hd % 2:
         raise ConfigError(f"{where}: model.head_dim ({m.hd}) must be even for RoPE")
+    if m.residual == "deepnorm" and m.init != "deepnet":
+        raise ConfigError(f"{where}: model.residual=deepnorm needs model.init=deepnet (DeepNet's beta init)")
+
+
+def _validate_train(t: TrainConfig, o: OptimConfig, m: ModelConfig, *, where: str) -> None:
+    _check(where, {"train.seq_len": (t.seq_len, "> 0"), "train.micro_batch_size": (t.micro_batch_size, "> 0"),
+                   "train.global_batch_size": (t.global_batch_size, "> 0"), "train.log_every": (t.log_every, "> 0"),
+                   "train.eval_every": (t.eval_every, "> 0"), "train.save_every": (t.save_every, "> 0"),
+                   "train.total_tokens": (t.total_tokens, ">= 0"), "train.max_steps": (t.max_steps, ">= 0"),
+                   "optim.warmup_steps": (o.warmup_steps, ">= 0"), "train.keep_last": (t.keep_last, ">= 0"),
+                   "train.stop_at_step": (t.stop_at_step, ">= 0"), "train.target_loss": (t.target_loss, ">= 0"),
+                   "train.eval_tasks_limit": (t.eval_tasks_limit, "> 0")})
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"{where}: train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(f"{where}: train.global_batch_size ({t.global_batch_size}) must be a multiple of "
                           f"train.micro_batch_size ({t.micro_batch_size})")
-    if not (o.lr > 0 and math.isfinite(o.lr)):
-        raise ConfigError(f"{where}: optim.lr: must be a positive number, got {o.lr}")
-    if not 0 <= o.min_lr_ratio <= 1:
-        raise ConfigError(f"{where}: optim.min_lr_ratio: must be within [0, 1], got {o.min_lr_ratio}")
-    if not 0 < o.decay_fraction <= 1:
-        raise ConfigError(f"{where}: optim.decay_fraction: must be within (0, 1], got {o.decay_fraction}")
-    _validate_optim(o, where=where, parallel=cfg.parallel)
-    if m.residual == "deepnorm" and m.init != "deepnet":
-        raise ConfigError(f"{where}: model.residual=deepnorm needs model.init=deepnet (DeepNet's beta init)")
-    if not cfg.data.train:
-        raise ConfigError(f"{where}: data.train: at least one source is needed")
-    for i, s in enumerate([*cfg.data.train, *cfg.data.val]):
-        validate_source(s, i, where=where)
-    d = cfg.data
-    for key, v in {"data.num_workers": d.num_workers, "data.shuffle_buffer": d.shuffle_buffer,
-                   "data.row_shuffle": d.row_shuffle}.items():
-        if v < 0:
-            raise ConfigError(f"{where}: {key}: must be >= 0, got {v}")
-    if d.encode_batch <= 0:
-        raise ConfigError(f"{where}: data.encode_batch: must be positive, got {d.encode_batch}")
-    if (d.format == "shards" or d.shards) and d.remainder == "drop":
-        raise ConfigError(f"{where}: data.remainder=drop applies to text sources; prepared shards are cut into "
-                          "fixed blocks (use data.remainder=carry, or data.format=text)")
     if t.time_budget:
         parse_duration(t.time_budget, where=where)
         if t.max_steps > 0:
@@ -637,28 +636,38 @@ def validate(cfg: Config, *, where: str) -> None:
         if o.warmup_steps < 3 and o.schedule != "constant":
             raise ConfigError(f"{where}: train.time_budget times the steps of the LR warmup (whose LR does not depend "
                               f"on the run's length) before fixing it; set optim.warmup_steps >= 3 (got {o.warmup_steps})")
-    if t.target_loss < 0 or t.eval_tasks_limit <= 0:
-        raise ConfigError(f"{where}: train.target_loss must be >= 0 and train.eval_tasks_limit positive")
     for key, metric in (("train.target_metric", t.target_metric), ("train.keep_best_metric", t.keep_best_metric)):
         if metric != "eval_loss" and not metric.startswith(("eval_loss/", "eval/")):
             raise ConfigError(f"{where}: {key}: expected eval_loss, eval_loss/<source> or eval/<task>/<metric> "
                               f"(an eval record key), got {metric!r}")
-    p = cfg.parallel
+
+
+def _validate_data(d: DataConfig, *, where: str) -> None:
+    if not d.train:
+        raise ConfigError(f"{where}: data.train: at least one source is needed")
+    for i, s in enumerate([*d.train, *d.val]):
+        validate_source(s, i, where=where)
+    _check(where, {"data.num_workers": (d.num_workers, ">= 0"), "data.shuffle_buffer": (d.shuffle_buffer, ">= 0"),
+                   "data.row_shuffle": (d.row_shuffle, ">= 0"), "data.encode_batch": (d.encode_batch, "> 0")})
+    if (d.format == "shards" or d.shards) and d.remainder == "drop":
+        raise ConfigError(f"{where}: data.remainder=drop applies to text sources; prepared shards are cut into "
+                          "fixed blocks (use data.remainder=carry, or data.format=text)")
+
+
+def _validate_parallel(p: ParallelConfig, *, where: str) -> None:
     for key, v in {"parallel.dp_replicate": p.dp_replicate, "parallel.dp_shard": p.dp_shard,
                    "parallel.tp": p.tp, "parallel.pp": p.pp}.items():
         if v < 1:
             raise ConfigError(f"{where}: {key}: must be >= 1, got {v}")
-    if p.pp_microbatches < 0:
-        raise ConfigError(f"{where}: parallel.pp_microbatches: must be >= 0, got {p.pp_microbatches}")
-    pt = cfg.posttrain
-    for key, v in {"posttrain.beta": pt.beta, "posttrain.epochs": pt.epochs, "posttrain.group_size": pt.group_size,
-                   "posttrain.max_new_tokens": pt.max_new_tokens, "posttrain.top_p": pt.top_p}.items():
-        if not v > 0:
-            raise ConfigError(f"{where}: {key}: must be positive, got {v}")
-    for key, v in {"posttrain.kl_coef": pt.kl_coef, "posttrain.temperature": pt.temperature,
-                   "posttrain.top_k": pt.top_k, "posttrain.pretrain_lr": pt.pretrain_lr}.items():
-        if v < 0:
-            raise ConfigError(f"{where}: {key}: must be >= 0, got {v}")
+    _check(where, {"parallel.pp_microbatches": (p.pp_microbatches, ">= 0")})
+
+
+def _validate_posttrain(pt: PostTrainConfig, *, where: str) -> None:
+    _check(where, {"posttrain.beta": (pt.beta, "> 0"), "posttrain.epochs": (pt.epochs, "> 0"),
+                   "posttrain.group_size": (pt.group_size, "> 0"), "posttrain.max_new_tokens": (pt.max_new_tokens, "> 0"),
+                   "posttrain.top_p": (pt.top_p, "> 0"), "posttrain.kl_coef": (pt.kl_coef, ">= 0"),
+                   "posttrain.temperature": (pt.temperature, ">= 0"), "posttrain.top_k": (pt.top_k, ">= 0"),
+                   "posttrain.pretrain_lr": (pt.pretrain_lr, ">= 0")})
     if pt.top_p > 1:
         raise ConfigError(f"{where}: posttrain.top_p: must be within (0, 1], got {pt.top_p}")
 
