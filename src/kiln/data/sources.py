@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln.cache import cache_root
 from kiln.config import SourceConfig
 from kiln.errors import DataError, first_line
 
@@ -128,8 +129,6 @@ def _quiet_datasets() -> None:
 
 def datasets_cache_dir() -> Path:
     """Where local files are converted to Arrow: `<kiln cache>/datasets`."""
-    from kiln.data.tokenizer import cache_root
-
     return cache_root() / "datasets"
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from kiln.cache import cache_root
 from kiln.errors import DataError, first_line
 
 # spec -> (file name suffix inside mistral_common/data, preferred file name, expected vocab size)
@@ -43,14 +44,6 @@ MISTRAL_SPECS: dict[str, tuple[str, str, int]] = {
 # Names tried, in order, when a bare tokenizer.json does not say which tokens are EOS / BOS.
 EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "<|im_end|>")
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>", "<|startoftext|>")
-
-
-def cache_root() -> Path:
-    """Root of kiln's caches: `$KILN_CACHE`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`."""
-    if os.environ.get("KILN_CACHE"):
-        return Path(os.environ["KILN_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "kiln"
 
 
 class Tokenizer:

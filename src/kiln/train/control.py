@@ -29,6 +29,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from kiln.cache import cache_root
 from kiln.errors import KilnError
 
 COMMANDS = ("save", "stop", "abort")
@@ -57,8 +58,6 @@ def jobs_dir() -> Path:
     """The registry of running jobs: $KILN_JOBS_DIR, else <kiln cache>/jobs."""
     if os.environ.get("KILN_JOBS_DIR"):
         return Path(os.environ["KILN_JOBS_DIR"])
-    from kiln.data.tokenizer import cache_root
-
     return cache_root() / "jobs"
 
 
