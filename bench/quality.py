@@ -182,27 +182,29 @@ def checkpoint_clock(ckpt: Path, records: list[dict[str, Any]], step: int) -> fl
 
 
 def plan_steps(args: argparse.Namespace, base: list[str], out: Path, budget_s: float, cfg: Config) -> list[str]:
-    """kiln without train.time_budget: a short run times a step and the initial eval, then the steps that fit."""
+    """kiln without train.time_budget: a short run times a step, its set-up + initial eval, and its final eval +
+    save; then the most steps whose run fits, every eval and save costing what the final pair did."""
     warm = out / "kiln-warmup"
-    n_warm = 8
-    run_logged(kiln_cmd("train", *base, "--run.out_dir", str(warm), "--train.max_steps", str(n_warm),
-                        "--train.log_every", "1", "--train.eval_every", "1000000", "--train.save_every", "1000000",
+    run_logged(kiln_cmd("train", *base, "--run.out_dir", str(warm), "--train.max_steps", "8", "--train.log_every",
+                        "1", "--train.eval_every", "1000000", "--train.save_every", "1000000",
                         "--train.sample_tokens", "0", "--quiet"), out / "kiln-warmup.log")
-    el = [r["elapsed_sec"] for r in metrics(warm) if r.get("kind", "train") == "train" and "elapsed_sec" in r]
+    records = metrics(warm)
+    el = [r["elapsed_sec"] for r in records if r.get("kind", "train") == "train" and "elapsed_sec" in r]
     step = statistics.median([b - a for a, b in zip(el, el[1:])])
     first = max(el[0] - step, 0.0)  # set-up, the initial eval and the first step's one-off costs
-    t = cfg.train
-    n = 0
-    for cand in range(1, int(budget_s / max(step, 1e-9)) + 2):  # evals cost about what the initial one did
-        evals = cand // t.eval_every
-        if first + cand * step + evals * first > budget_s * 0.98:
+    saved = sorted((warm / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    end = checkpoint_clock(saved[-1], records, 8) if saved else el[-1]
+    tail = max(end - el[-1], 0.0)  # the final eval and save
+    n, points = 0, max(args.curve_points, 1)
+    for cand in range(1, int(budget_s / max(step, 1e-9)) + 2):
+        if first + cand * step + (cand // cfg.train.eval_every + points) * tail > budget_s * 0.98:
             break
         n = cand
     if n <= cfg.optim.warmup_steps:
         raise SystemExit(f"kiln: budget {budget_s:.0f} s fits {n} steps of {step:.2f} s; raise --budget")
-    every = max(1, n // max(args.curve_points, 1))
-    print(f"kiln plan: {step:.3f} s/step, {first:.1f} s set-up + eval -> --train.max_steps {n}", flush=True)
-    return ["--train.max_steps", str(n), "--train.save_every", str(every)]
+    print(f"kiln plan: {step:.3f} s/step, {first:.1f} s set-up + eval, {tail:.1f} s per eval or save -> "
+          f"--train.max_steps {n}", flush=True)
+    return ["--train.max_steps", str(n), "--train.save_every", str(max(1, n // points))]
 
 
 def run_kiln(args: argparse.Namespace, out: Path, budget_s: float) -> dict[str, Any]:
@@ -217,7 +219,7 @@ def run_kiln(args: argparse.Namespace, out: Path, budget_s: float) -> dict[str, 
         extra = plan_steps(args, base, out, budget_s, cfg)
     run = out / "kiln"
     wall = run_logged(kiln_cmd("train", *base, *extra, "--run.out_dir", str(run)), out / "kiln.log")
-    records = metrics(run)
+    records, log = metrics(run), (out / "kiln.log").read_text()
     ckpts = sorted((int(p.name.split("_")[1]), p) for p in (run / "checkpoints").glob("step_*")
                    if (p / "meta.json").is_file())
     points = [{"step": s, "path": str(p), "elapsed_s": checkpoint_clock(p, records, s)} for s, p in ckpts]
@@ -227,7 +229,7 @@ def run_kiln(args: argparse.Namespace, out: Path, budget_s: float) -> dict[str, 
             "cmd": shlex.join(kiln_cmd("train", *base, *extra, "--run.out_dir", str(run))),
             "steps": final["step"], "train_s": final["elapsed_s"], "process_s": wall,
             "tokens": final["step"] * t.global_batch_size * t.seq_len, "n_params": count_params(cfg.model),
-            "run_dir": str(run), "checkpoints": points}
+            "run_dir": str(run), "checkpoints": points, "overrun": "went over its train.time_budget" in log}
 
 
 def pick(points: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
@@ -275,8 +277,8 @@ def run_hf(spec: dict[str, Any], out: Path, texts: list[str], *, window: int) ->
     return res
 
 
-def reuse_hf(path: str, spec: dict[str, Any], heldout_sha: str) -> dict[str, Any]:
-    """The HF side of an earlier record with the same settings, budget and held-out text."""
+def reuse_hf(path: str, spec: dict[str, Any], heldout_sha: str, window: int) -> dict[str, Any]:
+    """The HF side of an earlier record with the same settings, budget, held-out text and scoring window."""
     p = Path(path)
     text = p.read_text()
     records = [json.loads(line) for line in text.splitlines() if line.strip()] if p.suffix == ".jsonl" \
@@ -284,7 +286,8 @@ def reuse_hf(path: str, spec: dict[str, Any], heldout_sha: str) -> dict[str, Any
     want = settings_of(spec)
     for rec in reversed(records):
         hf = rec.get("hf")
-        if hf and hf.get("settings") == want and rec.get("heldout", {}).get("sha256") == heldout_sha:
+        if hf and hf.get("settings") == want and rec.get("heldout", {}).get("sha256") == heldout_sha \
+                and rec.get("window") == window:
             return {**hf, "reused_from": f"{p} ({rec.get('date', '?')} {rec.get('time', '')})".strip()}
     raise SystemExit(f"--hf-result {path}: no record with this budget, HF settings and held-out text "
                      f"(budget {spec['budget_s']:g} s, seed {spec['seed']}); run without --hf-result once")
@@ -359,13 +362,18 @@ def compare(args: argparse.Namespace) -> int:
     texts, heldout_sha = load_texts(args.heldout), sha256(Path(args.heldout))
     hf_cfg = load_config(args.hf_preset or args.kiln_preset, shlex.split(args.hf_args))
     spec = hf_spec(hf_cfg, budget_s=budget_s, seed=args.seed, corpus=args.corpus, out=out / "hf")
-    hf = reuse_hf(args.hf_result, spec, heldout_sha) if args.hf_result else None  # before any training
+    hf = reuse_hf(args.hf_result, spec, heldout_sha, args.window) if args.hf_result else None  # before any training
     out.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()[0]
     kiln = run_kiln(args, out, budget_s)
     score_kiln(kiln, texts, out, n=args.curve_points, window=args.window)
+    hf_error = None
     if hf is None and not args.skip_hf:
-        hf = run_hf(spec, out, texts, window=args.window)
+        try:
+            hf = run_hf(spec, out, texts, window=args.window)
+        except SystemExit as e:  # keep kiln's side: its record is written, and the exit status says it failed
+            hf_error = str(e)
+            print(hf_error, file=sys.stderr)
     if hf:
         print(f"parameters: kiln {kiln['n_params']:,}, HF {hf['n_params']:,}"
               + ("" if kiln["n_params"] == hf["n_params"] else "  (DIFFERENT: --kiln-args changed kiln's shape)"))
@@ -379,14 +387,14 @@ def compare(args: argparse.Namespace) -> int:
            "heldout": {"path": str(args.heldout), "sha256": heldout_sha, "bytes": sum(len(t.encode()) for t in texts)},
            "kiln": kiln, "hf": hf, "bpb_ratio": kiln["bpb"] / hf["bpb"] if hf else None,
            "kiln_time_to_hf": time_to(kiln["checkpoints"], hf["bpb"]) if hf else None,
-           "load": [load0, os.getloadavg()[0]], "out_dir": str(out)}
+           "load": [load0, os.getloadavg()[0]], "out_dir": str(out), "hf_error": hf_error}
     print("\n" + table(rec) + "\n\nfor bench/RESULTS.md:\n" + ROW_HEADER + "\n" + markdown_row(rec))
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     with open(results, "a") as f:
         f.write(json.dumps(rec) + "\n")
-    print(f"\nrecord appended to {results}")
-    return 0
+    print(f"\nrecord appended to {results}" + (" (kiln only: the HF run failed)" if hf_error else ""))
+    return 1 if hf_error else 0
 
 
 if __name__ == "__main__":
