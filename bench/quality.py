@@ -182,28 +182,31 @@ def checkpoint_clock(ckpt: Path, records: list[dict[str, Any]], step: int) -> fl
 
 
 def plan_steps(args: argparse.Namespace, base: list[str], out: Path, budget_s: float, cfg: Config) -> list[str]:
-    """kiln without train.time_budget: a short run times a step, its set-up + initial eval, and its final eval +
-    save; then the most steps whose run fits, every eval and save costing what the final pair did."""
+    """kiln without train.time_budget: an 8-step run (a save after step 4) times a step, the set-up + initial
+    eval, a save, and the final eval + save; then the most steps whose run (its evals and saves) fits."""
     warm = out / "kiln-warmup"
     run_logged(kiln_cmd("train", *base, "--run.out_dir", str(warm), "--train.max_steps", "8", "--train.log_every",
-                        "1", "--train.eval_every", "1000000", "--train.save_every", "1000000",
+                        "1", "--train.eval_every", "1000000", "--train.save_every", "4",
                         "--train.sample_tokens", "0", "--quiet"), out / "kiln-warmup.log")
     records = metrics(warm)
-    el = [r["elapsed_sec"] for r in records if r.get("kind", "train") == "train" and "elapsed_sec" in r]
-    step = statistics.median([b - a for a, b in zip(el, el[1:])])
-    first = max(el[0] - step, 0.0)  # set-up, the initial eval and the first step's one-off costs
+    el = {r["step"]: r["elapsed_sec"] for r in records if r.get("kind", "train") == "train" and "elapsed_sec" in r}
+    gaps = {s: el[s] - el[s - 1] for s in range(2, 9) if s in el and s - 1 in el}
+    step = statistics.median([g for s, g in gaps.items() if s not in (4, 5)])  # one of these holds the save
+    save = max(max(gaps.get(4, step), gaps.get(5, step)) - step, 0.0)
+    first = max(el[1] - step, 0.0)  # set-up, the initial eval and the first step's one-off costs
     saved = sorted((warm / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    end = checkpoint_clock(saved[-1], records, 8) if saved else el[-1]
-    tail = max(end - el[-1], 0.0)  # the final eval and save
+    last = max(el)
+    evaluation = max((checkpoint_clock(saved[-1], records, last) if saved else el[last]) - el[last] - save, 0.0)
     n, points = 0, max(args.curve_points, 1)
     for cand in range(1, int(budget_s / max(step, 1e-9)) + 2):
-        if first + cand * step + (cand // cfg.train.eval_every + points) * tail > budget_s * 0.98:
+        cost = first + cand * step + (cand // cfg.train.eval_every + 1) * evaluation + (points + 1) * save
+        if cost > budget_s * 0.98:
             break
         n = cand
     if n <= cfg.optim.warmup_steps:
         raise SystemExit(f"kiln: budget {budget_s:.0f} s fits {n} steps of {step:.2f} s; raise --budget")
-    print(f"kiln plan: {step:.3f} s/step, {first:.1f} s set-up + eval, {tail:.1f} s per eval or save -> "
-          f"--train.max_steps {n}", flush=True)
+    print(f"kiln plan: {step:.3f} s/step, set-up + initial eval {first:.1f} s, eval {evaluation:.1f} s, save "
+          f"{save:.2f} s -> --train.max_steps {n}", flush=True)
     return ["--train.max_steps", str(n), "--train.save_every", str(max(1, n // points))]
 
 
