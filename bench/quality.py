@@ -281,7 +281,8 @@ def run_hf(spec: dict[str, Any], out: Path, texts: list[str], *, window: int) ->
 
 
 def reuse_hf(path: str, spec: dict[str, Any], heldout_sha: str, window: int) -> dict[str, Any]:
-    """The HF side of an earlier record with the same settings, budget, held-out text and scoring window."""
+    """The HF side of an earlier record with the same settings, budget, held-out text and scoring window
+    (one whose HF run really ran, so `reused_from` names where the numbers were measured)."""
     p = Path(path)
     text = p.read_text()
     records = [json.loads(line) for line in text.splitlines() if line.strip()] if p.suffix == ".jsonl" \
@@ -289,7 +290,8 @@ def reuse_hf(path: str, spec: dict[str, Any], heldout_sha: str, window: int) -> 
     want = settings_of(spec)
     for rec in reversed(records):
         hf = rec.get("hf")
-        if hf and hf.get("settings") == want and rec.get("heldout", {}).get("sha256") == heldout_sha \
+        if hf and not hf.get("reused_from") and hf.get("settings") == want \
+                and rec.get("heldout", {}).get("sha256") == heldout_sha \
                 and rec.get("window") == window:
             return {**hf, "reused_from": f"{p} ({rec.get('date', '?')} {rec.get('time', '')})".strip()}
     raise SystemExit(f"--hf-result {path}: no record with this budget, HF settings and held-out text "
