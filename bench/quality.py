@@ -12,8 +12,8 @@ One invocation, one after the other:
 2. HF: transformers.Trainer + LlamaForCausalLM in a child process (bench/quality_hf.py): the run_clm
    recipe (tokenize, EOS after each document, concatenate, 256-token blocks, Trainer's random sampler) on
    the same corpus (kiln's bundled train split), with the shape, batch, LR schedule and AdamW settings of
-   `--hf-preset` (default: kiln's preset WITHOUT --kiln-args, so the baseline stays put while kiln's recipe
-   changes), fused AdamW, fp32 on CPU; its max_steps fixed from a timed warm-up run to fit the budget.
+   `--hf-preset` (default: bench/hf_baseline.yaml, kiln's tiny preset as it was when this comparison was
+   set, so the baseline stays put while kiln's recipe and presets change), fused AdamW, fp32 on CPU; its max_steps fixed from a timed warm-up run to fit the budget.
 3. Scoring: both final models, and kiln's intermediate checkpoints (after the run: no training time), by the
    same transformers code (quality_hf.score_bpb; kiln's through `kiln export`) in bits per byte on
    bench/heldout/heldout.jsonl.gz (Carroll and Melville: not in the bundled corpus), each with its own
@@ -65,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", default=DEFAULT_BUDGET, help="wall-clock training budget per system (300s, 10m)")
     p.add_argument("--kiln-preset", default="tiny", help="kiln preset or YAML")
     p.add_argument("--kiln-args", default="", help="overrides for kiln only, e.g. '--optim.lr 3e-3'")
-    p.add_argument("--hf-preset", default="", help="shape/batch/schedule of the HF baseline (default: --kiln-preset)")
+    p.add_argument("--hf-preset", default=str(ROOT / "bench" / "hf_baseline.yaml"),
+                   help="shape/batch/schedule of the HF baseline (default: bench/hf_baseline.yaml, the tiny preset "
+                        "as it was when this comparison was set)")
     p.add_argument("--hf-args", default="", help="overrides for the HF baseline's settings (same syntax)")
     p.add_argument("--skip-hf", action="store_true", help="kiln only: no HF run, no ratio")
     p.add_argument("--hf-result", default="", help="reuse the HF side of an earlier run: results .jsonl or .json")
