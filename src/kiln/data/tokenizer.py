@@ -1,4 +1,4 @@
-"""Tokenizers: load (Mistral SentencePiece, HF folder, tokenizer.json), train a ByteLevel BPE, export.
+"""Tokenizers: load (Mistral SentencePiece, HF folder, tokenizer.json), a legacy ByteLevel BPE trainer, export.
 
 `kiln tokenizer train` (kiln.data.tokenizer_train) trains the Mistral-v3-style BPE with byte
 fallback users train with; `train_bpe` below is the small GPT-2-style one the tests build.
