@@ -101,17 +101,17 @@ def test_unknown_device_and_cpu_give_no_mfu():
     assert mfu(tokens_per_sec=2e5, flops_per_token=1e9, peak_flops=1e15, n_devices=2) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("dtype, param_dtype, name, want", [
+@pytest.mark.parametrize("dtype, weights, name, want", [
     ("fp32", "fp32", "adamw", {"cuda": ("tf32", "fp32"), "cpu": ("fp32",)}),
     ("auto", "fp32", "adamw", {"cuda": ("bf16",), "cpu": ("fp32",)}),
     ("bf16", "fp32", "adamw", {"cuda": ("bf16",), "cpu": ("bf16",)}),
     ("fp32", "bf16", "adafactor", {"cuda": ("bf16",), "cpu": ("bf16",)}),  # bf16 weights: bf16 matmuls
     ("auto", "bf16", "muon", {"cuda": ("bf16",), "cpu": ("bf16",)}),
 ])
-def test_train_precision_follows_autocast_and_parameter_dtype(dtype, param_dtype, name, want):
+def test_train_precision_follows_autocast_and_parameter_dtype(dtype, weights, name, want):
     """The MFU peak is read at the precision the matmuls run in; with bf16 parameters under train.dtype=fp32
     that is bf16 (the fp32 peak would read ~15x too high on an H100)."""
-    cfg = load_config("tiny", ["--train.dtype", dtype, "--optim.param_dtype", param_dtype, "--optim.name", name])
+    cfg = load_config("tiny", ["--train.dtype", dtype, "--optim.param_dtype", weights, "--optim.name", name])
     for dev, ok in want.items():
         assert train_precision(cfg.train.dtype, param_dtype(cfg.optim), torch.device(dev)) in ok, dev
     assert matmul_precision(device=torch.device("cpu"), autocast_dtype=None, param_dtype=torch.bfloat16) == "bf16"
