@@ -9,6 +9,7 @@ from torch import nn
 from kiln.config import load_config
 from kiln.device import matmul_precision, train_precision
 from kiln.model import Transformer
+from kiln.optim.builder import param_dtype
 from kiln.perf import device_peak, flops_per_token, lookup_peak, matmul_params, mfu
 from kiln.runinfo import git_describe
 
