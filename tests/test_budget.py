@@ -74,14 +74,17 @@ def test_time_budget_fixes_the_steps_once_and_a_resumed_run_follows_them(tmp_pat
     assert second.returncode == 0, second.stderr[-3000:]
     assert "fixed at the start of the run" in second.stdout
     steps = sorted(train_records(tmp_path / "run"))
-    assert steps[-1] == planned  # the resumed run kept the plan
+    # the resumed run kept the plan; on a loaded machine it may run 10% over the budget and stop early, saying so
+    overran = "went over its train.time_budget 25s by more than 10%" in second.stdout
+    assert steps[-1] == planned or (overran and steps[-1] < planned), second.stdout[-2000:]
     assert not (tmp_path / "run" / ".budget-probe").exists()  # the timed scratch checkpoint is gone
     ref = tmp_path / "ref"
     ref.mkdir()
     ref_over = small_overrides(ref, **{"train.max_steps": planned, "optim.warmup_steps": 8, "train.save_every": 20,
                                        "train.eval_every": 20})
     train(load_config("tiny", ref_over), quiet=True)
-    assert train_records(tmp_path / "run") == train_records(ref / "run")
+    got, want = train_records(tmp_path / "run"), train_records(ref / "run")
+    assert got == {k: v for k, v in want.items() if k <= steps[-1]}  # the same plan: the same loss at every step
 
 
 def test_a_budget_too_short_is_one_line_and_saves_nothing(tmp_path):

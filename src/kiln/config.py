@@ -83,6 +83,15 @@ class SourceConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a staged data mixture (kiln.data.stages): where it starts and what it reads."""
+
+    name: str = ""
+    start: float = 0.0  # 0 <= start < 1: that fraction of the run's steps; start >= 1: at that many tokens
+    train: list[SourceConfig] = field(default_factory=list)
+
+
+@dataclass
 class DataConfig:
     tokenizer: str = "mistral-v3"  # mistral-v3 | mistral-v1 | path to an HF tokenizer folder or tokenizer.json
     train: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(path="bundled:train", name="bundled")])
@@ -104,6 +113,8 @@ class DataConfig:
     row_shuffle: int = 4096
     remainder: Literal["carry", "drop"] = "carry"  # a document overflowing a row: continue it, or drop the rest
     on_exhausted: Literal["cycle", "drop", "stop"] = "cycle"  # a source runs dry: next epoch / leave mix / stop
+    # staged mixtures (mid-training, annealing mixes): stages replace data.train, each from its start on
+    stages: list[StageConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -649,9 +660,33 @@ def _validate_data(d: DataConfig, *, where: str) -> None:
         validate_source(s, i, where=where)
     _check(where, {"data.num_workers": (d.num_workers, ">= 0"), "data.shuffle_buffer": (d.shuffle_buffer, ">= 0"),
                    "data.row_shuffle": (d.row_shuffle, ">= 0"), "data.encode_batch": (d.encode_batch, "> 0")})
+    if d.stages:
+        _validate_stages(d, where=where)
     if (d.format == "shards" or d.shards) and d.remainder == "drop":
         raise ConfigError(f"{where}: data.remainder=drop applies to text sources; prepared shards are cut into "
                           "fixed blocks (use data.remainder=carry, or data.format=text)")
+
+
+def _validate_stages(d: DataConfig, *, where: str) -> None:
+    if d.train != DataConfig().train or d.shards:
+        raise ConfigError(f"{where}: data.stages replaces data.train (and data.shards): list each stage's sources "
+                          "under its own train key and leave data.train unset")
+    starts = [s.start for s in d.stages]
+    if starts[0] != 0:
+        raise ConfigError(f"{where}: data.stages[0].start: the first stage starts at 0, got {starts[0]:g}")
+    for i, s in enumerate(d.stages):
+        if s.start < 0:
+            raise ConfigError(f"{where}: data.stages[{i}].start: must be >= 0, got {s.start:g}")
+        if not s.train:
+            raise ConfigError(f"{where}: data.stages[{i}].train: a stage needs at least one source")
+        for j, src in enumerate(s.train):
+            validate_source(src, j, where=f"{where}: data.stages[{i}]")
+    kinds = {s.start < 1 for s in d.stages[1:]}
+    if len(kinds) > 1:
+        raise ConfigError(f"{where}: data.stages: give every start as a fraction of the run (0 <= start < 1) or "
+                          "every start as a token count (>= 1), not both")
+    if any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ConfigError(f"{where}: data.stages: starts must increase, got {', '.join(f'{x:g}' for x in starts)}")
 
 
 def _validate_parallel(p: ParallelConfig, *, where: str) -> None:

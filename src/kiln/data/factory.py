@@ -14,6 +14,7 @@ Checkpointing the training source (`state_dict()` is plain python data):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from kiln.config import DataConfig, SourceConfig
@@ -22,6 +23,7 @@ from kiln.data.loader import PackedLoader, validation_batches
 from kiln.data.packing import Batch
 from kiln.data.shards import ShardLoader, shard_validation_sets
 from kiln.data.sources import is_prepared, source_name
+from kiln.data.stages import StagedLoader
 from kiln.data.tokenizer import Tokenizer
 from kiln.errors import ConfigError, DataError
 
@@ -52,9 +54,13 @@ def uses_shards(d: DataConfig) -> bool:
 
 
 def build_train_source(d: DataConfig, tokenizer: Tokenizer, b: Batching, *, dp_rank: int = 0, dp_world: int = 1
-                       ) -> PackedLoader | ShardLoader:
+                       ) -> PackedLoader | ShardLoader | StagedLoader:
     """The training batch source of data-parallel rank `dp_rank` of `dp_world` (tensor/pipeline peers
-    pass the same dp rank and get identical batches)."""
+    pass the same dp rank and get identical batches); with data.stages, one loader per stage in turn
+    (kiln.data.stages; the trainer gives it the stages' first steps)."""
+    if d.stages:
+        return StagedLoader(d, lambda stage, offset: build_train_source(
+            stage, tokenizer, dataclasses.replace(b, seed=b.seed + offset), dp_rank=dp_rank, dp_world=dp_world))
     sources = train_sources(d)
     if uses_shards(d):
         for s in sources:

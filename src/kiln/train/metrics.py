@@ -133,6 +133,9 @@ class StepLog:
         }
         if self.plan.provisional:  # a time budget not fixed yet: no length to measure progress against
             record["progress"] = record["eta_sec"] = None
+        stage = self.plan.stage_of(state.step - 1)  # data.stages: the stage the window's last step read
+        if stage is not None:
+            record["data_stage"] = stage
         u = mfu(tokens_per_sec=tok_s, flops_per_token=self.flops_per_token, peak_flops=self.peak_flops,
                 n_devices=self.n_devices)
         if u is not None:

@@ -11,9 +11,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from kiln.config import ModelConfig, OptimConfig, TrainConfig
+from kiln.config import ModelConfig, OptimConfig, StageConfig, TrainConfig
+from kiln.data.stages import stage_at, stage_starts
 from kiln.errors import ConfigError
 from kiln.model import count_params
 from kiln.optim import scaled_lr
@@ -36,10 +37,21 @@ class Plan:
     eval_every: int
     save_every: int
     provisional: bool = False  # train.time_budget before the steps are fixed: total_steps is a placeholder
+    stage_starts: list[int] = field(default_factory=list)  # data.stages: each stage's first step
+    stage_names: list[str] = field(default_factory=list)
+
+    def set_stages(self, stages: list[StageConfig]) -> None:
+        """The data stages' first steps for the current total_steps (kiln.data.stages)."""
+        self.stage_starts = stage_starts(stages, total_steps=self.total_steps, tokens_per_step=self.tokens_per_step)
+        self.stage_names = [s.name or str(i) for i, s in enumerate(stages)]
+
+    def stage_of(self, step: int) -> str | None:
+        """The data stage's name of 0-based step `step` (None without stages)."""
+        return self.stage_names[stage_at(self.stage_starts, step)] if self.stage_starts else None
 
 
 def make_plan(model: ModelConfig, train: TrainConfig, optim: OptimConfig, *, dp_size: int = 1,
-              pipeline_microbatches: int = 1) -> Plan:
+              pipeline_microbatches: int = 1, stages: list[StageConfig] | None = None) -> Plan:
     """The plan for `dp_size` data-parallel ranks; a pipeline runs `pipeline_microbatches` micro-batches
     per schedule step, so the accumulation must be a multiple of it."""
     t = train
@@ -68,7 +80,10 @@ def make_plan(model: ModelConfig, train: TrainConfig, optim: OptimConfig, *, dp_
     def cadence(n: int) -> int:
         return max(1, round(n * t.step_cadence))
 
-    return Plan(n_params=n_params, tokens_per_step=tokens_per_step, accum_steps=accum, total_steps=steps,
+    plan = Plan(n_params=n_params, tokens_per_step=tokens_per_step, accum_steps=accum, total_steps=steps,
                 total_tokens=steps * tokens_per_step, budget_source=source,
                 peak_lr=scaled_lr(optim, t.global_batch_size), log_every=cadence(t.log_every),
                 eval_every=cadence(t.eval_every), save_every=cadence(t.save_every), provisional=provisional)
+    if stages:
+        plan.set_stages(stages)
+    return plan

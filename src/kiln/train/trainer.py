@@ -27,6 +27,8 @@ import torch.distributed as dist
 import yaml
 
 from kiln.config import Config, parse_duration, to_dict
+from kiln.data.stages import StagedLoader
+from kiln.data.stages import describe as describe_stages
 from kiln.data.tokenizer import Tokenizer, load_tokenizer
 from kiln.device import autocast_for, train_precision
 from kiln.errors import ConfigError, DataError, KilnError
@@ -146,6 +148,8 @@ class Run:
         p = self.plan
         for line in describe_schedule(n, self.cfg.optim, p.tokens_per_step, peak_lr=p.peak_lr):
             self.progress.print("  " + line)
+        for line in describe_stages(self.cfg.data.stages, p.stage_starts, tokens_per_step=p.tokens_per_step):
+            self.progress.print("  " + line)
 
     def _apply_plan(self, steps: int) -> None:
         """The run's length is now `steps` (a time budget's, fixed once): every component that counts to it."""
@@ -154,6 +158,10 @@ class Run:
         self.plan.provisional = False
         self.checkpointer.total_steps = steps
         self.progress.set_total(steps)
+        if self.cfg.data.stages:  # fractions of the run move with its length
+            self.plan.set_stages(self.cfg.data.stages)
+            if isinstance(self.loader, StagedLoader):
+                self.loader.set_starts(self.plan.stage_starts, accum_steps=self.plan.accum_steps)
 
     def already_done(self) -> str | None:
         """Why a resumed run has nothing left to train (None: it has)."""
@@ -187,7 +195,8 @@ def train(cfg: Config, *, objective: Objective | None = None, fresh: bool = Fals
     with contextlib.ExitStack() as closing:  # closes what setup opened (data workers, sinks), also on errors
         closing.callback(shutdown, layout)
         plan = make_plan(cfg.model, cfg.train, cfg.optim, dp_size=layout.dp_size,
-                         pipeline_microbatches=microbatches(cfg.parallel) if layout.pp > 1 else 1)
+                         pipeline_microbatches=microbatches(cfg.parallel) if layout.pp > 1 else 1,
+                         stages=cfg.data.stages)
         if dry:
             return dry_run(cfg, plan, layout) if layout.is_main else {"dry_run": True}
         run = setup(cfg, layout, plan, objective or Objective(), fresh=fresh, quiet=quiet or not layout.is_main,
@@ -310,6 +319,8 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
         if engine.reads_data else None
     if loader is not None and hasattr(loader, "close"):
         closing.callback(loader.close)
+    if isinstance(loader, StagedLoader):
+        loader.set_starts(plan.stage_starts, accum_steps=plan.accum_steps)
     val_sets = objective.val_data(tokenizer)  # small; every pipeline stage joins the same eval steps
     if cfg.train.eval_tasks and engine.pipe is not None:
         raise ConfigError("train.eval_tasks scores whole sequences on one model; a pipeline (parallel.pp > 1) splits "
@@ -476,6 +487,12 @@ def _announce(run: Run, info: dict[str, Any], init_from: Path | None) -> None:
     if not plan.provisional:  # a time budget's schedule is printed once its length is fixed
         for line in describe_schedule(plan.total_steps, cfg.optim, plan.tokens_per_step, peak_lr=plan.peak_lr):
             p.print("  " + line)
+        for line in describe_stages(cfg.data.stages, plan.stage_starts, tokens_per_step=plan.tokens_per_step):
+            p.print("  " + line)
+    changed = getattr(run.loader, "changed_future", None)
+    if changed:
+        p.print(f"  data.stages {', '.join(str(i) for i in changed)} changed since the last checkpoint; the run has "
+                "not reached them: the new definition applies")
     p.print(f"  run folder {run.out}" + (f"; resumed from {run.resumed_from.name}" if run.resumed_from else "")
             + (f"; weights from {init_from}" if init_from else ""))
 
@@ -494,6 +511,10 @@ def _restore_rank_state(ranks: list[dict[str, Any]], layout: Layout, loader: Bat
     saved = {r["dp_rank"]: r["loader"] for r in ranks if r.get("loader") is not None}
     if not saved:
         return  # a weights-only checkpoint
+    if not isinstance(loader, StagedLoader) and any(isinstance(s, dict) and s.get("kind") == "stages"
+                                                     for s in saved.values()):
+        raise DataError("the checkpoint's data position is for data.stages, and this run has none; resume with "
+                        "the same data.stages, or start fresh")
     old_dp = ranks[0].get("dp_size", 1) if ranks else 1
     if old_dp == layout.dp_size:
         loader.load_state_dict(saved[layout.dp_rank])
