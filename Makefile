@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiln-installed
 ARGS ?=
+TEST_WORKERS ?= 2  # the suite runs in parallel pytest-xdist workers; each gets cpu_count / workers threads
 
 .PHONY: setup train test test-fast test-gguf lint bench clean
 
@@ -22,13 +23,13 @@ $(STAMP): $(BIN)/python pyproject.toml
 setup: $(STAMP)
 
 train: setup
-	$(BIN)/kiln train tiny $(ARGS)
+	$(BIN)/kiln train demo $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q tests $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests $(ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" tests $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow" tests $(ARGS)
 
 # GGUF files run by llama.cpp itself: builds llama-cpp-python once (compiles llama.cpp, 10-20 min on 2 cores)
 LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36

@@ -19,8 +19,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # job registry and HF's caches live in one temp folder per test session (subprocesses inherit it).
 _SCRATCH = tempfile.mkdtemp(prefix="kiln-tests-")
 atexit.register(shutil.rmtree, _SCRATCH, True)
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # `make test` runs the suite in parallel workers (pytest-xdist)
 for _var, _sub in (("KILN_CACHE", "kiln-cache"), ("KILN_JOBS_DIR", "kiln-jobs"), ("HF_HOME", "hf-home")):
-    os.environ.setdefault(_var, os.path.join(_SCRATCH, _sub))
+    if _WORKER:  # one scratch per worker: a worker's job registry must not list the other's live runs
+        os.environ[_var] = os.path.join(_SCRATCH, _sub)
+    else:
+        os.environ.setdefault(_var, os.path.join(_SCRATCH, _sub))
+if _WORKER:  # the workers share the cores; subprocesses inherit the count (bitwise tests compare like with like)
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 ROOT = Path(__file__).resolve().parents[1]
 

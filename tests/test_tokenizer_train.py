@@ -262,3 +262,22 @@ def test_trained_tokenizer_through_prepare_train_export_transformers_and_sft(cor
     records = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r.get("kind") == "train"]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+
+
+def test_the_shipped_bundled_4k_is_what_kiln_tokenizer_train_makes_and_demo_trains_with_it(tmp_path):
+    """src/kiln/data/tokenizers/bundled-4k is reproducible from the bundled corpus by the command its
+    kiln_tokenizer.json records; `kiln train demo` (what `make train` runs) trains and evaluates with it."""
+    shipped = load_tokenizer("bundled-4k")
+    assert shipped.vocab_size == 4096
+    meta = json.loads((Path(CORPUS_DIR).parent / "tokenizers" / "bundled-4k" / "kiln_tokenizer.json").read_text())
+    assert meta["sources"] == ["bundled:train"] and meta["vocab_size"] == 4096
+    res = run("tokenizer", "train", "--source", "bundled:train", "--vocab-size", "4096", "--out", str(tmp_path / "t"))
+    assert last_json(res)["digest"] == meta["digest"] == tokenizer_digest(shipped)
+    text = "It is a truth universally acknowledged"
+    assert shipped.decode(shipped.encode(text)) == text
+    res = run("train", "demo", "--run.out_dir", str(tmp_path / "run"), "--train.time_budget", "", "--train.max_steps",
+              "6", "--train.eval_every", "3", "--train.sample_tokens", "4", "--train.eval_tokens", "2048")
+    assert "1.31M parameters" in res.stdout and "sample:" in res.stdout
+    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in evals if r["kind"] == "eval"]
+    assert len(evals) == 3 and evals[-1] < evals[0]

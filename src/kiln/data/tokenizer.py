@@ -41,6 +41,17 @@ MISTRAL_SPECS: dict[str, tuple[str, str, int]] = {
     "mistral-v3": (".model.v3", "mistral_instruct_tokenizer_240323.model.v3", 32768),
     "mistral-v1": (".model.v1", "tokenizer.model.v1", 32000),
 }
+# Tokenizers shipped inside the package (src/kiln/data/tokenizers/<name>), each trained on the bundled
+# corpus by `kiln tokenizer train` (its kiln_tokenizer.json says how; tests/test_tokenizer_train.py retrains
+# it and checks the digest): the CPU demo's small vocabulary.
+BUNDLED_TOKENIZERS = Path(__file__).resolve().parent / "tokenizers"
+
+
+def bundled_tokenizers() -> list[str]:
+    return sorted(p.name for p in BUNDLED_TOKENIZERS.iterdir() if (p / "tokenizer.json").is_file()) \
+        if BUNDLED_TOKENIZERS.is_dir() else []
+
+
 # Names tried, in order, when a bare tokenizer.json does not say which tokens are EOS / BOS.
 EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "<|im_end|>")
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>", "<|startoftext|>")
@@ -135,6 +146,8 @@ def load_tokenizer(spec: str) -> Tokenizer:
     """'mistral-v3' | 'mistral-v1' | path to an HF tokenizer folder | path to a tokenizer.json file."""
     if spec in MISTRAL_SPECS:
         return _from_folder(_mistral_folder(spec), name=spec)
+    if spec in bundled_tokenizers():
+        return _from_folder(BUNDLED_TOKENIZERS / spec, name=spec)
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".json":
@@ -144,7 +157,8 @@ def load_tokenizer(spec: str) -> Tokenizer:
         if (path / "tokenizer_config.json").is_file() and _kiln_written(path):
             return _from_folder(path, name=spec)
         return _from_hf_folder(path, name=spec)
-    raise DataError(f"unknown tokenizer '{spec}': use {' or '.join(MISTRAL_SPECS)}, an HF tokenizer folder, "
+    raise DataError(f"unknown tokenizer '{spec}': use {', '.join([*MISTRAL_SPECS, *bundled_tokenizers()])}, an HF "
+                    "tokenizer folder, "
                     "or a tokenizer.json file")
 
 
