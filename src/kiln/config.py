@@ -93,7 +93,7 @@ class StageConfig:
 
 @dataclass
 class DataConfig:
-    tokenizer: str = "mistral-v3"  # mistral-v3 | mistral-v1 | path to an HF tokenizer folder or tokenizer.json
+    tokenizer: str = "mistral-v3"  # mistral-v3 | mistral-v1 | bundled-4k | an HF tokenizer folder | tokenizer.json
     train: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(path="bundled:train", name="bundled")])
     val: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(path="bundled:val", name="bundled")])
     shuffle: bool = True

@@ -143,7 +143,8 @@ def tokenizer_digest(tokenizer: Tokenizer) -> str:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """'mistral-v3' | 'mistral-v1' | path to an HF tokenizer folder | path to a tokenizer.json file."""
+    """'mistral-v3' | 'mistral-v1' | a tokenizer shipped in the package ('bundled-4k') | path to an HF
+    tokenizer folder | path to a tokenizer.json file."""
     if spec in MISTRAL_SPECS:
         return _from_folder(_mistral_folder(spec), name=spec)
     if spec in bundled_tokenizers():
@@ -157,9 +158,8 @@ def load_tokenizer(spec: str) -> Tokenizer:
         if (path / "tokenizer_config.json").is_file() and _kiln_written(path):
             return _from_folder(path, name=spec)
         return _from_hf_folder(path, name=spec)
-    raise DataError(f"unknown tokenizer '{spec}': use {', '.join([*MISTRAL_SPECS, *bundled_tokenizers()])}, an HF "
-                    "tokenizer folder, "
-                    "or a tokenizer.json file")
+    named = ", ".join([*MISTRAL_SPECS, *bundled_tokenizers()])
+    raise DataError(f"unknown tokenizer '{spec}': use {named}, an HF tokenizer folder, or a tokenizer.json file")
 
 
 def _kiln_written(folder: Path) -> bool:
