@@ -32,6 +32,12 @@ if _WORKER:  # the workers share the cores; subprocesses inherit the count (bitw
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# torch's inductor builds its C++ kernels with the torch install path unquoted on the g++ command line
+# (torch 2.13): under a path with a space the CPU compile fails, outside kiln's control.
+needs_inductor_cpu = pytest.mark.skipif(
+    " " in str(Path(torch.__file__).parent),
+    reason="torch inductor's C++ build cannot handle a space in the torch install path (g++ -L unquoted)")
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():

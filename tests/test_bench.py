@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, kiln_cmd
+from conftest import ROOT, kiln_cmd, needs_inductor_cpu
 from kiln.bench import run_bench, synthetic_batches
 from kiln.config import load_config, split_preset
 from kiln.model import count_params
@@ -136,6 +136,7 @@ def test_profiler_peak_agrees_with_the_dispatch_mode_count():
     assert profiled_peak_bytes(existing, step) == pytest.approx(ours.peak, rel=0.005)
 
 
+@needs_inductor_cpu
 def test_bench_compiled_on_cpu_measures_its_peak():
     """`kiln bench --train.compile true` on CPU (inductor, a few seconds): it used to die in the memory count."""
     res = run_bench(load_config("tiny", [*SMALL, "--train.compile", "true"]), steps=1, warmup=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import needs_inductor_cpu
 from kiln.config import ModelConfig
 from kiln.errors import ConfigError
 from kiln.model import build_model
@@ -96,6 +97,7 @@ def test_compile_has_no_recompiles_across_steps(mode, ac):
     assert not counters["recompiles"]
 
 
+@needs_inductor_cpu
 @pytest.mark.slow
 def test_inductor_blocks_match_eager():
     """The real backend on CPU (C++ codegen; about 20 s): same numbers, one compile, no recompiles."""

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import needs_inductor_cpu
 from kiln.config import ModelConfig, OptimConfig
 from kiln.errors import ConfigError
 from kiln.model import build_model
@@ -384,6 +385,7 @@ def test_adamw8bit_on_unsupported_device_is_a_config_error():
         build_optimizer(nn.Linear(4, 4), OptimConfig(name="adamw8bit"), device_type="mps")
 
 
+@needs_inductor_cpu
 @pytest.mark.filterwarnings("ignore:OptimState8bit does not implement")
 def test_adamw8bit_reduces_loss_on_cpu():
     pytest.importorskip("torchao")
