@@ -59,10 +59,6 @@ def describe(stages: list[StageConfig], starts: list[int], *, tokens_per_step: i
     return lines
 
 
-def _spec(s: StageConfig) -> dict[str, Any]:
-    return to_dict(s)
-
-
 class StagedLoader:
     """The training batch source for `data.stages`; Stateful (see the module docstring)."""
 
@@ -104,7 +100,7 @@ class StagedLoader:
         if self._loader is not None:
             states[self.stage] = self._loader.state_dict()
         return {"kind": "stages", "stage": self.stage, "delivered": self.delivered, "states": states,
-                "specs": [_spec(s) for s in self.stages]}
+                "specs": [to_dict(s) for s in self.stages]}
 
     def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
         if isinstance(state, list):
@@ -132,7 +128,7 @@ class StagedLoader:
         if state.get("kind") != "stages":
             raise DataError("the checkpoint's data position is for data.train, and this run has data.stages; "
                             "resume without data.stages, or start fresh")
-        saved, now = state["specs"], [_spec(s) for s in self.stages]
+        saved, now = state["specs"], [to_dict(s) for s in self.stages]
         current = int(state["stage"])
         for i in range(min(current + 1, len(saved))):
             if i >= len(now) or saved[i] != now[i]:
@@ -142,8 +138,7 @@ class StagedLoader:
         self.changed_future = [i for i in range(current + 1, max(len(saved), len(now)))
                                if i >= len(saved) or i >= len(now) or saved[i] != now[i]]
         self.delivered = int(state["delivered"])
-        self.states = list(state["states"]) + [None] * (len(self.stages) - len(state["states"]))
-        self.states = self.states[:len(self.stages)]
+        self.states = (list(state["states"]) + [None] * len(self.stages))[:len(self.stages)]
         enter(self.states[current])
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ import yaml
 from kiln.bench import run_bench
 from kiln.config import Config, parse_duration, to_dict
 from kiln.data.stages import describe as describe_stages
+from kiln.data.stages import stage_starts
 from kiln.data.tokenizer import Tokenizer
 from kiln.errors import CheckpointError, DataError, KilnError
 from kiln.estimate import estimate_memory
@@ -92,11 +93,9 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout) -> dict[str, Any]:
     print(f"intervals        log {plan.log_every}, eval {plan.eval_every}, save {plan.save_every} steps")
     for line in describe_schedule(steps, cfg.optim, plan.tokens_per_step, peak_lr=plan.peak_lr):
         print(line)
-    if cfg.data.stages:
-        plan.total_steps = steps  # a time budget's estimate places fractional stage starts
-        plan.set_stages(cfg.data.stages)
-        for line in describe_stages(cfg.data.stages, plan.stage_starts, tokens_per_step=plan.tokens_per_step):
-            print(line)
+    starts = stage_starts(cfg.data.stages, total_steps=steps, tokens_per_step=plan.tokens_per_step)  # also estimated
+    for line in describe_stages(cfg.data.stages, starts, tokens_per_step=plan.tokens_per_step):
+        print(line)
     summary: dict[str, Any] = {"dry_run": True, "n_params": plan.n_params, "total_steps": steps,
                                "tokens_per_step": plan.tokens_per_step, "peak_lr": plan.peak_lr}
     est = estimate_memory(cfg)

@@ -145,10 +145,7 @@ class Run:
                        save_every_minutes=t.save_every_minutes, warmup_steps=self.cfg.optim.warmup_steps)
         self._apply_plan(n)
         self.progress.print(f"  {n:,} steps = {self.plan.total_tokens:,} tokens fit {self.plan.budget_source}")
-        p = self.plan
-        for line in describe_schedule(n, self.cfg.optim, p.tokens_per_step, peak_lr=p.peak_lr):
-            self.progress.print("  " + line)
-        for line in describe_stages(self.cfg.data.stages, p.stage_starts, tokens_per_step=p.tokens_per_step):
+        for line in _plan_lines(self.cfg, self.plan):
             self.progress.print("  " + line)
 
     def _apply_plan(self, steps: int) -> None:
@@ -485,9 +482,7 @@ def _announce(run: Run, info: dict[str, Any], init_from: Path | None) -> None:
     p.print(f"  {plan.tokens_per_step:,} tokens/step (global batch {cfg.train.global_batch_size} x "
             f"{cfg.train.seq_len}, {plan.accum_steps} micro-batches per rank), {length}")
     if not plan.provisional:  # a time budget's schedule is printed once its length is fixed
-        for line in describe_schedule(plan.total_steps, cfg.optim, plan.tokens_per_step, peak_lr=plan.peak_lr):
-            p.print("  " + line)
-        for line in describe_stages(cfg.data.stages, plan.stage_starts, tokens_per_step=plan.tokens_per_step):
+        for line in _plan_lines(cfg, plan):
             p.print("  " + line)
     changed = getattr(run.loader, "changed_future", None)
     if changed:
@@ -495,6 +490,12 @@ def _announce(run: Run, info: dict[str, Any], init_from: Path | None) -> None:
                 "not reached them: the new definition applies")
     p.print(f"  run folder {run.out}" + (f"; resumed from {run.resumed_from.name}" if run.resumed_from else "")
             + (f"; weights from {init_from}" if init_from else ""))
+
+
+def _plan_lines(cfg: Config, plan: Plan) -> list[str]:
+    """The LR schedule and the data stages of a fixed plan, a line each."""
+    return [*describe_schedule(plan.total_steps, cfg.optim, plan.tokens_per_step, peak_lr=plan.peak_lr),
+            *describe_stages(cfg.data.stages, plan.stage_starts, tokens_per_step=plan.tokens_per_step)]
 
 
 def _restore_rank_state(ranks: list[dict[str, Any]], layout: Layout, loader: BatchSource | None, engine: Engine, *,
