@@ -1,8 +1,11 @@
 """Training for a wall-clock budget (`train.time_budget`): the steps that fit, fixed once, measured.
 
     step 0           the initial eval (timed)
-    steps 1..K       the LR warmup, whose learning rate does not depend on the run's length; the median
-                     of steps 2..K is the step time (step 1 pays one-off costs: allocations, compilation)
+    steps 1..K       the LR warmup (at most MEASURED_STEPS of it), whose learning rate does not depend on
+                     the run's length; the median of the later half of steps 1..K is the step time (the
+                     first steps pay one-off costs: allocations, compilation, filling the loader's row
+                     shuffle buffer; measured on 2 CPU cores, `demo`'s steps 1-10 ran at half the speed
+                     of step 30 on, and a plan timed on steps 2-11 left a fifth of a 300 s budget unused)
     after step K     one checkpoint is written to a scratch folder and deleted (timed), then
                      N = the most steps such that
                          elapsed + (N - K) x step + evals(K, N] x eval + saves(K, N] x save
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from kiln.errors import ConfigError
 from kiln.train.plan import Plan
 
-MEASURED_STEPS = 10  # steps timed after the first, when the warmup is that long
+MEASURED_STEPS = 30  # steps timed, when the warmup is that long; the later half of them gives the step time
 
 
 @dataclass
@@ -65,7 +68,7 @@ class TimeBudget:
 
     def __init__(self, seconds: float, *, text: str, warmup_steps: int) -> None:
         self.seconds, self.text = seconds, text
-        self.measure_until = max(2, min(warmup_steps, 1 + MEASURED_STEPS))  # <= warmup: LR independent of N
+        self.measure_until = max(2, min(warmup_steps, MEASURED_STEPS))  # <= warmup: LR independent of N
         self.step_times: list[float] = []  # this process's steps, the first (one-off costs) included
         self.eval_time = 0.0
 
@@ -84,7 +87,7 @@ class TimeBudget:
     def fix(self, plan: Plan, *, elapsed: float, done: int, save_seconds: float, save_every_minutes: float,
             warmup_steps: int) -> int:
         """Set plan.total_steps (and total_tokens, budget_source) to the steps that fit; returns them."""
-        times = self.step_times[1:] or self.step_times  # the first pays allocations / compilation
+        times = self.step_times[len(self.step_times) // 2:]  # the first steps pay one-off costs
         step = sorted(times)[len(times) // 2] if times else 0.0  # the median
         costs = Costs(step=step, eval=self.eval_time, save=save_seconds)
         n = fit_steps(self.seconds, elapsed=elapsed, done=done, costs=costs, eval_every=plan.eval_every,
