@@ -187,3 +187,32 @@ def test_prepared_stages_reshard_to_another_data_parallel_size(tmp_path):
         loaders(1, 4, 12)[0].load_state_dict(build_train_source(
             DataConfig(tokenizer=tok, format="shards", train=[SourceConfig(path=folders[0])]), tokenizer,
             Batching(seq_len=16, batch_size=4, seed=5)).state_dict())
+
+
+@pytest.mark.slow
+def test_a_time_budget_places_fractional_stages_on_the_steps_it_fixes(tmp_path):
+    """train.time_budget + a stage at 0.5 of the run: the stage starts halfway through the steps the budget
+    fixed (not the placeholder length of the timed warmup), and every record equals a run of that many
+    steps without a budget: the same batches from the same stages."""
+    over = staged_overrides(tmp_path, **{"train.save_every": 1000, "optim.warmup_steps": 8})
+    i = over.index("--train.max_steps")
+    over = over[:i] + over[i + 2:] + ["--train.time_budget", "6s"]
+    res = subprocess.run(kiln_cmd("train", "tiny", *over), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = ckpt_io.list_checkpoints(tmp_path / "run")[-1]
+    planned = torch.load(ckpt / "state" / "common.pt", weights_only=False)["planned_steps"]
+    assert planned > 20, res.stdout
+    half = stage_starts([StageConfig(start=0), StageConfig(start=0.5)], total_steps=planned, tokens_per_step=128)[1]
+    assert f"data stage 1 anneal: steps {half}-end" in res.stdout
+    got = records_per_step(tmp_path / "run")
+    stages = {s: r["data_stage"] for (k, s), r in got.items() if k == "train"}
+    assert stages == {s: "web" if s <= half else "anneal" for s in range(1, max(stages) + 1)}
+    ref = staged_overrides(tmp_path / "ref", **{"train.save_every": 1000, "optim.warmup_steps": 8,
+                                                "train.max_steps": planned})
+    train(load_config("tiny", ref), quiet=True)
+    reference = records_per_step(tmp_path / "ref" / "run")
+    def train_only(records: dict, last: int) -> dict:  # progress: None until the budget fixes the length
+        return {k: {f: x for f, x in r.items() if f != "progress"} for k, r in records.items()
+                if k[0] == "train" and k[1] <= last}
+
+    assert train_only(got, max(stages)) == train_only(reference, max(stages))
