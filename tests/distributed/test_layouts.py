@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from kiln.parallel.pipeline import SCHEDULES  # every schedule kiln offers
+
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "distributed" / "engine_worker.py"
-SCHEDULES = ["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"]
 TWO = {"ddp": "--parallel.dp_replicate 2", "fsdp": "--parallel.dp_shard 2", "tp": "--parallel.tp 2",
        **{f"pp-{s}": f"--parallel.pp 2 --parallel.pp_schedule {s} --train.micro_batch_size 1" for s in SCHEDULES}}
 FOUR = {"fsdp-tp": "--parallel.dp_shard 2 --parallel.tp 2", "fsdp-pp": "--parallel.dp_shard 2 --parallel.pp 2",
