@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import quiet_imports  # noqa: F401  (before transformers: quiets torchao's CPU notices)
 import torch
 import torch.nn.functional as F
 import transformers
