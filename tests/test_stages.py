@@ -211,6 +211,7 @@ def test_a_time_budget_places_fractional_stages_on_the_steps_it_fixes(tmp_path):
                                                 "train.max_steps": planned})
     train(load_config("tiny", ref), quiet=True)
     reference = records_per_step(tmp_path / "ref" / "run")
+
     def train_only(records: dict, last: int) -> dict:  # progress: None until the budget fixes the length
         return {k: {f: x for f, x in r.items() if f != "progress"} for k, r in records.items()
                 if k[0] == "train" and k[1] <= last}
