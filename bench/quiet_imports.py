@@ -1,6 +1,7 @@
-"""Imported first by the benchmark scripts: transformers imports torchao when it is installed (kiln's dev
-extra), and torchao logs that its GPU-only kernels cannot load on CPU and that it registers enums torch now
-handles itself. Neither concerns a benchmark's output."""
+"""Imported by quality_hf.py before transformers (so by every benchmark that scores through it):
+transformers imports torchao when it is installed (kiln's dev extra), and torchao logs that its GPU-only
+kernels cannot load on CPU and that it registers enums torch now handles itself. Neither concerns a
+benchmark's output."""
 
 import logging
 

@@ -14,8 +14,9 @@ from kiln.config import load_config, parse_duration
 from kiln.errors import ConfigError
 from kiln.eval.suite import heldout_next_items, load_tasks
 from kiln.train import checkpoint as ckpt_io
-from kiln.train.budget import Costs, fit_steps
+from kiln.train.budget import Costs, TimeBudget, fit_steps
 from kiln.train.metrics import read_metrics
+from kiln.train.plan import Plan
 from kiln.train.trainer import train
 from test_train import small_overrides
 
@@ -55,6 +56,21 @@ def test_fit_steps_counts_steps_evals_and_saves():
 
     assert spent(n) <= 82.0 < spent(n + 1)
     assert fit_steps(10.0, elapsed=20.0, done=5, costs=costs, eval_every=10, save_every=25) == 5  # no time left
+
+
+def test_the_step_time_is_the_later_half_of_the_warmup():
+    """The first steps pay one-off costs (on demo, steps 1-10 ran at half the later speed): a warmup of 30
+    is timed to its end and the plan uses the median of steps 16-30, not the slow start."""
+    budget = TimeBudget(100.0, text="100s", warmup_steps=30)
+    assert budget.measure_until == 30
+    for step in range(1, 31):
+        budget.step_done(step, 0.5 if step <= 12 else 0.125)  # 12 slow steps, then the steady speed
+        assert budget.due(step, 0) == (step == 30)
+    plan = Plan(n_params=1, tokens_per_step=1, accum_steps=1, total_steps=10**9, total_tokens=0, budget_source="",
+                peak_lr=1e-3, log_every=10, eval_every=10**6, save_every=10**6, provisional=True)
+    n = budget.fix(plan, elapsed=8.0, done=30, save_seconds=0.0, save_every_minutes=0.0, warmup_steps=30)
+    assert "125 ms/step" in plan.budget_source and not plan.provisional
+    assert n == 30 + 720  # (100 s - 8 elapsed - 2 margin) / 0.125 s; no evals or saves due
 
 
 @pytest.mark.slow
