@@ -15,6 +15,7 @@ import torch
 from conftest import ROOT, kiln_cmd, needs_inductor_cpu
 from kiln.bench import run_bench, synthetic_batches
 from kiln.config import load_config, split_preset
+from kiln.device import train_precision
 from kiln.model import count_params
 from kiln.perf import flops_per_token
 from kiln.runinfo import git_describe
@@ -43,7 +44,7 @@ def test_bench_cli_prints_one_json_line():
         assert out["git_sha"].split("+")[0] == head.stdout.strip()
     else:
         assert out["git_sha"] is None
-    assert out["precision"] == "fp32"
+    assert out["precision"] == train_precision("auto", torch.float32, torch.device("cpu"))  # bf16 on AMX CPUs
     assert out["accumulation"] == 2 and out["activation_checkpointing"] == "selective"
     assert out["peak_memory_bytes"] > 0 and 0.8 < out["estimate_ratio"] < 1.25
     assert 0 < out["loss_last"] < math.log(1024) + 0.5  # near ln(V) after 3 steps on random tokens

@@ -55,7 +55,7 @@ def test_activations_equal_saved_tensors(qk, bf16, doc):
 
 
 def test_full_checkpointing_saves_block_inputs_only():
-    cfg = _cfg("--train.activation_checkpointing", "full")
+    cfg = _cfg("--train.activation_checkpointing", "full", "--train.dtype", "fp32")
     est = estimate_memory(cfg, device="cpu")
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len
     recompute = sum(layer_activation_terms(cfg.model, autocast=False, ac="none").values()) * tokens
@@ -205,7 +205,8 @@ def test_fsdp_gathers_bf16_blocks_instead_of_autocast_copies():
     emb = m.vocab_size * m.d_model  # tied
     fsdp = estimate_memory(load_config("dense-180m", ["--parallel.dp_shard", "4"]), device="cuda")
     assert fsdp.autocast_copies == 0 and fsdp.parallel_buffers == (2 * block + emb) * 2
-    fp32 = estimate_memory(load_config("dense-180m", ["--parallel.dp_shard", "4"]), device="cpu")  # no autocast
+    fp32 = estimate_memory(load_config("dense-180m", ["--parallel.dp_shard", "4", "--train.dtype", "fp32"]),
+                           device="cpu")  # no autocast
     assert fp32.autocast_copies == 0 and fp32.parallel_buffers == (2 * block + emb) * 4
     # with pipelining FSDP keeps the stage's blocks gathered from forward to backward (no reshard)
     pp = estimate_memory(load_config("dense-180m", ["--parallel.dp_shard", "2", "--parallel.pp", "2"]),

@@ -109,13 +109,18 @@ def test_unknown_device_and_cpu_give_no_mfu():
     ("fp32", "bf16", "adafactor", {"cuda": ("bf16",), "cpu": ("bf16",)}),  # bf16 weights: bf16 matmuls
     ("auto", "bf16", "muon", {"cuda": ("bf16",), "cpu": ("bf16",)}),
 ])
-def test_train_precision_follows_autocast_and_parameter_dtype(dtype, weights, name, want):
+def test_train_precision_follows_autocast_and_parameter_dtype(dtype, weights, name, want, monkeypatch):
     """The MFU peak is read at the precision the matmuls run in; with bf16 parameters under train.dtype=fp32
-    that is bf16 (the fp32 peak would read ~15x too high on an H100)."""
+    that is bf16 (the fp32 peak would read ~15x too high on an H100). A CPU without AMX here."""
+    import kiln.device
+
+    monkeypatch.setattr(kiln.device, "cpu_has_amx", lambda: False)
     cfg = load_config("tiny", ["--train.dtype", dtype, "--optim.param_dtype", weights, "--optim.name", name])
     for dev, ok in want.items():
         assert train_precision(cfg.train.dtype, param_dtype(cfg.optim), torch.device(dev)) in ok, dev
     assert matmul_precision(device=torch.device("cpu"), autocast_dtype=None, param_dtype=torch.bfloat16) == "bf16"
+    monkeypatch.setattr(kiln.device, "cpu_has_amx", lambda: True)  # auto: bf16 where AMX runs it fast
+    assert train_precision("auto", torch.float32, torch.device("cpu")) == "bf16"
     h100 = lookup_peak("NVIDIA H100 80GB HBM3")
     assert h100.tflops["bf16"] / h100.tflops["fp32"] == pytest.approx(14.8, abs=0.1)  # the size of the error
 

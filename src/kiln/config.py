@@ -182,7 +182,7 @@ class TrainConfig:
     eval_tasks: list[str] = field(default_factory=list)
     eval_tasks_limit: int = 200  # items per task: the same first N at every eval
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
-    dtype: DType = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    dtype: DType = "auto"  # auto: bf16 autocast on CUDA and AMX CPUs, else fp32 (kiln.device)
     log_every: int = 10
     eval_every: int = 200
     eval_tokens: int = 65536  # tokens scored per validation source at each eval

@@ -1,7 +1,8 @@
 """Device and precision decisions, made in one place: which device, which autocast dtype, which
 matmul precision (the peak that MFU divides by).
 
-    train.dtype  auto: bf16 autocast on CUDA, fp32 on CPU;  bf16: autocast everywhere;  fp32: none
+    train.dtype  auto: bf16 autocast on CUDA and on CPUs with AMX (bf16 matrix units), fp32 on other CPUs;
+                 bf16: autocast everywhere;  fp32: none
     optim.param_dtype=bf16 makes every matmul bf16 even without autocast (bf16 weights, bf16 activations)
 """
 
@@ -28,10 +29,21 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cuda")
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), where oneDNN runs bf16 matmuls
+    several times faster than fp32 ones. Without AMX, bf16 is slower on CPU than fp32 (FACTS.md: a demo
+    step 1.3x slower with only AVX512-BF16, 16x with AVX2), so `auto` keeps fp32 there."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
 def autocast_dtype(dtype: DType, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `train.dtype` on `device`: bf16 on CUDA by default, none (fp32) on CPU
-    unless train.dtype=bf16."""
-    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+    """The autocast dtype for `train.dtype` on `device`: with `auto`, bf16 where the matmul units run it
+    fast (CUDA, CPUs with AMX), else none (fp32)."""
+    if dtype == "bf16" or (dtype == "auto" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_amx()))):
         return torch.bfloat16
     return None
 

@@ -16,7 +16,8 @@ autocast, else 4); the residual stream and norms are fp32 (4 bytes) in both case
 
     attn_norm   input x, normalised y (4d + 4d) and 1/rms (4)
     q, k, v in  the norm output (4d in fp32; 3 separate casts of 2d each under autocast)
-    attention   q, k, v after RoPE (bq + 2 b kv), its output (bq), logsumexp (4H)
+    attention   q, k, v after RoPE (bq + 2 b kv), its output (bq), logsumexp (4H); on CPU sdpa runs in fp32
+                (4 bytes each) and the output gets a bf16 copy for the output projection (2q)
     qk_norm     + per q and k: fp32 copy, normalised (and its cast under autocast), 1/rms
     mlp_norm    4d + 4d + 4; gate/up input: 4d (fp32) or 2 x 2d (autocast)
     SwiGLU      gate out, up out, silu(gate), product: 4 x bf
@@ -39,7 +40,7 @@ import torch
 from kiln.config import Config, ModelConfig, load_config, split_preset
 from kiln.device import autocast_dtype
 from kiln.model import count_params
-from kiln.model.attention import expand_kv_for_mask
+from kiln.model.attention import expand_kv_for_mask, sdpa_dtype
 from kiln.model.loss import default_chunk_rows
 from kiln.parallel.pipeline import microbatches
 from kiln.perf import block_matrix_shapes
@@ -91,27 +92,32 @@ def _uses_autocast(cfg: Config, device: str) -> bool:
     return autocast_dtype(cfg.train.dtype, torch.device(device)) == torch.bfloat16
 
 
-def layer_activation_terms(m: ModelConfig, *, autocast: bool, ac: str, expand_kv: bool = False) -> dict[str, float]:
+def layer_activation_terms(m: ModelConfig, *, autocast: bool, ac: str, expand_kv: bool = False,
+                           attn_fp32: bool = False) -> dict[str, float]:
     """Bytes saved for backward per token by one Block (before tensor-parallel division). `expand_kv`:
-    masked GQA attention on CUDA gets k, v repeated to every query head (kiln.model.attention)."""
+    masked GQA attention on CUDA gets k, v repeated to every query head (kiln.model.attention).
+    `attn_fp32`: sdpa computes in fp32 under autocast (on CPU, kiln.model.attention.sdpa_dtype)."""
     d, hd, H, Hkv, f = m.d_model, m.hd, m.n_heads, m.n_kv_heads, m.ffn_dim
     q, kv = H * hd, Hkv * hd
     b = 2 if autocast else 4
+    ba = 4 if attn_fp32 else b  # attention's q, k, v and output
     if ac == "full":
         return {"block input": 4 * d}
     if ac == "selective":  # matmul outputs (q, k, v, o, gate, up, down), attention output + lse, block input
         return {"block input": 4 * d, "matmul outputs": b * (q + 2 * kv + d + 2 * f + d),
-                "attention output": b * q + 4 * H}
+                "attention output": ba * q + 4 * H}
     # DeepNet's post-norm saves the same tensors: the block input feeds q, k, v instead of a norm output
     terms = {
         "attn_norm": 8 * d + 4,
         "qkv input": 3 * 2 * d if autocast else 4 * d,
-        "attention q,k,v,out": b * (2 * q + 2 * kv),
+        "attention q,k,v,out": ba * (2 * q + 2 * kv),
         "logsumexp": 4 * H,
         "mlp_norm": 8 * d + 4,
         "gate/up input": 2 * 2 * d if autocast else 4 * d,
         "swiglu": 4 * b * f,
     }
+    if attn_fp32 and autocast:
+        terms["o_proj input"] = 2 * q  # the fp32 attention output cast for the output projection
     if m.qk_norm:
         # q: fp32 copy (4q) + normalised y (4q fp32; 2q bf16 when autocast) + 1/rms (4H); the same for k.
         # Under autocast RoPE's fp32 output is cast again for attention (counted above as bq), and the
@@ -208,7 +214,9 @@ def _activation_terms(cfg: Config, *, device: str, ac: str, B: int, notes: list[
     T, tokens, layers = t.seq_len, B * t.seq_len, _layers_here(cfg)
     autocast = _uses_autocast(cfg, device)
     expand_kv = cfg.data.doc_mask and m.attention == "sdpa" and expand_kv_for_mask(torch.device(device))
-    per_layer = sum(layer_activation_terms(m, autocast=autocast, ac=ac, expand_kv=expand_kv).values()) / p.tp
+    attn_fp32 = autocast and m.attention == "sdpa" and sdpa_dtype(torch.device(device), torch.bfloat16) == torch.float32
+    per_layer = sum(layer_activation_terms(m, autocast=autocast, ac=ac, expand_kv=expand_kv,
+                                           attn_fp32=attn_fp32).values()) / p.tp
     in_flight = 1
     if p.pp > 1:
         n_micro = microbatches(p)
@@ -217,14 +225,15 @@ def _activation_terms(cfg: Config, *, device: str, ac: str, B: int, notes: list[
     acts = per_layer * tokens * layers * in_flight
     recompute = 0.0
     if ac in ("full", "selective"):  # backward recomputes one block at a time
-        recompute = sum(layer_activation_terms(m, autocast=autocast, ac="none", expand_kv=expand_kv).values()
+        recompute = sum(layer_activation_terms(m, autocast=autocast, ac="none", expand_kv=expand_kv,
+                                               attn_fp32=attn_fp32).values()
                         ) / p.tp * tokens
     b = 2 if autocast else 4
     shared = 8 * tokens  # token ids kept by the embedding
     rope_rows = B if cfg.data.doc_mask else 1
     shared += 2 * 4 * rope_rows * T * (m.hd // 2)  # cos / sin shared by all layers
     if cfg.data.doc_mask and m.attention in ("sdpa", "eager"):
-        shared += B * T * T * (b if m.attention == "sdpa" else 1)  # one additive bias / boolean mask
+        shared += B * T * T * ((4 if attn_fp32 else b) if m.attention == "sdpa" else 1)  # one bias / bool mask
     if m.attention == "eager":
         acts += 2 * 4 * B * m.n_heads * T * T * layers / p.tp  # scores and probabilities per layer
         notes.append("eager attention saves (B, H, T, T) scores per layer")
@@ -243,8 +252,8 @@ def _loss_terms(cfg: Config, *, device: str, B: int, notes: list[str]) -> tuple[
         loss_buffers = int(tokens * V * (b + 4 + 4) / p.tp)
     else:
         rows = min(default_chunk_rows(torch.device(device)), tokens)
-        bufs = rows * V * (b + 4 + (2 if autocast else 0))  # logits chunk, fp32 softmax, its bf16 cast
-        bufs += V * d * 6 if autocast else 0  # a chunk's bf16 dW and its fp32 copy before accumulation
+        bufs = rows * V * (b + 4)  # logits chunk (its bf16 gradient reuses it), fp32 softmax
+        bufs += V * d * 2 if autocast and tokens > rows else 0  # a chunk's bf16 dW before accumulation
         loss_buffers = bufs + V * d * 4 + tokens * d * 4  # + dW (fp32) and dh made in the forward pass
         if t.loss_impl == "liger" or (t.loss_impl == "auto" and device == "cuda"):
             notes.append("loss: Liger when installed (similar buffers), else kiln's chunked loss")

@@ -11,6 +11,7 @@ another document.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,16 +122,20 @@ def _eager(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
     T, S = q.shape[1], k.shape[1]
-    bias = _sdpa_bias(mask, T, S, q.device, _run_dtype(q))
+    run = sdpa_dtype(q.device, q.dtype)
+    bias = _sdpa_bias(mask, T, S, q.device, run)
+    if bias is not None and bias.dtype != run:  # FSDP's mixed precision casts the mask's cached bias too
+        bias = bias.to(run)
     gqa = q.shape[2] != k.shape[2]
     if gqa and bias is not None and expand_kv_for_mask(q.device):
         rep = q.shape[2] // k.shape[2]  # query head h reads kv head h // rep, as enable_gqa does
         k, v, gqa = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2), False
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=bias, is_causal=bias is None, enable_gqa=gqa,
-    )
-    return out.transpose(1, 2)
+    with torch.autocast(q.device.type, enabled=False) if q.device.type == "cpu" else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2).to(run), k.transpose(1, 2).to(run), v.transpose(1, 2).to(run),
+            attn_mask=bias, is_causal=bias is None, enable_gqa=gqa,
+        )
+    return out.transpose(1, 2).to(q.dtype)
 
 
 def expand_kv_for_mask(device: torch.device) -> bool:
@@ -146,9 +151,18 @@ def expand_kv_for_mask(device: torch.device) -> bool:
 
 
 def _run_dtype(q: Tensor) -> torch.dtype:
-    """The dtype sdpa computes in: autocast's when it is on, else q's."""
+    """The dtype attention computes in: autocast's when it is on, else q's."""
     dev = q.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+
+
+def sdpa_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype sdpa computes in: fp32 on CPU, whose flash-attention kernel is slower in bf16 than in
+    fp32 (backward 2.3x on a Sapphire Rapids core, where the matmuls gain 3-5x from bf16; FACTS.md);
+    elsewhere autocast's dtype when it is on, else the activations' (`dtype`)."""
+    if device.type == "cpu":
+        return torch.float32
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
 
 
 def _sdpa_bias(mask: AttnMask, T: int, S: int, device: torch.device, dtype: torch.dtype) -> Tensor | None:
@@ -283,8 +297,7 @@ def prepare_mask(mask: AttnMask, backend: str, *, B: int, T: int, S: int, device
     if mask.rope is not None:
         mask.rotary(T, device)
     if backend == "sdpa":
-        dev = device.type
-        _sdpa_bias(mask, T, S, device, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else dtype)
+        _sdpa_bias(mask, T, S, device, sdpa_dtype(device, dtype))
     elif backend == "eager":
         mask.dense(T, S, device)
     elif backend == "flex" and not (device.type == "cpu" and torch.is_grad_enabled()):

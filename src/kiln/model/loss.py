@@ -63,7 +63,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # (rows, V) buffers reused by every chunk: on CPU a fresh 32 MB tensor per chunk costs more in page
         # faults than the softmax itself (CUDA's caching allocator reuses memory anyway)
         z_buf = torch.empty(rows, V, dtype=cdt, device=h.device)
-        p_buf = torch.empty(rows, V, dtype=torch.float32, device=h.device) if cdt == torch.float32 else None
+        low = cdt != torch.float32
+        # low precision: the logits are copied to fp32 for the softmax, whose fp32 kernel is ~3x faster on
+        # CPU than softmax(bf16, dtype=fp32), and the gradient goes back into z_buf; on CUDA in place
+        p_buf = torch.empty(rows, V, dtype=torch.float32, device=h.device) if not (low and h.is_cuda) else None
+        gw_buf = torch.empty(w.shape, dtype=cdt, device=w.device) if low and N > rows else None
         with torch.autocast(h.device.type, enabled=False):
             for start in range(0, N, rows):
                 stop = min(start + rows, N)
@@ -73,9 +77,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 valid = y != IGNORE
                 y_safe = y.clamp_min(0)[:, None]  # (n, 1); ignored rows point at id 0 and are zeroed below
                 z = torch.mm(hc, wc.t(), out=z_buf[:n])  # (n, V) logits
+                if low and p_buf is not None:
+                    z = p_buf[:n].copy_(z)
                 z_y = z.gather(1, y_safe).squeeze(1).float()  # (n,)
                 z_max = z.amax(dim=-1).float()  # (n,)
-                if cdt == torch.float32:
+                if z.dtype == torch.float32:  # in place when z is p_buf's copy
                     p = torch.ops.aten._softmax.out(z, -1, False, out=p_buf[:n])  # (n, V)
                 else:
                     p = torch.softmax(z, dim=-1, dtype=torch.float32)
@@ -87,7 +93,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 p.scatter_add_(1, y_safe, torch.where(valid, -1.0, 0.0)[:, None])
                 if h.is_cuda or not bool(valid.all()):  # no host sync on CUDA: always mask there
                     p.mul_(valid[:, None])
-                dz = p.to(cdt)
+                dz = z_buf[:n].copy_(p) if low else p  # the logits in z_buf are no longer needed
                 if dz.dtype == grad_h.dtype:
                     torch.mm(dz, wc, out=grad_h[start:stop])  # (n, d)
                 else:
@@ -99,7 +105,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 elif start == 0:
                     grad_w.copy_(dz.t() @ hc)
                 else:
-                    grad_w += (dz.t() @ hc).float()
+                    grad_w += torch.mm(dz.t(), hc, out=gw_buf)
         ctx.save_for_backward(grad_h, grad_w.to(w.dtype))
         return total
 

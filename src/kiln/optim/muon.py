@@ -34,18 +34,20 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz(g: Tensor, *, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Approximately orthogonalise a (rows, cols) matrix: returns ~U V^T for g = U S V^T, in fp32.
+    """Approximately orthogonalise a (rows, cols) matrix, or a (batch, rows, cols) stack of them one by
+    one: returns ~U V^T for each g = U S V^T, in fp32.
 
     Runs in bf16 on CUDA (as Jordan does: the iteration is robust to it and tensor cores are fast) and
-    in fp32 elsewhere (CPU bf16 matmuls are slow and fp32 keeps CPU tests exact).
+    in fp32 elsewhere (fp32 keeps CPU tests exact on every CPU). A stack runs as batched matmuls: at
+    small widths the per-matrix loop costs more in calls than in FLOPs (FACTS.md).
     """
-    assert g.ndim == 2, g.shape
+    assert g.ndim in (2, 3), g.shape
     a, b, c = NS_COEFFS
     x = g.to(torch.bfloat16) if g.is_cuda else g.to(torch.float32)
-    transposed = x.size(0) > x.size(1)
+    transposed = x.size(-2) > x.size(-1)
     if transposed:  # iterate on the wide form: X X^T is then (min dim, min dim)
         x = x.mT
-    x = x / (x.norm() + eps)  # spectral norm <= Frobenius norm <= 1
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         xxt = x @ x.mT  # (r, r), r = min(rows, cols)
         poly = b * xxt + c * (xxt @ xxt)
@@ -88,20 +90,45 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr = group["lr"] * group["lr_ratio"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                x = as_fp32(p)
-                if group["weight_decay"]:
-                    x.mul_(1.0 - lr * group["weight_decay"])  # decoupled (AdamW-style) decay
-                if group["use_muon"]:
-                    self._muon_update(p, x, group, lr)
-                else:
-                    self._adamw_update(p, x, group, lr)
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["use_muon"]:
+                self._muon_group(params, group, lr)
+                continue
+            for p in params:
+                x = self._decayed(p, group, lr)
+                self._adamw_update(p, x, group, lr)
                 write_back(p, x, stochastic=self.stochastic_rounding, rng=self.rng)
         return loss
 
-    def _muon_update(self, p: Tensor, x: Tensor, group: dict[str, Any], lr: float) -> None:
+    @staticmethod
+    def _decayed(p: Tensor, group: dict[str, Any], lr: float) -> Tensor:
+        """p's fp32 value (p itself in fp32) after the decoupled (AdamW-style) weight decay."""
+        x = as_fp32(p)
+        if group["weight_decay"]:
+            x.mul_(1.0 - lr * group["weight_decay"])
+        return x
+
+    def _muon_group(self, params: list[Tensor], group: dict[str, Any], lr: float) -> None:
+        """Momentum, Newton-Schulz and the update for one Muon group. Matrices of one shape (a tall one
+        counted as its transpose) are orthogonalised together as one batch; DTensor ones one by one."""
+        buckets: dict[tuple[Any, ...], list[tuple[Tensor, Tensor, Tensor]]] = {}
+        for p in params:
+            x = self._decayed(p, group, lr)
+            u = self._momentum(p, group)
+            if _is_dtensor(u):
+                full = newton_schulz(u.full_tensor()[None], steps=group["ns_steps"])[0]  # all-gather: (rows, cols)
+                # each rank computed the same full result: keep the local slice, no communication
+                self._apply(p, x, distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None), lr)
+            else:
+                wide = u.mT if u.size(0) > u.size(1) else u
+                buckets.setdefault((tuple(wide.shape), u.device), []).append((p, x, wide))
+        for bucket in buckets.values():
+            o = newton_schulz(torch.stack([w for _, _, w in bucket]), steps=group["ns_steps"])
+            for (p, x, _), oi in zip(bucket, o):
+                self._apply(p, x, oi.mT if p.size(0) > p.size(1) else oi, lr)
+
+    def _momentum(self, p: Tensor, group: dict[str, Any]) -> Tensor:
+        """B <- mu B + G; returns the Nesterov G + mu B (or B): fp32, out of place (.grad untouched)."""
         g = p.grad
         state = self.state[p]
         if "momentum_buffer" not in state:
@@ -109,15 +136,13 @@ class Muon(torch.optim.Optimizer):
         buf = state["momentum_buffer"]
         mu = group["momentum"]
         buf.mul_(mu).add_(g)
-        u = torch.add(g, buf, alpha=mu) if group["nesterov"] else buf  # fp32, out of place: .grad untouched
-        if _is_dtensor(u):
-            full = newton_schulz(u.full_tensor(), steps=group["ns_steps"])  # all-gather: (rows, cols)
-            # each rank computed the same full result: keep the local slice, no communication
-            o = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
-        else:
-            o = newton_schulz(u, steps=group["ns_steps"])
+        return torch.add(g, buf, alpha=mu) if group["nesterov"] else buf
+
+    def _apply(self, p: Tensor, x: Tensor, o: Tensor, lr: float) -> None:
+        """W <- W - lr x 0.2 sqrt(max dim) x O, written back to p (rounded if p is bf16)."""
         rows, cols = p.shape
         x.add_(o, alpha=-lr * 0.2 * math.sqrt(max(rows, cols)))
+        write_back(p, x, stochastic=self.stochastic_rounding, rng=self.rng)
 
     def _adamw_update(self, p: Tensor, x: Tensor, group: dict[str, Any], lr: float) -> None:
         """The update of torch.optim.AdamW (non-fused), with fp32 moments for any parameter dtype."""
