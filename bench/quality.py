@@ -18,6 +18,9 @@ One invocation, one after the other:
    same transformers code (quality_hf.score_bpb; kiln's through `kiln export`) in bits per byte on
    bench/heldout/heldout.jsonl.gz (Carroll and Melville: not in the bundled corpus), each with its own
    tokenizer. The first kiln checkpoint at or below HF's final bpb gives kiln's time to HF's quality.
+4. A shorter kiln run, planned as a user with less time would plan it: `--train.time_budget` set to
+   `--short-fraction` (default one third) of the HF run's train seconds, its final model scored alike:
+   whether kiln reaches HF's final bpb in that fraction of HF's time when it is asked to.
 
 Prints a table, appends one JSON record to --results (default bench/results/quality.jsonl) and prints
 a markdown row for bench/RESULTS.md. Timings on a shared machine are noisy: the record keeps the load.
@@ -75,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="budget: --train.time_budget; steps: timed warm-up + --train.max_steps; auto: budget if supported")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--curve-points", type=int, default=6, help="kiln checkpoints scored along the run (final included)")
+    p.add_argument("--short-fraction", type=float, default=1 / 3,
+                   help="after the HF run, a kiln run with this fraction of the HF run's train seconds as its "
+                        "train.time_budget, scored on its final model (0: none)")
     p.add_argument("--heldout", default=str(HELDOUT), help="held-out text: jsonl(.gz) with 'text', or .txt(.gz)")
     p.add_argument("--corpus", default=str(CORPUS), help="the HF run's corpus (kiln's data config decides kiln's)")
     p.add_argument("--window", type=int, default=256, help="scoring window (targets per window)")
@@ -212,19 +218,21 @@ def plan_steps(args: argparse.Namespace, base: list[str], out: Path, budget_s: f
     return ["--train.max_steps", str(n), "--train.save_every", str(max(1, n // points))]
 
 
-def run_kiln(args: argparse.Namespace, out: Path, budget_s: float) -> dict[str, Any]:
+def run_kiln(args: argparse.Namespace, out: Path, budget_s: float, *, name: str = "kiln",
+             points: int | None = None) -> dict[str, Any]:
     """Train kiln through its CLI for the budget; its checkpoints with their wall-clock times."""
     base = [args.kiln_preset, *shlex.split(args.kiln_args), "--run.seed", str(args.seed), "--train.keep_last", "0"]
     cfg = load_config(args.kiln_preset, shlex.split(args.kiln_args))
     plan = args.kiln_plan if args.kiln_plan != "auto" else ("budget" if kiln_has_time_budget() else "steps")
+    n_points = args.curve_points if points is None else points
     if plan == "budget":
-        minutes = budget_s / max(args.curve_points, 1) / 60
+        minutes = budget_s / max(n_points, 1) / 60
         extra = ["--train.time_budget", f"{budget_s:g}s", "--train.save_every_minutes", f"{minutes:.4f}"]
     else:
         extra = plan_steps(args, base, out, budget_s, cfg)
-    run = out / "kiln"
-    wall = run_logged(kiln_cmd("train", *base, *extra, "--run.out_dir", str(run)), out / "kiln.log")
-    records, log = metrics(run), (out / "kiln.log").read_text()
+    run = out / name
+    wall = run_logged(kiln_cmd("train", *base, *extra, "--run.out_dir", str(run)), out / f"{name}.log")
+    records, log = metrics(run), (out / f"{name}.log").read_text()
     ckpts = sorted((int(p.name.split("_")[1]), p) for p in (run / "checkpoints").glob("step_*")
                    if (p / "meta.json").is_file())
     points = [{"step": s, "path": str(p), "elapsed_s": checkpoint_clock(p, records, s)} for s, p in ckpts]
@@ -249,13 +257,15 @@ def pick(points: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     return [points[i] for i in sorted(chosen)]
 
 
-def score_kiln(kiln: dict[str, Any], texts: list[str], out: Path, *, n: int, window: int) -> None:
+def score_kiln(kiln: dict[str, Any], texts: list[str], out: Path, *, n: int, window: int,
+               name: str = "kiln") -> None:
     """Export and score kiln's checkpoints (the final one through `kiln export` as a user types it)."""
     final = kiln["checkpoints"][-1]
-    final_dir = out / "kiln-export" / f"step_{final['step']}"
-    run_logged(kiln_cmd("export", "--checkpoint", kiln["run_dir"], "--out", str(final_dir)), out / "kiln-export.log")
+    final_dir = out / f"{name}-export" / f"step_{final['step']}"
+    run_logged(kiln_cmd("export", "--checkpoint", kiln["run_dir"], "--out", str(final_dir)),
+               out / f"{name}-export.log")
     for pt in pick(kiln["checkpoints"], n):
-        d = final_dir if pt is final else out / "kiln-export" / f"step_{pt['step']}"
+        d = final_dir if pt is final else out / f"{name}-export" / f"step_{pt['step']}"
         if pt is not final:
             export_checkpoint(pt["path"], d)  # what `kiln export` runs, without a process per checkpoint
         pt.update(score_bpb(d, texts, window=window))
@@ -327,6 +337,12 @@ def table(rec: dict[str, Any]) -> str:
                      f"{(k['tokens'] / k['train_s']) / (hf['tokens'] / hf['train_s']):.2f}x; kiln reached HF's final "
                      + (f"{hf['bpb']:.4f} at {t['elapsed_s']:.0f} s (step {t['step']}, first scored checkpoint "
                         f"at or below it)" if t else f"{hf['bpb']:.4f}: not within its run"))
+        short = rec.get("kiln_short")
+        if short:
+            lines.append(f"kiln with {short['fraction']:.2f} of HF's train time (train.time_budget "
+                         f"{short['budget_s']:.0f}s): {short['steps']:,} steps in {short['train_s']:.0f} s, bpb "
+                         f"{short['bpb']:.4f}: " + ("at or below" if short["reaches_hf"] else "above")
+                         + f" HF's final {hf['bpb']:.4f}")
         if hf.get("reused_from"):
             lines.append(f"HF side reused from {hf['reused_from']}")
     return "\n".join(lines)
@@ -338,12 +354,14 @@ def markdown_row(rec: dict[str, Any]) -> str:
              f"{hf['bpb']:.4f}" + (" (reused)" if hf.get("reused_from") else "") if hf else "-",
              f"{rec['bpb_ratio']:.3f}" if hf else "-",
              f"{t['elapsed_s']:.0f} s" if t else ("not reached" if hf else "-"),
+             (f"{rec['kiln_short']['bpb']:.4f} in {rec['kiln_short']['train_s']:.0f} s"
+              if rec.get("kiln_short") else "-"),
              f"{rec['load'][0]:.1f} -> {rec['load'][1]:.1f}", rec["kiln_preset"] + (f" {rec['kiln_args']}" if rec["kiln_args"] else "")]
     return "| " + " | ".join(cells) + " |"
 
 
-ROW_HEADER = ("| machine | date | commit | budget | kiln bpb | HF bpb | kiln/HF | kiln time to HF bpb | load | kiln run |\n"
-              "|---|---|---|---:|---:|---:|---:|---:|---|---|")
+ROW_HEADER = ("| machine | date | commit | budget | kiln bpb | HF bpb | kiln/HF | kiln time to HF bpb | kiln short run "
+              "| load | kiln run |\n|---|---|---|---:|---:|---:|---:|---:|---:|---|---|")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,6 +399,16 @@ def compare(args: argparse.Namespace) -> int:
         except SystemExit as e:  # keep kiln's side: its record is written, and the exit status says it failed
             hf_error = str(e)
             print(hf_error, file=sys.stderr)
+    short, short_error = None, None
+    if hf and args.short_fraction > 0:  # time to HF's quality for a user who plans the shorter run
+        short_s = hf["train_s"] * args.short_fraction
+        try:
+            short = run_kiln(args, out, short_s, name="kiln-short", points=1)
+            score_kiln(short, texts, out, n=1, window=args.window, name="kiln-short")
+            short.update(budget_s=short_s, fraction=args.short_fraction, reaches_hf=short["bpb"] <= hf["bpb"])
+        except SystemExit as e:  # the comparison above stands; the record says why this part is missing
+            short, short_error = None, str(e)
+            print(short_error, file=sys.stderr)
     if hf:
         print(f"parameters: kiln {kiln['n_params']:,}, HF {hf['n_params']:,}"
               + ("" if kiln["n_params"] == hf["n_params"] else "  (DIFFERENT: --kiln-args changed kiln's shape)"))
@@ -394,6 +422,7 @@ def compare(args: argparse.Namespace) -> int:
            "heldout": {"path": str(args.heldout), "sha256": heldout_sha, "bytes": sum(len(t.encode()) for t in texts)},
            "kiln": kiln, "hf": hf, "bpb_ratio": kiln["bpb"] / hf["bpb"] if hf else None,
            "kiln_time_to_hf": time_to(kiln["checkpoints"], hf["bpb"]) if hf else None,
+           "kiln_short": short, "kiln_short_error": short_error,
            "load": [load0, os.getloadavg()[0]], "out_dir": str(out), "hf_error": hf_error}
     print("\n" + table(rec) + "\n\nfor bench/RESULTS.md:\n" + ROW_HEADER + "\n" + markdown_row(rec))
     results = Path(args.results)

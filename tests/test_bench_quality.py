@@ -120,8 +120,8 @@ def test_script_end_to_end_then_reusing_the_hf_result(tmp_path):
     results = tmp_path / "results.jsonl"
     common = ["--budget", "6s", "--kiln-args", TINY, "--hf-args", TINY, "--heldout", str(small),
               "--curve-points", "2", "--results", str(results)]
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), *common, "--out-dir",
-                          str(tmp_path / "a")], capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), *common, "--short-fraction", "1",
+                          "--out-dir", str(tmp_path / "a")], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "| HF Trainer + LlamaForCausalLM |" in run.stdout and "kiln/HF: bpb" in run.stdout
     rec = json.loads(results.read_text().splitlines()[0])
@@ -134,13 +134,16 @@ def test_script_end_to_end_then_reusing_the_hf_result(tmp_path):
     assert score_bpb(hf["model_dir"], load_texts(small))["bpb"] == pytest.approx(hf["bpb"], rel=1e-9)
     if rec["kiln_time_to_hf"]:
         assert rec["kiln_time_to_hf"]["bpb"] <= hf["bpb"]
+    short = rec["kiln_short"]  # a third kiln run planned for the HF run's train seconds, scored alike
+    assert short["budget_s"] == pytest.approx(hf["train_s"]) and short["steps"] > 3
+    assert short["reaches_hf"] == (short["bpb"] <= hf["bpb"]) and "kiln with 1.00 of HF's train time" in run.stdout
 
     # the same settings again: the HF side is reused; kiln plans its steps itself (kiln without time_budget)
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), *common, "--hf-result", str(results),
-                          "--kiln-plan", "steps", "--out-dir", str(tmp_path / "b")], capture_output=True, text=True,
+                          "--kiln-plan", "steps", "--short-fraction", "0", "--out-dir", str(tmp_path / "b")], capture_output=True, text=True,
                          cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     again = json.loads(results.read_text().splitlines()[1])
     assert again["kiln"]["plan"] == "measured train.max_steps" and "--train.max_steps" in again["kiln"]["cmd"]
     assert str(results) in again["hf"]["reused_from"] and again["hf"]["bpb"] == hf["bpb"]
-    assert "(reused)" in run.stdout
+    assert "(reused)" in run.stdout and again["kiln_short"] is None

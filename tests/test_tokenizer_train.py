@@ -277,7 +277,7 @@ def test_the_shipped_bundled_4k_is_what_kiln_tokenizer_train_makes_and_demo_trai
     assert shipped.decode(shipped.encode(text)) == text
     res = run("train", "demo", "--run.out_dir", str(tmp_path / "run"), "--train.time_budget", "", "--train.max_steps",
               "6", "--train.eval_every", "3", "--train.sample_tokens", "4", "--train.eval_tokens", "2048")
-    assert "1.31M parameters" in res.stdout and "sample:" in res.stdout
+    assert "1.84M parameters" in res.stdout and "sample:" in res.stdout
     evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in evals if r["kind"] == "eval"]
     assert len(evals) == 3 and evals[-1] < evals[0]
