@@ -13,7 +13,8 @@ One invocation, one after the other:
    recipe (tokenize, EOS after each document, concatenate, 256-token blocks, Trainer's random sampler) on
    the same corpus (kiln's bundled train split), with the shape, batch, LR schedule and AdamW settings of
    `--hf-preset` (default: bench/hf_baseline.yaml, kiln's tiny preset as it was when this comparison was
-   set, so the baseline stays put while kiln's recipe and presets change), fused AdamW, fp32 on CPU; its max_steps fixed from a timed warm-up run to fit the budget.
+   set, so the baseline stays put while kiln's recipe and presets change), fused AdamW, fp32 on CPU; its
+   max_steps fixed from a timed warm-up run (20 steps, the first 5 not counted) to fit the budget.
 3. Scoring: both final models, and kiln's intermediate checkpoints (after the run: no training time), by the
    same transformers code (quality_hf.score_bpb; kiln's through `kiln export`) in bits per byte on
    bench/heldout/heldout.jsonl.gz (Carroll and Melville: not in the bundled corpus), each with its own
@@ -411,7 +412,12 @@ def compare(args: argparse.Namespace) -> int:
             print(short_error, file=sys.stderr)
     if hf:
         print(f"parameters: kiln {kiln['n_params']:,}, HF {hf['n_params']:,}"
-              + ("" if kiln["n_params"] == hf["n_params"] else "  (DIFFERENT: --kiln-args changed kiln's shape)"))
+              + ("" if kiln["n_params"] == hf["n_params"] else "  (different: kiln trains its preset's shape, HF the "
+                                                                 "baseline's)"))
+        used = hf["train_s"] / budget_s
+        if used < 0.9:
+            print(f"note: the HF run trained for {hf['train_s']:.0f} s, {used:.0%} of its {budget_s:.0f} s budget "
+                  "(its plan was timed on a slower stretch): the ratio flatters kiln; run again")
         if spec["n_params_kiln"] != hf["n_params"]:
             raise SystemExit(f"the HF model has {hf['n_params']:,} parameters, kiln's config of the same shape "
                              f"{spec['n_params_kiln']:,}: the HF mirror of the shape is wrong")

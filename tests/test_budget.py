@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 from pathlib import Path
@@ -10,9 +11,10 @@ import pytest
 import torch
 
 from conftest import kiln_cmd
-from kiln.config import load_config, parse_duration
+from kiln.config import OptimConfig, load_config, parse_duration
 from kiln.errors import ConfigError
 from kiln.eval.suite import heldout_next_items, load_tasks
+from kiln.optim import length_free_steps, lr_factor
 from kiln.train import checkpoint as ckpt_io
 from kiln.train.budget import Costs, TimeBudget, fit_steps
 from kiln.train.metrics import read_metrics
@@ -66,38 +68,93 @@ def test_the_step_time_is_the_later_half_of_the_warmup():
     for step in range(1, 31):
         budget.step_done(step, 0.5 if step <= 12 else 0.125)  # 12 slow steps, then the steady speed
         assert budget.due(step, 0) == (step == 30)
-    plan = Plan(n_params=1, tokens_per_step=1, accum_steps=1, total_steps=10**9, total_tokens=0, budget_source="",
-                peak_lr=1e-3, log_every=10, eval_every=10**6, save_every=10**6, provisional=True)
+    plan = _plan()
     n = budget.fix(plan, elapsed=8.0, done=30, save_seconds=0.0, save_every_minutes=0.0, warmup_steps=30)
     assert "125 ms/step" in plan.budget_source and not plan.provisional
     assert n == 30 + 720  # (100 s - 8 elapsed - 2 margin) / 0.125 s; no evals or saves due
 
 
+def _plan() -> Plan:
+    return Plan(n_params=1, tokens_per_step=1, accum_steps=1, total_steps=10**9, total_tokens=0, budget_source="",
+                peak_lr=1e-3, log_every=10, eval_every=10**6, save_every=10**6, provisional=True)
+
+
+def _wsd_budget(cfg: OptimConfig) -> TimeBudget:
+    """A 100 s budget planned after 30 warmup steps of 0.125 s each (8 s elapsed): 750 steps."""
+    budget = TimeBudget(100.0, text="100s", warmup_steps=30, length_free=functools.partial(length_free_steps, cfg=cfg))
+    for step in range(1, 31):
+        budget.step_done(step, 0.125)
+    assert budget.fix(_plan(), elapsed=8.0, done=30, save_seconds=0.0, save_every_minutes=0.0, warmup_steps=30) == 750
+    return budget
+
+
+@pytest.mark.parametrize("later_step", [0.1, 0.5])
+def test_a_wsd_run_replans_once_in_its_stable_phase_and_keeps_the_lr_of_every_step_taken(later_step):
+    """The plan comes from 15 warmup steps; the re-plan, 3/4 of the way to the decay, from the mean of the
+    371 steps since. A faster machine gets more steps; a slower one fewer, but never so few that a step
+    already taken would have been in the decay."""
+    cfg = OptimConfig(schedule="wsd", decay_fraction=0.3, warmup_steps=30)
+    budget = _wsd_budget(cfg)
+    assert length_free_steps(750, cfg) == 525  # the decay: steps 525-749
+    at = budget.schedule_replan(750)
+    assert at == 30 + (525 - 30) * 3 // 4 == 401
+    for step in range(31, 402):
+        budget.step_done(step, later_step)
+        assert budget.replan_due(step) == (step == 401)
+    elapsed = 8.0 + 371 * later_step
+    plan = _plan()
+    n = budget.replan(plan, elapsed=elapsed, done=401, planned=750, save_every_minutes=0.0)
+    assert "re-planned at step 401" in plan.budget_source and not budget.replan_due(402)
+    if later_step == 0.1:  # (100 - 45.1 elapsed - 2 margin) / 0.1 s more
+        assert n == fit_steps(100.0, elapsed=elapsed, done=401, costs=Costs(0.1, 0.0, 0.0), eval_every=10**6,
+                              save_every=10**6) and 925 < n < 935
+    else:  # 223.5 s elapsed: no time left, and the shortest run whose steps 0..400 are all stable is 573
+        assert n == 573 and length_free_steps(573, cfg) == 401 > length_free_steps(572, cfg)
+    assert all(lr_factor(s, total_steps=750, cfg=cfg) == lr_factor(s, total_steps=n, cfg=cfg) for s in range(401))
+
+
+def test_cosine_and_staged_runs_are_planned_once():
+    cosine = TimeBudget(100.0, text="100s", warmup_steps=30,
+                        length_free=functools.partial(length_free_steps, cfg=OptimConfig(schedule="cosine", warmup_steps=30)))
+    assert cosine.schedule_replan(750) == 0 and not cosine.replan_due(401)
+    assert TimeBudget(100.0, text="100s", warmup_steps=30).schedule_replan(750) == 0  # no length_free: data stages
+
+
 @pytest.mark.slow
-def test_time_budget_fixes_the_steps_once_and_a_resumed_run_follows_them(tmp_path):
-    """kiln train --train.time_budget as a user types it: the plan line, the steps fixed after the warmup and
-    saved in every checkpoint, a stop + resume that keeps them, and the same losses as a run of that many
-    steps without a budget (the warmup's LR does not depend on the length, the rest follows the same plan)."""
-    over = small_overrides(tmp_path, **{"train.time_budget": "25s", "optim.warmup_steps": 8, "train.save_every": 20,
-                                        "train.eval_every": 20, "train.stop_at_step": 9})
+def test_time_budget_plans_replans_and_a_resumed_run_follows_the_plan(tmp_path):
+    """kiln train --train.time_budget as a user types it, with demo's WSD schedule: the plan line, the steps
+    fixed after the warmup and saved in every checkpoint, a stop before the re-plan and a resume that re-plans
+    at the same step, and the same losses and LRs as a run of the final length without a budget (steps before
+    the decay do not depend on the length)."""
+    over = small_overrides(tmp_path, **{"train.time_budget": "12s", "optim.warmup_steps": 8, "train.save_every": 20,
+                                        "train.eval_every": 20, "optim.schedule": "wsd", "optim.decay_fraction": 0.3,
+                                        "train.stop_at_step": 9})
     first = run_cli("train", "tiny", *over)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "fit train.time_budget 25s (" in first.stdout and "ms/step" in first.stdout
-    ckpt = ckpt_io.list_checkpoints(tmp_path / "run")[-1]
-    planned = torch.load(ckpt / "state" / "common.pt", weights_only=False)["planned_steps"]
-    assert planned > 9, first.stdout  # fixed after the 8 warmup steps (timed: the later half, 5..8)
+    assert "fit train.time_budget 12s (" in first.stdout and "ms/step" in first.stdout
+    common = torch.load(ckpt_io.list_checkpoints(tmp_path / "run")[-1] / "state" / "common.pt", weights_only=False)
+    planned = common["planned_steps"]
+    assert planned > 9 and not common["plan_final"], first.stdout  # fixed after the 8 warmup steps, re-plan to come
+    cfg = load_config("tiny", over)
+    replan_at = TimeBudget(12.0, text="12s", warmup_steps=8,
+                           length_free=functools.partial(length_free_steps, cfg=cfg.optim)).schedule_replan(planned)
+    assert replan_at > 9, planned
     second = run_cli("train", "tiny", *[x for x in over if x not in ("--train.stop_at_step", "9")])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "fixed at the start of the run" in second.stdout
-    steps = sorted(train_records(tmp_path / "run"))
-    # the resumed run kept the plan; on a loaded machine it may run 10% over the budget and stop early, saying so
-    overran = "went over its train.time_budget 25s by more than 10%" in second.stdout
-    assert steps[-1] == planned or (overran and steps[-1] < planned), second.stdout[-2000:]
+    common = torch.load(ckpt_io.list_checkpoints(tmp_path / "run")[-1] / "state" / "common.pt", weights_only=False)
+    final, steps = common["planned_steps"], sorted(train_records(tmp_path / "run"))
+    # the run follows its plan; on a loaded machine it may run 10% over the budget and stop early, saying so
+    overran = "went over its train.time_budget 12s by more than 10%" in second.stdout
+    assert steps[-1] == final or (overran and steps[-1] < final), second.stdout[-2000:]
+    replanned = f"re-planned at step {replan_at}: " in second.stdout
+    assert replanned or (overran and steps[-1] < replan_at), second.stdout[-3000:]
+    assert common["plan_final"] == replanned and length_free_steps(final, cfg.optim) >= replan_at
     assert not (tmp_path / "run" / ".budget-probe").exists()  # the timed scratch checkpoint is gone
     ref = tmp_path / "ref"
     ref.mkdir()
-    ref_over = small_overrides(ref, **{"train.max_steps": planned, "optim.warmup_steps": 8, "train.save_every": 20,
-                                       "train.eval_every": 20})
+    ref_over = small_overrides(ref, **{"train.max_steps": final, "optim.warmup_steps": 8, "train.save_every": 20,
+                                       "train.eval_every": 20, "optim.schedule": "wsd", "optim.decay_fraction": 0.3})
     train(load_config("tiny", ref_over), quiet=True)
     got, want = train_records(tmp_path / "run"), train_records(ref / "run")
     assert got == {k: v for k, v in want.items() if k <= steps[-1]}  # the same plan: the same loss at every step

@@ -38,27 +38,28 @@ def test_train_generate_eval_export_roundtrip(tmp_path):
     text_file.write_text(HELD_OUT)
     run = tmp_path / "run"
 
-    res = kiln("train", "tiny", "--run.out_dir", str(run), "--train.max_steps", "40", "--train.eval_every", "20",
-               "--train.save_every", "20", "--train.eval_tokens", "4096", "--train.sample_tokens", "8")
+    res = kiln("train", "tiny", "--run.out_dir", str(run), "--train.max_steps", "20", "--train.eval_every", "10",
+               "--train.save_every", "10", "--train.eval_tokens", "4096", "--train.sample_tokens", "8")
     assert "sample:" in res.stdout
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert ckpts == ["step_20", "step_40"]
+    assert ckpts == ["step_10", "step_20"]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
-    assert evals[0]["step"] == 0 and evals[-1]["step"] == 40
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 20
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 1.0  # held-out bundled split clearly improves
 
     # a text that is not in the corpus scores clearly better than at initialisation
     after = json.loads(kiln("eval", "--checkpoint", str(run), "--data", str(text_file)).stdout.strip().splitlines()[-1])
     assert set(after) >= {"loss", "ppl", "bits_per_byte"}
-    init = json.loads(kiln("eval", "--checkpoint", str(run / "checkpoints" / "step_20"),
+    init = json.loads(kiln("eval", "--checkpoint", str(run / "checkpoints" / "step_10"),
                            "--data", str(text_file)).stdout.strip().splitlines()[-1])
     assert after["loss"] < init["loss"]
     assert abs(after["ppl"] - torch.tensor(after["loss"]).exp().item()) / after["ppl"] < 1e-4
 
-    # resume: running again with a larger budget continues from step 40
-    res = kiln("train", "tiny", "--run.out_dir", str(run), "--train.max_steps", "42", "--train.sample_tokens", "0")
-    assert "resumed from step_40" in res.stdout
+    # resume: running again with a larger budget continues from step 20
+    res = kiln("train", "tiny", "--run.out_dir", str(run), "--train.max_steps", "22", "--train.sample_tokens", "0",
+               "--train.eval_tokens", "4096")
+    assert "resumed from step_20" in res.stdout
 
     # greedy generation: kiln and transformers agree token for token on the exported model
     prompt = "It is a truth universally acknowledged"

@@ -173,6 +173,28 @@ def test_init_schemes_follow_their_tables():
     assert not torch.equal(build_model(cfg, seed=5).tok_emb.weight, build_model(cfg, seed=6).tok_emb.weight)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_init_zero_out_zeroes_the_residual_outputs_and_an_untied_head_and_they_learn(tied):
+    """Each block starts as the identity and an untied head gives uniform logits; the rest is initialised
+    as without it, and one AdamW step moves the zeroed weights (their gradients are not zero)."""
+    cfg = tiny_cfg(tie_embeddings=tied, init_zero_out=True)
+    m, ref = build_model(cfg, seed=0), build_model(tiny_cfg(tie_embeddings=tied), seed=0)
+    zeroed = {n for n, _ in m.named_parameters() if n.endswith(("attn.wo.weight", "mlp.w_down.weight"))
+              or n == "head.weight"}
+    assert len(zeroed) == 2 * cfg.n_layers + (0 if tied else 1)
+    for (name, p), (_, q) in zip(m.named_parameters(), ref.named_parameters(), strict=True):
+        assert torch.equal(p, torch.zeros_like(p)) if name in zeroed else torch.equal(p, q), name
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    if not tied:  # uniform first logits
+        assert torch.equal(m(x), torch.zeros(2, 16, cfg.vocab_size))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for _ in range(2):  # the first step moves the head (or, tied, the blocks); the second reaches everything
+        m(x[:, :-1], targets=x[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(dict(m.named_parameters())[n].abs().sum() > 0 for n in zeroed)
+
+
 def test_meta_build_then_materialise_has_no_uninitialised_values():
     model = build_model(tiny_cfg(qk_norm=True), seed=0)
     for name, p in model.named_parameters():

@@ -54,6 +54,7 @@ class ModelConfig:
     attention: AttentionBackend = "sdpa"
     init: InitScheme = "normal"
     init_std: float = 0.02  # used by init=normal
+    init_zero_out: bool = False  # with any scheme: wo, w_down and an untied head start at 0 (as in modded-nanogpt)
 
     @property
     def hd(self) -> int:

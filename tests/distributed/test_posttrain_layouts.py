@@ -122,11 +122,13 @@ def test_torchrun_rlvr_fsdp_matches_one_process_and_resumes_on_one(base, tmp_pat
     run_kiln("rlvr", 1, ckpt, prompts, tmp_path / "one", *RLVR, "--train.micro_batch_size", "4")
     _check_rlvr_learns_something(tmp_path / "one")
     run_kiln("rlvr", 2, ckpt, prompts, tmp_path / "fsdp", *RLVR, "--parallel.dp_shard", "2")
-    assert_close(tmp_path / "one", tmp_path / "fsdp", RLVR_KEYS, equal=RLVR_EQUAL)
+    # rel 1e-4 as for tp below: the kl and a grad norm that is the KL term's alone are small results of
+    # larger fp32 log-probs, summed in another order (measured in CI: 1.5e-5 on kl, 3.4e-5 on a grad norm)
+    assert_close(tmp_path / "one", tmp_path / "fsdp", RLVR_KEYS, equal=RLVR_EQUAL, rel=1e-4)
     resumed = tmp_path / "resumed"
     run_kiln("rlvr", 2, ckpt, prompts, resumed, *RLVR, "--parallel.dp_shard", "2", "--train.stop_at_step", "2")
     run_kiln("rlvr", 1, ckpt, prompts, resumed, *RLVR)
-    assert_close(tmp_path / "one", resumed, RLVR_KEYS, equal=RLVR_EQUAL)
+    assert_close(tmp_path / "one", resumed, RLVR_KEYS, equal=RLVR_EQUAL, rel=1e-4)
 
 
 @pytest.mark.dist

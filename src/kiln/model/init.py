@@ -7,6 +7,8 @@ Schemes (model.init):
   deepnet       Xavier-normal; v, wo and the MLP scaled by beta = (8N)^(-1/4) (DeepNet, Wang et al.
                 2022, decoder-only constants); pair it with model.residual=deepnorm.
 Norm weights start at 1 in every scheme. RoPE frequencies are recomputed, not learned.
+model.init_zero_out=true starts the residual outputs (wo, w_down) and an untied head at 0 in any scheme
+(modded-nanogpt's init): each block starts as the identity and the first logits are uniform.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ from torch import nn
 from kiln.model.layers import RMSNorm, RotaryEmbedding
 
 
+def _is_residual_out(name: str) -> bool:
+    return name.endswith(("attn.wo.weight", "mlp.w_down.weight"))
+
+
 def _rule(name: str, scheme: str, d: int, n_layers: int, std: float) -> tuple[str, float]:
     """(kind, scale) for a weight matrix named like 'layers.3.attn.wq.weight'."""
-    is_residual_out = name.endswith(("attn.wo.weight", "mlp.w_down.weight"))
+    is_residual_out = _is_residual_out(name)
     if scheme == "normal":
         if is_residual_out:
             return "normal", std / math.sqrt(2 * n_layers)
@@ -82,6 +88,8 @@ def init_weights(model: nn.Module, *, seed: int | None = None) -> None:
             nn.init.trunc_normal_(full, mean=0.0, std=scale, a=-3 * scale, b=3 * scale, generator=gen)
         elif kind == "xavier":
             nn.init.xavier_normal_(full, gain=scale, generator=gen)
+        if cfg.init_zero_out and (_is_residual_out(name) or name == "head.weight"):  # tied: named tok_emb here
+            full.zero_()
         _copy_full(p, full)
 
 

@@ -52,6 +52,11 @@ def _progress(step: float, start: int, total_steps: int) -> float:
     return min(max((step - start) / max(total_steps - 1 - start, 1), 0.0), 1.0)
 
 
+def _wsd_decay_start(total_steps: int, cfg: OptimConfig) -> int:
+    """WSD's first decaying step: the last decay_fraction of the run (at least one step), after the warmup."""
+    return max(total_steps - max(int(round(cfg.decay_fraction * total_steps)), 1), _warmup(cfg, total_steps))
+
+
 def _cosine(progress: float) -> float:
     """1 -> 0 over progress 0 -> 1 (clamped)."""
     return 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
@@ -102,8 +107,7 @@ def lr_factor(step: int, *, total_steps: int, cfg: OptimConfig, tokens_per_step:
         return floor + (1 - floor) * _cosine(_progress(step, warmup, total_steps))
     if cfg.schedule == "wsd":
         # Warmup-Stable-Decay (Hu et al. 2024, MiniCPM): flat at the peak, then decay over the last part.
-        decay_steps = max(int(round(cfg.decay_fraction * total_steps)), 1)
-        decay_start = max(total_steps - decay_steps, warmup)
+        decay_start = _wsd_decay_start(total_steps, cfg)
         if step < decay_start:
             return 1.0
         progress = _progress(step, decay_start, total_steps)
@@ -122,6 +126,18 @@ def lr_factor(step: int, *, total_steps: int, cfg: OptimConfig, tokens_per_step:
         progress = _progress(step, ph.anneal_start, total_steps)
         return start * (floor / start) ** progress  # geometric: start at the anneal start, floor at the end
     raise AssertionError(cfg.schedule)
+
+
+def length_free_steps(total_steps: int, cfg: OptimConfig) -> int:
+    """How many of a run's first steps get an LR that does not depend on its length `total_steps`: the
+    warmup (cosine; infinite, whose cooldown may scale with the run), warmup + stable phase (WSD), every
+    step (constant). A time budget may re-plan the length before this point (kiln.train.budget)."""
+    warmup = _warmup(cfg, total_steps)
+    if cfg.schedule == "constant":
+        return total_steps
+    if cfg.schedule == "wsd":
+        return _wsd_decay_start(total_steps, cfg)
+    return warmup
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -152,8 +168,7 @@ def describe_schedule(total_steps: int, cfg: OptimConfig, tokens_per_step: int |
     if cfg.schedule == "cosine":
         lines.append(f"  cosine decay steps {warmup:,}-{last:,} to {cfg.min_lr_ratio:g} x peak")
     elif cfg.schedule == "wsd":
-        decay_steps = max(int(round(cfg.decay_fraction * total_steps)), 1)
-        start = max(total_steps - decay_steps, warmup)
+        start = _wsd_decay_start(total_steps, cfg)
         lines.append(f"  stable steps {warmup:,}-{start - 1:,}, {cfg.decay_shape} decay steps {start:,}-{last:,} "
                      f"to {cfg.min_lr_ratio:g} x peak")
     elif cfg.schedule == "infinite":

@@ -1,4 +1,4 @@
-"""Training for a wall-clock budget (`train.time_budget`): the steps that fit, fixed once, measured.
+"""Training for a wall-clock budget (`train.time_budget`): the steps that fit, measured, fixed by step.
 
     step 0           the initial eval (timed)
     steps 1..K       the LR warmup (at most MEASURED_STEPS of it), whose learning rate does not depend on
@@ -11,22 +11,35 @@
                          elapsed + (N - K) x step + evals(K, N] x eval + saves(K, N] x save
                                + the final eval + the final save + a margin  <=  budget
                      is fixed: plan.total_steps = N, and TrainState.planned_steps = N goes into every
-                     checkpoint, so a resumed run follows the same schedule (never re-planned)
+                     checkpoint, so a resumed run follows the same schedule
+    step R           the re-plan, where the schedule allows one: R lies 3/4 of the way from K to the end
+                     of N's length-free steps (kiln.optim.schedules.length_free_steps: WSD's stable phase,
+                     a constant LR's whole run; cosine has none past its warmup, so it is planned once).
+                     The same rule with the mean step time of steps K+1..R, the elapsed time and the
+                     evals and saves so far gives N', clamped so that steps 1..R stay length-free under N'
+                     too (the LR of every step taken is unchanged): N' is the run's length, final, and
+                     saved with TrainState.plan_final. One step-time sample of a warmup is a poor guess
+                     of a run whose machine drifts: on 2 shared CPU cores the speed swings by a quarter
+                     over minutes, and a 300 s `demo` run planned at 364 ms/step averaged 330 (251 s used).
 
-The margin is 2% of the budget (at least two steps): the machine may slow down. If it does anyway,
-the run stops, saved, once the budget is over by more than 10% (`overrun`), and says so.
-Keep-best saves are not foreseen (they depend on the losses); clock saves are.
+The plan is rank 0's (broadcast), so every rank takes the same steps. A run resumed before R re-plans at
+R by the same rule, with the step times of its own process. The margin is 2% of the budget (at least two
+steps): the machine may slow down. If it does anyway, the run stops, saved, once the budget is over by
+more than 10% (`overrun`), and says so. Keep-best saves are not foreseen (they depend on the losses);
+clock saves are.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kiln.errors import ConfigError
 from kiln.train.plan import Plan
 
 MEASURED_STEPS = 30  # steps timed, when the warmup is that long; the later half of them gives the step time
+REPLAN_MIN_STEPS = 20  # a re-plan averages at least this many steps, or there is none
 
 
 @dataclass
@@ -64,18 +77,27 @@ def fit_steps(budget: float, *, elapsed: float, done: int, costs: Costs, eval_ev
 
 
 class TimeBudget:
-    """Times the warmup, then fixes `plan.total_steps` (see the module docstring)."""
+    """Times the warmup, fixes `plan.total_steps`, and re-plans it once where the schedule allows (see the
+    module docstring). `length_free(N)`: how many first steps of an N-step run have an LR independent of N
+    (None: never re-plan)."""
 
-    def __init__(self, seconds: float, *, text: str, warmup_steps: int) -> None:
+    def __init__(self, seconds: float, *, text: str, warmup_steps: int,
+                 length_free: Callable[[int], int] | None = None) -> None:
         self.seconds, self.text = seconds, text
         self.measure_until = max(2, min(warmup_steps, MEASURED_STEPS))  # <= warmup: LR independent of N
-        self.step_times: list[float] = []  # this process's steps, the first (one-off costs) included
+        self.length_free = length_free
+        self.step_times: list[float] = []  # this process's warmup steps, the first (one-off costs) included
+        self.since_plan: list[float] = []  # this process's steps after the plan, up to the re-plan
+        self.replan_at = 0  # the step of the re-plan (0: none to come)
         self.eval_time = 0.0
+        self.save_time = 0.0  # the scratch checkpoint's seconds (0 in a process resumed after the plan)
 
     def step_done(self, step: int, seconds: float) -> None:
         """`step` (1-based, just taken) took `seconds`."""
         if step <= self.measure_until:
             self.step_times.append(seconds)
+        elif step <= self.replan_at:
+            self.since_plan.append(seconds)
 
     def eval_done(self, seconds: float) -> None:
         self.eval_time = max(self.eval_time, seconds)
@@ -89,6 +111,7 @@ class TimeBudget:
         """Set plan.total_steps (and total_tokens, budget_source) to the steps that fit; returns them."""
         times = self.step_times[len(self.step_times) // 2:]  # the first steps pay one-off costs
         step = sorted(times)[len(times) // 2] if times else 0.0  # the median
+        self.save_time = save_seconds
         costs = Costs(step=step, eval=self.eval_time, save=save_seconds)
         n = fit_steps(self.seconds, elapsed=elapsed, done=done, costs=costs, eval_every=plan.eval_every,
                       save_every=plan.save_every, save_every_minutes=save_every_minutes)
@@ -102,6 +125,35 @@ class TimeBudget:
         plan.total_steps, plan.total_tokens, plan.provisional = n, n * plan.tokens_per_step, False
         plan.budget_source = (f"train.time_budget {self.text} ({step * 1e3:.0f} ms/step, eval {costs.eval:.1f} s, "
                               f"checkpoint {costs.save:.2f} s, measured)")
+        return n
+
+    def schedule_replan(self, planned: int) -> int:
+        """Where a run of `planned` steps, planned after step measure_until, re-plans (0: it does not)."""
+        if self.length_free is None:
+            return 0
+        k = self.measure_until
+        at = k + (self.length_free(planned) - k) * 3 // 4
+        self.replan_at = at if at - k >= REPLAN_MIN_STEPS else 0
+        return self.replan_at
+
+    def replan_due(self, step: int) -> bool:
+        return self.replan_at > 0 and step == self.replan_at
+
+    def replan(self, plan: Plan, *, elapsed: float, done: int, planned: int, save_every_minutes: float) -> int:
+        """The run's final length after step `done` (= replan_at) of a run planned for `planned` steps."""
+        assert self.length_free is not None and self.since_plan
+        step = sum(self.since_plan) / len(self.since_plan)  # the mean: what the rest of the run will average
+        costs = Costs(step=step, eval=self.eval_time, save=self.save_time)
+        n = fit_steps(self.seconds, elapsed=elapsed, done=done, costs=costs, eval_every=plan.eval_every,
+                      save_every=plan.save_every, save_every_minutes=save_every_minutes)
+        lo, hi = done, planned  # the shortest run whose first `done` steps are length-free: the LR taken stays
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if self.length_free(mid) >= done else (mid + 1, hi)
+        n = max(n, lo)
+        self.replan_at = 0
+        plan.budget_source = (f"train.time_budget {self.text} (re-planned at step {done}: {step * 1e3:.0f} ms/step "
+                              f"on average over {len(self.since_plan)} steps, measured)")
         return n
 
     def overrun(self, elapsed: float) -> bool:

@@ -15,6 +15,7 @@ loop counts in kiln.train.state.TrainState, saved in every checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -34,7 +35,7 @@ from kiln.device import autocast_for, train_precision
 from kiln.errors import ConfigError, DataError, KilnError
 from kiln.eval.suite import load_tasks
 from kiln.generate import generate_text
-from kiln.optim import describe_schedule, lr_factor, param_dtype
+from kiln.optim import describe_schedule, length_free_steps, lr_factor, param_dtype
 from kiln.parallel.mesh import Layout, init_layout, shutdown
 from kiln.parallel.pipeline import microbatches
 from kiln.runinfo import format_duration, run_info
@@ -129,20 +130,28 @@ class Run:
                 "rank_state": rank_state, "meta": meta}
 
     def budget_step(self, seconds: float) -> None:
-        """train.time_budget: note the step's time; after the timed warmup steps, fix the plan once. Its
-        cost estimate for a checkpoint is a real one, written to a scratch folder and deleted."""
-        budget, state = self.budget, self.state
+        """train.time_budget: note the step's time; after the timed warmup steps, fix the plan; re-plan it
+        once where the schedule allows (kiln.train.budget). Its cost estimate for a checkpoint is a real
+        one, written to a scratch folder and deleted. Every rank follows rank 0's plan."""
+        budget, state, t = self.budget, self.state, self.cfg.train
         assert budget is not None
         budget.step_done(state.step, seconds)
-        if not budget.due(state.step, state.planned_steps):
+        if budget.due(state.step, state.planned_steps):
+            self.checkpointer.wait()
+            t0 = time.perf_counter()
+            ckpt_io.probe_save(self.out / ".budget-probe", state.step, **self._save_parts(None),
+                               rank=self.layout.rank, is_main=self.layout.is_main)
+            n = budget.fix(self.plan, elapsed=state.elapsed(), done=state.step, save_seconds=time.perf_counter() - t0,
+                           save_every_minutes=t.save_every_minutes, warmup_steps=self.cfg.optim.warmup_steps)
+            n = _agree(n, self.layout)
+            state.plan_final = budget.schedule_replan(n) == 0
+        elif budget.replan_due(state.step):
+            n = budget.replan(self.plan, elapsed=state.elapsed(), done=state.step, planned=state.planned_steps,
+                              save_every_minutes=t.save_every_minutes)
+            n = _agree(n, self.layout)
+            state.plan_final = True
+        else:
             return
-        self.checkpointer.wait()
-        t0 = time.perf_counter()
-        ckpt_io.probe_save(self.out / ".budget-probe", state.step, **self._save_parts(None), rank=self.layout.rank,
-                           is_main=self.layout.is_main)
-        t = self.cfg.train
-        n = budget.fix(self.plan, elapsed=state.elapsed(), done=state.step, save_seconds=time.perf_counter() - t0,
-                       save_every_minutes=t.save_every_minutes, warmup_steps=self.cfg.optim.warmup_steps)
         self._apply_plan(n)
         self.progress.print(f"  {n:,} steps = {self.plan.total_tokens:,} tokens fit {self.plan.budget_source}")
         for line in _plan_lines(self.cfg, self.plan):
@@ -225,7 +234,7 @@ def fit(run: Run) -> dict[str, Any]:
                 checkpointer.wait()  # complete it first, so a suspect one is set aside with the others
                 _diverged(run.out, state.divergence, state.step, run.layout.is_main)
             if run.budget is not None:
-                run.budget_step(result.seconds)  # times the warmup, then fixes the steps that fit, once
+                run.budget_step(result.seconds)  # times the warmup, fixes the steps that fit, may re-plan once
             run.log.step(state, lr=lr, grad_norm=result.grad_norm, extras=result.extras, spike=result.spike)
             evaluation = run.evaluate() if run.evaluator.due(state.step) else None
             if evaluation is not None and evaluation.reached_target:
@@ -359,13 +368,17 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     autocast = autocast_for(t.dtype, device)
     evaluator = Evaluator(engine=engine, objective=objective, val_sets=val_sets, train=cfg.train, autocast=autocast,
                           plan=plan, tokenizer=tokenizer, tasks=tasks, metrics=metrics, progress=progress)
-    budget = TimeBudget(parse_duration(t.time_budget), text=t.time_budget, warmup_steps=cfg.optim.warmup_steps) \
-        if t.time_budget else None
+    # data stages span fractions of the run: a re-plan would move a stage already begun
+    length_free = None if cfg.data.stages else functools.partial(length_free_steps, cfg=cfg.optim)
+    budget = TimeBudget(parse_duration(t.time_budget), text=t.time_budget, warmup_steps=cfg.optim.warmup_steps,
+                        length_free=length_free) if t.time_budget else None
     run = Run(cfg=cfg, layout=layout, plan=plan, engine=engine, loader=loader, tokenizer=tokenizer, state=state,
               evaluator=evaluator, checkpointer=checkpointer, log=log, progress=progress, metrics=metrics,
               control=control, resumed_from=resume_from, autocast=autocast, budget=budget)
-    if budget is not None and state.planned_steps:  # fixed by an earlier process of this run: never re-planned
+    if budget is not None and state.planned_steps:  # fixed by an earlier process of this run
         run._apply_plan(state.planned_steps)
+        if not state.plan_final:  # killed before the re-plan: it comes at the same step
+            budget.schedule_replan(state.planned_steps)
         plan.budget_source = f"train.time_budget {t.time_budget} (fixed at the start of the run)"
     _announce(run, info, init_from)
     engine.train()
