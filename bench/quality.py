@@ -417,7 +417,7 @@ def compare(args: argparse.Namespace) -> int:
         used = hf["train_s"] / budget_s
         if used < 0.9:
             print(f"note: the HF run trained for {hf['train_s']:.0f} s, {used:.0%} of its {budget_s:.0f} s budget "
-                  "(its plan was timed on a slower stretch): the ratio flatters kiln; run again")
+                  "(its step count came from its warm-up's timing): the ratio flatters kiln; run again")
         if spec["n_params_kiln"] != hf["n_params"]:
             raise SystemExit(f"the HF model has {hf['n_params']:,} parameters, kiln's config of the same shape "
                              f"{spec['n_params_kiln']:,}: the HF mirror of the shape is wrong")

@@ -477,7 +477,7 @@ def _load_weights(engine: Engine, ckpt: Path, *, tie: bool, optimizer: bool
 
 
 def _agree(value: Any, layout: Layout) -> Any:
-    """Rank 0's value on every rank (decisions that read the file system)."""
+    """Rank 0's value on every rank (decisions that read the file system or the clock)."""
     if not layout.distributed:
         return value
     box = [value]
