@@ -248,10 +248,12 @@ def test_dcp_optimizer_state_drops_the_rounding_generator():
 # ---- Muon -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(32, 16), (16, 48)])
-def test_newton_schulz_approximates_the_orthogonal_factor(shape):
+def test_newton_schulz_approximates_the_orthogonal_factor(shape, dtype):
     g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    o = newton_schulz(g, steps=5)
+    o = newton_schulz(g, steps=5, dtype=dtype)
+    assert o.dtype == torch.float32 and o.shape == g.shape
     u, s, vh = torch.linalg.svd(g, full_matrices=False)
     sv = torch.linalg.svdvals(o)
     # the quintic iteration trades exactness for speed: singular values land in ~[0.7, 1.2], not at 1
@@ -272,6 +274,54 @@ def test_muon_param_groups_send_embedding_head_norms_to_adamw():
     assert {names[id(p)] for p in decay["params"]} == {"head.weight"}
     assert "tok_emb.weight" in {names[id(p)] for p in no_decay["params"]}
     assert muon["use_muon"] and not decay["use_muon"] and no_decay["weight_decay"] == 0.0
+
+
+def test_newton_schulz_stack_equals_one_by_one():
+    """The optimizer orthogonalises matrices of one shape as one batch: each result is the lone matrix's."""
+    g = torch.randn(3, 24, 40, generator=torch.Generator().manual_seed(1))
+    stacked = newton_schulz(g)
+    for i in range(3):
+        torch.testing.assert_close(stacked[i], newton_schulz(g[i]), rtol=0, atol=1e-6)
+    tall = newton_schulz(g.mT)  # tall matrices iterate on their transpose
+    torch.testing.assert_close(tall, stacked.mT, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("autocast, want", [(None, None), (torch.bfloat16, torch.bfloat16)])
+def test_muon_iterates_in_bf16_only_when_the_run_autocasts_to_bf16(autocast, want):
+    model = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64),
+                        seed=0)
+    opt = build_optimizer(model, OptimConfig(name="muon"), device_type="cpu", autocast_dtype=autocast)
+    assert opt.ns_dtype == want
+
+
+def test_muon_embedding_steps_at_its_own_lr_ratio():
+    """optim.embed_lr_ratio: an untied input embedding gets its own AdamW group at lr x ratio; the first
+    AdamW step moves every weight by lr (sign of the gradient), so the embedding moves by lr x ratio."""
+    mcfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64,
+                       tie_embeddings=False)
+    model = build_model(mcfg, seed=0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = muon_param_groups(model, OptimConfig(name="muon", embed_lr_ratio=4.0))
+    embed = next(g for g in groups if g["name"] == "embed")
+    assert [names[id(p)] for p in embed["params"]] == ["tok_emb.weight"] and embed["lr_ratio"] == 4.0
+    assert all("tok_emb.weight" not in {names[id(p)] for p in g["params"]} for g in groups if g is not embed)
+    # tied: the embedding is the head too, so it keeps the shared group; the default adds no group
+    tied = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64,
+                                   tie_embeddings=True), seed=0)
+    assert "embed" not in {g["name"] for g in muon_param_groups(tied, OptimConfig(name="muon", embed_lr_ratio=4.0))}
+    assert "embed" not in {g["name"] for g in muon_param_groups(model, OptimConfig(name="muon"))}
+
+    opt = build_optimizer(model, OptimConfig(name="muon", embed_lr_ratio=4.0, weight_decay=0.0), device_type="cpu")
+    for g in opt.param_groups:
+        g["lr"] = 1e-3
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.arange(16)[None]
+    model(ids).float().pow(2).mean().backward()
+    opt.step()
+    moved = {n: (p.detach() - before[n]).abs() for n, p in model.named_parameters()}
+    # the rows of the ids seen; |update| = lr x ratio after one Adam step, but where |grad| is near eps
+    assert moved["tok_emb.weight"][:16].median().item() == pytest.approx(4e-3, rel=1e-4)
+    assert moved["head.weight"].median().item() == pytest.approx(1e-3, rel=1e-4)
 
 
 def test_muon_first_step_closed_form_with_lr_ratio():

@@ -111,18 +111,31 @@ def test_unknown_device_and_cpu_give_no_mfu():
 ])
 def test_train_precision_follows_autocast_and_parameter_dtype(dtype, weights, name, want, monkeypatch):
     """The MFU peak is read at the precision the matmuls run in; with bf16 parameters under train.dtype=fp32
-    that is bf16 (the fp32 peak would read ~15x too high on an H100). A CPU without AMX here."""
+    that is bf16 (the fp32 peak would read ~15x too high on an H100). A CPU without bf16 matmuls here."""
     import kiln.device
 
-    monkeypatch.setattr(kiln.device, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(kiln.device, "cpu_has_bf16_matmul", lambda: False)
     cfg = load_config("tiny", ["--train.dtype", dtype, "--optim.param_dtype", weights, "--optim.name", name])
     for dev, ok in want.items():
         assert train_precision(cfg.train.dtype, param_dtype(cfg.optim), torch.device(dev)) in ok, dev
     assert matmul_precision(device=torch.device("cpu"), autocast_dtype=None, param_dtype=torch.bfloat16) == "bf16"
-    monkeypatch.setattr(kiln.device, "cpu_has_amx", lambda: True)  # auto: bf16 where AMX runs it fast
+    monkeypatch.setattr(kiln.device, "cpu_has_bf16_matmul", lambda: True)  # auto: bf16 where it runs fast
     assert train_precision("auto", torch.float32, torch.device("cpu")) == "bf16"
     h100 = lookup_peak("NVIDIA H100 80GB HBM3")
     assert h100.tflops["bf16"] / h100.tflops["fp32"] == pytest.approx(14.8, abs=0.1)  # the size of the error
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, want", [(True, False, True), (False, True, True), (False, False, False)])
+def test_auto_dtype_is_bf16_on_cpus_with_bf16_matmul_instructions(amx, avx512_bf16, want, monkeypatch):
+    """AMX (Sapphire Rapids) or AVX512-BF16 (Zen 4, Cooper Lake): bf16 autocast; AVX2 alone: fp32."""
+    import kiln.device
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert kiln.device.cpu_has_bf16_matmul() is want
+    cpu = torch.device("cpu")
+    assert kiln.device.autocast_dtype("auto", cpu) == (torch.bfloat16 if want else None)
+    assert kiln.device.autocast_dtype("fp32", cpu) is None and kiln.device.autocast_dtype("bf16", cpu) == torch.bfloat16
 
 
 def test_git_describe_marks_a_dirty_tree(tmp_path, monkeypatch):

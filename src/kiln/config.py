@@ -157,6 +157,7 @@ class OptimConfig:
     muon_nesterov: bool = True
     muon_ns_steps: int = 5  # Newton-Schulz iterations
     muon_lr_ratio: float = 1.0  # Muon groups step at lr x ratio
+    embed_lr_ratio: float = 1.0  # muon, untied: the input embedding (an AdamW group) steps at lr x ratio
     # bf16 parameters without an fp32 master copy (adafactor, muon): the trainer casts the model to
     # param_dtype; bf16 updates are rounded stochastically (unbiased) unless stochastic_rounding=false
     param_dtype: Literal["fp32", "bf16"] = "fp32"
@@ -183,7 +184,7 @@ class TrainConfig:
     eval_tasks: list[str] = field(default_factory=list)
     eval_tasks_limit: int = 200  # items per task: the same first N at every eval
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
-    dtype: DType = "auto"  # auto: bf16 autocast on CUDA and AMX CPUs, else fp32 (kiln.device)
+    dtype: DType = "auto"  # auto: bf16 autocast on CUDA and bf16-capable CPUs, else fp32 (kiln.device)
     log_every: int = 10
     eval_every: int = 200
     eval_tokens: int = 65536  # tokens scored per validation source at each eval
@@ -545,7 +546,8 @@ def _validate_optim(o: OptimConfig, *, where: str, parallel: ParallelConfig | No
         if v < 0:
             raise ConfigError(f"{where}: {key}: must be >= 0, got {v}")
     for key, v in {"optim.adafactor_clip": o.adafactor_clip, "optim.adafactor_decay_rate": o.adafactor_decay_rate,
-                   "optim.muon_ns_steps": o.muon_ns_steps, "optim.muon_lr_ratio": o.muon_lr_ratio}.items():
+                   "optim.muon_ns_steps": o.muon_ns_steps, "optim.muon_lr_ratio": o.muon_lr_ratio,
+                   "optim.embed_lr_ratio": o.embed_lr_ratio}.items():
         if v <= 0:
             raise ConfigError(f"{where}: {key}: must be positive, got {v}")
     if o.schedule == "infinite" and o.anneal_steps and o.min_lr_ratio <= 0:

@@ -1,7 +1,8 @@
 """Device and precision decisions, made in one place: which device, which autocast dtype, which
 matmul precision (the peak that MFU divides by).
 
-    train.dtype  auto: bf16 autocast on CUDA and on CPUs with AMX (bf16 matrix units), fp32 on other CPUs;
+    train.dtype  auto: bf16 autocast on CUDA and on CPUs with bf16 matmul instructions (AMX or AVX512-BF16),
+                 fp32 on other CPUs;
                  bf16: autocast everywhere;  fp32: none
     optim.param_dtype=bf16 makes every matmul bf16 even without autocast (bf16 weights, bf16 activations)
 """
@@ -29,21 +30,26 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cuda")
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), where oneDNN runs bf16 matmuls
-    several times faster than fp32 ones. Without AMX, bf16 is slower on CPU than fp32 (FACTS.md: a demo
-    step 1.3x slower with only AVX512-BF16, 16x with AVX2), so `auto` keeps fp32 there."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe()) if probe is not None else False
-    except RuntimeError:
-        return False
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware: AMX tiles (Intel Sapphire Rapids and later)
+    or AVX512-BF16 dot products (AMD Zen 4 and later, Intel Cooper Lake). oneDNN then runs bf16 matmuls
+    faster than fp32 ones: a `demo` step 1.3x faster on a Zen 4 EPYC (bench/RESULTS.md, "bf16 on an
+    AVX512-BF16 CPU"), 1.3x on a Sapphire Rapids Xeon. With AVX2 alone bf16 is emulated and much slower,
+    so `auto` keeps fp32 there."""
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        probe = getattr(torch.cpu, name, None)
+        try:
+            if probe is not None and probe():
+                return True
+        except RuntimeError:
+            pass
+    return False
 
 
 def autocast_dtype(dtype: DType, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `train.dtype` on `device`: with `auto`, bf16 where the matmul units run it
-    fast (CUDA, CPUs with AMX), else none (fp32)."""
-    if dtype == "bf16" or (dtype == "auto" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_amx()))):
+    fast (CUDA, CPUs with bf16 matmul instructions), else none (fp32)."""
+    if dtype == "bf16" or (dtype == "auto" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul()))):
         return torch.bfloat16
     return None
 

@@ -36,7 +36,7 @@ from kiln.data.factory import Batching, build_train_source, measure_diversity, t
 from kiln.data.packing import Batch
 from kiln.data.sources import is_hub_source, resolve_files, source_name
 from kiln.data.tokenizer import load_tokenizer
-from kiln.device import cpu_has_amx, pick_device
+from kiln.device import cpu_has_bf16_matmul, pick_device
 from kiln.estimate import estimate_memory, state_bytes
 from kiln.eval.loss import token_loss_sum
 from kiln.model import build_model, count_params
@@ -144,10 +144,11 @@ def check_bf16(ctx: Context) -> tuple[Status, str]:
         if not torch.cuda.is_bf16_supported():
             return "WARN", "this GPU has no native bf16 (pre-Ampere): train.dtype=fp32, or expect slow emulation"
         return "PASS", f"native bf16 (relative error of a matmul {err:.1e}); train.dtype=auto uses bf16 autocast"
-    if cpu_has_amx():
-        return "PASS", f"bf16 autocast works on CPU (relative error {err:.1e}); AMX: train.dtype=auto trains in bf16"
-    return "PASS", (f"bf16 autocast works on CPU (relative error {err:.1e}); no AMX, where bf16 is slower than "
-                    "fp32: train.dtype=auto trains in fp32")
+    if cpu_has_bf16_matmul():
+        return "PASS", (f"bf16 autocast works on CPU (relative error {err:.1e}); bf16 matmul instructions (AMX or "
+                        "AVX512-BF16): train.dtype=auto trains in bf16")
+    return "PASS", (f"bf16 autocast works on CPU (relative error {err:.1e}); no AMX or AVX512-BF16, where bf16 is "
+                    "emulated and slower than fp32: train.dtype=auto trains in fp32")
 
 
 def _attn_inputs(device: torch.device, dtype: torch.dtype, *, grad: bool) -> tuple:

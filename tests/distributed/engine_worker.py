@@ -29,7 +29,7 @@ BASE = ["--model.vocab_size", "128", "--model.d_model", "32", "--model.n_layers"
         "--model.n_kv_heads", "2", "--model.ffn_dim", "64", "--model.max_seq_len", "64", "--train.seq_len", "16",
         "--train.micro_batch_size", "2", "--train.global_batch_size", "8", "--optim.lr", "1e-2",
         "--optim.warmup_steps", "0", "--run.device", "cpu",
-        "--train.dtype", "fp32"]  # the steps run without autocast; auto would give FSDP bf16 parameters on AMX CPUs
+        "--train.dtype", "fp32"]  # the steps run without autocast; auto would give FSDP bf16 parameters on bf16 CPUs
 
 
 def global_batch(step: int, rows: int, T: int, vocab: int) -> Batch:

@@ -34,7 +34,7 @@ def _env() -> dict[str, str]:
 def run_kiln(stage: str, nproc: int, ckpt: Path, data: Path, out: Path, *extra: str) -> None:
     launcher = [sys.executable, "-m", "kiln"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "kiln"]
-    # fp32: parity at summation-order tolerance; auto would be bf16 on AMX CPUs (FSDP: bf16 parameters)
+    # fp32: parity at summation-order tolerance; auto would be bf16 on bf16 CPUs (FSDP: bf16 parameters)
     over = {"run.out_dir": out, "run.device": "cpu", "train.dtype": "fp32", "train.max_steps": STEPS, "train.micro_batch_size": 1,
             "train.global_batch_size": 4, "train.log_every": 1, "train.eval_every": 1000, "train.save_every": 2,
             "optim.lr": 1e-2, "optim.warmup_steps": 0, "optim.schedule": "constant"}

@@ -55,7 +55,7 @@ def shards(tmp_path_factory) -> tuple[Path, Path]:
 
 def overrides(shards: tuple[Path, Path], out: Path, **extra: object) -> list[str]:
     train_dir, val_dir = shards
-    # fp32: these compare summation orders at 1e-5; auto would be bf16 on AMX CPUs (FSDP: bf16 parameters)
+    # fp32: these compare summation orders at 1e-5; auto would be bf16 on bf16 CPUs (FSDP: bf16 parameters)
     over = {"run.out_dir": str(out), "run.device": "cpu", "train.dtype": "fp32", "model.d_model": 32, "model.n_layers": 4,
             "model.n_heads": 4, "model.n_kv_heads": 2, "model.ffn_dim": 64, "train.seq_len": 32,
             "train.micro_batch_size": 1, "train.global_batch_size": 8, "train.max_steps": STEPS,

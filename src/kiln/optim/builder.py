@@ -49,13 +49,16 @@ def _nonempty(groups: list[dict]) -> list[dict]:
 def muon_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Muon takes the 2-D hidden weights; embeddings, the output head, norms and 1-D parameters go to AdamW
     (Jordan 2024: the embedding and head are not hidden linear maps, so orthogonalising them hurts)."""
-    muon, decay, no_decay = [], [], []
+    muon, decay, no_decay, embed = [], [], [], []
     tied = bool(getattr(getattr(model, "cfg", None), "tie_embeddings", False))
+    own_embed = cfg.embed_lr_ratio != 1.0 and not tied  # an untied input embedding at its own LR
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if p.ndim == 2 and not _is_embedding_or_head(name):
             muon.append(p)
+        elif own_embed and "tok_emb" in name.split("."):
+            embed.append(p)
         else:
             (no_decay if _no_decay(name, p, tied) else decay).append(p)
     return _nonempty([
@@ -63,6 +66,7 @@ def muon_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
          "lr_ratio": cfg.muon_lr_ratio},
         {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay", "use_muon": False},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay", "use_muon": False},
+        {"params": embed, "weight_decay": 0.0, "name": "embed", "use_muon": False, "lr_ratio": cfg.embed_lr_ratio},
     ])
 
 
@@ -71,7 +75,8 @@ def param_dtype(cfg: OptimConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.param_dtype == "bf16" else torch.float32
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, *, device_type: str) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, *, device_type: str,
+                    autocast_dtype: torch.dtype | None = None) -> torch.optim.Optimizer:
     """The optimizer named by `cfg.name`, as one torch.optim.Optimizer whose state_dict() round-trips all
     of its state. The trainer sets group["lr"] on every group each step; group-specific multipliers
     (Muon's `lr_ratio`) are applied inside the optimizer.
@@ -79,7 +84,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, device_type: str) -> 
     adamw: torch's fused kernel (one pass over all parameters; on CPU 4.4-5x faster than foreach from
     `tiny` to llama-124m, bench/optim_step.py), foreach on devices without it.
     adafactor: factored second moments, no first moment by default, bf16 stochastic rounding.
-    muon: Newton-Schulz orthogonalised momentum for 2-D hidden weights, AdamW for the rest.
+    muon: Newton-Schulz orthogonalised momentum for 2-D hidden weights, AdamW for the rest. Its iteration
+        runs in bf16 on CUDA, and on CPU when the run autocasts to bf16 (`autocast_dtype`: the trainer
+        autocasts only where the CPU multiplies bf16 in hardware), else in fp32.
     adamw8bit: torchao's block-wise 8-bit AdamW (raises a ConfigError where it cannot run).
     """
     if cfg.name == "adafactor":
@@ -90,7 +97,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, device_type: str) -> 
     if cfg.name == "muon":
         return Muon(muon_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.muon_momentum,
                     nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps, betas=cfg.betas, eps=cfg.eps,
-                    stochastic_rounding=cfg.stochastic_rounding, seed=cfg.sr_seed)
+                    stochastic_rounding=cfg.stochastic_rounding, seed=cfg.sr_seed,
+                    ns_dtype=torch.bfloat16 if autocast_dtype == torch.bfloat16 else None)
     if cfg.name == "adamw8bit":
         return build_adamw8bit(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                device_type=device_type)

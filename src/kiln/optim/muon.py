@@ -33,28 +33,36 @@ from kiln.optim.rounding import RoundingRNG, as_fp32, load_with_rng, save_with_r
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def newton_schulz(g: Tensor, *, steps: int = 5, eps: float = 1e-7) -> Tensor:
+def newton_schulz(g: Tensor, *, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None) -> Tensor:
     """Approximately orthogonalise a (rows, cols) matrix, or a (batch, rows, cols) stack of them one by
     one: returns ~U V^T for each g = U S V^T, in fp32.
 
-    Runs in bf16 on CUDA (as Jordan does: the iteration is robust to it and tensor cores are fast) and
-    in fp32 elsewhere (fp32 keeps CPU tests exact on every CPU). A stack runs as batched matmuls: at
-    small widths the per-matrix loop costs more in calls than in FLOPs (FACTS.md).
+    `dtype` is what the iteration's matmuls run in; None: bf16 on CUDA (as Jordan does: the iteration is
+    robust to it and tensor cores are fast), fp32 elsewhere (exact CPU tests on every CPU). The trainer
+    passes bf16 on a CPU whose matmul units run bf16 when it trains under bf16 autocast (2.4-2.8x faster
+    here than fp32, bench/RESULTS.md). A stack runs as batched matmuls: at small widths the per-matrix
+    loop costs more in calls than in FLOPs, and each polynomial is one fused multiply-add (baddbmm).
     """
     assert g.ndim in (2, 3), g.shape
     a, b, c = NS_COEFFS
-    x = g.to(torch.bfloat16) if g.is_cuda else g.to(torch.float32)
+    if dtype is None:
+        dtype = torch.bfloat16 if g.is_cuda else torch.float32
+    x = g.to(dtype)
+    single = x.ndim == 2
+    if single:
+        x = x[None]
     transposed = x.size(-2) > x.size(-1)
     if transposed:  # iterate on the wide form: X X^T is then (min dim, min dim)
         x = x.mT
-    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
+    # spectral norm <= Frobenius norm <= 1; the norm in fp32 (a bf16 sum of squares loses digits)
+    x = x / (torch.linalg.matrix_norm(x.float(), keepdim=True) + eps).to(dtype)
     for _ in range(steps):
-        xxt = x @ x.mT  # (r, r), r = min(rows, cols)
-        poly = b * xxt + c * (xxt @ xxt)
-        x = a * x + poly @ x
+        xxt = x @ x.mT  # (n, r, r), r = min(rows, cols)
+        poly = torch.baddbmm(xxt, xxt, xxt, beta=b, alpha=c)  # b X X^T + c (X X^T)^2
+        x = torch.baddbmm(x, poly, x, beta=a)  # a X + poly X
     if transposed:
         x = x.mT
-    return x.to(torch.float32)
+    return (x[0] if single else x).to(torch.float32)
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -71,7 +79,8 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], *, lr: float, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.0, stochastic_rounding: bool = True, seed: int = 0) -> None:
+                 weight_decay: float = 0.0, stochastic_rounding: bool = True, seed: int = 0,
+                 ns_dtype: torch.dtype | None = None) -> None:
         defaults = {"lr": lr, "lr_ratio": 1.0, "use_muon": False, "momentum": momentum, "nesterov": nesterov,
                     "ns_steps": ns_steps, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
@@ -79,6 +88,7 @@ class Muon(torch.optim.Optimizer):
             if group["use_muon"] and any(p.ndim != 2 for p in group["params"]):
                 raise ValueError("Muon groups take 2-D matrices only; put other parameters in AdamW groups")
         self.stochastic_rounding = stochastic_rounding
+        self.ns_dtype = ns_dtype  # Newton-Schulz's matmul dtype (None: newton_schulz's default)
         self.rng = RoundingRNG(seed)
 
     @torch.no_grad()
@@ -116,14 +126,16 @@ class Muon(torch.optim.Optimizer):
             x = self._decayed(p, group, lr)
             u = self._momentum(p, group)
             if _is_dtensor(u):
-                full = newton_schulz(u.full_tensor()[None], steps=group["ns_steps"])[0]  # all-gather: (rows, cols)
+                full = u.full_tensor()  # all-gather: (rows, cols)
+                full = newton_schulz(full, steps=group["ns_steps"], dtype=self.ns_dtype)
                 # each rank computed the same full result: keep the local slice, no communication
                 self._apply(p, x, distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None), lr)
             else:
                 wide = u.mT if u.size(0) > u.size(1) else u
                 buckets.setdefault((tuple(wide.shape), u.device), []).append((p, x, wide))
         for bucket in buckets.values():
-            o = newton_schulz(torch.stack([w for _, _, w in bucket]), steps=group["ns_steps"])
+            stack = torch.stack([w for _, _, w in bucket])  # (n, rows, cols)
+            o = newton_schulz(stack, steps=group["ns_steps"], dtype=self.ns_dtype)
             for (p, x, _), oi in zip(bucket, o):
                 self._apply(p, x, oi.mT if p.size(0) > p.size(1) else oi, lr)
 

@@ -12,18 +12,23 @@
                                + the final eval + the final save + a margin  <=  budget
                      is fixed: plan.total_steps = N, and TrainState.planned_steps = N goes into every
                      checkpoint, so a resumed run follows the same schedule
-    step R           the re-plan, where the schedule allows one: R lies 3/4 of the way from K to the end
-                     of N's length-free steps (kiln.optim.schedules.length_free_steps: WSD's stable phase,
-                     a constant LR's whole run; cosine has none past its warmup, so it is planned once).
-                     The same rule with the mean step time of steps K+1..R, the elapsed time and the
-                     evals and saves so far gives N', clamped so that steps 1..R stay length-free under N'
-                     too (the LR of every step taken is unchanged): N' is the run's length, final, and
-                     saved with TrainState.plan_final. One step-time sample of a warmup is a poor guess
-                     of a run whose machine drifts: on 2 shared CPU cores the speed swings by a quarter
-                     over minutes, and a 300 s `demo` run planned at 364 ms/step averaged 330 (251 s used).
+    step R1, R2..    the re-plans, where the schedule allows them: R1 lies 3/4 of the way from K to the
+                     end of N's length-free steps (kiln.optim.schedules.length_free_steps: WSD's stable
+                     phase, a constant LR's whole run; cosine has none past its warmup, so it is planned
+                     once). The same rule with the mean step time of steps K+1..R1, the elapsed time and
+                     the evals and saves so far gives N', clamped so that steps 1..R1 stay length-free
+                     under N' too (the LR of every step taken is unchanged). R2 lies 3/4 of the way from
+                     R1 to the end of N''s length-free steps and re-plans with the steps R1+1..R2, and so
+                     on while the next one is at least REPLAN_MIN_STEPS away: the last re-plan comes
+                     shortly before WSD's decay starts, on the latest speed. Each plan and its step go into
+                     every checkpoint (TrainState.planned_steps, planned_at, plan_final). One step-time
+                     sample of a warmup is a poor guess of a run whose machine drifts: on 2 shared CPU
+                     cores the speed swings by a quarter over minutes. A 300 s `demo` run planned at 364
+                     ms/step averaged 330 (251 s used); with one re-plan, at 192 ms/step from the steps
+                     before it, the rest ran at 176 ms and the run used 273 s (bench/RESULTS.md).
 
-The plan is rank 0's (broadcast), so every rank takes the same steps. A run resumed before R re-plans at
-R by the same rule, with the step times of its own process. The margin is 2% of the budget (at least two
+The plan is rank 0's (broadcast), so every rank takes the same steps. A run resumed before a re-plan
+re-plans at the same step by the same rule, with the step times of its own process. The margin is 2% of the budget (at least two
 steps): the machine may slow down. If it does anyway, the run stops, saved, once the budget is over by
 more than 10% (`overrun`), and says so. Keep-best saves are not foreseen (they depend on the losses);
 clock saves are.
@@ -77,7 +82,7 @@ def fit_steps(budget: float, *, elapsed: float, done: int, costs: Costs, eval_ev
 
 
 class TimeBudget:
-    """Times the warmup, fixes `plan.total_steps`, and re-plans it once where the schedule allows (see the
+    """Times the warmup, fixes `plan.total_steps`, and re-plans it where the schedule allows (see the
     module docstring). `length_free(N)`: how many first steps of an N-step run have an LR independent of N
     (None: never re-plan)."""
 
@@ -87,7 +92,7 @@ class TimeBudget:
         self.measure_until = max(2, min(warmup_steps, MEASURED_STEPS))  # <= warmup: LR independent of N
         self.length_free = length_free
         self.step_times: list[float] = []  # this process's warmup steps, the first (one-off costs) included
-        self.since_plan: list[float] = []  # this process's steps after the plan, up to the re-plan
+        self.since_plan: list[float] = []  # this process's steps after the last plan, up to the next re-plan
         self.replan_at = 0  # the step of the re-plan (0: none to come)
         self.eval_time = 0.0
         self.save_time = 0.0  # the scratch checkpoint's seconds (0 in a process resumed after the plan)
@@ -127,11 +132,12 @@ class TimeBudget:
                               f"checkpoint {costs.save:.2f} s, measured)")
         return n
 
-    def schedule_replan(self, planned: int) -> int:
-        """Where a run of `planned` steps, planned after step measure_until, re-plans (0: it does not)."""
+    def schedule_replan(self, planned: int, *, after: int = 0) -> int:
+        """Where a run of `planned` steps, (re-)planned after step `after` (0: the warmup's plan, after step
+        measure_until), re-plans next (0: it does not)."""
         if self.length_free is None:
             return 0
-        k = self.measure_until
+        k = max(after, self.measure_until)
         at = k + (self.length_free(planned) - k) * 3 // 4
         self.replan_at = at if at - k >= REPLAN_MIN_STEPS else 0
         return self.replan_at
@@ -140,7 +146,8 @@ class TimeBudget:
         return self.replan_at > 0 and step == self.replan_at
 
     def replan(self, plan: Plan, *, elapsed: float, done: int, planned: int, save_every_minutes: float) -> int:
-        """The run's final length after step `done` (= replan_at) of a run planned for `planned` steps."""
+        """The run's length after step `done` (= replan_at) of a run planned for `planned` steps; the caller
+        schedules the next re-plan (schedule_replan with after=done)."""
         assert self.length_free is not None and self.since_plan
         step = sum(self.since_plan) / len(self.since_plan)  # the mean: what the rest of the run will average
         costs = Costs(step=step, eval=self.eval_time, save=self.save_time)
@@ -151,7 +158,7 @@ class TimeBudget:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if self.length_free(mid) >= done else (mid + 1, hi)
         n = max(n, lo)
-        self.replan_at = 0
+        self.replan_at, self.since_plan = 0, []
         plan.budget_source = (f"train.time_budget {self.text} (re-planned at step {done}: {step * 1e3:.0f} ms/step "
                               f"on average over {len(self.since_plan)} steps, measured)")
         return n

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from kiln.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from kiln.device import autocast_dtype
 from kiln.errors import ConfigError
 from kiln.model import Transformer
 from kiln.optim import build_optimizer, param_dtype
@@ -103,7 +104,8 @@ class Engine:
             with torch.device("meta"):
                 module = Transformer(model)
             self.parts = [prepare(module)]
-        self.optimizer = Optimizers([build_optimizer(unwrap(m), optim, device_type=layout.device.type)
+        low = autocast_dtype(train.dtype, layout.device)
+        self.optimizer = Optimizers([build_optimizer(unwrap(m), optim, device_type=layout.device.type, autocast_dtype=low)
                                      for m in self.parts])
         # DDP and FSDP average gradients over data-parallel ranks; the loss is already divided by the
         # global count, so backward runs on loss x dp_size to make that average the sum we want.

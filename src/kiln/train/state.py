@@ -28,6 +28,7 @@ class TrainState:
     tokens_seen: int = 0
     evals: list[float] = field(default_factory=list)  # keep-best scores of the evals so far, the latest last
     planned_steps: int = 0  # train.time_budget: the steps fixed after the warmup (0: not fixed yet)
+    planned_at: int = 0  # train.time_budget: the step after which planned_steps was (re-)planned
     plan_final: bool = False  # train.time_budget: planned_steps will not be re-planned (kiln.train.budget)
     target_step: int = 0  # train.target_loss: the step that reached it (0: not reached)
     window: list[float] = field(default_factory=list)  # losses of the steps since the last train record
@@ -46,7 +47,7 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed(),
                 "best_evals": list(self.evals), "window": list(self.window), "planned_steps": self.planned_steps,
-                "plan_final": self.plan_final, "target_step": self.target_step,
+                "planned_at": self.planned_at, "plan_final": self.plan_final, "target_step": self.target_step,
                 "divergence": self.divergence.state_dict(), "spikes": self.spikes.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -56,6 +57,7 @@ class TrainState:
         self.window = list(state.get("window", []))  # absent in checkpoints written before it was saved
         self.planned_steps, self.target_step = int(state.get("planned_steps", 0)), int(state.get("target_step", 0))
         self.plan_final = bool(state.get("plan_final", True))  # checkpoints from before the re-plan: never re-planned
+        self.planned_at = int(state.get("planned_at", 0))  # before re-plans were repeated: 0, the warmup's plan
         self.divergence.load_state_dict(state["divergence"])
         self.spikes.load_state_dict(state["spikes"])
 

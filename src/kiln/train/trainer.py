@@ -131,7 +131,7 @@ class Run:
 
     def budget_step(self, seconds: float) -> None:
         """train.time_budget: note the step's time; after the timed warmup steps, fix the plan; re-plan it
-        once where the schedule allows (kiln.train.budget). Its cost estimate for a checkpoint is a real
+        where the schedule allows (kiln.train.budget). Its cost estimate for a checkpoint is a real
         one, written to a scratch folder and deleted. Every rank follows rank 0's plan."""
         budget, state, t = self.budget, self.state, self.cfg.train
         assert budget is not None
@@ -144,14 +144,14 @@ class Run:
             n = budget.fix(self.plan, elapsed=state.elapsed(), done=state.step, save_seconds=time.perf_counter() - t0,
                            save_every_minutes=t.save_every_minutes, warmup_steps=self.cfg.optim.warmup_steps)
             n = _agree(n, self.layout)
-            state.plan_final = budget.schedule_replan(n) == 0
         elif budget.replan_due(state.step):
             n = budget.replan(self.plan, elapsed=state.elapsed(), done=state.step, planned=state.planned_steps,
                               save_every_minutes=t.save_every_minutes)
             n = _agree(n, self.layout)
-            state.plan_final = True
         else:
             return
+        state.planned_at = state.step
+        state.plan_final = budget.schedule_replan(n, after=state.step) == 0
         self._apply_plan(n)
         self.progress.print(f"  {n:,} steps = {self.plan.total_tokens:,} tokens fit {self.plan.budget_source}")
         for line in _plan_lines(self.cfg, self.plan):
@@ -377,8 +377,8 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
               control=control, resumed_from=resume_from, autocast=autocast, budget=budget)
     if budget is not None and state.planned_steps:  # fixed by an earlier process of this run
         run._apply_plan(state.planned_steps)
-        if not state.plan_final:  # killed before the re-plan: it comes at the same step
-            budget.schedule_replan(state.planned_steps)
+        if not state.plan_final:  # killed before a re-plan: it comes at the same step
+            budget.schedule_replan(state.planned_steps, after=state.planned_at)
         plan.budget_source = f"train.time_budget {t.time_budget} (fixed at the start of the run)"
     _announce(run, info, init_from)
     engine.train()
