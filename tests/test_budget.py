@@ -124,8 +124,10 @@ def test_a_wsd_run_replans_again_on_the_steps_since_the_last_plan_until_its_deca
     budget.schedule_replan(750)
     for step in range(31, 402):
         budget.step_done(step, 0.1)
-    elapsed, plans, taken = 8.0 + 371 * 0.1, [750], 401
-    n = budget.replan(_plan(), elapsed=elapsed, done=401, planned=750, save_every_minutes=0.0)
+    elapsed, plans, plans_at, taken = 8.0 + 371 * 0.1, [750], [401], 401
+    plan = _plan()
+    n = budget.replan(plan, elapsed=elapsed, done=401, planned=750, save_every_minutes=0.0)
+    assert "re-planned at step 401: 100 ms/step on average over 371 steps" in plan.budget_source
     plans.append(n)
     at = budget.schedule_replan(n, after=401)
     assert at == 401 + (length_free_steps(n, cfg) - 401) * 3 // 4 and at - 401 >= REPLAN_MIN_STEPS
@@ -134,7 +136,10 @@ def test_a_wsd_run_replans_again_on_the_steps_since_the_last_plan_until_its_deca
             budget.step_done(step, 0.12)
         elapsed += (at - taken) * 0.12
         taken = at
-        n = budget.replan(_plan(), elapsed=elapsed, done=at, planned=n, save_every_minutes=0.0)
+        plan = _plan()
+        n = budget.replan(plan, elapsed=elapsed, done=at, planned=n, save_every_minutes=0.0)
+        assert f"re-planned at step {at}: 120 ms/step on average over {at - plans_at[-1]} steps" in plan.budget_source
+        plans_at.append(at)
         assert n == max(fit_steps(100.0, elapsed=elapsed, done=at, costs=Costs(0.12, 0.0, 0.0), eval_every=10**6,
                                   save_every=10**6), _shortest_length_free(at, cfg, n))
         plans.append(n)

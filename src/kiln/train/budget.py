@@ -158,9 +158,9 @@ class TimeBudget:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if self.length_free(mid) >= done else (mid + 1, hi)
         n = max(n, lo)
-        self.replan_at, self.since_plan = 0, []
         plan.budget_source = (f"train.time_budget {self.text} (re-planned at step {done}: {step * 1e3:.0f} ms/step "
                               f"on average over {len(self.since_plan)} steps, measured)")
+        self.replan_at, self.since_plan = 0, []
         return n
 
     def overrun(self, elapsed: float) -> bool:
