@@ -44,7 +44,8 @@ def test_bench_cli_prints_one_json_line():
         assert out["git_sha"].split("+")[0] == head.stdout.strip()
     else:
         assert out["git_sha"] is None
-    assert out["precision"] == train_precision("auto", torch.float32, torch.device("cpu"))  # bf16 on CPUs with bf16 matmuls
+    # bf16 on CPUs with bf16 matmul instructions
+    assert out["precision"] == train_precision("auto", torch.float32, torch.device("cpu"))
     assert out["accumulation"] == 2 and out["activation_checkpointing"] == "selective"
     assert out["peak_memory_bytes"] > 0 and 0.8 < out["estimate_ratio"] < 1.25
     assert 0 < out["loss_last"] < math.log(1024) + 0.5  # near ln(V) after 3 steps on random tokens

@@ -49,7 +49,8 @@ def cpu_has_bf16_matmul() -> bool:
 def autocast_dtype(dtype: DType, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `train.dtype` on `device`: with `auto`, bf16 where the matmul units run it
     fast (CUDA, CPUs with bf16 matmul instructions), else none (fp32)."""
-    if dtype == "bf16" or (dtype == "auto" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul()))):
+    fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul())
+    if dtype == "bf16" or (dtype == "auto" and fast):
         return torch.bfloat16
     return None
 

@@ -28,9 +28,9 @@
                      before it, the rest ran at 176 ms and the run used 273 s (bench/RESULTS.md).
 
 The plan is rank 0's (broadcast), so every rank takes the same steps. A run resumed before a re-plan
-re-plans at the same step by the same rule, with the step times of its own process. The margin is 2% of the budget (at least two
-steps): the machine may slow down. If it does anyway, the run stops, saved, once the budget is over by
-more than 10% (`overrun`), and says so. Keep-best saves are not foreseen (they depend on the losses);
+re-plans at the same step by the same rule, with the step times of its own process. The margin is 2% of
+the budget (at least two steps): the machine may slow down. If it does anyway, the run stops, saved, once
+the budget is over by more than 10% (`overrun`), and says so. Keep-best saves are not foreseen (they depend on the losses);
 clock saves are.
 """
 

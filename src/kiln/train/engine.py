@@ -104,9 +104,9 @@ class Engine:
             with torch.device("meta"):
                 module = Transformer(model)
             self.parts = [prepare(module)]
-        low = autocast_dtype(train.dtype, layout.device)
-        self.optimizer = Optimizers([build_optimizer(unwrap(m), optim, device_type=layout.device.type, autocast_dtype=low)
-                                     for m in self.parts])
+        low = autocast_dtype(train.dtype, layout.device)  # Muon's Newton-Schulz runs in it on CPU
+        self.optimizer = Optimizers([build_optimizer(unwrap(m), optim, device_type=layout.device.type,
+                                                     autocast_dtype=low) for m in self.parts])
         # DDP and FSDP average gradients over data-parallel ranks; the loss is already divided by the
         # global count, so backward runs on loss x dp_size to make that average the sum we want.
         self.grad_scale = float(layout.dp_size)
