@@ -40,10 +40,23 @@ def test_durations_parse_and_bad_ones_are_one_line():
         with pytest.raises(ConfigError, match="train.time_budget: ") as e:
             parse_duration(bad)
         assert "\n" not in str(e.value)
+    # a bare number on the command line is seconds, as "45" is (YAML reads it as a number, not a string)
+    for typed, seconds in (("300", 300.0), ("0.5", 0.5)):
+        cfg = load_config("demo", ["--train.time_budget", typed])
+        assert cfg.train.time_budget == typed and parse_duration(cfg.train.time_budget) == seconds
     with pytest.raises(ConfigError, match="train.time_budget .* and train.max_steps .* both set"):
         load_config("tiny", ["--train.time_budget", "10m", "--train.max_steps", "5"])
     with pytest.raises(ConfigError, match="set optim.warmup_steps >= 3"):
         load_config("tiny", ["--train.time_budget", "10m", "--optim.warmup_steps", "1"])
+
+
+def test_a_budget_spent_during_the_timed_warmup_is_refused_at_once():
+    budget = TimeBudget(5.0, text="5s", warmup_steps=30)
+    budget.check_not_over(4.9, done=3)  # still inside: go on timing
+    with pytest.raises(ConfigError, match=r"^train.time_budget 5s is too short: 4 of the 30 timed warmup steps and "
+                                          r"the first eval already took 5.1 s; raise the budget") as e:
+        budget.check_not_over(5.1, done=4)
+    assert "\n" not in str(e.value)
 
 
 def test_fit_steps_counts_steps_evals_and_saves():

@@ -107,6 +107,15 @@ class TimeBudget:
     def eval_done(self, seconds: float) -> None:
         self.eval_time = max(self.eval_time, seconds)
 
+    def check_not_over(self, elapsed: float, *, done: int) -> None:
+        """Before the plan: a budget already spent on the timed warmup steps is too short, said now rather
+        than after the rest of the warmup."""
+        if elapsed > self.seconds:
+            raise ConfigError(
+                f"train.time_budget {self.text} is too short: {done} of the {self.measure_until} timed warmup steps "
+                f"and the first eval already took {elapsed:.1f} s; raise the budget or lower optim.warmup_steps / "
+                "train.eval_tokens")
+
     def due(self, step: int, planned: int) -> bool:
         """The plan is fixed after the last timed step, once."""
         return planned == 0 and step >= self.measure_until

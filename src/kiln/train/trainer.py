@@ -136,6 +136,8 @@ class Run:
         budget, state, t = self.budget, self.state, self.cfg.train
         assert budget is not None
         budget.step_done(state.step, seconds)
+        if not state.planned_steps:
+            budget.check_not_over(state.elapsed(), done=state.step)
         if budget.due(state.step, state.planned_steps):
             self.checkpointer.wait()
             t0 = time.perf_counter()
