@@ -59,6 +59,18 @@ def test_a_budget_spent_during_the_timed_warmup_is_refused_at_once():
     assert "\n" not in str(e.value)
 
 
+def test_the_budget_clock_starts_when_the_command_did(tmp_path):
+    """`kiln train` passes its start to train(): setup before step 1 counts against a budget. A process that
+    started 100 s ago has no 12 s budget left, and says so after its first step."""
+    import time
+
+    cfg = load_config("tiny", small_overrides(tmp_path, **{"train.time_budget": "12s", "optim.warmup_steps": 4}))
+    with pytest.raises(ConfigError, match=r"^train.time_budget 12s is too short: 1 of the 4 timed warmup steps") as e:
+        train(cfg, quiet=True, started=time.time() - 100)
+    took = float(re.search(r"already took ([0-9.]+) s", str(e.value)).group(1))
+    assert 100 <= took < 100 + 60  # the 100 s before, plus this process's setup and one step
+
+
 def test_fit_steps_counts_steps_evals_and_saves():
     # 100 s budget, 10 s used, margin 2 s, final eval 4 s + save 2 s: 82 s left for steps at 1 s each,
     # plus an eval (4 s) every 10 steps and a save (2 s) every 25

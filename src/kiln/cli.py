@@ -7,8 +7,11 @@ import errno
 import json
 import os
 import sys
+import time
 
 from kiln.errors import KilnError
+
+STARTED = time.time()  # the command's start: a time budget counts the imports and setup before step 1 too
 
 USAGE = """kiln <command> [options]
 
@@ -51,7 +54,7 @@ def _train(argv: list[str]) -> int:
     from kiln.train.trainer import train
 
     cfg = load_config(args.preset, overrides)
-    summary = train(cfg, fresh=args.fresh, quiet=args.quiet, dry=args.dry_run)
+    summary = train(cfg, fresh=args.fresh, quiet=args.quiet, dry=args.dry_run, started=STARTED)
     return 130 if summary.get("stopped") == "signal" else 0
 
 
@@ -222,8 +225,6 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0, not one per process
             print(f"kiln: error: {e}", file=sys.stderr)
         else:  # the agent stops every worker when one exits: give rank 0 time to print its line
-            import time
-
             time.sleep(5)
         return 2
     except KeyboardInterrupt:

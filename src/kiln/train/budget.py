@@ -1,5 +1,8 @@
 """Training for a wall-clock budget (`train.time_budget`): the steps that fit, measured, fixed by step.
 
+The clock is TrainState.elapsed(): from the `kiln train` command's start (imports and setup count), plus
+the earlier processes of a resumed run.
+
     step 0           the initial eval (timed)
     steps 1..K       the LR warmup (at most MEASURED_STEPS of it), whose learning rate does not depend on
                      the run's length; the median of the later half of steps 1..K is the step time (the

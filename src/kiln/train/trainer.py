@@ -195,10 +195,12 @@ class StepResult:
 
 
 def train(cfg: Config, *, objective: Objective | None = None, fresh: bool = False, quiet: bool = False,
-          dry: bool = False) -> dict[str, Any]:
+          dry: bool = False, started: float | None = None) -> dict[str, Any]:
     """Run (or resume) training as configured: pretraining by default, or another `objective`
     (SFT, DPO, ...) through the same loop. Returns a summary of the final state. Under torchrun
-    every process calls this; the layout comes from `parallel.*`."""
+    every process calls this; the layout comes from `parallel.*`. `started` (a time.time() value,
+    default: now) is when this process's share of the run's wall clock began: `kiln train` passes the
+    command's start, so a time budget counts the imports, data and model setup too."""
     layout = init_layout(cfg.parallel, cfg.model, cfg.run.device)
     with contextlib.ExitStack() as closing:  # closes what setup opened (data workers, sinks), also on errors
         closing.callback(shutdown, layout)
@@ -208,7 +210,7 @@ def train(cfg: Config, *, objective: Objective | None = None, fresh: bool = Fals
         if dry:
             return dry_run(cfg, plan, layout) if layout.is_main else {"dry_run": True}
         run = setup(cfg, layout, plan, objective or Objective(), fresh=fresh, quiet=quiet or not layout.is_main,
-                    closing=closing)
+                    closing=closing, started=time.time() if started is None else started)
         return fit(run)
 
 
@@ -296,7 +298,7 @@ def train_step(run: Run, *, lr: float, requests: Requests) -> StepResult:
 
 
 def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fresh: bool, quiet: bool,
-          closing: contextlib.ExitStack) -> Run:
+          closing: contextlib.ExitStack, started: float) -> Run:
     """Everything the loop needs, resumed from the latest checkpoint in run.out_dir unless `fresh`:
     validated before anything is written, then the model, data, state, sinks and components."""
     device, main, out = layout.device, layout.is_main, Path(cfg.run.out_dir)
@@ -340,6 +342,7 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
         common, ranks = _load_weights(engine, resume_from, tie=cfg.model.tie_embeddings, optimizer=True)
         state.load_state_dict(common)
         _restore_rank_state(ranks, layout, loader, engine, seed=cfg.run.seed, step=state.step)
+    state.started = started  # this process's wall clock: its setup counts (elapsed_before: earlier processes)
 
     info = run_info(device)
     metrics = control = None
