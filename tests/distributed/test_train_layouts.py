@@ -173,3 +173,24 @@ def test_a_damaged_checkpoint_under_fsdp_is_set_aside_by_rank_0(shards, referenc
     torchrun(2, overrides(shards, a) + fsdp)
     assert (a / "checkpoints" / "step_5.corrupt").is_dir()
     assert_close(records(reference, "train", "loss"), records(a, "train", "loss"), "set aside, fsdp -> fsdp")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_time_budget_under_torchrun_plans_once_for_every_rank(shards, tmp_path):
+    """`torchrun -m kiln train --train.time_budget 15s` on 2 ranks (DDP): the warmup's clock checks, the plan
+    and its re-plans are rank 0's on every rank (a disagreement would hang a collective or end the ranks at
+    different steps); the run ends at its planned step with one checkpoint holding the plan."""
+    import torch
+
+    from kiln.train import checkpoint as ckpt_io
+
+    run = tmp_path / "run"
+    torchrun(2, overrides(shards, run, **{"train.max_steps": 0, "train.time_budget": "15s", "optim.warmup_steps": 4,
+                                          "optim.schedule": "wsd", "optim.decay_fraction": 0.3,
+                                          "train.save_every": 1000, "train.eval_every": 1000})
+             + ["--parallel.dp_replicate", "2"])
+    common = torch.load(ckpt_io.list_checkpoints(run)[-1] / "state" / "common.pt", weights_only=False)
+    steps = sorted(records(run, "train", "loss"))
+    assert common["planned_steps"] > 4 and common["plan_final"]
+    assert steps[-1] == common["planned_steps"] == common["step"]

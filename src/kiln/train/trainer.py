@@ -136,8 +136,8 @@ class Run:
         budget, state, t = self.budget, self.state, self.cfg.train
         assert budget is not None
         budget.step_done(state.step, seconds)
-        if not state.planned_steps:
-            budget.check_not_over(state.elapsed(), done=state.step)
+        if not state.planned_steps:  # rank 0's clock: every rank stops together or none does
+            budget.check_not_over(_agree(state.elapsed(), self.layout), done=state.step)
         if budget.due(state.step, state.planned_steps):
             self.checkpointer.wait()
             t0 = time.perf_counter()
