@@ -118,7 +118,7 @@ def test_script_end_to_end_then_reusing_the_hf_result(tmp_path):
     small = tmp_path / "heldout.jsonl"
     small.write_text("".join(json.dumps({"text": t[:1500]}) + "\n" for t in load_texts(quality.HELDOUT)))
     results = tmp_path / "results.jsonl"
-    common = ["--budget", "6s", "--kiln-args", TINY, "--hf-args", TINY, "--heldout", str(small),
+    common = ["--budget", "10s", "--kiln-args", TINY, "--hf-args", TINY, "--heldout", str(small),
               "--curve-points", "2", "--results", str(results)]
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), *common, "--short-fraction", "1",
                           "--out-dir", str(tmp_path / "a")], capture_output=True, text=True, cwd=ROOT)
