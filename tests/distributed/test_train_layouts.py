@@ -178,9 +178,10 @@ def test_a_damaged_checkpoint_under_fsdp_is_set_aside_by_rank_0(shards, referenc
 @pytest.mark.dist
 @pytest.mark.slow
 def test_a_time_budget_under_torchrun_plans_once_for_every_rank(shards, tmp_path):
-    """`torchrun -m kiln train --train.time_budget 25s` on 2 ranks (DDP; the clock counts the start-up): the warmup's clock checks, the plan
-    and its re-plans are rank 0's on every rank (a disagreement would hang a collective or end the ranks at
-    different steps); the run ends at its planned step with one checkpoint holding the plan."""
+    """`torchrun -m kiln train --train.time_budget 25s` on 2 ranks (DDP; the clock counts the start-up): the
+    warmup's clock checks, the plan and its re-plans are rank 0's on every rank (a disagreement would hang a
+    collective or end the ranks at different steps); the run ends at its planned step with one checkpoint
+    holding the plan."""
     import torch
 
     from kiln.train import checkpoint as ckpt_io
