@@ -167,3 +167,24 @@ def test_git_describe_marks_a_dirty_tree(tmp_path, monkeypatch):
     assert git_describe(tmp_path) == sha
     (tmp_path / "b.py").write_text("new\n")  # an uncommitted new source file is a change too
     assert git_describe(tmp_path) == sha + "+dirty"
+
+
+def test_run_info_reads_library_versions_without_importing_them():
+    """The versions logged at a run's start come from package metadata: importing transformers for its
+    __version__ cost ~0.5 s per run, and pretraining never needs it."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys, torch; from kiln.runinfo import run_info; info = run_info(torch.device('cpu')); "
+            "print(json.dumps([info['transformers'], info['datasets'], info['tokenizers'], "
+            "'transformers' in sys.modules, 'datasets' in sys.modules]))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    import json
+
+    import datasets
+    import tokenizers
+    import transformers
+
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got == [transformers.__version__, datasets.__version__, tokenizers.__version__, False, False]

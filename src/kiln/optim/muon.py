@@ -40,8 +40,9 @@ def newton_schulz(g: Tensor, *, steps: int = 5, eps: float = 1e-7, dtype: torch.
     `dtype` is what the iteration's matmuls run in; None: bf16 on CUDA (as Jordan does: the iteration is
     robust to it and tensor cores are fast), fp32 elsewhere (exact CPU tests on every CPU). The trainer
     passes bf16 on a CPU whose matmul units run bf16 when it trains under bf16 autocast (2.3-2.5x faster
-    than fp32 on a Zen 4 CPU, bench/RESULTS.md). A stack runs as batched matmuls: at small widths the per-matrix
-    loop costs more in calls than in FLOPs, and each polynomial is one fused multiply-add (baddbmm).
+    than fp32 on a Zen 4 CPU, bench/RESULTS.md). A stack runs as batched matmuls: at small widths the
+    per-matrix loop costs more in calls than in FLOPs, and each polynomial is one fused multiply-add
+    (baddbmm).
     """
     assert g.ndim in (2, 3), g.shape
     a, b, c = NS_COEFFS

@@ -33,8 +33,8 @@ the earlier processes of a resumed run.
 The plan is rank 0's (broadcast), so every rank takes the same steps. A run resumed before a re-plan
 re-plans at the same step by the same rule, with the step times of its own process. The margin is 2% of
 the budget (at least two steps): the machine may slow down. If it does anyway, the run stops, saved, once
-the budget is over by more than 10% (`overrun`), and says so. Keep-best saves are not foreseen (they depend on the losses);
-clock saves are.
+the budget is over by more than 10% (`overrun`), and says so. Keep-best saves are not foreseen (they
+depend on the losses); clock saves are.
 """
 
 from __future__ import annotations
