@@ -49,6 +49,20 @@ def test_bad_overrides_fail_with_the_dotted_key(overrides, match):
         load_config("tiny", overrides)
 
 
+def test_a_bad_value_is_blamed_on_where_it_came_from(tmp_path):
+    # the file is fine and the override breaks it: the command line, not the preset, is named
+    with pytest.raises(ConfigError, match=r"^command line: model.d_model: must be positive"):
+        load_config("tiny", ["--model.d_model", "-5"])
+    # the file itself is bad: the file is named, with or without unrelated overrides
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: tiny\nmodel:\n  d_model: -5\n")
+    for overrides in ([], ["--train.seq_len", "128"]):
+        with pytest.raises(ConfigError, match=rf"^{bad}: model.d_model: must be positive"):
+            load_config(str(bad), overrides)
+    # ... unless the command line repairs it
+    assert load_config(str(bad), ["--model.d_model", "64"]).model.d_model == 64
+
+
 def test_yaml_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  n_layers: [1,\n")

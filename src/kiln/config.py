@@ -179,6 +179,7 @@ class TrainConfig:
     time_budget: str = ""
     target_loss: float = 0.0  # >0: stop once an eval loss (or target_metric) reaches it; report time/tokens/cost to it
     target_metric: str = "eval_loss"  # the eval key target_loss watches, e.g. eval/heldout-next/acc_norm (higher wins)
+    ema_decay: float = 0.0  # >0: keep an EMA of the weights (w_ema <- d w_ema + (1 - d) w each step), in checkpoints
     # downstream multiple-choice tasks scored at every eval (eval/<task>/acc, acc_norm): "heldout-next"
     # (bundled: the true next sentence among others), or jsonl files in the HellaSwag / ARC / MMLU layouts
     eval_tasks: list[str] = field(default_factory=list)
@@ -508,14 +509,22 @@ def load_config(preset: str = "tiny", overrides: list[str] | None = None) -> Con
     path = resolve_preset(preset)
     tree = load_yaml_tree(path)
     cfg = build(Config, tree, where=str(path))
+    # A bad value is blamed on where it came from: the file, unless the file alone passes and the
+    # command line's overrides make it fail.
+    where = str(path)
     if overrides:
         over = parse_overrides(overrides)
+        try:
+            validate(cfg, where=where)
+            where = "command line"
+        except ConfigError:
+            pass  # the file is at fault, unless the overrides repair it (checked below)
         cfg = build(Config, _merge(to_dict(cfg), over), where="command line")
     if not cfg.run.name:
         cfg.run.name = path.stem
     if not cfg.run.out_dir:
         cfg.run.out_dir = str(Path("runs") / cfg.run.name)
-    validate(cfg, where=str(path))
+    validate(cfg, where=where)
     return cfg
 
 
@@ -639,6 +648,9 @@ def _validate_train(t: TrainConfig, o: OptimConfig, m: ModelConfig, *, where: st
                    "optim.warmup_steps": (o.warmup_steps, ">= 0"), "train.keep_last": (t.keep_last, ">= 0"),
                    "train.stop_at_step": (t.stop_at_step, ">= 0"), "train.target_loss": (t.target_loss, ">= 0"),
                    "train.eval_tasks_limit": (t.eval_tasks_limit, "> 0")})
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"{where}: train.ema_decay: must be within [0, 1) (0: off; 0.999 averages about the last "
+                          f"1000 steps), got {t.ema_decay}")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"{where}: train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     if t.global_batch_size % t.micro_batch_size:
@@ -648,7 +660,8 @@ def _validate_train(t: TrainConfig, o: OptimConfig, m: ModelConfig, *, where: st
         parse_duration(t.time_budget, where=where)
         if t.max_steps > 0:
             raise ConfigError(f"{where}: train.time_budget ({t.time_budget}) and train.max_steps ({t.max_steps}) both "
-                              "set the run's length; set one of them (the budget replaces train.total_tokens)")
+                              "set the run's length; set one of them (the budget replaces train.total_tokens; "
+                              "--train.time_budget '' turns a preset's budget off)")
         if o.warmup_steps < 3 and o.schedule != "constant":
             raise ConfigError(f"{where}: train.time_budget times the steps of the LR warmup (whose LR does not depend "
                               f"on the run's length) before fixing it; set optim.warmup_steps >= 3 (got {o.warmup_steps})")
