@@ -212,3 +212,21 @@ def test_fsdp_gathers_bf16_blocks_instead_of_autocast_copies():
     pp = estimate_memory(load_config("dense-180m", ["--parallel.dp_shard", "2", "--parallel.pp", "2"]),
                          device="cuda")
     assert pp.autocast_copies == 2 * (block * m.n_layers // 2 + emb)
+
+
+def test_the_weights_moving_average_counts_as_state():
+    """train.ema_decay keeps an fp32 copy of every weight, bf16 weights included: measured on the real
+    WeightEMA, beside the optimizer's state."""
+    from kiln.optim import build_optimizer, param_dtype
+    from kiln.train.ema import WeightEMA
+
+    cfg = _cfg("--optim.name", "muon", "--optim.param_dtype", "bf16", "--train.ema_decay", "0.99")
+    model = build_model(cfg.model, seed=0)
+    for p in model.parameters():
+        p.data = p.data.to(param_dtype(cfg.optim))
+    opt = build_optimizer(model, cfg.optim, device_type="cpu")
+    model(torch.randint(0, 512, (1, 8)), targets=torch.randint(0, 512, (1, 8))).backward()
+    opt.step()
+    ema = WeightEMA([model], decay=cfg.train.ema_decay, tie_embeddings=cfg.model.tie_embeddings)
+    average = sum(t.numel() * t.element_size() for t in ema.state_dict().values())
+    assert estimate_memory(cfg, device="cpu").optimizer == _state_bytes(opt) + average

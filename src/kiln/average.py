@@ -7,6 +7,10 @@ averaging meets high learning rates"; Megatron / NVIDIA Nemotron report it for W
     uniform   w = mean_i w_i
     ema       w = ((w_1 * d + (1 - d) w_2) * d + (1 - d) w_3) ...   over the checkpoints in step order
 
+With `--weights ema` each checkpoint contributes the moving average its run kept (train.ema_decay)
+instead of its weights; one checkpoint is then enough: `kiln average CKPT --weights ema --out DIR` makes
+the run's average a checkpoint of its own.
+
 The checkpoints may be written by any layout (the weights are read under whole-model names). They
 must share the architecture and the tokenizer; the result is a weights-only checkpoint in a run folder
 (OUT/checkpoints/step_<last step>) that generate, eval, export, sft, dpo, rlvr and --run.init_from take.
@@ -65,12 +69,12 @@ def check_compatible(ckpts: list[Path]) -> None:
                                   f"'{cfg.data.tokenizer}' differ")
 
 
-def average_weights(ckpts: list[Path], *, ema: float = 0.0) -> dict[str, torch.Tensor]:
-    """The uniform mean (ema 0) or the EMA with decay `ema` of the checkpoints' fp32 weights, in step order;
-    one checkpoint's weights in memory besides the result."""
+def average_weights(ckpts: list[Path], *, ema: float = 0.0, weights: str = "model") -> dict[str, torch.Tensor]:
+    """The uniform mean (ema 0) or the EMA with decay `ema` of the checkpoints' fp32 weights ("model") or of
+    their runs' moving averages ("ema"), in step order; one checkpoint's weights in memory besides the result."""
     avg: dict[str, torch.Tensor] = {}
     for i, c in enumerate(ckpts):
-        w = ckpt_io.read_model_state(c)
+        w = ckpt_io.read_model_state(c, weights=weights)
         if not avg:
             avg = {k: v.clone() for k, v in w.items()}
             continue
@@ -82,28 +86,31 @@ def average_weights(ckpts: list[Path], *, ema: float = 0.0) -> dict[str, torch.T
     return avg
 
 
-def average(paths: list[str], out: str | Path, *, ema: float = 0.0, last: int = 0) -> Path:
+def average(paths: list[str], out: str | Path, *, ema: float = 0.0, last: int = 0, weights: str = "model") -> Path:
     """Average checkpoints (see the module docstring) into the run folder `out`; the new checkpoint's path."""
     if not 0 <= ema < 1:
         raise ConfigError(f"--ema: the decay must be within [0, 1), got {ema}")
+    if weights not in ("model", "ema"):
+        raise ConfigError(f"--weights: expected model or ema, got {weights!r}")
     ckpts = expand(paths, last=last)
-    if len(ckpts) < 2:
+    if len(ckpts) < (1 if weights == "ema" else 2):
         raise ConfigError(f"kiln average needs at least two checkpoints, got {len(ckpts)} "
-                          f"({', '.join(map(str, ckpts))}); pass several, or a run folder with --last K")
+                          f"({', '.join(map(str, ckpts))}); pass several, or a run folder with --last K "
+                          "(one is enough with --weights ema: its run's moving average)")
     check_compatible(ckpts)
     out = Path(out)
     if ckpt_io.list_checkpoints(out):
         raise CheckpointError(f"{out}: already holds checkpoints; pass a new --out folder")
     cfg = ckpt_io.read_config(ckpts[-1])
     model = build_model(cfg.model, device="cpu", seed=0)
-    weights = average_weights(ckpts, ema=ema)
+    avg = average_weights(ckpts, ema=ema, weights=weights)
     own = model.state_dict()
     with torch.no_grad():
-        for k, v in weights.items():
+        for k, v in avg.items():
             own[k].copy_(v)
     cfg.run.out_dir, cfg.run.init_from = str(out), ""
     meta = {"averaged_from": [str(c) for c in ckpts], "method": "ema" if ema > 0 else "uniform",
-            "tokens_seen": ckpt_io.read_meta(ckpts[-1]).get("tokens_seen")}
+            "weights": weights, "tokens_seen": ckpt_io.read_meta(ckpts[-1]).get("tokens_seen")}
     if ema > 0:
         meta["ema_decay"] = ema
     return ckpt_io.save_checkpoint(out / "checkpoints", _step(ckpts[-1]), model=model, cfg=cfg, meta=meta)
@@ -115,8 +122,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="a new run folder for the averaged checkpoint")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay over the checkpoints in step order (0: uniform)")
     p.add_argument("--last", type=int, default=0, help="take the last K checkpoints of each run folder given")
+    p.add_argument("--weights", choices=("model", "ema"), default="model",
+                   help="each checkpoint's weights, or the moving average its run kept (train.ema_decay)")
     args = p.parse_args(argv)
-    path = average(args.checkpoints, args.out, ema=args.ema, last=args.last)
+    path = average(args.checkpoints, args.out, ema=args.ema, last=args.last, weights=args.weights)
     meta = ckpt_io.read_meta(path)
-    print(f"averaged {len(meta['averaged_from'])} checkpoints ({meta['method']}) into {path}")
+    n = len(meta["averaged_from"])
+    if args.weights == "ema" and n == 1:
+        print(f"wrote the moving average of {meta['averaged_from'][0]} into {path}")
+    else:
+        what = "the moving averages of " if args.weights == "ema" else ""
+        print(f"averaged {what}{n} checkpoints ({meta['method']}) into {path}")
     return 0

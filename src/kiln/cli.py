@@ -26,6 +26,7 @@ commands:
   import --hf DIR --out RUN_DIR                                   HF Llama / Qwen3 / SmolLM3 folder -> kiln checkpoint
   export --checkpoint CKPT --out DIR [--format hf|gguf]           HF folder, or a GGUF file for llama.cpp
   average CKPT CKPT ... --out DIR [--ema D] [--last K]            one checkpoint from several (uniform or EMA)
+  average CKPT --weights ema --out DIR                           a run's moving average (train.ema_decay) as a checkpoint
   presets                                                         list presets with parameter counts
   control list|save|stop|abort [JOB]                              steer running training jobs on this machine
   logs summary|plot|compare RUN_DIR [...] [--out PNG]             run tables, PNG curves, runs overlaid

@@ -131,7 +131,15 @@ def layer_activation_terms(m: ModelConfig, *, autocast: bool, ac: str, expand_kv
 
 def state_bytes(cfg: Config) -> tuple[int, int, str]:
     """(parameter bytes, optimizer-state bytes, a note) for the whole model before any sharding: what
-    one checkpoint holds (`kiln doctor`'s disk check) and what estimate_memory divides per device."""
+    one checkpoint holds (`kiln doctor`'s disk check) and what estimate_memory divides per device. The
+    weights' moving average (train.ema_decay: fp32, sharded like the weights) counts as optimizer state."""
+    params, optim, note = _optimizer_state_bytes(cfg)
+    if cfg.train.ema_decay > 0:
+        return params, optim + 4 * count_params(cfg.model), note + "; + the fp32 average of train.ema_decay"
+    return params, optim, note
+
+
+def _optimizer_state_bytes(cfg: Config) -> tuple[int, int, str]:
     m, o = cfg.model, cfg.optim
     n = count_params(m)
     pbytes = 2 if o.param_dtype == "bf16" else 4

@@ -4,7 +4,8 @@ Prepared shards give every layout the same global batches (a seeded permutation 
 data-parallel rank taking its positions of each global batch), so a distributed run must log the
 single-process losses (within 1e-5 relative, fp32; the sums run in another order, see
 test_layouts.py), and a run saved on one layout and resumed on another must continue with the
-uninterrupted run's losses and data position.
+uninterrupted run's losses and data position. Every run keeps a moving average of its weights
+(train.ema_decay), sharded like them; it must end as the single-process run's does.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kiln.config import load_config
+from kiln.train import checkpoint as ckpt_io
 from kiln.train.metrics import read_metrics
 from kiln.train.trainer import train
 
@@ -60,7 +63,8 @@ def overrides(shards: tuple[Path, Path], out: Path, **extra: object) -> list[str
             "model.n_heads": 4, "model.n_kv_heads": 2, "model.ffn_dim": 64, "train.seq_len": 32,
             "train.micro_batch_size": 1, "train.global_batch_size": 8, "train.max_steps": STEPS,
             "train.log_every": 1, "train.eval_every": 3, "train.save_every": 3, "train.eval_tokens": 256,
-            "train.sample_tokens": 0, "optim.warmup_steps": 2, "optim.lr": 3e-3, "data.shards": str(train_dir),
+            "train.sample_tokens": 0, "optim.warmup_steps": 2, "optim.lr": 3e-3, "train.ema_decay": 0.5,
+            "data.shards": str(train_dir),
             "data.val": json.dumps([{"path": str(val_dir), "name": "val"}]), **extra}
     return [x for k, v in over.items() for x in (f"--{k}", str(v))]
 
@@ -87,6 +91,17 @@ def assert_close(a: dict[int, float], b: dict[int, float], what: str) -> None:
         assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (what, k, a[k], b[k])
 
 
+def assert_same_average(a: Path, b: Path, what: str) -> None:
+    """The final checkpoints' moving averages of the weights agree: another layout's sums differ by up to ~3e-6
+    after the 6 steps, within the tolerance; the average's distance from the weights themselves is ~100x that."""
+    want, got = ckpt_io.read_model_state(a, weights="ema"), ckpt_io.read_model_state(b, weights="ema")
+    assert want.keys() == got.keys(), what
+    weights = ckpt_io.read_model_state(a)
+    assert max(float((want[k] - weights[k]).abs().max()) for k in want) > 1e-4, what  # ~1e-3 measured
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{what} {k}: {m}")
+
+
 @pytest.fixture(scope="module")
 def reference(shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "run"
@@ -101,6 +116,7 @@ def test_torchrun_kiln_train_matches_one_process(shards, reference, tmp_path, la
     torchrun(2, overrides(shards, tmp_path / "run") + layout)
     assert_close(records(reference, "train", "loss"), records(tmp_path / "run", "train", "loss"), "train loss")
     assert_close(records(reference, "eval", "eval_loss"), records(tmp_path / "run", "eval", "eval_loss"), "eval")
+    assert_same_average(reference, tmp_path / "run", "average")
 
 
 @pytest.mark.dist
@@ -119,6 +135,7 @@ def test_pipeline_schedules_train_evaluate_save_and_resume(shards, reference, tm
     train(load_config("tiny", overrides(shards, run)), quiet=True)  # resumes at step 3 in one process
     assert_close(records(reference, "train", "loss"), records(run, "train", "loss"), f"{schedule} train loss")
     assert_close(records(reference, "eval", "eval_loss"), records(run, "eval", "eval_loss"), f"{schedule} eval")
+    assert_same_average(reference, run, f"{schedule} average")
 
 
 @pytest.mark.dist
@@ -129,10 +146,12 @@ def test_resume_across_layouts(shards, reference, tmp_path):
     torchrun(2, overrides(shards, a, **{"train.stop_at_step": 3}) + ["--parallel.dp_shard", "2"])
     train(load_config("tiny", overrides(shards, a)), quiet=True)  # resumes at step 3 in one process
     assert_close(records(reference, "train", "loss"), records(a, "train", "loss"), "fsdp -> 1")
+    assert_same_average(reference, a, "fsdp -> 1 average")
     b = tmp_path / "b"
     train(load_config("tiny", overrides(shards, b, **{"train.stop_at_step": 3})), quiet=True)
     torchrun(2, overrides(shards, b) + ["--parallel.tp", "2"])
     assert_close(records(reference, "train", "loss"), records(b, "train", "loss"), "1 -> tp")
+    assert_same_average(reference, b, "1 -> tp average")
 
 
 @pytest.mark.dist

@@ -471,14 +471,18 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model: Transformer, cfg: Conf
                          common=dict(train_state or {}), rank_state={}, meta=dict(meta or {}))
 
 
-def read_model_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights as full fp32 CPU tensors (tied head not repeated); verified."""
+def read_model_state(ckpt: str | Path, *, weights: str = "model") -> dict[str, torch.Tensor]:
+    """The checkpoint's weights as full fp32 CPU tensors (tied head not repeated); verified. `weights`: "model",
+    or "ema" for the moving average a run with train.ema_decay keeps beside them."""
     ckpt = resolve_checkpoint(ckpt)
+    if weights == "ema" and not read_meta(ckpt).get("ema_decay"):
+        raise CheckpointError(f"{ckpt}: holds no moving average of the weights; train with --train.ema_decay D "
+                              "(e.g. 0.999) to keep one, or average its weights (without --weights ema)")
     with torch.device("meta"):
         model = Transformer(read_config(ckpt).model)
     target = {k: torch.empty(v.shape, dtype=torch.float32) for k, v in _model_keys(model).items()}
     try:
-        _quiet(dcp.load, {"model": target}, checkpoint_id=str(ckpt / "dcp"))
+        _quiet(dcp.load, {weights: target}, checkpoint_id=str(ckpt / "dcp"))
     except _load_errors() as e:
         raise _corrupt(ckpt / "dcp", e) from None
     return target
@@ -521,14 +525,19 @@ def _rename(sd: dict[str, Any], alias: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def _part_state(part: nn.Module, optim: torch.optim.Optimizer, *, tie_embeddings: bool
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
+def part_weights(part: nn.Module, *, tie_embeddings: bool) -> dict[str, torch.Tensor]:
+    """A model part's weights under whole-model names: views of its parameters (DTensors where sharded)."""
     model_sd = get_model_state_dict(part)
     if tie_embeddings and "tok_emb.weight" in model_sd:
         model_sd.pop("head.weight", None)  # the tensor-parallel head shares the embedding Parameter
+    return _rename(model_sd, _alias(part, tie_embeddings=tie_embeddings))
+
+
+def _part_state(part: nn.Module, optim: torch.optim.Optimizer, *, tie_embeddings: bool
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
     optim_sd = get_optimizer_state_dict(part, optim, options=StateDictOptions(flatten_optimizer_state_dict=True))
     alias = _alias(part, tie_embeddings=tie_embeddings)
-    return _rename(model_sd, alias), _rename(optim_sd, alias)
+    return part_weights(part, tie_embeddings=tie_embeddings), _rename(optim_sd, alias)
 
 
 def layout_state_dict(parts: list[nn.Module], optims: list[torch.optim.Optimizer], *, tie_embeddings: bool,

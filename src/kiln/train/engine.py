@@ -31,6 +31,7 @@ from kiln.optim import build_optimizer, param_dtype
 from kiln.parallel import pipeline as pl
 from kiln.parallel.mesh import Layout
 from kiln.parallel.parallelize import materialize, parallelize, unwrap, uses_ddp
+from kiln.train.ema import WeightEMA
 from kiln.train.objective import Objective
 
 
@@ -107,6 +108,8 @@ class Engine:
         low = autocast_dtype(train.dtype, layout.device)  # Muon's Newton-Schulz runs in it on CPU
         self.optimizer = Optimizers([build_optimizer(unwrap(m), optim, device_type=layout.device.type,
                                                      autocast_dtype=low) for m in self.parts])
+        self.ema = WeightEMA(self.parts, decay=train.ema_decay, tie_embeddings=model.tie_embeddings) \
+            if train.ema_decay > 0 else None
         # DDP and FSDP average gradients over data-parallel ranks; the loss is already divided by the
         # global count, so backward runs on loss x dp_size to make that average the sum we want.
         self.grad_scale = float(layout.dp_size)
@@ -136,10 +139,13 @@ class Engine:
     def step(self) -> None:
         """The optimizer step; then, in a pipeline with a tied embedding and bf16 parameters, the
         last stage's copy takes the first stage's values: both got the same update, but stochastic
-        rounding draws independent noise for each, so they would drift apart."""
+        rounding draws independent noise for each, so they would drift apart. Then the weights'
+        moving average (train.ema_decay) takes the new weights in."""
         self.optimizer.step()
         if self.pipe is not None and self.model_cfg.tie_embeddings and self.optim_cfg.param_dtype == "bf16":
             pl.sync_tied_weights(self.pipe)
+        if self.ema is not None:
+            self.ema.update()
 
     def _global_count(self, local: int) -> float:
         """The step's denominator summed over data-parallel ranks."""

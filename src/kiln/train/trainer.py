@@ -126,6 +126,8 @@ class Run:
             meta["best_score"] = evaluation.score
         state = ckpt_io.layout_state_dict(engine.parts, engine.optimizer.optims,
                                           tie_embeddings=self.cfg.model.tie_embeddings)
+        if engine.ema is not None:  # `kiln average --weights ema` reads it; meta says it is there
+            state["ema"], meta["ema_decay"] = engine.ema.state_dict(), engine.ema.decay
         return {"state": state, "cfg": self.cfg, "common": {**self.state.state_dict(), "world_size": layout.world_size},
                 "rank_state": rank_state, "meta": meta}
 
@@ -473,11 +475,18 @@ def _latest_checkpoint(out: Path, mirror: Mirror | None, *, fresh: bool, main: b
 
 def _load_weights(engine: Engine, ckpt: Path, *, tie: bool, optimizer: bool
                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Load a checkpoint's weights (and optimizer state) into the engine's parts on any layout."""
+    """Load a checkpoint's weights (and optimizer state) into the engine's parts on any layout. A resumed run
+    (`optimizer`) also resumes the weights' moving average where the checkpoint has one; otherwise the average
+    starts at the loaded weights."""
     state = ckpt_io.layout_state_dict(engine.parts, engine.optimizer.optims, tie_embeddings=tie, optimizer=optimizer)
+    resume_ema = engine.ema is not None and optimizer and bool(ckpt_io.read_meta(ckpt).get("ema_decay"))
+    if resume_ema:
+        state["ema"] = engine.ema.state_dict()  # loaded in place
     common, ranks = ckpt_io.load_training(ckpt, state=state)
     ckpt_io.load_layout_state_dict(engine.parts, engine.optimizer.optims, state, tie_embeddings=tie,
                                    optimizer=optimizer)
+    if engine.ema is not None and not resume_ema:
+        engine.ema.reset()
     return common, ranks
 
 
