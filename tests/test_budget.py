@@ -71,6 +71,29 @@ def test_the_budget_clock_starts_when_the_command_did(tmp_path):
     assert 100 <= took < 100 + 60  # the 100 s before, plus this process's setup and one step
 
 
+@pytest.mark.parametrize("stage, row", [
+    ("sft", {"messages": [{"role": "user", "content": "What is 1+2?"}, {"role": "assistant", "content": "3"}]}),
+    ("dpo", {"prompt": "What is 1+2?", "chosen": "3", "rejected": "5 no"}),
+    ("rlvr", {"prompt": "What is 1+2?", "answer": "3"}),
+])
+def test_post_training_budget_clocks_start_when_the_command_did(tmp_path, stage, row):
+    """`kiln sft|dpo|rlvr` get the command's start from the CLI, as `kiln train` does: a command that started
+    100 s ago has no 12 s budget left."""
+    import time
+
+    from kiln.posttrain import commands
+    from test_sft import base_checkpoint, jsonl
+
+    ckpt = base_checkpoint(tmp_path)
+    data = jsonl(tmp_path / "data.jsonl", [row] * 16)
+    argv = ["--checkpoint", str(ckpt), "--data", str(data), "--run.out_dir", str(tmp_path / stage), "--quiet",
+            "--train.time_budget", "12s", "--optim.warmup_steps", "4", "--posttrain.max_new_tokens", "2"]
+    with pytest.raises(ConfigError, match=r"^train.time_budget 12s is too short: 1 of the 4 timed warmup steps") as e:
+        getattr(commands, stage)(argv, started=time.time() - 100)
+    took = float(re.search(r"already took ([0-9.]+) s", str(e.value)).group(1))
+    assert 100 <= took < 100 + 60
+
+
 def test_fit_steps_counts_steps_evals_and_saves():
     # 100 s budget, 10 s used, margin 2 s, final eval 4 s + save 2 s: 82 s left for steps at 1 s each,
     # plus an eval (4 s) every 10 steps and a save (2 s) every 25

@@ -163,7 +163,7 @@ def _posttrain(stage: str):
     def run(argv: list[str]) -> int:
         from kiln.posttrain import commands
 
-        return getattr(commands, stage)(argv)
+        return getattr(commands, stage)(argv, started=STARTED)  # a time budget's clock starts with the command
 
     return run
 

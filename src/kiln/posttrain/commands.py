@@ -149,8 +149,9 @@ def _finish(summary: dict) -> int:
     return 130 if summary.get("stopped") == "signal" else 0
 
 
-def sft(argv: list[str]) -> int:
-    """`kiln sft --checkpoint CKPT --data FILE [overrides]`: jsonl {"messages": [{"role", "content"}, ...]}."""
+def sft(argv: list[str], *, started: float | None = None) -> int:
+    """`kiln sft --checkpoint CKPT --data FILE [overrides]`: jsonl {"messages": [{"role", "content"}, ...]}.
+    `started`: the command's start (kiln.cli passes it), where a train.time_budget's clock starts."""
     args, overrides = _stage_parser("sft", "Supervised fine-tuning on chat data (loss on assistant tokens)."
                                     ).parse_known_args(argv)
     from kiln.posttrain.sft import SFTObjective, load_sft_data, rows_per_epoch
@@ -163,11 +164,13 @@ def sft(argv: list[str]) -> int:
     val = load_sft_data(pt.val_data, fmt, max_len=T, split=pt.val_split) if pt.val_data else None
     _set_steps(cfg, user, rows_per_epoch(convs, seq_len=T, pack=pt.pack))
     print(f"kiln sft: {len(convs)} conversations, chat template '{fmt.name}', from {cfg.run.init_from}")
-    return _finish(train(cfg, objective=SFTObjective(convs, val, pack=pt.pack), fresh=args.fresh, quiet=args.quiet))
+    return _finish(train(cfg, objective=SFTObjective(convs, val, pack=pt.pack), fresh=args.fresh, quiet=args.quiet,
+                         started=started))
 
 
-def dpo(argv: list[str]) -> int:
-    """`kiln dpo --checkpoint CKPT --data FILE [overrides]`: jsonl {"prompt", "chosen", "rejected"}."""
+def dpo(argv: list[str], *, started: float | None = None) -> int:
+    """`kiln dpo --checkpoint CKPT --data FILE [overrides]`: jsonl {"prompt", "chosen", "rejected"}.
+    `started`: the command's start (kiln.cli passes it), where a train.time_budget's clock starts."""
     args, overrides = _stage_parser("dpo", "Preference optimisation: DPO (sigmoid) or APO-zero / APO-down."
                                     ).parse_known_args(argv)
     from kiln.posttrain.dpo import DPOObjective, load_pairs
@@ -182,11 +185,13 @@ def dpo(argv: list[str]) -> int:
     print(f"kiln dpo: {len(pairs)} pairs, loss {pt.loss}, beta {pt.beta}, reference {ckpt} ({pt.ref})")
     obj = DPOObjective(pairs, val, reference=ckpt, beta=pt.beta, kind=pt.loss, precompute=pt.ref == "precomputed",
                        batch_size=cfg.train.micro_batch_size)
-    return _finish(train(cfg, objective=obj, fresh=args.fresh, quiet=args.quiet))
+    return _finish(train(cfg, objective=obj, fresh=args.fresh, quiet=args.quiet,
+                         started=started))
 
 
-def rlvr(argv: list[str]) -> int:
-    """`kiln rlvr --checkpoint CKPT --data FILE [overrides]`: jsonl {"prompt", "answer"}."""
+def rlvr(argv: list[str], *, started: float | None = None) -> int:
+    """`kiln rlvr --checkpoint CKPT --data FILE [overrides]`: jsonl {"prompt", "answer"}.
+    `started`: the command's start (kiln.cli passes it), where a train.time_budget's clock starts."""
     args, overrides = _stage_parser("rlvr", "RL with verifiable rewards (GRPO-style groups, KL to the reference)."
                                     ).parse_known_args(argv)
     from kiln.posttrain.rewards import build_reward
@@ -207,7 +212,8 @@ def rlvr(argv: list[str]) -> int:
     obj = RLVRObjective(tasks, val, reference=ckpt, reward=reward, tokenizer=tok, group_size=pt.group_size,
                         kl_coef=pt.kl_coef, max_new_tokens=pt.max_new_tokens, temperature=pt.temperature,
                         top_k=pt.top_k, top_p=pt.top_p)
-    return _finish(train(cfg, objective=obj, fresh=args.fresh, quiet=args.quiet))
+    return _finish(train(cfg, objective=obj, fresh=args.fresh, quiet=args.quiet,
+                         started=started))
 
 
 def chat(argv: list[str]) -> int:
