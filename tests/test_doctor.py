@@ -99,24 +99,21 @@ def test_device_check_uses_the_memory_estimate(ctx, monkeypatch):
 
 
 @pytest.mark.parametrize("over", [[], ["--optim.name", "adafactor", "--optim.param_dtype", "bf16"],
-                                  ["--optim.name", "muon", "--model.tie_embeddings", "false"]])
+                                  ["--optim.name", "muon", "--model.tie_embeddings", "false"],
+                                  ["--train.ema_decay", "0.99"]])
 def test_checkpoint_size_counts_parameters_and_optimizer_state(over):
-    """The disk check's checkpoint size is the bytes of the real parameter and optimizer-state tensors."""
-    import torch
-
-    from kiln.model import build_model
-    from kiln.optim import build_optimizer, param_dtype
+    """The disk check's checkpoint size is the bytes of the real parameter and optimizer-state tensors, and of
+    the weights' moving average where train.ema_decay keeps one."""
+    from kiln.train.ema import WeightEMA
+    from test_estimate import one_step, optimizer_state_bytes
 
     cfg = load_config("tiny", ["--model.vocab_size", "512", "--model.n_layers", "2", *over])
-    model = build_model(cfg.model, seed=0)
-    for p in model.parameters():
-        p.data = p.data.to(param_dtype(cfg.optim))
-    opt = build_optimizer(model, cfg.optim, device_type="cpu")
-    model(torch.randint(0, 512, (1, 8)), targets=torch.randint(0, 512, (1, 8))).backward()
-    opt.step()
-    tensors = [*model.parameters(), *(t for s in opt.state.values() for t in s.values()
-                                      if torch.is_tensor(t) and t.numel() > 1)]
-    assert doctor.checkpoint_bytes(cfg) == sum(t.numel() * t.element_size() for t in tensors)
+    model, opt = one_step(cfg)
+    size = sum(p.numel() * p.element_size() for p in model.parameters()) + optimizer_state_bytes(opt)
+    if cfg.train.ema_decay:
+        ema = WeightEMA([model], decay=cfg.train.ema_decay, tie_embeddings=cfg.model.tie_embeddings)
+        size += sum(t.numel() * t.element_size() for t in ema.state_dict().values())
+    assert doctor.checkpoint_bytes(cfg) == size
 
 
 def test_optimizer_check_steps_the_preset_parameter_dtype(ctx, monkeypatch):

@@ -135,7 +135,21 @@ def test_estimate_matches_a_measured_cpu_step(ac, dtype):
     assert abs(est - measured) / measured < 0.10, (est, measured)
 
 
-def _state_bytes(opt) -> int:
+def one_step(cfg):
+    """(model, optimizer) after one real step, parameters in the optimizer's dtype as the trainer keeps them
+    (kiln.train.engine)."""
+    from kiln.optim import build_optimizer, param_dtype
+
+    model = build_model(cfg.model, seed=0)
+    for p in model.parameters():
+        p.data = p.data.to(param_dtype(cfg.optim))
+    opt = build_optimizer(model, cfg.optim, device_type="cpu")
+    model(torch.randint(0, 512, (1, 8)), targets=torch.randint(0, 512, (1, 8))).backward()
+    opt.step()
+    return model, opt
+
+
+def optimizer_state_bytes(opt) -> int:
     return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                if torch.is_tensor(t) and t.numel() > 1)  # per-parameter step counters are scalars
 
@@ -148,21 +162,14 @@ def test_params_and_optimizer_states_match_every_optimizer(name, dtype, beta1, t
     """Parameters and optimizer state of a real step, for each optimizer, parameter dtype and tying: Muon's
     AdamW moments and Adafactor's statistics stay fp32 under bf16 parameters; an untied embedding goes to
     Muon's AdamW part."""
-    from kiln.optim import build_optimizer, param_dtype
-
     extra = ["--optim.name", name, "--optim.param_dtype", dtype, "--model.tie_embeddings", str(tie).lower()]
     if beta1 is not None:
         extra += ["--optim.adafactor_beta1", str(beta1)]
     cfg = _cfg(*extra)
-    model = build_model(cfg.model, seed=0)
-    for p in model.parameters():  # as the trainer does (kiln.train.engine)
-        p.data = p.data.to(param_dtype(cfg.optim))
-    opt = build_optimizer(model, cfg.optim, device_type="cpu")
-    model(torch.randint(0, 512, (1, 8)), targets=torch.randint(0, 512, (1, 8))).backward()
-    opt.step()
+    model, opt = one_step(cfg)
     est = estimate_memory(cfg, device="cpu")
     assert est.params == sum(p.numel() * p.element_size() for p in model.parameters())
-    assert est.optimizer == _state_bytes(opt)
+    assert est.optimizer == optimizer_state_bytes(opt)
 
 
 def test_no_autocast_weight_copies_for_bf16_parameters():
@@ -217,16 +224,10 @@ def test_fsdp_gathers_bf16_blocks_instead_of_autocast_copies():
 def test_the_weights_moving_average_counts_as_state():
     """train.ema_decay keeps an fp32 copy of every weight, bf16 weights included: measured on the real
     WeightEMA, beside the optimizer's state."""
-    from kiln.optim import build_optimizer, param_dtype
     from kiln.train.ema import WeightEMA
 
     cfg = _cfg("--optim.name", "muon", "--optim.param_dtype", "bf16", "--train.ema_decay", "0.99")
-    model = build_model(cfg.model, seed=0)
-    for p in model.parameters():
-        p.data = p.data.to(param_dtype(cfg.optim))
-    opt = build_optimizer(model, cfg.optim, device_type="cpu")
-    model(torch.randint(0, 512, (1, 8)), targets=torch.randint(0, 512, (1, 8))).backward()
-    opt.step()
+    model, opt = one_step(cfg)
     ema = WeightEMA([model], decay=cfg.train.ema_decay, tie_embeddings=cfg.model.tie_embeddings)
     average = sum(t.numel() * t.element_size() for t in ema.state_dict().values())
-    assert estimate_memory(cfg, device="cpu").optimizer == _state_bytes(opt) + average
+    assert estimate_memory(cfg, device="cpu").optimizer == optimizer_state_bytes(opt) + average
