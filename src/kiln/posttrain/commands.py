@@ -185,8 +185,7 @@ def dpo(argv: list[str], *, started: float | None = None) -> int:
     print(f"kiln dpo: {len(pairs)} pairs, loss {pt.loss}, beta {pt.beta}, reference {ckpt} ({pt.ref})")
     obj = DPOObjective(pairs, val, reference=ckpt, beta=pt.beta, kind=pt.loss, precompute=pt.ref == "precomputed",
                        batch_size=cfg.train.micro_batch_size)
-    return _finish(train(cfg, objective=obj, fresh=args.fresh, quiet=args.quiet,
-                         started=started))
+    return _finish(train(cfg, objective=obj, fresh=args.fresh, quiet=args.quiet, started=started))
 
 
 def rlvr(argv: list[str], *, started: float | None = None) -> int:
@@ -212,8 +211,7 @@ def rlvr(argv: list[str], *, started: float | None = None) -> int:
     obj = RLVRObjective(tasks, val, reference=ckpt, reward=reward, tokenizer=tok, group_size=pt.group_size,
                         kl_coef=pt.kl_coef, max_new_tokens=pt.max_new_tokens, temperature=pt.temperature,
                         top_k=pt.top_k, top_p=pt.top_p)
-    return _finish(train(cfg, objective=obj, fresh=args.fresh, quiet=args.quiet,
-                         started=started))
+    return _finish(train(cfg, objective=obj, fresh=args.fresh, quiet=args.quiet, started=started))
 
 
 def chat(argv: list[str]) -> int:
