@@ -471,11 +471,16 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model: Transformer, cfg: Conf
                          common=dict(train_state or {}), rank_state={}, meta=dict(meta or {}))
 
 
+def holds_average(ckpt: Path) -> bool:
+    """Whether a checkpoint holds the weights' moving average (train.ema_decay) beside them."""
+    return bool(read_meta(ckpt).get("ema_decay"))
+
+
 def read_model_state(ckpt: str | Path, *, weights: str = "model") -> dict[str, torch.Tensor]:
     """The checkpoint's weights as full fp32 CPU tensors (tied head not repeated); verified. `weights`: "model",
     or "ema" for the moving average a run with train.ema_decay keeps beside them."""
     ckpt = resolve_checkpoint(ckpt)
-    if weights == "ema" and not read_meta(ckpt).get("ema_decay"):
+    if weights == "ema" and not holds_average(ckpt):
         raise CheckpointError(f"{ckpt}: holds no moving average of the weights; train with --train.ema_decay D "
                               "(e.g. 0.999) to keep one, or average its weights (without --weights ema)")
     with torch.device("meta"):

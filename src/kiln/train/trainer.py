@@ -479,7 +479,7 @@ def _load_weights(engine: Engine, ckpt: Path, *, tie: bool, optimizer: bool
     (`optimizer`) also resumes the weights' moving average where the checkpoint has one; otherwise the average
     starts at the loaded weights."""
     state = ckpt_io.layout_state_dict(engine.parts, engine.optimizer.optims, tie_embeddings=tie, optimizer=optimizer)
-    resume_ema = engine.ema is not None and optimizer and bool(ckpt_io.read_meta(ckpt).get("ema_decay"))
+    resume_ema = engine.ema is not None and optimizer and ckpt_io.holds_average(ckpt)
     if resume_ema:
         state["ema"] = engine.ema.state_dict()  # loaded in place
     common, ranks = ckpt_io.load_training(ckpt, state=state)
