@@ -68,7 +68,12 @@ def test_train_generate_eval_export_roundtrip(tmp_path):
     assert gen.startswith(prompt) and gen.endswith("\n")
     kiln_text = gen[:-1]  # the CLI prints prompt + continuation and one newline
     hf_dir = tmp_path / "hf"
-    kiln("export", "--checkpoint", str(run), "--out", str(hf_dir))
+    res = kiln("export", "--checkpoint", str(run), "--out", str(hf_dir))
+    # tiny keeps the seed's 1024-position RoPE table but trains on 256 tokens: the export says so
+    assert json.loads((hf_dir / "config.json").read_text())["max_position_embeddings"] == 1024
+    assert res.stderr.strip().splitlines()[-1] == ("note: max_position_embeddings is model.max_seq_len (1024); "
+                                                  "this run trained on 256-token sequences "
+                                                  "(model.max_seq_len: 256 declares that)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir)

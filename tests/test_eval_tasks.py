@@ -267,3 +267,22 @@ def test_downstream_tasks_run_under_the_checkpoints_autocast(tmp_path, monkeypat
     data.write_text(json.dumps(rec) + "\n")
     res = run.evaluate_task("ckpt", str(data), task=task, max_new_tokens=2)
     assert res["n"] == 1 and seen and all(seen)
+
+
+def test_gsm8k_refuses_max_new_tokens_that_leave_no_room_for_the_prompt(tmp_path, monkeypatch):
+    """A prompt cut to its last `room` tokens: room 0 used to keep the whole prompt (p[-0:]), negative room
+    its head; now one line names the flag."""
+    import kiln.eval.run as run
+    from kiln.errors import DataError
+    from kiln.model import build_model
+    from test_sft import tiny_config
+
+    cfg = tiny_config(tmp_path)
+    model = build_model(cfg.model, seed=0).eval()
+    monkeypatch.setattr(run, "load_for_inference", lambda checkpoint, device: (model, cfg, tmp_path / "ckpt"))
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"question": "What is 1+1?", "answer": "#### 2"}) + "\n")
+    for n in (cfg.model.max_seq_len, cfg.model.max_seq_len + 5):
+        with pytest.raises(DataError, match=rf"--max-new-tokens {n} leaves no room .*lower --max-new-tokens"):
+            run.evaluate_task("ckpt", str(data), task="gsm8k", max_new_tokens=n)
+    assert run.evaluate_task("ckpt", str(data), task="gsm8k", max_new_tokens=2)["n"] == 1

@@ -281,3 +281,7 @@ def test_the_shipped_bundled_4k_is_what_kiln_tokenizer_train_makes_and_demo_trai
     evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in evals if r["kind"] == "eval"]
     assert len(evals) == 3 and evals[-1] < evals[0]
+    # its export declares the 256-token context it trains on, so no note about an undeclared one
+    res = run("export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf"))
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["max_position_embeddings"] == 256
+    assert "max_seq_len" not in res.stderr

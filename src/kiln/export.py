@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from kiln import __version__
-from kiln.config import ModelConfig
+from kiln.config import Config, ModelConfig
 from kiln.errors import DataError, KilnError
 
 LLAMA, QWEN3, SMOLLM3 = "LlamaForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM"
@@ -219,7 +219,18 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, dtype: str 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    context_note(cfg, "max_position_embeddings")
     return out
+
+
+def context_note(cfg: Config, field: str) -> None:
+    """One stderr line when the export declares a longer context (`field`, from model.max_seq_len) than the
+    checkpoint's run trained on: tools that take their window from it (lm-eval's perplexity) then score the
+    model at lengths whose relative positions it never saw (bench/RESULTS.md, "Ninth sitting: context length")."""
+    if cfg.train.seq_len < cfg.model.max_seq_len:
+        print(f"note: {field} is model.max_seq_len ({cfg.model.max_seq_len}); this run trained on "
+              f"{cfg.train.seq_len}-token sequences (model.max_seq_len: {cfg.train.seq_len} declares that)",
+              file=sys.stderr)
 
 
 def _add_legacy_keys(path: Path, cfg: ModelConfig) -> None:

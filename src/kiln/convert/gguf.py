@@ -54,7 +54,7 @@ from kiln import __version__
 from kiln.config import ModelConfig
 from kiln.data.tokenizer import Tokenizer, load_tokenizer
 from kiln.errors import DataError
-from kiln.export import ExportError, to_hf_state_dict
+from kiln.export import ExportError, context_note, to_hf_state_dict
 from kiln.posttrain.chat import KILN_TEMPLATE, resolve_template
 from kiln.train.checkpoint import load_for_inference, read_config, resolve_checkpoint
 
@@ -365,4 +365,5 @@ def export_gguf(ckpt_path: str | Path, out_path: str | Path, *, dtype: str = "f3
         raise ExportError(f"{out}: cannot write there ({e.strerror or type(e).__name__}); choose another --out") from None
     finally:
         tmp.unlink(missing_ok=True)
+    context_note(cfg, "the GGUF context_length")
     return out

@@ -89,6 +89,9 @@ def _run_task(model, cfg, tok, recs: list[tuple[str, dict]], *, task: str, batch
         else:
             prompts, stops = [tok.encode(T.plain_prompt(it, shots)) for it in items], T.PLAIN_STOPS
         room = cfg.model.max_seq_len - max_new_tokens
+        if room < 1:
+            raise DataError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt within the model's "
+                            f"context (model.max_seq_len {cfg.model.max_seq_len}); lower --max-new-tokens")
         prompts = [p[-room:] for p in prompts]
         completions = []
         for i in range(0, len(prompts), batch_size):
