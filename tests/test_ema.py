@@ -101,6 +101,27 @@ def test_a_run_started_from_another_averages_from_its_weights(reference, tmp_pat
         torch.testing.assert_close(got[k], DECAY * w0[k] + (1 - DECAY) * w1[k], rtol=1e-5, atol=1e-6)
 
 
+def test_a_run_resumed_with_the_average_turned_on_averages_from_its_resumed_weights(tmp_path):
+    """A checkpoint written without the average, resumed with --train.ema_decay: the average starts at the
+    resumed weights (not at the initialisation, not zeros), and the resumed training is the same as without it."""
+    runs = {}
+    for name, extra in (("with", {"train.ema_decay": DECAY}), ("without", {})):
+        (tmp_path / name).mkdir()
+        for steps, more in ((2, {}), (3, extra)):  # 2 steps without the average, then one more step
+            train(load_config("tiny", small_overrides(tmp_path / name, **{"train.max_steps": steps, "train.save_every": 1,
+                                                                          "train.keep_last": 0, **more})), quiet=True)
+        runs[name] = ckpt_io.list_checkpoints(tmp_path / name / "run")
+    start, last = runs["with"][-2:]
+    assert (start.name, last.name) == ("step_2", "step_3")
+    assert not ckpt_io.holds_average(start) and ckpt_io.holds_average(last)
+    w2, w3 = ckpt_io.read_model_state(start), ckpt_io.read_model_state(last)
+    got = ckpt_io.read_model_state(last, weights="ema")
+    for k in w2:
+        torch.testing.assert_close(got[k], DECAY * w2[k] + (1 - DECAY) * w3[k], rtol=1e-5, atol=1e-6)
+    ref = ckpt_io.read_model_state(runs["without"][-1])
+    assert all(torch.equal(ref[k], w3[k]) for k in w3)
+
+
 def test_bad_input_gets_one_line(reference, tmp_path):
     plain = tmp_path / "plain"
     plain.mkdir()
