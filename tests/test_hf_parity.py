@@ -266,3 +266,18 @@ def test_export_refuses_deepnorm_checkpoint(tmp_path):
     write_checkpoint(tmp_path, tiny(residual="deepnorm", init="deepnet"))
     with pytest.raises(ExportError, match="model.residual=deepnorm"):
         export_checkpoint(tmp_path / "run", tmp_path / "hf")
+
+
+def test_export_notes_a_context_longer_than_a_from_scratch_run_trained_on(capsys):
+    """The note fires for a run trained from scratch on rows shorter than model.max_seq_len, and not for one
+    that started from other weights (post-training, an HF import), which may have seen longer rows before."""
+    from kiln.config import load_config
+    from kiln.export import context_note
+
+    cfg = load_config("tiny", [])  # max_seq_len 1024, seq_len 256
+    context_note(cfg, "max_position_embeddings")
+    assert capsys.readouterr().err == ("note: max_position_embeddings is model.max_seq_len (1024); this run trained "
+                                       "on 256-token sequences (model.max_seq_len: 256 declares that)\n")
+    for over in (["--run.init_from", "/somewhere/step_0"], ["--train.seq_len", "1024"]):
+        context_note(load_config("tiny", over), "max_position_embeddings")
+        assert capsys.readouterr().err == ""

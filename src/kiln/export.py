@@ -225,9 +225,10 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, dtype: str 
 
 def context_note(cfg: Config, field: str) -> None:
     """One stderr line when the export declares a longer context (`field`, from model.max_seq_len) than the
-    checkpoint's run trained on: tools that take their window from it (lm-eval's perplexity) then score the
-    model at lengths whose relative positions it never saw (bench/RESULTS.md, "Ninth sitting: context length")."""
-    if cfg.train.seq_len < cfg.model.max_seq_len:
+    checkpoint's run trained on from scratch: tools that take their window from it (lm-eval's perplexity) then
+    score the model at lengths whose relative positions it never saw (bench/RESULTS.md, "Ninth sitting: context
+    length"). A run started from other weights (post-training, an import) may have seen longer ones before."""
+    if not cfg.run.init_from and cfg.train.seq_len < cfg.model.max_seq_len:
         print(f"note: {field} is model.max_seq_len ({cfg.model.max_seq_len}); this run trained on "
               f"{cfg.train.seq_len}-token sequences (model.max_seq_len: {cfg.train.seq_len} declares that)",
               file=sys.stderr)
