@@ -275,24 +275,25 @@ def test_the_shipped_bundled_4k_is_what_kiln_tokenizer_train_makes_and_trains(tm
     assert last_json(res)["digest"] == meta["digest"] == tokenizer_digest(shipped)
     text = "It is a truth universally acknowledged"
     assert shipped.decode(shipped.encode(text)) == text
-    res = run("train", "demo", "--data.tokenizer", "bundled-4k", "--model.vocab_size", "4096", "--run.out_dir",
-              str(tmp_path / "run"), "--train.time_budget", "", "--train.max_steps", "6", "--train.eval_every", "3",
-              "--train.sample_tokens", "4", "--train.eval_tokens", "2048")
-    assert "1.84M parameters" in res.stdout and "sample:" in res.stdout
+    assert "1.84M parameters" in train_demo(tmp_path, "--data.tokenizer", "bundled-4k", "--model.vocab_size", "4096")
+
+
+def train_demo(tmp_path: Path, *overrides: str) -> str:
+    """`kiln train demo` for 6 steps with 3 evals, which must improve; its stdout."""
+    res = run("train", "demo", *overrides, "--run.out_dir", str(tmp_path / "run"), "--train.time_budget", "",
+              "--train.max_steps", "6", "--train.eval_every", "3", "--train.sample_tokens", "4",
+              "--train.eval_tokens", "2048")
+    assert "sample:" in res.stdout
     evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in evals if r["kind"] == "eval"]
     assert len(evals) == 3 and evals[-1] < evals[0]
+    return res.stdout
 
 
 def test_demo_as_make_train_runs_it_trains_and_exports_its_context(tmp_path):
     """`kiln train demo` (what `make train` runs, shortened): Mistral v3's vocabulary, the untied 9.2M-parameter
     model, evals that improve; its export declares the 256-token context it trains on, so no note about one."""
-    res = run("train", "demo", "--run.out_dir", str(tmp_path / "run"), "--train.time_budget", "", "--train.max_steps",
-              "6", "--train.eval_every", "3", "--train.sample_tokens", "4", "--train.eval_tokens", "2048")
-    assert "9.18M parameters" in res.stdout and "sample:" in res.stdout
-    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    evals = [r["eval_loss"] for r in evals if r["kind"] == "eval"]
-    assert len(evals) == 3 and evals[-1] < evals[0]
+    assert "9.18M parameters" in train_demo(tmp_path)
     res = run("export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf"))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["max_position_embeddings"], config["vocab_size"], config["tie_word_embeddings"]) == (256, 32768, False)
