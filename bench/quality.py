@@ -19,6 +19,8 @@ One invocation, one after the other:
    same transformers code (quality_hf.score_bpb; kiln's through `kiln export`) in bits per byte on
    bench/heldout/heldout.jsonl.gz (Carroll and Melville: not in the bundled corpus), each with its own
    tokenizer. The first kiln checkpoint at or below HF's final bpb gives kiln's time to HF's quality.
+   `--also-score FILE` (repeatable) scores both final models on more held-out texts too (another domain:
+   RESULTS.md's "Tenth sitting" found the ratio depends on it), reported beside the main one.
 4. A shorter kiln run, planned as a user with less time would plan it: `--train.time_budget` set to
    `--short-fraction` (default one third) of the HF run's train seconds, its final model scored alike:
    whether kiln reaches HF's final bpb in that fraction of HF's time when it is asked to.
@@ -83,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="after the HF run, a kiln run with this fraction of the HF run's train seconds as its "
                         "train.time_budget, scored on its final model (0: none)")
     p.add_argument("--heldout", default=str(HELDOUT), help="held-out text: jsonl(.gz) with 'text', or .txt(.gz)")
+    p.add_argument("--also-score", action="append", default=[], metavar="FILE",
+                   help="another held-out text to score both final models on (repeatable; jsonl(.gz) or .txt(.gz))")
     p.add_argument("--corpus", default=str(CORPUS), help="the HF run's corpus (kiln's data config decides kiln's)")
     p.add_argument("--window", type=int, default=256, help="scoring window (targets per window)")
     p.add_argument("--out-dir", default="", help="runs and exports (default runs/quality/<time>)")
@@ -274,6 +278,22 @@ def score_kiln(kiln: dict[str, Any], texts: list[str], out: Path, *, n: int, win
     kiln["bpb"], kiln["score"] = final["bpb"], {k: final[k] for k in ("nats", "tokens", "bytes", "bits_per_token")}
 
 
+def score_also(also_texts: dict[str, list[str]], kiln: dict[str, Any], hf: dict[str, Any] | None, out: Path, *,
+               window: int) -> list[dict[str, Any]]:
+    """Both final models (kiln's export, HF's model folder) on each `--also-score` text."""
+    rows = []
+    kiln_dir = out / "kiln-export" / f"step_{kiln['checkpoints'][-1]['step']}"
+    for path, texts in also_texts.items():
+        row = {"path": path, "sha256": sha256(Path(path)), "bytes": sum(len(t.encode()) for t in texts),
+               "kiln_bpb": score_bpb(kiln_dir, texts, window=window)["bpb"],
+               "hf_bpb": score_bpb(hf["model_dir"], texts, window=window)["bpb"] if hf else None}
+        row["bpb_ratio"] = row["kiln_bpb"] / row["hf_bpb"] if hf else None
+        rows.append(row)
+        print(f"  also {path}: kiln bpb {row['kiln_bpb']:.4f}"
+              + (f", HF {row['hf_bpb']:.4f}, kiln/HF {row['bpb_ratio']:.3f}" if hf else ""), flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # HF
 
@@ -386,6 +406,10 @@ def compare(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out}: not empty; choose another --out-dir")
     texts, heldout_sha = load_texts(args.heldout), sha256(Path(args.heldout))
+    for f in args.also_score:  # a missing file fails now, not after the runs
+        if not Path(f).is_file():
+            raise SystemExit(f"--also-score {f}: no such file")
+    also_texts = {f: load_texts(f) for f in args.also_score}
     hf_cfg = load_config(args.hf_preset or args.kiln_preset, shlex.split(args.hf_args))
     spec = hf_spec(hf_cfg, budget_s=budget_s, seed=args.seed, corpus=args.corpus, out=out / "hf")
     hf = reuse_hf(args.hf_result, spec, heldout_sha, args.window) if args.hf_result else None  # before any training
@@ -421,6 +445,7 @@ def compare(args: argparse.Namespace) -> int:
         if spec["n_params_kiln"] != hf["n_params"]:
             raise SystemExit(f"the HF model has {hf['n_params']:,} parameters, kiln's config of the same shape "
                              f"{spec['n_params_kiln']:,}: the HF mirror of the shape is wrong")
+    also = score_also(also_texts, kiln, hf, out, window=args.window)
     rec = {"bench": "quality", "date": time.strftime("%Y-%m-%d"), "time": time.strftime("%H:%M:%S"),
            "machine": f"{cpu_name()}, {os.cpu_count()} cores ({platform.node()})",
            "commit": git_describe(ROOT) or "unknown", "budget_s": budget_s, "seed": args.seed,
@@ -429,7 +454,7 @@ def compare(args: argparse.Namespace) -> int:
            "kiln": kiln, "hf": hf, "bpb_ratio": kiln["bpb"] / hf["bpb"] if hf else None,
            "kiln_time_to_hf": time_to(kiln["checkpoints"], hf["bpb"]) if hf else None,
            "kiln_short": short, "kiln_short_error": short_error,
-           "load": [load0, os.getloadavg()[0]], "out_dir": str(out), "hf_error": hf_error}
+           "also": also, "load": [load0, os.getloadavg()[0]], "out_dir": str(out), "hf_error": hf_error}
     print("\n" + table(rec) + "\n\nfor bench/RESULTS.md:\n" + ROW_HEADER + "\n" + markdown_row(rec))
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)

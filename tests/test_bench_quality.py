@@ -76,9 +76,10 @@ def test_score_bpb_matches_hand_computation_with_kiln_model(tokenizer, tmp_path)
     assert other["bpb"] == pytest.approx(hand_bpb(model, tokenizer, texts, window=40)[0], rel=1e-5)
 
 
-def test_heldout_text_is_not_in_the_bundled_corpus():
-    docs = load_texts(ROOT / "bench" / "heldout" / "heldout.jsonl.gz")
-    assert len(docs) == 2 and 300_000 < sum(len(d.encode()) for d in docs) < 500_000
+@pytest.mark.parametrize("name, n_docs, size", [("heldout", 2, (300_000, 500_000)), ("modern", 3, (60_000, 70_000))])
+def test_heldout_text_is_not_in_the_bundled_corpus(name, n_docs, size):
+    docs = load_texts(ROOT / "bench" / "heldout" / f"{name}.jsonl.gz")
+    assert len(docs) == n_docs and size[0] < sum(len(d.encode()) for d in docs) < size[1]
     corpus = []
     for split in ("train", "val"):
         with gzip.open(ROOT / "src" / "kiln" / "data" / "corpus" / f"{split}.jsonl.gz", "rt", encoding="utf-8") as f:
@@ -89,6 +90,13 @@ def test_heldout_text_is_not_in_the_bundled_corpus():
         assert "Gutenberg" not in d and "\r" not in d
 
 
+@pytest.mark.skipif(not Path("/usr/share/common-licenses/GPL-3").is_file(), reason="Debian's base-files licences")
+def test_the_modern_heldout_file_rebuilds_byte_for_byte():
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "heldout" / "build_modern.py"), "--check"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "identical" in res.stdout, res.stdout + res.stderr
+
+
 def test_bad_input_is_one_line_and_trains_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     assert quality.main(["--budget", "5 parsecs", "--out-dir", str(out)]) == 2
@@ -97,6 +105,8 @@ def test_bad_input_is_one_line_and_trains_nothing(tmp_path, capsys):
     (tmp_path / "r.jsonl").write_text(json.dumps({"bench": "quality", "hf": {"settings": {}}}) + "\n")
     with pytest.raises(SystemExit, match="no record with this budget"):
         quality.main(["--budget", "10s", "--hf-result", str(tmp_path / "r.jsonl"), "--out-dir", str(out)])
+    with pytest.raises(SystemExit, match=f"--also-score {tmp_path / 'none.txt'}: no such file"):
+        quality.main(["--budget", "10s", "--also-score", str(tmp_path / "none.txt"), "--out-dir", str(out)])
     assert not out.exists()  # refused before any training
 
 
@@ -117,9 +127,12 @@ def test_hf_spec_mirrors_kiln_shape_and_schedule():
 def test_script_end_to_end_then_reusing_the_hf_result(tmp_path):
     small = tmp_path / "heldout.jsonl"
     small.write_text("".join(json.dumps({"text": t[:1500]}) + "\n" for t in load_texts(quality.HELDOUT)))
+    other = tmp_path / "modern.txt"  # --also-score: a second held-out text of another kind
+    other.write_text("The license grants you a worldwide, royalty-free, non-exclusive right to use the software, "
+                     "provided that you include this notice in every copy you distribute. " * 4)
     results = tmp_path / "results.jsonl"
     common = ["--budget", "10s", "--kiln-args", TINY, "--hf-args", TINY, "--heldout", str(small),
-              "--curve-points", "2", "--results", str(results)]
+              "--curve-points", "2", "--results", str(results), "--also-score", str(other)]
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), *common, "--short-fraction", "1",
                           "--out-dir", str(tmp_path / "a")], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -132,6 +145,12 @@ def test_script_end_to_end_then_reusing_the_hf_result(tmp_path):
     assert kiln["checkpoints"][-1]["step"] == kiln["steps"] and "bpb" in kiln["checkpoints"][-1]
     assert rec["bpb_ratio"] == pytest.approx(kiln["bpb"] / hf["bpb"])
     assert score_bpb(hf["model_dir"], load_texts(small))["bpb"] == pytest.approx(hf["bpb"], rel=1e-9)
+    (also,) = rec["also"]
+    kiln_dir = tmp_path / "a" / "kiln-export" / f"step_{kiln['steps']}"
+    assert also["path"] == str(other) and also["bytes"] == len(other.read_text().encode())
+    assert also["kiln_bpb"] == pytest.approx(score_bpb(kiln_dir, load_texts(other))["bpb"], rel=1e-9)
+    assert also["hf_bpb"] == pytest.approx(score_bpb(hf["model_dir"], load_texts(other))["bpb"], rel=1e-9)
+    assert also["bpb_ratio"] == pytest.approx(also["kiln_bpb"] / also["hf_bpb"]) and f"also {other}: kiln bpb" in run.stdout
     if rec["kiln_time_to_hf"]:
         assert rec["kiln_time_to_hf"]["bpb"] <= hf["bpb"]
     short = rec["kiln_short"]  # a third kiln run planned for the HF run's train seconds, scored alike
@@ -147,3 +166,4 @@ def test_script_end_to_end_then_reusing_the_hf_result(tmp_path):
     assert again["kiln"]["plan"] == "measured train.max_steps" and "--train.max_steps" in again["kiln"]["cmd"]
     assert str(results) in again["hf"]["reused_from"] and again["hf"]["bpb"] == hf["bpb"]
     assert "(reused)" in run.stdout and again["kiln_short"] is None
+    assert again["also"][0]["hf_bpb"] == pytest.approx(also["hf_bpb"], rel=1e-9)  # the reused HF model, scored again
