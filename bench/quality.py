@@ -276,16 +276,16 @@ def score_kiln(kiln: dict[str, Any], texts: list[str], out: Path, *, n: int, win
         pt.update(score_bpb(d, texts, window=window))
         print(f"  kiln step {pt['step']:>6}  {pt['elapsed_s']:7.1f} s  bpb {pt['bpb']:.4f}", flush=True)
     kiln["bpb"], kiln["score"] = final["bpb"], {k: final[k] for k in ("nats", "tokens", "bytes", "bits_per_token")}
+    kiln["export_dir"] = str(final_dir)
 
 
-def score_also(also_texts: dict[str, list[str]], kiln: dict[str, Any], hf: dict[str, Any] | None, out: Path, *,
+def score_also(also_texts: dict[str, list[str]], kiln: dict[str, Any], hf: dict[str, Any] | None, *,
                window: int) -> list[dict[str, Any]]:
     """Both final models (kiln's export, HF's model folder) on each `--also-score` text."""
     rows = []
-    kiln_dir = out / "kiln-export" / f"step_{kiln['checkpoints'][-1]['step']}"
     for path, texts in also_texts.items():
         row = {"path": path, "sha256": sha256(Path(path)), "bytes": sum(len(t.encode()) for t in texts),
-               "kiln_bpb": score_bpb(kiln_dir, texts, window=window)["bpb"],
+               "kiln_bpb": score_bpb(kiln["export_dir"], texts, window=window)["bpb"],
                "hf_bpb": score_bpb(hf["model_dir"], texts, window=window)["bpb"] if hf else None}
         row["bpb_ratio"] = row["kiln_bpb"] / row["hf_bpb"] if hf else None
         rows.append(row)
@@ -445,7 +445,7 @@ def compare(args: argparse.Namespace) -> int:
         if spec["n_params_kiln"] != hf["n_params"]:
             raise SystemExit(f"the HF model has {hf['n_params']:,} parameters, kiln's config of the same shape "
                              f"{spec['n_params_kiln']:,}: the HF mirror of the shape is wrong")
-    also = score_also(also_texts, kiln, hf, out, window=args.window)
+    also = score_also(also_texts, kiln, hf, window=args.window)
     rec = {"bench": "quality", "date": time.strftime("%Y-%m-%d"), "time": time.strftime("%H:%M:%S"),
            "machine": f"{cpu_name()}, {os.cpu_count()} cores ({platform.node()})",
            "commit": git_describe(ROOT) or "unknown", "budget_s": budget_s, "seed": args.seed,

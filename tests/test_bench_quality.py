@@ -147,6 +147,7 @@ def test_script_end_to_end_then_reusing_the_hf_result(tmp_path):
     assert score_bpb(hf["model_dir"], load_texts(small))["bpb"] == pytest.approx(hf["bpb"], rel=1e-9)
     (also,) = rec["also"]
     kiln_dir = tmp_path / "a" / "kiln-export" / f"step_{kiln['steps']}"
+    assert kiln["export_dir"] == str(kiln_dir)
     assert also["path"] == str(other) and also["bytes"] == len(other.read_text().encode())
     assert also["kiln_bpb"] == pytest.approx(score_bpb(kiln_dir, load_texts(other))["bpb"], rel=1e-9)
     assert also["hf_bpb"] == pytest.approx(score_bpb(hf["model_dir"], load_texts(other))["bpb"], rel=1e-9)

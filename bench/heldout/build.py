@@ -148,11 +148,31 @@ def build(sdist: Path, deb: Path) -> bytes:
     docs = [{"text": alice_text(sdist), "source": "carroll", "title": "Alice's Adventures in Wonderland"},
             {"text": moby_text(deb), "source": "melville", "title": "Moby-Dick, Chapters 1-22"}]
     check_disjoint(docs)
+    return jsonl_gz(docs)
+
+
+def jsonl_gz(docs: list[dict[str, str]]) -> bytes:
+    """The documents as gzipped JSON lines, byte for byte reproducible (gzip mtime 0, no file name)."""
     buf = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as gz:
         for d in docs:
             gz.write(json.dumps(d, ensure_ascii=False).encode("utf-8") + b"\n")
     return buf.getvalue()
+
+
+def write_or_check(out: Path, data: bytes, *, check: bool) -> int:
+    """--check: whether `out` is byte-identical to the rebuild (exit status 0 / 1); else write it."""
+    if check:
+        same = out.is_file() and out.read_bytes() == data
+        print(f"{out}: {'identical' if same else 'DIFFERS from a rebuild'}")
+        return 0 if same else 1
+    out.write_bytes(data)
+    with gzip.open(out, "rt", encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            print(f"{d['title']}: {len(d['text']):,} chars, {len(d['text'].encode()):,} bytes")
+    print(f"wrote {out} ({len(data):,} bytes)")
+    return 0
 
 
 def fetch(tmp: Path, sdist: Path | None, deb: Path | None) -> tuple[Path, Path]:
@@ -177,17 +197,7 @@ def main() -> int:
         sys.path.insert(0, args.rdata_path)
     with tempfile.TemporaryDirectory() as tmp:
         data = build(*fetch(Path(tmp), args.sdist, args.deb))
-    if args.check:
-        same = OUT.is_file() and OUT.read_bytes() == data
-        print(f"{OUT}: {'identical' if same else 'DIFFERS from a rebuild'}")
-        return 0 if same else 1
-    OUT.write_bytes(data)
-    with gzip.open(OUT, "rt", encoding="utf-8") as f:
-        for line in f:
-            d = json.loads(line)
-            print(f"{d['title']}: {len(d['text']):,} chars, {len(d['text'].encode()):,} bytes")
-    print(f"wrote {OUT} ({len(data):,} bytes)")
-    return 0
+    return write_or_check(OUT, data, check=args.check)
 
 
 if __name__ == "__main__":

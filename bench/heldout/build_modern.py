@@ -13,15 +13,12 @@ this is, apart from the corpus's whitespace cleaning). Debian only: other system
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
-import io
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build import check_disjoint, clean  # noqa: E402
+from build import check_disjoint, clean, jsonl_gz, write_or_check  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "modern.jsonl.gz"
@@ -47,11 +44,7 @@ def build(folder: Path = LICENSES) -> bytes:
                   file=sys.stderr)
         docs.append({"text": clean(data.decode("utf-8")), "source": "licenses", "title": title})
     check_disjoint(docs, notices=False)
-    buf = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as gz:
-        for d in docs:
-            gz.write(json.dumps(d, ensure_ascii=False).encode("utf-8") + b"\n")
-    return buf.getvalue()
+    return jsonl_gz(docs)
 
 
 def main() -> int:
@@ -61,14 +54,7 @@ def main() -> int:
     if not LICENSES.is_dir():
         print(f"{LICENSES}: not found (Debian's base-files package ships it)", file=sys.stderr)
         return 2
-    data = build()
-    if args.check:
-        same = OUT.read_bytes() == data
-        print(f"{OUT.name}: {'identical' if same else 'DIFFERS'} (sha256 {hashlib.sha256(data).hexdigest()})")
-        return 0 if same else 1
-    OUT.write_bytes(data)
-    print(f"wrote {OUT} ({len(data):,} bytes, sha256 {hashlib.sha256(data).hexdigest()})")
-    return 0
+    return write_or_check(OUT, build(), check=args.check)
 
 
 if __name__ == "__main__":
