@@ -11,7 +11,7 @@ from kiln.data.packing import Batch
 from kiln.errors import ConfigError
 from kiln.eval.loss import token_loss_sum
 from kiln.model import build_model
-from kiln.model.loss import _liger_loss, linear_cross_entropy
+from kiln.model.loss import _liger_loss, linear_cross_entropy, shared_rows
 
 
 def _inputs(N=300, d=24, V=1000, seed=0):
@@ -42,6 +42,64 @@ def test_chunked_matches_full_logits(chunk_rows):
     # the plain path is the same reference through kiln's API
     lp, ph, pw = _loss_and_grads("plain", h, w, y)
     assert torch.equal(lp, ref.detach()) and torch.equal(ph, ref_h)
+
+
+def _with_equal_rows(seed=0, first_shared=200):
+    """_inputs with rows first_shared.. of the head all equal to one vector, and one target among them."""
+    h, w, y = _inputs(seed=seed)
+    with torch.no_grad():
+        w[first_shared:] = w[first_shared]
+    y = y % first_shared  # targets among the rows of their own ...
+    y[::7] = -100
+    y[5] = 900  # ... and one inside the group: its row must get its own gradient
+    return h, w, y
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_shared_rows_match_the_full_head(autocast):
+    h, w, y = _with_equal_rows()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss, gh, gw = _loss_and_grads("chunked", h, w, y, chunk_rows=64)
+        loss_s, gh_s, gw_s = _loss_and_grads("chunked", h, w, y, chunk_rows=64, share_rows=True)
+    group = shared_rows(w.detach(), y)
+    assert group.size == 799 and group.own.numel() == 201 and 900 in group.own.tolist()
+    tol = dict(rtol=0.02, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_s, loss, rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(gh_s, gh, **tol)
+    torch.testing.assert_close(gw_s, gw, **tol)
+    # the group's rows have small gradients (~4e-4 here): compared on their own scale, each gets 1/M of u's
+    in_group = torch.arange(1000) >= 200
+    in_group[900] = False
+    torch.testing.assert_close(gw_s[in_group], gw[in_group], rtol=0.05 if autocast else 1e-5, atol=1e-6 if autocast else 0.0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # evaluation, targets
+        full = linear_cross_entropy(h, w, y, impl="chunked", chunk_rows=64)  # inside the group included
+        shared = linear_cross_entropy(h, w, y, impl="chunked", chunk_rows=64, share_rows=True)
+    torch.testing.assert_close(shared, full, rtol=1e-6, atol=1e-3)
+    # every row of the group got the same gradient, so an elementwise optimizer keeps them equal
+    rows = gw_s[200:][torch.arange(200, 1000) != 900]
+    assert torch.equal(rows, rows[:1].expand_as(rows))
+
+
+def test_shared_rows_are_found_under_autocast():
+    # rows a hair away from the group's vector: bf16 bucket keys (autocast's matmul) would put them in the group's
+    # bucket, ahead of it; the search must run in fp32
+    w = torch.full((1000, 24), 0.5)
+    w[:200] += 1e-4 * torch.randn(200, 24, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        group = shared_rows(w, torch.tensor([3, -100]))
+    assert group.size == 800 and group.own.tolist() == list(range(200))
+
+
+def test_shared_rows_need_two_equal_rows_outside_the_targets():
+    h, w, y = _inputs()
+    assert shared_rows(w.detach(), y) is None  # all rows differ
+    with torch.no_grad():
+        w[10] = w[11]
+    assert shared_rows(w.detach(), y[(y != 10) & (y != 11)]).size == 2
+    assert shared_rows(w.detach(), torch.tensor([10])) is None  # one row left once a target takes the other
+    loss, gh, gw = _loss_and_grads("chunked", h, w, y, chunk_rows=64)
+    assert all(torch.equal(a, b) for a, b in zip(_loss_and_grads("chunked", h, w, y, chunk_rows=64, share_rows=True),
+                                                  (loss, gh, gw)))  # no group: the plain chunked path
 
 
 def test_chunked_is_deterministic_and_no_grad_agrees():
@@ -190,3 +248,48 @@ def test_token_logps_runs_the_head_on_target_rows_in_chunks_only():
     seen.clear()
     token_logps(model, tok, tgt, chunk_rows=16).sum().backward()
     assert sorted(seen) == [8, 8, 16, 16, 16, 16]  # forward, then the recomputation in backward
+
+
+def test_training_with_shared_rows_matches_the_full_head():
+    """Five real optimizer steps (Muon + AdamW groups, clipping) of a zero-initialised untied head, with the
+    shared-rows loss and with the full head: the same losses and weights, and the never-targeted rows stay one
+    vector (so the next step finds them again)."""
+    from kiln.bench import synthetic_batches
+    from kiln.config import load_config
+    from kiln.device import autocast_for
+    from kiln.parallel.mesh import init_layout
+    from kiln.train.engine import Engine
+    from kiln.train.objective import Objective, RunSettings
+
+    cfg = load_config("demo", ["--model.vocab_size", "2000", "--model.n_layers", "1", "--train.micro_batch_size", "2",
+                               "--train.global_batch_size", "2", "--train.seq_len", "32", "--train.dtype", "fp32"])
+    batches = synthetic_batches(cfg, 5, seed=0)  # random ids: each step targets ids no earlier step did
+    runs = {}
+    for share in (False, True):
+        objective = Objective()
+        objective.configure(RunSettings.of(cfg))
+        engine = Engine(model=cfg.model, optim=cfg.optim, train=cfg.train, parallel=cfg.parallel,
+                        doc_mask=cfg.data.doc_mask, layout=init_layout(cfg.parallel, cfg.model, "cpu"),
+                        objective=objective, seed=0, accum_steps=1)
+        engine.model.share_head_rows = share
+        assert torch.equal(engine.model.head.weight, torch.zeros_like(engine.model.head.weight))
+        losses = []
+        for b in batches:
+            loss_sum, count, _ = engine.forward_backward([b], autocast_for("fp32", torch.device("cpu")))
+            engine.clip_grad_norm(1.0)
+            engine.optimizer.step()
+            engine.optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss_sum) / count)
+        runs[share] = losses, {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    (full, w_full), (shared, w_shared) = runs[False], runs[True]
+    assert shared == pytest.approx(full, rel=1e-5)
+    for n, p in w_full.items():
+        # not entry by entry: Adam divides by sqrt(v), so where a gradient is ~0 (the first steps behind a zero wo)
+        # float-order differences move an entry by up to the lr
+        assert (w_shared[n] - p).norm() < 1e-3 * p.norm(), n
+    targeted = torch.cat([b.targets.flatten() for b in batches])
+    group = shared_rows(w_shared["head.weight"])
+    never = torch.ones(2000, dtype=torch.bool)
+    never[targeted[targeted != -100]] = False
+    assert group.size == int(never.sum()) > 1000 and group.own.tolist() == (~never).nonzero().squeeze(1).tolist()
+    assert w_shared["head.weight"][group.rep].abs().sum() > 0  # the group has trained away from zero as one row

@@ -292,9 +292,21 @@ def train_demo(tmp_path: Path, *overrides: str) -> str:
 
 def test_demo_as_make_train_runs_it_trains_and_exports_its_context(tmp_path):
     """`kiln train demo` (what `make train` runs, shortened): Mistral v3's vocabulary, the untied 9.2M-parameter
-    model, evals that improve; its export declares the 256-token context it trains on, so no note about one."""
+    model, evals that improve; its export declares the 256-token context it trains on, so no note about one.
+    Its head started at zero: the rows of the ids six steps never targeted left zero as one vector (the loss
+    computed them once), and the export keeps them so."""
     assert "9.18M parameters" in train_demo(tmp_path)
     res = run("export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf"))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["max_position_embeddings"], config["vocab_size"], config["tie_word_embeddings"]) == (256, 32768, False)
     assert "max_seq_len" not in res.stderr
+    from safetensors.torch import load_file
+
+    from kiln.model.loss import shared_rows
+
+    head = load_file(str(tmp_path / "hf" / "model.safetensors"))["lm_head.weight"].float()
+    group = shared_rows(head)
+    assert 25_000 < group.size < 32_768 - 1_000  # 6 x 2048 targets reach a few thousand ids
+    assert head[group.rep].abs().sum() > 0  # trained as one row, away from zero
+    controls = torch.arange(10, 700)  # Mistral v3's [control_N] ids, which no text encodes to
+    assert bool((group.column[controls] == group.own.numel()).all())  # all in the group

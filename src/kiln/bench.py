@@ -41,6 +41,7 @@ from kiln.device import autocast_for, train_precision
 from kiln.errors import ConfigError
 from kiln.estimate import estimate_memory
 from kiln.model import count_params
+from kiln.model.loss import shared_rows
 from kiln.optim import param_dtype
 from kiln.parallel.mesh import init_layout, shutdown
 from kiln.parallel.pipeline import microbatches
@@ -179,6 +180,15 @@ def _cpu_peak_bytes(engine: Any, step_fn: Any) -> tuple[int, str]:
     return tracker.peak, "live tensor bytes (one extra step)"
 
 
+def _shared_head_rows(model: Any) -> int:
+    """Head rows the loss computed as one (kiln.model.loss, "Shared rows"): those of ids the bench's few
+    random batches never targeted. A real run's count is the vocabulary less the ids its data uses."""
+    if not getattr(model, "share_head_rows", False) or model.head is None:
+        return 0
+    group = shared_rows(model.head.weight.detach())
+    return group.size if group is not None else 0
+
+
 def run_bench(cfg: Config, *, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
     """Warm up, time `steps` training steps, measure peak memory; the result record."""
     layout = init_layout(cfg.parallel, cfg.model, cfg.run.device)
@@ -253,6 +263,7 @@ def run_bench(cfg: Config, *, steps: int = 10, warmup: int = 3) -> dict[str, Any
         "torch": torch.__version__, "git_sha": git_describe(), "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"),
     }
+    result["shared_head_rows"] = _shared_head_rows(engine.model)
     result["is_main"] = layout.is_main
     shutdown(layout)
     return result

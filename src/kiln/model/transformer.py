@@ -111,6 +111,9 @@ class Transformer(nn.Module):
         # forward(targets=...) computes the loss from the final hidden states without materialising
         # the full logits when True; parallelize() turns it off where the head is sharded (TP).
         self.fused_loss = True
+        # an untied head started at zero keeps the rows of never-targeted ids equal: the fused loss computes
+        # them once (kiln.model.loss, "Shared rows"; exact, and it looks for the equal rows every call)
+        self.share_head_rows = cfg.init_zero_out and not cfg.tie_embeddings
 
     def init_weights(self, seed: int | None = None) -> None:
         """Every tensor's initial value; see kiln.model.init for the table."""
@@ -161,7 +164,8 @@ class Transformer(nn.Module):
         if targets is None:
             return self.logits(h)
         if self.fused_loss:
-            return linear_cross_entropy(h.flatten(0, 1), self.output_weight(), targets.flatten(), impl=loss_impl)
+            return linear_cross_entropy(h.flatten(0, 1), self.output_weight(), targets.flatten(), impl=loss_impl,
+                                        share_rows=self.share_head_rows)
         return F.cross_entropy(self.logits(h).float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                                reduction="sum")
 
