@@ -18,6 +18,7 @@ import torch
 
 from kiln.config import load_config
 from kiln.data.packing import Batch
+from kiln.model.loss import shared_rows
 from kiln.parallel.mesh import init_layout, shutdown
 from kiln.parallel.pipeline import microbatches
 from kiln.train.engine import Engine
@@ -70,6 +71,8 @@ def run(overrides: list[str]) -> tuple[list[dict], object]:
         engine.step()
         engine.optimizer.zero_grad()
         records.append({"step": step, "loss": loss, "grad_norm": float(norm)})
+    if layout.world_size == 1 and engine.model.share_head_rows:  # the rows the loss computed as one
+        records[-1]["shared_head_rows"] = shared_rows(engine.model.head.weight.detach()).size
     if engine.pipe is not None and cfg.model.tie_embeddings:  # the tied copies must still be equal
         mods = engine.pipe.modules_by_id()
         last = engine.pipe.n_stages - 1
