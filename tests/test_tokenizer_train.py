@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import kiln_cmd
 from kiln.config import Config, ModelConfig, SourceConfig
@@ -19,6 +20,7 @@ from kiln.data.sources import CORPUS_DIR
 from kiln.data.tokenizer import load_tokenizer, tokenizer_digest
 from kiln.data.tokenizer_train import BYTE_TOKENS, CONTROL_TOKENS, choose_alphabet, train_tokenizer
 from kiln.errors import DataError
+from kiln.model.loss import shared_rows
 from kiln.train.preflight import check_tokenizer, unused_vocab_note
 
 # runs of spaces, newlines, tabs, unicode (in and outside the alphabet), digits, control tokens as text
@@ -300,10 +302,6 @@ def test_demo_as_make_train_runs_it_trains_and_exports_its_context(tmp_path):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["max_position_embeddings"], config["vocab_size"], config["tie_word_embeddings"]) == (256, 32768, False)
     assert "max_seq_len" not in res.stderr
-    from safetensors.torch import load_file
-
-    from kiln.model.loss import shared_rows
-
     head = load_file(str(tmp_path / "hf" / "model.safetensors"))["lm_head.weight"].float()
     group = shared_rows(head)
     assert 25_000 < group.size < 32_768 - 1_000  # 6 x 2048 targets reach a few thousand ids
