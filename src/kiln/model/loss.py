@@ -70,8 +70,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         group = shared_rows(w_full, targets) if share_rows else None
         w, last_bias = w_full, None
         if group is not None:  # the K rows of their own, then u; targets re-indexed into those K
-            w = torch.cat([w_full[group.own], w_full[group.rep:group.rep + 1]])  # (K + 1, d)
-            targets = torch.where(targets == IGNORE, IGNORE, group.column[targets.clamp_min(0)])
+            w, targets = _compact(w_full, targets, group)
             last_bias = math.log(group.size)
         N, V = h.shape[0], w.shape[0]
         rows = max(1, min(chunk_rows, N))  # N = 0 (every target ignored): no chunk runs, the loss is 0
@@ -195,38 +194,29 @@ def _spread(grad: Tensor, group: SharedRows, V: int) -> Tensor:
     return out
 
 
+def _compact(w: Tensor, targets: Tensor, group: SharedRows) -> tuple[Tensor, Tensor]:
+    """The (K + 1, d) head of `group` (its own rows, then u) and the targets as its columns (-100 kept)."""
+    w_k = torch.cat([w[group.own], w[group.rep:group.rep + 1]])
+    return w_k, torch.where(targets == IGNORE, IGNORE, group.column[targets.clamp_min(0)])
+
+
 def _chunked_loss_no_grad(h: Tensor, w: Tensor, targets: Tensor, chunk_rows: int, cdt: torch.dtype,
                           share_rows: bool = False) -> Tensor:
-    """The same sum without gradients (evaluation): one chunk of logits at a time."""
+    """The same sum without gradients (evaluation): one chunk of logits at a time. With a group of shared
+    rows, a target inside it scores u's logit without the + log M that stands for the group's other rows:
+    its cross-entropy against column K, plus log M."""
     group = shared_rows(w) if share_rows else None
-    if group is not None:
-        return _shared_loss_no_grad(h, w, targets, chunk_rows, cdt, group)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
+    if group is not None:
+        w, targets = _compact(w, targets, group)
+        total += math.log(group.size) * (targets == group.own.numel()).sum()
     wc = w.to(cdt)
     with torch.autocast(h.device.type, enabled=False):
         for start in range(0, h.shape[0], chunk_rows):
             logits = (h[start:start + chunk_rows].to(cdt) @ wc.t()).float()
+            if group is not None:
+                logits[:, -1] += math.log(group.size)
             total += F.cross_entropy(logits, targets[start:start + chunk_rows], ignore_index=IGNORE, reduction="sum")
-    return total
-
-
-def _shared_loss_no_grad(h: Tensor, w: Tensor, targets: Tensor, chunk_rows: int, cdt: torch.dtype,
-                         group: SharedRows) -> Tensor:
-    """`_chunked_loss_no_grad` on the K + 1 rows of `group`; a target inside the group scores u's logit
-    without the + log M that stands for the group's other rows."""
-    log_m = math.log(group.size)
-    wc = torch.cat([w[group.own], w[group.rep:group.rep + 1]]).to(cdt)  # (K + 1, d)
-    K = group.own.numel()
-    total = torch.zeros((), dtype=torch.float32, device=h.device)
-    with torch.autocast(h.device.type, enabled=False):
-        for start in range(0, h.shape[0], chunk_rows):
-            y = targets[start:start + chunk_rows]
-            valid = y != IGNORE
-            col = group.column[y.clamp_min(0)]  # (n,)
-            z = (h[start:start + chunk_rows].to(cdt) @ wc.t()).float()  # (n, K + 1)
-            z[:, K] += log_m
-            z_y = z.gather(1, col[:, None]).squeeze(1) - torch.where(col == K, log_m, 0.0)
-            total += torch.where(valid, torch.logsumexp(z, dim=-1) - z_y, 0.0).sum()
     return total
 
 
