@@ -338,18 +338,30 @@ def test_muon_first_step_closed_form_with_lr_ratio():
     assert torch.equal(w.grad, grad)  # the optimizer never writes into .grad
 
 
-def test_muon_adamw_part_matches_torch_adamw():
+@pytest.mark.parametrize("fused", [True, False])
+def test_muon_adamw_part_matches_torch_adamw(fused):
+    """Plain fp32 tensors take torch's fused kernel (bitwise torch's fused AdamW); the per-tensor path
+    (bf16 parameters, DTensors: forced here with a bf16 bystander in the group) matches torch's loop."""
     g = torch.Generator().manual_seed(0)
     p0 = torch.randn(5, 3, generator=g)
     grads = [torch.randn(5, 3, generator=g) for _ in range(4)]
     a, b = nn.Parameter(p0.clone()), nn.Parameter(p0.clone())
-    ours = Muon([{"params": [a], "use_muon": False}], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    ref = torch.optim.AdamW([b], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
+    group = [a] if fused else [a, nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))]
+    ours = Muon([{"params": group, "use_muon": False}], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ref = torch.optim.AdamW([b], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=fused,
+                            foreach=False if not fused else None)
     for grad in grads:
         a.grad, b.grad = grad.clone(), grad.clone()
+        if not fused:
+            group[1].grad = torch.ones(2, dtype=torch.bfloat16)
         ours.step()
         ref.step()
-    assert torch.allclose(a, b, rtol=0, atol=1e-7)
+    if fused:
+        assert torch.equal(a, b)
+    else:
+        assert torch.allclose(a, b, rtol=0, atol=1e-7)
+        assert not torch.equal(a, p0)
+    assert ours.state[a]["step"].item() == 4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

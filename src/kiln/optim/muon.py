@@ -70,6 +70,18 @@ def _is_dtensor(t: Tensor) -> bool:
     return hasattr(t, "full_tensor") and hasattr(t, "placements")
 
 
+def _fusable(params: list[Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel can update these parameters in place: plain fp32 tensors with
+    fp32 gradients on one CPU or CUDA device. bf16 parameters (fp32 moments, stochastic rounding) and
+    DTensors take the per-tensor path."""
+    if not params:
+        return False
+    dev = params[0].device
+    return dev.type in ("cpu", "cuda") and all(
+        p.dtype == torch.float32 and p.grad.dtype == torch.float32 and p.device == dev and not _is_dtensor(p)
+        for p in params)
+
+
 class Muon(torch.optim.Optimizer):
     """One optimizer, two update rules chosen per param group by its `use_muon` key.
 
@@ -104,6 +116,9 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if group["use_muon"]:
                 self._muon_group(params, group, lr)
+                continue
+            if _fusable(params):
+                self._fused_adamw(params, group, lr)
                 continue
             for p in params:
                 x = self._decayed(p, group, lr)
@@ -157,14 +172,35 @@ class Muon(torch.optim.Optimizer):
         x.add_(o, alpha=-lr * 0.2 * math.sqrt(max(rows, cols)))
         write_back(p, x, stochastic=self.stochastic_rounding, rng=self.rng)
 
-    def _adamw_update(self, p: Tensor, x: Tensor, group: dict[str, Any], lr: float) -> None:
-        """The update of torch.optim.AdamW (non-fused), with fp32 moments for any parameter dtype."""
-        g = p.grad
+    def _adam_state(self, p: Tensor) -> dict[str, Any]:
+        """p's AdamW state (torch.optim.AdamW's keys), created at zero on first use."""
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(g, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(g, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p.grad, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p.grad, dtype=torch.float32)
+        return state
+
+    def _fused_adamw(self, params: list[Tensor], group: dict[str, Any], lr: float) -> None:
+        """One AdamW group of plain fp32 tensors in torch's fused kernel: the update of _decayed +
+        _adamw_update in one pass over each tensor (on a 2-core CPU 11x faster for `demo`'s embedding and
+        head: 3 against 34 ms a step, most of what the AdamW part cost)."""
+        states = [self._adam_state(p) for p in params]
+        for p, st in zip(params, states):
+            if st["step"].device != p.device:  # the fused kernel wants its step counters beside the data
+                st["step"] = st["step"].to(p.device)
+        steps = [st["step"] for st in states]
+        torch._foreach_add_(steps, 1)  # the kernel reads the step count, as torch.optim.AdamW's caller does
+        beta1, beta2 = group["betas"]
+        torch._fused_adamw_(params, [p.grad for p in params], [st["exp_avg"] for st in states],
+                            [st["exp_avg_sq"] for st in states], [], steps, lr=lr,
+                            beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                            amsgrad=False, maximize=False)
+
+    def _adamw_update(self, p: Tensor, x: Tensor, group: dict[str, Any], lr: float) -> None:
+        """The update of torch.optim.AdamW (non-fused), with fp32 moments for any parameter dtype."""
+        state = self._adam_state(p)
+        g = p.grad
         state["step"] += 1
         t = state["step"].item()
         beta1, beta2 = group["betas"]
