@@ -1,22 +1,29 @@
 """AdamW's step alone, per implementation (for-loop, foreach, fused), on a preset's real parameters.
 
     .venv/bin/python bench/optim_step.py tiny llama-30m [--device cpu] [--steps 10]
+    .venv/bin/python bench/optim_step.py demo --muon [--rounds 5]
 
 kiln builds AdamW with `fused=True` on CUDA and CPU (kiln.optim.builder); this is the before/after.
+`--muon`: the whole step of Muon (the preset's optim settings, optim.name muon) with its AdamW groups (embeddings,
+head, norms) in torch's fused kernel, as kiln runs it, against the per-tensor update it had before;
+the two alternate step by step on one optimizer, `--rounds` x `--steps` steps each.
 Prints a markdown table; gradients are random, the timed steps follow 3 untimed ones (state allocated).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
 import torch
 
+import kiln.optim.muon as muon_mod
 from kiln.config import load_config
+from kiln.device import autocast_dtype
 from kiln.model import build_model
-from kiln.optim.builder import param_groups
+from kiln.optim.builder import build_optimizer, param_groups
 
 
 def time_step(model: torch.nn.Module, device: torch.device, steps: int, **flags: bool) -> float:
@@ -35,13 +42,50 @@ def time_step(model: torch.nn.Module, device: torch.device, steps: int, **flags:
     return statistics.median(times) * 1000
 
 
+def muon_step_ms(name: str, device: torch.device, steps: int, rounds: int) -> tuple[float, float]:
+    """Median ms of the preset's Muon step with the fused AdamW part, and with the per-tensor one."""
+    cfg = load_config(name, [])
+    model = build_model(cfg.model, seed=0).to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt = build_optimizer(model, dataclasses.replace(cfg.optim, name="muon"), device_type=device.type,  # Newton-Schulz's dtype as the trainer picks it
+                          autocast_dtype=autocast_dtype(cfg.train.dtype, device))
+    fusable = muon_mod._fusable
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for i in range(2 * (3 + steps * rounds)):
+            fused = i % 2 == 0
+            muon_mod._fusable = fusable if fused else (lambda params: False)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= 6:
+                times[fused].append(time.perf_counter() - t0)
+    finally:
+        muon_mod._fusable = fusable
+    return statistics.median(times[True]) * 1000, statistics.median(times[False]) * 1000
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("presets", nargs="+")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--muon", action="store_true", help="the preset's Muon step, AdamW part fused vs per-tensor")
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.muon:
+        print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; median ms of "
+              f"{args.steps * args.rounds} steps each, alternating\n")
+        print("| preset | Muon step, AdamW part fused | per-tensor | speed-up |\n|---|---:|---:|---:|")
+        for name in args.presets:
+            fused, loop = muon_step_ms(name, device, args.steps, args.rounds)
+            print(f"| {name} | {fused:.1f} | {loop:.1f} | {loop / fused:.1f}x |")
+        return
     variants = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; median ms of "
           f"{args.steps} steps\n")

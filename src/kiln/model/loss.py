@@ -166,9 +166,10 @@ def shared_rows(w: Tensor, targets: Tensor | None = None) -> SharedRows | None:
             return None
         left, same = keys == values[best], None
         while True:  # unequal rows can share a key: take the bucket's largest set of equal rows
-            rep = int(left.nonzero()[0, 0])
+            idx = left.nonzero().squeeze(1)
+            rep = int(idx[0])
             equal = left.clone()
-            equal[left] = (w[left] == w[rep]).all(dim=1)
+            equal[idx] = (w.index_select(0, idx) == w[rep]).all(dim=1)
             if same is None or equal.sum() > same.sum():
                 same = equal
             left &= ~equal
@@ -188,16 +189,16 @@ def shared_rows(w: Tensor, targets: Tensor | None = None) -> SharedRows | None:
 
 
 def _spread(grad: Tensor, group: SharedRows, V: int) -> Tensor:
-    """(K + 1, d) gradient -> (V, d): the K rows in place, u's gradient / M on every row of the group."""
-    out = (grad[-1] / group.size).expand(V, grad.shape[1]).clone()
-    out[group.own] = grad[:-1]
-    return out
+    """(K + 1, d) gradient -> (V, d): the K rows in place, u's gradient / M on every row of the group (one
+    gather over V rows by each id's column)."""
+    grad[-1] /= group.size
+    return grad.index_select(0, group.column)
 
 
 def _compact(w: Tensor, targets: Tensor, group: SharedRows) -> tuple[Tensor, Tensor]:
     """The (K + 1, d) head of `group` (its own rows, then u) and the targets as its columns (-100 kept)."""
-    w_k = torch.cat([w[group.own], w[group.rep:group.rep + 1]])
-    return w_k, torch.where(targets == IGNORE, IGNORE, group.column[targets.clamp_min(0)])
+    rows = torch.cat([group.own, group.own.new_tensor([group.rep])])
+    return w.index_select(0, rows), torch.where(targets == IGNORE, IGNORE, group.column[targets.clamp_min(0)])
 
 
 def _chunked_loss_no_grad(h: Tensor, w: Tensor, targets: Tensor, chunk_rows: int, cdt: torch.dtype,
