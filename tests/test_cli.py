@@ -50,6 +50,13 @@ def test_config_errors(tmp_path):
     assert_user_error(run("train", "tiny", "--model.n_layrs", "2"), "unknown key 'model.n_layrs'")
     assert_user_error(run("train", "tiny", "--train.seq_len", "long"), "train.seq_len", "expected an integer")
     assert_user_error(run("train", "tiny", "--model.n_kv_heads", "3"), "model.n_kv_heads")
+    # a folder named like a preset in the working directory (a run or an export called `tiny`) does not hide it;
+    # a folder that names no preset is refused as a folder
+    (tmp_path / "tiny").mkdir()
+    res = run("estimate", "tiny", cwd=tmp_path)
+    assert res.returncode == 0 and "tiny" in res.stdout, res.stderr
+    (tmp_path / "exports").mkdir()
+    assert_user_error(run("train", "exports", cwd=tmp_path), "exports: a folder, not a config file")
 
 
 def test_data_errors(tmp_path, trained):

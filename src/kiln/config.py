@@ -419,13 +419,19 @@ def list_presets() -> list[str]:
 
 
 def resolve_preset(name_or_path: str) -> Path:
-    """A preset name (configs/<name>.yaml) or a path to a YAML file."""
+    """A preset name (configs/<name>.yaml) or a path to a YAML file. A folder of the preset's name in the working
+    directory (a run or an export called `demo`) does not hide the preset."""
     p = Path(name_or_path)
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if p.is_dir() and p.suffix not in (".yaml", ".yml") and preset.is_file():
+        return preset
     if p.suffix in (".yaml", ".yml") or p.exists():
+        if p.is_dir():
+            raise ConfigError(f"{name_or_path}: a folder, not a config file; pass a YAML file or one of the presets: "
+                              f"{', '.join(list_presets())}")
         if not p.is_file():
             raise ConfigError(f"{name_or_path}: no such config file; presets are: {', '.join(list_presets())}")
         return p
-    preset = PRESET_DIR / f"{name_or_path}.yaml"
     if not preset.is_file():
         raise ConfigError(f"unknown preset '{name_or_path}'; presets are: {', '.join(list_presets())}")
     return preset
