@@ -219,3 +219,35 @@ def test_a_full_disk_inside_dcps_writer_is_one_line(tmp_path, monkeypatch, async
     ckpts = tmp_path / "run" / "checkpoints"
     assert [p.name for p in ckpt_io.list_checkpoints(tmp_path / "run")] == ["step_2"]
     assert not list(ckpts.glob(".step_*"))
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0])
+def test_clip_grad_norm_clips_above_the_limit_and_leaves_gradients_within_it(scale):
+    """Engine.clip_grad_norm returns the pre-clip norm; above the limit the gradients are scaled to it, within it
+    they keep their exact values (on CPU the scaling pass by min(1, max/norm) = 1 is skipped)."""
+    from kiln.parallel.mesh import init_layout
+    from kiln.train.engine import Engine
+    from kiln.train.objective import Objective, RunSettings
+
+    cfg = load_config("tiny", ["--model.vocab_size", "64", "--model.n_layers", "1", "--train.dtype", "fp32"])
+    objective = Objective()
+    objective.configure(RunSettings.of(cfg))
+    engine = Engine(model=cfg.model, optim=cfg.optim, train=cfg.train, parallel=cfg.parallel,
+                    doc_mask=cfg.data.doc_mask, layout=init_layout(cfg.parallel, cfg.model, "cpu"),
+                    objective=objective, seed=0, accum_steps=1)
+    g = torch.Generator().manual_seed(0)
+    params = engine.params()
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    norm0 = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params]))
+    for p in params:
+        p.grad *= scale / norm0
+    before = [p.grad.clone() for p in params]
+    total = engine.clip_grad_norm(1.0)
+    assert float(total) == pytest.approx(scale, rel=1e-5)
+    after = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params]))
+    if scale <= 1.0:
+        assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
+    else:
+        assert float(after) == pytest.approx(1.0, rel=1e-5)
+        assert all(torch.allclose(p.grad, b / scale, rtol=1e-5, atol=0) for p, b in zip(params, before))
