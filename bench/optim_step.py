@@ -26,20 +26,22 @@ from kiln.model import build_model
 from kiln.optim.builder import build_optimizer, param_groups
 
 
+def timed_step(opt: torch.optim.Optimizer, device: torch.device) -> float:
+    """Seconds of one opt.step(), the device synchronised on both sides."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def time_step(model: torch.nn.Module, device: torch.device, steps: int, **flags: bool) -> float:
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, **flags)
     for _ in range(3):
         opt.step()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+    return statistics.median(timed_step(opt, device) for _ in range(steps)) * 1000
 
 
 def muon_step_ms(name: str, device: torch.device, steps: int, rounds: int) -> tuple[float, float]:
@@ -48,22 +50,18 @@ def muon_step_ms(name: str, device: torch.device, steps: int, rounds: int) -> tu
     model = build_model(cfg.model, seed=0).to(device)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
-    opt = build_optimizer(model, dataclasses.replace(cfg.optim, name="muon"), device_type=device.type,  # Newton-Schulz's dtype as the trainer picks it
+    # Newton-Schulz in the dtype the trainer picks for this preset
+    opt = build_optimizer(model, dataclasses.replace(cfg.optim, name="muon"), device_type=device.type,
                           autocast_dtype=autocast_dtype(cfg.train.dtype, device))
     fusable = muon_mod._fusable
     times: dict[bool, list[float]] = {True: [], False: []}
     try:
-        for i in range(2 * (3 + steps * rounds)):
+        for i in range(2 * (3 + steps * rounds)):  # 3 untimed steps of each first
             fused = i % 2 == 0
             muon_mod._fusable = fusable if fused else (lambda params: False)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            t = timed_step(opt, device)
             if i >= 6:
-                times[fused].append(time.perf_counter() - t0)
+                times[fused].append(t)
     finally:
         muon_mod._fusable = fusable
     return statistics.median(times[True]) * 1000, statistics.median(times[False]) * 1000
