@@ -140,7 +140,7 @@ def _wsd_budget(cfg: OptimConfig) -> TimeBudget:
 @pytest.mark.parametrize("later_step", [0.1, 0.5])
 def test_a_wsd_run_replans_once_in_its_stable_phase_and_keeps_the_lr_of_every_step_taken(later_step):
     """The plan comes from 15 warmup steps; the re-plan, 3/4 of the way to the decay, from the mean of the
-    371 steps since. A faster machine gets more steps; a slower one fewer, but never so few that a step
+    later half of the 371 steps since. A faster machine gets more steps; a slower one fewer, but never so few that a step
     already taken would have been in the decay."""
     cfg = OptimConfig(schedule="wsd", decay_fraction=0.3, warmup_steps=30)
     budget = _wsd_budget(cfg)
@@ -155,11 +155,31 @@ def test_a_wsd_run_replans_once_in_its_stable_phase_and_keeps_the_lr_of_every_st
     n = budget.replan(plan, elapsed=elapsed, done=401, planned=750, save_every_minutes=0.0)
     assert "re-planned at step 401" in plan.budget_source and not budget.replan_due(402)
     if later_step == 0.1:  # (100 - 45.1 elapsed - 2 margin) / 0.1 s more
-        assert n == fit_steps(100.0, elapsed=elapsed, done=401, costs=Costs(0.1, 0.0, 0.0), eval_every=10**6,
+        mean = sum([0.1] * 186) / 186  # the later half's mean, summed as the budget sums it
+        assert n == fit_steps(100.0, elapsed=elapsed, done=401, costs=Costs(mean, 0.0, 0.0), eval_every=10**6,
                               save_every=10**6) and 925 < n < 935
     else:  # 223.5 s elapsed: no time left, and the shortest run whose steps 0..400 are all stable is 573
         assert n == 573 and length_free_steps(573, cfg) == 401 > length_free_steps(572, cfg)
     assert all(lr_factor(s, total_steps=750, cfg=cfg) == lr_factor(s, total_steps=n, cfg=cfg) for s in range(401))
+
+
+def test_a_replan_takes_the_later_half_of_the_steps_since_the_plan():
+    """Steps that slow down as the run goes (a machine slowing, a zero-init head's own rows growing): the re-plan
+    prices the rest of the run at the later half's mean step, not at the mean since the plan, which would
+    overrun."""
+    cfg = OptimConfig(schedule="wsd", decay_fraction=0.3, warmup_steps=30)
+    budget = _wsd_budget(cfg)
+    budget.schedule_replan(750)
+    for step in range(31, 402):
+        budget.step_done(step, 0.1 if step <= 215 else 0.14)  # steps 31-215 fast, 216-401 (the later 186) slow
+    elapsed = 8.0 + 185 * 0.1 + 186 * 0.14
+    plan = _plan()
+    n = budget.replan(plan, elapsed=elapsed, done=401, planned=750, save_every_minutes=0.0)
+    assert n == fit_steps(100.0, elapsed=elapsed, done=401, costs=Costs(sum([0.14] * 186) / 186, 0.0, 0.0),
+                          eval_every=10**6, save_every=10**6)
+    assert n < fit_steps(100.0, elapsed=elapsed, done=401, costs=Costs((185 * 0.1 + 186 * 0.14) / 371, 0.0, 0.0),
+                         eval_every=10**6, save_every=10**6)
+    assert "140 ms/step on average over its last 186 steps" in plan.budget_source
 
 
 def test_a_wsd_run_replans_again_on_the_steps_since_the_last_plan_until_its_decay_is_near():
@@ -175,7 +195,7 @@ def test_a_wsd_run_replans_again_on_the_steps_since_the_last_plan_until_its_deca
     elapsed, plans, plans_at, taken = 8.0 + 371 * 0.1, [750], [401], 401
     plan = _plan()
     n = budget.replan(plan, elapsed=elapsed, done=401, planned=750, save_every_minutes=0.0)
-    assert "re-planned at step 401: 100 ms/step on average over 371 steps" in plan.budget_source
+    assert "re-planned at step 401: 100 ms/step on average over its last 186 steps" in plan.budget_source
     plans.append(n)
     at = budget.schedule_replan(n, after=401)
     assert at == 401 + (length_free_steps(n, cfg) - 401) * 3 // 4 and at - 401 >= REPLAN_MIN_STEPS
@@ -186,10 +206,11 @@ def test_a_wsd_run_replans_again_on_the_steps_since_the_last_plan_until_its_deca
         taken = at
         plan = _plan()
         n = budget.replan(plan, elapsed=elapsed, done=at, planned=n, save_every_minutes=0.0)
-        assert f"re-planned at step {at}: 120 ms/step on average over {at - plans_at[-1]} steps" in plan.budget_source
+        half = (at - plans_at[-1]) - (at - plans_at[-1]) // 2  # the later half of the steps since the last plan
+        assert f"re-planned at step {at}: 120 ms/step on average over its last {half} steps" in plan.budget_source
         plans_at.append(at)
-        assert n == max(fit_steps(100.0, elapsed=elapsed, done=at, costs=Costs(0.12, 0.0, 0.0), eval_every=10**6,
-                                  save_every=10**6), _shortest_length_free(at, cfg, n))
+        assert n == max(fit_steps(100.0, elapsed=elapsed, done=at, costs=Costs(sum([0.12] * half) / half, 0.0, 0.0),
+                                  eval_every=10**6, save_every=10**6), _shortest_length_free(at, cfg, n))
         plans.append(n)
         at = budget.schedule_replan(n, after=at)
     assert len(plans) >= 3 and plans[2] < plans[1]  # slower since the first re-plan: fewer steps

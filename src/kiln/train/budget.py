@@ -18,17 +18,21 @@ the earlier processes of a resumed run.
     step R1, R2..    the re-plans, where the schedule allows them: R1 lies 3/4 of the way from K to the
                      end of N's length-free steps (kiln.optim.schedules.length_free_steps: WSD's stable
                      phase, a constant LR's whole run; cosine has none past its warmup, so it is planned
-                     once). The same rule with the mean step time of steps K+1..R1, the elapsed time and
-                     the evals and saves so far gives N', clamped so that steps 1..R1 stay length-free
-                     under N' too (the LR of every step taken is unchanged). R2 lies 3/4 of the way from
-                     R1 to the end of N''s length-free steps and re-plans with the steps R1+1..R2, and so
-                     on while the next one is at least REPLAN_MIN_STEPS away: the last re-plan comes
-                     shortly before WSD's decay starts, on the latest speed. Each plan and its step go into
-                     every checkpoint (TrainState.planned_steps, planned_at, plan_final). One step-time
-                     sample of a warmup is a poor guess of a run whose machine drifts: on 2 shared CPU
-                     cores the speed swings by a quarter over minutes. A 300 s `demo` run planned at 364
-                     ms/step averaged 330 (251 s used); with one re-plan, at 192 ms/step from the steps
-                     before it, the rest ran at 176 ms and the run used 273 s (bench/RESULTS.md).
+                     once). The same rule with the mean step time of the later half of steps K+1..R1, the
+                     elapsed time and the evals and saves so far gives N', clamped so that steps 1..R1
+                     stay length-free under N' too (the LR of every step taken is unchanged). R2 lies 3/4
+                     of the way from R1 to the end of N''s length-free steps and re-plans with the later
+                     half of steps R1+1..R2, and so on while the next one is at least REPLAN_MIN_STEPS
+                     away: the last re-plan comes shortly before WSD's decay starts, on the latest speed.
+                     Each plan and its step go into every checkpoint (TrainState.planned_steps,
+                     planned_at, plan_final). One step-time sample of a warmup is a poor guess of a run
+                     whose machine drifts: on 2 shared CPU cores the speed swings by a quarter over
+                     minutes. A 300 s `demo` run planned at 364 ms/step averaged 330 (251 s used); with
+                     one re-plan, at 192 ms/step from the steps before it, the rest ran at 176 ms and the
+                     run used 273 s (bench/RESULTS.md). The later half, not all the steps since the last
+                     plan: a step's cost drifts one way too, as an untied zero-init head's rows of their
+                     own grow with the ids the data reaches (`demo`'s steps slow from ~220 to ~290 ms over
+                     a 300 s run; a re-plan on the mean of all 771 steps before it overran by 7%).
 
 The plan is rank 0's (broadcast), so every rank takes the same steps. A run resumed before a re-plan
 re-plans at the same step by the same rule, with the step times of its own process. The margin is 2% of
@@ -161,7 +165,10 @@ class TimeBudget:
         """The run's length after step `done` (= replan_at) of a run planned for `planned` steps; the caller
         schedules the next re-plan (schedule_replan with after=done)."""
         assert self.length_free is not None and self.since_plan
-        step = sum(self.since_plan) / len(self.since_plan)  # the mean: what the rest of the run will average
+        # the mean of the later half: a step's cost drifts (the machine; an untied zero-init head's rows of their own
+        # grow as the data reaches more ids), and its latest steps say more of the rest of the run than its first
+        recent = self.since_plan[len(self.since_plan) // 2:]
+        step = sum(recent) / len(recent)
         costs = Costs(step=step, eval=self.eval_time, save=self.save_time)
         n = fit_steps(self.seconds, elapsed=elapsed, done=done, costs=costs, eval_every=plan.eval_every,
                       save_every=plan.save_every, save_every_minutes=save_every_minutes)
@@ -171,7 +178,7 @@ class TimeBudget:
             lo, hi = (lo, mid) if self.length_free(mid) >= done else (mid + 1, hi)
         n = max(n, lo)
         plan.budget_source = (f"train.time_budget {self.text} (re-planned at step {done}: {step * 1e3:.0f} ms/step "
-                              f"on average over {len(self.since_plan)} steps, measured)")
+                              f"on average over its last {len(recent)} steps, measured)")
         self.replan_at, self.since_plan = 0, []
         return n
 
