@@ -167,9 +167,8 @@ def shared_rows(w: Tensor, targets: Tensor | None = None) -> SharedRows | None:
         left, same = keys == values[best], None
         while True:  # unequal rows can share a key: take the bucket's largest set of equal rows
             idx = left.nonzero().squeeze(1)
-            rep = int(idx[0])
             equal = left.clone()
-            equal[idx] = (w.index_select(0, idx) == w[rep]).all(dim=1)
+            equal[idx] = (w.index_select(0, idx) == w[idx[0]]).all(dim=1)
             if same is None or equal.sum() > same.sum():
                 same = equal
             left &= ~equal
@@ -177,15 +176,13 @@ def shared_rows(w: Tensor, targets: Tensor | None = None) -> SharedRows | None:
                 break
         if targets is not None:
             same[targets[targets != IGNORE]] = False
-        size = int(same.sum())
-        if size < 2:
+        members = same.nonzero().squeeze(1)
+        if members.numel() < 2:
             return None
-        if not bool(same[rep]):  # rep was a target: any other member stands for the group
-            rep = int(same.nonzero()[0, 0])
         own = (~same).nonzero().squeeze(1)
         column = torch.full((V,), own.numel(), dtype=torch.long, device=w.device)
         column[own] = torch.arange(own.numel(), device=w.device)
-        return SharedRows(own=own, rep=rep, size=size, column=column)
+        return SharedRows(own=own, rep=int(members[0]), size=members.numel(), column=column)
 
 
 def _spread(grad: Tensor, group: SharedRows, V: int) -> Tensor:

@@ -259,7 +259,6 @@ class Engine:
             total = total.sqrt()
         # torch multiplies by min(1, max_norm / norm) always, to spare accelerators a host sync; on CPU a norm within
         # the limit skips that pass over every gradient (a multiply by exactly 1: the same numbers)
-        within = total.device.type == "cpu" and float(total) <= max_norm
-        if max_norm < float("inf") and not within:
+        if max_norm < float("inf") and not (total.device.type == "cpu" and float(total) <= max_norm):
             torch.nn.utils.clip_grads_with_norm_(self.params(), max_norm, total, foreach=True)
         return total
