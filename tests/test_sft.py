@@ -295,6 +295,32 @@ def test_the_stage_lr_rule_its_inputs_and_an_explicit_lr(tmp_path):
     assert dpo.optim.lr == pytest.approx(BASE_LR * min(1.0, (4096 / 48) ** 1.5 / 600))
 
 
+def test_a_source_run_with_a_time_budget_or_target_passes_neither_to_the_next_stage(tmp_path):
+    """`make train` trains `demo` for a 5 m time budget. `kiln sft` from it runs its epochs (it used to keep the
+    source's budget beside the epochs' max_steps: a saved config no later command could read, so dpo and chat
+    on the SFT run failed), the next stage starts from that checkpoint, and a budget given to the stage is the
+    stage's length. A checkpoint an earlier kiln saved with both reads as the run it was (max_steps)."""
+    ckpt = base_checkpoint(tmp_path, **{"train.max_steps": 0, "train.time_budget": "5m", "train.target_loss": 3.0,
+                                         "optim.warmup_steps": 3})
+    chats = jsonl(tmp_path / "chats.jsonl", [{"messages": m} for m in addition_chats(8)])
+    out = run_stage("sft", ckpt, chats, tmp_path / "sft")
+    assert "done: 1 steps, 256 tokens" in out  # one epoch of 8 short chats
+    cfg = ckpt_io.read_config(ckpt_io.resolve_checkpoint(tmp_path / "sft"))
+    assert (cfg.train.time_budget, cfg.train.target_loss, cfg.train.max_steps) == ("", 0.0, 1)
+    pairs = jsonl(tmp_path / "pairs.jsonl", [{"prompt": "What is 1+1?", "chosen": "2", "rejected": "3"}] * 4)
+    run_stage("dpo", tmp_path / "sft", pairs, tmp_path / "dpo")
+    run_stage("sft", ckpt, chats, tmp_path / "sft-budget", "--train.time_budget", "5s")
+    budgeted = ckpt_io.resolve_checkpoint(tmp_path / "sft-budget")
+    assert ckpt_io.read_config(budgeted).train.time_budget == "5s"
+    assert int(budgeted.name.removeprefix("step_")) > 10  # the steps that fit 5 s, not the one step of an epoch
+
+    old = ckpt_io.resolve_checkpoint(tmp_path / "sft")
+    text = (old / "config.yaml").read_text().replace("time_budget: ''", "time_budget: 5m")
+    (old / "config.yaml").write_text(text)
+    assert "time_budget: 5m" in text
+    assert ckpt_io.read_config(old).train.max_steps == 1
+
+
 def test_loader_state_round_trip():
     convs = [type("E", (), {"ids": np.arange(n), "mask": np.ones(n, bool)})() for n in (5, 9, 3, 7, 12, 4)]
     a = SFTLoader(convs, seq_len=16, batch_size=2, seed=3, pack=True, pad_id=0)

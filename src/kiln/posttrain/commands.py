@@ -6,8 +6,8 @@ run.out_dir defaults to runs/<source name>-<stage>. Without --optim.lr the stage
 the source checkpoint (its pretraining peak LR and width, kiln.posttrain.lr); the run prints which
 LR it chose and why. It trains through kiln.train.trainer.train with
 the stage's Objective, so schedule, accumulation, clipping, checkpoints, resume and metrics are the
-pretraining loop's. When neither train.max_steps nor train.total_tokens is given, the run lasts
-posttrain.epochs passes over the data (rows for SFT, pairs for DPO, prompts for RLVR).
+pretraining loop's. When none of train.max_steps, train.total_tokens and train.time_budget is given
+(the source's are not inherited), the run lasts posttrain.epochs passes over the data (rows for SFT, pairs for DPO, prompts for RLVR).
 """
 
 from __future__ import annotations
@@ -97,7 +97,9 @@ def _stage_tree(stage: str, ckpt: Path, args: argparse.Namespace, overrides: lis
     name = f"{base.run.name or ckpt.parent.parent.name}-{stage}"
     tree: dict[str, Any] = {
         "run": {"name": name, "out_dir": str(Path("runs") / name), "init_from": str(ckpt)},
-        "train": {"max_steps": 0, "total_tokens": 0, "stop_at_step": 0, "sample_tokens": 0},
+        # the source's length and stopping rule (demo's time budget, a target loss) are not this stage's
+        "train": {"max_steps": 0, "total_tokens": 0, "time_budget": "", "target_loss": 0.0, "stop_at_step": 0,
+                  "sample_tokens": 0},
         "posttrain": {"data": "", "val_data": ""},  # the source stage's data is not this stage's
         **{k: dict(v) for k, v in STAGE_DEFAULTS[stage].items()},
     }
@@ -130,9 +132,9 @@ def _resumed_source(stage: str, cfg: Config, ckpt: Path, args: argparse.Namespac
 
 
 def _set_steps(cfg: Config, user: dict, units: int) -> None:
-    """train.max_steps from posttrain.epochs when the user set no budget."""
+    """train.max_steps from posttrain.epochs when the user set no length (steps, tokens or a time budget)."""
     t = user.get("train", {})
-    if "max_steps" in t or "total_tokens" in t:
+    if "max_steps" in t or "total_tokens" in t or t.get("time_budget"):
         return
     cfg.train.max_steps = max(1, math.ceil(cfg.posttrain.epochs * units / cfg.train.global_batch_size))
 

@@ -427,6 +427,11 @@ def read_config(ckpt: Path) -> Config:
         tree = yaml.safe_load((ckpt / "config.yaml").read_text())
     except (OSError, yaml.YAMLError) as e:
         raise CheckpointError(f"{ckpt}/config.yaml: unreadable ({e}); the checkpoint is corrupt") from None
+    train = tree.get("train") if isinstance(tree, dict) else None
+    if isinstance(train, dict) and train.get("time_budget") and train.get("max_steps"):
+        # kiln sft/dpo/rlvr once kept the source run's time budget beside the stage's own max_steps, which is
+        # what those runs followed: read such a checkpoint as the run it was
+        train["time_budget"] = ""
     try:
         return config_from_dict(tree, where=f"{ckpt}/config.yaml")
     except ConfigError as e:
