@@ -265,6 +265,11 @@ def test_time_budget_plans_replans_and_a_resumed_run_follows_the_plan(tmp_path):
     assert common["planned_at"] == (replans[-1] if replans else 8)
     assert length_free_steps(final, cfg.optim) >= (replans[-1] if replans else 0)
     assert not (tmp_path / "run" / ".budget-probe").exists()  # the timed scratch checkpoint is gone
+    if not overran:  # a longer budget does not reopen a finished run, and the hint says what does
+        longer = [x if x != "16s" else "60s" for x in over if x not in ("--train.stop_at_step", "9")]
+        third = run_cli("train", "tiny", *longer)
+        assert third.returncode == 0 and f"nothing to train: it is complete at step {final}" in third.stdout
+        assert "pass --train.time_budget '' --train.max_steps N" in third.stdout
     ref = tmp_path / "ref"
     ref.mkdir()
     ref_over = small_overrides(ref, **{"train.max_steps": final, "optim.warmup_steps": 8, "train.save_every": 20,
@@ -302,6 +307,12 @@ def test_target_loss_stops_at_the_first_eval_that_reaches_it_and_reports_the_cos
     assert json.loads(summary.stdout.strip().splitlines()[-1])["target"]["step"] == first["step"]
     again = run_cli("train", "tiny", *over)  # the same command again: nothing left to do
     assert again.returncode == 0 and f"reached train.target_loss at step {first['step']}" in again.stdout
+    assert "a lower train.target_loss (or 0: none) trains on" in again.stdout
+    # a lower target trains on from the checkpoint (it used to say "nothing to train" whatever the target)
+    lower = run_cli("train", "tiny", *over, "--train.target_loss", f"{first['eval_loss'] - 1e-4:.6f}")
+    assert lower.returncode == 0, lower.stderr[-3000:]
+    later = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "eval" and r["step"] > first["step"]]
+    assert later and ckpt_io.list_checkpoints(tmp_path / "run")[-1].name == f"step_{later[-1]['step']}"
 
 
 def test_heldout_next_items_are_fixed_and_the_true_sentence_is_one_of_four():

@@ -72,9 +72,8 @@ class Evaluator:
         score = _score(record, t.keep_best_metric)
         if score is not None:
             state.evals.append(score)
-        target = _score(record, t.target_metric) if t.target_loss > 0 else None
-        reached = target is not None and target <= (-t.target_loss if higher_is_better(t.target_metric)
-                                                     else t.target_loss)
+        value = record.get(t.target_metric)
+        reached = isinstance(value, int | float) and target_met(t, t.target_metric, float(value))
         if self.metrics is not None:
             self.metrics.log(record)
         self.progress.print(_line(record, several=len(self.val_sets) > 1))
@@ -92,6 +91,13 @@ class Evaluator:
                 record.update(score_tasks(engine.model, self.tokenizer, self.tasks, max_len=self.train.seq_len,
                                           batch_size=self.train.micro_batch_size))
         return record
+
+
+def target_met(t: TrainConfig, metric: str, value: float) -> bool:
+    """Whether `metric` at `value` reaches train.target_loss on train.target_metric (never when it is off)."""
+    if t.target_loss <= 0 or metric != t.target_metric:
+        return False
+    return value >= t.target_loss if higher_is_better(metric) else value <= t.target_loss
 
 
 def _score(record: dict[str, Any], metric: str) -> float | None:

@@ -31,6 +31,8 @@ class TrainState:
     planned_at: int = 0  # train.time_budget: the step after which planned_steps was (re-)planned
     plan_final: bool = False  # train.time_budget: planned_steps will not be re-planned (kiln.train.budget)
     target_step: int = 0  # train.target_loss: the step that reached it (0: not reached)
+    target_metric: str = ""  # the metric that reached it, and its value there (a resumed run with a new target
+    target_value: float | None = None  # trains on; None: a checkpoint from before they were saved)
     window: list[float] = field(default_factory=list)  # losses of the steps since the last train record
     elapsed_before: float = 0.0  # wall seconds of the earlier processes of a resumed run
     started: float = field(default_factory=time.time)  # this process's start
@@ -48,6 +50,7 @@ class TrainState:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed(),
                 "best_evals": list(self.evals), "window": list(self.window), "planned_steps": self.planned_steps,
                 "planned_at": self.planned_at, "plan_final": self.plan_final, "target_step": self.target_step,
+                "target_metric": self.target_metric, "target_value": self.target_value,
                 "divergence": self.divergence.state_dict(), "spikes": self.spikes.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -56,6 +59,7 @@ class TrainState:
         self.evals = list(state.get("best_evals", []))
         self.window = list(state.get("window", []))  # absent in checkpoints written before it was saved
         self.planned_steps, self.target_step = int(state.get("planned_steps", 0)), int(state.get("target_step", 0))
+        self.target_metric, self.target_value = str(state.get("target_metric", "")), state.get("target_value")
         self.plan_final = bool(state.get("plan_final", True))  # checkpoints from before the re-plan: never re-planned
         self.planned_at = int(state.get("planned_at", 0))  # before re-plans were repeated: 0, the warmup's plan
         self.divergence.load_state_dict(state["divergence"])

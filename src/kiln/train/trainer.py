@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from kiln.config import Config, parse_duration, to_dict
+from kiln.config import Config, TrainConfig, parse_duration, to_dict
 from kiln.data.stages import StagedLoader
 from kiln.data.stages import describe as describe_stages
 from kiln.data.tokenizer import Tokenizer, load_tokenizer
@@ -43,7 +43,7 @@ from kiln.train import checkpoint as ckpt_io
 from kiln.train.budget import TimeBudget
 from kiln.train.control import JobControl, Requests
 from kiln.train.engine import Engine
-from kiln.train.evaluator import Evaluation, Evaluator
+from kiln.train.evaluator import Evaluation, Evaluator, target_met
 from kiln.train.metrics import MetricsLogger, StepLog
 from kiln.train.mirror import Mirror, mirror_for
 from kiln.train.objective import BatchSource, Objective, RunSettings
@@ -178,7 +178,7 @@ class Run:
         if self.resumed_from is None:
             return None
         if self.state.target_step:
-            return f"it reached train.target_loss at step {self.state.target_step}"
+            return f"it reached train.target_loss at step {self.state.target_step}"  # and still does (setup)
         if self.state.step >= self.plan.total_steps:
             return f"it is complete at step {self.state.step}"
         return None
@@ -223,8 +223,14 @@ def fit(run: Run) -> dict[str, Any]:
         run.evaluate()  # the loss at initialisation anchors every curve
     done = run.already_done()
     if done is not None:
-        run.progress.print(f"nothing to train: {done}; raise train.max_steps / train.total_tokens / "
-                           "train.time_budget to train further, or pass --fresh to start over")
+        if state.target_step:
+            more = "a lower train.target_loss (or 0: none) trains on to the run's last step"
+        elif run.budget is not None:
+            more = ("its train.time_budget fixed these steps, and a new budget does not move them; to train further, "
+                    "pass --train.time_budget '' --train.max_steps N")
+        else:
+            more = "raise train.max_steps / train.total_tokens to train further"
+        run.progress.print(f"nothing to train: {done}; {more}, or pass --fresh to start over")
         return finish(run, None, complete=True)
     stopped: str | None = None  # why the run ended before its last step
     with StopOnSignal() as signal:
@@ -243,8 +249,10 @@ def fit(run: Run) -> dict[str, Any]:
                 run.budget_step(result.seconds)  # times the warmup, fixes the steps that fit, may re-plan once
             run.log.step(state, lr=lr, grad_norm=result.grad_norm, extras=result.extras, spike=result.spike)
             evaluation = run.evaluate() if run.evaluator.due(state.step) else None
-            if evaluation is not None and evaluation.reached_target:
-                state.target_step = state.step  # before any save: a resumed run knows it is done
+            if evaluation is not None and evaluation.reached_target:  # before any save: a resumed run knows
+                t = run.cfg.train
+                state.target_step, state.target_metric = state.step, t.target_metric
+                state.target_value = float(evaluation.record[t.target_metric])
             requests = result.requests
             if requests.abort:
                 stopped = "kiln control abort"
@@ -343,6 +351,7 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     if resume_from is not None:
         common, ranks = _load_weights(engine, resume_from, tie=cfg.model.tie_embeddings, optimizer=True)
         state.load_state_dict(common)
+        _retarget(state, cfg.train)
         _restore_rank_state(ranks, layout, loader, engine, seed=cfg.run.seed, step=state.step)
     state.started = started  # this process's wall clock: its setup counts (elapsed_before: earlier processes)
 
@@ -390,6 +399,16 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     _announce(run, info, init_from)
     engine.train()
     return run
+
+
+def _retarget(state: TrainState, t: TrainConfig) -> None:
+    """A resumed run that reached its train.target_loss trains on when this command's target (or metric) is
+    one the reached value does not meet: a lower target, another metric, or none."""
+    if not state.target_step:
+        return
+    met = t.target_loss > 0 if state.target_value is None else target_met(t, state.target_metric, state.target_value)
+    if not met:
+        state.target_step, state.target_metric, state.target_value = 0, "", None
 
 
 def finish(run: Run, stopped: str | None, *, complete: bool = False) -> dict[str, Any]:
