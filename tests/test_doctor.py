@@ -19,9 +19,10 @@ def ctx(tmp_path):
     return doctor.Context(cfg=load_config("tiny"), device=doctor.torch.device("cpu"), out_dir=tmp_path / "out")
 
 
-def test_doctor_passes_here_and_leaves_nothing_behind(tmp_path, capsys):
+@pytest.mark.parametrize("preset", [[], ["demo"]])  # demo (make train's): its zero-init head passes no gradient at init
+def test_doctor_passes_here_and_leaves_nothing_behind(tmp_path, capsys, preset):
     out = tmp_path / "a" / "b"
-    assert main(["doctor", "--out-dir", str(out)]) == 0
+    assert main(["doctor", *preset, "--out-dir", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     report = json.loads(lines[-1])
     assert report["fail"] == 0 and report["failed"] == []
