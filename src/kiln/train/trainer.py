@@ -154,11 +154,13 @@ class Run:
             n = _agree(n, self.layout)
         else:
             return
+        changed = n != state.planned_steps
         state.planned_at = state.step
         state.plan_final = budget.schedule_replan(n, after=state.step) == 0
         self._apply_plan(n)
-        self.progress.print(f"  {n:,} steps = {self.plan.total_tokens:,} tokens fit {self.plan.budget_source}")
-        for line in _plan_lines(self.cfg, self.plan):
+        self.progress.print(f"  {n:,} steps = {self.plan.total_tokens:,} tokens fit {self.plan.budget_source}"
+                            + ("" if changed else ": unchanged"))
+        for line in _plan_lines(self.cfg, self.plan) if changed else ():  # the schedule, when it is new
             self.progress.print("  " + line)
 
     def _apply_plan(self, steps: int) -> None:
