@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from kiln.config import load_config
+from kiln.data.tokenizer import load_tokenizer
+from kiln.errors import CheckpointError
 from kiln.train import checkpoint as ckpt_io
 from kiln.train.metrics import read_metrics
 from kiln.train.trainer import TrainingDiverged, train
@@ -123,8 +125,12 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path):
     train(load_config("tiny", small_overrides(a, **{"train.max_steps": 3})), quiet=True)
     src = ckpt_io.resolve_checkpoint(a / "run")
     before = ckpt_io.read_model_state(src)
+    # a copy of the tokenizer in a folder (as `kiln import` and `kiln export` write one) gives the same ids, and
+    # the init keys only say how fresh weights would be drawn: neither stops a run starting from these weights
+    load_tokenizer("mistral-v3").save_hf(tmp_path / "tok")
     over = small_overrides(a, **{"train.max_steps": 2, "run.out_dir": str(tmp_path / "b"), "run.init_from": str(a / "run"),
-                                 "train.eval_every": 100})
+                                 "train.eval_every": 100, "data.tokenizer": str(tmp_path / "tok"),
+                                 "model.init_zero_out": True, "model.init_std": 0.01})
     train(load_config("tiny", over), quiet=True)
     first_eval = [r for r in read_metrics(tmp_path / "b") if r["kind"] == "eval"][0]
     last_eval_a = [r for r in read_metrics(a / "run") if r["kind"] == "eval"][-1]
@@ -132,8 +138,14 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path):
     after = ckpt_io.read_model_state(src)  # the source run is untouched and loadable
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     bad = small_overrides(a, **{"run.out_dir": str(tmp_path / "c"), "run.init_from": str(a / "run"), "model.d_model": 64})
-    with pytest.raises(Exception, match="model.d_model"):
+    with pytest.raises(CheckpointError, match="model.d_model=32 but the config says 64; run.init_from takes weights "
+                                              "of the same architecture"):
         train(load_config("tiny", bad), quiet=True)
+    load_tokenizer("mistral-v1").save_hf(tmp_path / "tok-v1")
+    other = small_overrides(a, **{"run.out_dir": str(tmp_path / "d"), "run.init_from": str(a / "run"),
+                                  "data.tokenizer": str(tmp_path / "tok-v1")})
+    with pytest.raises(CheckpointError, match="trained with tokenizer 'mistral-v3'"):
+        train(load_config("tiny", other), quiet=True)
 
 
 def _checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:

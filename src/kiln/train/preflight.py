@@ -16,7 +16,7 @@ from kiln.bench import run_bench
 from kiln.config import Config, parse_duration, to_dict
 from kiln.data.stages import describe as describe_stages
 from kiln.data.stages import stage_starts
-from kiln.data.tokenizer import Tokenizer
+from kiln.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_digest
 from kiln.errors import CheckpointError, DataError, KilnError
 from kiln.estimate import estimate_memory
 from kiln.optim import describe_schedule
@@ -62,18 +62,38 @@ def prepare_out_dir(out: Path, *, fresh: bool) -> None:
         raise KilnError(f"run.out_dir {out}: not writable ({e.strerror}); pass --run.out_dir DIR") from None
 
 
-def check_resumable(saved: Config, cfg: Config, ckpt: Path) -> None:
-    """Architecture and tokenizer must match the checkpoint; schedule, budget, layout and intervals may change."""
+# model keys that only say how fresh weights are drawn: a run that loads its weights may differ in them
+INIT_KEYS = ("init", "init_std", "init_zero_out")
+
+
+def check_resumable(saved: Config, cfg: Config, ckpt: Path, *, init_from: bool = False) -> None:
+    """Architecture and tokenizer must match the checkpoint (resumed, or `init_from`: its weights start this
+    run); schedule, budget, layout, intervals and how fresh weights would be drawn may change."""
     a, b = to_dict(saved.model), to_dict(cfg.model)
-    a.pop("attention"), b.pop("attention")  # the backend does not change the weights
+    for key in ("attention", *INIT_KEYS):  # the backend and the init do not change loaded weights
+        a.pop(key), b.pop(key)
+    fix = ("run.init_from takes weights of the same architecture: set the model keys to the checkpoint's "
+           f"(or start from {ckpt}/config.yaml)" if init_from else
+           "resume with the same architecture, or pass --fresh to start over (the old run is moved aside)")
     diff = [k for k in a if a[k] != b[k]]
     if diff:
         k = diff[0]
-        raise CheckpointError(f"{ckpt}: saved with model.{k}={a[k]} but the config says {b[k]}; resume with the "
-                              "same architecture, or pass --fresh to start over (the old run is moved aside)")
-    if saved.data.tokenizer != cfg.data.tokenizer:
+        raise CheckpointError(f"{ckpt}: saved with model.{k}={a[k]} but the config says {b[k]}; {fix}")
+    if not _same_tokenizer(saved.data.tokenizer, cfg.data.tokenizer):
         raise CheckpointError(f"{ckpt}: trained with tokenizer '{saved.data.tokenizer}', config says "
-                              f"'{cfg.data.tokenizer}'; use the same tokenizer or --fresh")
+                              f"'{cfg.data.tokenizer}'; " + ("use the same tokenizer" if init_from else
+                                                             "use the same tokenizer or --fresh"))
+
+
+def _same_tokenizer(a: str, b: str) -> bool:
+    """The same spec, or two that give the same ids (an exported or imported copy of mistral-v3, a moved
+    folder): kiln.data.tokenizer.tokenizer_digest. One that no longer loads is not the same."""
+    if a == b:
+        return True
+    try:
+        return tokenizer_digest(load_tokenizer(a)) == tokenizer_digest(load_tokenizer(b))
+    except KilnError:
+        return False
 
 
 def dry_run(cfg: Config, plan: Plan, layout: Layout) -> dict[str, Any]:

@@ -323,7 +323,7 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     init_from = None
     if resume_from is None and cfg.run.init_from:
         init_from = ckpt_io.resolve_checkpoint(cfg.run.init_from)
-        check_resumable(ckpt_io.read_config(init_from), cfg, init_from)
+        check_resumable(ckpt_io.read_config(init_from), cfg, init_from, init_from=True)
     if main:
         prepare_out_dir(out, fresh=fresh)
     if layout.distributed:
