@@ -286,3 +286,23 @@ def test_gsm8k_refuses_max_new_tokens_that_leave_no_room_for_the_prompt(tmp_path
         with pytest.raises(DataError, match=rf"--max-new-tokens {n} leaves no room .*lower --max-new-tokens"):
             run.evaluate_task("ckpt", str(data), task="gsm8k", max_new_tokens=n)
     assert run.evaluate_task("ckpt", str(data), task="gsm8k", max_new_tokens=2)["n"] == 1
+
+
+def test_kiln_eval_on_a_file_without_the_text_column_names_the_flags(tmp_path):
+    """`kiln eval --data arc.jsonl` (a benchmark file, no "text" column) as a user types it: one line that
+    names the command's flags, not the config key the data layer knows (`text_column` on a source)."""
+    import subprocess
+
+    from conftest import kiln_cmd
+    from test_sft import base_checkpoint
+
+    ckpt = base_checkpoint(tmp_path)
+    data = tmp_path / "arc.jsonl"
+    data.write_text(json.dumps({"question": "1?", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
+                                "answerKey": "A"}) + "\n")
+    res = subprocess.run(kiln_cmd("eval", "--checkpoint", str(ckpt), "--data", str(data)), capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"kiln: error: {data}: no column 'text' (columns: question, choices, answerKey); pass --text-column NAME "
+        "(or --task mc / gsm8k for a benchmark file)")

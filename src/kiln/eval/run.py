@@ -10,6 +10,7 @@ from kiln.config import SourceConfig
 from kiln.data.loader import validation_batches
 from kiln.data.tokenizer import load_tokenizer
 from kiln.device import autocast_for
+from kiln.errors import DataError
 from kiln.eval.loss import evaluate
 from kiln.train.checkpoint import load_for_inference
 
@@ -31,7 +32,11 @@ def evaluate_source(checkpoint: str, data: str, *, text_column: str = "text", ma
     tok = load_tokenizer(cfg.data.tokenizer)
     src = SourceConfig(path=data, name=Path(data).stem or data, text_column=text_column)
     T = seq_len or cfg.train.seq_len
-    batches = validation_batches(src, tok, seq_len=T, batch_size=batch_size, max_tokens=max_tokens)
+    try:
+        batches = validation_batches(src, tok, seq_len=T, batch_size=batch_size, max_tokens=max_tokens)
+    except DataError as e:  # the data layer names the config key; here the user typed a command
+        raise DataError(str(e).replace("; set text_column on the source", "; pass --text-column NAME (or --task "
+                                       "mc / gsm8k for a benchmark file)")) from None
     dev = next(model.parameters()).device
     res = evaluate(model, batches, device=dev, doc_mask=cfg.data.doc_mask, autocast=autocast_for(cfg.train.dtype, dev),
                    impl=cfg.train.loss_impl)
