@@ -109,8 +109,9 @@ def test_job_control_save_stop_abort_on_a_live_run(tmp_path, reference):
     saved = ckpt_io.list_checkpoints(run)
     assert saved, "save made a checkpoint while training goes on"
     assert f"saved {saved[-1]}" in res.stdout and "done at step" in res.stdout  # returns once it is written
-    res = control("stop", str(run))
+    res = control("stop")  # no JOB: the one running job
     assert res.returncode == 0, res.stderr
+    assert "stop: sent to " in res.stdout and f"({run.resolve()})" in res.stdout
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "stopped by kiln control stop" in out
@@ -220,3 +221,5 @@ def test_control_without_a_job_is_a_clear_error(tmp_path):
     assert res.returncode == 2 and res.stderr.startswith("kiln: error: no running kiln job matches 'nothing-here'")
     res = subprocess.run(kiln_cmd("control", "list"), capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0 and "no running kiln jobs" in res.stdout
+    res = subprocess.run(kiln_cmd("control", "save"), capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 2 and res.stderr.strip() == "kiln: error: kiln control save: no running kiln jobs"

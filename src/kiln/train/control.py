@@ -191,7 +191,8 @@ def main(argv: list[str]) -> int:
     """`kiln control list | save | stop | abort [JOB] [--no-wait]`."""
     p = argparse.ArgumentParser(prog="kiln control", description="List and steer training jobs on this machine.")
     p.add_argument("command", choices=["list", *COMMANDS])
-    p.add_argument("job", nargs="?", help="job id, run name, run folder or pid (see kiln control list)")
+    p.add_argument("job", nargs="?", help="job id, run name, run folder or pid (see kiln control list); may be "
+                   "left out while one job runs")
     p.add_argument("--no-wait", action="store_true", help="return at once instead of waiting for the job")
     args = p.parse_args(argv)
     if args.command == "list":
@@ -217,9 +218,15 @@ def main(argv: list[str]) -> int:
             table.add_row(*r)
         Console(file=sys.stdout).print(table)
         return 0
-    if not args.job:
-        raise KilnError(f"kiln control {args.command} needs a JOB (see kiln control list)")
-    job = send(args.job, args.command, wait=0.0 if args.no_wait else 600.0)
+    target = args.job
+    if not target:  # the one running job, as `kiln control list` shows it
+        jobs = list_jobs()
+        if len(jobs) != 1:
+            raise KilnError(f"kiln control {args.command}: " + ("no running kiln jobs" if not jobs else
+                            f"{len(jobs)} jobs are running; name one: kiln control {args.command} JOB "
+                            f"({', '.join(j['job_id'] for j in jobs)})"))
+        target = jobs[0]["job_id"]
+    job = send(target, args.command, wait=0.0 if args.no_wait else 600.0)
     ack = job.get("ack", {})
     done = (f"; done at step {ack['step']}" if "step" in ack else "") + (
         f", saved {ack['checkpoint']}" if ack.get("checkpoint") else "")
