@@ -7,7 +7,8 @@ the source checkpoint (its pretraining peak LR and width, kiln.posttrain.lr); th
 LR it chose and why. It trains through kiln.train.trainer.train with
 the stage's Objective, so schedule, accumulation, clipping, checkpoints, resume and metrics are the
 pretraining loop's. When none of train.max_steps, train.total_tokens and train.time_budget is given
-(the source's are not inherited), the run lasts posttrain.epochs passes over the data (rows for SFT, pairs for DPO, prompts for RLVR).
+(the source's are not inherited), the run lasts posttrain.epochs passes over the data (rows for SFT,
+pairs for DPO, prompts for RLVR).
 """
 
 from __future__ import annotations
