@@ -315,6 +315,22 @@ def test_target_loss_stops_at_the_first_eval_that_reaches_it_and_reports_the_cos
     assert later and ckpt_io.list_checkpoints(tmp_path / "run")[-1].name == f"step_{later[-1]['step']}"
 
 
+def test_a_target_or_keep_best_metric_no_eval_has_is_one_line_before_anything_is_saved(tmp_path):
+    """A task metric whose task is not in train.eval_tasks (or a typo) never stops the run nor keeps a
+    checkpoint: the step-0 eval says so, before any step is trained or saved. An accuracy target above 1
+    can never be reached: refused with the config."""
+    for extra, key in (({"train.target_loss": 0.5, "train.target_metric": "eval/arc/acc_norm"}, "target_metric"),
+                       ({"train.keep_best": 1, "train.keep_best_metric": "eval_loss/typo"}, "keep_best_metric")):
+        res = run_cli("train", "tiny", *small_overrides(tmp_path, **{"train.max_steps": 6, **extra}))
+        metric = extra[f"train.{key}"]
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert res.stderr.strip().splitlines()[-1].startswith(
+            f"kiln: error: train.{key}: this run's evals have no '{metric}' (they have: eval_loss/toyval, ")
+        assert ckpt_io.list_checkpoints(tmp_path / "run") == []
+    with pytest.raises(ConfigError, match=r"train.target_loss 60 on eval/heldout-next/acc can never be reached"):
+        load_config("tiny", ["--train.target_loss", "60", "--train.target_metric", "eval/heldout-next/acc"])
+
+
 def test_heldout_next_items_are_fixed_and_the_true_sentence_is_one_of_four():
     texts = [" ".join(f"Document {d} says thing number {i} in a longer sentence." for i in range(12))
              for d in range(10)]

@@ -671,6 +671,9 @@ def _validate_train(t: TrainConfig, o: OptimConfig, m: ModelConfig, *, where: st
         if o.warmup_steps < 3 and o.schedule != "constant":
             raise ConfigError(f"{where}: train.time_budget times the steps of the LR warmup (whose LR does not depend "
                               f"on the run's length) before fixing it; set optim.warmup_steps >= 3 (got {o.warmup_steps})")
+    if t.target_loss > 1 and higher_is_better(t.target_metric):
+        raise ConfigError(f"{where}: train.target_loss {t.target_loss:g} on {t.target_metric} can never be reached: "
+                          "accuracies lie in [0, 1] (e.g. 0.6 stops at 60% accuracy)")
     for key, metric in (("train.target_metric", t.target_metric), ("train.keep_best_metric", t.keep_best_metric)):
         if metric != "eval_loss" and not metric.startswith(("eval_loss/", "eval/")):
             raise ConfigError(f"{where}: {key}: expected eval_loss, eval_loss/<source> or eval/<task>/<metric> "

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kiln.config import TrainConfig, higher_is_better
+from kiln.errors import ConfigError
 from kiln.eval.loss import eval_record
 from kiln.eval.suite import score_tasks
 from kiln.eval.tasks import MCItem
@@ -69,6 +70,7 @@ class Evaluator:
         record: dict[str, Any] = {"kind": "eval", "step": state.step, "tokens_seen": state.tokens_seen}
         record.update(self.evaluate())
         t = self.train
+        _check_metrics(record, t)
         score = _score(record, t.keep_best_metric)
         if score is not None:
             state.evals.append(score)
@@ -91,6 +93,18 @@ class Evaluator:
                 record.update(score_tasks(engine.model, self.tokenizer, self.tasks, max_len=self.train.seq_len,
                                           batch_size=self.train.micro_batch_size))
         return record
+
+
+def _check_metrics(record: dict[str, Any], t: TrainConfig) -> None:
+    """train.target_metric and train.keep_best_metric must name keys this run's eval records have: a typo, or a
+    task left out of train.eval_tasks, would otherwise never stop the run nor keep a checkpoint. Checked at the
+    step-0 eval of a new run, before anything is trained or saved."""
+    for key, metric, used in (("target_metric", t.target_metric, t.target_loss > 0),
+                              ("keep_best_metric", t.keep_best_metric, t.keep_best > 0)):
+        if used and not isinstance(record.get(metric), int | float):
+            have = ", ".join(k for k, v in record.items() if k.startswith("eval") and isinstance(v, int | float))
+            raise ConfigError(f"train.{key}: this run's evals have no {metric!r} (they have: {have}); a task's "
+                              "metric needs the task in train.eval_tasks")
 
 
 def target_met(t: TrainConfig, metric: str, value: float) -> bool:
