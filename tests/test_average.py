@@ -39,6 +39,7 @@ def test_uniform_average_of_the_last_three_through_the_cli(run, tmp_path):
         torch.testing.assert_close(got[k], want, rtol=1e-6, atol=1e-7)
     meta = ckpt_io.read_meta(ckpt_io.resolve_checkpoint(tmp_path / "avg"))
     assert meta["step"] == 8 and meta["method"] == "uniform" and len(meta["averaged_from"]) == 3
+    assert meta["tokenizer_digest"] == ckpt_io.read_meta(ckpts[-1])["tokenizer_digest"]  # checked at inference
     # a normal checkpoint: generate, eval and export take it
     gen = run_cli("generate", "--checkpoint", str(tmp_path / "avg"), "--prompt", "The", "--max-new-tokens", "4",
                   "--temperature", "0")

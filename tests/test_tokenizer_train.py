@@ -265,6 +265,21 @@ def test_trained_tokenizer_through_prepare_train_export_transformers_and_sft(cor
     losses = [r["loss"] for r in records if r.get("kind") == "train"]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
 
+    # the folder retrained in place (same size, other text): every checkpoint recorded the digest of the tokenizer
+    # it trained with, so inference, a stage from it and a resume refuse the new one (they used to take its ids)
+    upper = tmp_path / "upper.jsonl"
+    upper.write_text("".join(json.dumps({"text": t.upper()}) + "\n" for t in texts))
+    res = run("tokenizer", "train", "--source", str(upper), "--vocab-size", "512", "--out", str(tok_dir))
+    assert f"replaced the tokenizer in {tok_dir}" in res.stderr
+    for args in (("generate", "--checkpoint", str(run_dir), "--prompt", "hi"),
+                 ("sft", "--checkpoint", str(run_dir), "--data", str(data), "--run.out_dir", str(tmp_path / "sft2")),
+                 ("train", "tiny", "--run.out_dir", str(run_dir), "--data.shards", str(shards), "--data.tokenizer",
+                  str(tok_dir), "--model.vocab_size", str(vocab), "--train.max_steps", "4", *SMALL_MODEL)):
+        bad = run(*args, ok=False)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+        assert "(retrained or edited since); restore the tokenizer it was trained with" in bad.stderr, bad.stderr
+    assert not (tmp_path / "sft2").exists()
+
 
 def test_the_shipped_bundled_4k_is_what_kiln_tokenizer_train_makes_and_trains(tmp_path):
     """src/kiln/data/tokenizers/bundled-4k is reproducible from the bundled corpus by the command its

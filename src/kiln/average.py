@@ -109,8 +109,11 @@ def average(paths: list[str], out: str | Path, *, ema: float = 0.0, last: int = 
         for k, v in avg.items():
             own[k].copy_(v)
     cfg.run.out_dir, cfg.run.init_from = str(out), ""
+    last = ckpt_io.read_meta(ckpts[-1])
     meta = {"averaged_from": [str(c) for c in ckpts], "method": "ema" if ema > 0 else "uniform",
-            "weights": weights, "tokens_seen": ckpt_io.read_meta(ckpts[-1]).get("tokens_seen")}
+            "weights": weights, "tokens_seen": last.get("tokens_seen")}
+    if last.get("tokenizer_digest"):  # kiln.train.checkpoint.check_tokenizer_digest
+        meta["tokenizer_digest"] = last["tokenizer_digest"]
     if ema > 0:
         meta["ema_decay"] = ema
     return ckpt_io.save_checkpoint(out / "checkpoints", _step(ckpts[-1]), model=model, cfg=cfg, meta=meta)

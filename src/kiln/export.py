@@ -367,7 +367,7 @@ def import_hf_folder(hf_dir: str | Path, out_dir: str | Path) -> Path:
     import yaml
 
     from kiln.config import Config, to_dict, validate
-    from kiln.data.tokenizer import load_tokenizer
+    from kiln.data.tokenizer import load_tokenizer, tokenizer_digest
     from kiln.model import build_model
     from kiln.train.checkpoint import list_checkpoints, save_checkpoint
 
@@ -406,6 +406,7 @@ def import_hf_folder(hf_dir: str | Path, out_dir: str | Path) -> Path:
     result = model.load_state_dict(state, strict=True)
     assert not result.missing_keys and not result.unexpected_keys, result
     path = save_checkpoint(out / "checkpoints", 0, model=model, cfg=cfg, train_state={"imported_from": str(src)},
-                           meta={"tokens_seen": 0, "imported_from": str(src.resolve())})
+                           meta={"tokens_seen": 0, "imported_from": str(src.resolve()),
+                                 "tokenizer_digest": tokenizer_digest(tok)})
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path

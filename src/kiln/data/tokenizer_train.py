@@ -330,8 +330,13 @@ def _train(argv: list[str]) -> int:
     if target != args.vocab_size and not args.quiet:
         print(f"kiln tokenizer: vocab size {args.vocab_size} rounded up to {target}, a multiple of "
               f"{args.multiple_of} (--multiple-of 1 keeps {args.vocab_size})", file=sys.stderr)
+    earlier = Path(args.out).expanduser() / RECORD
+    before = json.loads(earlier.read_text()).get("digest") if earlier.is_file() else None
     record = train_tokenizer(sources, args.out, vocab_size=args.vocab_size, multiple_of=args.multiple_of,
                              quiet=args.quiet)
+    if before and before != record["digest"]:  # checkpoints record the digest they were trained with
+        print(f"kiln tokenizer: replaced the tokenizer in {args.out} (digest {before[:12]} -> "
+              f"{record['digest'][:12]}); checkpoints trained with the old one now refuse it", file=sys.stderr)
     if not args.quiet:
         print(f"kiln tokenizer: wrote {args.out}; train with --data.tokenizer {args.out} --model.vocab_size "
               f"{record['vocab_size']}", file=sys.stderr)

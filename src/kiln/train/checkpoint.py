@@ -498,12 +498,31 @@ def read_model_state(ckpt: str | Path, *, weights: str = "model") -> dict[str, t
     return target
 
 
+def check_tokenizer_digest(ckpt: Path, cfg: Config) -> None:
+    """The tokenizer `cfg.data.tokenizer` names now must be the one the checkpoint was trained with, by the
+    digest its meta.json records (kiln.data.tokenizer.tokenizer_digest; checkpoints from before it was
+    recorded are taken on trust). A tokenizer folder retrained or edited in place after training would
+    otherwise feed the model other ids, silently."""
+    from kiln.data.tokenizer import load_tokenizer, tokenizer_digest
+
+    want = read_meta(ckpt).get("tokenizer_digest")
+    if not want:
+        return
+    spec = cfg.data.tokenizer
+    have = tokenizer_digest(load_tokenizer(spec))
+    if have != want:
+        raise CheckpointError(f"{ckpt}: trained with tokenizer '{spec}' of digest {want[:12]}, but '{spec}' now "
+                              f"has digest {have[:12]} (retrained or edited since); restore the tokenizer it was "
+                              "trained with")
+
+
 def load_for_inference(path: str | Path, *, device: str | torch.device = "auto") -> tuple[Transformer, Config, Path]:
     """(model in eval mode, its config, the checkpoint folder) from a checkpoint or run folder; `device` is a
     torch.device or a `run.device` choice (auto | cpu | cuda). A damaged checkpoint is refused
-    (DamagedCheckpoint), never loaded."""
+    (DamagedCheckpoint), never loaded; so is one whose tokenizer changed since (check_tokenizer_digest)."""
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
+    check_tokenizer_digest(ckpt, cfg)
     model = build_model(cfg.model, device=pick_device(device) if isinstance(device, str) else device, seed=0)
     load_model_weights(model, ckpt)
     model.eval()

@@ -22,6 +22,7 @@ from kiln.estimate import estimate_memory
 from kiln.optim import describe_schedule
 from kiln.parallel.mesh import Layout
 from kiln.train.budget import Costs, fit_steps
+from kiln.train.checkpoint import check_tokenizer_digest
 from kiln.train.plan import Plan
 
 
@@ -83,6 +84,7 @@ def check_resumable(saved: Config, cfg: Config, ckpt: Path, *, init_from: bool =
         raise CheckpointError(f"{ckpt}: trained with tokenizer '{saved.data.tokenizer}', config says "
                               f"'{cfg.data.tokenizer}'; " + ("use the same tokenizer" if init_from else
                                                              "use the same tokenizer or --fresh"))
+    check_tokenizer_digest(ckpt, cfg)  # the same name, but retrained or edited in place since
 
 
 def _same_tokenizer(a: str, b: str) -> bool:

@@ -30,7 +30,7 @@ import yaml
 from kiln.config import Config, TrainConfig, parse_duration, to_dict
 from kiln.data.stages import StagedLoader
 from kiln.data.stages import describe as describe_stages
-from kiln.data.tokenizer import Tokenizer, load_tokenizer
+from kiln.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_digest
 from kiln.device import autocast_for, train_precision
 from kiln.errors import ConfigError, DataError, KilnError
 from kiln.eval.suite import load_tasks
@@ -85,6 +85,11 @@ class Run:
     def out(self) -> Path:
         return Path(self.cfg.run.out_dir)
 
+    @functools.cached_property
+    def tokenizer_digest(self) -> str:
+        """Recorded in every checkpoint's meta: inference refuses a tokenizer changed since (check_tokenizer_digest)."""
+        return tokenizer_digest(self.tokenizer)
+
     def lr(self) -> float:
         """The learning rate of the next step (the schedule is a pure function of the step)."""
         p = self.plan
@@ -119,7 +124,8 @@ class Run:
         rank_state = {"rank": layout.rank, "world_size": layout.world_size, "dp_rank": layout.dp_rank,
                       "dp_size": layout.dp_size, "rng": rng_state(), "loader": loader.state_dict() if reader else None,
                       "optim_extra": engine.optimizer.extra_state(), "layout": layout.describe()}
-        meta: dict[str, Any] = {"tokens_seen": self.state.tokens_seen, "layout": layout.describe()}
+        meta: dict[str, Any] = {"tokens_seen": self.state.tokens_seen, "layout": layout.describe(),
+                                "tokenizer_digest": self.tokenizer_digest}
         if evaluation is not None and evaluation.loss is not None:
             meta["eval_loss"] = evaluation.loss
         if evaluation is not None and evaluation.score is not None:
