@@ -23,8 +23,14 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(kiln_cmd(*args), capture_output=True, text=True, timeout=600)
 
 
+def ramp(n: int, decay: float = DECAY) -> float:
+    """The decay of the update that takes in the (n+1)-th weights: the mean of the weights so far until the
+    average holds about 1 / (1 - decay) of them (kiln.train.ema)."""
+    return min(decay, n / (n + 1))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_average_moves_toward_new_weights_geometrically(dtype):
+def test_the_average_is_the_mean_then_moves_toward_new_weights_geometrically(dtype):
     cfg = load_config("tiny", ["--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2",
                                "--model.n_kv_heads", "1", "--model.ffn_dim", "64", "--model.vocab_size", "64"]).model
     model = build_model(cfg, seed=0).to(dtype)
@@ -32,16 +38,27 @@ def test_the_average_moves_toward_new_weights_geometrically(dtype):
     w0 = {k: v.float().clone() for k, v in model.state_dict().items()}
     assert all(v.dtype == torch.float32 for v in ema.state_dict().values())  # fp32 even for bf16 weights
     with torch.no_grad():
-        for p in model.parameters():  # the weights jump once and stay: w1 + 0.9^k (w0 - w1) after k updates
+        for p in model.parameters():  # the weights jump once and stay
             p.add_(1.0)
     w1 = {k: v.float() for k, v in model.state_dict().items()}
-    for _ in range(5):
+    ema.update()  # a fresh average: the initialisation is no part of it
+    for k, avg in ema.state_dict().items():
+        torch.testing.assert_close(avg, w1[k], rtol=0, atol=0)
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), w0.values(), strict=True):
+            p.copy_(w)
+    ema.reset()  # loaded weights count once: w0, then w1 twenty times
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for _ in range(20):
         ema.update()
+    keep = 1.0  # w0's share: 1/2 x 2/3 x ... while the ramp is below 0.9, then 0.9 per step
+    for n in range(1, 21):
+        keep *= ramp(n, 0.9)
+    assert keep == pytest.approx(0.1 * 0.9**11)  # the mean of 10 weights after 9 updates, then 11 geometric steps
     for k, avg in ema.state_dict().items():
-        torch.testing.assert_close(avg, w1[k] + 0.9**5 * (w0[k] - w1[k]), rtol=1e-5, atol=1e-5)
-    ema.reset()
-    for k, avg in ema.state_dict().items():
-        assert torch.equal(avg, w1[k])
+        torch.testing.assert_close(avg, w1[k] + keep * (w0[k] - w1[k]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +74,13 @@ def test_each_step_takes_the_new_weights_into_the_average(reference):
     ckpts = ckpt_io.list_checkpoints(reference)
     assert [c.name for c in ckpts] == [f"step_{i}" for i in range(1, 9)]
     assert ckpt_io.read_meta(ckpts[-1])["ema_decay"] == DECAY
-    for before, after in zip(ckpts, ckpts[1:]):
+    first, w1 = ckpt_io.read_model_state(ckpts[0], weights="ema"), ckpt_io.read_model_state(ckpts[0])
+    assert all(torch.equal(first[k], w1[k]) for k in w1)  # step 1's weights replace the initialisation
+    for n, (before, after) in enumerate(zip(ckpts, ckpts[1:]), start=1):
         prev, new = ckpt_io.read_model_state(before, weights="ema"), ckpt_io.read_model_state(after, weights="ema")
-        w = ckpt_io.read_model_state(after)
+        w, d = ckpt_io.read_model_state(after), ramp(n)
         for k in w:
-            torch.testing.assert_close(new[k], DECAY * prev[k] + (1 - DECAY) * w[k], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(new[k], d * prev[k] + (1 - d) * w[k], rtol=1e-5, atol=1e-6)
     # the average lags the weights: it is not a copy of them
     last_w, last_avg = ckpt_io.read_model_state(ckpts[-1]), ckpt_io.read_model_state(ckpts[-1], weights="ema")
     assert any(not torch.allclose(last_w[k], last_avg[k]) for k in last_w)
@@ -97,8 +116,8 @@ def test_a_run_started_from_another_averages_from_its_weights(reference, tmp_pat
                                                            "run.init_from": str(start)})), quiet=True)
     w0, w1 = ckpt_io.read_model_state(start), ckpt_io.read_model_state(tmp_path / "run")
     got = ckpt_io.read_model_state(tmp_path / "run", weights="ema")
-    for k in w0:
-        torch.testing.assert_close(got[k], DECAY * w0[k] + (1 - DECAY) * w1[k], rtol=1e-5, atol=1e-6)
+    for k in w0:  # the loaded weights count once: the mean of the two
+        torch.testing.assert_close(got[k], ramp(1) * w0[k] + (1 - ramp(1)) * w1[k], rtol=1e-5, atol=1e-6)
 
 
 def test_a_run_resumed_with_the_average_turned_on_averages_from_its_resumed_weights(tmp_path):
@@ -117,7 +136,7 @@ def test_a_run_resumed_with_the_average_turned_on_averages_from_its_resumed_weig
     w2, w3 = ckpt_io.read_model_state(start), ckpt_io.read_model_state(last)
     got = ckpt_io.read_model_state(last, weights="ema")
     for k in w2:
-        torch.testing.assert_close(got[k], DECAY * w2[k] + (1 - DECAY) * w3[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[k], ramp(1) * w2[k] + (1 - ramp(1)) * w3[k], rtol=1e-5, atol=1e-6)
     ref = ckpt_io.read_model_state(runs["without"][-1])
     assert all(torch.equal(ref[k], w3[k]) for k in w3)
 

@@ -1,8 +1,13 @@
 """train.ema_decay: an exponential moving average of the weights, kept during training.
 
-    w_ema <- d w_ema + (1 - d) w        after every optimizer step, in fp32
+    w_ema <- d_n w_ema + (1 - d_n) w    after every optimizer step, in fp32,
+    d_n = min(d, n / (n + 1))           n: the weights averaged so far
 
-It averages about the last 1 / (1 - d) steps (0.999: about 1000). At a constant learning rate (the stable
+It averages about the last 1 / (1 - d) steps (0.999: about 1000). Until it holds that many, d_n makes it the
+plain mean of the weights so far: a fresh run's random initialisation is not one of them (n starts at 0, so the
+first step's weights replace it), a run started from loaded weights (run.init_from, or a resume that turns the
+average on) counts them once. Without the ramp the initialisation kept d^k of the average after k steps: 37% of
+a 1000-step run's at 0.999. At a constant learning rate (the stable
 phase of a WSD run, or `schedule: constant`) the average is the model a decay would reach, at any step and
 without the decay (bench/RESULTS.md, "Checkpoint averaging"); after a decay to 0 there is little left to
 average. The average lives beside the weights in every checkpoint (under the same whole-model names, so any
@@ -31,19 +36,23 @@ class WeightEMA:
         for part in parts:
             self.live.update(part_weights(part, tie_embeddings=tie_embeddings))
         self.average = {k: v.detach().float().clone() for k, v in self.live.items()}  # same placements
+        self.count = 0  # the weights in the average: none yet (the initialisation is a placeholder)
 
     @torch.no_grad()
     def update(self) -> None:
         """One step of the average, after an optimizer step."""
+        d = min(self.decay, self.count / (self.count + 1))
         for k, avg in self.average.items():
-            avg.lerp_(self.live[k].float(), 1.0 - self.decay)
+            avg.lerp_(self.live[k].float(), 1.0 - d)
+        self.count += 1
 
     @torch.no_grad()
     def reset(self) -> None:
-        """Restart the average at the current weights (a run started from another run's, or from a checkpoint
-        written without an average)."""
+        """Restart the average at the current weights, which count once (a run started from another run's, or
+        from a checkpoint written without an average)."""
         for k, avg in self.average.items():
             avg.copy_(self.live[k])
+        self.count = 1
 
     def state_dict(self) -> dict[str, Tensor]:
         """The average itself (DCP loads a checkpoint's into it in place)."""

@@ -134,8 +134,10 @@ class Run:
                                           tie_embeddings=self.cfg.model.tie_embeddings)
         if engine.ema is not None:  # `kiln average --weights ema` reads it; meta says it is there
             state["ema"], meta["ema_decay"] = engine.ema.state_dict(), engine.ema.decay
-        return {"state": state, "cfg": self.cfg, "common": {**self.state.state_dict(), "world_size": layout.world_size},
-                "rank_state": rank_state, "meta": meta}
+        common = {**self.state.state_dict(), "world_size": layout.world_size}
+        if engine.ema is not None:
+            common["ema_count"] = engine.ema.count
+        return {"state": state, "cfg": self.cfg, "common": common, "rank_state": rank_state, "meta": meta}
 
     def budget_step(self, seconds: float) -> None:
         """train.time_budget: note the step's time; after the timed warmup steps, fix the plan; re-plan it
@@ -514,6 +516,8 @@ def _load_weights(engine: Engine, ckpt: Path, *, tie: bool, optimizer: bool
                                    optimizer=optimizer)
     if engine.ema is not None and not resume_ema:
         engine.ema.reset()
+    elif resume_ema:  # checkpoints from before the count: the plain moving average they kept
+        engine.ema.count = int(common.get("ema_count", 1 << 40))
     return common, ranks
 
 
