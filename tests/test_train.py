@@ -263,3 +263,19 @@ def test_clip_grad_norm_clips_above_the_limit_and_leaves_gradients_within_it(sca
     else:
         assert float(after) == pytest.approx(1.0, rel=1e-5)
         assert all(torch.allclose(p.grad, b / scale, rtol=1e-5, atol=0) for p, b in zip(params, before))
+
+
+def test_a_batch_the_ranks_cannot_split_names_the_micro_batch_that_keeps_it():
+    """`torchrun --nproc_per_node 2 -m kiln train demo --parallel.dp_shard 2`: demo's global batch 8 of micro-batches
+    of 8 cannot be split over 2 ranks; the line says which micro-batch keeps the global batch."""
+    from kiln.errors import ConfigError
+    from kiln.train.plan import make_plan
+
+    cfg = load_config("demo")
+    with pytest.raises(ConfigError, match=r"\(8 x 2\); set --train.micro_batch_size 4 \(the same global batch\)$"):
+        make_plan(cfg.model, cfg.train, cfg.optim, dp_size=2)
+    cfg.train.global_batch_size, cfg.train.micro_batch_size = 6, 4
+    with pytest.raises(ConfigError, match=r"\(4 x 4\); set --train.global_batch_size 16 or a multiple of it$"):
+        make_plan(cfg.model, cfg.train, cfg.optim, dp_size=4)
+    cfg.train.micro_batch_size = 2
+    assert make_plan(cfg.model, cfg.train, cfg.optim, dp_size=3).accum_steps == 1  # 6 = 2 x 3

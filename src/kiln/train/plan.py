@@ -58,8 +58,11 @@ def make_plan(model: ModelConfig, train: TrainConfig, optim: OptimConfig, *, dp_
     n_params = count_params(model)
     per_pass = t.micro_batch_size * dp_size
     if t.global_batch_size % per_pass:
+        fits = [m for m in range(t.micro_batch_size, 0, -1) if t.global_batch_size % (m * dp_size) == 0]
+        fix = (f"; set --train.micro_batch_size {fits[0]} (the same global batch)" if fits else
+               f"; set --train.global_batch_size {per_pass} or a multiple of it")
         raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                          f"train.micro_batch_size x data-parallel ranks ({t.micro_batch_size} x {dp_size})")
+                          f"train.micro_batch_size x data-parallel ranks ({t.micro_batch_size} x {dp_size}){fix}")
     accum = t.global_batch_size // per_pass
     if accum % pipeline_microbatches:
         raise ConfigError(
