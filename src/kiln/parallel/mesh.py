@@ -33,7 +33,8 @@ class Layout:
     rank: int = 0
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    mesh: Any = None  # torch.distributed.device_mesh.DeviceMesh with DIMS (+ "dp"), or None
+    mesh: Any = None  # torch.distributed.device_mesh.DeviceMesh with DIMS, or None
+    dp_mesh: Any = None  # dp_replicate x dp_shard flattened into one dim, "dp" (kept: torch no longer slices it out)
     pp: int = 1
     dp_replicate: int = 1
     dp_shard: int = 1
@@ -51,12 +52,15 @@ class Layout:
     def dp_size(self) -> int:
         return self.dp_replicate * self.dp_shard
 
+    def _sub(self, dim: str) -> Any:
+        return self.dp_mesh if dim == "dp" else self.mesh[dim]
+
     def coord(self, dim: str) -> int:
-        return 0 if self.mesh is None else self.mesh[dim].get_local_rank()
+        return 0 if self.mesh is None else self._sub(dim).get_local_rank()
 
     @property
     def dp_rank(self) -> int:
-        return 0 if self.mesh is None else self.mesh["dp"].get_local_rank()
+        return self.coord("dp")
 
     @property
     def pp_rank(self) -> int:
@@ -67,7 +71,7 @@ class Layout:
         return self.coord("tp")
 
     def group(self, dim: str) -> Any:
-        return None if self.mesh is None else self.mesh[dim].get_group()
+        return None if self.mesh is None else self._sub(dim).get_group()
 
     def describe(self) -> str:
         parts = [f"{k}={getattr(self, k)}" for k in DIMS if getattr(self, k) > 1]
@@ -124,8 +128,7 @@ def init_layout(p: ParallelConfig, model: ModelConfig, device_choice: str = "aut
             kwargs["device_id"] = device
         dist.init_process_group(backend, **kwargs)
     mesh = init_device_mesh(device.type, (p.pp, p.dp_replicate, p.dp_shard, p.tp), mesh_dim_names=DIMS)
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    layout.mesh = mesh
+    layout.mesh, layout.dp_mesh = mesh, mesh["dp_replicate", "dp_shard"]._flatten("dp")
     return layout
 
 
