@@ -7,11 +7,12 @@ It averages about the last 1 / (1 - d) steps (0.999: about 1000). Until it holds
 plain mean of the weights so far: a fresh run's random initialisation is not one of them (n starts at 0, so the
 first step's weights replace it), a run started from loaded weights (run.init_from, or a resume that turns the
 average on) counts them once. Without the ramp the initialisation kept d^k of the average after k steps: 37% of
-a 1000-step run's at 0.999. At a constant learning rate (the stable
-phase of a WSD run, or `schedule: constant`) the average is the model a decay would reach, at any step and
-without the decay (bench/RESULTS.md, "Checkpoint averaging"); after a decay to 0 there is little left to
-average. The average lives beside the weights in every checkpoint (under the same whole-model names, so any
-layout saves and resumes it); `kiln average CKPT --weights ema --out DIR` turns it into a normal checkpoint
+a 1000-step run's at 0.999.
+
+At a constant learning rate (the stable phase of a WSD run, or `schedule: constant`) the average is the model a
+decay would reach, at any step and without the decay (bench/RESULTS.md, "Checkpoint averaging"); after a
+decay to 0 there is little left to average. The average lives beside the weights in every checkpoint (under
+the same whole-model names, so any layout saves and resumes it); `kiln average CKPT --weights ema --out DIR` turns it into a normal checkpoint
 that eval, generate and export take.
 
 Each part's average has the placement of its parameters (a sharded parameter's average is sharded the same
