@@ -126,6 +126,22 @@ def test_plot_writes_a_png_with_every_panel_drawn(runs, capsys):
     assert (sats[6] > 0.3).sum() == 0  # (the summary text may run on into the last, empty cell)
 
 
+def test_a_run_of_one_record_is_drawn_as_dots(tmp_path, capsys):
+    """A short run (a 3-step DPO stage logs one train record) drew one-point lines, which are invisible: its
+    lr and grad-norm panels came out empty."""
+    from matplotlib.image import imread
+
+    train(load_config("tiny", small_overrides(tmp_path, **{"train.max_steps": 1, "train.eval_every": 100})),
+          quiet=True)
+    assert len([r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]) == 1
+    assert main(["logs", "plot", str(tmp_path / "run")]) == 0
+    img = imread(Path(capsys.readouterr().out.strip().splitlines()[-1]))
+    saturation = img[..., :3].max(axis=-1) - img[..., :3].min(axis=-1)
+    sats = _cells(saturation[..., None], 2, 4)
+    for i in (2, 3):  # lr, grad norm: no legend, so any colour is the record's dot
+        assert (sats[i] > 0.3).sum() > 10, f"panel {i} shows nothing"
+
+
 def test_compare_overlays_both_runs_in_every_panel(runs, tmp_path, capsys):
     from matplotlib.image import imread
 

@@ -297,6 +297,12 @@ def _save(fig: Any, out: Path) -> Path:
     return out
 
 
+def _dots(xs: list) -> dict[str, Any]:
+    """Markers for a series of one or two records (a short run's one train record): a line of one point is
+    invisible."""
+    return {"marker": "o", "ms": 5} if len(xs) < 3 else {}
+
+
 def plot_run(run: RunLog, out: str | Path | None = None) -> Path:
     """One PNG of a run: train loss (raw + smoothed), eval loss per source, lr, grad norm, tok/s."""
     if not run.train and not run.eval:
@@ -311,7 +317,7 @@ def plot_run(run: RunLog, out: str | Path | None = None) -> Path:
     steps, loss = _series(tr, "loss")
     if loss:
         ax.plot(steps, loss, color="C0", alpha=0.3, lw=1, label="loss")
-        ax.plot(steps, smooth(loss), color="C0", lw=2, label="smoothed")
+        ax.plot(steps, smooth(loss), color="C0", lw=2, label="smoothed", **_dots(steps))
         ax.legend()
     else:
         _empty(ax, "train")
@@ -334,7 +340,7 @@ def plot_run(run: RunLog, out: str | Path | None = None) -> Path:
                            (axes[4], "tokens_per_sec", "tokens/s")):
         xs, ys = _series(tr, key)
         if ys:
-            ax.plot(xs, ys, color="C2" if key == "lr" else "C3" if key == "grad_norm" else "C4", lw=1.5)
+            ax.plot(xs, ys, color="C2" if key == "lr" else "C3" if key == "grad_norm" else "C4", lw=1.5, **_dots(xs))
             if key == "grad_norm" and min(ys) > 0 and max(ys) / min(ys) > 50:
                 ax.set_yscale("log")  # a spike would flatten everything else
             if key == "tokens_per_sec":
@@ -382,13 +388,13 @@ def compare_runs(runs: Sequence[RunLog], out: str | Path) -> Path:
         xs, ys = _series(run.train, "loss", x=x)
         if ys:
             axes[0].plot(xs, ys, color=c, alpha=0.2, lw=1)
-            axes[0].plot(xs, smooth(ys), color=c, lw=2, label=label)
+            axes[0].plot(xs, smooth(ys), color=c, lw=2, label=label, **_dots(xs))
         xs, ys = _series(run.eval, "eval_loss", x=x)
         if ys:
             axes[1].plot(xs, ys, color=c, marker="o", ms=3, lw=2, label=label)
         xs, ys = _series(run.train, "lr", x=x)
         if ys:
-            axes[2].plot(xs, ys, color=c, lw=1.5, label=label)
+            axes[2].plot(xs, ys, color=c, lw=1.5, label=label, **_dots(xs))
     xlabel = "tokens seen" if x == "tokens_seen" else "step"
     if axes[2].lines:
         axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
