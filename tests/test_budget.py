@@ -16,6 +16,7 @@ from kiln.config import OptimConfig, load_config, parse_duration
 from kiln.errors import ConfigError
 from kiln.eval.suite import heldout_next_items, load_tasks
 from kiln.optim import length_free_steps, lr_factor
+from kiln.runinfo import format_duration
 from kiln.train import checkpoint as ckpt_io
 from kiln.train.budget import REPLAN_MIN_STEPS, Costs, TimeBudget, fit_steps
 from kiln.train.metrics import read_metrics
@@ -270,6 +271,8 @@ def test_time_budget_plans_replans_and_a_resumed_run_follows_the_plan(tmp_path):
         third = run_cli("train", "tiny", *longer)
         assert third.returncode == 0 and f"nothing to train: it is complete at step {final}" in third.stdout
         assert "pass --train.time_budget '' --train.max_steps N" in third.stdout
+        # the run's own time, as its last checkpoint saved it (not that plus this command's setup)
+        assert f"tokens in {format_duration(common['elapsed'])}; checkpoint" in third.stdout, third.stdout[-500:]
     ref = tmp_path / "ref"
     ref.mkdir()
     ref_over = small_overrides(ref, **{"train.max_steps": final, "optim.warmup_steps": 8, "train.save_every": 20,

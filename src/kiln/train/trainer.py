@@ -439,7 +439,8 @@ def finish(run: Run, stopped: str | None, *, complete: bool = False) -> dict[str
     summary: dict[str, Any] = {"step": state.step, "tokens_seen": state.tokens_seen,
                                "final_eval_loss": final.loss if final else None,
                                "stopped": None if reached else stopped, "checkpoint": str(path) if path else None,
-                               "elapsed": format_duration(state.elapsed())}
+                               # a resumed run with nothing left: the run's own time, not this command's too
+                               "elapsed": format_duration(state.elapsed_before if complete else state.elapsed())}
     if reached:
         summary["target"] = _target_record(run, final)
     if run.control is not None:
