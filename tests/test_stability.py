@@ -223,3 +223,17 @@ def test_full_disk_during_a_save_is_one_line_and_loses_no_checkpoint(tmp_path, m
     monkeypatch.undo()
     assert train(load_config("tiny", small_overrides(tmp_path, **over, **{"train.max_steps": 8})),
                  quiet=True)["step"] == 8  # space freed: the same command resumes
+
+
+def test_dry_run_of_a_time_budget_with_a_zero_init_head_says_the_estimate_runs_high(tmp_path, capsys):
+    """demo's dry run timed 3 synthetic steps, whose head rows are nearly all shared, and printed ~1,600 steps for a
+    300 s budget where the run fits 1,000-1,150: the estimate says why a zero-init untied head's run takes fewer."""
+    over = small_overrides(tmp_path, **{"train.time_budget": "60s", "optim.warmup_steps": 4,
+                                        "model.init_zero_out": True, "model.tie_embeddings": False})
+    train(load_config("tiny", over), dry=True)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("steps "))
+    assert "this estimate times 3 steps on synthetic batches here" in line and line.endswith("so expect fewer)")
+    train(load_config("tiny", over[:-2] + ["--model.tie_embeddings", "true"]), dry=True)  # tied: no shared rows
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("steps "))
+    assert "expect fewer" not in line
+    assert not (tmp_path / "run").exists()

@@ -108,8 +108,12 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout) -> dict[str, Any]:
     steps = plan.total_steps
     if plan.provisional:  # a time budget: estimate the steps from a short benchmark of real steps here
         steps = _budget_estimate(cfg, plan, layout)
+        slows = ("; a zero-init untied head's steps slow down as the ids the data reaches get rows of their own "
+                 "(demo: 180 -> 290 ms over 300 s), so expect fewer" if cfg.model.init_zero_out and
+                 not cfg.model.tie_embeddings else "")
         print(f"steps            ~{steps:,} = {steps * plan.tokens_per_step:,} tokens ({plan.budget_source}; this "
-              "estimate times 3 steps on synthetic batches here, the run times its own warmup and fixes the count)")
+              f"estimate times 3 steps on synthetic batches here, the run times its own warmup and fixes the count"
+              f"{slows})")
     else:
         print(f"steps            {plan.total_steps:,} = {plan.total_tokens:,} tokens ({plan.budget_source})")
     print(f"intervals        log {plan.log_every}, eval {plan.eval_every}, save {plan.save_every} steps")
