@@ -195,7 +195,8 @@ def _fit_prompt(ids: list[int], *, max_new_tokens: int, max_seq_len: int) -> lis
     room = max_seq_len - max_new_tokens
     if room < 1:
         raise GenerationError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt within "
-                              f"model.max_seq_len ({max_seq_len})")
+                              f"model.max_seq_len ({max_seq_len}); ask for at most {max_seq_len - 1} new tokens "
+                              "(kiln generate / chat: --max-new-tokens)")
     if len(ids) > room:
         print(f"note: prompt truncated from the left to its last {room} of {len(ids)} tokens "
               f"(model.max_seq_len {max_seq_len} - max_new_tokens {max_new_tokens})", file=sys.stderr)
