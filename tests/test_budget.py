@@ -383,3 +383,4 @@ def test_an_unknown_eval_task_is_one_line(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith(
         "kiln: error: train.eval_tasks: no such task file 'no/such/task.jsonl'")
+    assert not (tmp_path / "run").exists()  # checked before the run folder is made

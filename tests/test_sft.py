@@ -301,12 +301,20 @@ def test_a_source_run_with_a_time_budget_or_target_passes_neither_to_the_next_st
     on the SFT run failed), the next stage starts from that checkpoint, and a budget given to the stage is the
     stage's length. A checkpoint an earlier kiln saved with both reads as the run it was (max_steps)."""
     ckpt = base_checkpoint(tmp_path, **{"train.max_steps": 0, "train.time_budget": "5m", "train.target_loss": 3.0,
-                                         "optim.warmup_steps": 3})
+                                         "train.keep_best": 2, "optim.warmup_steps": 3})
     chats = jsonl(tmp_path / "chats.jsonl", [{"messages": m} for m in addition_chats(8)])
     out = run_stage("sft", ckpt, chats, tmp_path / "sft")
     assert "done: 1 steps, 256 tokens" in out  # one epoch of 8 short chats
     cfg = ckpt_io.read_config(ckpt_io.resolve_checkpoint(tmp_path / "sft"))
-    assert (cfg.train.time_budget, cfg.train.target_loss, cfg.train.max_steps) == ("", 0.0, 1)
+    assert (cfg.train.time_budget, cfg.train.target_loss, cfg.train.keep_best, cfg.train.max_steps) == ("", 0.0, 0, 1)
+    # given to a stage without --val-data, a target or keep_best would never act: one line, nothing written
+    res = subprocess.run(kiln_cmd("sft", "--checkpoint", str(ckpt), "--data", str(chats), "--run.out_dir",
+                                  str(tmp_path / "sft-target"), "--train.target_loss", "0.5"),
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(
+        "kiln: error: train.target_loss needs evals, and this run has none: give it validation data (kiln sft / dpo / "
+        "rlvr: --val-data;")
+    assert not (tmp_path / "sft-target" / "checkpoints").exists()
     pairs = jsonl(tmp_path / "pairs.jsonl", [{"prompt": "What is 1+1?", "chosen": "2", "rejected": "3"}] * 4)
     run_stage("dpo", tmp_path / "sft", pairs, tmp_path / "dpo")
     run_stage("sft", ckpt, chats, tmp_path / "sft-budget", "--train.time_budget", "5s")

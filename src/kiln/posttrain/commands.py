@@ -98,9 +98,10 @@ def _stage_tree(stage: str, ckpt: Path, args: argparse.Namespace, overrides: lis
     name = f"{base.run.name or ckpt.parent.parent.name}-{stage}"
     tree: dict[str, Any] = {
         "run": {"name": name, "out_dir": str(Path("runs") / name), "init_from": str(ckpt)},
-        # the source's length and stopping rule (demo's time budget, a target loss) are not this stage's
-        "train": {"max_steps": 0, "total_tokens": 0, "time_budget": "", "target_loss": 0.0, "stop_at_step": 0,
-                  "sample_tokens": 0},
+        # the source's length, stopping rule and best-checkpoint metric (demo's time budget, a target loss, a
+        # keep_best on its validation loss) are not this stage's
+        "train": {"max_steps": 0, "total_tokens": 0, "time_budget": "", "target_loss": 0.0, "keep_best": 0,
+                  "stop_at_step": 0, "sample_tokens": 0},
         "posttrain": {"data": "", "val_data": ""},  # the source stage's data is not this stage's
         **{k: dict(v) for k, v in STAGE_DEFAULTS[stage].items()},
     }

@@ -332,6 +332,10 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     if resume_from is None and cfg.run.init_from:
         init_from = ckpt_io.resolve_checkpoint(cfg.run.init_from)
         check_resumable(ckpt_io.read_config(init_from), cfg, init_from, init_from=True)
+    if cfg.train.eval_tasks and layout.pp > 1:
+        raise ConfigError("train.eval_tasks scores whole sequences on one model; a pipeline (parallel.pp > 1) splits "
+                          "it: evaluate the checkpoints with `kiln eval --task mc` instead, or drop train.eval_tasks")
+    tasks = load_tasks(cfg.train.eval_tasks, limit=cfg.train.eval_tasks_limit, seed=cfg.run.seed)  # before any write
     if main:
         prepare_out_dir(out, fresh=fresh)
     if layout.distributed:
@@ -352,10 +356,7 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     if isinstance(loader, StagedLoader):
         loader.set_starts(plan.stage_starts, accum_steps=plan.accum_steps)
     val_sets = objective.val_data(tokenizer)  # small; every pipeline stage joins the same eval steps
-    if cfg.train.eval_tasks and engine.pipe is not None:
-        raise ConfigError("train.eval_tasks scores whole sequences on one model; a pipeline (parallel.pp > 1) splits "
-                          "it: evaluate the checkpoints with `kiln eval --task mc` instead, or drop train.eval_tasks")
-    tasks = load_tasks(cfg.train.eval_tasks, limit=cfg.train.eval_tasks_limit, seed=cfg.run.seed)
+    _check_evals(cfg.train, has_evals=bool(val_sets or tasks))
     state = TrainState(divergence=DivergenceDetector(threshold=cfg.train.divergence_threshold),
                        spikes=SpikeDetector(z_threshold=cfg.train.spike_z or 6.0))
     if resume_from is not None:
@@ -409,6 +410,15 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     _announce(run, info, init_from)
     engine.train()
     return run
+
+
+def _check_evals(t: TrainConfig, *, has_evals: bool) -> None:
+    """train.target_loss and train.keep_best read the evals: a run without any (a post-training stage without
+    --val-data, no train.eval_tasks) would never stop at its target nor keep a checkpoint."""
+    used = [k for k, on in (("train.target_loss", t.target_loss > 0), ("train.keep_best", t.keep_best > 0)) if on]
+    if used and not has_evals:
+        raise ConfigError(f"{used[0]} needs evals, and this run has none: give it validation data (kiln sft / dpo / "
+                          "rlvr: --val-data; kiln train: data.val) or train.eval_tasks, or drop it")
 
 
 def _retarget(state: TrainState, t: TrainConfig) -> None:
