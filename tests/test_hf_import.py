@@ -86,6 +86,9 @@ def test_import_export_round_trip_keeps_logits_tokens_and_template(tmp_path, fam
     cont = load_config(str(run / "config.yaml"))
     assert cont.run.init_from == str(ckpt.resolve()) and cont.run.out_dir == str(run.resolve()) + "-train"
     assert cont.data.tokenizer == str((run / "tokenizer").resolve())
+    from kiln.data.tokenizer import load_tokenizer, tokenizer_digest
+
+    assert ckpt_io.read_meta(ckpt)["tokenizer_digest"] == tokenizer_digest(load_tokenizer(cont.data.tokenizer))
 
 
 def test_imported_model_fine_tunes_with_its_own_chat_template(tmp_path):

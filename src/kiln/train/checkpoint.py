@@ -498,18 +498,18 @@ def read_model_state(ckpt: str | Path, *, weights: str = "model") -> dict[str, t
     return target
 
 
-def check_tokenizer_digest(ckpt: Path, cfg: Config) -> None:
-    """The tokenizer `cfg.data.tokenizer` names now must be the one the checkpoint was trained with, by the
-    digest its meta.json records (kiln.data.tokenizer.tokenizer_digest; checkpoints from before it was
-    recorded are taken on trust). A tokenizer folder retrained or edited in place after training would
-    otherwise feed the model other ids, silently."""
+def check_tokenizer_digest(ckpt: Path, cfg: Config, tokenizer: Any = None) -> None:
+    """The tokenizer `cfg.data.tokenizer` names now (`tokenizer`, when the caller has loaded it) must be the
+    one the checkpoint was trained with, by the digest its meta.json records (kiln.data.tokenizer.
+    tokenizer_digest; checkpoints from before it was recorded are taken on trust). A tokenizer folder
+    retrained or edited in place after training would otherwise feed the model other ids, silently."""
     from kiln.data.tokenizer import load_tokenizer, tokenizer_digest
 
     want = read_meta(ckpt).get("tokenizer_digest")
     if not want:
         return
     spec = cfg.data.tokenizer
-    have = tokenizer_digest(load_tokenizer(spec))
+    have = tokenizer_digest(tokenizer if tokenizer is not None else load_tokenizer(spec))
     if have != want:
         raise CheckpointError(f"{ckpt}: trained with tokenizer '{spec}' of digest {want[:12]}, but '{spec}' now "
                               f"has digest {have[:12]} (retrained or edited since); restore the tokenizer it was "

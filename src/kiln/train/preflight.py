@@ -67,9 +67,10 @@ def prepare_out_dir(out: Path, *, fresh: bool) -> None:
 INIT_KEYS = ("init", "init_std", "init_zero_out")
 
 
-def check_resumable(saved: Config, cfg: Config, ckpt: Path, *, init_from: bool = False) -> None:
-    """Architecture and tokenizer must match the checkpoint (resumed, or `init_from`: its weights start this
-    run); schedule, budget, layout, intervals and how fresh weights would be drawn may change."""
+def check_resumable(saved: Config, cfg: Config, ckpt: Path, *, tokenizer: Tokenizer, init_from: bool = False) -> None:
+    """Architecture and tokenizer (`tokenizer`: cfg.data.tokenizer's, loaded) must match the checkpoint (resumed,
+    or `init_from`: its weights start this run); schedule, budget, layout, intervals and how fresh weights would
+    be drawn may change."""
     a, b = to_dict(saved.model), to_dict(cfg.model)
     for key in ("attention", *INIT_KEYS):  # the backend and the init do not change loaded weights
         a.pop(key), b.pop(key)
@@ -80,20 +81,20 @@ def check_resumable(saved: Config, cfg: Config, ckpt: Path, *, init_from: bool =
     if diff:
         k = diff[0]
         raise CheckpointError(f"{ckpt}: saved with model.{k}={a[k]} but the config says {b[k]}; {fix}")
-    if not _same_tokenizer(saved.data.tokenizer, cfg.data.tokenizer):
+    if not _same_tokenizer(saved.data.tokenizer, cfg.data.tokenizer, tokenizer):
         raise CheckpointError(f"{ckpt}: trained with tokenizer '{saved.data.tokenizer}', config says "
                               f"'{cfg.data.tokenizer}'; " + ("use the same tokenizer" if init_from else
                                                              "use the same tokenizer or --fresh"))
-    check_tokenizer_digest(ckpt, cfg)  # the same name, but retrained or edited in place since
+    check_tokenizer_digest(ckpt, cfg, tokenizer)  # the same name, but retrained or edited in place since
 
 
-def _same_tokenizer(a: str, b: str) -> bool:
+def _same_tokenizer(a: str, b: str, tokenizer_b: Tokenizer) -> bool:
     """The same spec, or two that give the same ids (an exported or imported copy of mistral-v3, a moved
     folder): kiln.data.tokenizer.tokenizer_digest. One that no longer loads is not the same."""
     if a == b:
         return True
     try:
-        return tokenizer_digest(load_tokenizer(a)) == tokenizer_digest(load_tokenizer(b))
+        return tokenizer_digest(load_tokenizer(a)) == tokenizer_digest(tokenizer_b)
     except KilnError:
         return False
 

@@ -327,11 +327,11 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     mirror = mirror_for(cfg.train.checkpoint_url)
     resume_from = _agree(_latest_checkpoint(out, mirror, fresh=fresh, main=main), layout)  # verified
     if resume_from is not None:  # validate before touching anything
-        check_resumable(ckpt_io.read_config(resume_from), cfg, resume_from)
+        check_resumable(ckpt_io.read_config(resume_from), cfg, resume_from, tokenizer=tokenizer)
     init_from = None
     if resume_from is None and cfg.run.init_from:
         init_from = ckpt_io.resolve_checkpoint(cfg.run.init_from)
-        check_resumable(ckpt_io.read_config(init_from), cfg, init_from, init_from=True)
+        check_resumable(ckpt_io.read_config(init_from), cfg, init_from, tokenizer=tokenizer, init_from=True)
     if cfg.train.eval_tasks and layout.pp > 1:
         raise ConfigError("train.eval_tasks scores whole sequences on one model; a pipeline (parallel.pp > 1) splits "
                           "it: evaluate the checkpoints with `kiln eval --task mc` instead, or drop train.eval_tasks")
