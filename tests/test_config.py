@@ -42,6 +42,7 @@ def test_overrides_are_typed_and_nested():
     (["--optim.lr", "-1"], r"optim.lr: must be a positive number"),
     (["--model.residual", "deepnorm"], r"deepnorm needs model.init=deepnet"),
     (["--train.max_steps"], r"missing value"),
+    (["--train.unseen_smoothing", "1"], r"train.unseen_smoothing: must be within \[0, 1\)"),
     (["stray"], r"unexpected argument 'stray'"),
 ])
 def test_bad_overrides_fail_with_the_dotted_key(overrides, match):
@@ -110,3 +111,22 @@ def test_compile_and_activation_checkpointing_have_one_name_and_the_old_one_says
     tree["parallel"]["compile"] = True
     old = config_from_dict(tree, where="old checkpoint")
     assert (old.train.activation_checkpointing, old.train.compile) == ("selective", True)
+
+
+@pytest.mark.parametrize("overrides, blocker", [
+    ([], ""),
+    (["--model.tie_embeddings", "true"], "the head is tied to the embedding"),
+    (["--model.init_zero_out", "false"], "the head does not start at zero"),
+    (["--train.loss_impl", "plain"], "train.loss_impl plain"),
+    (["--parallel.tp", "2"], "tensor and pipeline parallelism"),
+])
+def test_unseen_smoothing_acts_only_where_the_head_has_its_group(overrides, blocker):
+    """demo's train.unseen_smoothing with another key changed that leaves no group of equal head rows: the run
+    trains without it (and says so) instead of failing over a key the user did not set."""
+    from kiln.config import unseen_smoothing_blocker
+    from kiln.train.objective import RunSettings
+
+    cfg = load_config("demo", overrides)
+    assert cfg.train.unseen_smoothing == 0.03
+    assert unseen_smoothing_blocker(cfg).startswith(blocker)
+    assert RunSettings.of(cfg).unseen_smoothing == (0.0 if blocker else 0.03)

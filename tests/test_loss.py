@@ -80,6 +80,47 @@ def test_shared_rows_match_the_full_head(autocast):
     assert torch.equal(rows, rows[:1].expand_as(rows))
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_unseen_smoothing_is_the_gradient_of_label_smoothing_onto_the_group(autocast):
+    """The smoothed gradient against autograd on full logits of (1 - eps) CE + eps * mean over the group's rows of
+    their CE; the returned value stays the plain cross-entropy, and the group's rows still get one gradient."""
+    eps = 0.05
+    h, w, y = _with_equal_rows()
+    members = torch.arange(1000) >= 200
+    members[900] = False  # a target: its row has left the group
+    z = (h @ w.t()).float()
+    lse, valid = torch.logsumexp(z, -1), y != -100
+    ce = lse - z.gather(1, y.clamp_min(0)[:, None]).squeeze(1)
+    smoothed = ((1 - eps) * ce + eps * (lse[:, None] - z[:, members]).mean(1))[valid].sum()
+    ref_h, ref_w = torch.autograd.grad(smoothed / 123.0, (h, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss, gh, gw = _loss_and_grads("chunked", h, w, y, chunk_rows=64, share_rows=True, unseen_smoothing=eps)
+        plain = linear_cross_entropy(h, w, y, impl="chunked", chunk_rows=64, share_rows=True)
+    torch.testing.assert_close(loss, ce[valid].sum().detach(), rtol=1e-3 if autocast else 1e-6, atol=1e-3)
+    assert torch.equal(loss, plain.detach())  # the value is the plain cross-entropy, smoothing or not
+    tol = dict(rtol=0.02, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh, ref_h, **tol)
+    torch.testing.assert_close(gw, ref_w, **tol)
+    rows = gw[members]
+    assert torch.equal(rows, rows[:1].expand_as(rows))
+    if not autocast:  # the group gets eps of every valid target's mass: its rows' gradients move by -eps * sum of h
+        _, _, gw_plain = _loss_and_grads("chunked", h, w, y, chunk_rows=64, share_rows=True)
+        torch.testing.assert_close((gw - gw_plain)[members].sum(0), -eps * h.detach()[valid].sum(0) / 123.0,
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_unseen_smoothing_needs_the_group():
+    h, w, y = _with_equal_rows()
+    for kw in (dict(impl="chunked"), dict(impl="plain", share_rows=True), dict(impl="liger", share_rows=True)):
+        with pytest.raises(ConfigError, match="train.unseen_smoothing needs the chunked loss"):
+            linear_cross_entropy(h, w, y, unseen_smoothing=0.1, **kw)
+    # no two equal rows left: nothing to smooth onto, the plain gradient
+    h, w, y = _inputs()
+    assert all(torch.equal(a, b) for a, b in zip(
+        _loss_and_grads("chunked", h, w, y, chunk_rows=64, share_rows=True, unseen_smoothing=0.1),
+        _loss_and_grads("chunked", h, w, y, chunk_rows=64)))
+
+
 def test_shared_rows_are_found_under_autocast():
     # rows a hair away from the group's vector: bf16 bucket keys (autocast's matmul) would put them in the group's
     # bucket, ahead of it; the search must run in fp32
@@ -250,38 +291,45 @@ def test_token_logps_runs_the_head_on_target_rows_in_chunks_only():
     assert sorted(seen) == [8, 8, 16, 16, 16, 16]  # forward, then the recomputation in backward
 
 
+def _train_demo_head(cfg, batches, *, share: bool):
+    """Five optimizer steps of `cfg` through the Engine (as the trainer takes them): the per-token losses and the
+    weights."""
+    from kiln.device import autocast_for
+    from kiln.parallel.mesh import init_layout
+    from kiln.train.engine import Engine
+    from kiln.train.objective import Objective, RunSettings
+
+    objective = Objective()
+    objective.configure(RunSettings.of(cfg))
+    engine = Engine(model=cfg.model, optim=cfg.optim, train=cfg.train, parallel=cfg.parallel,
+                    doc_mask=cfg.data.doc_mask, layout=init_layout(cfg.parallel, cfg.model, "cpu"),
+                    objective=objective, seed=0, accum_steps=1)
+    engine.model.share_head_rows = share
+    assert torch.equal(engine.model.head.weight, torch.zeros_like(engine.model.head.weight))
+    losses = []
+    for b in batches:
+        loss_sum, count, _ = engine.forward_backward([b], autocast_for("fp32", torch.device("cpu")))
+        engine.clip_grad_norm(1.0)
+        engine.optimizer.step()
+        engine.optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss_sum) / count)
+    return losses, {n: p.detach().clone() for n, p in engine.model.named_parameters()}, engine.model
+
+
+_SMALL_DEMO = ["--model.vocab_size", "2000", "--model.n_layers", "1", "--train.micro_batch_size", "2",
+               "--train.global_batch_size", "2", "--train.seq_len", "32", "--train.dtype", "fp32"]
+
+
 def test_training_with_shared_rows_matches_the_full_head():
     """Five real optimizer steps (Muon + AdamW groups, clipping) of a zero-initialised untied head, with the
     shared-rows loss and with the full head: the same losses and weights, and the never-targeted rows stay one
     vector (so the next step finds them again)."""
     from kiln.bench import synthetic_batches
     from kiln.config import load_config
-    from kiln.device import autocast_for
-    from kiln.parallel.mesh import init_layout
-    from kiln.train.engine import Engine
-    from kiln.train.objective import Objective, RunSettings
 
-    cfg = load_config("demo", ["--model.vocab_size", "2000", "--model.n_layers", "1", "--train.micro_batch_size", "2",
-                               "--train.global_batch_size", "2", "--train.seq_len", "32", "--train.dtype", "fp32"])
+    cfg = load_config("demo", [*_SMALL_DEMO, "--train.unseen_smoothing", "0"])
     batches = synthetic_batches(cfg, 5, seed=0)  # random ids: each step targets ids no earlier step did
-    runs = {}
-    for share in (False, True):
-        objective = Objective()
-        objective.configure(RunSettings.of(cfg))
-        engine = Engine(model=cfg.model, optim=cfg.optim, train=cfg.train, parallel=cfg.parallel,
-                        doc_mask=cfg.data.doc_mask, layout=init_layout(cfg.parallel, cfg.model, "cpu"),
-                        objective=objective, seed=0, accum_steps=1)
-        engine.model.share_head_rows = share
-        assert torch.equal(engine.model.head.weight, torch.zeros_like(engine.model.head.weight))
-        losses = []
-        for b in batches:
-            loss_sum, count, _ = engine.forward_backward([b], autocast_for("fp32", torch.device("cpu")))
-            engine.clip_grad_norm(1.0)
-            engine.optimizer.step()
-            engine.optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss_sum) / count)
-        runs[share] = losses, {n: p.detach().clone() for n, p in engine.model.named_parameters()}
-    (full, w_full), (shared, w_shared) = runs[False], runs[True]
+    (full, w_full, _), (shared, w_shared, _) = (_train_demo_head(cfg, batches, share=s) for s in (False, True))
     assert shared == pytest.approx(full, rel=1e-5)
     for n, p in w_full.items():
         # not entry by entry: Adam divides by sqrt(v), so where a gradient is ~0 (the first steps behind a zero wo)
@@ -293,3 +341,27 @@ def test_training_with_shared_rows_matches_the_full_head():
     never[targeted[targeted != -100]] = False
     assert group.size == int(never.sum()) > 1000 and group.own.tolist() == (~never).nonzero().squeeze(1).tolist()
     assert w_shared["head.weight"][group.rep].abs().sum() > 0  # the group has trained away from zero as one row
+
+
+def test_training_with_unseen_smoothing_keeps_the_group_and_its_mass():
+    """train.unseen_smoothing through the Engine: the never-targeted rows stay one vector (the sharing stays
+    exact), and the model gives them more of its mass than the same steps without smoothing."""
+    from kiln.bench import synthetic_batches
+    from kiln.config import load_config
+
+    runs = {}
+    for eps in (0.0, 0.2):
+        cfg = load_config("demo", [*_SMALL_DEMO, "--train.unseen_smoothing", str(eps)])
+        # one batch again and again: the plain loss learns that the group's ids never come (its mass 0.13 after
+        # 20 steps), the smoothed one keeps eps = 0.2 for them in sight (0.29)
+        batches = synthetic_batches(cfg, 1, seed=0) * 20
+        losses, weights, model = _train_demo_head(cfg, batches, share=True)
+        group = shared_rows(weights["head.weight"])
+        targeted = torch.cat([b.targets.flatten() for b in batches])
+        assert group.size == 2000 - targeted[targeted != -100].unique().numel()
+        with torch.no_grad():  # the group's share of the softmax at the last batch's positions
+            p = torch.softmax(model(batches[-1].tokens, batches[-1].doc_ids).float(), -1)
+        runs[eps] = losses, float(p[..., group.column == group.own.numel()].sum(-1).mean())
+    (plain_losses, plain_mass), (smooth_losses, smooth_mass) = runs[0.0], runs[0.2]
+    assert plain_losses[0] == smooth_losses[0]  # the first loss is the same model's plain cross-entropy
+    assert smooth_mass > plain_mass + 0.1

@@ -208,6 +208,11 @@ class TrainConfig:
     # recompute activations in backward: full = whole blocks, selective = all but matmul/attention outputs
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     loss_impl: Literal["auto", "chunked", "liger", "plain"] = "auto"  # auto: liger on CUDA if installed, else chunked
+    # >0: the gradient gives this share of each target to the ids no batch has targeted yet (label smoothing onto
+    # them), so text outside the corpus does not find them at ~0 probability; the logged loss stays plain
+    # cross-entropy. It acts where an untied head starts at zero (model.init_zero_out), whose equal rows find
+    # those ids, in the chunked loss; elsewhere the run says it does nothing (config.unseen_smoothing_blocker)
+    unseen_smoothing: float = 0.0
     fp8: bool = False  # torchao float8 training for the block linears (Hopper or newer GPUs)
 
 
@@ -601,6 +606,21 @@ def higher_is_better(metric: str) -> bool:
     return "acc" in metric or "exact_match" in metric
 
 
+def unseen_smoothing_blocker(cfg: Config) -> str:
+    """Why train.unseen_smoothing cannot act in this run ("" when it can): it smooths onto the equal rows of an
+    untied head that starts at zero, inside the chunked fused loss (kiln.model.loss)."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    if m.tie_embeddings:
+        return "the head is tied to the embedding (model.tie_embeddings true)"
+    if not m.init_zero_out:
+        return "the head does not start at zero (model.init_zero_out false)"
+    if t.loss_impl not in ("auto", "chunked"):
+        return f"train.loss_impl {t.loss_impl} (it needs auto or chunked)"
+    if p.tp > 1 or p.pp > 1:
+        return "tensor and pipeline parallelism compute the loss on whole logits"
+    return ""
+
+
 def validate_source(s: SourceConfig, i: int, *, where: str) -> None:
     """The checks every data source gets (config files, overrides, `kiln data prepare --source`)."""
     if not s.path:
@@ -657,6 +677,8 @@ def _validate_train(t: TrainConfig, o: OptimConfig, m: ModelConfig, *, where: st
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"{where}: train.ema_decay: must be within [0, 1) (0: off; 0.999 averages about the last "
                           f"1000 steps), got {t.ema_decay}")
+    if not 0 <= t.unseen_smoothing < 1:
+        raise ConfigError(f"{where}: train.unseen_smoothing: must be within [0, 1) (0: off), got {t.unseen_smoothing}")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"{where}: train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     if t.global_batch_size % t.micro_batch_size:

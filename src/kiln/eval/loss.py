@@ -23,12 +23,17 @@ from kiln.model import Transformer
 from kiln.model.loss import LossImpl, default_chunk_rows
 
 
-def token_loss_sum(model: Transformer, batch: Batch, *, doc_mask: bool, impl: LossImpl = "auto") -> torch.Tensor:
+def token_loss_sum(model: Transformer, batch: Batch, *, doc_mask: bool, impl: LossImpl = "auto",
+                   unseen_smoothing: float = 0.0) -> torch.Tensor:
     """Summed next-token cross-entropy (nats, fp32) over the batch's non-ignored targets.
 
-    Never materialises the full (B*T, V) fp32 logits unless impl="plain" (kiln.model.loss).
+    Never materialises the full (B*T, V) fp32 logits unless impl="plain" (kiln.model.loss). `unseen_smoothing`
+    (train.unseen_smoothing) changes the gradient only, not the value (kiln.model.loss).
     """
     # Through forward (not model.hidden + the head here): DDP and FSDP only see what runs inside it.
+    if unseen_smoothing:
+        return model(batch.tokens, batch.doc_ids if doc_mask else None, targets=batch.targets, loss_impl=impl,
+                     unseen_smoothing=unseen_smoothing)
     return model(batch.tokens, batch.doc_ids if doc_mask else None, targets=batch.targets, loss_impl=impl)
 
 

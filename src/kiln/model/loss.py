@@ -24,6 +24,17 @@ the full softmax gives each of them. Exact: the loss and both gradients are the 
 float summation order, and the work scales with K + 1 instead of V. Rows targeted in this call are always
 among the K (a target's row gets its own gradient, so it leaves the group at this step's update).
 Without gradients (evaluation) targets may fall inside the group: they score u's logit without the log M.
+
+Unseen smoothing (`unseen_smoothing=eps`, with shared rows). A model trained only on its corpus learns that the
+ids the corpus never uses never occur, and pays for it on any other text: a 300 s `demo` model gives the group
+0.6% of its mass on average (median 0.2%), so each such id costs ~22 bits, and they are 1.9% of the tokens of
+literary English outside the bundled corpus (5% of its bits) and 10% of modern English (21% of its bits;
+bench/RESULTS.md, "Fourteenth sitting"). With eps > 0 each target keeps
+1 - eps of its mass and the group gets eps, spread evenly over its M rows: label smoothing onto the ids no batch has
+targeted, d(loss)/dz = softmax - (1 - eps) onehot(y) - eps/M on each group row. Every group row still gets the same
+gradient (u's, over M), so the rows stay equal and the sharing stays exact. The returned value is the plain
+cross-entropy, comparable with an eval's; the gradient is the smoothed objective's. With no group (no two equal
+rows left) there is nothing to smooth onto and the gradient is plain cross-entropy's.
 """
 
 from __future__ import annotations
@@ -65,13 +76,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor, w_full: Tensor, targets: Tensor, chunk_rows: int, cdt: torch.dtype,
-                share_rows: bool) -> Tensor:
+                share_rows: bool, unseen_smoothing: float) -> Tensor:
         # h: (N, d), w_full: (V, d), targets: (N,) int64 -> scalar fp32
         group = shared_rows(w_full, targets) if share_rows else None
-        w, last_bias = w_full, None
+        w, last_bias, eps = w_full, None, 0.0
         if group is not None:  # the K rows of their own, then u; targets re-indexed into those K
             w, targets = _compact(w_full, targets, group)
-            last_bias = math.log(group.size)
+            last_bias, eps = math.log(group.size), unseen_smoothing
         N, V = h.shape[0], w.shape[0]
         rows = max(1, min(chunk_rows, N))  # N = 0 (every target ignored): no chunk runs, the loss is 0
         wc = w.to(cdt)  # one cast of the head for all chunks (a no-op in fp32)
@@ -112,8 +123,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 # and it is at least 1/V, so its log never underflows.
                 lse = z_max - torch.log(p.amax(dim=-1))
                 total += torch.where(valid, lse - z_y, 0.0).sum()
-                # d(sum CE)/dz = softmax - onehot, made in p's buffer; ignored rows get zero
-                p.scatter_add_(1, y_safe, torch.where(valid, -1.0, 0.0)[:, None])
+                # d(sum CE)/dz = softmax - onehot, made in p's buffer; ignored rows get zero. Smoothed: the target
+                # 1 - eps, u (the group's M rows) eps
+                p.scatter_add_(1, y_safe, torch.where(valid, eps - 1.0, 0.0)[:, None])
+                if eps:
+                    p[:, -1] -= eps
                 if h.is_cuda or not bool(valid.all()):  # no host sync on CUDA: always mask there
                     p.mul_(valid[:, None])
                 dz = z_buf[:n].copy_(p) if low else p  # the logits in z_buf are no longer needed
@@ -139,7 +153,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         # scaled in place: no second (V, d) buffer; a second backward through this graph would need the
         # unscaled values and fails autograd's version check instead of silently using these
-        return grad_h.mul_(grad_out.to(grad_h.dtype)), grad_w.mul_(grad_out.to(grad_w.dtype)), None, None, None, None
+        return (grad_h.mul_(grad_out.to(grad_h.dtype)), grad_w.mul_(grad_out.to(grad_w.dtype)),
+                None, None, None, None, None)
 
 
 @dataclass(frozen=True)
@@ -219,7 +234,8 @@ def _chunked_loss_no_grad(h: Tensor, w: Tensor, targets: Tensor, chunk_rows: int
 
 
 def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, *, impl: LossImpl = "auto",
-                         chunk_rows: int | None = None, share_rows: bool = False) -> Tensor:
+                         chunk_rows: int | None = None, share_rows: bool = False,
+                         unseen_smoothing: float = 0.0) -> Tensor:
     """Summed cross-entropy of logits h @ w.T against `targets` (-100 ignored), fp32 scalar.
 
     h: (N, d) final hidden states; w: (V, d) output head; targets: (N,). `impl`:
@@ -228,7 +244,14 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, *, impl: LossImp
       liger    Liger-Kernel's fused linear cross-entropy (CUDA, `pip install liger-kernel`)
       auto     liger on CUDA when installed, else chunked
     `share_rows`: chunked: compute a group of equal head rows once (module docstring).
+    `unseen_smoothing`: chunked with `share_rows`: the gradient gives that much of each target's mass to the group
+    (module docstring); auto then means chunked, and plain or liger is a ConfigError.
     """
+    if unseen_smoothing:
+        if not share_rows or impl not in ("auto", "chunked"):
+            raise ConfigError("train.unseen_smoothing needs the chunked loss (train.loss_impl auto or chunked) and an "
+                              "untied head that starts at zero (model.init_zero_out true, model.tie_embeddings false)")
+        impl = "chunked"
     if impl == "auto":
         impl = "liger" if h.is_cuda and _liger_loss() is not None else "chunked"
     if impl == "plain":
@@ -245,7 +268,7 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, *, impl: LossImp
         raise ConfigError(f"train.loss_impl: unknown '{impl}'; expected auto, chunked, liger or plain")
     chunk_rows = chunk_rows or default_chunk_rows(h.device)
     if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
-        return _ChunkedLinearCrossEntropy.apply(h, w, targets, chunk_rows, cdt, share_rows)
+        return _ChunkedLinearCrossEntropy.apply(h, w, targets, chunk_rows, cdt, share_rows, unseen_smoothing)
     return _chunked_loss_no_grad(h, w, targets, chunk_rows, cdt, share_rows)
 
 

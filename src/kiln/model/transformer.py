@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kiln.config import ModelConfig
+from kiln.errors import ConfigError
 from kiln.model.attention import AttnMask, attend, prepare_mask
 from kiln.model.init import init_weights
 from kiln.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
@@ -153,9 +154,11 @@ class Transformer(nn.Module):
         return self.head(h) if self.head is not None else F.linear(h, self.tok_emb.weight)
 
     def forward(self, x: Tensor, doc_ids: Tensor | None = None, *, cache: KVCache | None = None,
-                targets: Tensor | None = None, loss_impl: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
+                targets: Tensor | None = None, loss_impl: str = "auto",
+                unseen_smoothing: float = 0.0) -> Tensor | tuple[Tensor, Tensor]:
         """tokens (B, T) -> logits (B, T, V); with `targets` (B, T) the summed next-token cross-entropy
-        over targets != -100 (fp32 scalar, see kiln.model.loss.linear_cross_entropy for `loss_impl`).
+        over targets != -100 (fp32 scalar, see kiln.model.loss.linear_cross_entropy for `loss_impl` and
+        `unseen_smoothing`).
         A non-last pipeline stage returns its hidden states."""
         h = self._trunk(x, doc_ids, cache)
         if self.norm is None:  # a pipeline stage before the last
@@ -165,7 +168,10 @@ class Transformer(nn.Module):
             return self.logits(h)
         if self.fused_loss:
             return linear_cross_entropy(h.flatten(0, 1), self.output_weight(), targets.flatten(), impl=loss_impl,
-                                        share_rows=self.share_head_rows)
+                                        share_rows=self.share_head_rows, unseen_smoothing=unseen_smoothing)
+        if unseen_smoothing:
+            raise ConfigError("train.unseen_smoothing needs the fused loss, which tensor parallelism replaces "
+                              "(parallel.tp 1)")
         return F.cross_entropy(self.logits(h).float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                                reduction="sum")
 

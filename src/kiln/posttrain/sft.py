@@ -160,7 +160,8 @@ class SFTObjective(Objective):
         return {"sft": [rows_to_batch(rows[i:i + B]) for i in range(0, len(rows), B)]}
 
     def loss(self, model, batch: Batch):
-        return token_loss_sum(model, batch, doc_mask=self.pack, impl=self.run.loss_impl), {}
+        return token_loss_sum(model, batch, doc_mask=self.pack, impl=self.run.loss_impl,
+                              unseen_smoothing=self.run.unseen_smoothing), {}
 
     def evaluate(self, model, val, *, device, autocast) -> dict[str, float]:
         res = evaluate(model, val["sft"], device=device, doc_mask=self.pack, autocast=autocast,

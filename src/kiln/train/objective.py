@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from kiln.config import Config, DataConfig, DType
+from kiln.config import Config, DataConfig, DType, unseen_smoothing_blocker
 from kiln.data.factory import Batching, build_train_source, build_val_sets
 from kiln.data.packing import Batch
 from kiln.data.tokenizer import Tokenizer
@@ -48,6 +48,7 @@ class RunSettings:
     dtype: DType  # train.dtype: frozen references run under the trainer's autocast
     tp: int  # parallel.tp: sequence lengths must divide by it (sequence parallelism)
     eval_tokens: int
+    unseen_smoothing: float = 0.0  # train.unseen_smoothing where the run can apply it, else 0
 
     @classmethod
     def of(cls, cfg: Config) -> RunSettings:
@@ -55,7 +56,8 @@ class RunSettings:
         return cls(data=cfg.data, batching=Batching(seq_len=t.seq_len, batch_size=t.micro_batch_size,
                                                     seed=cfg.run.seed),
                    global_batch_size=t.global_batch_size, loss_impl=t.loss_impl, dtype=t.dtype, tp=cfg.parallel.tp,
-                   eval_tokens=t.eval_tokens)
+                   eval_tokens=t.eval_tokens,
+                   unseen_smoothing=0.0 if unseen_smoothing_blocker(cfg) else t.unseen_smoothing)
 
 
 class BatchSource(Protocol):
@@ -97,7 +99,8 @@ class Objective:
         return batch.num_targets
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        return token_loss_sum(model, batch, doc_mask=self.run.data.doc_mask, impl=self.run.loss_impl), {}
+        return token_loss_sum(model, batch, doc_mask=self.run.data.doc_mask, impl=self.run.loss_impl,
+                              unseen_smoothing=self.run.unseen_smoothing), {}
 
     def evaluate(self, model: nn.Module, val: dict[str, list[Any]], *, device: torch.device,
                  autocast: contextlib.AbstractContextManager) -> dict[str, float]:

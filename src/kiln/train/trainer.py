@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from kiln.config import Config, TrainConfig, parse_duration, to_dict
+from kiln.config import Config, TrainConfig, parse_duration, to_dict, unseen_smoothing_blocker
 from kiln.data.stages import StagedLoader
 from kiln.data.stages import describe as describe_stages
 from kiln.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_digest
@@ -553,6 +553,8 @@ def _announce(run: Run, info: dict[str, Any], init_from: Path | None) -> None:
     if not plan.provisional:  # a time budget's schedule is printed once its length is fixed
         for line in _plan_lines(cfg, plan):
             p.print("  " + line)
+    if cfg.train.unseen_smoothing and (blocker := unseen_smoothing_blocker(cfg)):
+        p.print(f"  train.unseen_smoothing {cfg.train.unseen_smoothing:g} does nothing here: {blocker}")
     changed = getattr(run.loader, "changed_future", None)
     if changed:
         p.print(f"  data.stages {', '.join(str(i) for i in changed)} changed since the last checkpoint; the run has "
