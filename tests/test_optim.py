@@ -173,6 +173,10 @@ def test_describe_schedule_reports_the_curve():
     assert "peak 5.6e-05 (base 1.4e-05 x sqrt(global batch) = x4)" in text
     assert "over 1,525,879 steps (min_cooldown_tokens 1e+11 / 65,536 tokens/step)" in text
     assert "past the end of the run" in text and "(step 45,775) 5.59e-05 (99.90%)" in text
+    wsd = OptimConfig(schedule="wsd", warmup_steps=30, lr=1e-3, decay_fraction=0.3)
+    assert describe_schedule(1000, wsd)[1] == "  stable steps 30-699, linear decay steps 700-999 to 0.1 x peak"
+    # a run shorter than its warmup has no stable phase: not an empty "stable steps 1-0"
+    assert describe_schedule(2, wsd)[1] == "  no stable steps, linear decay steps 1-1 to 0.1 x peak"
 
 
 # ---- config ---------------------------------------------------------------------------------------

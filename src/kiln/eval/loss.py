@@ -31,10 +31,8 @@ def token_loss_sum(model: Transformer, batch: Batch, *, doc_mask: bool, impl: Lo
     (train.unseen_smoothing) changes the gradient only, not the value (kiln.model.loss).
     """
     # Through forward (not model.hidden + the head here): DDP and FSDP only see what runs inside it.
-    if unseen_smoothing:
-        return model(batch.tokens, batch.doc_ids if doc_mask else None, targets=batch.targets, loss_impl=impl,
-                     unseen_smoothing=unseen_smoothing)
-    return model(batch.tokens, batch.doc_ids if doc_mask else None, targets=batch.targets, loss_impl=impl)
+    return model(batch.tokens, batch.doc_ids if doc_mask else None, targets=batch.targets, loss_impl=impl,
+                 unseen_smoothing=unseen_smoothing)
 
 
 @torch.no_grad()

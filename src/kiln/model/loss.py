@@ -29,10 +29,10 @@ Unseen smoothing (`unseen_smoothing=eps`, with shared rows). A model trained onl
 ids the corpus never uses never occur, and pays for it on any other text: a 300 s `demo` model gives the group
 0.6% of its mass on average (median 0.2%), so each such id costs ~22 bits, and they are 1.9% of the tokens of
 literary English outside the bundled corpus (5% of its bits) and 10% of modern English (21% of its bits;
-bench/RESULTS.md, "Fourteenth sitting"). With eps > 0 each target keeps
-1 - eps of its mass and the group gets eps, spread evenly over its M rows: label smoothing onto the ids no batch has
-targeted, d(loss)/dz = softmax - (1 - eps) onehot(y) - eps/M on each group row. Every group row still gets the same
-gradient (u's, over M), so the rows stay equal and the sharing stays exact. The returned value is the plain
+bench/RESULTS.md, "Fourteenth sitting"). With eps > 0 each target keeps 1 - eps of its mass and the group gets
+eps, spread evenly over its M rows: label smoothing onto the ids no batch has targeted, d(loss)/dz = softmax -
+(1 - eps) onehot(y) - eps/M on each group row. Every group row still gets the same gradient (u's, over M), so the
+rows stay equal and the sharing stays exact. The returned value is the plain
 cross-entropy, comparable with an eval's; the gradient is the smoothed objective's. With no group (no two equal
 rows left) there is nothing to smooth onto and the gradient is plain cross-entropy's.
 """

@@ -169,8 +169,8 @@ def describe_schedule(total_steps: int, cfg: OptimConfig, tokens_per_step: int |
         lines.append(f"  cosine decay steps {warmup:,}-{last:,} to {cfg.min_lr_ratio:g} x peak")
     elif cfg.schedule == "wsd":
         start = _wsd_decay_start(total_steps, cfg)
-        lines.append(f"  stable steps {warmup:,}-{start - 1:,}, {cfg.decay_shape} decay steps {start:,}-{last:,} "
-                     f"to {cfg.min_lr_ratio:g} x peak")
+        stable = f"stable steps {warmup:,}-{start - 1:,}" if start > warmup else "no stable steps"  # a short run
+        lines.append(f"  {stable}, {cfg.decay_shape} decay steps {start:,}-{last:,} to {cfg.min_lr_ratio:g} x peak")
     elif cfg.schedule == "infinite":
         ph = infinite_phases(total_steps, cfg, tokens_per_step)
         why = (f"min_cooldown_tokens {cfg.min_cooldown_tokens:.3g} / {tokens_per_step:,} tokens/step"
