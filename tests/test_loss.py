@@ -292,8 +292,8 @@ def test_token_logps_runs_the_head_on_target_rows_in_chunks_only():
 
 
 def _train_demo_head(cfg, batches, *, share: bool):
-    """Five optimizer steps of `cfg` through the Engine (as the trainer takes them): the per-token losses and the
-    weights."""
+    """One optimizer step of `cfg` per batch through the Engine (as the trainer takes them, clipping included):
+    the per-token losses, the weights and the model."""
     from kiln.device import autocast_for
     from kiln.parallel.mesh import init_layout
     from kiln.train.engine import Engine
