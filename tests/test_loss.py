@@ -114,6 +114,13 @@ def test_unseen_smoothing_needs_the_group():
     for kw in (dict(impl="chunked"), dict(impl="plain", share_rows=True), dict(impl="liger", share_rows=True)):
         with pytest.raises(ConfigError, match="train.unseen_smoothing needs the chunked loss"):
             linear_cross_entropy(h, w, y, unseen_smoothing=0.1, **kw)
+    # a model whose loss runs on whole logits (tensor parallelism turns the fused loss off) refuses it too
+    model = build_model(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32,
+                                    max_seq_len=8, tie_embeddings=False, init_zero_out=True))
+    model.fused_loss = False
+    tokens = torch.randint(0, 64, (1, 8))
+    with pytest.raises(ConfigError, match="train.unseen_smoothing needs the fused loss"):
+        model(tokens, targets=tokens, unseen_smoothing=0.1)
     # no two equal rows left: nothing to smooth onto, the plain gradient
     h, w, y = _inputs()
     assert all(torch.equal(a, b) for a, b in zip(

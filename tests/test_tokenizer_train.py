@@ -312,7 +312,8 @@ def test_demo_as_make_train_runs_it_trains_and_exports_its_context(tmp_path):
     model, evals that improve; its export declares the 256-token context it trains on, so no note about one.
     Its head started at zero: the rows of the ids six steps never targeted left zero as one vector (the loss
     computed them once), and the export keeps them so."""
-    assert "9.18M parameters" in train_demo(tmp_path)
+    out = train_demo(tmp_path)
+    assert "9.18M parameters" in out and "unseen_smoothing" not in out  # it acts: no line saying it does not
     res = run("export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf"))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["max_position_embeddings"], config["vocab_size"], config["tie_word_embeddings"]) == (256, 32768, False)
@@ -323,3 +324,12 @@ def test_demo_as_make_train_runs_it_trains_and_exports_its_context(tmp_path):
     assert head[group.rep].abs().sum() > 0  # trained as one row, away from zero
     controls = torch.arange(10, 700)  # Mistral v3's [control_N] ids, which no text encodes to
     assert bool((group.column[controls] == group.own.numel()).all())  # all in the group
+
+
+def test_demo_with_a_tied_head_says_its_unseen_smoothing_does_nothing(tmp_path):
+    """demo's train.unseen_smoothing needs the untied zero-init head's equal rows: with a tied head the run trains
+    (it is not an error over a key the user did not set) and says, once, that the smoothing does nothing."""
+    res = run("train", "demo", "--model.tie_embeddings", "true", "--run.out_dir", str(tmp_path / "run"),
+              "--train.time_budget", "", "--train.max_steps", "1", "--train.eval_every", "100",
+              "--train.sample_tokens", "0", "--train.eval_tokens", "2048")
+    assert res.stdout.count("train.unseen_smoothing 0.03 does nothing here: the head is tied to the embedding") == 1
