@@ -282,6 +282,35 @@ def test_time_budget_plans_replans_and_a_resumed_run_follows_the_plan(tmp_path):
     assert got == {k: v for k, v in want.items() if k <= steps[-1]}  # the same plan: the same loss at every step
 
 
+def test_a_resumed_process_gets_its_share_of_the_budget_from_when_it_resumes():
+    budget = TimeBudget(100.0, text="100s", warmup_steps=30)
+    assert not budget.overrun(110.0) and budget.overrun(110.1)  # a fresh run: the budget plus 10%
+    budget.resumed(elapsed=105.0, done=300, planned=400)  # over its budget already, a quarter of its steps left
+    assert not budget.overrun(105.0 + 1.1 * 25.0) and budget.overrun(105.0 + 1.1 * 25.0 + 0.1)
+    early = TimeBudget(100.0, text="100s", warmup_steps=30)
+    early.resumed(elapsed=20.0, done=300, planned=400)  # well inside: the run's own deadline is the later one
+    assert not early.overrun(110.0) and early.overrun(110.1)
+
+
+def test_a_run_over_its_budget_resumes_to_the_end_of_its_plan(tmp_path):
+    """A budgeted run resumed when its clock is already past the budget (here: resumed with a budget its first
+    process had used up; the plan saved in the checkpoint stays) trains the rest of its plan, rather than
+    stopping after one step at every command."""
+    over = small_overrides(tmp_path, **{"train.time_budget": "16s", "optim.warmup_steps": 8, "train.save_every": 50,
+                                        "train.eval_every": 50, "train.stop_at_step": 9})
+    first = run_cli("train", "tiny", *over)
+    assert first.returncode == 0, first.stderr[-3000:]
+    common = torch.load(ckpt_io.list_checkpoints(tmp_path / "run")[-1] / "state" / "common.pt", weights_only=False)
+    planned, spent = common["planned_steps"], common["elapsed"]
+    short = f"{max(spent / 2, 0.5):.1f}s"  # this budget plus 10% is long gone
+    resumed = [x for x in over if x not in ("--train.stop_at_step", "9")]
+    second = run_cli("train", "tiny", *[short if x == "16s" else x for x in resumed])
+    assert second.returncode == 0, second.stderr[-3000:]
+    steps = sorted(train_records(tmp_path / "run"))
+    # one step at a time before the fix; a loaded machine may still stop it, but only after several
+    assert steps[-1] == planned or steps[-1] >= 9 + 3, second.stdout[-2000:]
+
+
 def test_a_budget_too_short_is_one_line_and_saves_nothing(tmp_path):
     res = run_cli("train", "tiny", *small_overrides(tmp_path, **{"train.time_budget": "0.5s", "optim.warmup_steps": 4,
                                                                   "train.save_every": 100}))

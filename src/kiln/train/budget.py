@@ -37,8 +37,10 @@ the earlier processes of a resumed run.
 The plan is rank 0's (broadcast), so every rank takes the same steps. A run resumed before a re-plan
 re-plans at the same step by the same rule, with the step times of its own process. The margin is 2% of
 the budget (at least two steps): the machine may slow down. If it does anyway, the run stops, saved, once
-the budget is over by more than 10% (`overrun`), and says so. Keep-best saves are not foreseen (they
-depend on the losses); clock saves are.
+the budget is over by more than 10% (`overrun`), and says so. A process that resumes a run whose plan is
+fixed gets its own share from when it resumes: the budget's fraction for the steps left, plus 10% (`resumed`).
+Otherwise a run stopped over its budget, or killed late and resumed, would stop again after every step.
+Keep-best saves are not foreseen (they depend on the losses); clock saves are.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class TimeBudget:
         self.replan_at = 0  # the step of the re-plan (0: none to come)
         self.eval_time = 0.0
         self.save_time = 0.0  # the scratch checkpoint's seconds (0 in a process resumed after the plan)
+        self.deadline = 1.10 * seconds  # the run's clock (TrainState.elapsed) past which it stops, saved
 
     def step_done(self, step: int, seconds: float) -> None:
         """`step` (1-based, just taken) took `seconds`."""
@@ -182,6 +185,13 @@ class TimeBudget:
         self.replan_at, self.since_plan = 0, []
         return n
 
+    def resumed(self, *, elapsed: float, done: int, planned: int) -> None:
+        """This process resumes, at run clock `elapsed`, a run planned for `planned` steps with `done` taken: its
+        steps get the budget's share for them, plus 10%, from now (or the run's own deadline, where later)."""
+        share = self.seconds * max(planned - done, 0) / max(planned, 1)
+        self.deadline = max(self.deadline, elapsed + 1.10 * share)
+
     def overrun(self, elapsed: float) -> bool:
-        """The run is more than 10% past its budget (the machine slowed down after the plan was fixed)."""
-        return elapsed > 1.10 * self.seconds
+        """The run is more than 10% past its budget (the machine slowed down after the plan was fixed), or, in a
+        resumed process, past its share of it (`resumed`)."""
+        return elapsed > self.deadline

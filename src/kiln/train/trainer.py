@@ -406,6 +406,7 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
         run._apply_plan(state.planned_steps)
         if not state.plan_final:  # killed before a re-plan: it comes at the same step
             budget.schedule_replan(state.planned_steps, after=state.planned_at)
+        budget.resumed(elapsed=state.elapsed(), done=state.step, planned=state.planned_steps)
         plan.budget_source = f"train.time_budget {t.time_budget} (fixed at the start of the run)"
     _announce(run, info, init_from)
     engine.train()
