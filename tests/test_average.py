@@ -54,10 +54,10 @@ def test_ema_average_weights_later_checkpoints_more(run, tmp_path):
     assert res.returncode == 0, res.stderr
     got = ckpt_io.read_model_state(tmp_path / "ema")
     states = [ckpt_io.read_model_state(c) for c in ckpts]
+    weights = [0.5 ** (len(states) - 1 - i) for i in range(len(states))]  # bias-corrected: the newest weighs most
+    assert weights == [0.125, 0.25, 0.5, 1.0]
     for k in got:
-        want = states[0][k].clone()
-        for s in states[1:]:
-            want = 0.5 * want + 0.5 * s[k]
+        want = sum(w * s[k] for w, s in zip(weights, states)) / sum(weights)
         torch.testing.assert_close(got[k], want, rtol=1e-6, atol=1e-7)
 
 
@@ -72,3 +72,9 @@ def test_different_architectures_one_checkpoint_or_a_used_folder_are_one_line(ru
     assert res.returncode == 2 and "needs at least two checkpoints" in res.stderr
     res = run_cli("average", str(run), "--last", "2", "--out", str(run))
     assert res.returncode == 2 and "already holds checkpoints" in res.stderr
+    inside = ckpt_io.list_checkpoints(run)[-1]
+    res = run_cli("average", str(run), "--last", "2", "--out", str(inside))  # the folder rotation would remove
+    assert res.returncode == 2 and f"lies inside the checkpoint {inside}" in res.stderr
+    assert not (inside / "checkpoints").exists()
+    res = run_cli("average", str(run), "--last", "0", "--out", str(tmp_path / "x"))
+    assert res.returncode == 2 and "--last: the number of checkpoints" in res.stderr and "must be at least 1" in res.stderr

@@ -5,7 +5,11 @@ model a learning-rate decay would reach, without the decay run (Sanyal et al. 20
 averaging meets high learning rates"; Megatron / NVIDIA Nemotron report it for WSD runs):
 
     uniform   w = mean_i w_i
-    ema       w = ((w_1 * d + (1 - d) w_2) * d + (1 - d) w_3) ...   over the checkpoints in step order
+    ema       w = sum_i d^(K-i) w_i / sum_i d^(K-i)    over the K checkpoints in step order
+
+The EMA is bias-corrected (as Adam's moments are): the newest checkpoint weighs most, and the oldest does
+not stand in for the whole history before it (with K=3 and d=0.9: 0.37, 0.33, 0.30; a moving average
+started at the oldest would give it 0.81).
 
 With `--weights ema` each checkpoint contributes the moving average its run kept (train.ema_decay)
 instead of its weights; one checkpoint is then enough: `kiln average CKPT --weights ema --out DIR` makes
@@ -73,16 +77,15 @@ def average_weights(ckpts: list[Path], *, ema: float = 0.0, weights: str = "mode
     """The uniform mean (ema 0) or the EMA with decay `ema` of the checkpoints' fp32 weights ("model") or of
     their runs' moving averages ("ema"), in step order; one checkpoint's weights in memory besides the result."""
     avg: dict[str, torch.Tensor] = {}
-    for i, c in enumerate(ckpts):
+    total = 0.0  # the weights so far: each new checkpoint gets 1 against the earlier ones' decayed sum
+    for c in ckpts:
         w = ckpt_io.read_model_state(c, weights=weights)
+        total = total * ema + 1.0 if ema > 0 else total + 1.0
         if not avg:
             avg = {k: v.clone() for k, v in w.items()}
             continue
-        for k, v in w.items():
-            if ema > 0:
-                avg[k].mul_(ema).add_(v, alpha=1 - ema)
-            else:  # running mean: avg += (v - avg) / (i + 1)
-                avg[k].add_(v.sub(avg[k]), alpha=1.0 / (i + 1))
+        for k, v in w.items():  # a running weighted mean: avg += (v - avg) / total
+            avg[k].add_(v.sub(avg[k]), alpha=1.0 / total)
     return avg
 
 
@@ -101,6 +104,9 @@ def average(paths: list[str], out: str | Path, *, ema: float = 0.0, last: int = 
     out = Path(out)
     if ckpt_io.list_checkpoints(out):
         raise CheckpointError(f"{out}: already holds checkpoints; pass a new --out folder")
+    inside = next((p for p in (out, *out.parents) if (p / "meta.json").exists()), None)
+    if inside is not None:  # a checkpoint's rotation or a --fresh run would take the average with it
+        raise CheckpointError(f"{out}: lies inside the checkpoint {inside}; pass a new --out folder outside it")
     cfg = ckpt_io.read_config(ckpts[-1])
     model = build_model(cfg.model, device="cpu", seed=0)
     avg = average_weights(ckpts, ema=ema, weights=weights)
@@ -124,11 +130,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("checkpoints", nargs="+", help="checkpoint folders, or run folders (their latest, or --last K)")
     p.add_argument("--out", required=True, help="a new run folder for the averaged checkpoint")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay over the checkpoints in step order (0: uniform)")
-    p.add_argument("--last", type=int, default=0, help="take the last K checkpoints of each run folder given")
+    p.add_argument("--last", type=int, default=None,
+                   help="take the last K checkpoints of each run folder given (default: its latest)")
     p.add_argument("--weights", choices=("model", "ema"), default="model",
                    help="each checkpoint's weights, or the moving average its run kept (train.ema_decay)")
     args = p.parse_args(argv)
-    path = average(args.checkpoints, args.out, ema=args.ema, last=args.last, weights=args.weights)
+    if args.last is not None and args.last < 1:
+        raise ConfigError(f"--last: the number of checkpoints to take from each run folder must be at least 1, "
+                          f"got {args.last}")
+    path = average(args.checkpoints, args.out, ema=args.ema, last=args.last or 0, weights=args.weights)
     meta = ckpt_io.read_meta(path)
     n = len(meta["averaged_from"])
     if args.weights == "ema" and n == 1:
