@@ -37,6 +37,10 @@ def train_records(run: Path) -> dict[int, dict]:
 
 def test_durations_parse_and_bad_ones_are_one_line():
     assert [parse_duration(x) for x in ("90s", "10m", "8h", "1h30m", "45", "1.5m")] == [90, 600, 28800, 5400, 45, 90]
+    assert parse_duration("1h30m20s") == 5420 and parse_duration("5m30s") == 330
+    for ambiguous in ("1h30", "5m30"):  # a trailing bare number after a unit could be minutes or seconds
+        with pytest.raises(ConfigError, match=f"'{ambiguous}' is ambiguous; write {ambiguous}m or {ambiguous}s"):
+            parse_duration(ambiguous)
     for bad in ("", "abc", "10 minutes", "0s", "-5m"):
         with pytest.raises(ConfigError, match="train.time_budget: ") as e:
             parse_duration(bad)

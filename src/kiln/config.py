@@ -594,6 +594,9 @@ def parse_duration(text: str, *, key: str = "train.time_budget", where: str = "<
     m = _DURATION.match(str(text).strip().lower())
     if not str(text).strip() or m is None or not any(m.groups()):
         raise ConfigError(f"{where}: {key}: expected a duration like 90s, 10m, 8h or 1h30m, got {text!r}")
+    t = str(text).strip().lower()
+    if m.group(3) and (m.group(1) or m.group(2)) and not t.endswith("s"):  # "1h30": minutes or seconds?
+        raise ConfigError(f"{where}: {key}: {text!r} is ambiguous; write {t}m or {t}s (a unit on every part)")
     h, mins, s = (float(g) if g else 0.0 for g in m.groups())
     seconds = 3600 * h + 60 * mins + s
     if seconds <= 0:
