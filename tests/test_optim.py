@@ -4,6 +4,7 @@ parameter groups and the optimizer config."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -177,6 +178,9 @@ def test_describe_schedule_reports_the_curve():
     assert describe_schedule(1000, wsd)[1] == "  stable steps 30-699, linear decay steps 700-999 to 0.1 x peak"
     # a run shorter than its warmup has no stable phase: not an empty "stable steps 1-0"
     assert describe_schedule(2, wsd)[1] == "  no stable steps, linear decay steps 1-1 to 0.1 x peak"
+    # a warmup that ends after the 25% point: the points stay in step order
+    steps = [int(x) for x in re.findall(r"\(step ([\d,]+)\)", describe_schedule(40, wsd)[-1].replace(",", ""))]
+    assert steps == sorted(steps) and steps[:2] == [10, 20], describe_schedule(40, wsd)[-1]
 
 
 # ---- config ---------------------------------------------------------------------------------------

@@ -183,5 +183,6 @@ def describe_schedule(total_steps: int, cfg: OptimConfig, tokens_per_step: int |
             lines.append(f"  anneal steps {ph.anneal_start:,}-{last:,} geometrically to {cfg.min_lr_ratio:g} x peak")
     points = [("warmup end", max(warmup - 1, 0))] + [(f"{q}%", min(last, (total_steps * q) // 100))
                                                      for q in (25, 50, 75)] + [("100%", last)]
+    points.sort(key=lambda p: p[1])  # in step order: a warmup may end after the 25% (or 50%) point
     lines.append("  lr at " + ", ".join(f"{label} (step {s:,}) {at(s)}" for label, s in points))
     return lines
