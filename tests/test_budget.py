@@ -341,8 +341,9 @@ def test_target_loss_stops_at_the_first_eval_that_reaches_it_and_reports_the_cos
     summary = run_cli("logs", "summary", str(tmp_path / "run"))
     assert summary.returncode == 0 and "target reached" in summary.stdout
     assert json.loads(summary.stdout.strip().splitlines()[-1])["target"]["step"] == first["step"]
-    again = run_cli("train", "tiny", *over)  # the same command again: nothing left to do
+    again = run_cli("train", "tiny", *over, "--train.sample_tokens", "4")  # the same command again: nothing left to do
     assert again.returncode == 0 and f"reached train.target_loss at step {first['step']}" in again.stdout
+    assert "sample:" not in again.stdout  # a run with nothing left to train writes no sample
     assert "a lower train.target_loss (or 0: none) trains on" in again.stdout
     # a lower target trains on from the checkpoint (it used to say "nothing to train" whatever the target)
     lower = run_cli("train", "tiny", *over, "--train.target_loss", f"{first['eval_loss'] - 1e-4:.6f}")

@@ -466,7 +466,7 @@ def finish(run: Run, stopped: str | None, *, complete: bool = False) -> dict[str
             print(f"{why} at step {state.step}: {what}; run the same command again to resume")
         return summary
     cfg = run.cfg
-    if main and not run.progress.quiet and cfg.train.sample_tokens > 0 and not run.layout.distributed:
+    if main and not run.progress.quiet and cfg.train.sample_tokens > 0 and not run.layout.distributed and not complete:
         model = run.engine.model
         model.eval()
         text = generate_text(model, run.tokenizer, cfg.train.sample_prompt, max_new_tokens=cfg.train.sample_tokens,
