@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from kiln.config import load_config
+from kiln.config import ModelConfig, load_config
 from kiln.data.tokenizer import load_tokenizer
+from kiln.device import train_precision
 from kiln.errors import CheckpointError
 from kiln.train import checkpoint as ckpt_io
-from kiln.train.metrics import read_metrics
+from kiln.train.metrics import MetricsLogger, StepLog, read_metrics
+from kiln.train.plan import Plan
+from kiln.train.progress import Progress
+from kiln.train.stability import DivergenceDetector, SpikeDetector
+from kiln.train.state import TrainState
 from kiln.train.trainer import TrainingDiverged, train
 
 WORDS = "the of and to in a is that for it as with was on be by at this had not are but from or have".split()
@@ -279,3 +285,24 @@ def test_a_batch_the_ranks_cannot_split_names_the_micro_batch_that_keeps_it():
         make_plan(cfg.model, cfg.train, cfg.optim, dp_size=4)
     cfg.train.micro_batch_size = 2
     assert make_plan(cfg.model, cfg.train, cfg.optim, dp_size=3).accum_steps == 1  # 6 = 2 x 3
+
+
+def test_tokens_per_sec_is_the_steps_own_throughput_and_the_eta_counts_the_evals(tmp_path):
+    """A window of 4 logged steps with a 0.3 s pause (an eval, a checkpoint) inside it: tokens/s is the steps'
+    own (4 x 1000 tokens over their 4 x 0.01 s), not the window's wall time; the ETA, which says when the run
+    ends, still counts the pause."""
+    plan = Plan(n_params=1, tokens_per_step=1000, accum_steps=1, total_steps=8, total_tokens=8000, budget_source="",
+                peak_lr=1e-3, log_every=4, eval_every=10**6, save_every=10**6)
+    cpu = torch.device("cpu")
+    log = StepLog(plan, device=cpu, n_devices=1, model=ModelConfig(), seq_len=16,
+                  precision=train_precision("fp32", torch.float32, cpu), cost_per_hour=0.0,
+                  progress=Progress(8, quiet=True), metrics=MetricsLogger(tmp_path, tensorboard=False), control=None)
+    state = TrainState(divergence=DivergenceDetector(threshold=1.0), spikes=SpikeDetector(z_threshold=6.0))
+    for i in range(4):
+        state.advance(tokens=1000, loss=1.0)
+        if i == 1:
+            time.sleep(0.3)
+        log.step(state, lr=1e-3, grad_norm=1.0, extras={}, seconds=0.01)
+    (rec,) = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
+    assert rec["tokens_per_sec"] == pytest.approx(4000 / 0.04)
+    assert rec["eta_sec"] >= 4 * 0.3 / 4  # the remaining 4 steps at the window's wall time per step

@@ -86,7 +86,9 @@ class StepLog:
     uninterrupted one does), lr, grad norm, tokens/s, MFU, memory, progress, ETA and cost; written to
     the metrics sinks (rank 0), the progress bar and the job-control status.
 
-    Wall-clock fields (tokens_per_sec, eta_sec, elapsed_sec, cost) count only this process's steps."""
+    Wall-clock fields (tokens_per_sec, eta_sec, elapsed_sec, cost) count only this process's steps.
+    tokens_per_sec is the training steps' own throughput (their seconds, as train_step timed them); the ETA
+    is the window's wall time, evals and checkpoints included, so it says when the run will end."""
 
     def __init__(self, plan: Plan, *, device: torch.device, n_devices: int, model: ModelConfig, seq_len: int,
                  precision: Precision, cost_per_hour: float, progress: Progress, metrics: MetricsLogger | None,
@@ -96,20 +98,23 @@ class StepLog:
         self.peak_flops = device_peak(device, precision=precision).peak_flops
         self.flops_per_token = flops_per_token(model, seq_len=seq_len).total
         self._timed, self._t_window = 0, time.time()  # steps of this process since the last record, and when
+        self._step_seconds = 0.0  # those steps' own seconds (no evals, no checkpoints)
 
     def due(self, step: int) -> bool:
         return step % self.plan.log_every == 0 or step == self.plan.total_steps
 
     def step(self, state: TrainState, *, lr: float, grad_norm: float, extras: dict[str, float],
-             spike: bool = False) -> None:
-        """After `state.advance`: write the record when one is due, else move the progress bar."""
+             seconds: float, spike: bool = False) -> None:
+        """After `state.advance`: write the record when one is due, else move the progress bar. `seconds`: the
+        step's own time (train_step's)."""
         self._timed += 1
+        self._step_seconds += seconds
         if not self.due(state.step):
             self.progress.update(state.step)
             return
         record = self.record(state, lr=lr, grad_norm=grad_norm, extras=extras, spike=spike)
         state.window.clear()
-        self._timed, self._t_window = 0, time.time()
+        self._timed, self._t_window, self._step_seconds = 0, time.time(), 0.0
         if self.metrics is not None:
             self.metrics.log(record)
         self.progress.update(state.step, loss=record["loss"], lr=lr, tok_s=record["tokens_per_sec"])
@@ -123,7 +128,7 @@ class StepLog:
         """The train record of the window ending at `state.step`."""
         dt = max(time.time() - self._t_window, 1e-9)
         timed = max(self._timed, 1)
-        tok_s = timed * self.plan.tokens_per_step / dt
+        tok_s = timed * self.plan.tokens_per_step / max(self._step_seconds, 1e-9)
         elapsed = state.elapsed()
         record: dict[str, Any] = {
             "kind": "train", "step": state.step, "tokens_seen": state.tokens_seen,

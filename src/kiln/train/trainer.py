@@ -257,7 +257,8 @@ def fit(run: Run) -> dict[str, Any]:
                 _diverged(run.out, state.divergence, state.step, run.layout.is_main)
             if run.budget is not None:
                 run.budget_step(result.seconds)  # times the warmup, fixes the steps that fit, may re-plan once
-            run.log.step(state, lr=lr, grad_norm=result.grad_norm, extras=result.extras, spike=result.spike)
+            run.log.step(state, lr=lr, grad_norm=result.grad_norm, extras=result.extras, spike=result.spike,
+                         seconds=result.seconds)
             evaluation = run.evaluate() if run.evaluator.due(state.step) else None
             if evaluation is not None and evaluation.reached_target:  # before any save: a resumed run knows
                 t = run.cfg.train
