@@ -340,6 +340,7 @@ def test_target_loss_stops_at_the_first_eval_that_reaches_it_and_reports_the_cos
     assert ckpt_io.list_checkpoints(tmp_path / "run")[-1].name == f"step_{first['step']}"
     summary = run_cli("logs", "summary", str(tmp_path / "run"))
     assert summary.returncode == 0 and "target reached" in summary.stdout
+    assert "(stopped at its target)" in summary.stdout and "ETA" not in summary.stdout  # finished, not half-way
     assert json.loads(summary.stdout.strip().splitlines()[-1])["target"]["step"] == first["step"]
     again = run_cli("train", "tiny", *over, "--train.sample_tokens", "4")  # the same command again: nothing left to do
     assert again.returncode == 0 and f"reached train.target_loss at step {first['step']}" in again.stdout
@@ -350,6 +351,20 @@ def test_target_loss_stops_at_the_first_eval_that_reaches_it_and_reports_the_cos
     assert lower.returncode == 0, lower.stderr[-3000:]
     later = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "eval" and r["step"] > first["step"]]
     assert later and ckpt_io.list_checkpoints(tmp_path / "run")[-1].name == f"step_{later[-1]['step']}"
+
+
+def test_a_target_not_reached_is_said_at_the_end_and_in_the_summary(tmp_path):
+    over = small_overrides(tmp_path, **{"train.max_steps": 4, "train.eval_every": 2, "train.target_loss": 0.5})
+    res = run_cli("train", "tiny", *over)
+    assert res.returncode == 0, res.stderr[-3000:]
+    final = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "eval"][-1]
+    assert f"train.target_loss 0.5 not reached in 4 steps: eval_loss {final['eval_loss']:.4f} at the final eval" \
+        in res.stdout
+    summary = run_cli("logs", "summary", str(tmp_path / "run"))
+    assert summary.returncode == 0 and "target not reached" in summary.stdout
+    record = json.loads(summary.stdout.strip().splitlines()[-1])["target_not_reached"]
+    evals = [r["eval_loss"] for r in read_metrics(tmp_path / "run") if r["kind"] == "eval"]
+    assert record["target"] == 0.5 and record["best"] == min(evals)
 
 
 def test_a_target_or_keep_best_metric_no_eval_has_is_one_line_before_anything_is_saved(tmp_path):

@@ -164,6 +164,12 @@ def summarize(run: RunLog) -> dict[str, Any]:
         t = run.target
         out["target"] = {k: t.get(k) for k in ("metric", "target", "value", "step", "tokens_seen", "elapsed_sec",
                                                 "cost_usd") if t.get(k) is not None}
+    else:  # a target set and not reached: say so, with the best the run got
+        train_cfg = (run.config or {}).get("train") or {}
+        goal, metric = train_cfg.get("target_loss") or 0, train_cfg.get("target_metric") or "eval_loss"
+        if isinstance(goal, int | float) and goal > 0:
+            out["target_not_reached"] = {"metric": metric, "target": goal, "best": out.get("best_" + metric),
+                                         "best_step": out.get("best_" + metric + "_step")}
     _, tps = _series(tr, "tokens_per_sec")
     if tps:
         out["tokens_per_sec_median"] = statistics.median(tps)
@@ -177,6 +183,9 @@ def summarize(run: RunLog) -> dict[str, Any]:
         vals = _series(tr, key)[1]
         if vals:
             out[key] = vals[-1]
+    if "target" in out:  # stopped at its target: finished, whatever share of its planned steps it took
+        out.pop("eta_sec", None)
+        out["elapsed_sec"] = max(out.get("elapsed_sec", 0.0), out["target"].get("elapsed_sec", 0.0))
     if out.get("cost_usd") and out["tokens_seen"]:
         out["tokens_per_usd"] = out["tokens_seen"] / out["cost_usd"]
     out["records_superseded"] = run.superseded
@@ -214,6 +223,10 @@ def _rows(s: dict[str, Any]) -> dict[str, str]:
         cost = f", ${t['cost_usd']:,.2f}" if "cost_usd" in t else ""
         rows["target reached"] = (f"{t['metric']} {t['value']:.4f} <= {t['target']:g} at step {t['step']}: "
                                   f"{format_duration(t['elapsed_sec'])}, {_fmt_tokens(t['tokens_seen'])} tokens{cost}")
+    if "target_not_reached" in s:
+        t = s["target_not_reached"]
+        best = f"; best {t['best']:.4f} @ {t['best_step']}" if t.get("best") is not None else ""
+        rows["target not reached"] = f"{t['metric']} {t['target']:g}{best}"
     if "tokens_per_sec_median" in s:
         rows["tok/s (median)"] = f"{s['tokens_per_sec_median']:,.0f}"
     if "mfu_median" in s:
@@ -223,6 +236,8 @@ def _rows(s: dict[str, Any]) -> dict[str, str]:
     if "progress" in s:
         p = s["progress"]
         rows["progress"] = f"{100 * p if p <= 1 else p:.1f}%"  # a fraction, or already a percentage
+        if "target" in s:
+            rows["progress"] += " (stopped at its target)"
     if "elapsed_sec" in s:
         rows["elapsed"] = format_duration(s["elapsed_sec"])
     if "eta_sec" in s:

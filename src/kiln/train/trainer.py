@@ -480,6 +480,11 @@ def finish(run: Run, stopped: str | None, *, complete: bool = False) -> dict[str
             print(f"reached {tr['metric']} {tr['value']:.4f} (target {tr['target']:g}) at step {state.step}: "
                   f"{tr['elapsed_sec']:.0f} s, {state.tokens_seen:,} tokens"
                   + (f", ${tr['cost_usd']:.2f}" if "cost_usd" in tr else ""))
+        elif cfg.train.target_loss > 0 and not complete:
+            t = cfg.train
+            value = final.record.get(t.target_metric) if final is not None else None
+            last = f": {t.target_metric} {value:.4f} at the final eval" if isinstance(value, int | float) else ""
+            print(f"train.target_loss {t.target_loss:g} not reached in {state.step} steps{last}")
         print(f"done: {state.step} steps, {state.tokens_seen:,} tokens in {summary['elapsed']}; checkpoint {path}")
     return summary
 
