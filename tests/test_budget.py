@@ -320,6 +320,8 @@ def test_a_budget_too_short_is_one_line_and_saves_nothing(tmp_path):
                                                                   "train.save_every": 100}))
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1].startswith("kiln: error: train.time_budget 0.5s is too short")
+    assert "setting the run up already took" in res.stderr  # before the first eval: no eval, no step was paid for
+    assert not [r for r in read_metrics(tmp_path / "run") if r["kind"] in ("eval", "train")]
     assert "Traceback" not in res.stderr
     assert ckpt_io.list_checkpoints(tmp_path / "run") == []
 

@@ -118,8 +118,12 @@ class TimeBudget:
         self.eval_time = max(self.eval_time, seconds)
 
     def check_not_over(self, elapsed: float, *, done: int) -> None:
-        """Before the plan: a budget already spent on the timed warmup steps is too short, said now rather
-        than after the rest of the warmup."""
+        """Before the plan: a budget already spent on the timed warmup steps (or, with `done` -1, on the setup
+        before the first eval) is too short, said now rather than after the rest of the warmup."""
+        if elapsed > self.seconds and done < 0:
+            raise ConfigError(
+                f"train.time_budget {self.text} is too short: setting the run up already took {elapsed:.1f} s, "
+                "before its first eval and step; raise the budget")
         if elapsed > self.seconds:
             raise ConfigError(
                 f"train.time_budget {self.text} is too short: {done} of the {self.measure_until} timed warmup steps "
