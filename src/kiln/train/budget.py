@@ -117,13 +117,17 @@ class TimeBudget:
     def eval_done(self, seconds: float) -> None:
         self.eval_time = max(self.eval_time, seconds)
 
-    def check_not_over(self, elapsed: float, *, done: int) -> None:
-        """Before the plan: a budget already spent on the timed warmup steps (or, with `done` -1, on the setup
-        before the first eval) is too short, said now rather than after the rest of the warmup."""
-        if elapsed > self.seconds and done < 0:
+    def check_setup(self, elapsed: float) -> None:
+        """Before the first eval of a fresh run: a budget the setup already spent is too short, said before an
+        eval and a step are paid for."""
+        if elapsed > self.seconds:
             raise ConfigError(
                 f"train.time_budget {self.text} is too short: setting the run up already took {elapsed:.1f} s, "
                 "before its first eval and step; raise the budget")
+
+    def check_not_over(self, elapsed: float, *, done: int) -> None:
+        """Before the plan: a budget already spent on the timed warmup steps is too short, said now rather
+        than after the rest of the warmup."""
         if elapsed > self.seconds:
             raise ConfigError(
                 f"train.time_budget {self.text} is too short: {done} of the {self.measure_until} timed warmup steps "

@@ -231,7 +231,7 @@ def fit(run: Run) -> dict[str, Any]:
     state, plan, checkpointer = run.state, run.plan, run.checkpointer
     if state.step == 0:
         if run.budget is not None:  # a budget the setup used up: said before the first eval, not after it
-            run.budget.check_not_over(_agree(state.elapsed(), run.layout), done=-1)
+            run.budget.check_setup(_agree(state.elapsed(), run.layout))
         run.evaluate()  # the loss at initialisation anchors every curve
     done = run.already_done()
     if done is not None:
