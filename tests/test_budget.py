@@ -300,15 +300,15 @@ def test_a_run_over_its_budget_resumes_to_the_end_of_its_plan(tmp_path):
     """A budgeted run resumed when its clock is already past the budget (here: resumed with a budget its first
     process had used up; the plan saved in the checkpoint stays) trains the rest of its plan, rather than
     stopping after one step at every command."""
-    over = small_overrides(tmp_path, **{"train.time_budget": "16s", "optim.warmup_steps": 8, "train.save_every": 50,
-                                        "train.eval_every": 50, "train.stop_at_step": 9})
+    over = small_overrides(tmp_path, **{"train.time_budget": "30s", "optim.warmup_steps": 8, "train.save_every": 100,
+                                        "train.eval_every": 100, "train.stop_at_step": 9})  # 30 s: room on a loaded machine
     first = run_cli("train", "tiny", *over)
     assert first.returncode == 0, first.stderr[-3000:]
     common = torch.load(ckpt_io.list_checkpoints(tmp_path / "run")[-1] / "state" / "common.pt", weights_only=False)
     planned, spent = common["planned_steps"], common["elapsed"]
     short = f"{max(spent / 2, 0.5):.1f}s"  # this budget plus 10% is long gone
     resumed = [x for x in over if x not in ("--train.stop_at_step", "9")]
-    second = run_cli("train", "tiny", *[short if x == "16s" else x for x in resumed])
+    second = run_cli("train", "tiny", *[short if x == "30s" else x for x in resumed])
     assert second.returncode == 0, second.stderr[-3000:]
     steps = sorted(train_records(tmp_path / "run"))
     # one step at a time before the fix; a loaded machine may still stop it, but only after several
