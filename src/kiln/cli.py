@@ -52,9 +52,10 @@ def _train(argv: list[str]) -> int:
                    help="print the resolved config, size, budget, LR schedule and a memory estimate, then exit")
     args, overrides = p.parse_known_args(argv)
     from kiln.config import load_config
+
+    cfg = load_config(args.preset, overrides)  # a bad key or value is refused before torch loads (~2 s)
     from kiln.train.trainer import train
 
-    cfg = load_config(args.preset, overrides)
     summary = train(cfg, fresh=args.fresh, quiet=args.quiet, dry=args.dry_run, started=STARTED)
     return 130 if summary.get("stopped") == "signal" else 0
 
