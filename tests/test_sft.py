@@ -353,6 +353,20 @@ def test_cli_reports_bad_chat_data_in_one_line(tmp_path):
     assert err.startswith("kiln: error:") and f"{bad}:2: message 0" in err
 
 
+def test_chat_fits_its_replies_into_a_short_context(tmp_path):
+    """`demo` trains a 256-token context: chat's replies must fit it by default, and a reply length that leaves
+    no room for a prompt is one line before anyone types (it was refused only after the first message)."""
+    ckpt = base_checkpoint(tmp_path)  # model.max_seq_len 128
+    chat = kiln_cmd("chat", "--checkpoint", str(ckpt), "--temperature", "0")
+    res = subprocess.run(chat, input="What is 2+2?\nAnd 3+3?\n", capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("\n") == 2 and "note: prompt truncated" not in res.stderr
+    res = subprocess.run([*chat, "--max-new-tokens", "128"], input="", capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == (
+        f"kiln: error: --max-new-tokens 128 leaves no room for a prompt within model.max_seq_len (128) of {ckpt}; "
+        "ask for fewer (e.g. 64)")
+
+
 def test_sft_loss_and_eval_use_train_loss_impl(tmp_path):
     from kiln.errors import ConfigError
     from kiln.model.loss import _liger_loss

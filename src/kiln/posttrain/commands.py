@@ -225,7 +225,8 @@ def chat(argv: list[str]) -> int:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest checkpoint)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--system", default="", help="system message")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=0,
+                   help="tokens per reply (default: 256, at most half the model's context)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -233,10 +234,16 @@ def chat(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="no chat template: the model continues your text")
     args = p.parse_args(argv)
-    from kiln.generate import generate_from_ids, generate_text
+    from kiln.generate import GenerationError, generate_from_ids, generate_text
     from kiln.train.checkpoint import load_for_inference
 
     model, cfg, ckpt = load_for_inference(args.checkpoint, device=args.device)
+    context = cfg.model.max_seq_len
+    if args.max_new_tokens <= 0:  # demo's context is 256 tokens: its replies get 128, its prompts the rest
+        args.max_new_tokens = min(256, context // 2)
+    elif args.max_new_tokens >= context:  # before anyone types: no prompt would fit
+        raise GenerationError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt within "
+                              f"model.max_seq_len ({context}) of {ckpt}; ask for fewer (e.g. {context // 2})")
     tok, fmt = _chat_format(cfg)
     interactive = sys.stdin.isatty()
     mode = "raw continuation" if args.raw else f"chat template '{fmt.name}'"
