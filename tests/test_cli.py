@@ -146,3 +146,29 @@ def test_help_and_unknown_command():
     assert res.returncode == 0 and "kiln <command>" in res.stdout
     res = run("nonsense")
     assert res.returncode == 2 and "unknown command 'nonsense'" in res.stderr
+
+
+def test_relative_tokenizer_and_chat_template_paths_work_from_another_folder(tmp_path):
+    """A run trained with `--data.tokenizer tok` (a folder where the command ran) saves the absolute path, so
+    generate and export from any other folder load it; the same for a chat template file."""
+    from test_sft import CHATML, tiny_tokenizer
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    tiny_tokenizer(work / "tok")
+    (work / "chat.jinja").write_text(CHATML)
+    over = small_overrides(tmp_path, **{"data.tokenizer": "tok", "model.vocab_size": 320,
+                                        "posttrain.chat_template": "chat.jinja", "train.max_steps": 1,
+                                        "run.out_dir": "run"})
+    res = subprocess.run(kiln_cmd("train", "tiny", *over, "--quiet"), cwd=work, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = work / "run"
+    saved = load_config(str(run / "config.yaml"))
+    assert (saved.data.tokenizer, saved.posttrain.chat_template) == (str(work / "tok"), str(work / "chat.jinja"))
+    res = subprocess.run(kiln_cmd("generate", "--checkpoint", str(run), "--prompt", "What is", "--max-new-tokens", "4"),
+                         cwd=elsewhere, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.startswith("What is"), res.stderr[-2000:]
+    res = subprocess.run(kiln_cmd("export", "--checkpoint", str(run), "--out", "hf"), cwd=elsewhere,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((elsewhere / "hf" / "tokenizer_config.json").read_text())["chat_template"] == CHATML

@@ -142,6 +142,15 @@ def tokenizer_digest(tokenizer: Tokenizer) -> str:
 # Loading
 
 
+def portable_spec(spec: str) -> str:
+    """`spec` as a run's saved config keeps it: a shipped name as it is, a local path made absolute, so
+    `kiln generate`, export or a resume started in another folder still finds it (as load_tokenizer reads it)."""
+    if spec in MISTRAL_SPECS or spec in bundled_tokenizers():
+        return spec
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
     """'mistral-v3' | 'mistral-v1' | a tokenizer shipped in the package ('bundled-4k') | path to an HF
     tokenizer folder | path to a tokenizer.json file."""

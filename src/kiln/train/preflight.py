@@ -16,7 +16,7 @@ from kiln.bench import run_bench
 from kiln.config import Config, parse_duration, to_dict
 from kiln.data.stages import describe as describe_stages
 from kiln.data.stages import stage_starts
-from kiln.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_digest
+from kiln.data.tokenizer import Tokenizer, load_tokenizer, portable_spec, tokenizer_digest
 from kiln.errors import CheckpointError, DataError, KilnError
 from kiln.estimate import estimate_memory
 from kiln.optim import describe_schedule
@@ -24,6 +24,15 @@ from kiln.parallel.mesh import Layout
 from kiln.train.budget import Costs, fit_steps
 from kiln.train.checkpoint import check_tokenizer_digest
 from kiln.train.plan import Plan
+
+
+def pin_paths(cfg: Config) -> None:
+    """The files a checkpoint's config names and later commands load (the tokenizer, a chat template) as
+    absolute paths: `kiln generate`, `kiln export` or a resume in another folder read the saved config."""
+    cfg.data.tokenizer = portable_spec(cfg.data.tokenizer)
+    template = cfg.posttrain.chat_template
+    if template not in ("auto", "kiln") and Path(template).expanduser().is_file():  # else a name, or refused later
+        cfg.posttrain.chat_template = str(Path(template).expanduser().resolve())
 
 
 def check_tokenizer(tok: Tokenizer, cfg: Config, where: str) -> None:

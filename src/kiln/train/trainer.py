@@ -48,7 +48,7 @@ from kiln.train.metrics import MetricsLogger, StepLog
 from kiln.train.mirror import Mirror, mirror_for
 from kiln.train.objective import BatchSource, Objective, RunSettings
 from kiln.train.plan import Plan, make_plan
-from kiln.train.preflight import check_resumable, check_tokenizer, dry_run, prepare_out_dir
+from kiln.train.preflight import check_resumable, check_tokenizer, dry_run, pin_paths, prepare_out_dir
 from kiln.train.progress import Progress, StopOnSignal
 from kiln.train.stability import DivergenceDetector, SpikeDetector
 from kiln.train.state import TrainState, rng_state, seed_everything, set_rng_state
@@ -213,6 +213,7 @@ def train(cfg: Config, *, objective: Objective | None = None, fresh: bool = Fals
     every process calls this; the layout comes from `parallel.*`. `started` (a time.time() value,
     default: now) is when this process's share of the run's wall clock began: `kiln train` passes the
     command's start, so a time budget counts the imports, data and model setup too."""
+    pin_paths(cfg)  # relative to where the command ran: saved absolute
     layout = init_layout(cfg.parallel, cfg.model, cfg.run.device)
     with contextlib.ExitStack() as closing:  # closes what setup opened (data workers, sinks), also on errors
         closing.callback(shutdown, layout)
