@@ -290,7 +290,11 @@ def test_a_resumed_process_gets_its_share_of_the_budget_from_when_it_resumes():
     budget = TimeBudget(100.0, text="100s", warmup_steps=30)
     assert not budget.overrun(110.0) and budget.overrun(110.1)  # a fresh run: the budget plus 10%
     budget.resumed(elapsed=105.0, done=300, planned=400)  # over its budget already, a quarter of its steps left
-    assert not budget.overrun(105.0 + 1.1 * 25.0) and budget.overrun(105.0 + 1.1 * 25.0 + 0.1)
+    deadline = 105.0 + 1.1 * 25.0 + 10.0  # their share plus 10%, and 10% of the budget for the final eval and save
+    assert not budget.overrun(deadline) and budget.overrun(deadline + 0.1)
+    late = TimeBudget(60.0, text="60s", warmup_steps=8)  # resumed again and again: 3 of 273 steps left, 80 s spent
+    late.resumed(elapsed=80.0, done=270, planned=273)  # (it got 0.7 s: one to nine steps per command, then a stop)
+    assert not late.overrun(80.0 + 6.0) and late.overrun(80.0 + 6.0 + 1.1 * 60 * 3 / 273 + 0.1)
     early = TimeBudget(100.0, text="100s", warmup_steps=30)
     early.resumed(elapsed=20.0, done=300, planned=400)  # well inside: the run's own deadline is the later one
     assert not early.overrun(110.0) and early.overrun(110.1)
@@ -435,3 +439,16 @@ def test_an_unknown_eval_task_is_one_line(tmp_path):
     assert res.stderr.strip().splitlines()[-1].startswith(
         "kiln: error: train.eval_tasks: no such task file 'no/such/task.jsonl'")
     assert not (tmp_path / "run").exists()  # checked before the run folder is made
+
+
+def test_a_run_resumed_during_its_timed_warmup_plans_with_the_evals_cost(tmp_path):
+    """A process that resumes before the plan runs no initial eval; the evals' cost comes from the checkpoint,
+    so its plan still counts the periodic and final evals (it planned them at 0 s)."""
+    over = small_overrides(tmp_path, **{"train.time_budget": "60s", "optim.warmup_steps": 4, "train.save_every": 100,
+                                        "train.eval_every": 100, "train.eval_tokens": 4096})
+    first = run_cli("train", "tiny", *over, "--train.stop_at_step", "2")
+    assert first.returncode == 0 and "ms/step" not in first.stdout, first.stderr[-2000:]  # stopped before the plan
+    second = run_cli("train", "tiny", *over, "--train.stop_at_step", "5")  # planned after step 4
+    assert second.returncode == 0, second.stderr[-3000:]
+    (evals,) = re.findall(r"fit train\.time_budget 60s \(\d+ ms/step, eval ([0-9.]+) s", second.stdout)
+    assert float(evals) > 0, second.stdout[-2000:]

@@ -38,7 +38,8 @@ The plan is rank 0's (broadcast), so every rank takes the same steps. A run resu
 re-plans at the same step by the same rule, with the step times of its own process. The margin is 2% of
 the budget (at least two steps): the machine may slow down. If it does anyway, the run stops, saved, once
 the budget is over by more than 10% (`overrun`), and says so. A process that resumes a run whose plan is
-fixed gets its own share from when it resumes: the budget's fraction for the steps left, plus 10% (`resumed`).
+fixed gets its own share from when it resumes: the budget's fraction for the steps left, plus 10%, plus 10% of
+the budget for its one-off costs (`resumed`).
 Otherwise a run stopped over its budget, or killed late and resumed, would stop again after every step.
 Keep-best saves are not foreseen (they depend on the losses); clock saves are.
 """
@@ -155,7 +156,7 @@ class TimeBudget:
                 f"(optim.warmup_steps {warmup_steps}) and the final eval and save need about {need:.0f} s; raise "
                 "the budget or lower optim.warmup_steps / train.eval_tokens")
         plan.total_steps, plan.total_tokens, plan.provisional = n, n * plan.tokens_per_step, False
-        plan.budget_source = (f"train.time_budget {self.text} ({step * 1e3:.0f} ms/step, eval {costs.eval:.1f} s, "
+        plan.budget_source = (f"train.time_budget {self.text} ({step * 1e3:.0f} ms/step, eval {costs.eval:.2f} s, "
                               f"checkpoint {costs.save:.2f} s, measured)")
         return n
 
@@ -195,9 +196,12 @@ class TimeBudget:
 
     def resumed(self, *, elapsed: float, done: int, planned: int) -> None:
         """This process resumes, at run clock `elapsed`, a run planned for `planned` steps with `done` taken: its
-        steps get the budget's share for them, plus 10%, from now (or the run's own deadline, where later)."""
+        steps get the budget's share for them plus 10%, and its own one-off costs (its first, slower steps, the
+        final eval and save) 10% of the budget, from now (or the run's own deadline, where later). Without
+        that grace a run resumed near the end of its plan got well under a second and stopped, saved, after
+        one to nine steps at every command."""
         share = self.seconds * max(planned - done, 0) / max(planned, 1)
-        self.deadline = max(self.deadline, elapsed + 1.10 * share)
+        self.deadline = max(self.deadline, elapsed + 1.10 * share + 0.10 * self.seconds)
 
     def overrun(self, elapsed: float) -> bool:
         """The run is more than 10% past its budget (the machine slowed down after the plan was fixed), or, in a

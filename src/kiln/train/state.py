@@ -30,6 +30,7 @@ class TrainState:
     planned_steps: int = 0  # train.time_budget: the steps fixed after the warmup (0: not fixed yet)
     planned_at: int = 0  # train.time_budget: the step after which planned_steps was (re-)planned
     plan_final: bool = False  # train.time_budget: planned_steps will not be re-planned (kiln.train.budget)
+    eval_seconds: float = 0.0  # train.time_budget: the longest eval so far (a process resumed before the plan uses it)
     target_step: int = 0  # train.target_loss: the step that reached it (0: not reached)
     target_metric: str = ""  # the metric that reached it, and its value there (a resumed run with a new target
     target_value: float | None = None  # trains on; None: a checkpoint from before they were saved)
@@ -49,7 +50,8 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed(),
                 "best_evals": list(self.evals), "window": list(self.window), "planned_steps": self.planned_steps,
-                "planned_at": self.planned_at, "plan_final": self.plan_final, "target_step": self.target_step,
+                "planned_at": self.planned_at, "plan_final": self.plan_final, "eval_seconds": self.eval_seconds,
+                "target_step": self.target_step,
                 "target_metric": self.target_metric, "target_value": self.target_value,
                 "divergence": self.divergence.state_dict(), "spikes": self.spikes.state_dict()}
 
@@ -62,6 +64,7 @@ class TrainState:
         self.target_metric, self.target_value = str(state.get("target_metric", "")), state.get("target_value")
         self.plan_final = bool(state.get("plan_final", True))  # checkpoints from before the re-plan: never re-planned
         self.planned_at = int(state.get("planned_at", 0))  # before re-plans were repeated: 0, the warmup's plan
+        self.eval_seconds = float(state.get("eval_seconds", 0.0))
         self.divergence.load_state_dict(state["divergence"])
         self.spikes.load_state_dict(state["spikes"])
 

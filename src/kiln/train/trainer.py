@@ -112,6 +112,7 @@ class Run:
             self.last_eval = evaluation
             if self.budget is not None:
                 self.budget.eval_done(evaluation.seconds)
+                self.state.eval_seconds = self.budget.eval_time  # saved: a resumed process plans with it too
         return evaluation
 
     def save(self, evaluation: Evaluation | None = None, *, wait: bool = False) -> Path:
@@ -406,6 +407,8 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     run = Run(cfg=cfg, layout=layout, plan=plan, engine=engine, loader=loader, tokenizer=tokenizer, state=state,
               evaluator=evaluator, checkpointer=checkpointer, log=log, progress=progress, metrics=metrics,
               control=control, resumed_from=resume_from, autocast=autocast, budget=budget)
+    if budget is not None:  # a process resumed before the plan runs no initial eval: the evals so far say their cost
+        budget.eval_time = state.eval_seconds
     if budget is not None and state.planned_steps:  # fixed by an earlier process of this run
         run._apply_plan(state.planned_steps)
         if not state.plan_final:  # killed before a re-plan: it comes at the same step
