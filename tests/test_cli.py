@@ -100,6 +100,10 @@ def test_resume_refuses_another_architecture_and_touches_nothing(trained):
     res = run("train", "tiny", *over, "--model.d_model", "64", "--train.max_steps", "6")
     assert_user_error(res, "model.d_model", "--fresh")
     assert tree_digest(ckpts) == before
+    # another optimizer's state does not load: said as such, not as a corrupt checkpoint to move aside
+    res = run("train", "tiny", *over, "--optim.name", "adafactor", "--train.max_steps", "6")
+    assert_user_error(res, "saved with optim.name=adamw but the config says adafactor", "--fresh")
+    assert "corrupt" not in res.stderr and tree_digest(ckpts) == before
 
 
 def test_corrupt_checkpoint_without_checksums_is_a_clear_error(trained, tmp_path):

@@ -90,6 +90,10 @@ def check_resumable(saved: Config, cfg: Config, ckpt: Path, *, tokenizer: Tokeni
     if diff:
         k = diff[0]
         raise CheckpointError(f"{ckpt}: saved with model.{k}={a[k]} but the config says {b[k]}; {fix}")
+    if not init_from and saved.optim.name != cfg.optim.name:  # its state would not load (once: "corrupt or unreadable")
+        raise CheckpointError(f"{ckpt}: saved with optim.name={saved.optim.name} but the config says {cfg.optim.name}; "
+                              f"resume with --optim.name {saved.optim.name}, start a new run from its weights with "
+                              f"--run.init_from {ckpt} and another --run.out_dir, or pass --fresh")
     if not _same_tokenizer(saved.data.tokenizer, cfg.data.tokenizer, tokenizer):
         raise CheckpointError(f"{ckpt}: trained with tokenizer '{saved.data.tokenizer}', config says "
                               f"'{cfg.data.tokenizer}'; " + ("use the same tokenizer" if init_from else
