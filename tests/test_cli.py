@@ -47,7 +47,13 @@ def test_config_errors(tmp_path):
     bad.write_text("model: [oops\n")
     assert_user_error(run("train", str(bad)), str(bad), "malformed YAML")
     assert_user_error(run("train", str(tmp_path / "none.yaml")), "none.yaml", "no such config file")
-    assert_user_error(run("train", "tiny", "--model.n_layrs", "2"), "unknown key 'model.n_layrs'")
+    assert_user_error(run("train", "tiny", "--model.n_layrs", "2"), "unknown key 'model.n_layrs' (did you mean "
+                                                                     "model.n_layers?)")
+    # the closest key, the same every time (it was the first of a set: eval_tasks, eval_tasks_limit, ...); other
+    # trainers' names; a key of another section
+    for typo, meant in [("train.eval_evry", "train.eval_every"), ("optim.learning_rate", "optim.lr"),
+                        ("train.batch_size", "train.micro_batch_size"), ("train.lr", "optim.lr")]:
+        assert_user_error(run("train", "tiny", f"--{typo}", "5"), f"unknown key '{typo}' (did you mean {meant}?)")
     assert_user_error(run("train", "tiny", "--train.seq_len", "long"), "train.seq_len", "expected an integer")
     assert_user_error(run("train", "tiny", "--model.n_kv_heads", "3"), "model.n_kv_heads")
     # a folder named like a preset in the working directory (a run or an export called `tiny`) does not hide it;

@@ -383,6 +383,36 @@ def _migrate(tree: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
+# names other trainers give these keys (HF TrainingArguments, nanoGPT, litgpt)
+SYNONYMS = {"learning_rate": "lr", "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
+            "gradient_accumulation_steps": "global_batch_size", "steps": "max_steps", "max_iters": "max_steps",
+            "warmup": "warmup_steps", "max_grad_norm": "grad_clip", "block_size": "seq_len",
+            "n_embd": "d_model", "hidden_size": "d_model", "n_layer": "n_layers", "n_head": "n_heads",
+            "output_dir": "out_dir"}
+
+
+def _closest(key: str, names: set[str]) -> str | None:
+    """The key meant by a misspelt or foreign one: a known synonym, else the closest spelling (deterministic)."""
+    import difflib
+
+    if SYNONYMS.get(key) in names:
+        return SYNONYMS[key]
+    close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _other_section(key: str, section: str) -> str | None:
+    """`section.key` where key belongs to another section (train.lr -> optim.lr)."""
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        kind = hints[f.name]
+        if f.name != section and dataclasses.is_dataclass(kind):
+            name = SYNONYMS.get(key, key)
+            if name in {g.name for g in dataclasses.fields(kind)}:
+                return f"{f.name}.{name}"
+    return None
+
+
 def build(cls: type, data: dict[str, Any], *, where: str = "<config>", prefix: str = "") -> Any:
     """Build dataclass `cls` from a dict, refusing unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
@@ -393,8 +423,9 @@ def build(cls: type, data: dict[str, Any], *, where: str = "<config>", prefix: s
         if k not in names:
             if key in RENAMED:
                 raise ConfigError(f"{where}: '{key}' is now '{RENAMED[key]}'; use --{RENAMED[key]} (or rename the key)")
-            close = [n for n in names if n.startswith(str(k)[:3])]
-            hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+            close = _closest(str(k), names)
+            full = f"{prefix + '.' if prefix else ''}{close}" if close else _other_section(str(k), prefix)
+            hint = f" (did you mean {full}?)" if full else ""
             raise ConfigError(f"{where}: unknown key '{key}'{hint}")
         kwargs[k] = _coerce(v, hints[k], key, where)
     return cls(**kwargs)
