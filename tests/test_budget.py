@@ -448,6 +448,9 @@ def test_a_run_resumed_during_its_timed_warmup_plans_with_the_evals_cost(tmp_pat
                                         "train.eval_every": 100, "train.eval_tokens": 4096})
     first = run_cli("train", "tiny", *over, "--train.stop_at_step", "2")
     assert first.returncode == 0 and "ms/step" not in first.stdout, first.stderr[-2000:]  # stopped before the plan
+    # the same command would stop there again: the hint says what resumes
+    assert "stopped by train.stop_at_step at step 2: saved" in first.stdout
+    assert "run it again without train.stop_at_step (or with a later one) to resume" in first.stdout
     second = run_cli("train", "tiny", *over, "--train.stop_at_step", "5")  # planned after step 4
     assert second.returncode == 0, second.stderr[-3000:]
     (evals,) = re.findall(r"fit train\.time_budget 60s \(\d+ ms/step, eval ([0-9.]+) s", second.stdout)

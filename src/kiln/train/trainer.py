@@ -470,7 +470,9 @@ def finish(run: Run, stopped: str | None, *, complete: bool = False) -> dict[str
             what = f"saved {path}" if path else "nothing saved (the last checkpoint stays)"
             why = (f"the run went over its train.time_budget {run.cfg.train.time_budget} by more than 10%"
                    if stopped == "train.time_budget" else f"stopped by {stopped}")
-            print(f"{why} at step {state.step}: {what}; run the same command again to resume")
+            again = ("run it again without train.stop_at_step (or with a later one) to resume"
+                     if stopped == "train.stop_at_step" else "run the same command again to resume")
+            print(f"{why} at step {state.step}: {what}; {again}")
         return summary
     cfg = run.cfg
     if main and not run.progress.quiet and cfg.train.sample_tokens > 0 and not run.layout.distributed and not complete:
