@@ -181,6 +181,13 @@ def test_describe_schedule_reports_the_curve():
     # a warmup that ends after the 25% point: the points stay in step order
     steps = [int(x) for x in re.findall(r"\(step ([\d,]+)\)", describe_schedule(40, wsd)[-1].replace(",", ""))]
     assert steps == sorted(steps) and steps[:2] == [10, 20], describe_schedule(40, wsd)[-1]
+    # `kiln train tiny --train.max_steps 20`: tiny's 30 warmup steps take the whole run, said with the fix
+    short = describe_schedule(20, OptimConfig(schedule="cosine", warmup_steps=30, lr=1e-3))
+    assert short[1] == "  cosine decay steps 19-19 to 0.1 x peak" and lr_factor(19, total_steps=20, cfg=OptimConfig(
+        schedule="cosine", warmup_steps=30)) == 1.0
+    assert short[-1] == ("  note: optim.warmup_steps 30 is not shorter than the run's 20 steps, so the warmup takes the "
+                         "whole run and the LR never decays; set --optim.warmup_steps 2 for a decay")
+    assert not describe_schedule(1000, wsd)[-1].startswith("  note")
 
 
 # ---- config ---------------------------------------------------------------------------------------

@@ -185,4 +185,8 @@ def describe_schedule(total_steps: int, cfg: OptimConfig, tokens_per_step: int |
                                                      for q in (25, 50, 75)] + [("100%", last)]
     points.sort(key=lambda p: p[1])  # in step order: a warmup may end after the 25% (or 50%) point
     lines.append("  lr at " + ", ".join(f"{label} (step {s:,}) {at(s)}" for label, s in points))
+    if total_steps > 1 and cfg.warmup_steps >= total_steps and cfg.schedule != "constant":  # `tiny` (30) for 20 steps
+        lines.append(f"  note: optim.warmup_steps {cfg.warmup_steps} is not shorter than the run's {total_steps:,} "
+                     f"steps, so the warmup takes the whole run and the LR never decays; set --optim.warmup_steps "
+                     f"{max(total_steps // 10, 1)} for a decay")
     return lines
