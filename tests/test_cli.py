@@ -110,6 +110,14 @@ def test_resume_refuses_another_architecture_and_touches_nothing(trained):
     res = run("train", "tiny", *over, "--optim.name", "adafactor", "--train.max_steps", "6")
     assert_user_error(res, "saved with optim.name=adamw but the config says adafactor", "--fresh")
     assert "corrupt" not in res.stderr and tree_digest(ckpts) == before
+    # --dry-run and kiln doctor say so before a run is started (both passed it: "resumes from the latest")
+    res = run("train", "tiny", *over, "--model.d_model", "64", "--dry-run")
+    assert_user_error(res, "saved with model.d_model=32 but the config says 64", "--fresh")
+    res = run("train", "tiny", *over, "--train.max_steps", "6", "--dry-run")
+    assert res.returncode == 0 and f"run folder       {tmp / 'run'} (resumes from step_" in res.stdout, res.stderr
+    res = run("doctor", "tiny", "--out-dir", str(tmp / "run"))
+    assert res.returncode == 1 and '"failed": ["out dir"]' in res.stdout, res.stdout[-2000:]
+    assert tree_digest(ckpts) == before
 
 
 def test_corrupt_checkpoint_without_checksums_is_a_clear_error(trained, tmp_path):

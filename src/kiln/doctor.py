@@ -37,12 +37,14 @@ from kiln.data.packing import Batch
 from kiln.data.sources import is_hub_source, resolve_files, source_name
 from kiln.data.tokenizer import load_tokenizer
 from kiln.device import cpu_has_bf16_matmul, pick_device
+from kiln.errors import KilnError
 from kiln.estimate import estimate_memory, state_bytes
 from kiln.eval.loss import token_loss_sum
 from kiln.model import build_model, count_params
 from kiln.model.attention import AttnMask, attend
 from kiln.optim import build_optimizer, param_dtype
 from kiln.runinfo import git_describe
+from kiln.train.preflight import run_folder_plan
 from kiln.train.sinks import wandb_enabled
 
 Status = Literal["PASS", "WARN", "FAIL", "SKIP"]
@@ -413,9 +415,11 @@ def check_out_dir(ctx: Context) -> tuple[Status, str]:
         for d in created:
             if d.is_dir():
                 d.rmdir()
-    runs = len(list((out / "checkpoints").glob("step_*"))) if (out / "checkpoints").is_dir() else 0
-    state = f"holds {runs} checkpoint(s): kiln train resumes from the latest" if runs else "new or empty"
-    return "PASS", f"{out} is writable ({state})"
+    try:  # a run folder whose checkpoint this config cannot resume fails `kiln train` at once
+        plan = run_folder_plan(ctx.cfg)
+    except KilnError as e:
+        return "FAIL", str(e)
+    return "PASS", f"writable: {plan}"
 
 
 def check_wandb(ctx: Context) -> tuple[Status, str]:

@@ -22,7 +22,7 @@ from kiln.estimate import estimate_memory
 from kiln.optim import describe_schedule
 from kiln.parallel.mesh import Layout
 from kiln.train.budget import Costs, fit_steps
-from kiln.train.checkpoint import check_tokenizer_digest
+from kiln.train.checkpoint import check_tokenizer_digest, list_checkpoints, read_config
 from kiln.train.plan import Plan
 
 
@@ -112,10 +112,26 @@ def _same_tokenizer(a: str, b: str, tokenizer_b: Tokenizer) -> bool:
         return False
 
 
-def dry_run(cfg: Config, plan: Plan, layout: Layout) -> dict[str, Any]:
-    """Print what the run would do (config, size, budget, LR curve, memory estimate) and return it."""
+def run_folder_plan(cfg: Config, *, fresh: bool = False) -> str:
+    """What `kiln train` would do with run.out_dir, without touching it: start, move an old run aside (--fresh),
+    or resume its newest checkpoint, which must take this config (else check_resumable's CheckpointError). The
+    newest is not verified here: at start a damaged one is set aside and the one before it resumed."""
+    out = Path(cfg.run.out_dir)
+    ckpts = list_checkpoints(out)
+    if not ckpts:
+        return f"{out} (new)" if not (out.exists() and any(out.iterdir())) else f"{out} (no checkpoints yet)"
+    if fresh:
+        return f"{out} (--fresh: its {len(ckpts)} checkpoint(s) would be moved aside, not deleted)"
+    check_resumable(read_config(ckpts[-1]), cfg, ckpts[-1], tokenizer=load_tokenizer(cfg.data.tokenizer))
+    return f"{out} (resumes from {ckpts[-1].name})"
+
+
+def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> dict[str, Any]:
+    """Print what the run would do (config, run folder, size, budget, LR curve, memory estimate) and return it.
+    A run folder whose checkpoint this config cannot resume is the run's own error, said now."""
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
-    print(f"\nparameters       {plan.n_params:,} ({plan.n_params / 1e6:.2f}M)")
+    print(f"\nrun folder       {run_folder_plan(cfg, fresh=fresh)}")
+    print(f"parameters       {plan.n_params:,} ({plan.n_params / 1e6:.2f}M)")
     print(f"layout           {layout.describe()}")
     print(f"tokens/step      {plan.tokens_per_step:,} (global batch {cfg.train.global_batch_size} x "
           f"{cfg.train.seq_len}, {plan.accum_steps} micro-batches of {cfg.train.micro_batch_size} per rank)")

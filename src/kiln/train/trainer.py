@@ -222,7 +222,7 @@ def train(cfg: Config, *, objective: Objective | None = None, fresh: bool = Fals
                          pipeline_microbatches=microbatches(cfg.parallel) if layout.pp > 1 else 1,
                          stages=cfg.data.stages)
         if dry:
-            return dry_run(cfg, plan, layout) if layout.is_main else {"dry_run": True}
+            return dry_run(cfg, plan, layout, fresh=fresh) if layout.is_main else {"dry_run": True}
         run = setup(cfg, layout, plan, objective or Objective(), fresh=fresh, quiet=quiet or not layout.is_main,
                     closing=closing, started=time.time() if started is None else started)
         return fit(run)
