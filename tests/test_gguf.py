@@ -317,6 +317,27 @@ def test_export_overwrites_only_gguf_files(tmp_path):
     assert notes.read_text() == "mine"
 
 
+def test_cli_refuses_to_overwrite_a_gguf_file_kiln_did_not_write(tmp_path):
+    """A downloaded model.gguf at --out is the user's: refused in one line and left as it was (a GGUF file an
+    earlier export wrote, which carries kiln.version, is replaced: test_export_overwrites_only_gguf_files)."""
+    write_checkpoint(tmp_path, tiny(n_layers=1))
+    theirs = tmp_path / "theirs.gguf"
+    w = gguf.GGUFWriter(str(theirs), "llama")
+    w.add_name("someone else's model")
+    w.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    before = theirs.read_bytes()
+    res = kiln("export", "--checkpoint", str(tmp_path / "run"), "--format", "gguf", "--out", str(theirs))
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+    assert lines[0] == (f"kiln: error: {theirs}: a GGUF file kiln did not write (no kiln.version key); choose another "
+                        "--out, or remove it yourself")
+    assert theirs.read_bytes() == before
+
+
 def kiln(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(kiln_cmd(*args), capture_output=True, text=True, timeout=300)
 

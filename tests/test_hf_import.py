@@ -150,3 +150,36 @@ def test_import_warns_when_the_tokenizer_adds_bos(tmp_path, capsys):
     import_hf_folder(src, tmp_path / "bos")
     err = capsys.readouterr().err
     assert "puts <s> before every text" in err and "kiln never adds BOS" in err
+
+
+def test_damaged_weights_are_one_line_and_write_nothing(tmp_path):
+    """An interrupted download or copy (a truncated or empty model.safetensors, a damaged or missing shard)
+    is refused in one line naming the file, not a safetensors traceback, and --out stays unwritten."""
+    model, src = hf_folder(tmp_path, "llama")
+    weights, out = src / "model.safetensors", tmp_path / "run"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    res = subprocess.run(kiln_cmd("import", "--hf", str(src), "--out", str(out)), capture_output=True, text=True)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+    assert lines[0] == (f"kiln: error: {weights}: damaged or incomplete (Error while deserializing header: "
+                        "incomplete metadata, file not fully covered); re-download or re-export it")
+    weights.write_bytes(b"")
+    with pytest.raises(ExportError, match="model.safetensors: damaged or incomplete .*header too small"):
+        import_hf_folder(src, out)
+
+    sharded = tmp_path / "hf-sharded"
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    index = sharded / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    assert len(shards) > 1
+    shard = sharded / shards[-1]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ExportError, match=f"{shard.name}: damaged or incomplete"):
+        import_hf_folder(sharded, out)
+    shard.unlink()
+    with pytest.raises(ExportError, match=f"{shard.name}: missing \\(listed in model.safetensors.index.json\\)"):
+        import_hf_folder(sharded, out)
+    index.write_text('{"weight_map": ')
+    with pytest.raises(ExportError, match="model.safetensors.index.json: damaged or incomplete"):
+        import_hf_folder(sharded, out)
+    assert not out.exists()

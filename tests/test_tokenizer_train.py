@@ -7,6 +7,7 @@ import collections
 import gzip
 import json
 import math
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def test_bad_input_is_one_line_and_writes_nothing(corpus, tmp_path):
         (["--source", str(corpus), "--vocab-size", "512", "--out", str(tmp_path / "afile" / "tok")],
          "is a file, not a folder"),
         (["--source", str(corpus), "--vocab-size", "512", "--out", str(tmp_path / "notes")],
-         "not empty and is not a kiln tokenizer"),
+         "folder is not empty; pass a new or empty --out"),
         (["--source", str(corpus), "--vocab-size", "512", "--multiple-of", "0", "--out", out], "--multiple-of"),
     ]
     for args, hint in cases:
@@ -151,10 +152,28 @@ def test_a_small_corpus_fills_the_vocabulary_with_reserved_tokens(tmp_path):
     pieces = [tok.backend.id_to_token(i) for i in tok.encode("the cat sat on the mat.")]
     assert pieces == ["\u2581the", "\u2581cat", "\u2581sat", "\u2581on", "\u2581the", "\u2581mat", "."]  # every word
     assert tok.decode(tok.encode(TEXTS[4])) == TEXTS[4]
-    # an earlier tokenizer in --out is replaced whole, with --multiple-of 1 the size is exact
-    record = train_tokenizer([SourceConfig(path=str(text))], tmp_path / "tok", vocab_size=600, multiple_of=1,
+    # an empty --out folder is taken; with --multiple-of 1 the size is exact
+    (tmp_path / "empty").mkdir()
+    record = train_tokenizer([SourceConfig(path=str(text))], tmp_path / "empty", vocab_size=600, multiple_of=1,
                              quiet=True)
-    assert load_tokenizer(str(tmp_path / "tok")).vocab_size == record["vocab_size"] == 600
+    assert load_tokenizer(str(tmp_path / "empty")).vocab_size == record["vocab_size"] == 600
+
+
+def test_an_existing_tokenizer_is_never_replaced(tmp_path):
+    """Runs and prepared shards made with a tokenizer check its digest: training another into its folder
+    would strand them, so --out must be new or empty (as for `kiln data prepare` and `kiln import`)."""
+    text, out = tmp_path / "tiny.txt", tmp_path / "tok"
+    text.write_text("the cat sat on the mat. " * 50)
+    run("tokenizer", "train", "--source", str(text), "--vocab-size", "512", "--out", str(out), "--quiet")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    text.write_text("THE DOG SAT ON THE LOG. " * 50)
+    res = run("tokenizer", "train", "--source", str(text), "--vocab-size", "512", "--out", str(out), ok=False)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0] == (f"kiln: error: --out {out}: already holds a tokenizer (runs and shards made with it check "
+                        "its digest); pass another --out, or remove that folder yourself to retrain in its place")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.txt", "tok"]  # no temp folder left
 
 
 def test_several_sources_and_a_stream_train_the_same_tokenizer(corpus, tmp_path):
@@ -265,12 +284,12 @@ def test_trained_tokenizer_through_prepare_train_export_transformers_and_sft(cor
     losses = [r["loss"] for r in records if r.get("kind") == "train"]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
 
-    # the folder retrained in place (same size, other text): every checkpoint recorded the digest of the tokenizer
-    # it trained with, so inference, a stage from it and a resume refuse the new one (they used to take its ids)
+    # the folder removed and retrained in place (same size, other text): every checkpoint recorded the digest of
+    # the tokenizer it trained with, so inference, a stage from it and a resume refuse the new one
     upper = tmp_path / "upper.jsonl"
     upper.write_text("".join(json.dumps({"text": t.upper()}) + "\n" for t in texts))
-    res = run("tokenizer", "train", "--source", str(upper), "--vocab-size", "512", "--out", str(tok_dir))
-    assert f"replaced the tokenizer in {tok_dir}" in res.stderr
+    shutil.rmtree(tok_dir)
+    run("tokenizer", "train", "--source", str(upper), "--vocab-size", "512", "--out", str(tok_dir), "--quiet")
     for args in (("generate", "--checkpoint", str(run_dir), "--prompt", "hi"),
                  ("sft", "--checkpoint", str(run_dir), "--data", str(data), "--run.out_dir", str(tmp_path / "sft2")),
                  ("train", "tiny", "--run.out_dir", str(run_dir), "--data.shards", str(shards), "--data.tokenizer",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -29,12 +30,12 @@ from torch import Tensor, nn
 
 from kiln import __version__
 from kiln.config import Config, ModelConfig
-from kiln.errors import DataError, KilnError
+from kiln.errors import DataError, KilnError, first_line
 
 LLAMA, QWEN3, SMOLLM3 = "LlamaForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM"
 EXPORTABLE = f"{LLAMA} (default), {QWEN3} (model.qk_norm), {SMOLLM3} (model.nope_every)"
 MODEL_TYPES = {"llama": LLAMA, "qwen3": QWEN3, "smollm3": SMOLLM3}
-MARKER = "kiln_export.json"  # written into every export; its presence allows overwriting the folder
+MARKER = "kiln_export.json"  # written into every export, with the files it wrote: only those are replaced
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # kiln name suffix -> HF name suffix, inside layer i ("layers.{i}." -> "model.layers.{i}.")
@@ -173,7 +174,8 @@ def _check_out_dir(out: Path) -> None:
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
     """Write a kiln checkpoint (or a run folder's latest) as an HF folder that `AutoModelForCausalLM`
-    and `AutoTokenizer` load. A previous export in `out_dir` is replaced; any other non-empty folder is refused."""
+    and `AutoTokenizer` load. Into a previous export only the files it wrote are replaced (a model card or
+    eval results added there stay); any other non-empty folder is refused."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
@@ -202,6 +204,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, dtype: str 
         hf_config_class(arch)(**hf_cfg).save_pretrained(str(tmp))
         _add_legacy_keys(tmp / "config.json", m)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", 0o666 & ~_umask())  # save_file makes it 0600, unlike the others
         GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id
                          ).save_pretrained(str(tmp))
         tok.save_hf(tmp)
@@ -210,17 +213,45 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, dtype: str 
         # the chat template kiln trains with, so apply_chat_template reproduces kiln's tokens
         write_chat_template(tmp, chat_template=cfg.posttrain.chat_template, tokenizer_spec=cfg.data.tokenizer)
         info = {"kiln_version": __version__, "checkpoint": str(Path(ckpt).resolve()), "architecture": arch,
-                "dtype": dtype, "tokenizer": cfg.data.tokenizer, "embed_scale_folded": m.embed_scale}
+                "dtype": dtype, "tokenizer": cfg.data.tokenizer, "embed_scale_folded": m.embed_scale,
+                "files": sorted(p.name for p in tmp.iterdir())}
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            _check_out_dir(out)
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _install(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     context_note(cfg, "max_position_embeddings")
     return out
+
+
+def _umask() -> int:
+    """The process's umask (os.umask reads it only by setting it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move a finished export from `tmp` to `out`. Into an existing folder (empty, or an earlier export) the
+    files go one by one and only the files the earlier export listed in its MARKER are removed, so what the
+    user put there (a README.md model card, an eval_results/ folder) stays. The MARKER goes last: an
+    interrupted install still reads as an export, and exporting again completes it."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    _check_out_dir(out)
+    try:
+        earlier = set(json.loads((out / MARKER).read_text()).get("files", [])) if (out / MARKER).is_file() else set()
+    except (ValueError, AttributeError):
+        earlier = set()  # a damaged marker: replace what this export writes, remove nothing else
+    written = {p.name for p in tmp.iterdir()}
+    for name in sorted(written - {MARKER}):
+        os.replace(tmp / name, out / name)
+    for name in sorted(earlier - written):
+        if Path(name).name == name and (out / name).is_file():  # a plain name, never a path out of the folder
+            (out / name).unlink()
+    os.replace(tmp / MARKER, out / MARKER)
+    tmp.rmdir()
 
 
 def context_note(cfg: Config, field: str) -> None:
@@ -246,24 +277,42 @@ def _add_legacy_keys(path: Path, cfg: ModelConfig) -> None:
 
 
 def _read_hf_folder(folder: Path) -> tuple[Any, dict[str, Tensor]]:
-    from safetensors.torch import load_file
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError) as e:
         raise ExportError(f"{folder}: not a Hugging Face model folder ({str(e).splitlines()[0]})") from None
+    index = folder / "model.safetensors.index.json"
     if (folder / "model.safetensors").is_file():
         files = [folder / "model.safetensors"]
-    elif (folder / "model.safetensors.index.json").is_file():
-        index = json.loads((folder / "model.safetensors.index.json").read_text())
-        files = [folder / f for f in sorted(set(index["weight_map"].values()))]
+    elif index.is_file():
+        try:
+            files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, no weight_map, not names
+            raise ExportError(f"{index}: damaged or incomplete ({first_line(e)}); re-download or re-export "
+                              "it") from None
     else:
         raise ExportError(f"{folder}: no model.safetensors (or sharded index); convert the weights to safetensors")
     state: dict[str, Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        state.update(_load_safetensors(f, index))
     return config, state
+
+
+def _load_safetensors(path: Path, index: Path) -> dict[str, Tensor]:
+    """One weights file; a missing, truncated or damaged one (an interrupted download or copy) is one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ExportError(f"{path}: missing (listed in {index.name}); re-download it")
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ExportError(f"{path}: damaged or incomplete ({first_line(e)}); re-download or re-export it") from None
+    except OSError as e:
+        raise ExportError(f"{path}: cannot read it ({e.strerror or first_line(e)})") from None
 
 
 def _nope_every(no_rope_layers: list[int], n_layers: int) -> int:

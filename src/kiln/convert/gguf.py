@@ -261,14 +261,26 @@ def _encode(t: Tensor, dtype: str) -> tuple[np.ndarray, Any]:
     return a.astype(np.float16), None  # f16, and q8_0's fallback for rows that are not whole blocks
 
 
+def _written_by_kiln(path: Path) -> bool:
+    """Whether the GGUF file at `path` holds the kiln.version key `export_gguf` writes into every file."""
+    try:
+        return "kiln.version" in _gguf().GGUFReader(str(path), "r").fields
+    except Exception:  # a truncated or damaged file, whatever the reader trips on: not one kiln can vouch for
+        return False
+
+
 def _check_out(out: Path) -> None:
-    """Refuse a folder or a non-GGUF file at `out`, and an unwritable place, before any slow work."""
+    """Refuse a folder, a file kiln did not write at `out` (a downloaded model), and an unwritable place,
+    before any slow work."""
     if out.is_dir():
         raise ExportError(f"{out}: is a folder; give --out a file name such as model.gguf")
     if out.exists():
         with open(out, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise ExportError(f"{out}: exists and is not a GGUF file; choose another --out")
+        if not _written_by_kiln(out):
+            raise ExportError(f"{out}: a GGUF file kiln did not write (no kiln.version key); choose another --out, "
+                              "or remove it yourself")
     probe = out.with_name(f".{out.name}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -342,8 +354,8 @@ def _add_vocab(w: Any, vocab: GGUFVocab) -> None:
 
 def export_gguf(ckpt_path: str | Path, out_path: str | Path, *, dtype: str = "f32") -> Path:
     """Write a kiln checkpoint (or a run folder's latest) as one GGUF file that llama.cpp loads, its
-    tokenizer and chat template inside. The file appears whole or not at all; an existing GGUF file is
-    replaced, any other file refused."""
+    tokenizer and chat template inside. The file appears whole or not at all; a GGUF file an earlier
+    export wrote is replaced, any other file refused."""
     dtype = check_dtype(dtype)
     _gguf()  # a missing package fails before the checkpoint is read
     out = Path(out_path)

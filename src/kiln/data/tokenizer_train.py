@@ -68,7 +68,7 @@ WORDS = (rf"{SPACE}+(?={SPACE}[^{SPACE}\s])|{SPACE}?[\p{{L}}\p{{M}}]+|{SPACE}?\p
 CHAR_COVERAGE = 0.9995
 ASCII = (SPACE, "\t", "\n", *(chr(c) for c in range(0x21, 0x7F)))
 MAX_TOKEN_CHARS = 16
-RECORD = "kiln_tokenizer.json"  # how the folder was trained: marks it as kiln's (--out may replace it)
+RECORD = "kiln_tokenizer.json"  # how the folder was trained: sources, sizes, digest
 PROGRESS_EVERY_S = 10.0
 
 
@@ -191,11 +191,16 @@ def assemble(trained: tokenizers.Tokenizer, *, alphabet: list[str], vocab_size: 
 
 
 def _check_out(out: Path) -> None:
-    """--out must be new, empty, or an earlier `kiln tokenizer train` output, and writable."""
+    """--out must be new or empty, and writable. A tokenizer there is never replaced: the runs and prepared
+    shards made with it record its digest and would refuse the new one (as `kiln data prepare` and
+    `kiln import` refuse an occupied --out)."""
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a folder; pass another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / RECORD).is_file():
-        raise DataError(f"--out {out}: folder is not empty and is not a kiln tokenizer; pass a new or empty --out")
+    if (out / RECORD).is_file() or (out / "tokenizer.json").is_file():
+        raise DataError(f"--out {out}: already holds a tokenizer (runs and shards made with it check its digest); "
+                        "pass another --out, or remove that folder yourself to retrain in its place")
+    if out.is_dir() and any(out.iterdir()):
+        raise DataError(f"--out {out}: folder is not empty; pass a new or empty --out")
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
         raise DataError(f"--out {out}: {existing} is a file, not a folder; pass another --out")
@@ -257,19 +262,20 @@ def train_tokenizer(sources: list[SourceConfig], out: str | Path, *, vocab_size:
 
 
 def _write(tok: Tokenizer, out: Path, record: dict[str, Any]) -> None:
-    """Write the folder next to `out`, then swap it in (an earlier tokenizer there is replaced whole)."""
+    """Write the folder next to `out`, then move it in: it appears whole or not at all."""
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tok.save_hf(tmp)
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         if out.exists():
-            _check_out(out)
-            shutil.rmtree(out)
+            _check_out(out)  # still empty: nothing was put there while training
+            out.rmdir()
         tmp.rename(out)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"--out {out}: cannot write the tokenizer ({e.strerror or first_line(e)})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def tokenizer_stats(spec: str, sources: list[SourceConfig]) -> dict[str, Any]:
@@ -321,7 +327,7 @@ def _train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln tokenizer train", description="Train a BPE tokenizer with byte fallback.")
     _add_sources(p)
     p.add_argument("--vocab-size", type=int, required=True, help="ids in all (rounded up to --multiple-of)")
-    p.add_argument("--out", required=True, help="output folder (new, empty, or an earlier tokenizer to replace)")
+    p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--multiple-of", type=int, default=64, help="round the vocabulary up to this (1: exactly N)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
@@ -330,13 +336,8 @@ def _train(argv: list[str]) -> int:
     if target != args.vocab_size and not args.quiet:
         print(f"kiln tokenizer: vocab size {args.vocab_size} rounded up to {target}, a multiple of "
               f"{args.multiple_of} (--multiple-of 1 keeps {args.vocab_size})", file=sys.stderr)
-    earlier = Path(args.out).expanduser() / RECORD
-    before = json.loads(earlier.read_text()).get("digest") if earlier.is_file() else None
     record = train_tokenizer(sources, args.out, vocab_size=args.vocab_size, multiple_of=args.multiple_of,
                              quiet=args.quiet)
-    if before and before != record["digest"]:  # checkpoints record the digest they were trained with
-        print(f"kiln tokenizer: replaced the tokenizer in {args.out} (digest {before[:12]} -> "
-              f"{record['digest'][:12]}); checkpoints trained with the old one now refuse it", file=sys.stderr)
     if not args.quiet:
         print(f"kiln tokenizer: wrote {args.out}; train with --data.tokenizer {args.out} --model.vocab_size "
               f"{record['vocab_size']}", file=sys.stderr)
