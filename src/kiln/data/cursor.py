@@ -8,7 +8,10 @@ number of ranks. `CursorLoader` is the state_dict / resume-check / reshard part 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -85,27 +88,65 @@ class EpochCursor:
         self.epoch, self.cursor = self._advance(int(states[0]["epoch"]), int(states[0]["cursor"]), self.rank)
 
 
+@dataclass(frozen=True)
+class DataId:
+    """Which data a post-training loader walks: `name` (its file or HF dataset, for messages) and
+    `digest` (records_digest of its records; empty: unknown, nothing to compare)."""
+
+    name: str = ""
+    digest: str = ""
+
+    @classmethod
+    def of(cls, name: str, records: Iterable[tuple[str, Any]]) -> DataId:
+        return cls(name, records_digest(records))
+
+
+def records_digest(records: Iterable[tuple[str, Any]]) -> str:
+    """sha256 over the (where, record) records' content in order, not where they were read from: a
+    moved or renamed file is the same data, another file with as many records is not."""
+    h = hashlib.sha256()
+    for _, rec in records:
+        h.update(json.dumps(rec, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
 class CursorLoader:
     """What the post-training loaders share: their state is an EpochCursor position plus the number of
-    items the data had, checked on a resume so that changed data is one clear error.
+    items the data had and its digest (DataId), checked on a resume so that changed data is one clear
+    error. A state saved before the digest (kiln before 2026-12-07) is taken on trust by its count.
 
-    A subclass sets `cursor`, `KIND` (the state's "kind"), `ITEMS` (the state key and the word for an
-    item, e.g. "pairs"), `WHAT` (the data's name in messages) and `n_items()`.
+    A subclass sets `cursor`, `data` (a DataId; the default, no name and no digest, checks the count
+    only), `KIND` (the state's "kind"), `ITEMS` (the state key and the word for an item, e.g. "pairs"),
+    `WHAT` (the data's name in messages) and `n_items()`.
     """
 
     KIND = ITEMS = WHAT = ""
     cursor: EpochCursor
+    data: DataId = DataId()
 
     def n_items(self) -> int:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.KIND, **self.cursor.state_dict(), self.ITEMS: self.n_items()}
+        state = {"kind": self.KIND, **self.cursor.state_dict(), self.ITEMS: self.n_items()}
+        if self.data.digest:
+            state["digest"] = self.data.digest
+        return state
 
     def _check(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != self.KIND or state.get(self.ITEMS) != self.n_items():
-            raise DataError(f"{self.WHAT} changed under a resume (saved {state.get(self.ITEMS)} {self.ITEMS}, "
-                            f"now {self.n_items()}); restore the data or start fresh")
+        what = f"{self.WHAT} {self.data.name}" if self.data.name else self.WHAT
+        if state.get("kind") != self.KIND:
+            raise DataError(f"the checkpoint's data position is for other data ({state.get('kind')!r}), not "
+                            f"{self.WHAT}; pass another --run.out_dir, or --fresh to start over")
+        if state.get(self.ITEMS) != self.n_items():
+            raise DataError(f"{what} changed under a resume (saved {state.get(self.ITEMS)} {self.ITEMS}, now "
+                            f"{self.n_items()}); pass the data the run was trained on, or --fresh to start over")
+        saved, now = state.get("digest"), self.data.digest
+        if saved and now and saved != now:
+            raise DataError(f"{what} changed under a resume (the same {self.n_items()} {self.ITEMS}, other content: "
+                            f"digest {now[:12]}, saved {saved[:12]}); pass the data the run was trained on, or "
+                            "--fresh to start over")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._check(state)

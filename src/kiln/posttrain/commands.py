@@ -2,10 +2,12 @@
 
 A post-training run's config is the source checkpoint's resolved config, then the stage's defaults
 (below), then the user's `--section.key value` overrides; run.init_from is the source checkpoint and
-run.out_dir defaults to runs/<source name>-<stage>. Without --optim.lr the stage's LR is derived from
-the source checkpoint (its pretraining peak LR and width, kiln.posttrain.lr); the run prints which
-LR it chose and why. It trains through kiln.train.trainer.train with
-the stage's Objective, so schedule, accumulation, clipping, checkpoints, resume and metrics are the
+run.out_dir defaults to runs/<source>-<stage>, <source> the source's run folder name (runs/exp1 and
+runs/exp1/checkpoints/step_20 both give runs/exp1-sft). A run folder holds one stage's run: another
+stage's run (or a pretraining run) is refused, as is the source's own folder. Without --optim.lr the
+stage's LR is derived from the source checkpoint (its pretraining peak LR and width, kiln.posttrain.lr);
+the run prints which LR it chose and why. It trains through kiln.train.trainer.train with the stage's
+Objective, so schedule, accumulation, clipping, checkpoints, resume and metrics are the
 pretraining loop's. When none of train.max_steps, train.total_tokens and train.time_budget is given
 (the source's are not inherited), the run lasts posttrain.epochs passes over the data (rows for SFT,
 pairs for DPO, prompts for RLVR).
@@ -19,7 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kiln.config import Config, merge_config, parse_overrides
+from kiln.config import Config, PostTrainConfig, merge_config, parse_overrides
+from kiln.data.cursor import DataId
 from kiln.errors import ConfigError
 
 # optim.lr is derived per checkpoint (kiln.posttrain.lr); lr_scaling none: it is the peak itself
@@ -28,6 +31,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "dpo": {"optim": {"warmup_steps": 10, "weight_decay": 0.0, "schedule": "cosine", "lr_scaling": "none"}},
     "rlvr": {"optim": {"warmup_steps": 0, "weight_decay": 0.0, "schedule": "constant", "lr_scaling": "none"}},
 }
+# the "kind" of a post-training loader's saved data position (kiln.data.cursor.CursorLoader) -> its stage
+STAGE_OF_KIND = {"sft": "sft", "pairs": "dpo", "prompts": "rlvr"}
 
 
 def _stage_parser(stage: str, what: str) -> argparse.ArgumentParser:
@@ -55,6 +60,10 @@ def stage_config(stage: str, args: argparse.Namespace, overrides: list[str]) -> 
 
     ckpt = resolve_checkpoint(args.checkpoint).resolve()
     cfg, user, why = _stage_tree(stage, ckpt, args, overrides)
+    out = Path(cfg.run.out_dir).resolve()
+    if out == ckpt or out in ckpt.parents:  # --fresh would move the source aside
+        raise ConfigError(f"run.out_dir {cfg.run.out_dir} holds the source checkpoint {ckpt}; a {stage} run writes "
+                          f"a folder of its own: pass another --run.out_dir (default runs/<source>-{stage})")
     saved = _resumed_source(stage, cfg, ckpt, args)
     if saved is not None and saved != ckpt:
         print(f"note: resuming {cfg.run.out_dir}: its source and reference stay {saved} "
@@ -95,7 +104,9 @@ def _stage_tree(stage: str, ckpt: Path, args: argparse.Namespace, overrides: lis
         user.setdefault("posttrain", {})["data"] = args.data
     if args.val_data:
         user.setdefault("posttrain", {})["val_data"] = args.val_data
-    name = f"{base.run.name or ckpt.parent.parent.name}-{stage}"
+    # the source run's folder name (not its run.name: two runs of one preset in other folders share that)
+    source = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else (base.run.name or ckpt.name)
+    name = f"{source}-{stage}"
     tree: dict[str, Any] = {
         "run": {"name": name, "out_dir": str(Path("runs") / name), "init_from": str(ckpt)},
         # the source's length, stopping rule and best-checkpoint metric (demo's time budget, a target loss, a
@@ -105,6 +116,8 @@ def _stage_tree(stage: str, ckpt: Path, args: argparse.Namespace, overrides: lis
         "posttrain": {"data": "", "val_data": ""},  # the source stage's data is not this stage's
         **{k: dict(v) for k, v in STAGE_DEFAULTS[stage].items()},
     }
+    if stage == "rlvr":  # a DPO source's precomputed reference is not RLVR's: it scores new samples (a copy)
+        tree["posttrain"]["ref"] = "copy"
     cfg = merge_config(base, tree, where=f"{stage} defaults")
     cfg = merge_config(cfg, user, where="command line")
     if "name" in user.get("run", {}) and "out_dir" not in user.get("run", {}):
@@ -113,11 +126,18 @@ def _stage_tree(stage: str, ckpt: Path, args: argparse.Namespace, overrides: lis
 
 
 def _resumed_source(stage: str, cfg: Config, ckpt: Path, args: argparse.Namespace) -> Path | None:
-    """The source checkpoint of the run this command resumes, or None when it starts one."""
+    """The source checkpoint of the run this command resumes, or None when it starts one. A run folder
+    holding another stage's run (or a pretraining run) is an error, before anything is written."""
     from kiln.train.checkpoint import list_checkpoints, read_config
 
     existing = [] if args.fresh else list_checkpoints(Path(cfg.run.out_dir))
-    saved_from = read_config(existing[-1]).run.init_from if existing else ""
+    if not existing:
+        return None
+    held = _saved_stage(existing[-1])
+    if held is not None and held != stage:
+        raise ConfigError(f"{cfg.run.out_dir} holds a {held} run, not {stage}: pass another --run.out_dir, or "
+                          "--fresh to start over (the old run is moved aside)")
+    saved_from = read_config(existing[-1]).run.init_from
     if not saved_from:
         return None
     saved = Path(saved_from).resolve()
@@ -126,11 +146,41 @@ def _resumed_source(stage: str, cfg: Config, ckpt: Path, args: argparse.Namespac
     given = Path(args.checkpoint).resolve()
     if given == ckpt or saved.parent.parent != given:  # a checkpoint folder, or another run folder
         raise ConfigError(f"{cfg.run.out_dir}: resumes a {stage} run that started from {saved}, but --checkpoint "
-                          f"is {ckpt}; pass --checkpoint {saved} to resume, or --fresh to start over")
+                          f"is {ckpt}; pass --checkpoint {saved} to resume it, another --run.out_dir for a new run, "
+                          "or --fresh to start over (the old run is moved aside)")
     if not (saved / "meta.json").exists():
         raise ConfigError(f"{cfg.run.out_dir}: resumes a {stage} run whose source checkpoint {saved} (its "
-                          "reference) no longer exists; restore it, or pass --fresh to start over")
+                          "reference) no longer exists; restore it, pass another --run.out_dir for a new run, or "
+                          "--fresh to start over (the old run is moved aside)")
     return saved
+
+
+def _saved_stage(ckpt: Path) -> str | None:
+    """The stage of the run that saved `ckpt`: sft, dpo or rlvr (by the kind of its saved data position),
+    "pretraining" (another kind, or no data position and no source: a model's first checkpoint, as
+    kiln import writes), or None when unknown (no data position in a post-training run's checkpoint)."""
+    import torch
+
+    from kiln.train.checkpoint import read_config
+
+    for f in sorted((ckpt / "state").glob("rank_*.pt")):
+        try:
+            loader = torch.load(f, map_location="cpu", weights_only=False).get("loader")
+        except Exception:  # damaged: the trainer sets the checkpoint aside or names the file
+            return None
+        if isinstance(loader, dict):
+            return STAGE_OF_KIND.get(loader.get("kind"), "pretraining")
+    saved = read_config(ckpt)
+    return None if saved.run.init_from or saved.posttrain.data else "pretraining"
+
+
+def _train_records(pt: PostTrainConfig) -> tuple[list[tuple[str, dict]], DataId]:
+    """The stage's training records (posttrain.data, split posttrain.split) and their DataId: a resume on
+    other data, even with as many records, is refused (kiln.data.cursor.CursorLoader)."""
+    from kiln.posttrain.chat import load_records
+
+    records = load_records(pt.data, split=pt.split)
+    return records, DataId.of(pt.data, records)
 
 
 def _set_steps(cfg: Config, user: dict, units: int) -> None:
@@ -158,18 +208,19 @@ def sft(argv: list[str], *, started: float | None = None) -> int:
     `started`: the command's start (kiln.cli passes it), where a train.time_budget's clock starts."""
     args, overrides = _stage_parser("sft", "Supervised fine-tuning on chat data (loss on assistant tokens)."
                                     ).parse_known_args(argv)
-    from kiln.posttrain.sft import SFTObjective, load_sft_data, rows_per_epoch
+    from kiln.posttrain.sft import SFTObjective, encode_conversations, load_sft_data, rows_per_epoch
     from kiln.train.trainer import train
 
     cfg, _, user = stage_config("sft", args, overrides)
     tok, fmt = _chat_format(cfg)
     pt, T = cfg.posttrain, cfg.train.seq_len
-    convs = load_sft_data(pt.data, fmt, max_len=T, split=pt.split)
+    records, data = _train_records(pt)
+    convs = encode_conversations(records, fmt, max_len=T)
     val = load_sft_data(pt.val_data, fmt, max_len=T, split=pt.val_split) if pt.val_data else None
     _set_steps(cfg, user, rows_per_epoch(convs, seq_len=T, pack=pt.pack))
     print(f"kiln sft: {len(convs)} conversations, chat template '{fmt.name}', from {cfg.run.init_from}")
-    return _finish(train(cfg, objective=SFTObjective(convs, val, pack=pt.pack), fresh=args.fresh, quiet=args.quiet,
-                         started=started))
+    return _finish(train(cfg, objective=SFTObjective(convs, val, pack=pt.pack, data=data), fresh=args.fresh,
+                         quiet=args.quiet, started=started))
 
 
 def dpo(argv: list[str], *, started: float | None = None) -> int:
@@ -177,18 +228,19 @@ def dpo(argv: list[str], *, started: float | None = None) -> int:
     `started`: the command's start (kiln.cli passes it), where a train.time_budget's clock starts."""
     args, overrides = _stage_parser("dpo", "Preference optimisation: DPO (sigmoid) or APO-zero / APO-down."
                                     ).parse_known_args(argv)
-    from kiln.posttrain.dpo import DPOObjective, load_pairs
+    from kiln.posttrain.dpo import DPOObjective, encode_pairs, load_pairs
     from kiln.train.trainer import train
 
     cfg, ckpt, user = stage_config("dpo", args, overrides)
     tok, fmt = _chat_format(cfg)
     pt, L = cfg.posttrain, cfg.train.seq_len + 1
-    pairs = load_pairs(pt.data, fmt, max_len=L, split=pt.split)
+    records, data = _train_records(pt)
+    pairs = encode_pairs(records, fmt, max_len=L)
     val = load_pairs(pt.val_data, fmt, max_len=L, split=pt.val_split) if pt.val_data else None
     _set_steps(cfg, user, len(pairs))
     print(f"kiln dpo: {len(pairs)} pairs, loss {pt.loss}, beta {pt.beta}, reference {ckpt} ({pt.ref})")
     obj = DPOObjective(pairs, val, reference=ckpt, beta=pt.beta, kind=pt.loss, precompute=pt.ref == "precomputed",
-                       batch_size=cfg.train.micro_batch_size)
+                       batch_size=cfg.train.micro_batch_size, data=data)
     return _finish(train(cfg, objective=obj, fresh=args.fresh, quiet=args.quiet, started=started))
 
 
@@ -198,23 +250,27 @@ def rlvr(argv: list[str], *, started: float | None = None) -> int:
     args, overrides = _stage_parser("rlvr", "RL with verifiable rewards (GRPO-style groups, KL to the reference)."
                                     ).parse_known_args(argv)
     from kiln.posttrain.rewards import build_reward
-    from kiln.posttrain.rlvr import RLVRObjective, load_tasks
+    from kiln.posttrain.rlvr import RLVRObjective, encode_tasks, load_tasks
     from kiln.train.trainer import train
 
     cfg, ckpt, user = stage_config("rlvr", args, overrides)
     pt = cfg.posttrain
     if pt.group_size < 2:
         raise ConfigError("posttrain.group_size: RLVR compares completions within a group; use 2 or more")
+    if pt.ref == "precomputed":  # only an explicit --posttrain.ref: an inherited one is reset (_stage_tree)
+        raise ConfigError("posttrain.ref precomputed is DPO's: RLVR scores new samples every step, so its reference "
+                          "is a frozen copy (none with --posttrain.kl_coef 0); drop --posttrain.ref")
     reward = build_reward(pt.rewards)
     tok, fmt = _chat_format(cfg)
     room = cfg.model.max_seq_len - pt.max_new_tokens
-    tasks = load_tasks(pt.data, fmt, max_prompt_len=room, split=pt.split)
+    records, data = _train_records(pt)
+    tasks = encode_tasks(records, fmt, max_prompt_len=room)
     val = load_tasks(pt.val_data, fmt, max_prompt_len=room, split=pt.val_split) if pt.val_data else None
     _set_steps(cfg, user, len(tasks))
     print(f"kiln rlvr: {len(tasks)} prompts x {pt.group_size} samples, rewards {pt.rewards}, kl {pt.kl_coef}")
     obj = RLVRObjective(tasks, val, reference=ckpt, reward=reward, tokenizer=tok, group_size=pt.group_size,
                         kl_coef=pt.kl_coef, max_new_tokens=pt.max_new_tokens, temperature=pt.temperature,
-                        top_k=pt.top_k, top_p=pt.top_p)
+                        top_k=pt.top_k, top_p=pt.top_p, data=data)
     return _finish(train(cfg, objective=obj, fresh=args.fresh, quiet=args.quiet, started=started))
 
 

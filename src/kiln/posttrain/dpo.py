@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kiln.data.cursor import CursorLoader, EpochCursor, shuffled
+from kiln.data.cursor import CursorLoader, DataId, EpochCursor, shuffled
 from kiln.data.packing import IGNORE
 from kiln.device import autocast_for
 from kiln.errors import DataError
@@ -140,8 +140,8 @@ class PairLoader(CursorLoader):
     KIND, ITEMS, WHAT = "pairs", "pairs", "preference data"
 
     def __init__(self, pairs: list[Pair], *, batch_size: int, seed: int, pad_id: int, rank: int = 0,
-                 world_size: int = 1) -> None:
-        self.pairs, self.batch_size, self.pad_id = pairs, batch_size, pad_id
+                 world_size: int = 1, data: DataId | None = None) -> None:
+        self.pairs, self.batch_size, self.pad_id, self.data = pairs, batch_size, pad_id, data or DataId()
         self.cursor = EpochCursor(shuffled(len(pairs), seed=seed, stream=3), empty="DPO data: no preference pairs",
                                   rank=rank, world_size=world_size)
 
@@ -194,8 +194,9 @@ class DPOObjective(Objective):
     name = "dpo"
 
     def __init__(self, train: list[Pair], val: list[Pair] | None = None, *, reference: Path, beta: float,
-                 kind: str = "sigmoid", precompute: bool = False, batch_size: int = 8) -> None:
-        self.train, self.val = train, val or []
+                 kind: str = "sigmoid", precompute: bool = False, batch_size: int = 8,
+                 data: DataId | None = None) -> None:
+        self.train, self.val, self.data = train, val or [], data  # data: train's, checked on a resume
         self.reference, self.beta, self.kind, self.precompute = reference, beta, kind, precompute
         self.batch_size = batch_size
         self.ref: nn.Module | None = None
@@ -225,7 +226,7 @@ class DPOObjective(Objective):
 
     def train_data(self, tokenizer, *, rank: int = 0, world_size: int = 1) -> PairLoader:
         return PairLoader(self.train, batch_size=self.run.batching.batch_size, seed=self.run.batching.seed,
-                          pad_id=tokenizer.eos_id, rank=rank, world_size=world_size)
+                          pad_id=tokenizer.eos_id, rank=rank, world_size=world_size, data=self.data)
 
     def val_data(self, tokenizer) -> dict[str, list[PairBatch]]:
         if not self.val:

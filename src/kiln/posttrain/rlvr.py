@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from kiln.data.cursor import CursorLoader, EpochCursor, shuffled
+from kiln.data.cursor import CursorLoader, DataId, EpochCursor, shuffled
 from kiln.data.packing import IGNORE
 from kiln.device import autocast_for
 from kiln.errors import DataError
@@ -107,8 +107,9 @@ class PromptLoader(CursorLoader):
     KIND, ITEMS, WHAT = "prompts", "prompts", "RLVR data"
 
     def __init__(self, tasks: list[Task], *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 global_batch: int = 0) -> None:
+                 global_batch: int = 0, data: DataId | None = None) -> None:
         self.tasks, self.batch_size, self.seed, self.rank = tasks, batch_size, seed, rank
+        self.data = data or DataId()
         self.global_batch = global_batch
         self.cursor = EpochCursor(shuffled(len(tasks), seed=seed, stream=4), empty="RLVR data: no prompts",
                                   rank=rank, world_size=world_size)
@@ -182,8 +183,9 @@ class RLVRObjective(Objective):
 
     def __init__(self, train: list[Task], val: list[Task] | None = None, *, reference: Path, reward: Reward,
                  tokenizer, group_size: int, kl_coef: float, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0) -> None:
+                 top_k: int = 0, top_p: float = 1.0, data: DataId | None = None) -> None:
         self.train, self.val, self.reference, self.reward, self.tok = train, val or [], reference, reward, tokenizer
+        self.data = data  # train's, checked on a resume
         self.G, self.kl_coef, self.max_new_tokens = group_size, kl_coef, max_new_tokens
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.ref: nn.Module | None = None
@@ -199,7 +201,7 @@ class RLVRObjective(Objective):
     def train_data(self, tokenizer, *, rank: int = 0, world_size: int = 1) -> PromptLoader:
         b = self.run.batching
         return PromptLoader(self.train, batch_size=b.batch_size, seed=b.seed, rank=rank, world_size=world_size,
-                            global_batch=self.run.global_batch_size)
+                            global_batch=self.run.global_batch_size, data=self.data)
 
     def val_data(self, tokenizer) -> dict[str, list[list[Task]]]:
         return {"rlvr": [self.val]} if self.val else {}

@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import torch
 
-from kiln.data.cursor import CursorLoader, EpochCursor
+from kiln.data.cursor import CursorLoader, DataId, EpochCursor
 from kiln.data.packing import IGNORE, Batch
 from kiln.errors import DataError
 from kiln.eval.loss import evaluate, token_loss_sum
@@ -113,8 +113,9 @@ class SFTLoader(CursorLoader):
     KIND, ITEMS, WHAT = "sft", "conversations", "SFT data"
 
     def __init__(self, convs: list[Encoded], *, seq_len: int, batch_size: int, seed: int, pack: bool, pad_id: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, data: DataId | None = None) -> None:
         self.convs, self.seq_len, self.batch_size, self.seed = convs, seq_len, batch_size, seed
+        self.data = data or DataId()
         self.pack, self.pad_id, self.rank, self.world_size = pack, pad_id, rank, world_size
         self.cursor = EpochCursor(self._plans, empty="SFT data: no conversations to train on", rank=rank,
                                   world_size=world_size)
@@ -143,13 +144,14 @@ class SFTObjective(Objective):
 
     name = "sft"
 
-    def __init__(self, train: list[Encoded], val: list[Encoded] | None = None, *, pack: bool = True) -> None:
-        self.train, self.val, self.pack = train, val or [], pack
+    def __init__(self, train: list[Encoded], val: list[Encoded] | None = None, *, pack: bool = True,
+                 data: DataId | None = None) -> None:
+        self.train, self.val, self.pack, self.data = train, val or [], pack, data  # data: train's, checked on a resume
 
     def train_data(self, tokenizer, *, rank: int = 0, world_size: int = 1) -> SFTLoader:
         b = self.run.batching
         return SFTLoader(self.train, seq_len=b.seq_len, batch_size=b.batch_size, seed=b.seed, pack=self.pack,
-                         pad_id=tokenizer.eos_id, rank=rank, world_size=world_size)
+                         pad_id=tokenizer.eos_id, rank=rank, world_size=world_size, data=self.data)
 
     def val_data(self, tokenizer) -> dict[str, list[Batch]]:
         if not self.val:
