@@ -73,6 +73,12 @@ def test_yaml_errors_name_the_file(tmp_path):
     typo.write_text("base: tiny\nmodel:\n  d_modle: 64\n")
     with pytest.raises(ConfigError, match=rf"{typo}: unknown key 'model.d_modle'"):
         load_config(str(typo))
+    based = tmp_path / "based.yaml"  # a misspelt preset: the file that names it, not "tmp/tinyy: cannot read"
+    based.write_text("base: tinyy\n")
+    with pytest.raises(ConfigError, match=rf"{based}: base: 'tinyy' is neither a preset nor a file beside it"):
+        load_config(str(based))
+    with pytest.raises(ConfigError, match=r"train.save_every_minutes: must be >= 0, got -1"):
+        load_config("tiny", ["--train.save_every_minutes", "-1"])
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("train:\n  seq_len: long\n")
     with pytest.raises(ConfigError, match=rf"{wrong}: train.seq_len: expected an integer"):

@@ -500,6 +500,9 @@ def load_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: expected a preset name or a path")
     base_path = resolve_preset(base) if (PRESET_DIR / f"{base}.yaml").exists() else path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base: '{base}' is neither a preset nor a file beside it ({base_path}); presets "
+                          f"are: {', '.join(list_presets())}")
     if base_path.resolve() in seen:
         raise ConfigError(f"{path}: base: inheritance cycle through {base_path}")
     return _merge(load_yaml_tree(base_path, (*seen, path.resolve())), data)
@@ -707,7 +710,8 @@ def _validate_train(t: TrainConfig, o: OptimConfig, m: ModelConfig, *, where: st
                    "train.total_tokens": (t.total_tokens, ">= 0"), "train.max_steps": (t.max_steps, ">= 0"),
                    "optim.warmup_steps": (o.warmup_steps, ">= 0"), "train.keep_last": (t.keep_last, ">= 0"),
                    "train.stop_at_step": (t.stop_at_step, ">= 0"), "train.target_loss": (t.target_loss, ">= 0"),
-                   "train.eval_tasks_limit": (t.eval_tasks_limit, "> 0")})
+                   "train.eval_tasks_limit": (t.eval_tasks_limit, "> 0"),
+                   "train.save_every_minutes": (t.save_every_minutes, ">= 0")})
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"{where}: train.ema_decay: must be within [0, 1) (0: off; 0.999 averages about the last "
                           f"1000 steps), got {t.ema_decay}")
