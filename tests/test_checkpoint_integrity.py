@@ -375,3 +375,15 @@ def test_a_write_that_fills_the_disk_midway_is_one_line(small_disk, monkeypatch,
     assert sorted(p.name for p in root.iterdir()) == ["step_1"] and tree_digest(first) == before
     assert storage.free_bytes(small_disk) > 15 << 20  # the partial write was removed
     assert storage.verify(first) is True
+
+
+def test_the_earlier_checkpoint_named_for_a_set_aside_one_is_older(tmp_path):
+    """A damaged checkpoint set aside as step_40.corrupt and opened anyway: the hint names step_10, the newest
+    before it, not step_45 (a set-aside name once counted as no step at all)."""
+    from kiln.train.storage import MARKER, _earlier
+
+    for name in ("step_10", "step_40.corrupt", "step_45"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / MARKER).write_text("{}")
+    assert _earlier(tmp_path / "step_40.corrupt") == f" (--checkpoint {tmp_path / 'step_10'})"
+    assert _earlier(tmp_path / "step_45") == f" (--checkpoint {tmp_path / 'step_10'})"  # step_N.corrupt is no candidate

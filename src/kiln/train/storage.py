@@ -32,6 +32,7 @@ import functools
 import json
 import mmap
 import os
+import re
 import sys
 from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -74,7 +75,8 @@ class DamagedCheckpoint(CheckpointError):
 
 def _earlier(ckpt: Path) -> str:
     """' (--checkpoint <the newest complete checkpoint before ckpt>)', or '' when there is none."""
-    step = int(ckpt.name[5:]) if ckpt.name[5:].isdigit() else None
+    m = re.match(r"step_(\d+)", ckpt.name)  # also step_N.corrupt, a checkpoint set aside
+    step = int(m.group(1)) if m else None
     older = sorted((int(p.name[5:]), p) for p in ckpt.parent.glob("step_*")
                    if p.name[5:].isdigit() and (p / MARKER).is_file() and (step is None or int(p.name[5:]) < step))
     return f" (--checkpoint {older[-1][1]})" if older else ""
