@@ -164,6 +164,11 @@ def test_help_and_unknown_command():
     assert res.returncode == 0 and "kiln <command>" in res.stdout
     res = run("nonsense")
     assert res.returncode == 2 and "unknown command 'nonsense'" in res.stderr
+    # `kiln presets | head -1`: a reader that leaves early is no traceback (nor "Exception ignored" at exit)
+    proc = subprocess.Popen(kiln_cmd("presets"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0 and err == "", err
 
 
 def test_relative_tokenizer_and_chat_template_paths_work_from_another_folder(tmp_path):

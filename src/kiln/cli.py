@@ -173,12 +173,14 @@ def _presets(argv: list[str]) -> int:
     from kiln.config import list_presets, load_config
     from kiln.model import count_params
 
-    print(f"{'preset':<14}{'params':>10}{'layers':>8}{'d':>6}{'heads':>8}{'ffn':>7}{'vocab':>8}  notes")
-    for name in list_presets():
+    names = list_presets()
+    w = max(len(n) for n in names) + 2
+    print(f"{'preset':<{w}}{'params':>10}{'layers':>8}{'d':>6}{'heads':>8}{'ffn':>7}{'vocab':>8}  notes")
+    for name in names:
         m = load_config(name).model
         notes = ", ".join(x for x in ["tied" if m.tie_embeddings else "untied", "qk-norm" if m.qk_norm else "",
                                       f"nope/{m.nope_every}" if m.nope_every else "", m.residual] if x)
-        print(f"{name:<14}{count_params(m) / 1e6:>9.1f}M{m.n_layers:>8}{m.d_model:>6}{f'{m.n_heads}/{m.n_kv_heads}':>8}"
+        print(f"{name:<{w}}{count_params(m) / 1e6:>9.1f}M{m.n_layers:>8}{m.d_model:>6}{f'{m.n_heads}/{m.n_kv_heads}':>8}"
               f"{m.ffn_dim:>7}{m.vocab_size:>8}  {notes}")
     return 0
 
@@ -222,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return COMMANDS[cmd](rest) or 0
+        code = COMMANDS[cmd](rest) or 0
+        sys.stdout.flush()  # a reader that has gone (`| head`) is met here, not in the exit's flush
+        return code
     except KilnError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0, not one per process
             print(f"kiln: error: {e}", file=sys.stderr)
@@ -232,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `kiln presets | head`: the reader has gone; not a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush writes nowhere
+        return 0
     except OSError as e:  # a full disk met outside a checkpoint (metrics, job-control status): one line too
         if e.errno != errno.ENOSPC:
             raise
