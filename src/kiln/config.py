@@ -749,6 +749,10 @@ def _validate_data(d: DataConfig, *, where: str) -> None:
                    "data.row_shuffle": (d.row_shuffle, ">= 0"), "data.encode_batch": (d.encode_batch, "> 0")})
     if d.stages:
         _validate_stages(d, where=where)
+    elif d.shards and d.train != DataConfig().train:  # said at load, so --dry-run and doctor say it too
+        raise ConfigError(f"{where}: data.shards ({d.shards}) and data.train ({', '.join(s.path for s in d.train)}) "
+                          "are both set; data.shards replaces data.train: drop one, or list the prepared folders in "
+                          "data.train with data.format=shards")
     if (d.format == "shards" or d.shards) and d.remainder == "drop":
         raise ConfigError(f"{where}: data.remainder=drop applies to text sources; prepared shards are cut into "
                           "fixed blocks (use data.remainder=carry, or data.format=text)")

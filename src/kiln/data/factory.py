@@ -25,7 +25,7 @@ from kiln.data.shards import ShardLoader, shard_validation_sets
 from kiln.data.sources import is_prepared, source_name
 from kiln.data.stages import StagedLoader
 from kiln.data.tokenizer import Tokenizer
-from kiln.errors import ConfigError, DataError
+from kiln.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,10 @@ class Batching:
 
 
 def train_sources(d: DataConfig) -> list[SourceConfig]:
-    """data.train, or the single prepared folder named by data.shards (then data.train must be left at
-    its default, the bundled corpus: a ConfigError says so instead of ignoring it)."""
+    """data.train, or the single prepared folder named by data.shards (then data.train is left at its default:
+    kiln.config refuses both)."""
     if not d.shards:
         return list(d.train)
-    if d.train != DataConfig().train:
-        raise ConfigError(f"data.shards ({d.shards}) and data.train ({', '.join(s.path for s in d.train)}) are both "
-                          "set; data.shards replaces data.train: drop one, or list the prepared folders in data.train "
-                          "with data.format=shards")
     return [SourceConfig(path=d.shards, name="shards")]
 
 
