@@ -455,3 +455,14 @@ def test_a_run_resumed_during_its_timed_warmup_plans_with_the_evals_cost(tmp_pat
     assert second.returncode == 0, second.stderr[-3000:]
     (evals,) = re.findall(r"fit train\.time_budget 60s \(\d+ ms/step, eval ([0-9.]+) s", second.stdout)
     assert float(evals) > 0, second.stdout[-2000:]
+
+
+def test_the_progress_lines_show_the_eta_the_logs_record(tmp_path):
+    """One ETA: the plain progress lines printed the time since the process started over the steps done (its
+    setup and first eval included), while metrics.jsonl and `kiln control list` used the last window's pace."""
+    res = run_cli("train", "tiny", *small_overrides(tmp_path, **{"train.max_steps": 9, "train.eval_every": 100}))
+    assert res.returncode == 0, res.stderr[-2000:]
+    shown = dict(re.findall(r"^step +(\d+)/9 .* eta (\S+)$", res.stdout, flags=re.M))
+    logged = {str(r["step"]): format_duration(r["eta_sec"]) for r in read_metrics(tmp_path / "run")
+              if r["kind"] == "train"}
+    assert shown == logged and len(shown) == 9, (shown, logged)

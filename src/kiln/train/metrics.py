@@ -117,11 +117,11 @@ class StepLog:
         self._timed, self._t_window, self._step_seconds = 0, time.time(), 0.0
         if self.metrics is not None:
             self.metrics.log(record)
-        self.progress.update(state.step, loss=record["loss"], lr=lr, tok_s=record["tokens_per_sec"])
+        eta = format_duration(record["eta_sec"]) if record["eta_sec"] is not None else "?"
+        self.progress.update(state.step, loss=record["loss"], lr=lr, tok_s=record["tokens_per_sec"], eta=eta)
         if self.control is not None:
             self.control.status(step=state.step, total_steps=self.plan.total_steps, loss=record["loss"],
-                                tokens_per_sec=record["tokens_per_sec"],
-                                eta=format_duration(record["eta_sec"]) if record["eta_sec"] is not None else "?")
+                                tokens_per_sec=record["tokens_per_sec"], eta=eta)
 
     def record(self, state: TrainState, *, lr: float, grad_norm: float, extras: dict[str, float],
                spike: bool = False) -> dict[str, Any]:

@@ -5,13 +5,10 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-import time
 from types import FrameType
 
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 from rich.progress import Progress as RichProgress
-
-from kiln.runinfo import format_duration
 
 
 class Progress:
@@ -20,14 +17,13 @@ class Progress:
     def __init__(self, total: int | None, *, start: int = 0, quiet: bool = False) -> None:
         """`total` None: not known yet (a time budget fixes it after the warmup)."""
         self.total, self.start, self.quiet = total, start, quiet
-        self.t0 = time.time()
-        self.fields = {"loss": float("nan"), "lr": 0.0, "tok_s": 0.0}
+        self.fields = {"loss": float("nan"), "lr": 0.0, "tok_s": 0.0, "eta": "?"}  # eta: the train record's
         self._bar = None
         if not quiet and sys.stdout.isatty():
             self._bar = RichProgress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tok_s]:,.0f} tok/s"),
-                TimeRemainingColumn(), transient=False,
+                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tok_s]:,.0f} tok/s  "
+                           "eta {task.fields[eta]}"), transient=False,
             )
             self._task = self._bar.add_task("train", total=total, completed=start, **self.fields)
             self._bar.start()
@@ -46,16 +42,16 @@ class Progress:
         else:
             print(msg, flush=True)
 
-    def update(self, step: int, **fields: float) -> None:
+    def update(self, step: int, **fields: float | str) -> None:
+        """`eta` is the train record's (its window's pace, evals and saves included), so the bar, the plain lines,
+        metrics.jsonl and `kiln control list` say one thing."""
         self.fields.update(fields)
         if self._bar is not None:
             self._bar.update(self._task, completed=step, **self.fields)
         elif fields and not self.quiet:
-            done = step - self.start
-            eta = format_duration((time.time() - self.t0) / max(done, 1) * (self.total - step)) if self.total else "?"
             f = self.fields
             print(f"step {step:>6}/{self.total or '?'}  loss {f['loss']:.4f}  lr {f['lr']:.2e}  "
-                  f"{f['tok_s']:,.0f} tok/s  eta {eta}", flush=True)
+                  f"{f['tok_s']:,.0f} tok/s  eta {f['eta']}", flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
