@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 from pathlib import Path
 
@@ -305,6 +306,7 @@ def test_a_source_run_with_a_time_budget_or_target_passes_neither_to_the_next_st
     chats = jsonl(tmp_path / "chats.jsonl", [{"messages": m} for m in addition_chats(8)])
     out = run_stage("sft", ckpt, chats, tmp_path / "sft")
     assert "done: 1 steps, 256 tokens" in out  # one epoch of 8 short chats
+    assert re.search(r"^train.max_steps 1 = 1 epoch\(s\) \(posttrain.epochs\) x \d rows / global batch 4;", out, re.M)
     cfg = ckpt_io.read_config(ckpt_io.resolve_checkpoint(tmp_path / "sft"))
     assert (cfg.train.time_budget, cfg.train.target_loss, cfg.train.keep_best, cfg.train.max_steps) == ("", 0.0, 0, 1)
     # given to a stage without --val-data, a target or keep_best would never act: one line, nothing written
@@ -317,10 +319,10 @@ def test_a_source_run_with_a_time_budget_or_target_passes_neither_to_the_next_st
     assert not (tmp_path / "sft-target" / "checkpoints").exists()
     pairs = jsonl(tmp_path / "pairs.jsonl", [{"prompt": "What is 1+1?", "chosen": "2", "rejected": "3"}] * 4)
     run_stage("dpo", tmp_path / "sft", pairs, tmp_path / "dpo")
-    run_stage("sft", ckpt, chats, tmp_path / "sft-budget", "--train.time_budget", "5s")
+    run_stage("sft", ckpt, chats, tmp_path / "sft-budget", "--train.time_budget", "8s")  # 5 s: too short under load
     budgeted = ckpt_io.resolve_checkpoint(tmp_path / "sft-budget")
-    assert ckpt_io.read_config(budgeted).train.time_budget == "5s"
-    assert int(budgeted.name.removeprefix("step_")) > 10  # the steps that fit 5 s, not the one step of an epoch
+    assert ckpt_io.read_config(budgeted).train.time_budget == "8s"
+    assert int(budgeted.name.removeprefix("step_")) > 10  # the steps that fit 8 s, not the one step of an epoch
 
     old = ckpt_io.resolve_checkpoint(tmp_path / "sft")
     text = (old / "config.yaml").read_text().replace("time_budget: ''", "time_budget: 5m")

@@ -183,12 +183,16 @@ def _train_records(pt: PostTrainConfig) -> tuple[list[tuple[str, dict]], DataId]
     return records, DataId.of(pt.data, records)
 
 
-def _set_steps(cfg: Config, user: dict, units: int) -> None:
-    """train.max_steps from posttrain.epochs when the user set no length (steps, tokens or a time budget)."""
+def _set_steps(cfg: Config, user: dict, units: int, what: str) -> None:
+    """train.max_steps from posttrain.epochs when the user set no length (steps, tokens or a time budget), said
+    in one line: the plan's "from train.max_steps" would hide where the count came from."""
     t = user.get("train", {})
     if "max_steps" in t or "total_tokens" in t or t.get("time_budget"):
         return
-    cfg.train.max_steps = max(1, math.ceil(cfg.posttrain.epochs * units / cfg.train.global_batch_size))
+    pt, batch = cfg.posttrain, cfg.train.global_batch_size
+    cfg.train.max_steps = max(1, math.ceil(pt.epochs * units / batch))
+    print(f"train.max_steps {cfg.train.max_steps} = {pt.epochs:g} epoch(s) (posttrain.epochs) x {units} {what} / "
+          f"global batch {batch}; --train.max_steps N sets it")
 
 
 def _chat_format(cfg: Config):
@@ -217,7 +221,7 @@ def sft(argv: list[str], *, started: float | None = None) -> int:
     records, data = _train_records(pt)
     convs = encode_conversations(records, fmt, max_len=T)
     val = load_sft_data(pt.val_data, fmt, max_len=T, split=pt.val_split) if pt.val_data else None
-    _set_steps(cfg, user, rows_per_epoch(convs, seq_len=T, pack=pt.pack))
+    _set_steps(cfg, user, rows_per_epoch(convs, seq_len=T, pack=pt.pack), "rows" if pt.pack else "conversations")
     print(f"kiln sft: {len(convs)} conversations, chat template '{fmt.name}', from {cfg.run.init_from}")
     return _finish(train(cfg, objective=SFTObjective(convs, val, pack=pt.pack, data=data), fresh=args.fresh,
                          quiet=args.quiet, started=started))
@@ -237,7 +241,7 @@ def dpo(argv: list[str], *, started: float | None = None) -> int:
     records, data = _train_records(pt)
     pairs = encode_pairs(records, fmt, max_len=L)
     val = load_pairs(pt.val_data, fmt, max_len=L, split=pt.val_split) if pt.val_data else None
-    _set_steps(cfg, user, len(pairs))
+    _set_steps(cfg, user, len(pairs), "pairs")
     print(f"kiln dpo: {len(pairs)} pairs, loss {pt.loss}, beta {pt.beta}, reference {ckpt} ({pt.ref})")
     obj = DPOObjective(pairs, val, reference=ckpt, beta=pt.beta, kind=pt.loss, precompute=pt.ref == "precomputed",
                        batch_size=cfg.train.micro_batch_size, data=data)
@@ -266,7 +270,7 @@ def rlvr(argv: list[str], *, started: float | None = None) -> int:
     records, data = _train_records(pt)
     tasks = encode_tasks(records, fmt, max_prompt_len=room)
     val = load_tasks(pt.val_data, fmt, max_prompt_len=room, split=pt.val_split) if pt.val_data else None
-    _set_steps(cfg, user, len(tasks))
+    _set_steps(cfg, user, len(tasks), "prompts")
     print(f"kiln rlvr: {len(tasks)} prompts x {pt.group_size} samples, rewards {pt.rewards}, kl {pt.kl_coef}")
     obj = RLVRObjective(tasks, val, reference=ckpt, reward=reward, tokenizer=tok, group_size=pt.group_size,
                         kl_coef=pt.kl_coef, max_new_tokens=pt.max_new_tokens, temperature=pt.temperature,
