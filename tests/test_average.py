@@ -78,3 +78,12 @@ def test_different_architectures_one_checkpoint_or_a_used_folder_are_one_line(ru
     assert not (inside / "checkpoints").exists()
     res = run_cli("average", str(run), "--last", "0", "--out", str(tmp_path / "x"))
     assert res.returncode == 2 and "--last: the number of checkpoints" in res.stderr and "must be at least 1" in res.stderr
+
+
+def test_last_k_beyond_the_run_averages_what_it_has_and_says_so(run, tmp_path):
+    """`--last 99` of a run with 4 checkpoints: a younger run than planned is no error, but the average of 4
+    is not silently passed off as one of 99."""
+    res = run_cli("average", str(run), "--last", "99", "--out", str(tmp_path / "avg"))
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.strip().splitlines() == [f"note: --last 99: the run {run} has 4 checkpoints; averaging all 4"]
+    assert "averaged 4 checkpoints (uniform)" in res.stdout

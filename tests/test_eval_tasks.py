@@ -306,3 +306,41 @@ def test_kiln_eval_on_a_file_without_the_text_column_names_the_flags(tmp_path):
     assert res.stderr.strip().splitlines()[-1] == (
         f"kiln: error: {data}: no column 'text' (columns: question, choices, answerKey); pass --text-column NAME "
         "(or --task mc / gsm8k for a benchmark file)")
+
+
+def test_an_arc_answer_key_that_is_no_label_names_the_labels(tmp_path):
+    """ARC's answerKey names one of choices.label: a key with no such label ("C" of A, B) is reported as
+    such, at its file:line, not as an index (2) outside the choices that the user never wrote."""
+    import subprocess
+
+    from conftest import kiln_cmd
+    from test_sft import base_checkpoint
+
+    ckpt = base_checkpoint(tmp_path)
+    data = tmp_path / "arc.jsonl"
+    rows = [{"question": "1?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": key}
+            for key in ("A", "C")]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = subprocess.run(kiln_cmd("eval", "--checkpoint", str(ckpt), "--data", str(data), "--task", "mc"),
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"kiln: error: {data}:2: answerKey 'C' is not one of the labels A, B"], res.stderr[-2000:]
+
+
+def test_kiln_eval_mc_prints_acc_as_lm_eval_and_the_training_logs_name_it(tmp_path):
+    """Training logs eval/<task>/acc and acc_norm (kiln.eval.suite), lm-eval prints acc and acc_norm: the
+    command's JSON has the same names; "accuracy", its older name, stays for scripts that read it."""
+    import subprocess
+
+    from conftest import kiln_cmd
+    from test_sft import base_checkpoint
+
+    ckpt = base_checkpoint(tmp_path)
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps({"context": f"{i} is", "choices": [" yes", " no"], "answer": i % 2}) + "\n"
+                            for i in range(4)))
+    res = subprocess.run(kiln_cmd("eval", "--checkpoint", str(ckpt), "--data", str(data), "--task", "mc"),
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["n"] == 4 and out["acc"] == out["accuracy"] and 0 <= out["acc_norm"] <= 1

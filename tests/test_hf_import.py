@@ -8,6 +8,8 @@ import subprocess
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from conftest import kiln_cmd
 from kiln.config import load_config
@@ -183,3 +185,26 @@ def test_damaged_weights_are_one_line_and_write_nothing(tmp_path):
     with pytest.raises(ExportError, match="model.safetensors.index.json: damaged or incomplete"):
         import_hf_folder(sharded, out)
     assert not out.exists()
+
+
+def test_a_tokenizer_too_big_for_the_model_leaves_no_out_folder(tmp_path):
+    """The tokenizer's size is known only once its files are copied into <out>/tokenizer: a refused import
+    removes what it wrote, so --out is not left half made (and a folder the user had keeps its files)."""
+    _, src = hf_folder(tmp_path, "llama")  # a 320-id tokenizer
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "vocab_size": 256}))
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({k: v[:256] if v.shape[0] == 320 else v for k, v in state.items()}, str(src / "model.safetensors"),
+              metadata={"format": "pt"})
+    line = f"kiln: error: {src}: its tokenizer has 320 ids but the model only 256"
+    out = tmp_path / "new" / "run"
+    res = subprocess.run(kiln_cmd("import", "--hf", str(src), "--out", str(out)), capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [line], res.stderr[-2000:]
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    res = subprocess.run(kiln_cmd("import", "--hf", str(src), "--out", str(mine)), capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [line], res.stderr[-2000:]
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

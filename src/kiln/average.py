@@ -23,6 +23,7 @@ must share the architecture and the tokenizer; the result is a weights-only chec
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -37,9 +38,10 @@ def _step(ckpt: Path) -> int:
     return int(ckpt.name.split("_")[1])
 
 
-def expand(paths: list[str], *, last: int = 0) -> list[Path]:
+def expand(paths: list[str], *, last: int = 0, notes: list[str] | None = None) -> list[Path]:
     """Checkpoint folders from checkpoint or run folders: a run folder means its last `last` checkpoints
-    (its latest when `last` is 0). Sorted by step, duplicates removed."""
+    (its latest when `last` is 0; all of them, with a line in `notes`, when it has fewer). Sorted by step,
+    duplicates removed."""
     out: list[Path] = []
     for p in paths:
         path = Path(p)
@@ -47,6 +49,10 @@ def expand(paths: list[str], *, last: int = 0) -> list[Path]:
             found = ckpt_io.list_checkpoints(path)
             if not found:
                 raise CheckpointError(f"{path}: no complete checkpoint found (expected {path}/checkpoints/step_<N>)")
+            if len(found) < last and notes is not None:  # a younger run than planned: not an error, not silent
+                n = len(found)
+                notes.append(f"note: --last {last}: the run {path} has {n} checkpoint{'s' if n > 1 else ''}; "
+                             f"averaging {f'all {n}' if n > 1 else 'it'}")
             out += found[-last:]
         else:
             out.append(ckpt_io.resolve_checkpoint(path))
@@ -95,7 +101,8 @@ def average(paths: list[str], out: str | Path, *, ema: float = 0.0, last: int = 
         raise ConfigError(f"--ema: the decay must be within [0, 1), got {ema}")
     if weights not in ("model", "ema"):
         raise ConfigError(f"--weights: expected model or ema, got {weights!r}")
-    ckpts = expand(paths, last=last)
+    notes: list[str] = []
+    ckpts = expand(paths, last=last, notes=notes)
     if len(ckpts) < (1 if weights == "ema" else 2):
         raise ConfigError(f"kiln average needs at least two checkpoints, got {len(ckpts)} "
                           f"({', '.join(map(str, ckpts))}); pass several, or a run folder with --last K "
@@ -107,6 +114,8 @@ def average(paths: list[str], out: str | Path, *, ema: float = 0.0, last: int = 
     inside = next((p for p in (out, *out.parents) if (p / "meta.json").exists()), None)
     if inside is not None:  # a checkpoint's rotation or a --fresh run would take the average with it
         raise CheckpointError(f"{out}: lies inside the checkpoint {inside}; pass a new --out folder outside it")
+    for note in notes:  # once every refusal above has passed: an error stays one line
+        print(note, file=sys.stderr)
     cfg = ckpt_io.read_config(ckpts[-1])
     model = build_model(cfg.model, device="cpu", seed=0)
     avg = average_weights(ckpts, ema=ema, weights=weights)

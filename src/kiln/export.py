@@ -37,6 +37,8 @@ EXPORTABLE = f"{LLAMA} (default), {QWEN3} (model.qk_norm), {SMOLLM3} (model.nope
 MODEL_TYPES = {"llama": LLAMA, "qwen3": QWEN3, "smollm3": SMOLLM3}
 MARKER = "kiln_export.json"  # written into every export, with the files it wrote: only those are replaced
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# short spellings for --dtype (GGUF's f32 / f16 / bf16 among them); config.json records the long name
+DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
 
 # kiln name suffix -> HF name suffix, inside layer i ("layers.{i}." -> "model.layers.{i}.")
 LAYER_MAP = {
@@ -182,8 +184,10 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, dtype: str 
     from kiln.data.tokenizer import load_tokenizer
     from kiln.train.checkpoint import load_for_inference
 
-    if dtype not in DTYPES:
-        raise ExportError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    name = DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+    if name not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: expected float32 (fp32, f32), bfloat16 (bf16) or float16 (fp16, f16)")
+    dtype = name  # the HF spelling: config.json's dtype and kiln_export.json record it
     out = Path(out_dir)
     _check_out_dir(out)
     model, cfg, ckpt = load_for_inference(ckpt_path)

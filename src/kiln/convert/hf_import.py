@@ -6,9 +6,19 @@ The command only; the state-dict conversion is kiln.export.import_hf_folder.
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from kiln.export import import_hf_folder
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what an import creates), or None."""
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
 
 
 def import_hf(argv: list[str]) -> int:
@@ -18,7 +28,16 @@ def import_hf(argv: list[str]) -> int:
     p.add_argument("--hf", required=True, help="HF model folder (config.json, model.safetensors, tokenizer files)")
     p.add_argument("--out", required=True, help="kiln run folder to create")
     args = p.parse_args(argv)
-    ckpt = import_hf_folder(args.hf, args.out)
+    out = Path(args.out)
+    # a refused import (a tokenizer too big for the model, found after its files were copied) leaves no
+    # half-written --out; only what this import created goes, never a folder the user had
+    created = _first_missing(out) or _first_missing(out / "tokenizer")
+    try:
+        ckpt = import_hf_folder(args.hf, args.out)
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     print(f"imported {args.hf} -> {ckpt}\n  fine-tune: kiln sft --checkpoint {args.out} --data chats.jsonl\n"
           f"  continue pretraining: kiln train {Path(args.out) / 'config.yaml'} --data.train ...")
     return 0

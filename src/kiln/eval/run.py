@@ -76,6 +76,8 @@ def _run_task(model, cfg, tok, recs: list[tuple[str, dict]], *, task: str, batch
         items = [T.mc_item(r, where=w) for w, r in recs]
         res = T.score_mc(model, tok, items, max_len=cfg.model.max_seq_len, batch_size=batch_size)
         res.pop("loglikelihoods")
+        # "acc" as lm-eval and the training logs (eval/<task>/acc) name it; "accuracy" stays for existing scripts
+        res = {"task": res["task"], "n": res["n"], "acc": res["accuracy"], **res}
     elif task == "gsm8k":
         from kiln.generate import generate_texts
 

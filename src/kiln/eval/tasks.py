@@ -64,7 +64,7 @@ def _preprocess_hellaswag(text: str) -> str:
     return text.replace("  ", " ")
 
 
-def _answer_index(value, choices: list[str], labels: list[str] | None, where: str) -> int:
+def _answer_index(value, choices: list[str], labels: list[str] | None, where: str, key: str = "answer") -> int:
     if isinstance(value, bool):
         value = None
     if isinstance(value, str) and labels and value.strip() in labels:  # ARC's labels may be "1".."4"
@@ -78,6 +78,10 @@ def _answer_index(value, choices: list[str], labels: list[str] | None, where: st
     elif isinstance(value, str) and value.strip() in [c.strip() for c in choices]:
         idx = [c.strip() for c in choices].index(value.strip())
     else:
+        idx = None
+    if (idx is None or not 0 <= idx < len(choices)) and key == "answerKey" and labels:  # ARC: a label's name
+        raise DataError(f"{where}: answerKey {value!r} is not one of the labels {', '.join(labels)}")
+    if idx is None:
         raise DataError(f"{where}: answer {value!r} is not a choice index, letter or choice text")
     if not 0 <= idx < len(choices):
         raise DataError(f"{where}: answer index {idx} is outside the {len(choices)} choices")
@@ -101,7 +105,8 @@ def mc_item(rec: dict, *, where: str) -> MCItem:
     if isinstance(choices, dict) and "text" in choices:  # ARC
         texts, labels = list(choices["text"]), [str(x) for x in choices.get("label", LETTERS[:len(choices["text"])])]
         context = f"Question: {rec['question']}\nAnswer:"
-        return MCItem(context, texts, _answer_index(rec.get("answerKey", rec.get("answer")), texts, labels, where), " ")
+        key = "answerKey" if "answerKey" in rec else "answer"
+        return MCItem(context, texts, _answer_index(rec.get(key), texts, labels, where, key), " ")
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
         raise DataError(f"{where}: expected 'choices' (or 'endings') with at least two strings")
     answer = rec.get("answer", rec.get("label", rec.get("gold")))

@@ -83,6 +83,9 @@ def resolve_template(choice: str, tokenizer_spec: str) -> tuple[str, str]:
         return "kiln", KILN_TEMPLATE
     path = Path(choice).expanduser()
     if not path.is_file():
+        if "/" in choice or choice.endswith(".jinja"):  # meant as a file: say it is not there
+            raise DataError(f"posttrain.chat_template: no such file {choice}; pass auto, kiln, or a path to a "
+                            ".jinja file")
         raise DataError(f"posttrain.chat_template={choice!r}: expected auto, kiln, or a path to a .jinja file")
     return str(path), path.read_text()
 

@@ -1,0 +1,48 @@
+"""Small things a user meets at the command line: a chat template path that is not there, and the dtype
+spellings `kiln export` takes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from conftest import kiln_cmd
+from test_sft import CONVO, base_checkpoint, jsonl
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(kiln_cmd(*args), capture_output=True, text=True, timeout=600)
+
+
+def test_a_missing_chat_template_file_is_named_as_missing(tmp_path):
+    """`--posttrain.chat_template nothere.jinja` is a file the user meant: say it is not there, rather than
+    listing the choices as if the value were misspelt (which a word that is not a path still gets)."""
+    ckpt = base_checkpoint(tmp_path)
+    data = jsonl(tmp_path / "chats.jsonl", [{"messages": CONVO}])
+    for value, line in [
+        ("nothere.jinja", "posttrain.chat_template: no such file nothere.jinja; pass auto, kiln, or a path to a "
+                          ".jinja file"),
+        ("kilm", "posttrain.chat_template='kilm': expected auto, kiln, or a path to a .jinja file"),
+    ]:
+        res = run_cli("sft", "--checkpoint", str(ckpt), "--data", str(data), "--run.out_dir", str(tmp_path / "sft"),
+                      "--posttrain.chat_template", value)
+        assert res.returncode == 2 and res.stderr.strip().splitlines() == [f"kiln: error: {line}"], res.stderr[-2000:]
+
+
+def test_hf_export_takes_the_short_dtype_names_gguf_takes(tmp_path):
+    """`--dtype bf16` (GGUF's spelling, and the one train.dtype uses) works for an HF export too and is
+    recorded under its HF name; an unknown one lists every spelling."""
+    from safetensors import safe_open
+
+    ckpt = base_checkpoint(tmp_path)
+    out = tmp_path / "hf"
+    res = run_cli("export", "--checkpoint", str(ckpt), "--out", str(out), "--dtype", "bf16")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((out / "kiln_export.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
+    res = run_cli("export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf-x"), "--dtype", "int8")
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "kiln: error: --dtype 'int8': expected float32 (fp32, f32), bfloat16 (bf16) or float16 (fp16, f16)"]
+    assert not (tmp_path / "hf-x").exists()
