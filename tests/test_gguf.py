@@ -368,3 +368,10 @@ def test_cli_bad_input_is_one_line(case, tmp_path):
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and expected in lines[0], res.stderr
     assert (tmp_path / "a_file").read_text() == "x" and not (tmp_path / "m.gguf").exists()
+
+
+def test_gguf_takes_the_dtype_spellings_hf_export_takes():
+    from kiln.convert.gguf import check_dtype
+
+    assert [check_dtype(d) for d in ("fp32", "F32", "float16", "fp16", "BF16", "bfloat16", "q8_0")] == \
+           ["f32", "f32", "f16", "f16", "bf16", "bf16", "q8_0"]

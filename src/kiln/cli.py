@@ -143,7 +143,8 @@ def _export(argv: list[str]) -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--format", default="hf", choices=["hf", "gguf"], help="hf: a transformers folder; gguf: llama.cpp")
-    p.add_argument("--dtype", default=None, help="hf: float32 | bfloat16 | float16; gguf: f32 | f16 | bf16 | q8_0")
+    p.add_argument("--dtype", default=None,
+                   help="hf: float32 | bfloat16 | float16; gguf: f32 | f16 | bf16 | q8_0 (both take either spelling)")
     args = p.parse_args(argv)
     if args.format == "gguf":
         from kiln.convert.gguf import export_gguf

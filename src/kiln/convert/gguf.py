@@ -59,7 +59,7 @@ from kiln.posttrain.chat import KILN_TEMPLATE, resolve_template
 from kiln.train.checkpoint import load_for_inference, read_config, resolve_checkpoint
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
-DTYPE_ALIASES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+DTYPE_ALIASES = {"float32": "f32", "fp32": "f32", "float16": "f16", "fp16": "f16", "bfloat16": "bf16"}
 LLAMA, QWEN3, SMOLLM3 = "llama", "qwen3", "smollm3"
 NORM_ROPE = (LLAMA, SMOLLM3)  # llama.cpp rotates adjacent pairs for these: q/k rows are permuted
 NOPE_STEP = 4  # llama.cpp's smollm3: hparams.n_no_rope_layer_step = 4, not read from the file
@@ -242,7 +242,7 @@ def gguf_chat_template(template: str, vocab: GGUFVocab) -> str:
 
 def check_dtype(dtype: str) -> str:
     """The canonical GGUF dtype name for `dtype` (f32 | f16 | bf16 | q8_0, or float32 ...), or ExportError."""
-    name = DTYPE_ALIASES.get(dtype, dtype)
+    name = DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
     if name not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} for GGUF: expected one of {', '.join(DTYPES)}")
     return name
