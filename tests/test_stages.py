@@ -81,7 +81,7 @@ def test_bad_stages_on_the_command_line_exit_2_with_one_line(tmp_path):
                                   '[{"start": 0, "train": [{"path": "a.jsonl"}]}, {"start": 0.5, "trian": []}]'),
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
-        "kiln: error: command line: unknown key 'data.stages[1].trian'"]
+        "kiln: error: command line: unknown key 'data.stages[1].trian' (did you mean data.stages[1].train?)"]
 
 
 @pytest.mark.slow
