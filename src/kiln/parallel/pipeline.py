@@ -196,16 +196,19 @@ class Pipeline:
     @torch.no_grad()
     def evaluate(self, batches: list[Any], *, seq_len: int, micro_batch_size: int, device: torch.device
                  ) -> tuple[float, int]:
-        """(summed nats, target count) over `batches` regrouped into full pipeline steps; rows that do not
-        fill a last pipeline step are skipped (a schedule runs fixed shapes). Every rank calls it with
-        the same batches."""
+        """(summed nats, target count) over `batches` regrouped into pipeline steps. A schedule runs fixed
+        shapes: rows that do not fill a last step are padded with rows that have no targets (0 nats, 0
+        targets), so every row counts, as on one process (they were skipped: an eval set smaller than one
+        step scored 0 nats over 0 targets, a loss of 0). Every rank calls it with the same batches."""
         rows = [(b.tokens[i], b.targets[i], b.doc_ids[i]) for b in batches for i in range(b.tokens.shape[0])
                 if b.tokens.shape[1] == seq_len]
         per_step = self.n_microbatches * micro_batch_size
         self.loss_scale[0] = 1.0
         nats, count = 0.0, 0
-        for start in range(0, len(rows) - per_step + 1, per_step):
+        for start in range(0, len(rows), per_step):
             chunk = rows[start:start + per_step]
+            tokens, targets, docs = chunk[0]
+            chunk += [(tokens, torch.full_like(targets, IGNORE), docs)] * (per_step - len(chunk))
             batch = Batch(tokens=torch.stack([r[0] for r in chunk]), targets=torch.stack([r[1] for r in chunk]),
                           doc_ids=torch.stack([r[2] for r in chunk])).to(device)
             losses: list[Tensor] = []
