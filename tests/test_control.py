@@ -84,6 +84,7 @@ def test_sigterm_saves_and_the_resumed_run_matches(tmp_path, reference):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
+    assert err.count("received SIGTERM: saving at the end of this step (Ctrl-C (SIGINT) to abort without saving)") == 1
     stopped_at = int(ckpt_io.list_checkpoints(tmp_path / "run")[-1].name.split("_")[1])
     assert 10 <= stopped_at < STEPS
     train(load_config("tiny", over), quiet=True)

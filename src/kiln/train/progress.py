@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -70,8 +71,10 @@ class StopOnSignal:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\nreceived {signal.Signals(signum).name}: saving at the end of this step "
-              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # torchrun signals every worker: one line, from rank 0
+            again = "Ctrl-C again" if signum == signal.SIGINT else "Ctrl-C (SIGINT)"
+            print(f"\nreceived {signal.Signals(signum).name}: saving at the end of this step ({again} to abort "
+                  "without saving)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
