@@ -101,6 +101,26 @@ def check_resumable(saved: Config, cfg: Config, ckpt: Path, *, tokenizer: Tokeni
     check_tokenizer_digest(ckpt, cfg, tokenizer)  # the same name, but retrained or edited in place since
 
 
+# keys a resume may change that move the LR schedule or the tokens per step from the resumed step on
+SCHEDULE_KEYS = (("train", "max_steps"), ("train", "total_tokens"), ("train", "global_batch_size"),
+                 ("train", "seq_len"), ("optim", "lr"), ("optim", "schedule"), ("optim", "warmup_steps"),
+                 ("optim", "decay_fraction"), ("optim", "min_lr_ratio"))
+
+
+def changed_schedule_note(saved: Config, cfg: Config, ckpt: Path) -> str | None:
+    """One line when a resume changes what its LR schedule or token count follow (allowed: raising
+    train.max_steps trains further; but the LR at the resumed step moves with it, which should not pass
+    unsaid). A time budget's plan is saved in the checkpoint and does not move."""
+    if cfg.train.time_budget:
+        return None
+    changed = [f"{sec}.{key} {getattr(getattr(saved, sec), key)} -> {getattr(getattr(cfg, sec), key)}"
+               for sec, key in SCHEDULE_KEYS if getattr(getattr(saved, sec), key) != getattr(getattr(cfg, sec), key)]
+    if not changed:
+        return None
+    return (f"note: resuming {ckpt.name} with {', '.join(changed)}: the LR schedule and the tokens per step follow "
+            "the new values from here (the steps taken keep theirs)")
+
+
 def _same_tokenizer(a: str, b: str, tokenizer_b: Tokenizer) -> bool:
     """The same spec, or two that give the same ids (an exported or imported copy of mistral-v3, a moved
     folder): kiln.data.tokenizer.tokenizer_digest. One that no longer loads is not the same."""
@@ -131,6 +151,10 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> 
     A run folder whose checkpoint this config cannot resume is the run's own error, said now."""
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
     print(f"\nrun folder       {run_folder_plan(cfg, fresh=fresh)}")
+    ckpts = [] if fresh else list_checkpoints(Path(cfg.run.out_dir))
+    note = changed_schedule_note(read_config(ckpts[-1]), cfg, ckpts[-1]) if ckpts else None
+    if note:
+        print(f"                 {note}")
     print(f"parameters       {plan.n_params:,} ({plan.n_params / 1e6:.2f}M)")
     print(f"layout           {layout.describe()}")
     print(f"tokens/step      {plan.tokens_per_step:,} (global batch {cfg.train.global_batch_size} x "

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,14 @@ from kiln.train.metrics import MetricsLogger, StepLog
 from kiln.train.mirror import Mirror, mirror_for
 from kiln.train.objective import BatchSource, Objective, RunSettings
 from kiln.train.plan import Plan, make_plan
-from kiln.train.preflight import check_resumable, check_tokenizer, dry_run, pin_paths, prepare_out_dir
+from kiln.train.preflight import (
+    changed_schedule_note,
+    check_resumable,
+    check_tokenizer,
+    dry_run,
+    pin_paths,
+    prepare_out_dir,
+)
 from kiln.train.progress import Progress, StopOnSignal
 from kiln.train.stability import DivergenceDetector, SpikeDetector
 from kiln.train.state import TrainState, rng_state, seed_everything, set_rng_state
@@ -332,7 +340,11 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     mirror = mirror_for(cfg.train.checkpoint_url)
     resume_from = _agree(_latest_checkpoint(out, mirror, fresh=fresh, main=main), layout)  # verified
     if resume_from is not None:  # validate before touching anything
-        check_resumable(ckpt_io.read_config(resume_from), cfg, resume_from, tokenizer=tokenizer)
+        saved = ckpt_io.read_config(resume_from)
+        check_resumable(saved, cfg, resume_from, tokenizer=tokenizer)
+        note = changed_schedule_note(saved, cfg, resume_from)
+        if note and main:
+            print(note, file=sys.stderr)
     init_from = None
     if resume_from is None and cfg.run.init_from:
         init_from = ckpt_io.resolve_checkpoint(cfg.run.init_from)
