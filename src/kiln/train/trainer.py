@@ -340,11 +340,7 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     mirror = mirror_for(cfg.train.checkpoint_url)
     resume_from = _agree(_latest_checkpoint(out, mirror, fresh=fresh, main=main), layout)  # verified
     if resume_from is not None:  # validate before touching anything
-        saved = ckpt_io.read_config(resume_from)
-        check_resumable(saved, cfg, resume_from, tokenizer=tokenizer)
-        note = changed_schedule_note(saved, cfg, resume_from)
-        if note and main:
-            print(note, file=sys.stderr)
+        check_resumable(ckpt_io.read_config(resume_from), cfg, resume_from, tokenizer=tokenizer)
     init_from = None
     if resume_from is None and cfg.run.init_from:
         init_from = ckpt_io.resolve_checkpoint(cfg.run.init_from)
@@ -588,6 +584,10 @@ def _announce(run: Run, info: dict[str, Any], init_from: Path | None) -> None:
                 "not reached them: the new definition applies")
     p.print(f"  run folder {run.out}" + (f"; resumed from {run.resumed_from.name}" if run.resumed_from else "")
             + (f"; weights from {init_from}" if init_from else ""))
+    note = changed_schedule_note(ckpt_io.read_config(run.resumed_from), cfg, run.resumed_from) \
+        if run.resumed_from else None
+    if note and run.layout.is_main:  # once the checkpoint has loaded: a refused resume stays one line
+        print(note, file=sys.stderr)
 
 
 def _plan_lines(cfg: Config, plan: Plan) -> list[str]:
