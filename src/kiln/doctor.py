@@ -416,7 +416,7 @@ def check_out_dir(ctx: Context) -> tuple[Status, str]:
             if d.is_dir():
                 d.rmdir()
     try:  # a run folder whose checkpoint this config cannot resume fails `kiln train` at once
-        plan = run_folder_plan(ctx.cfg)
+        plan = run_folder_plan(ctx.cfg, out=out)
     except KilnError as e:
         return "FAIL", str(e)
     return "PASS", f"writable: {plan}"

@@ -132,11 +132,11 @@ def _same_tokenizer(a: str, b: str, tokenizer_b: Tokenizer) -> bool:
         return False
 
 
-def run_folder_plan(cfg: Config, *, fresh: bool = False) -> str:
+def run_folder_plan(cfg: Config, *, fresh: bool = False, out: Path | None = None) -> str:
     """What `kiln train` would do with run.out_dir, without touching it: start, move an old run aside (--fresh),
     or resume its newest checkpoint, which must take this config (else check_resumable's CheckpointError). The
     newest is not verified here: at start a damaged one is set aside and the one before it resumed."""
-    out = Path(cfg.run.out_dir)
+    out = Path(out or cfg.run.out_dir)
     ckpts = list_checkpoints(out)
     if not ckpts:
         return f"{out} (new)" if not (out.exists() and any(out.iterdir())) else f"{out} (no checkpoints yet)"
