@@ -200,3 +200,15 @@ def test_relative_tokenizer_and_chat_template_paths_work_from_another_folder(tmp
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((elsewhere / "hf" / "tokenizer_config.json").read_text())["chat_template"] == CHATML
+
+
+def test_presets_table_lists_every_preset_in_aligned_columns(capsys):
+    """`kiln presets`: a row per preset, the parameter column aligned (a 22-character name pushed its row over)."""
+    from kiln.cli import main
+    from kiln.config import list_presets
+
+    assert main(["presets"]) == 0
+    header, *rows = capsys.readouterr().out.strip().splitlines()
+    assert [r.split()[0] for r in rows] == list_presets()
+    ends = {r.index("M ") for r in rows}  # where each row's parameter count ends
+    assert len(ends) == 1 and header.index("params") + len("params") == ends.pop() + 1, rows

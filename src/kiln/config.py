@@ -391,26 +391,19 @@ SYNONYMS = {"learning_rate": "lr", "batch_size": "micro_batch_size", "per_device
             "output_dir": "out_dir"}
 
 
-def _closest(key: str, names: set[str]) -> str | None:
-    """The key meant by a misspelt or foreign one: a known synonym, else the closest spelling (deterministic)."""
+def _suggest(key: str, names: set[str], prefix: str) -> str | None:
+    """The key meant by a misspelt or foreign one: a synonym or the closest spelling in its own section, else
+    the section that has it (train.lr -> optim.lr). Deterministic."""
     import difflib
 
-    if SYNONYMS.get(key) in names:
-        return SYNONYMS[key]
-    close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
-def _other_section(key: str, section: str) -> str | None:
-    """`section.key` where key belongs to another section (train.lr -> optim.lr)."""
+    name = SYNONYMS.get(key, key)
+    close = [name] if name in names else difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+    if close:
+        return f"{prefix + '.' if prefix else ''}{close[0]}"
     hints = typing.get_type_hints(Config)
-    for f in dataclasses.fields(Config):
-        kind = hints[f.name]
-        if f.name != section and dataclasses.is_dataclass(kind):
-            name = SYNONYMS.get(key, key)
-            if name in {g.name for g in dataclasses.fields(kind)}:
-                return f"{f.name}.{name}"
-    return None
+    return next((f"{f.name}.{name}" for f in dataclasses.fields(Config) if f.name != prefix and
+                 dataclasses.is_dataclass(hints[f.name]) and name in {g.name for g in dataclasses.fields(hints[f.name])}),
+                None)
 
 
 def build(cls: type, data: dict[str, Any], *, where: str = "<config>", prefix: str = "") -> Any:
@@ -423,9 +416,8 @@ def build(cls: type, data: dict[str, Any], *, where: str = "<config>", prefix: s
         if k not in names:
             if key in RENAMED:
                 raise ConfigError(f"{where}: '{key}' is now '{RENAMED[key]}'; use --{RENAMED[key]} (or rename the key)")
-            close = _closest(str(k), names)
-            full = f"{prefix + '.' if prefix else ''}{close}" if close else _other_section(str(k), prefix)
-            hint = f" (did you mean {full}?)" if full else ""
+            meant = _suggest(str(k), names, prefix)
+            hint = f" (did you mean {meant}?)" if meant else ""
             raise ConfigError(f"{where}: unknown key '{key}'{hint}")
         kwargs[k] = _coerce(v, hints[k], key, where)
     return cls(**kwargs)
