@@ -102,7 +102,12 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # Embedding's own normal_ init on the meta device (where kiln builds models, for init_weights() to set
+        # every value) loads torch._dynamo: half a second of every command's start. Built elsewhere, it gets it.
+        emb = torch.empty(cfg.vocab_size, cfg.d_model)
+        if emb.device.type != "meta":
+            nn.init.normal_(emb)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=emb)
         self.rope = RotaryEmbedding(cfg.hd, cfg.rope_theta)
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)

@@ -23,15 +23,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    PrepareModuleInput,
-    RowwiseParallel,
-    SequenceParallel,
-    parallelize_module,
-)
 from torch.nn.parallel import DistributedDataParallel
 
 from kiln.config import TrainConfig
@@ -47,6 +38,16 @@ def _blocks(model: nn.Module) -> dict[str, nn.Module]:
 
 def apply_tp(model: nn.Module, mesh: Any) -> None:
     """Tensor + sequence parallelism over the 1-D mesh `mesh` (the "tp" dim)."""
+    # imported here, as FSDP's below: a one-process run (every `kiln` command's usual case) does not load them
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
     tied = model.cfg.tie_embeddings
     if model.tok_emb is not None:
         parallelize_module(model.tok_emb, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)))
@@ -79,6 +80,8 @@ def apply_tp(model: nn.Module, mesh: Any) -> None:
 def apply_fsdp(model: nn.Module, mesh: Any, *, param_dtype: torch.dtype | None,
                reshard_after_forward: bool = True) -> None:
     """FSDP2 over `mesh` (1-D shard, or 2-D replicate x shard = HSDP), one unit per Block + the root."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp is not None:

@@ -26,15 +26,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed import pipelining
-from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import (  # the runtime torch's own multi-stage schedules run on
-    _Action,
-    _add_send_recv,
-    _add_unshard_reshard,
-    _ComputationType,
-    _PipelineScheduleRuntime,
-)
 
 from kiln.config import ModelConfig, ParallelConfig
 from kiln.data.packing import Batch
@@ -42,10 +33,7 @@ from kiln.model import Transformer
 from kiln.model.loss import IGNORE
 
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
-_SINGLE = {"GPipe": "ScheduleGPipe", "1F1B": "Schedule1F1B"}
-_MULTI = {"Interleaved1F1B": "ScheduleInterleaved1F1B", "LoopedBFS": "ScheduleLoopedBFS",
-          "InterleavedZeroBubble": "ScheduleInterleavedZeroBubble", "ZBVZeroBubble": "ScheduleZBVZeroBubble",
-          "DualPipeV": "ScheduleDualPipeV"}
+_SINGLE = ("GPipe", "1F1B")  # one stage per rank; the others put two stages on each rank
 _V_SHAPED = ("ZBVZeroBubble", "DualPipeV")
 
 
@@ -91,50 +79,6 @@ def build_stage(cfg: ModelConfig, stage: int, n_stages: int) -> nn.Module:
         elif cfg.tie_embeddings and stage != 0:
             model.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # the tied pair's second copy
     return model
-
-
-def make_schedule(name: str, stages: list[Any], n_microbatches: int, loss_fn: Any) -> Any:
-    """The training schedule `name` over this rank's PipelineStages (gradients are not rescaled: the
-    loss is already divided by the step's global target count)."""
-    if name in _SINGLE:
-        cls = getattr(pipelining, _SINGLE[name])
-        return cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
-    if name not in _MULTI:
-        raise AssertionError(name)
-    cls = getattr(pipelining, _MULTI[name])
-    return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
-
-
-class ForwardOnlySchedule(_PipelineScheduleRuntime):
-    """Evaluation for any stage placement: each rank runs forward for every microbatch of its stages,
-    lowest stage first, and torch's runtime inserts the sends and receives.
-
-    The training schedules' own `eval()` replays their training order without the backward; the V
-    schedules (ZBVZeroBubble, DualPipeV) then still hand a backward input between the two stages of
-    one rank and fail ("can't steal_bwd_input if this stage doesn't have backward", torch 2.13).
-    The order is deadlock-free: a rank finishes its lower stage for all microbatches before its
-    higher one, and every stage's input comes from a lower stage.
-    """
-
-    def __init__(self, stages: list[Any], *, n_microbatches: int, loss_fn: Any, placement: dict[int, list[int]]
-                 ) -> None:
-        self.placement = placement
-        super().__init__(stages=stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
-        self.pipeline_order = {rank: [_Action(sid, _ComputationType.FORWARD, mb) for sid in sorted(ids)
-                                      for mb in range(n_microbatches)] for rank, ids in placement.items()}
-        self._prepare_schedule_with_comms(self.pipeline_order)
-
-    def _prepare_schedule_with_comms(self, actions: dict[int, list[_Action | None]], format: str = "compute_only"
-                                     ) -> None:
-        """torch's version first validates that every stage has one backward per microbatch, which a
-        forward-only order has not; so the stage -> rank map comes straight from the placement, then
-        torch's own lowering adds the sends and receives."""
-        self.stage_index_to_group_rank = {sid: rank for rank, ids in self.placement.items() for sid in ids}
-        for stage in self._stages:
-            stage.stage_index_to_group_rank = self.stage_index_to_group_rank
-        self.pipeline_order_with_comms = _add_send_recv(
-            {rank: _add_unshard_reshard(order) for rank, order in actions.items()},
-            stage_to_rank=lambda s: self.stage_index_to_group_rank[s], num_stages=self._num_stages)
 
 
 @dataclass
@@ -223,6 +167,11 @@ def build_pipeline(cfg: ModelConfig, *, schedule: str, pp: int, pp_rank: int, n_
                    prepare: Callable[[nn.Module], nn.Module]) -> Pipeline:
     """This rank's stages on the meta device, each made real by `prepare` (parallelize + materialise),
     wrapped for torch.distributed.pipelining with a training and a forward-only schedule."""
+    # torch's pipelining package (and torch._dynamo with it) loads only in runs with pp > 1
+    from torch.distributed.pipelining import PipelineStage
+
+    from kiln.parallel.schedules import ForwardOnlySchedule, make_schedule
+
     n_stages = pp * stages_per_rank(schedule)
     ids = stage_ids(schedule, pp, pp_rank)
     modules = [prepare(build_stage(cfg, sid, n_stages)) for sid in ids]
