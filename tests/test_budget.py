@@ -353,10 +353,15 @@ def test_target_loss_stops_at_the_first_eval_that_reaches_it_and_reports_the_cos
     assert "sample:" not in again.stdout  # a run with nothing left to train writes no sample
     assert "a lower train.target_loss (or 0: none) trains on" in again.stdout
     # a lower target trains on from the checkpoint (it used to say "nothing to train" whatever the target)
-    lower = run_cli("train", "tiny", *over, "--train.target_loss", f"{first['eval_loss'] - 1e-4:.6f}")
+    goal = float(f"{first['eval_loss'] - 1e-4:.6f}")
+    lower = run_cli("train", "tiny", *over, "--train.target_loss", str(goal))
     assert lower.returncode == 0, lower.stderr[-3000:]
     later = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "eval" and r["step"] > first["step"]]
     assert later and ckpt_io.list_checkpoints(tmp_path / "run")[-1].name == f"step_{later[-1]['step']}"
+    # the summary speaks of the target the run has now, not of the one reached before it was lowered
+    summary = json.loads(run_cli("logs", "summary", str(tmp_path / "run")).stdout.strip().splitlines()[-1])
+    now = summary.get("target") or summary["target_not_reached"]
+    assert now["target"] == goal and ("target" not in summary or summary["target"]["step"] > first["step"])
 
 
 def test_a_target_not_reached_is_said_at_the_end_and_in_the_summary(tmp_path):

@@ -95,6 +95,22 @@ def test_resolve_resumes_edge_cases():
     assert resolve_resumes([]) == ([], [], 0)
 
 
+def test_a_target_record_of_a_lost_timeline_is_not_reported(tmp_path):
+    """Reached at step 5, then resumed from step 2 (newer checkpoints deleted) with the same target: the
+    record of step 5 belongs to the timeline the resume dropped."""
+    recs = [*({"kind": "train", "step": s, "loss": 10.0 - s} for s in range(1, 6)),
+            {"kind": "eval", "step": 5, "eval_loss": 4.0},
+            {"kind": "target", "step": 5, "metric": "eval_loss", "target": 4.5, "value": 4.0},
+            {"kind": "train", "step": 3, "loss": 7.5}, {"kind": "train", "step": 4, "loss": 7.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / "config.yaml").write_text("train:\n  target_loss: 4.5\n")
+    run = load_run(tmp_path)
+    assert run.target is None and [r["step"] for r in run.train] == [1, 2, 3, 4] and run.eval == []
+    assert summarize(run)["target_not_reached"]["target"] == 4.5
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:7]))  # not resumed
+    assert load_run(tmp_path).target["step"] == 5
+
+
 def _cells(img: np.ndarray, rows: int, cols: int) -> list[np.ndarray]:
     h, w = img.shape[0] // rows, img.shape[1] // cols
     return [img[r * h:(r + 1) * h, c * w:(c + 1) * w] for r in range(rows) for c in range(cols)]

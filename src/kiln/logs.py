@@ -63,8 +63,16 @@ def find_run_dir(path: str | Path) -> Path:
 
 def resolve_resumes(records: Sequence[dict[str, Any]]) -> tuple[list[dict], list[dict], int]:
     """(train, eval, superseded): one timeline out of records appended across resumes."""
-    kept: dict[str, dict[int, dict[str, Any]]] = {k: {} for k in KINDS}
-    last: dict[str, int | None] = {k: None for k in KINDS}  # the highest step kept per kind
+    kept, superseded = _timeline(records)
+    return kept["train"], kept["eval"], superseded
+
+
+def _timeline(records: Sequence[dict[str, Any]]) -> tuple[dict[str, list[dict]], int]:
+    """The records of each kind in KINDS and "target" (train.target_loss reached) on the resolved timeline,
+    sorted by step; and how many were dropped."""
+    kinds = (*KINDS, "target")
+    kept: dict[str, dict[int, dict[str, Any]]] = {k: {} for k in kinds}
+    last: dict[str, int | None] = {k: None for k in kinds}  # the highest step kept per kind
     superseded = 0
     for r in records:
         kind, step = r.get("kind"), r.get("step")
@@ -74,34 +82,39 @@ def resolve_resumes(records: Sequence[dict[str, Any]]) -> tuple[list[dict], list
         if last_step is not None and step <= last_step:
             # a new segment: what the earlier one logged after this point is another timeline. Other
             # kinds at this very step may predate the checkpoint (an eval right after a resume), so
-            # only their later steps go; the same step of this kind comes again and replaces it.
+            # only their later steps go; the same step of this kind comes again and replaces it. A
+            # target record goes with the eval it was reached at.
             # O(records kept) once per resume, O(1) per record otherwise.
-            for k in KINDS:
-                stale = [s for s in kept[k] if s > step or (s == step and k == kind)]
+            for k in kinds:
+                same = k == kind or (k == "target" and kind == "eval")
+                stale = [s for s in kept[k] if s > step or (s == step and same)]
                 for s in stale:
                     del kept[k][s]
                 superseded += len(stale)
                 last[k] = max(kept[k], default=None)
         kept[kind][step] = r
         last[kind] = step  # every step of this kind still kept is below it
-    train, ev = ([kept[k][s] for s in sorted(kept[k])] for k in KINDS)
-    return train, ev, superseded
+    return {k: [kept[k][s] for s in sorted(kept[k])] for k in kinds}, superseded
 
 
 def load_run(path: str | Path) -> RunLog:
     """Read a run folder's metrics.jsonl (and config.yaml when present)."""
     run_dir = find_run_dir(path)
-    records = read_metrics(run_dir)
-    train, ev, superseded = resolve_resumes(records)
+    kept, superseded = _timeline(read_metrics(run_dir))
     config = None
     if (run_dir / "config.yaml").is_file():
         try:
             config = yaml.safe_load((run_dir / "config.yaml").read_text())
         except yaml.YAMLError:
             config = None
-    target = next((r for r in reversed(records) if r.get("kind") == "target"), None)
-    return RunLog(run_dir, run_dir.name, train, ev, superseded, config if isinstance(config, dict) else None,
-                  target)
+    config = config if isinstance(config, dict) else None
+    # the run's target as its config now sets it: a record of a target that a resume has since changed
+    # (or of a lost timeline: _timeline) says nothing about this one
+    train_cfg = (config or {}).get("train") or {}
+    target = next((r for r in reversed(kept["target"])
+                   if config is None or (r.get("target"), r.get("metric")) ==
+                   (train_cfg.get("target_loss"), train_cfg.get("target_metric") or "eval_loss")), None)
+    return RunLog(run_dir, run_dir.name, kept["train"], kept["eval"], superseded, config, target)
 
 
 def _num(v: Any) -> float | None:
