@@ -99,3 +99,21 @@ def test_bad_specs_raise_one_line_data_errors(tmp_path):
             load_tokenizer(spec)
         msg = str(e.value)
         assert spec in msg and hint in msg and "\n" not in msg, msg
+
+
+def test_the_digest_is_kept_in_the_cache_and_a_damaged_entry_is_recomputed(v3, tmp_path, monkeypatch):
+    from kiln.data import tokenizer as tk
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    want = tk._digest(v3.backend)  # the definition, computed
+    first = tk.tokenizer_digest(load_tokenizer("bundled-4k")), tk.tokenizer_digest(load_tokenizer("mistral-v3"))
+    (entry,) = [p for p in (tmp_path / "cache" / "tokenizer-digests").iterdir()
+                if p.read_text().strip() == want]
+    assert first[1] == want and first[0] != want
+    entry.write_text("garbage\n")  # damaged: recomputed and rewritten
+    assert tk.tokenizer_digest(load_tokenizer("mistral-v3")) == want and entry.read_text().strip() == want
+    entry.write_text("f" * 64)  # the entry is what later processes read
+    assert tk.tokenizer_digest(load_tokenizer("mistral-v3")) == "f" * 64
+    monkeypatch.setenv("KILN_CACHE", "/proc/no-such-cache")  # nowhere to write: computed each time
+    fresh = Tokenizer(v3.backend, name=v3.name, eos_token=v3.eos_token, bos_token=v3.bos_token)
+    assert tk.tokenizer_digest(fresh) == want
