@@ -130,8 +130,12 @@ def test_script_end_to_end_then_reusing_the_hf_result(tmp_path):
     other = tmp_path / "modern.txt"  # --also-score: a second held-out text of another kind
     other.write_text("The license grants you a worldwide, royalty-free, non-exclusive right to use the software, "
                      "provided that you include this notice in every copy you distribute. " * 4)
+    corpus = tmp_path / "corpus.jsonl"  # both systems train on the same 40 documents (the whole corpus: 2.6M tokens
+    with gzip.open(quality.CORPUS, "rt", encoding="utf-8") as f:  # to tokenize for HF's run alone)
+        corpus.write_text("".join(line for _, line in zip(range(40), f)))
     results = tmp_path / "results.jsonl"
-    common = ["--budget", "10s", "--kiln-args", TINY, "--hf-args", TINY, "--heldout", str(small),
+    common = ["--budget", "6s", "--kiln-args", f"{TINY} --data.train {corpus}", "--hf-args", TINY,
+              "--corpus", str(corpus), "--heldout", str(small),
               "--curve-points", "2", "--results", str(results), "--also-score", str(other)]
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), *common, "--short-fraction", "1",
                           "--out-dir", str(tmp_path / "a")], capture_output=True, text=True, cwd=ROOT)

@@ -78,8 +78,12 @@ def test_data_errors(tmp_path, trained):
         return out
 
     missing = tmp_path / "missing.jsonl"
-    assert_user_error(run("train", "tiny", *with_train(str(missing))), str(missing))
+    assert_user_error(run("train", "tiny", *with_train(str(missing))), "data.train[0]", str(missing))
     assert_user_error(run("train", "tiny", *with_train(str(tmp_path / "nothing-*.jsonl"))), "nothing-*.jsonl")
+    # one path as the whole list, as a user types it; --dry-run says what the run would (it said nothing)
+    plain = [*base, "--data.val", str(missing), "--run.out_dir", str(tmp_path / "fresh-run")]
+    for extra in ([], ["--dry-run"]):
+        assert_user_error(run("train", "tiny", *plain, *extra), f"data.val[0]: {missing}: no such file")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert_user_error(run("train", "tiny", *with_train(str(empty))), str(empty))

@@ -136,3 +136,15 @@ def test_unseen_smoothing_acts_only_where_the_head_has_its_group(overrides, bloc
     assert cfg.train.unseen_smoothing == 0.03
     assert unseen_smoothing_blocker(cfg).startswith(blocker)
     assert RunSettings.of(cfg).unseen_smoothing == (0.0 if blocker else 0.03)
+
+
+def test_one_data_source_may_be_given_without_its_list():
+    """`--data.train my.jsonl` (a path) and `--data.train '{"path": ..., "weight": 2}'` (one mapping) are
+    one-source lists, and a source in a list may be its path alone; a path is never split at commas."""
+    cfg = load_config("tiny", ["--data.train", "my/*.jsonl", "--data.val", '{"path": "v.jsonl", "name": "v"}'])
+    assert [s.path for s in cfg.data.train] == ["my/*.jsonl"] and cfg.data.train[0].weight == 1.0
+    assert [(s.path, s.name) for s in cfg.data.val] == [("v.jsonl", "v")]
+    cfg = load_config("tiny", ["--data.train", '["a,1.jsonl", {"path": "b.jsonl", "weight": 3}]'])
+    assert [(s.path, s.weight) for s in cfg.data.train] == [("a,1.jsonl", 1.0), ("b.jsonl", 3.0)]
+    with pytest.raises(ConfigError, match=r"data.train\[0\]: expected a mapping"):
+        load_config("tiny", ["--data.train", "[3]"])

@@ -318,6 +318,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if isinstance(value, str) and tp is SourceConfig:  # a source given by its path alone
+            value = {"path": value}
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key}: expected a mapping, got {type(value).__name__}")
         return build(tp, value, where=where, prefix=key)
@@ -325,6 +327,9 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         (item_tp,) = get_args(tp)
         if isinstance(value, str) and item_tp is str:  # --train.eval_tasks a,b on the command line
             value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, str) and item_tp is SourceConfig or isinstance(value, dict) and \
+                dataclasses.is_dataclass(item_tp):  # --data.train my.jsonl: one entry, written without its list
+            value = [value]
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]

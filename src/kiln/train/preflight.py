@@ -14,6 +14,7 @@ import yaml
 
 from kiln.bench import run_bench
 from kiln.config import Config, parse_duration, to_dict
+from kiln.data.sources import is_prepared, resolve_files
 from kiln.data.stages import describe as describe_stages
 from kiln.data.stages import stage_starts
 from kiln.data.tokenizer import Tokenizer, load_tokenizer, portable_spec, tokenizer_digest
@@ -182,6 +183,24 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> 
     summary["memory_bytes"] = est.total_bytes
     print(f"memory estimate  {est.total_bytes / 2**30:.2f} GiB per device ({est.summary()})")
     return summary
+
+
+def check_sources(cfg: Config) -> None:
+    """Every local file or folder pretraining's data sources name (train, val, stages) resolves, as the loader
+    will resolve it: a missing path, an empty glob or an unsupported file type is one line naming the key,
+    before anything is set up or written (and by --dry-run). Nothing is read; a name that is not local (an
+    HF hub dataset) is not looked up, and prepared shards are their loader's to check."""
+    d = cfg.data
+    keyed = [*((f"data.train[{i}]", s) for i, s in enumerate(d.train)),
+             *((f"data.val[{i}]", s) for i, s in enumerate(d.val)),
+             *((f"data.stages[{j}].train[{i}]", s) for j, st in enumerate(d.stages) for i, s in enumerate(st.train))]
+    for key, src in keyed:
+        if is_prepared(src.path):
+            continue
+        try:
+            resolve_files(src)
+        except DataError as e:
+            raise DataError(f"{key}: {e}") from None
 
 
 def _budget_estimate(cfg: Config, plan: Plan, layout: Layout) -> int:

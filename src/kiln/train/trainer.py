@@ -52,6 +52,7 @@ from kiln.train.plan import Plan, make_plan
 from kiln.train.preflight import (
     changed_schedule_note,
     check_resumable,
+    check_sources,
     check_tokenizer,
     dry_run,
     pin_paths,
@@ -223,6 +224,8 @@ def train(cfg: Config, *, objective: Objective | None = None, fresh: bool = Fals
     default: now) is when this process's share of the run's wall clock began: `kiln train` passes the
     command's start, so a time budget counts the imports, data and model setup too."""
     pin_paths(cfg)  # relative to where the command ran: saved absolute
+    if objective is None:  # pretraining reads cfg.data's sources (post-training reads its own)
+        check_sources(cfg)
     layout = init_layout(cfg.parallel, cfg.model, cfg.run.device)
     with contextlib.ExitStack() as closing:  # closes what setup opened (data workers, sinks), also on errors
         closing.callback(shutdown, layout)
