@@ -317,3 +317,25 @@ def test_first_line_folds_any_exception_into_one_line():
     assert first_line(ValueError("bad thing\n  at line 2")) == "bad thing"
     assert first_line(KeyError()) == "KeyError" and first_line(RuntimeError("  \n")) == "RuntimeError"
     assert first_line(OSError("x" * 500)) == "x" * 200
+
+
+def test_the_bundled_corpus_reads_the_same_documents_as_datasets_without_importing_it():
+    """bundled:train / bundled:val load into memory (kiln.data.sources.TextList), not through datasets: the
+    same texts in the same order as datasets' JSON reader gives, skip/take and indexing alike."""
+    import subprocess
+    import sys
+
+    from kiln.data.sources import TextList, _load_local, load_documents, resolve_files
+
+    for split in ("train", "val"):
+        src = SourceConfig(path=f"bundled:{split}")
+        ours, theirs = load_documents(src), _load_local(src, resolve_files(src), "json")
+        assert isinstance(ours, TextList) and len(ours) == len(theirs) > 10
+        assert ours["text"] == theirs["text"] and ours[[5, 2, 9]]["text"] == theirs[[5, 2, 9]]["text"]
+        assert ours[3:7]["text"] == theirs[3:7]["text"] and ours[4]["text"] == theirs[4]["text"]
+        assert load_documents(SourceConfig(path=f"bundled:{split}", skip=3, take=4))["text"] == theirs["text"][3:7]
+        assert [t for b in ours.iter(batch_size=4) for t in b["text"]] == theirs["text"]
+    code = ("import sys\nfrom kiln.config import SourceConfig\nfrom kiln.data.sources import load_documents\n"
+            "load_documents(SourceConfig(path='bundled:train'))\nprint('datasets' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.stdout.strip() == "False", res.stderr
