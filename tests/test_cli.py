@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import kiln_cmd
 from kiln.config import load_config
@@ -216,3 +217,41 @@ def test_presets_table_lists_every_preset_in_aligned_columns(capsys):
     assert [r.split()[0] for r in rows] == list_presets()
     ends = {r.index("M ") for r in rows}  # where each row's parameter count ends
     assert len(ends) == 1 and header.index("params") + len("params") == ends.pop() + 1, rows
+
+
+def test_eval_and_generate_options_out_of_range_or_for_another_task_are_one_line(trained):
+    """Values kiln eval / generate cannot use were tracebacks (--batch-size 0, a seed past int64) or silently
+    replaced (--max-tokens 0 scored a row anyway); options the chosen --task does not read did nothing."""
+    tmp, _ = trained
+    ckpt = str(tmp / "run")
+    for args, needle in [
+        (["eval", "--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
+        (["eval", "--max-tokens", "-5"], "argument --max-tokens: expected an integer >= 1"),
+        (["eval", "--task", "gsm8k", "--num-fewshot", "-2"], "argument --num-fewshot: expected an integer >= 0"),
+        (["generate", "--prompt", "x", "--seed", str(10**20)], "argument --seed: expected an integer >= 0 below 2**63"),
+        (["generate", "--prompt", "x", "--max-new-tokens", "0"], "argument --max-new-tokens"),
+    ]:
+        cmd, *rest = args
+        res = run(cmd, "--checkpoint", ckpt, *(["--data", "bundled:val"] if cmd == "eval" else []), *rest)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert res.stderr.strip().splitlines()[-1] == f"kiln {cmd}: error: {needle}" or needle in res.stderr, res.stderr
+    for rest, needle in [(["--limit", "3"], "--limit applies to --task mc or gsm8k, not --task loss"),
+                         (["--task", "mc", "--seq-len", "8"], "--seq-len applies to --task loss, not --task mc"),
+                         (["--task", "mc", "--max-tokens", "5"], "--max-tokens applies to --task loss")]:
+        assert_user_error(run("eval", "--checkpoint", ckpt, "--data", "bundled:val", *rest), needle)
+    if not torch.cuda.is_available():
+        assert_user_error(run("generate", "--checkpoint", ckpt, "--prompt", "x", "--device", "cuda"),
+                          "--device cuda: no CUDA device is visible; use --device auto or cpu")
+    res = run("presets", "extra")
+    assert res.returncode == 2 and "unrecognized arguments: extra" in res.stderr
+
+
+def test_generate_reads_its_prompt_from_standard_input(trained):
+    tmp, _ = trained
+    args = kiln_cmd("generate", "--checkpoint", str(tmp / "run"), "--prompt", "-", "--max-new-tokens", "3",
+                    "--temperature", "0")
+    res = subprocess.run(args, input="Once upon a time", capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.startswith("Once upon a time"), res.stderr
+    assert len(res.stdout) > len("Once upon a time")
+    res = subprocess.run(args, input="", capture_output=True, text=True)
+    assert res.returncode == 2 and "--prompt -: standard input was empty" in res.stderr

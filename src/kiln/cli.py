@@ -65,18 +65,44 @@ def _add_ckpt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
+def _int_at_least(low: int):
+    """argparse type: an integer >= low (and one torch's int64 seeds and counts can hold)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value < 2**63:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}" + (" below 2**63" if value > 0 else "")
+                                             + f", got {value}")
+        return value
+    return parse
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KilnError("--device cuda: no CUDA device is visible; use --device auto or cpu")
+
+
 def _generate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln generate", description="Generate text from a checkpoint.")
     _add_ckpt(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompt", required=True, help="the text to continue; - reads it from standard input")
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-k", type=_int_at_least(0), default=0, help="0 disables it")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 disables it (CTRL-style penalty)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
     args = p.parse_args(argv)
+    if args.prompt == "-":
+        args.prompt = sys.stdin.read()
+        if not args.prompt:
+            raise KilnError("--prompt -: standard input was empty; pipe the prompt in, or pass --prompt TEXT")
+    _check_device(args.device)
     from kiln.data.tokenizer import load_tokenizer
     from kiln.generate import generate_text
     from kiln.train.checkpoint import load_for_inference
@@ -109,31 +135,44 @@ def _eval(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln eval", description="Loss, perplexity and bits per byte on a text source.")
     _add_ckpt(p)
     p.add_argument("--data", required=True, help="txt/jsonl/parquet file, glob, folder, bundled:val, or HF dataset")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--max-tokens", type=int, default=1_000_000, help="score at most this many tokens")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=0, help="default: the checkpoint's train.seq_len")
+    p.add_argument("--text-column", default=None, help="loss: the column holding the text (default: text)")
+    p.add_argument("--max-tokens", type=_int_at_least(1), default=None,
+                   help="loss: score about this many tokens, in whole --seq-len rows, at least one (default: 1000000)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8)
+    p.add_argument("--seq-len", type=_int_at_least(1), default=None, help="loss: default the checkpoint's train.seq_len")
     p.add_argument("--task", default="loss", choices=["loss", "mc", "gsm8k"],
                    help="loss: loss/ppl/bpb; mc: multiple choice by log-likelihood; gsm8k: generate + answer match")
-    p.add_argument("--limit", type=int, default=0, help="mc / gsm8k: score the first N items (0: all)")
+    p.add_argument("--limit", type=_int_at_least(0), default=None, help="mc / gsm8k: score the first N items (0: all)")
     p.add_argument("--split", default="", help="split when --data is an HF dataset name")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k")
-    p.add_argument("--chat", action="store_true", help="gsm8k: ask through the chat template (instruct models)")
-    p.add_argument("--num-fewshot", type=int, default=0, help="gsm8k: worked examples from --fewshot-data")
-    p.add_argument("--fewshot-data", default="", help="gsm8k: jsonl of {question, answer} worked examples")
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=None, help="gsm8k (default: 256)")
+    p.add_argument("--chat", action="store_true", default=None, help="gsm8k: ask through the chat template")
+    p.add_argument("--num-fewshot", type=_int_at_least(0), default=None,
+                   help="gsm8k: worked examples from --fewshot-data")
+    p.add_argument("--fewshot-data", default=None, help="gsm8k: jsonl of {question, answer} worked examples")
     args = p.parse_args(argv)
+    # an option the chosen task does not read is a mistake worth one line, not a silent no-op
+    only = {"--text-column": ("text_column", "loss"), "--max-tokens": ("max_tokens", "loss"),
+            "--seq-len": ("seq_len", "loss"), "--limit": ("limit", "mc gsm8k"),
+            "--max-new-tokens": ("max_new_tokens", "gsm8k"), "--chat": ("chat", "gsm8k"),
+            "--num-fewshot": ("num_fewshot", "gsm8k"), "--fewshot-data": ("fewshot_data", "gsm8k")}
+    for flag, (attr, tasks) in only.items():
+        if getattr(args, attr) is not None and args.task not in tasks.split():
+            raise KilnError(f"{flag} applies to --task {' or '.join(tasks.split())}, not --task {args.task}; drop it")
+    _check_device(args.device)
     if args.task != "loss":
         from kiln.eval.run import evaluate_task
 
-        result = evaluate_task(args.checkpoint, args.data, task=args.task, limit=args.limit, split=args.split,
-                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, chat=args.chat,
-                               num_fewshot=args.num_fewshot, fewshot_data=args.fewshot_data, device=args.device)
+        result = evaluate_task(args.checkpoint, args.data, task=args.task, limit=args.limit or 0, split=args.split,
+                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or 256,
+                               chat=bool(args.chat), num_fewshot=args.num_fewshot or 0,
+                               fewshot_data=args.fewshot_data or "", device=args.device)
         print(json.dumps(result))
         return 0
     from kiln.eval.run import evaluate_source
 
-    result = evaluate_source(args.checkpoint, args.data, text_column=args.text_column, max_tokens=args.max_tokens,
-                             batch_size=args.batch_size, seq_len=args.seq_len, device=args.device)
+    result = evaluate_source(args.checkpoint, args.data, text_column=args.text_column or "text",
+                             max_tokens=args.max_tokens or 1_000_000, batch_size=args.batch_size,
+                             seq_len=args.seq_len or 0, device=args.device)
     print(json.dumps(result))
     return 0
 
@@ -171,6 +210,8 @@ def _posttrain(stage: str):
 
 
 def _presets(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="kiln presets", description="The presets (kiln train PRESET): parameters and "
+                            "shape; kiln train PRESET --dry-run shows one in full.").parse_args(argv)
     from kiln.config import list_presets, load_config
     from kiln.model import count_params
 
