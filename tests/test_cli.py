@@ -255,3 +255,14 @@ def test_generate_reads_its_prompt_from_standard_input(trained):
     assert len(res.stdout) > len("Once upon a time")
     res = subprocess.run(args, input="", capture_output=True, text=True)
     assert res.returncode == 2 and "--prompt -: standard input was empty" in res.stderr
+
+
+def test_data_commands_refuse_counts_they_cannot_use(tmp_path):
+    """--seq-len 0 / --batch-size 0 were silently replaced by defaults; --workers -1 ran."""
+    for args, needle in [(["verify", "bundled:val", "--seq-len", "0"], "argument --seq-len: expected an integer >= 1"),
+                         (["verify", "bundled:val", "--batch-size", "0"], "argument --batch-size"),
+                         (["prepare", "--source", "bundled:val", "--out", str(tmp_path / "p"), "--workers", "-1"],
+                          "argument --workers: expected an integer >= 0")]:
+        res = run("data", *args)
+        assert res.returncode == 2 and needle in res.stderr.strip().splitlines()[-1], res.stderr
+    assert not (tmp_path / "p").exists()

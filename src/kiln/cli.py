@@ -9,6 +9,7 @@ import os
 import sys
 import time
 
+from kiln.config import int_at_least
 from kiln.errors import KilnError
 
 STARTED = time.time()  # the command's start: a time budget counts the imports and setup before step 1 too
@@ -65,20 +66,6 @@ def _add_ckpt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
-def _int_at_least(low: int):
-    """argparse type: an integer >= low (and one torch's int64 seeds and counts can hold)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not low <= value < 2**63:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}" + (" below 2**63" if value > 0 else "")
-                                             + f", got {value}")
-        return value
-    return parse
-
-
 def _check_device(device: str) -> None:
     import torch
 
@@ -90,11 +77,11 @@ def _generate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln generate", description="Generate text from a checkpoint.")
     _add_ckpt(p)
     p.add_argument("--prompt", required=True, help="the text to continue; - reads it from standard input")
-    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=64)
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    p.add_argument("--top-k", type=_int_at_least(0), default=0, help="0 disables it")
+    p.add_argument("--top-k", type=int_at_least(0), default=0, help="0 disables it")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 disables it (CTRL-style penalty)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
     args = p.parse_args(argv)
@@ -136,17 +123,17 @@ def _eval(argv: list[str]) -> int:
     _add_ckpt(p)
     p.add_argument("--data", required=True, help="txt/jsonl/parquet file, glob, folder, bundled:val, or HF dataset")
     p.add_argument("--text-column", default=None, help="loss: the column holding the text (default: text)")
-    p.add_argument("--max-tokens", type=_int_at_least(1), default=None,
+    p.add_argument("--max-tokens", type=int_at_least(1), default=None,
                    help="loss: score about this many tokens, in whole --seq-len rows, at least one (default: 1000000)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=8)
-    p.add_argument("--seq-len", type=_int_at_least(1), default=None, help="loss: default the checkpoint's train.seq_len")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8)
+    p.add_argument("--seq-len", type=int_at_least(1), default=None, help="loss: default the checkpoint's train.seq_len")
     p.add_argument("--task", default="loss", choices=["loss", "mc", "gsm8k"],
                    help="loss: loss/ppl/bpb; mc: multiple choice by log-likelihood; gsm8k: generate + answer match")
-    p.add_argument("--limit", type=_int_at_least(0), default=None, help="mc / gsm8k: score the first N items (0: all)")
+    p.add_argument("--limit", type=int_at_least(0), default=None, help="mc / gsm8k: score the first N items (0: all)")
     p.add_argument("--split", default="", help="split when --data is an HF dataset name")
-    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=None, help="gsm8k (default: 256)")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=None, help="gsm8k (default: 256)")
     p.add_argument("--chat", action="store_true", default=None, help="gsm8k: ask through the chat template")
-    p.add_argument("--num-fewshot", type=_int_at_least(0), default=None,
+    p.add_argument("--num-fewshot", type=int_at_least(0), default=None,
                    help="gsm8k: worked examples from --fewshot-data")
     p.add_argument("--fewshot-data", default=None, help="gsm8k: jsonl of {question, answer} worked examples")
     args = p.parse_args(argv)

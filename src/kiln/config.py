@@ -620,6 +620,22 @@ def _validate_optim(o: OptimConfig, *, where: str, parallel: ParallelConfig | No
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
 
 
+def int_at_least(low: int):
+    """An argparse `type`: an integer >= low, and below 2**63 (what torch's int64 seeds and counts hold)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value < 2**63:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}" + (" below 2**63" if value > 0 else "")
+                                             + f", got {value}")
+        return value
+    return parse
+
+
 def parse_duration(text: str, *, key: str = "train.time_budget", where: str = "<config>") -> float:
     """"90s", "10m", "8h", "1h30m", "45" (seconds) -> seconds; anything else is a ConfigError."""
     m = _DURATION.match(str(text).strip().lower())

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from kiln.config import Config, SourceConfig, build, load_config, validate_source
+from kiln.config import Config, SourceConfig, build, int_at_least, load_config, validate_source
 from kiln.errors import DataError
 
 USAGE = """kiln data <command>
@@ -42,8 +42,8 @@ def _prepare(argv: list[str]) -> int:
     p.add_argument("--config", help="take the sources (data.train) and tokenizer from this preset or YAML")
     p.add_argument("--out", required=True, help="output folder (new, or an interrupted prepare to resume)")
     p.add_argument("--tokenizer", default=None, help="mistral-v3 (default), mistral-v1, or a tokenizer folder/json")
-    p.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU core)")
-    p.add_argument("--shard-docs", type=int, default=65536, help="documents per shard")
+    p.add_argument("--workers", type=int_at_least(0), default=0, help="processes (0: one per CPU core)")
+    p.add_argument("--shard-docs", type=int_at_least(1), default=65536, help="documents per shard")
     p.add_argument("--text-column", default="text")
     p.add_argument("--hf-config", default="")
     p.add_argument("--split", default="train")
@@ -103,20 +103,17 @@ def _verify(argv: list[str]) -> int:
     p.add_argument("--val", default=None, help="validation data (prepared folder or text source) to check overlap")
     p.add_argument("--config", help="take train.seq_len, train.micro_batch_size, run.seed and the data settings "
                    "(tokenizer, row_shuffle, ...) from this preset or YAML; the flags below override them")
-    p.add_argument("--seq-len", type=int, default=None, help="block length of the training order (default 2048)")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per batch for the diversity (default 8)")
-    p.add_argument("--seed", type=int, default=None, help="the loader's seed (run.seed; default 0)")
+    p.add_argument("--seq-len", type=int_at_least(1), default=None, help="block length of the training order (default 2048)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=None, help="rows per batch for the diversity (default 8)")
+    p.add_argument("--seed", type=int_at_least(0), default=None, help="the loader's seed (run.seed; default 0)")
     p.add_argument("--tokenizer", default=None, help="text sources: data.tokenizer (default mistral-v3)")
-    p.add_argument("--row-shuffle", type=int, default=None, help="text sources: data.row_shuffle")
-    p.add_argument("--batches", type=int, default=BATCHES, help=f"batches the diversity reads (default {BATCHES}; "
+    p.add_argument("--row-shuffle", type=int_at_least(0), default=None, help="text sources: data.row_shuffle")
+    p.add_argument("--batches", type=int_at_least(0), default=BATCHES, help=f"batches the diversity reads (default {BATCHES}; "
                    "0: not measured)")
     args = p.parse_args(argv)
     cfg = load_config(args.config) if args.config else Config()
     d, t = cfg.data, cfg.train
     seq_len = args.seq_len or (t.seq_len if args.config else 2048)
-    for flag, v in (("--seq-len", seq_len), ("--batch-size", args.batch_size or 1), ("--batches", args.batches + 1)):
-        if v < 1:
-            raise DataError(f"{flag} must be positive")
     stream = {"shuffle": d.shuffle, "encode_batch": d.encode_batch, "shuffle_buffer": d.shuffle_buffer,
               "row_shuffle": d.row_shuffle if args.row_shuffle is None else args.row_shuffle, "remainder": d.remainder}
     try:
