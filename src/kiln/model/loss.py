@@ -261,7 +261,7 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, *, impl: LossImp
     if impl == "liger":
         loss_cls = _liger_loss()
         if loss_cls is None:
-            raise ConfigError("loss impl 'liger' needs liger-kernel (pip install 'kiln[gpu]' or liger-kernel); "
+            raise ConfigError("loss impl 'liger' needs liger-kernel (pip install -e '.[speed]', or pip install liger-kernel); "
                               "use train.loss_impl=chunked")
         return loss_cls(ignore_index=IGNORE, reduction="sum")(w.to(cdt), h.to(cdt), targets).float()
     if impl != "chunked":
