@@ -266,3 +266,13 @@ def test_data_commands_refuse_counts_they_cannot_use(tmp_path):
         res = run("data", *args)
         assert res.returncode == 2 and needle in res.stderr.strip().splitlines()[-1], res.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_dry_run_refuses_a_tokenizer_the_model_cannot_hold(tmp_path):
+    """--dry-run printed a plan (exit 0) for a config the run refuses at once: more tokenizer ids than rows."""
+    res = run("train", "tiny", "--data.tokenizer", "bundled-4k", "--model.vocab_size", "2048", "--dry-run",
+              "--run.out_dir", str(tmp_path / "r"))
+    assert_user_error(res, "tokenizer 'bundled-4k' has 4096 ids but model.vocab_size is 2048")
+    res = run("train", "tiny", "--data.tokenizer", "bundled-4k", "--dry-run", "--run.out_dir", str(tmp_path / "r"))
+    assert res.returncode == 0 and "28672 embedding/head rows" in res.stderr, res.stderr
+    assert not (tmp_path / "r").exists()

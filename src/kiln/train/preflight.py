@@ -149,7 +149,9 @@ def run_folder_plan(cfg: Config, *, fresh: bool = False, out: Path | None = None
 
 def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> dict[str, Any]:
     """Print what the run would do (config, run folder, size, budget, LR curve, memory estimate) and return it.
-    A run folder whose checkpoint this config cannot resume is the run's own error, said now."""
+    A run folder whose checkpoint this config cannot resume is the run's own error, said now; so is a tokenizer
+    with more ids than model.vocab_size (and the warning for far fewer is printed, as the run prints it)."""
+    check_tokenizer(load_tokenizer(cfg.data.tokenizer), cfg, where="config")
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
     print(f"\nrun folder       {run_folder_plan(cfg, fresh=fresh)}")
     ckpts = [] if fresh else list_checkpoints(Path(cfg.run.out_dir))
