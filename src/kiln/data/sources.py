@@ -123,9 +123,12 @@ def source_name(src: SourceConfig) -> str:
 
 def _quiet_datasets() -> None:
     import datasets
+    import huggingface_hub
 
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # failures become DataErrors
+    # and the hub client's own retry lines ("Retrying in 8s [Retry 5/5]") with them: one line, not eleven
+    huggingface_hub.utils.logging.set_verbosity(huggingface_hub.utils.logging.CRITICAL)
 
 
 def datasets_cache_dir() -> Path:
