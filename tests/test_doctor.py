@@ -141,3 +141,17 @@ def test_diversity_check_warns_when_batches_come_from_few_documents(ctx):
     ctx.cfg = load_config("tiny", ["--data.row_shuffle", "0"])
     status, detail = doctor.check_diversity(ctx)
     assert status == "WARN" and "raise data.row_shuffle" in detail, detail
+
+
+@pytest.mark.parametrize("flag, value, needle", [("--parallel.tp", "3", "parallel.tp=3 must divide model.n_heads=4"),
+                                                 ("--parallel.pp", "8", "only model.n_layers=4; lower parallel.pp")])
+def test_a_layout_training_refuses_fails_the_parallel_check(tmp_path, capsys, monkeypatch, flag, value, needle):
+    """`kiln doctor tiny --parallel.tp 3` (4 heads) or `--parallel.pp 8` (4 layers): FAIL with training's line."""
+    fast = [c for c in doctor.CHECKS if c[0] in ("versions", "parallel layout", "device")]  # the others are slow
+    monkeypatch.setattr(doctor, "CHECKS", fast)
+    assert main(["doctor", "tiny", flag, value]) == 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["failed"] == ["parallel layout"]
+    ctx = doctor.Context(cfg=load_config("tiny", [flag, value]), device=doctor.torch.device("cpu"), out_dir=tmp_path)
+    status, detail = doctor.check_parallel(ctx)
+    assert status == "FAIL" and needle in detail
+    assert main(["doctor", "tiny", flag, "1"]) == 0

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
 
 import pytest
 import torch
 
+from conftest import kiln_cmd
 from kiln.config import load_config
+from kiln.errors import ConfigError
 from kiln.estimate import estimate_memory, layer_activation_terms
 from kiln.model import build_model
 from kiln.parallel.compile_ac import apply_activation_checkpointing
+from kiln.parallel.mesh import check_layout
 
 
 def _cfg(*extra: str):
@@ -231,3 +235,15 @@ def test_the_weights_moving_average_counts_as_state():
     ema = WeightEMA([model], decay=cfg.train.ema_decay, tie_embeddings=cfg.model.tie_embeddings)
     average = sum(t.numel() * t.element_size() for t in ema.state_dict().values())
     assert estimate_memory(cfg, device="cpu").optimizer == optimizer_state_bytes(opt) + average
+
+
+@pytest.mark.parametrize("flag, value", [("--parallel.tp", "3"), ("--parallel.pp", "8")])
+def test_a_layout_training_refuses_is_refused_with_trainings_line(flag, value):
+    """tiny (4 heads, 4 layers) cannot split over tp=3 or 8 pipeline stages: `kiln estimate` says so in the
+    line training prints (at the process count the layout asks for), instead of estimating fractional layers."""
+    res = subprocess.run(kiln_cmd("estimate", "tiny", flag, value), capture_output=True, text=True, timeout=120)
+    cfg = load_config("tiny", [flag, value])
+    with pytest.raises(ConfigError) as training:
+        check_layout(cfg.parallel, cfg.model, world_size=int(value))
+    assert res.returncode == 2 and res.stdout == "", res.stdout[-2000:]
+    assert res.stderr.splitlines() == [f"kiln: error: {training.value}"], res.stderr[-2000:]

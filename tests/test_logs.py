@@ -7,12 +7,14 @@ import json
 import shutil
 import statistics
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import kiln_cmd
 from kiln.cli import main
 from kiln.config import load_config
 from kiln.errors import KilnError
@@ -168,6 +170,33 @@ def test_compare_overlays_both_runs_in_every_panel(runs, tmp_path, capsys):
     assert img.shape[:2] == (500, 1600)
     for i, cell in enumerate(_cells(img, 1, 3)):  # train loss, eval loss, lr vs tokens
         assert _near(cell, C0) > 100 and _near(cell, C1) > 100, f"panel {i} does not show both runs"
+
+
+MAGIC = {"png": lambda b: b.startswith(b"\x89PNG"), "jpg": lambda b: b.startswith(b"\xff\xd8"),
+         "jpeg": lambda b: b.startswith(b"\xff\xd8"), "pdf": lambda b: b.startswith(b"%PDF"),
+         "svg": lambda b: b"<svg" in b[:2000]}
+
+
+@pytest.mark.parametrize("action, ext", [("plot", "jpg"), ("plot", "pdf"), ("plot", "svg"), ("plot", "PNG"),
+                                         ("compare", "jpeg")])
+def test_out_is_written_in_the_format_its_extension_names(runs, tmp_path, capsys, action, ext):
+    """`kiln logs plot RUN --out x.jpg` wrote PNG bytes into x.jpg."""
+    target = tmp_path / f"x.{ext}"
+    folders = [str(runs["run"])] if action == "plot" else [str(runs["before"]), str(runs["run"])]
+    assert main(["logs", action, *folders, "--out", str(target)]) == 0
+    assert capsys.readouterr().out.strip() == str(target)
+    assert MAGIC[ext.lower()](target.read_bytes()), target.read_bytes()[:16]
+
+
+@pytest.mark.parametrize("action", ["plot", "compare"])
+def test_an_unknown_out_extension_is_one_line_naming_out(runs, tmp_path, action):
+    folders = [str(runs["run"])] if action == "plot" else [str(runs["before"]), str(runs["run"])]
+    target = tmp_path / "x.gif"
+    res = subprocess.run(kiln_cmd("logs", action, *folders, "--out", str(target)), capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and res.stderr.splitlines() == [
+        f"kiln: error: --out {target}: unknown image type .gif; end the file name in .png, .jpg, .jpeg, .pdf, .svg"]
+    assert not target.exists()
 
 
 def test_summary_cli_table_and_json_lines(runs, capsys):

@@ -37,12 +37,13 @@ from kiln.data.packing import Batch
 from kiln.data.sources import is_hub_source, resolve_files, source_name
 from kiln.data.tokenizer import load_tokenizer
 from kiln.device import cpu_has_bf16_matmul, pick_device
-from kiln.errors import KilnError
+from kiln.errors import ConfigError, KilnError
 from kiln.estimate import estimate_memory, state_bytes
 from kiln.eval.loss import token_loss_sum
 from kiln.model import build_model, count_params
 from kiln.model.attention import AttnMask, attend
 from kiln.optim import build_optimizer, param_dtype
+from kiln.parallel.mesh import check_model_split
 from kiln.runinfo import git_describe
 from kiln.train.preflight import run_folder_plan
 from kiln.train.sinks import wandb_enabled
@@ -133,6 +134,18 @@ def check_device(ctx: Context) -> tuple[Status, str]:
     detail = (f"CPU only ({platform.machine()}, {torch.get_num_threads()} threads, {_gib(ram)} RAM; "
               f"no CUDA device visible); {preset}")
     return ("WARN" if ram and need > 0.9 * ram else "PASS"), detail
+
+
+def check_parallel(ctx: Context) -> tuple[Status, str]:
+    """parallel.* against the model, as training checks it (the process count is torchrun's, not checked here)."""
+    p, m = ctx.cfg.parallel, ctx.cfg.model
+    layout = f"pp={p.pp} dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp}"
+    try:
+        check_model_split(p, m)
+    except ConfigError as e:
+        return "FAIL", str(e)
+    return "PASS", (f"{layout} fits the model ({m.n_heads} heads, {m.n_kv_heads} kv heads, ffn {m.ffn_dim}, "
+                    f"{m.n_layers} layers); launch {p.pp * p.dp_replicate * p.dp_shard * p.tp} process(es)")
 
 
 def check_bf16(ctx: Context) -> tuple[Status, str]:
@@ -436,8 +449,9 @@ def check_wandb(ctx: Context) -> tuple[Status, str]:
 
 
 CHECKS: list[tuple[str, Callable[[Context], tuple[Status, str]]]] = [
-    ("versions", check_versions), ("device", check_device), ("bf16", check_bf16), ("flex attention", check_flex),
-    ("flash-attn", check_flash), ("model fwd/bwd", check_model), ("optimizer step", check_optimizer),
+    ("versions", check_versions), ("parallel layout", check_parallel), ("device", check_device),
+    ("bf16", check_bf16), ("flex attention", check_flex), ("flash-attn", check_flash), ("model fwd/bwd", check_model),
+    ("optimizer step", check_optimizer),
     ("tokenizer", check_tokenizer), ("data sample", check_data), ("data diversity", check_diversity),
     ("disk space", check_disk),
     ("out dir", check_out_dir), ("wandb", check_wandb),

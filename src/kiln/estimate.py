@@ -42,6 +42,7 @@ from kiln.device import autocast_dtype
 from kiln.model import count_params
 from kiln.model.attention import expand_kv_for_mask, sdpa_dtype
 from kiln.model.loss import default_chunk_rows
+from kiln.parallel.mesh import check_model_split
 from kiln.parallel.pipeline import microbatches
 from kiln.perf import block_matrix_shapes
 
@@ -323,6 +324,7 @@ def main(argv: list[str]) -> int:
     preset, argv = split_preset(argv)
     args, overrides = ap.parse_known_args(argv)
     cfg = load_config(preset or "tiny", overrides)
+    check_model_split(cfg.parallel, cfg.model)  # a layout training refuses has no memory to estimate
     print(format_estimate(cfg, device=args.device))
     e = estimate_memory(cfg, device=args.device)
     print(json.dumps({"preset": cfg.run.name, "device": args.device, **e.as_dict()}))

@@ -33,6 +33,7 @@ from kiln.train.metrics import read_metrics
 KINDS = ("train", "eval")
 FIGSIZE, DPI = (20.0, 8.0), 100  # plot: 2000 x 800 pixels
 COMPARE_FIGSIZE = (16.0, 5.0)  # compare: 1600 x 500 pixels
+FORMATS = ("png", "jpg", "jpeg", "pdf", "svg")  # what --out's extension may name
 
 
 @dataclass
@@ -315,11 +316,21 @@ def _empty(ax: Any, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what} records", ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
+def plot_format(out: str | Path) -> str:
+    """The image format `out`'s extension names (matplotlib writes each of FORMATS); one line otherwise."""
+    fmt = Path(out).suffix.lower().removeprefix(".")
+    if fmt not in FORMATS:
+        raise KilnError(f"--out {out}: unknown image type {'.' + fmt if fmt else '(no extension)'}; end the file "
+                        f"name in {', '.join('.' + f for f in FORMATS)}")
+    return fmt
+
+
 def _save(fig: Any, out: Path) -> Path:
     out = Path(out)
+    fmt = plot_format(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=DPI, format="png")
+        fig.savefig(out, dpi=DPI, format=fmt)
     except OSError as e:
         raise KilnError(f"{out}: cannot write the plot ({e.strerror}); pass --out FILE.png") from None
     return out
@@ -448,11 +459,13 @@ def main(argv: list[str]) -> int:
     s.add_argument("runs", nargs="+", metavar="RUN_DIR")
     pl = sub.add_parser("plot", help="PNG curves of one run (default RUN_DIR/plots/curves.png)")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    pl.add_argument("--out", help="PNG file (only with one run)")
+    pl.add_argument("--out", help="image file, .png .jpg .pdf or .svg (only with one run)")
     c = sub.add_parser("compare", help="one PNG with several runs overlaid")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    c.add_argument("--out", help="PNG file (default: compare.png beside the first run)")
+    c.add_argument("--out", help="image file, .png .jpg .pdf or .svg (default: compare.png beside the first run)")
     args = p.parse_args(argv)
+    if getattr(args, "out", None):
+        plot_format(args.out)  # before reading and drawing anything
     runs = [load_run(r) for r in args.runs]
     if args.action == "summary":
         print_summary([summarize(r) for r in runs])

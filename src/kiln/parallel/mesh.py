@@ -93,11 +93,18 @@ def check_layout(p: ParallelConfig, m: ModelConfig, world_size: int, *, where: s
             f"{p.tp} = {product}, but {world_size} process{'es' if world_size > 1 else ''} "
             f"{'were' if world_size > 1 else 'was'} started; make the product equal the number of processes "
             "(torchrun --nproc_per_node)")
+    check_model_split(p, m, where=where)
+
+
+def check_model_split(p: ParallelConfig, m: ModelConfig, *, where: str = "parallel") -> None:
+    """The checks of parallel.* that need only the config: tensor parallelism divides the heads and the
+    FFN, and the pipeline has a layer for every stage (`kiln estimate` and `kiln doctor` run them too)."""
     if p.tp > 1:
         for key, n in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads),
                        ("model.ffn_dim", m.ffn_dim)):
             if n % p.tp:
-                raise ConfigError(f"{where}: parallel.tp={p.tp} must divide {key}={n}")
+                raise ConfigError(f"{where}: parallel.tp={p.tp} must divide {key}={n}; pick a parallel.tp that "
+                                  "divides it")
     if p.pp > 1:
         n_stages = p.pp * stages_per_rank(p.pp_schedule)
         if n_stages > m.n_layers:

@@ -75,6 +75,12 @@ def list_checkpoints(run_or_ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / "meta.json").exists()]
 
 
+def is_hf_folder(p: Path) -> bool:
+    """A Hugging Face model folder (`kiln export`'s output, or a hub download): config.json and weights."""
+    weights = any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin"))
+    return (p / "config.json").is_file() and weights
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a run folder meaning its latest checkpoint; verified (DamagedCheckpoint
     when a file differs from its marker: a damaged latest checkpoint is refused, not skipped)."""
@@ -85,6 +91,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if STEP_RE.match(p.name) or (p / "dcp").is_dir():  # a checkpoint folder whose save never completed
             raise DamagedCheckpoint(p, "meta.json", "missing")
         ckpts = list_checkpoints(p)
+        if not ckpts and is_hf_folder(p):
+            raise CheckpointError(f"{p}: a Hugging Face model folder, not a kiln checkpoint; convert it with "
+                                  f"kiln import --hf {p} --out RUN_DIR, then pass --checkpoint RUN_DIR")
         if not ckpts:
             raise CheckpointError(f"{p}: no complete checkpoint found (expected {p}/checkpoints/step_<N>/meta.json)")
         p = ckpts[-1]
