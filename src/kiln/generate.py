@@ -39,7 +39,7 @@ class GenerationError(KilnError):
     """Impossible generation settings: a prompt too long for the model, a bad temperature or top-p."""
 
 
-def _check_args(*, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+def check_args(*, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                 repetition_penalty: float = 1.0) -> None:
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -96,7 +96,7 @@ def generate(model: Transformer, prompt_ids: list[list[int]] | list[int], *, max
     """New tokens for each prompt (a flat list is one prompt). A row stops after emitting `eos_id`,
     which is included in its output, or once `stop(its new tokens)` is True. `on_token` sees each new
     token (single prompt only)."""
-    _check_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+    check_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                 repetition_penalty=repetition_penalty)
     if isinstance(prompt_ids, Tensor):
         prompt_ids = prompt_ids.tolist()

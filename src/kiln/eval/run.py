@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ def evaluate_source(checkpoint: str, data: str, *, text_column: str = "text", ma
     tok = load_tokenizer(cfg.data.tokenizer)
     src = SourceConfig(path=data, name=Path(data).stem or data, text_column=text_column)
     T = seq_len or cfg.train.seq_len
+    if T > cfg.model.max_seq_len:  # positions past it were never trained (kiln train refuses the same)
+        raise DataError(f"--seq-len {T} exceeds the model's max_seq_len ({cfg.model.max_seq_len}) of {ckpt}; "
+                        f"pass --seq-len {cfg.model.max_seq_len} or less")
     try:
         batches = validation_batches(src, tok, seq_len=T, batch_size=batch_size, max_tokens=max_tokens)
     except DataError as e:  # the data layer names the config key; here the user typed a command
@@ -45,10 +49,10 @@ def evaluate_source(checkpoint: str, data: str, *, text_column: str = "text", ma
             "tokens": res["tokens"], "bytes": n_bytes, "checkpoint": str(ckpt), "data": data}
 
 
-def _records(data: str, split: str, limit: int) -> list[tuple[str, dict]]:
+def _records(data: str, split: str, limit: int, what: str = "--data") -> list[tuple[str, dict]]:
     from kiln.posttrain.chat import load_records
 
-    recs = load_records(data, split=split or "test", what="--data")
+    recs = load_records(data, split=split or "test", what=what)
     return recs[:limit] if limit > 0 else recs
 
 
@@ -56,25 +60,35 @@ def evaluate_task(checkpoint: str, data: str, *, task: str, limit: int = 0, spli
                   max_new_tokens: int = 256, chat: bool = False, num_fewshot: int = 0, fewshot_data: str = "",
                   device: str = "auto") -> dict[str, Any]:
     """`kiln eval --task mc|gsm8k`: a downstream benchmark on local jsonl (kiln.eval.tasks), under the
-    checkpoint's autocast (train.dtype: bf16 on CUDA by default)."""
+    checkpoint's autocast (train.dtype: bf16 on CUDA by default). `--task mc --data heldout-next` scores
+    the bundled task of `train.eval_tasks` (kiln.eval.suite): its items drawn with the checkpoint's
+    run.seed and scored within train.seq_len, as the run's in-training eval does (its first `limit`, or all)."""
+    from kiln.eval.suite import BUILTIN, load_tasks
+
+    if data in BUILTIN and task != "mc":
+        raise DataError(f"--data {data} is a bundled multiple-choice task; score it with --task mc")
     model, cfg, ckpt = load_for_inference(checkpoint, device=device)
     tok = load_tokenizer(cfg.data.tokenizer)
-    recs = _records(data, split, limit)
+    if data in BUILTIN:  # the numbers the run's eval/<task>/acc logged, for its checkpoints and any other
+        items = load_tasks([data], limit=limit or sys.maxsize, seed=cfg.run.seed)[data]
+        recs, max_len = [(data, item) for item in items], cfg.train.seq_len
+    else:
+        recs, max_len = _records(data, split, limit), cfg.model.max_seq_len
     with autocast_for(cfg.train.dtype, next(model.parameters()).device):  # the precision `kiln eval --task loss` uses
         res = _run_task(model, cfg, tok, recs, task=task, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                        chat=chat, num_fewshot=num_fewshot, fewshot_data=fewshot_data)
+                        chat=chat, num_fewshot=num_fewshot, fewshot_data=fewshot_data, max_len=max_len)
     res.update({"checkpoint": str(ckpt), "data": data})
     return res
 
 
-def _run_task(model, cfg, tok, recs: list[tuple[str, dict]], *, task: str, batch_size: int, max_new_tokens: int,
-              chat: bool, num_fewshot: int, fewshot_data: str) -> dict[str, Any]:
+def _run_task(model, cfg, tok, recs: list[tuple[str, Any]], *, task: str, batch_size: int, max_new_tokens: int,
+              chat: bool, num_fewshot: int, fewshot_data: str, max_len: int) -> dict[str, Any]:
     from kiln.errors import DataError
     from kiln.eval import tasks as T
 
     if task == "mc":
-        items = [T.mc_item(r, where=w) for w, r in recs]
-        res = T.score_mc(model, tok, items, max_len=cfg.model.max_seq_len, batch_size=batch_size)
+        items = [r if isinstance(r, T.MCItem) else T.mc_item(r, where=w) for w, r in recs]  # heldout-next: items
+        res = T.score_mc(model, tok, items, max_len=max_len, batch_size=batch_size)
         res.pop("loglikelihoods")
         # "acc" as lm-eval and the training logs (eval/<task>/acc) name it; "accuracy" stays for existing scripts
         res = {"task": res["task"], "n": res["n"], "acc": res["accuracy"], **res}
@@ -86,7 +100,11 @@ def _run_task(model, cfg, tok, recs: list[tuple[str, dict]], *, task: str, batch
         if num_fewshot:
             if not fewshot_data:
                 raise DataError("--num-fewshot needs --fewshot-data FILE.jsonl (worked examples, e.g. GSM8K train)")
-            shots = [T.gen_item(r, where=w) for w, r in _records(fewshot_data, "train", num_fewshot)]
+            examples = _records(fewshot_data, "train", 0, what="--fewshot-data")
+            if len(examples) < num_fewshot:
+                raise DataError(f"--fewshot-data {fewshot_data} has {len(examples)} examples; lower --num-fewshot "
+                                f"{num_fewshot} to {len(examples)} or fewer, or add examples")
+            shots = [T.gen_item(r, where=w) for w, r in examples[:num_fewshot]]
         if chat:
             from kiln.posttrain.chat import ChatFormat
 

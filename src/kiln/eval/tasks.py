@@ -65,11 +65,9 @@ def _preprocess_hellaswag(text: str) -> str:
 
 
 def _answer_index(value, choices: list[str], labels: list[str] | None, where: str, key: str = "answer") -> int:
-    if isinstance(value, bool):
-        value = None
     if isinstance(value, str) and labels and value.strip() in labels:  # ARC's labels may be "1".."4"
         idx = labels.index(value.strip())
-    elif isinstance(value, int):
+    elif isinstance(value, int) and not isinstance(value, bool):  # true / false are no index
         idx = value
     elif isinstance(value, str) and value.strip().isdigit():
         idx = int(value.strip())
@@ -200,6 +198,9 @@ class GenItem:
 def gen_item(rec: dict, *, where: str) -> GenItem:
     if not isinstance(rec, dict) or "question" not in rec or "answer" not in rec:
         raise DataError(f"{where}: a GSM8K record needs \"question\" and \"answer\"")
+    if answer_number(str(rec["answer"])) is None:  # it could only ever be scored wrong
+        raise DataError(f"{where}: answer {rec['answer']!r} holds no number; give the reference as \"... #### N\" "
+                        "(or the number itself)")
     return GenItem(str(rec["question"]), str(rec["answer"]))
 
 

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kiln.config import Config, PostTrainConfig, merge_config, parse_overrides
+from kiln.config import Config, PostTrainConfig, int_at_least, merge_config, parse_overrides
 from kiln.data.cursor import DataId
 from kiln.errors import ConfigError
 
@@ -285,21 +285,28 @@ def chat(argv: list[str]) -> int:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest checkpoint)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--system", default="", help="system message")
-    p.add_argument("--max-new-tokens", type=int, default=0,
-                   help="tokens per reply (default: 256, at most half the model's context)")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=None,
+                   help="tokens per reply, at least 1 (default: min(256, half the model's context)); a value that "
+                        "leaves no room for a prompt within the context (>= model.max_seq_len) is refused")
     p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-k", type=int_at_least(0), default=50, help="0 disables it")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--raw", action="store_true", help="no chat template: the model continues your text")
     args = p.parse_args(argv)
-    from kiln.generate import GenerationError, generate_from_ids, generate_text
+    from kiln.generate import GenerationError, check_args, generate_from_ids, generate_text
     from kiln.train.checkpoint import load_for_inference
 
+    try:  # generate's own checks, before the model loads and anyone types
+        check_args(max_new_tokens=1, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty)
+    except GenerationError as e:  # "top_p must be ..." -> "--top-p must be ...": the flag the user typed
+        key, rest = str(e).split(" ", 1)
+        raise GenerationError(f"--{key.replace('_', '-')} {rest}") from None
     model, cfg, ckpt = load_for_inference(args.checkpoint, device=args.device)
     context = cfg.model.max_seq_len
-    if args.max_new_tokens <= 0:  # demo's context is 256 tokens: its replies get 128, its prompts the rest
+    if args.max_new_tokens is None:  # demo's context is 256 tokens: its replies get 128, its prompts the rest
         args.max_new_tokens = min(256, context // 2)
     elif args.max_new_tokens >= context:  # before anyone types: no prompt would fit
         raise GenerationError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt within "

@@ -1,0 +1,56 @@
+"""`kiln chat`'s sampling options as a user types them: a bad value is one line before the banner and the
+first prompt (it was the default, or an error only after the first message)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import kiln_cmd
+from test_sft import base_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """One tiny checkpoint (model.max_seq_len 128) for the module."""
+    return base_checkpoint(tmp_path_factory.mktemp("chat-options"))
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--temperature", "-1", "--temperature must be >= 0 (0 means greedy), got -1.0"),
+    ("--top-p", "0", "--top-p must be within (0, 1], got 0.0"),
+    ("--top-p", "1.5", "--top-p must be within (0, 1], got 1.5"),
+    ("--repetition-penalty", "0", "--repetition-penalty must be > 0 (1 disables it), got 0.0"),
+])
+def test_chat_refuses_a_bad_sampling_option_before_anyone_types(ckpt, flag, value, message):
+    """generate's own checks, which chat ran only on the first message; no banner, no prompt."""
+    res = subprocess.run(kiln_cmd("chat", "--checkpoint", str(ckpt), flag, value), input="", capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [f"kiln: error: {message}"], res.stderr[-2000:]
+    assert res.stdout == ""
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max-new-tokens", "0", "expected an integer >= 1, got 0"),  # 0 and -1 were the default reply length
+    ("--max-new-tokens", "-1", "expected an integer >= 1, got -1"),
+    ("--top-k", "-1", "expected an integer >= 0, got -1"),
+    ("--seed", str(10**20), f"expected an integer >= 0 below 2**63, got {10**20}"),
+])
+def test_chat_refuses_an_integer_out_of_range_as_generate_does(ckpt, flag, value, message):
+    res = subprocess.run(kiln_cmd("chat", "--checkpoint", str(ckpt), flag, value), input="", capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and "kiln chat: /" not in res.stderr and res.stdout == "", res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == f"kiln chat: error: argument {flag}: {message}"
+
+
+def test_chat_refuses_a_reply_length_past_the_context_and_says_so_in_its_help(ckpt):
+    """As generate: max_new_tokens >= model.max_seq_len leaves no room for a prompt; --help says what happens."""
+    res = subprocess.run(kiln_cmd("chat", "--checkpoint", str(ckpt), "--max-new-tokens", "500"), input="",
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"kiln: error: --max-new-tokens 500 leaves no room for a prompt within model.max_seq_len (128) of {ckpt}; "
+        "ask for fewer (e.g. 64)"], res.stderr[-2000:]
+    helptext = " ".join(subprocess.run(kiln_cmd("chat", "--help"), capture_output=True, text=True).stdout.split())
+    assert ("tokens per reply, at least 1 (default: min(256, half the model's context)); a value that leaves no room "
+            "for a prompt within the context (>= model.max_seq_len) is refused") in helptext

@@ -1,0 +1,92 @@
+"""`kiln eval` as a user types it, at its edges: the bundled heldout-next task, a --seq-len past the model's
+context, GSM8K few-shot and answer checks, a multiple-choice answer that is a boolean."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import kiln_cmd
+from test_sft import base_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """One tiny checkpoint (model.max_seq_len 128, train.seq_len 64) for the module."""
+    return base_checkpoint(tmp_path_factory.mktemp("eval-edges"))
+
+
+def kiln_eval(ckpt, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(kiln_cmd("eval", "--checkpoint", str(ckpt), "--device", "cpu", *args), capture_output=True,
+                          text=True)
+
+
+def error_line(res: subprocess.CompletedProcess) -> str:
+    """The one line a refused command prints (and nothing else on stderr)."""
+    assert res.returncode == 2, res.stdout[-1000:] + res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr[-2000:]
+    return lines[0]
+
+
+def test_eval_mc_scores_the_bundled_heldout_next_task_as_training_does(ckpt):
+    """`--data heldout-next` is train.eval_tasks' bundled task (it was "no such file"): the same items, drawn with
+    the run's seed, and the accuracy kiln's in-training scorer (kiln.eval.suite.score_tasks) gives the model."""
+    from kiln.data.tokenizer import load_tokenizer
+    from kiln.device import autocast_for
+    from kiln.eval.suite import load_tasks, score_tasks
+    from kiln.train.checkpoint import load_for_inference
+
+    res = kiln_eval(ckpt, "--task", "mc", "--data", "heldout-next", "--limit", "12")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    model, cfg, _ = load_for_inference(str(ckpt), device="cpu")
+    tasks = load_tasks(["heldout-next"], limit=12, seed=cfg.run.seed)
+    with autocast_for(cfg.train.dtype, next(model.parameters()).device):
+        want = score_tasks(model, load_tokenizer(cfg.data.tokenizer), tasks, max_len=cfg.train.seq_len,
+                           batch_size=cfg.train.micro_batch_size)
+    assert out["n"] == 12 and out["data"] == "heldout-next"
+    assert out["acc"] == pytest.approx(want["eval/heldout-next/acc"])
+    assert out["acc_norm"] == pytest.approx(want["eval/heldout-next/acc_norm"])
+
+
+def test_heldout_next_is_a_multiple_choice_task(ckpt):
+    assert error_line(kiln_eval(ckpt, "--task", "gsm8k", "--data", "heldout-next")) == (
+        "kiln: error: --data heldout-next is a bundled multiple-choice task; score it with --task mc")
+
+
+def test_eval_refuses_a_seq_len_past_the_models_context(ckpt, tmp_path):
+    """Positions past model.max_seq_len were never trained: refused, as `kiln train` refuses train.seq_len."""
+    data = tmp_path / "text.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    assert error_line(kiln_eval(ckpt, "--data", str(data), "--seq-len", "256")) == (
+        f"kiln: error: --seq-len 256 exceeds the model's max_seq_len (128) of {ckpt}; pass --seq-len 128 or less")
+
+
+def test_gsm8k_refuses_more_fewshot_examples_than_the_file_has(ckpt, tmp_path):
+    data, shots = tmp_path / "test.jsonl", tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"question": "What is 1+1?", "answer": "#### 2"}) + "\n")
+    shots.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(2)))
+    assert error_line(kiln_eval(ckpt, "--task", "gsm8k", "--data", str(data), "--num-fewshot", "5",
+                                "--fewshot-data", str(shots))) == (
+        f"kiln: error: --fewshot-data {shots} has 2 examples; lower --num-fewshot 5 to 2 or fewer, or add examples")
+
+
+def test_gsm8k_refuses_an_answer_without_a_number(ckpt, tmp_path):
+    """Such a record could only ever be scored wrong: one line naming the file and the record's line."""
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n"
+                    + json.dumps({"question": "Why?", "answer": "no number"}) + "\n")
+    assert error_line(kiln_eval(ckpt, "--task", "gsm8k", "--data", str(data))) == (
+        f"kiln: error: {data}:2: answer 'no number' holds no number; give the reference as \"... #### N\" "
+        "(or the number itself)")
+
+
+def test_a_boolean_mc_answer_is_shown_as_given(ckpt, tmp_path):
+    """`"answer": true` is no choice index: the message shows True, not None."""
+    data = tmp_path / "mc.jsonl"
+    data.write_text(json.dumps({"context": "1 is", "choices": [" odd", " even"], "answer": True}) + "\n")
+    assert error_line(kiln_eval(ckpt, "--task", "mc", "--data", str(data))) == (
+        f"kiln: error: {data}:1: answer True is not a choice index, letter or choice text")
