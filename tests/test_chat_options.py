@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from conftest import kiln_cmd
+from kiln.cli import main
 from test_sft import base_checkpoint
 
 
@@ -23,12 +24,12 @@ def ckpt(tmp_path_factory):
     ("--top-p", "1.5", "--top-p must be within (0, 1], got 1.5"),
     ("--repetition-penalty", "0", "--repetition-penalty must be > 0 (1 disables it), got 0.0"),
 ])
-def test_chat_refuses_a_bad_sampling_option_before_anyone_types(ckpt, flag, value, message):
-    """generate's own checks, which chat ran only on the first message; no banner, no prompt."""
-    res = subprocess.run(kiln_cmd("chat", "--checkpoint", str(ckpt), flag, value), input="", capture_output=True,
-                         text=True)
-    assert res.returncode == 2 and res.stderr.strip().splitlines() == [f"kiln: error: {message}"], res.stderr[-2000:]
-    assert res.stdout == ""
+def test_chat_refuses_a_bad_sampling_option_before_anyone_types(ckpt, flag, value, message, capsys):
+    """generate's own checks, which chat ran only on the first message; no banner, no prompt. (In-process
+    through kiln.cli.main: the refusal comes before anything is loaded.)"""
+    assert main(["chat", "--checkpoint", str(ckpt), flag, value]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == [f"kiln: error: {message}"] and out == "", err[-2000:]
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -37,11 +38,12 @@ def test_chat_refuses_a_bad_sampling_option_before_anyone_types(ckpt, flag, valu
     ("--top-k", "-1", "expected an integer >= 0, got -1"),
     ("--seed", str(10**20), f"expected an integer >= 0 below 2**63, got {10**20}"),
 ])
-def test_chat_refuses_an_integer_out_of_range_as_generate_does(ckpt, flag, value, message):
-    res = subprocess.run(kiln_cmd("chat", "--checkpoint", str(ckpt), flag, value), input="", capture_output=True,
-                         text=True)
-    assert res.returncode == 2 and "kiln chat: /" not in res.stderr and res.stdout == "", res.stderr[-2000:]
-    assert res.stderr.strip().splitlines()[-1] == f"kiln chat: error: argument {flag}: {message}"
+def test_chat_refuses_an_integer_out_of_range_as_generate_does(ckpt, flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exc:  # argparse's exit, as `kiln chat` gives it
+        main(["chat", "--checkpoint", str(ckpt), flag, value])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and out == "", err[-2000:]
+    assert err.strip().splitlines()[-1] == f"kiln chat: error: argument {flag}: {message}"
 
 
 def test_chat_refuses_a_reply_length_past_the_context_and_says_so_in_its_help(ckpt):

@@ -219,31 +219,47 @@ def test_presets_table_lists_every_preset_in_aligned_columns(capsys):
     assert len(ends) == 1 and header.index("params") + len("params") == ends.pop() + 1, rows
 
 
-def test_eval_and_generate_options_out_of_range_or_for_another_task_are_one_line(trained):
+def test_eval_and_generate_options_out_of_range_or_for_another_task_are_one_line(trained, capsys):
     """Values kiln eval / generate cannot use were tracebacks (--batch-size 0, a seed past int64) or silently
-    replaced (--max-tokens 0 scored a row anyway); options the chosen --task does not read did nothing."""
+    replaced (--max-tokens 0 scored a row anyway); options the chosen --task does not read did nothing.
+    In-process through kiln.cli.main: every refusal comes before a checkpoint is loaded."""
+    from kiln.cli import main
+
     tmp, _ = trained
     ckpt = str(tmp / "run")
-    for args, needle in [
-        (["eval", "--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
-        (["eval", "--max-tokens", "-5"], "argument --max-tokens: expected an integer >= 1"),
-        (["eval", "--task", "gsm8k", "--num-fewshot", "-2"], "argument --num-fewshot: expected an integer >= 0"),
-        (["generate", "--prompt", "x", "--seed", str(10**20)], "argument --seed: expected an integer >= 0 below 2**63"),
-        (["generate", "--prompt", "x", "--max-new-tokens", "0"], "argument --max-new-tokens"),
+
+    def refused(argv: list[str]) -> str:
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's own exit
+            code = e.code
+        out, err = capsys.readouterr()
+        assert code == 2 and out == "" and "Traceback" not in err, (code, out, err)
+        return err.strip().splitlines()[-1]
+
+    for args, line in [
+        (["eval", "--batch-size", "0"], "kiln eval: error: argument --batch-size: expected an integer >= 1, got 0"),
+        (["eval", "--max-tokens", "-5"], "kiln eval: error: argument --max-tokens: expected an integer >= 1, got -5"),
+        (["eval", "--task", "gsm8k", "--num-fewshot", "-2"],
+         "kiln eval: error: argument --num-fewshot: expected an integer >= 0, got -2"),
+        (["eval", "--limit", "3"], "kiln: error: --limit applies to --task mc or gsm8k, not --task loss; drop it"),
+        (["eval", "--task", "mc", "--seq-len", "8"], "kiln: error: --seq-len applies to --task loss, not --task mc; "
+                                                     "drop it"),
+        (["eval", "--task", "mc", "--max-tokens", "5"], "kiln: error: --max-tokens applies to --task loss, not "
+                                                        "--task mc; drop it"),
+        (["generate", "--prompt", "x", "--seed", str(10**20)],
+         f"kiln generate: error: argument --seed: expected an integer >= 0 below 2**63, got {10**20}"),
+        (["generate", "--prompt", "x", "--max-new-tokens", "0"],
+         "kiln generate: error: argument --max-new-tokens: expected an integer >= 1, got 0"),
+        *([(["generate", "--prompt", "x", "--device", "cuda"],
+            "kiln: error: --device cuda: no CUDA device is visible; use --device auto or cpu")]
+          if not torch.cuda.is_available() else []),
+        (["presets", "extra"], "kiln presets: error: unrecognized arguments: extra"),
     ]:
         cmd, *rest = args
-        res = run(cmd, "--checkpoint", ckpt, *(["--data", "bundled:val"] if cmd == "eval" else []), *rest)
-        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
-        assert res.stderr.strip().splitlines()[-1] == f"kiln {cmd}: error: {needle}" or needle in res.stderr, res.stderr
-    for rest, needle in [(["--limit", "3"], "--limit applies to --task mc or gsm8k, not --task loss"),
-                         (["--task", "mc", "--seq-len", "8"], "--seq-len applies to --task loss, not --task mc"),
-                         (["--task", "mc", "--max-tokens", "5"], "--max-tokens applies to --task loss")]:
-        assert_user_error(run("eval", "--checkpoint", ckpt, "--data", "bundled:val", *rest), needle)
-    if not torch.cuda.is_available():
-        assert_user_error(run("generate", "--checkpoint", ckpt, "--prompt", "x", "--device", "cuda"),
-                          "--device cuda: no CUDA device is visible; use --device auto or cpu")
-    res = run("presets", "extra")
-    assert res.returncode == 2 and "unrecognized arguments: extra" in res.stderr
+        where = ["--checkpoint", ckpt, *(["--data", "bundled:val"] if cmd == "eval" else [])] if cmd != "presets" \
+            else []
+        assert refused([cmd, *where, *rest]) == line
 
 
 def test_generate_reads_its_prompt_from_standard_input(trained):
