@@ -4,11 +4,11 @@ context, GSM8K few-shot and answer checks, a multiple-choice answer that is a bo
 from __future__ import annotations
 
 import json
-import subprocess
+from dataclasses import dataclass
 
 import pytest
 
-from conftest import kiln_cmd
+from kiln.cli import main
 from test_sft import base_checkpoint
 
 
@@ -18,12 +18,25 @@ def ckpt(tmp_path_factory):
     return base_checkpoint(tmp_path_factory.mktemp("eval-edges"))
 
 
-def kiln_eval(ckpt, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(kiln_cmd("eval", "--checkpoint", str(ckpt), "--device", "cpu", *args), capture_output=True,
-                          text=True)
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def error_line(res: subprocess.CompletedProcess) -> str:
+@pytest.fixture
+def kiln_eval(capsys):
+    """`kiln eval --checkpoint CKPT ARGS` through kiln.cli.main, in this process (the command's own parsing,
+    loading and one-line errors, without a Python start per case)."""
+    def run(ckpt, *args: str) -> Result:
+        code = main(["eval", "--checkpoint", str(ckpt), "--device", "cpu", *args])
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+    return run
+
+
+def error_line(res: Result) -> str:
     """The one line a refused command prints (and nothing else on stderr)."""
     assert res.returncode == 2, res.stdout[-1000:] + res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
@@ -31,7 +44,7 @@ def error_line(res: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_eval_mc_scores_the_bundled_heldout_next_task_as_training_does(ckpt):
+def test_eval_mc_scores_the_bundled_heldout_next_task_as_training_does(ckpt, kiln_eval):
     """`--data heldout-next` is train.eval_tasks' bundled task (it was "no such file"): the same items, drawn with
     the run's seed, and the accuracy kiln's in-training scorer (kiln.eval.suite.score_tasks) gives the model."""
     from kiln.data.tokenizer import load_tokenizer
@@ -52,12 +65,12 @@ def test_eval_mc_scores_the_bundled_heldout_next_task_as_training_does(ckpt):
     assert out["acc_norm"] == pytest.approx(want["eval/heldout-next/acc_norm"])
 
 
-def test_heldout_next_is_a_multiple_choice_task(ckpt):
+def test_heldout_next_is_a_multiple_choice_task(ckpt, kiln_eval):
     assert error_line(kiln_eval(ckpt, "--task", "gsm8k", "--data", "heldout-next")) == (
         "kiln: error: --data heldout-next is a bundled multiple-choice task; score it with --task mc")
 
 
-def test_eval_refuses_a_seq_len_past_the_models_context(ckpt, tmp_path):
+def test_eval_refuses_a_seq_len_past_the_models_context(ckpt, tmp_path, kiln_eval):
     """Positions past model.max_seq_len were never trained: refused, as `kiln train` refuses train.seq_len."""
     data = tmp_path / "text.txt"
     data.write_text("The quick brown fox jumps over the lazy dog. " * 200)
@@ -65,7 +78,7 @@ def test_eval_refuses_a_seq_len_past_the_models_context(ckpt, tmp_path):
         f"kiln: error: --seq-len 256 exceeds the model's max_seq_len (128) of {ckpt}; pass --seq-len 128 or less")
 
 
-def test_gsm8k_refuses_more_fewshot_examples_than_the_file_has(ckpt, tmp_path):
+def test_gsm8k_refuses_more_fewshot_examples_than_the_file_has(ckpt, tmp_path, kiln_eval):
     data, shots = tmp_path / "test.jsonl", tmp_path / "train.jsonl"
     data.write_text(json.dumps({"question": "What is 1+1?", "answer": "#### 2"}) + "\n")
     shots.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(2)))
@@ -74,7 +87,7 @@ def test_gsm8k_refuses_more_fewshot_examples_than_the_file_has(ckpt, tmp_path):
         f"kiln: error: --fewshot-data {shots} has 2 examples; lower --num-fewshot 5 to 2 or fewer, or add examples")
 
 
-def test_gsm8k_refuses_an_answer_without_a_number(ckpt, tmp_path):
+def test_gsm8k_refuses_an_answer_without_a_number(ckpt, tmp_path, kiln_eval):
     """Such a record could only ever be scored wrong: one line naming the file and the record's line."""
     data = tmp_path / "test.jsonl"
     data.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n"
@@ -84,7 +97,7 @@ def test_gsm8k_refuses_an_answer_without_a_number(ckpt, tmp_path):
         "(or the number itself)")
 
 
-def test_a_boolean_mc_answer_is_shown_as_given(ckpt, tmp_path):
+def test_a_boolean_mc_answer_is_shown_as_given(ckpt, tmp_path, kiln_eval):
     """`"answer": true` is no choice index: the message shows True, not None."""
     data = tmp_path / "mc.jsonl"
     data.write_text(json.dumps({"context": "1 is", "choices": [" odd", " even"], "answer": True}) + "\n")
