@@ -327,9 +327,9 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         (item_tp,) = get_args(tp)
         if isinstance(value, str) and item_tp is str:  # --train.eval_tasks a,b on the command line
             value = [v.strip() for v in value.split(",") if v.strip()]
-        elif isinstance(value, str) and item_tp is SourceConfig or isinstance(value, dict) and \
-                dataclasses.is_dataclass(item_tp):  # --data.train my.jsonl: one entry, written without its list
-            value = [value]
+        elif (isinstance(value, str) and item_tp is SourceConfig) or \
+                (isinstance(value, dict) and dataclasses.is_dataclass(item_tp)):  # one entry, written without its list
+            value = [value]  # --data.train my.jsonl
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]

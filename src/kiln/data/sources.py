@@ -9,8 +9,8 @@ A source path is one of:
 
 Local files load map-style (memory-mapped Arrow, converted once into `$KILN_CACHE/datasets`, never
 beside the user's data) with one column, "text" (the bundled corpus, 6 MB of known-clean text, is read
-into memory instead: `TextList`, so the default run never imports datasets); `streaming: true` opens the same sources as an HF
-IterableDataset instead (`open_stream`: nothing downloaded or converted first). `skip` / `take`
+into memory instead: `TextList`, so the default run never imports datasets); `streaming: true` opens
+the same sources as an HF IterableDataset instead (`open_stream`: nothing downloaded or converted first). `skip` / `take`
 select a range of documents either way. A folder holding a `manifest.json` is a `kiln data prepare`
 output (pre-tokenized shards, kiln.data.shards), not text. Every user mistake is a one-line DataError.
 """
