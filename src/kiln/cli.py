@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from kiln.config import int_at_least
+from kiln.cliargs import int_at_least
 from kiln.errors import KilnError
 
 STARTED = time.time()  # the command's start: a time budget counts the imports and setup before step 1 too
@@ -66,13 +66,6 @@ def _add_ckpt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
-def _check_device(device: str) -> None:
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise KilnError("--device cuda: no CUDA device is visible; use --device auto or cpu")
-
-
 def _generate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln generate", description="Generate text from a checkpoint.")
     _add_ckpt(p)
@@ -89,11 +82,12 @@ def _generate(argv: list[str]) -> int:
         args.prompt = sys.stdin.read()
         if not args.prompt:
             raise KilnError("--prompt -: standard input was empty; pipe the prompt in, or pass --prompt TEXT")
-    _check_device(args.device)
     from kiln.data.tokenizer import load_tokenizer
+    from kiln.device import pick_device
     from kiln.generate import generate_text
     from kiln.train.checkpoint import load_for_inference
 
+    pick_device(args.device, option="--device")  # a missing GPU is said before the checkpoint loads
     model, cfg, _ = load_for_inference(args.checkpoint, device=args.device)
     tok = load_tokenizer(cfg.data.tokenizer)
     stream = sys.stdout.isatty()
@@ -145,7 +139,9 @@ def _eval(argv: list[str]) -> int:
     for flag, (attr, tasks) in only.items():
         if getattr(args, attr) is not None and args.task not in tasks.split():
             raise KilnError(f"{flag} applies to --task {' or '.join(tasks.split())}, not --task {args.task}; drop it")
-    _check_device(args.device)
+    from kiln.device import pick_device
+
+    pick_device(args.device, option="--device")  # a missing GPU is said before the checkpoint loads
     if args.task != "loss":
         from kiln.eval.run import evaluate_task
 

@@ -71,6 +71,7 @@ class ModelConfig:
 class SourceConfig:
     """One text source: a local file/glob/folder, a bundled split, or an HF dataset name."""
 
+    shorthand = "path"  # not a field: a source given as a bare string is that path (--data.train my.jsonl)
     path: str = ""
     name: str = ""  # label used in metrics; defaults to the file stem
     weight: float = 1.0
@@ -211,7 +212,7 @@ class TrainConfig:
     # >0: the gradient gives this share of each target to the ids no batch has targeted yet (label smoothing onto
     # them), so text outside the corpus does not find them at ~0 probability; the logged loss stays plain
     # cross-entropy. It acts where an untied head starts at zero (model.init_zero_out), whose equal rows find
-    # those ids, in the chunked loss; elsewhere the run says it does nothing (config.unseen_smoothing_blocker)
+    # those ids, in the chunked loss; elsewhere the run says it does nothing (kiln.model.loss.unseen_smoothing_blocker)
     unseen_smoothing: float = 0.0
     fp8: bool = False  # torchao float8 training for the block linears (Hopper or newer GPUs)
 
@@ -304,7 +305,6 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             raise ConfigError(f"{where}: {key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
         return value
     if origin in (Union, types.UnionType):
-        errors = []
         for arg in get_args(tp):
             if arg is type(None):
                 if value is None:
@@ -312,14 +312,14 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
                 continue
             try:
                 return _coerce(value, arg, key, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
-        if isinstance(value, str) and tp is SourceConfig:  # a source given by its path alone
-            value = {"path": value}
+        if isinstance(value, str) and getattr(tp, "shorthand", None):  # a source given by its path alone
+            value = {tp.shorthand: value}
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key}: expected a mapping, got {type(value).__name__}")
         return build(tp, value, where=where, prefix=key)
@@ -327,7 +327,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         (item_tp,) = get_args(tp)
         if isinstance(value, str) and item_tp is str:  # --train.eval_tasks a,b on the command line
             value = [v.strip() for v in value.split(",") if v.strip()]
-        elif (isinstance(value, str) and item_tp is SourceConfig) or \
+        elif (isinstance(value, str) and getattr(item_tp, "shorthand", None)) or \
                 (isinstance(value, dict) and dataclasses.is_dataclass(item_tp)):  # one entry, written without its list
             value = [value]  # --data.train my.jsonl
         if not isinstance(value, list | tuple):
@@ -620,22 +620,6 @@ def _validate_optim(o: OptimConfig, *, where: str, parallel: ParallelConfig | No
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
 
 
-def int_at_least(low: int):
-    """An argparse `type`: an integer >= low, and below 2**63 (what torch's int64 seeds and counts hold)."""
-    import argparse
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not low <= value < 2**63:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}" + (" below 2**63" if value > 0 else "")
-                                             + f", got {value}")
-        return value
-    return parse
-
-
 def parse_duration(text: str, *, key: str = "train.time_budget", where: str = "<config>") -> float:
     """"90s", "10m", "8h", "1h30m", "45" (seconds) -> seconds; anything else is a ConfigError."""
     m = _DURATION.match(str(text).strip().lower())
@@ -654,21 +638,6 @@ def parse_duration(text: str, *, key: str = "train.time_budget", where: str = "<
 def higher_is_better(metric: str) -> bool:
     """Accuracies improve upwards, losses and perplexities downwards."""
     return "acc" in metric or "exact_match" in metric
-
-
-def unseen_smoothing_blocker(cfg: Config) -> str:
-    """Why train.unseen_smoothing cannot act in this run ("" when it can): it smooths onto the equal rows of an
-    untied head that starts at zero, inside the chunked fused loss (kiln.model.loss)."""
-    m, t, p = cfg.model, cfg.train, cfg.parallel
-    if m.tie_embeddings:
-        return "the head is tied to the embedding (model.tie_embeddings true)"
-    if not m.init_zero_out:
-        return "the head does not start at zero (model.init_zero_out false)"
-    if t.loss_impl not in ("auto", "chunked"):
-        return f"train.loss_impl {t.loss_impl} (it needs auto or chunked)"
-    if p.tp > 1 or p.pp > 1:
-        return "tensor and pipeline parallelism compute the loss on whole logits"
-    return ""
 
 
 def validate_source(s: SourceConfig, i: int, *, where: str) -> None:

@@ -21,10 +21,13 @@ Precision = str  # "bf16" | "fp16" | "tf32" | "fp32" | "fp8"
 _LOW = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def pick_device(choice: str) -> torch.device:
-    """`run.device` (auto | cpu | cuda) -> the device; cuda without a visible GPU is a user error."""
+def pick_device(choice: str, *, option: str = "run.device") -> torch.device:
+    """`run.device` (auto | cpu | cuda) -> the device; cuda without a visible GPU is a user error naming
+    `option` (a command's own flag, e.g. --device, where the user typed one)."""
     if choice == "cuda" and not torch.cuda.is_available():
-        raise KilnError("run.device=cuda but no CUDA device is visible; use run.device=auto or cpu")
+        if option.startswith("--"):
+            raise KilnError(f"{option} cuda: no CUDA device is visible; use {option} auto or cpu")
+        raise KilnError(f"{option}=cuda but no CUDA device is visible; use {option}=auto or cpu")
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     return torch.device("cuda")

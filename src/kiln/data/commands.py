@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from kiln.config import Config, SourceConfig, build, int_at_least, load_config, validate_source
+from kiln.cliargs import int_at_least
+from kiln.config import Config, SourceConfig, build, load_config, validate_source
 from kiln.errors import DataError
 
 USAGE = """kiln data <command>

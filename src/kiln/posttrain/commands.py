@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kiln.config import Config, PostTrainConfig, int_at_least, merge_config, parse_overrides
+from kiln.cliargs import int_at_least
+from kiln.config import Config, PostTrainConfig, merge_config, parse_overrides
 from kiln.data.cursor import DataId
 from kiln.errors import ConfigError
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from kiln.config import Config, TrainConfig, parse_duration, to_dict, unseen_smoothing_blocker
+from kiln.config import Config, TrainConfig, parse_duration, to_dict
 from kiln.data.stages import StagedLoader
 from kiln.data.stages import describe as describe_stages
 from kiln.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_digest
@@ -36,6 +36,7 @@ from kiln.device import autocast_for, train_precision
 from kiln.errors import ConfigError, DataError, KilnError
 from kiln.eval.suite import load_tasks
 from kiln.generate import generate_text
+from kiln.model.loss import unseen_smoothing_blocker
 from kiln.optim import describe_schedule, length_free_steps, lr_factor, param_dtype
 from kiln.parallel.mesh import Layout, init_layout, shutdown
 from kiln.parallel.pipeline import microbatches
