@@ -168,26 +168,30 @@ def test_bf16_stochastic_rounding_resumes_bitwise(tmp_path, name):
 
 
 def test_checkpoints_mirror_to_an_fsspec_url_and_resume_from_it(tmp_path):
-    """A run mirrors its checkpoints (retention included); on a fresh disk it resumes from the mirror."""
+    """A run mirrors its checkpoints (retention included); on a fresh disk it resumes from the mirror, whose
+    retention then counts the mirror's own checkpoints, not the fewer on the new disk."""
     import shutil
 
     url = (tmp_path / "bucket" / "run1").as_uri()  # file:// here; s3:// or gs:// with their backends
-    over = {"train.max_steps": 8, "train.save_every": 2, "train.keep_last": 2, "train.checkpoint_url": url}
+    over = {"train.max_steps": 8, "train.save_every": 2, "train.keep_last": 3, "train.checkpoint_url": url}
     ref = tmp_path / "ref"
     ref.mkdir()
     train(load_config("tiny", small_overrides(ref, **{"train.max_steps": 8})), quiet=True)
     train(load_config("tiny", small_overrides(tmp_path, **over, **{"train.stop_at_step": 5})), quiet=True)
     remote = tmp_path / "bucket" / "run1"
     local = [p.name for p in ckpt_io.list_checkpoints(tmp_path / "run")]
-    assert sorted(p.name for p in remote.iterdir()) == sorted(local) == ["step_4", "step_5"]
+    assert sorted(p.name for p in remote.iterdir()) == sorted(local) == ["step_2", "step_4", "step_5"]
     assert all((remote / n / "meta.json").exists() for n in local)
     shutil.rmtree(tmp_path / "run")  # the machine's disk is gone
+    train(load_config("tiny", small_overrides(tmp_path, **over, **{"train.stop_at_step": 6})), quiet=True)
+    assert [p.name for p in ckpt_io.list_checkpoints(tmp_path / "run")] == ["step_5", "step_6"]
+    assert sorted(p.name for p in remote.iterdir()) == ["step_4", "step_5", "step_6"]  # not the local two only
     summary = train(load_config("tiny", small_overrides(tmp_path, **over)), quiet=True)
     assert summary["step"] == 8
     wa, wb = ckpt_io.read_model_state(ref / "run"), ckpt_io.read_model_state(tmp_path / "run")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # resumed exactly from the mirrored step_5
     assert losses(tmp_path / "run") == [x for x in losses(ref / "run") if x[0] > 5]
-    assert sorted(p.name for p in remote.iterdir()) == ["step_6", "step_8"]
+    assert sorted(p.name for p in remote.iterdir()) == ["step_5", "step_6", "step_8"]
     bad = small_overrides(tmp_path, **{"train.checkpoint_url": "nosuchproto://x/y", "run.out_dir": str(tmp_path / "z")})
     from kiln.errors import ConfigError
 

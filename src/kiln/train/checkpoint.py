@@ -413,12 +413,9 @@ def rotate(ckpt_root: Path, *, keep_last: int, keep_best: int = 0) -> list[Path]
     """Delete checkpoints outside the newest `keep_last` (0 keeps all) and the `keep_best` lowest
     eval losses. Returns the deleted paths. Stale temp folders are removed too."""
     ckpts = list_checkpoints(ckpt_root)
-    keep = set(ckpts[-keep_last:]) if keep_last > 0 else set(ckpts)
-    if keep_best > 0:
-        scored = [(_best_score(read_meta(p)), p) for p in ckpts]
-        scored = sorted((loss, i, p) for i, (loss, p) in enumerate(scored) if isinstance(loss, float))
-        keep |= {p for _, _, p in scored[:keep_best]}
-    doomed = [p for p in ckpts if p not in keep]
+    scores = [best_score(read_meta(p)) if keep_best > 0 else None for p in ckpts]
+    keep = retained(scores, keep_last=keep_last, keep_best=keep_best)
+    doomed = [p for i, p in enumerate(ckpts) if i not in keep]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     for stale in ckpt_root.glob(".step_*.tmp"):
@@ -426,7 +423,18 @@ def rotate(ckpt_root: Path, *, keep_last: int, keep_best: int = 0) -> list[Path]
     return doomed
 
 
-def _best_score(meta: dict[str, Any]) -> float | None:
+def retained(scores: list[Any], *, keep_last: int, keep_best: int = 0) -> set[int]:
+    """Retention over checkpoints oldest first, given each one's keep-best score (a float, else none): the
+    indices of the newest `keep_last` (0: all) and of the `keep_best` lowest scores."""
+    n = len(scores)
+    keep = set(range(max(0, n - keep_last), n)) if keep_last > 0 else set(range(n))
+    if keep_best > 0:
+        scored = sorted((s, i) for i, s in enumerate(scores) if isinstance(s, float))
+        keep |= {i for _, i in scored[:keep_best]}
+    return keep
+
+
+def best_score(meta: dict[str, Any]) -> float | None:
     """A checkpoint's keep-best score (lower is better): train.keep_best_metric's, else its eval loss."""
     return meta.get("best_score", meta.get("eval_loss"))
 

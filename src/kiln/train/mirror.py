@@ -3,8 +3,8 @@
 A checkpoint is always written locally first, atomically (kiln.train.checkpoint). Rank 0 then
 mirrors it to `train.checkpoint_url`: every file of `step_<N>/` is uploaded, `meta.json` last. Object
 stores have no atomic rename, so `meta.json` is the completion marker there too: a folder without it
-(an interrupted upload) is ignored and overwritten. Retention applies to the mirror as to the local
-folder. A run that finds no local checkpoint but a complete one at the URL (a fresh machine, an
+(an interrupted upload) is ignored and overwritten. Retention applies to the mirror's own checkpoints as to
+the local folder's. A run that finds no local checkpoint but a complete one at the URL (a fresh machine, an
 ephemeral disk) downloads the latest first and resumes from it.
 
 The remote protocol's backend must be installed (`pip install s3fs` for s3://, `gcsfs` for gs://);
@@ -13,11 +13,13 @@ otherwise the run stops at start with one line naming the package.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
 
 from kiln.errors import ConfigError
+from kiln.train.checkpoint import best_score, retained
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -84,13 +86,14 @@ class Mirror:
         tmp.rename(final)
         return final
 
-    def retain(self, keep: set[str]) -> None:
-        """Delete remote checkpoints (complete or partial) whose names are not in `keep`."""
-        try:
-            entries = self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:
-            return
-        for e in entries:
+    def retain(self, *, keep_last: int, keep_best: int = 0) -> None:
+        """The local folder's retention, applied to the mirror's own complete checkpoints (a run resumed from
+        the mirror on a fresh disk holds fewer locally); partial uploads are deleted."""
+        complete = self.complete()
+        scores = [best_score(json.loads(self.fs.cat_file(self._path(name, "meta.json")))) if keep_best > 0 else None
+                  for _, name in complete]
+        keep = {complete[i][1] for i in retained(scores, keep_last=keep_last, keep_best=keep_best)}
+        for e in self.fs.ls(self.root, detail=False):
             name = e.rstrip("/").rsplit("/", 1)[-1]
             if STEP_RE.match(name) and name not in keep:
                 self.fs.rm(self._path(name), recursive=True)

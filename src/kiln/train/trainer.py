@@ -397,7 +397,7 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
         ckpt_io.rotate(out / "checkpoints", keep_last=cfg.train.keep_last, keep_best=cfg.train.keep_best)
         if mirror is not None:
             mirror.upload(path)
-            mirror.retain({p.name for p in ckpt_io.list_checkpoints(out)})
+            mirror.retain(keep_last=cfg.train.keep_last, keep_best=cfg.train.keep_best)
 
     t = cfg.train
     checkpointer = ckpt_io.Checkpointer(
