@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import kiln_cmd
+from conftest import run_kiln
 from kiln.config import OptimConfig, load_config, parse_duration
 from kiln.errors import ConfigError
 from kiln.eval.suite import heldout_next_items, load_tasks
@@ -26,7 +26,7 @@ from test_train import small_overrides
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(kiln_cmd(*args), capture_output=True, text=True, timeout=600)
+    return run_kiln(*args, capture_output=True, text=True, timeout=600)
 
 
 def train_records(run: Path) -> dict[int, dict]:
@@ -74,6 +74,12 @@ def test_the_budget_clock_starts_when_the_command_did(tmp_path):
         train(cfg, quiet=True, started=time.time() - 100)
     took = float(re.search(r"already took ([0-9.]+) s", str(e.value)).group(1))
     assert 100 <= took < 100 + 60  # the 100 s before, plus this process's setup
+    assert not (tmp_path / "run").exists()  # the run folder it made is gone with it
+    (tmp_path / "run").mkdir()  # a folder with something of the user's in it is left as it was
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"^train.time_budget 12s is too short"):
+        train(cfg, quiet=True, started=time.time() - 100)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine" and (tmp_path / "run" / "config.yaml").exists()
 
 
 @pytest.mark.parametrize("stage, row", [
@@ -325,9 +331,9 @@ def test_a_budget_too_short_is_one_line_and_saves_nothing(tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1].startswith("kiln: error: train.time_budget 0.5s is too short")
     assert "setting the run up already took" in res.stderr  # before the first eval: no eval, no step was paid for
-    assert not [r for r in read_metrics(tmp_path / "run") if r["kind"] in ("eval", "train")]
     assert "Traceback" not in res.stderr
-    assert ckpt_io.list_checkpoints(tmp_path / "run") == []
+    # the refused run leaves no folder: a later run there is a new run, not "re-logged after resume"
+    assert not (tmp_path / "run").exists()
 
 
 def test_target_loss_stops_at_the_first_eval_that_reaches_it_and_reports_the_cost(tmp_path):

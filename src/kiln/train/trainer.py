@@ -18,6 +18,7 @@ import contextlib
 import functools
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from kiln.parallel.mesh import Layout, init_layout, shutdown
 from kiln.parallel.pipeline import microbatches
 from kiln.runinfo import format_duration, run_info
 from kiln.train import checkpoint as ckpt_io
-from kiln.train.budget import TimeBudget
+from kiln.train.budget import BudgetTooShort, TimeBudget
 from kiln.train.control import JobControl, Requests
 from kiln.train.engine import Engine
 from kiln.train.evaluator import Evaluation, Evaluator, target_met
@@ -228,16 +229,23 @@ def train(cfg: Config, *, objective: Objective | None = None, fresh: bool = Fals
     if objective is None:  # pretraining reads cfg.data's sources (post-training reads its own)
         check_sources(cfg)
     layout = init_layout(cfg.parallel, cfg.model, cfg.run.device)
-    with contextlib.ExitStack() as closing:  # closes what setup opened (data workers, sinks), also on errors
-        closing.callback(shutdown, layout)
-        plan = make_plan(cfg.model, cfg.train, cfg.optim, dp_size=layout.dp_size,
-                         pipeline_microbatches=microbatches(cfg.parallel) if layout.pp > 1 else 1,
-                         stages=cfg.data.stages)
-        if dry:
-            return dry_run(cfg, plan, layout, fresh=fresh) if layout.is_main else {"dry_run": True}
-        run = setup(cfg, layout, plan, objective or Objective(), fresh=fresh, quiet=quiet or not layout.is_main,
-                    closing=closing, started=time.time() if started is None else started)
-        return fit(run)
+    out = Path(cfg.run.out_dir)
+    new_folder = layout.is_main and not dry and (fresh or not out.exists() or not any(out.iterdir()))
+    try:
+        with contextlib.ExitStack() as closing:  # closes what setup opened (data workers, sinks), also on errors
+            closing.callback(shutdown, layout)
+            plan = make_plan(cfg.model, cfg.train, cfg.optim, dp_size=layout.dp_size,
+                             pipeline_microbatches=microbatches(cfg.parallel) if layout.pp > 1 else 1,
+                             stages=cfg.data.stages)
+            if dry:
+                return dry_run(cfg, plan, layout, fresh=fresh) if layout.is_main else {"dry_run": True}
+            run = setup(cfg, layout, plan, objective or Objective(), fresh=fresh, quiet=quiet or not layout.is_main,
+                        closing=closing, started=time.time() if started is None else started)
+            return fit(run)
+    except BudgetTooShort:
+        if new_folder and not ckpt_io.list_checkpoints(out):  # its config, run.json and first eval's records:
+            shutil.rmtree(out, ignore_errors=True)  # a later run there starts clean
+        raise
 
 
 def fit(run: Run) -> dict[str, Any]:
