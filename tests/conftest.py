@@ -5,12 +5,13 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+from kilnproc import kiln_cmd, run_kiln  # noqa: F401  (the tests' way to run `kiln ARGS`)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -43,8 +44,3 @@ needs_inductor_cpu = pytest.mark.skipif(
 def _deterministic():
     torch.manual_seed(0)
     yield
-
-
-def kiln_cmd(*args: str) -> list[str]:
-    """Command line that runs the kiln CLI with this interpreter."""
-    return [sys.executable, "-m", "kiln", *args]

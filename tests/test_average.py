@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import kiln_cmd
+from conftest import run_kiln
 from kiln.config import load_config
 from kiln.train import checkpoint as ckpt_io
 from kiln.train.trainer import train
@@ -15,7 +15,7 @@ from test_train import small_overrides
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(kiln_cmd(*args), capture_output=True, text=True, timeout=600)
+    return run_kiln(*args, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,9 @@ first prompt (it was the default, or an error only after the first message)."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
-from conftest import kiln_cmd
+from conftest import run_kiln
 from kiln.cli import main
 from test_sft import base_checkpoint
 
@@ -48,11 +46,11 @@ def test_chat_refuses_an_integer_out_of_range_as_generate_does(ckpt, flag, value
 
 def test_chat_refuses_a_reply_length_past_the_context_and_says_so_in_its_help(ckpt):
     """As generate: max_new_tokens >= model.max_seq_len leaves no room for a prompt; --help says what happens."""
-    res = subprocess.run(kiln_cmd("chat", "--checkpoint", str(ckpt), "--max-new-tokens", "500"), input="",
+    res = run_kiln("chat", "--checkpoint", str(ckpt), "--max-new-tokens", "500", input="",
                          capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         f"kiln: error: --max-new-tokens 500 leaves no room for a prompt within model.max_seq_len (128) of {ckpt}; "
         "ask for fewer (e.g. 64)"], res.stderr[-2000:]
-    helptext = " ".join(subprocess.run(kiln_cmd("chat", "--help"), capture_output=True, text=True).stdout.split())
+    helptext = " ".join(run_kiln("chat", "--help", capture_output=True, text=True).stdout.split())
     assert ("tokens per reply, at least 1 (default: min(256, half the model's context)); a value that leaves no room "
             "for a prompt within the context (>= model.max_seq_len) is refused") in helptext

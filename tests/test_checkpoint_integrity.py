@@ -15,7 +15,7 @@ import pytest
 import torch
 import xxhash
 
-from conftest import kiln_cmd
+from conftest import run_kiln
 from kiln.config import load_config
 from kiln.errors import CheckpointError
 from kiln.model import Transformer, build_model
@@ -32,7 +32,7 @@ SHARD = "dcp/__0_0.distcp"
 def kiln(*args: str) -> subprocess.CompletedProcess:
     # the in-process references use this thread count: the same keeps CPU reductions bit-identical
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    return subprocess.run(kiln_cmd(*args), capture_output=True, text=True, env=env, timeout=300)
+    return run_kiln(*args, capture_output=True, text=True, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import kiln_cmd
+from conftest import kiln_cmd, run_kiln
 from kiln.config import load_config
 from kiln.train.trainer import train
 from test_train import small_overrides
 
 
 def run(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(kiln_cmd(*args), capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    return run_kiln(*args, capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
 def assert_user_error(res: subprocess.CompletedProcess, *needles: str) -> None:
@@ -193,15 +193,15 @@ def test_relative_tokenizer_and_chat_template_paths_work_from_another_folder(tmp
     over = small_overrides(tmp_path, **{"data.tokenizer": "tok", "model.vocab_size": 320,
                                         "posttrain.chat_template": "chat.jinja", "train.max_steps": 1,
                                         "run.out_dir": "run"})
-    res = subprocess.run(kiln_cmd("train", "tiny", *over, "--quiet"), cwd=work, capture_output=True, text=True)
+    res = run_kiln("train", "tiny", *over, "--quiet", cwd=work, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     run = work / "run"
     saved = load_config(str(run / "config.yaml"))
     assert (saved.data.tokenizer, saved.posttrain.chat_template) == (str(work / "tok"), str(work / "chat.jinja"))
-    res = subprocess.run(kiln_cmd("generate", "--checkpoint", str(run), "--prompt", "What is", "--max-new-tokens", "4"),
+    res = run_kiln("generate", "--checkpoint", str(run), "--prompt", "What is", "--max-new-tokens", "4",
                          cwd=elsewhere, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.startswith("What is"), res.stderr[-2000:]
-    res = subprocess.run(kiln_cmd("export", "--checkpoint", str(run), "--out", "hf"), cwd=elsewhere,
+    res = run_kiln("export", "--checkpoint", str(run), "--out", "hf", cwd=elsewhere,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((elsewhere / "hf" / "tokenizer_config.json").read_text())["chat_template"] == CHATML

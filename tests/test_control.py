@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import kiln_cmd
+from conftest import kiln_cmd, run_kiln
 from kiln.config import load_config
 from kiln.train import checkpoint as ckpt_io
 from kiln.train.metrics import read_metrics
@@ -100,7 +100,7 @@ def test_job_control_save_stop_abort_on_a_live_run(tmp_path, reference):
     wait_for_step(run, 5, proc)
 
     def control(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(kiln_cmd("control", *args), capture_output=True, text=True, timeout=180,
+        return run_kiln("control", *args, capture_output=True, text=True, timeout=180,
                               env={**os.environ, **env})
 
     listed = control("list")
@@ -217,10 +217,10 @@ def test_metrics_after_ten_random_kill_9_equal_the_uninterrupted_runs(tmp_path):
 
 def test_control_without_a_job_is_a_clear_error(tmp_path):
     env = {**os.environ, "KILN_JOBS_DIR": str(tmp_path / "jobs")}
-    res = subprocess.run(kiln_cmd("control", "save", "nothing-here"), capture_output=True, text=True, timeout=120,
+    res = run_kiln("control", "save", "nothing-here", capture_output=True, text=True, timeout=120,
                          env=env)
     assert res.returncode == 2 and res.stderr.startswith("kiln: error: no running kiln job matches 'nothing-here'")
-    res = subprocess.run(kiln_cmd("control", "list"), capture_output=True, text=True, timeout=120, env=env)
+    res = run_kiln("control", "list", capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0 and "no running kiln jobs" in res.stdout
-    res = subprocess.run(kiln_cmd("control", "save"), capture_output=True, text=True, timeout=120, env=env)
+    res = run_kiln("control", "save", capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 2 and res.stderr.strip() == "kiln: error: kiln control save: no running kiln jobs"

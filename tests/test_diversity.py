@@ -7,12 +7,11 @@ that repeats one document (must WARN), and the stream-order loader against the r
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import kiln_cmd
+from conftest import run_kiln
 from kiln.cli import main as cli
 from kiln.config import SourceConfig
 from kiln.data.diversity import PASS_RATIO, Diversity, expected, observe, shard_diversity, text_diversity
@@ -135,7 +134,7 @@ def test_kiln_data_verify_prints_the_diversity(folders, capsys):
         return lines[-2], json.loads(lines[-1])
 
     text = [folders["text"], "--seq-len", str(T), "--batch-size", str(B), "--tokenizer", folders["tok"]]
-    r = subprocess.run(kiln_cmd("data", "verify", *text), capture_output=True, text=True, timeout=300)
+    r = run_kiln("data", "verify", *text, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr  # the default data.row_shuffle, as a user types it
     line, summary = r.stdout.strip().splitlines()[-2:]
     assert line.startswith("diversity: PASS: 4.") and "per 10 batches" in line, line

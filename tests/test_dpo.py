@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import kiln_cmd
+from conftest import run_kiln
 from kiln.data.tokenizer import load_tokenizer
 from kiln.model import build_model
 from kiln.posttrain.chat import ChatFormat
@@ -185,8 +184,8 @@ def test_cli_rejects_incomplete_pairs(tmp_path):
     ckpt = base_checkpoint(tmp_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "hi", "chosen": "yes"}) + "\n")
-    res = subprocess.run(kiln_cmd("dpo", "--checkpoint", str(ckpt), "--data", str(bad), "--run.out_dir",
-                                  str(tmp_path / "d")), capture_output=True, text=True)
+    res = run_kiln("dpo", "--checkpoint", str(ckpt), "--data", str(bad), "--run.out_dir",
+                                  str(tmp_path / "d"), capture_output=True, text=True)
     assert res.returncode == 2 and f"{bad}:1: a preference record needs" in res.stderr
 
 

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import kiln_cmd
+from conftest import run_kiln
 from kiln.config import load_config
 from kiln.model import build_model
 from kiln.train import checkpoint as ckpt_io
@@ -20,7 +20,7 @@ DECAY = 0.8
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(kiln_cmd(*args), capture_output=True, text=True, timeout=600)
+    return run_kiln(*args, capture_output=True, text=True, timeout=600)
 
 
 def ramp(n: int, decay: float = DECAY) -> float:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import itertools
-import subprocess
 
 import pytest
 import torch
 
-from conftest import kiln_cmd
+from conftest import run_kiln
 from kiln.config import load_config
 from kiln.errors import ConfigError
 from kiln.estimate import estimate_memory, layer_activation_terms
@@ -241,7 +240,7 @@ def test_the_weights_moving_average_counts_as_state():
 def test_a_layout_training_refuses_is_refused_with_trainings_line(flag, value):
     """tiny (4 heads, 4 layers) cannot split over tp=3 or 8 pipeline stages: `kiln estimate` says so in the
     line training prints (at the process count the layout asks for), instead of estimating fractional layers."""
-    res = subprocess.run(kiln_cmd("estimate", "tiny", flag, value), capture_output=True, text=True, timeout=120)
+    res = run_kiln("estimate", "tiny", flag, value, capture_output=True, text=True, timeout=120)
     cfg = load_config("tiny", [flag, value])
     with pytest.raises(ConfigError) as training:
         check_layout(cfg.parallel, cfg.model, world_size=int(value))

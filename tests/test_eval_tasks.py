@@ -291,16 +291,15 @@ def test_gsm8k_refuses_max_new_tokens_that_leave_no_room_for_the_prompt(tmp_path
 def test_kiln_eval_on_a_file_without_the_text_column_names_the_flags(tmp_path):
     """`kiln eval --data arc.jsonl` (a benchmark file, no "text" column) as a user types it: one line that
     names the command's flags, not the config key the data layer knows (`text_column` on a source)."""
-    import subprocess
 
-    from conftest import kiln_cmd
+    from conftest import run_kiln
     from test_sft import base_checkpoint
 
     ckpt = base_checkpoint(tmp_path)
     data = tmp_path / "arc.jsonl"
     data.write_text(json.dumps({"question": "1?", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
                                 "answerKey": "A"}) + "\n")
-    res = subprocess.run(kiln_cmd("eval", "--checkpoint", str(ckpt), "--data", str(data)), capture_output=True,
+    res = run_kiln("eval", "--checkpoint", str(ckpt), "--data", str(data), capture_output=True,
                          text=True)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1] == (
@@ -311,9 +310,8 @@ def test_kiln_eval_on_a_file_without_the_text_column_names_the_flags(tmp_path):
 def test_an_arc_answer_key_that_is_no_label_names_the_labels(tmp_path):
     """ARC's answerKey names one of choices.label: a key with no such label ("C" of A, B) is reported as
     such, at its file:line, not as an index (2) outside the choices that the user never wrote."""
-    import subprocess
 
-    from conftest import kiln_cmd
+    from conftest import run_kiln
     from test_sft import base_checkpoint
 
     ckpt = base_checkpoint(tmp_path)
@@ -321,7 +319,7 @@ def test_an_arc_answer_key_that_is_no_label_names_the_labels(tmp_path):
     rows = [{"question": "1?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": key}
             for key in ("A", "C")]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    res = subprocess.run(kiln_cmd("eval", "--checkpoint", str(ckpt), "--data", str(data), "--task", "mc"),
+    res = run_kiln("eval", "--checkpoint", str(ckpt), "--data", str(data), "--task", "mc",
                          capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         f"kiln: error: {data}:2: answerKey 'C' is not one of the labels A, B"], res.stderr[-2000:]
@@ -330,16 +328,15 @@ def test_an_arc_answer_key_that_is_no_label_names_the_labels(tmp_path):
 def test_kiln_eval_mc_prints_acc_as_lm_eval_and_the_training_logs_name_it(tmp_path):
     """Training logs eval/<task>/acc and acc_norm (kiln.eval.suite), lm-eval prints acc and acc_norm: the
     command's JSON has the same names; "accuracy", its older name, stays for scripts that read it."""
-    import subprocess
 
-    from conftest import kiln_cmd
+    from conftest import run_kiln
     from test_sft import base_checkpoint
 
     ckpt = base_checkpoint(tmp_path)
     data = tmp_path / "mc.jsonl"
     data.write_text("".join(json.dumps({"context": f"{i} is", "choices": [" yes", " no"], "answer": i % 2}) + "\n"
                             for i in range(4)))
-    res = subprocess.run(kiln_cmd("eval", "--checkpoint", str(ckpt), "--data", str(data), "--task", "mc"),
+    res = run_kiln("eval", "--checkpoint", str(ckpt), "--data", str(data), "--task", "mc",
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import kiln_cmd
+from conftest import run_kiln
 from kiln.config import Config, ModelConfig, TrainConfig
 from kiln.model import build_model
 from kiln.train.checkpoint import save_checkpoint
@@ -27,7 +26,7 @@ def run(tmp_path_factory) -> Path:
 
 
 def export(run: Path, out: Path, *args: str, umask: int = 0o022) -> None:
-    res = subprocess.run(kiln_cmd("export", "--checkpoint", str(run), "--out", str(out), *args), capture_output=True,
+    res = run_kiln("export", "--checkpoint", str(run), "--out", str(out), *args, capture_output=True,
                          text=True, timeout=300, preexec_fn=lambda: os.umask(umask))
     assert res.returncode == 0, res.stderr[-2000:]
 

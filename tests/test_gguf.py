@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import kiln_cmd
+from conftest import run_kiln
 from kiln.config import Config, ModelConfig, TrainConfig
 from kiln.convert.gguf import (
     BYTE,
@@ -339,7 +339,7 @@ def test_cli_refuses_to_overwrite_a_gguf_file_kiln_did_not_write(tmp_path):
 
 
 def kiln(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(kiln_cmd(*args), capture_output=True, text=True, timeout=300)
+    return run_kiln(*args, capture_output=True, text=True, timeout=300)
 
 
 def test_cli_exports_gguf(tmp_path):

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, kiln_cmd
+from conftest import ROOT, run_kiln
 from kiln.config import Config, ModelConfig, TrainConfig
 from kiln.convert.gguf import export_gguf
 from kiln.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
@@ -231,7 +230,7 @@ def test_trained_model_greedy_equals_kiln_generate(trained, work, capsys):
     """f32: llama.cpp's greedy continuation of each prompt is kiln's, token for token, and its text is what
     `kiln generate --temperature 0` prints."""
     out = work / "trained-f32.gguf"
-    res = subprocess.run(kiln_cmd("export", "--checkpoint", str(trained), "--format", "gguf", "--out", str(out)),
+    res = run_kiln("export", "--checkpoint", str(trained), "--format", "gguf", "--out", str(out),
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     model, cfg, _ = load_for_inference(trained)
@@ -249,8 +248,8 @@ def test_trained_model_greedy_equals_kiln_generate(trained, work, capsys):
             report(capsys, f"trained f32 greedy {prompt!r} -> {tok.decode(ids + ours)[len(prompt):][:70]!r}")
         assert len(seen) > 24  # the prompts lead to different text
         prompt = PROMPTS[0]
-        cli = subprocess.run(kiln_cmd("generate", "--checkpoint", str(trained), "--prompt", prompt, "--temperature",
-                                      "0", "--max-new-tokens", "32"), capture_output=True, text=True, timeout=600)
+        cli = run_kiln("generate", "--checkpoint", str(trained), "--prompt", prompt, "--temperature",
+                                      "0", "--max-new-tokens", "32", capture_output=True, text=True, timeout=600)
         assert cli.returncode == 0, cli.stderr
         text = llm.llm.create_completion(prompt, max_tokens=32, temperature=0.0, repeat_penalty=1.0)["choices"][0]
         assert cli.stdout[:-1] == prompt + text["text"]

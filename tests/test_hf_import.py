@@ -4,14 +4,13 @@ template survive the round trip for Llama, Qwen3 and SmolLM3; the imported check
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import kiln_cmd
+from conftest import run_kiln
 from kiln.config import load_config
 from kiln.export import ExportError, export_checkpoint, import_hf_folder
 from kiln.train import checkpoint as ckpt_io
@@ -61,7 +60,7 @@ def test_import_export_round_trip_keeps_logits_tokens_and_template(tmp_path, fam
     original, src = hf_folder(tmp_path, family)
     run = tmp_path / "run"
     if family == "llama":  # once through the command line, as a user would
-        res = subprocess.run(kiln_cmd("import", "--hf", str(src), "--out", str(run)), capture_output=True, text=True)
+        res = run_kiln("import", "--hf", str(src), "--out", str(run), capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
         ckpt = ckpt_io.resolve_checkpoint(run)
     else:
@@ -160,7 +159,7 @@ def test_damaged_weights_are_one_line_and_write_nothing(tmp_path):
     model, src = hf_folder(tmp_path, "llama")
     weights, out = src / "model.safetensors", tmp_path / "run"
     weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
-    res = subprocess.run(kiln_cmd("import", "--hf", str(src), "--out", str(out)), capture_output=True, text=True)
+    res = run_kiln("import", "--hf", str(src), "--out", str(out), capture_output=True, text=True)
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
     assert lines[0] == (f"kiln: error: {weights}: damaged or incomplete (Error while deserializing header: "
@@ -199,12 +198,12 @@ def test_a_tokenizer_too_big_for_the_model_leaves_no_out_folder(tmp_path):
               metadata={"format": "pt"})
     line = f"kiln: error: {src}: its tokenizer has 320 ids but the model only 256"
     out = tmp_path / "new" / "run"
-    res = subprocess.run(kiln_cmd("import", "--hf", str(src), "--out", str(out)), capture_output=True, text=True)
+    res = run_kiln("import", "--hf", str(src), "--out", str(out), capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [line], res.stderr[-2000:]
     assert not (tmp_path / "new").exists()
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
-    res = subprocess.run(kiln_cmd("import", "--hf", str(src), "--out", str(mine)), capture_output=True, text=True)
+    res = run_kiln("import", "--hf", str(src), "--out", str(mine), capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [line], res.stderr[-2000:]
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]

@@ -7,14 +7,13 @@ import json
 import shutil
 import statistics
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import kiln_cmd
+from conftest import run_kiln
 from kiln.cli import main
 from kiln.config import load_config
 from kiln.errors import KilnError
@@ -192,7 +191,7 @@ def test_out_is_written_in_the_format_its_extension_names(runs, tmp_path, capsys
 def test_an_unknown_out_extension_is_one_line_naming_out(runs, tmp_path, action):
     folders = [str(runs["run"])] if action == "plot" else [str(runs["before"]), str(runs["run"])]
     target = tmp_path / "x.gif"
-    res = subprocess.run(kiln_cmd("logs", action, *folders, "--out", str(target)), capture_output=True, text=True,
+    res = run_kiln("logs", action, *folders, "--out", str(target), capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 2 and res.stderr.splitlines() == [
         f"kiln: error: --out {target}: unknown image type .gif; end the file name in .png, .jpg, .jpeg, .pdf, .svg"]

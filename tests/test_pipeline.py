@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 
 import pytest
 
-from conftest import kiln_cmd
+from conftest import run_kiln
 
 SHAPE = ["--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2", "--model.n_kv_heads", "1",
          "--model.ffn_dim", "64", "--train.seq_len", "64", "--train.micro_batch_size", "4",
@@ -17,7 +16,7 @@ SHAPE = ["--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2
 
 
 def kiln(*args: str, stdin: str | None = None) -> str:
-    res = subprocess.run(kiln_cmd(*args), capture_output=True, text=True, input=stdin, timeout=600)
+    res = run_kiln(*args, capture_output=True, text=True, input=stdin, timeout=600)
     assert res.returncode == 0, f"kiln {' '.join(args)} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
     return res.stdout
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import kiln_cmd
+from conftest import run_kiln
 from kiln.config import SourceConfig
 from kiln.data.cursor import DataId
 from kiln.data.tokenizer import load_tokenizer
@@ -31,7 +31,7 @@ TASKS = [{"prompt": f"What is {i}+1?", "answer": str(i + 1)} for i in range(4)]
 
 
 def kiln(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(kiln_cmd(*args), capture_output=True, text=True, cwd=cwd, timeout=300)
+    return run_kiln(*args, capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
 def user_error(res: subprocess.CompletedProcess) -> str:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 
-from conftest import kiln_cmd
+from conftest import run_kiln
 from test_sft import CONVO, base_checkpoint, jsonl
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(kiln_cmd(*args), capture_output=True, text=True, timeout=600)
+    return run_kiln(*args, capture_output=True, text=True, timeout=600)
 
 
 def test_a_missing_chat_template_file_is_named_as_missing(tmp_path):

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import random
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import kiln_cmd
+from conftest import run_kiln
 from kiln.config import DataConfig, SourceConfig, StageConfig, load_config
 from kiln.data.factory import Batching, build_train_source
 from kiln.data.prepare import prepare
@@ -77,8 +76,8 @@ def test_bad_stages_are_one_line(stages, message):
 
 
 def test_bad_stages_on_the_command_line_exit_2_with_one_line(tmp_path):
-    res = subprocess.run(kiln_cmd("train", "tiny", "--run.out_dir", str(tmp_path / "run"), "--data.stages",
-                                  '[{"start": 0, "train": [{"path": "a.jsonl"}]}, {"start": 0.5, "trian": []}]'),
+    res = run_kiln("train", "tiny", "--run.out_dir", str(tmp_path / "run"), "--data.stages",
+                                  '[{"start": 0, "train": [{"path": "a.jsonl"}]}, {"start": 0.5, "trian": []}]',
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         "kiln: error: command line: unknown key 'data.stages[1].trian' (did you mean data.stages[1].train?)"]
@@ -93,7 +92,7 @@ def test_two_stage_run_killed_inside_and_across_the_boundary_resumes_bit_for_bit
     stages = {s: r["data_stage"] for (k, s), r in reference.items() if k == "train"}
     assert stages == {s: "web" if s <= STEPS // 2 else "anneal" for s in range(1, STEPS + 1)}
 
-    dry = subprocess.run(kiln_cmd("train", "tiny", *over_ref, "--dry-run"), capture_output=True, text=True,
+    dry = run_kiln("train", "tiny", *over_ref, "--dry-run", capture_output=True, text=True,
                          timeout=120)
     assert dry.returncode == 0, dry.stderr
     assert "data stage 0 web: steps 0-7 (from 0 tokens): a x1" in dry.stdout
@@ -122,19 +121,19 @@ def test_a_started_stage_may_not_change_and_a_future_one_may(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     base = over[:over.index("--data.stages")] + ["--train.stop_at_step", "6"]
     future = base + ["--data.stages", stages_arg(a, b, weight=0.25)]
-    res = subprocess.run(kiln_cmd("train", "tiny", *future), capture_output=True, text=True, timeout=300)
+    res = run_kiln("train", "tiny", *future, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "data.stages 1 changed since the last checkpoint; the run has not reached them" in res.stdout
     assert "data stage 1 anneal: steps 8-end (from 1,024 tokens): a x0.75, b x0.25" in res.stdout
     past = base + ["--data.stages", stages_arg(b, b, weight=0.25)]  # stage 0 now reads b
-    res = subprocess.run(kiln_cmd("train", "tiny", *past), capture_output=True, text=True, timeout=300)
+    res = run_kiln("train", "tiny", *past, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stdout
     assert res.stderr.strip().splitlines() == [
         "kiln: error: data.stages[0] (web) changed after the run started it; a started stage must stay as it was: "
         "restore it (or start fresh), and change only stages the run has not reached"]
     assert [p.name for p in ckpt_io.list_checkpoints(tmp_path / "run")][-1] == "step_6"  # nothing lost
     plain = base + ["--data.train", json.dumps([{"path": str(a)}])]
-    res = subprocess.run(kiln_cmd("train", "tiny", *plain), capture_output=True, text=True, timeout=300)
+    res = run_kiln("train", "tiny", *plain, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "data position is for data.stages, and this run has none" in res.stderr
 
 
@@ -197,7 +196,7 @@ def test_a_time_budget_places_fractional_stages_on_the_steps_it_fixes(tmp_path):
     over = staged_overrides(tmp_path, **{"train.save_every": 1000, "optim.warmup_steps": 8})
     i = over.index("--train.max_steps")
     over = over[:i] + over[i + 2:] + ["--train.time_budget", "10s"]  # the clock counts the start-up too
-    res = subprocess.run(kiln_cmd("train", "tiny", *over), capture_output=True, text=True, timeout=300)
+    res = run_kiln("train", "tiny", *over, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt = ckpt_io.list_checkpoints(tmp_path / "run")[-1]
     planned = torch.load(ckpt / "state" / "common.pt", weights_only=False)["planned_steps"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import kiln_cmd
+from conftest import run_kiln
 from kiln.config import Config, ModelConfig, SourceConfig
 from kiln.data.sources import CORPUS_DIR
 from kiln.data.tokenizer import load_tokenizer, tokenizer_digest
@@ -40,7 +40,7 @@ TEXTS = [
 
 
 def run(*args: str, ok: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    res = subprocess.run(kiln_cmd(*args), capture_output=True, text=True, timeout=timeout)
+    res = run_kiln(*args, capture_output=True, text=True, timeout=timeout)
     if ok:
         assert res.returncode == 0, f"kiln {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}"
     return res
