@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kilnproc import kiln_cmd, run_kiln  # noqa: F401  (the tests' way to run `kiln ARGS`)
+from kilnproc import kiln_cmd, run_kiln, start_kiln  # noqa: F401  (the tests' way to run `kiln ARGS`)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -7,10 +7,10 @@ the child is a new process with its own pid, memory, working folder, environment
 runs `kiln.cli.main` (what the `kiln` script runs) on the arguments as typed, and ends as an interpreter does
 (threads joined, atexit handlers run). kiln itself is imported fresh in every child.
 
-Where the fork could differ from a fresh interpreter it is not used and `run_kiln` runs the real one: an
-environment that changes what torch reads at import (thread counts, PYTHON*, TORCH*, ...) or options this module
-does not mimic. Tests that signal or kill a live run use subprocess.Popen directly, and tests/test_startup.py
-times real interpreters.
+`start_kiln` starts one to signal, kill or wait for (subprocess.Popen's methods). Where the fork could differ
+from a fresh interpreter it is not used and the real one runs: an environment that changes what those imports read
+(thread counts, PYTHON*, TORCH*, HF_*, ...) or options this module does not mimic. tests/test_startup.py and
+tests/test_e2e.py run real interpreters; KILN_TESTS_REAL_PROCESSES=1 makes every command one.
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ from __future__ import annotations
 import locale
 import multiprocessing
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+import weakref
+from collections.abc import Mapping, Sequence
 
 # imported once in the server (~3.5 s on 2 cores): torch; what every checkpoint save and load imports (DTensor);
 # torch._dynamo, which torch.optim's optimizers import when built; datasets and transformers (data sources, export)
@@ -30,8 +33,9 @@ PRELOAD = ["torch", "torch.distributed.checkpoint", "torch._dynamo", "datasets",
 # variables read when those modules are imported: a command whose environment changes one runs for real
 IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "GOMP_", "TORCH", "PYTORCH", "CUDA", "NCCL", "LD_", "PYTHON", "MALLOC",
                    "HF_", "TRANSFORMERS", "DATASETS", "TOKENIZERS", "XDG_")
-# ...but not these two: torch sets them in the test process when it loads inductor, and reads them later
-RUNTIME_ENV = {"TORCHINDUCTOR_CACHE_DIR", "KMP_DUPLICATE_LIB_OK"}
+# ...but not these: torch sets the first two in the test process when it loads inductor, and reads them later;
+# lm_eval sets the third when imported, and it only tunes downloads (the tests make none)
+RUNTIME_ENV = {"TORCHINDUCTOR_CACHE_DIR", "KMP_DUPLICATE_LIB_OK", "HF_XET_HIGH_PERFORMANCE"}
 
 _ctx = None
 _server_env: dict[str, str] | None = None  # the server's environment, fixed when it starts (the first command)
@@ -63,35 +67,81 @@ def run_kiln(*args: str, capture_output: bool = True, text: bool = False, cwd: s
              env: Mapping[str, str] | None = None, input: str | bytes | None = None, timeout: float | None = None,
              check: bool = False, **other) -> subprocess.CompletedProcess:
     """subprocess.run(kiln_cmd(*args), capture_output=True, ...), forked from the preloaded server."""
-    cmd = kiln_cmd(*args)
     env = dict(os.environ if env is None else env)
     if other or not capture_output or not _forkable(env):
-        return subprocess.run(cmd, capture_output=capture_output, text=text, cwd=cwd, env=env, input=input,
-                              timeout=timeout, check=check, **other)
-    with tempfile.TemporaryDirectory(prefix="kiln-run-") as tmp:
-        paths = [os.path.join(tmp, name) for name in ("stdin", "stdout", "stderr")]
-        data = input.encode(locale.getpreferredencoding(False)) if isinstance(input, str) else input
-        for path, content in zip(paths, (data or b"", b"", b"")):
-            with open(path, "wb") as f:
-                f.write(content)
-        proc = _ctx.Process(target=_child, args=(list(args), os.fspath(cwd or os.getcwd()), env, paths,
-                                                 input is not None))
-        proc.start()
-        proc.join(timeout)
-        timed_out = proc.exitcode is None
-        if timed_out:
-            proc.kill()
-            proc.join()
-        out, err = (open(p, "rb").read() for p in paths[1:])
-    if text:
-        enc = locale.getpreferredencoding(False)
-        out, err = out.decode(enc), err.decode(enc)
-    if timed_out:
-        raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err)
-    res = subprocess.CompletedProcess(cmd, proc.exitcode, out, err)
+        return subprocess.run(kiln_cmd(*args), capture_output=capture_output, text=text, cwd=cwd, env=env,
+                              input=input, timeout=timeout, check=check, **other)
+    data = input.encode(locale.getpreferredencoding(False)) if isinstance(input, str) else input
+    proc = KilnProcess(args, cwd=cwd, env=env, input=data, text=text)
+    try:
+        out, err = proc.communicate(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(proc.args, timeout, output=out, stderr=err) from None
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check:
         res.check_returncode()
     return res
+
+
+def start_kiln(*args: str, cwd: str | os.PathLike | None = None, env: Mapping[str, str] | None = None):
+    """subprocess.Popen(kiln_cmd(*args), stdout=PIPE, stderr=PIPE, text=True), forked from the preloaded server:
+    a live run to signal, kill or wait for."""
+    env = dict(os.environ if env is None else env)
+    if not _forkable(env):
+        return subprocess.Popen(kiln_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                                env=env)
+    return KilnProcess(args, cwd=cwd, env=env, input=None, text=True)
+
+
+class KilnProcess:
+    """A `kiln ARGS` process forked from the server, with the subprocess.Popen methods the tests use. Its
+    stdout and stderr go to files; `stdout.read()` gives what it wrote so far."""
+
+    def __init__(self, args: Sequence[str], *, cwd, env: dict[str, str], input: bytes | None, text: bool) -> None:
+        self.args = kiln_cmd(*args)
+        folder = tempfile.mkdtemp(prefix="kiln-run-")
+        weakref.finalize(self, shutil.rmtree, folder, True)
+        paths = [os.path.join(folder, name) for name in ("stdin", "stdout", "stderr")]
+        for path, content in zip(paths, (input or b"", b"", b"")):
+            with open(path, "wb") as f:
+                f.write(content)
+        self._proc = _ctx.Process(target=_child, args=(list(args), os.fspath(cwd or os.getcwd()), env, paths,
+                                                       input is not None))
+        self._proc.start()
+        self.pid = self._proc.pid
+        enc = locale.getpreferredencoding(False)
+        self.stdout, self.stderr = ((open(p, encoding=enc) if text else open(p, "rb")) for p in paths[1:])
+        weakref.finalize(self, self.stdout.close)
+        weakref.finalize(self, self.stderr.close)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.exitcode
+
+    def poll(self) -> int | None:
+        return self._proc.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._proc.join(timeout)
+        if self._proc.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._proc.exitcode
+
+    def communicate(self, timeout: float | None = None) -> tuple:
+        self.wait(timeout)
+        return self.stdout.read(), self.stderr.read()
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # never a pid the system may have given to another process since
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
 
 
 def _child(args: list[str], cwd: str, env: dict[str, str], paths: list[str], has_input: bool) -> None:

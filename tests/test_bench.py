@@ -27,7 +27,7 @@ SMALL = ["--model.vocab_size", "1024", "--model.d_model", "64", "--model.n_layer
 def test_bench_cli_prints_one_json_line():
     res = run_kiln("bench", "tiny", "--steps", "2", "--warmup", "1", *SMALL,
                                   "--train.activation_checkpointing", "selective",
-                         capture_output=True, text=True, timeout=300)
+                   capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1
@@ -71,7 +71,7 @@ def test_synthetic_batches_are_packed_documents():
 
 def test_estimate_cli_and_bad_arguments():
     res = run_kiln("estimate", "dense-180m", "--train.activation_checkpointing", "full",
-                         capture_output=True, text=True, timeout=120)
+                   capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     last = json.loads(res.stdout.strip().splitlines()[-1])
     parts = ("params", "grads", "optimizer", "activations", "autocast_copies", "parallel_buffers")
@@ -79,11 +79,11 @@ def test_estimate_cli_and_bad_arguments():
     assert last["total"] == sum(last[k] for k in parts) + transient
     assert last["activation_checkpointing"] == "full" and "selective" in res.stdout
     bad = run_kiln("bench", "tiny", "--train.activation_checkpointing", "most",
-                         capture_output=True, text=True, timeout=120)
+                   capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "activation_checkpointing" in bad.stderr and "Traceback" not in bad.stderr
     # flex has no CPU backward; with compile on, the error used to surface as a Dynamo traceback
     flex = run_kiln("bench", "tiny", *SMALL, "--model.attention", "flex", "--train.compile", "true",
-                          capture_output=True, text=True, timeout=120)
+                    capture_output=True, text=True, timeout=120)
     assert flex.returncode == 2 and "model.attention=flex" in flex.stderr and "Traceback" not in flex.stderr
 
 

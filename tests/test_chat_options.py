@@ -47,7 +47,7 @@ def test_chat_refuses_an_integer_out_of_range_as_generate_does(ckpt, flag, value
 def test_chat_refuses_a_reply_length_past_the_context_and_says_so_in_its_help(ckpt):
     """As generate: max_new_tokens >= model.max_seq_len leaves no room for a prompt; --help says what happens."""
     res = run_kiln("chat", "--checkpoint", str(ckpt), "--max-new-tokens", "500", input="",
-                         capture_output=True, text=True)
+                   capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         f"kiln: error: --max-new-tokens 500 leaves no room for a prompt within model.max_seq_len (128) of {ckpt}; "
         "ask for fewer (e.g. 64)"], res.stderr[-2000:]

@@ -199,10 +199,10 @@ def test_relative_tokenizer_and_chat_template_paths_work_from_another_folder(tmp
     saved = load_config(str(run / "config.yaml"))
     assert (saved.data.tokenizer, saved.posttrain.chat_template) == (str(work / "tok"), str(work / "chat.jinja"))
     res = run_kiln("generate", "--checkpoint", str(run), "--prompt", "What is", "--max-new-tokens", "4",
-                         cwd=elsewhere, capture_output=True, text=True)
+                   cwd=elsewhere, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.startswith("What is"), res.stderr[-2000:]
     res = run_kiln("export", "--checkpoint", str(run), "--out", "hf", cwd=elsewhere,
-                         capture_output=True, text=True)
+                   capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((elsewhere / "hf" / "tokenizer_config.json").read_text())["chat_template"] == CHATML
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import kiln_cmd, run_kiln
+from conftest import run_kiln, start_kiln
 from kiln.config import load_config
 from kiln.train import checkpoint as ckpt_io
 from kiln.train.metrics import read_metrics
@@ -46,8 +46,7 @@ def start(tmp: Path, over: list[str], env_extra: dict[str, str] | None = None) -
     # the reference runs in this process: the same thread count keeps CPU reductions bit-identical
     env = {**os.environ, "KILN_JOBS_DIR": str(tmp / "jobs"), "OMP_NUM_THREADS": str(torch.get_num_threads()),
            **(env_extra or {})}
-    return subprocess.Popen(kiln_cmd("train", "tiny", *over), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    return start_kiln("train", "tiny", *over, env=env)
 
 
 def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -101,7 +100,7 @@ def test_job_control_save_stop_abort_on_a_live_run(tmp_path, reference):
 
     def control(*args: str) -> subprocess.CompletedProcess:
         return run_kiln("control", *args, capture_output=True, text=True, timeout=180,
-                              env={**os.environ, **env})
+                        env={**os.environ, **env})
 
     listed = control("list")
     assert listed.returncode == 0 and str(run.resolve()) in listed.stdout.replace("\n", "")
@@ -218,7 +217,7 @@ def test_metrics_after_ten_random_kill_9_equal_the_uninterrupted_runs(tmp_path):
 def test_control_without_a_job_is_a_clear_error(tmp_path):
     env = {**os.environ, "KILN_JOBS_DIR": str(tmp_path / "jobs")}
     res = run_kiln("control", "save", "nothing-here", capture_output=True, text=True, timeout=120,
-                         env=env)
+                   env=env)
     assert res.returncode == 2 and res.stderr.startswith("kiln: error: no running kiln job matches 'nothing-here'")
     res = run_kiln("control", "list", capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0 and "no running kiln jobs" in res.stdout

@@ -300,7 +300,7 @@ def test_kiln_eval_on_a_file_without_the_text_column_names_the_flags(tmp_path):
     data.write_text(json.dumps({"question": "1?", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
                                 "answerKey": "A"}) + "\n")
     res = run_kiln("eval", "--checkpoint", str(ckpt), "--data", str(data), capture_output=True,
-                         text=True)
+                   text=True)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1] == (
         f"kiln: error: {data}: no column 'text' (columns: question, choices, answerKey); pass --text-column NAME "
@@ -320,7 +320,7 @@ def test_an_arc_answer_key_that_is_no_label_names_the_labels(tmp_path):
             for key in ("A", "C")]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = run_kiln("eval", "--checkpoint", str(ckpt), "--data", str(data), "--task", "mc",
-                         capture_output=True, text=True)
+                   capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         f"kiln: error: {data}:2: answerKey 'C' is not one of the labels A, B"], res.stderr[-2000:]
 
@@ -337,7 +337,7 @@ def test_kiln_eval_mc_prints_acc_as_lm_eval_and_the_training_logs_name_it(tmp_pa
     data.write_text("".join(json.dumps({"context": f"{i} is", "choices": [" yes", " no"], "answer": i % 2}) + "\n"
                             for i in range(4)))
     res = run_kiln("eval", "--checkpoint", str(ckpt), "--data", str(data), "--task", "mc",
-                         capture_output=True, text=True)
+                   capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["n"] == 4 and out["acc"] == out["accuracy"] and 0 <= out["acc_norm"] <= 1

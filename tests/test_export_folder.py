@@ -27,7 +27,7 @@ def run(tmp_path_factory) -> Path:
 
 def export(run: Path, out: Path, *args: str, umask: int = 0o022) -> None:
     res = run_kiln("export", "--checkpoint", str(run), "--out", str(out), *args, capture_output=True,
-                         text=True, timeout=300, preexec_fn=lambda: os.umask(umask))
+                   text=True, timeout=300, preexec_fn=lambda: os.umask(umask))
     assert res.returncode == 0, res.stderr[-2000:]
 
 

@@ -231,7 +231,7 @@ def test_trained_model_greedy_equals_kiln_generate(trained, work, capsys):
     `kiln generate --temperature 0` prints."""
     out = work / "trained-f32.gguf"
     res = run_kiln("export", "--checkpoint", str(trained), "--format", "gguf", "--out", str(out),
-                         capture_output=True, text=True, timeout=600)
+                   capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     model, cfg, _ = load_for_inference(trained)
     tok = load_tokenizer(cfg.data.tokenizer)

@@ -192,7 +192,7 @@ def test_an_unknown_out_extension_is_one_line_naming_out(runs, tmp_path, action)
     folders = [str(runs["run"])] if action == "plot" else [str(runs["before"]), str(runs["run"])]
     target = tmp_path / "x.gif"
     res = run_kiln("logs", action, *folders, "--out", str(target), capture_output=True, text=True,
-                         timeout=120)
+                   timeout=120)
     assert res.returncode == 2 and res.stderr.splitlines() == [
         f"kiln: error: --out {target}: unknown image type .gif; end the file name in .png, .jpg, .jpeg, .pdf, .svg"]
     assert not target.exists()

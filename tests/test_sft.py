@@ -312,7 +312,7 @@ def test_a_source_run_with_a_time_budget_or_target_passes_neither_to_the_next_st
     # given to a stage without --val-data, a target or keep_best would never act: one line, nothing written
     res = run_kiln("sft", "--checkpoint", str(ckpt), "--data", str(chats), "--run.out_dir",
                                   str(tmp_path / "sft-target"), "--train.target_loss", "0.5",
-                         capture_output=True, text=True)
+                   capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(
         "kiln: error: train.target_loss needs evals, and this run has none: give it validation data (kiln sft / dpo / "
         "rlvr: --val-data;")

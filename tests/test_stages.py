@@ -78,7 +78,7 @@ def test_bad_stages_are_one_line(stages, message):
 def test_bad_stages_on_the_command_line_exit_2_with_one_line(tmp_path):
     res = run_kiln("train", "tiny", "--run.out_dir", str(tmp_path / "run"), "--data.stages",
                                   '[{"start": 0, "train": [{"path": "a.jsonl"}]}, {"start": 0.5, "trian": []}]',
-                         capture_output=True, text=True, timeout=120)
+                   capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         "kiln: error: command line: unknown key 'data.stages[1].trian' (did you mean data.stages[1].train?)"]
 
@@ -93,7 +93,7 @@ def test_two_stage_run_killed_inside_and_across_the_boundary_resumes_bit_for_bit
     assert stages == {s: "web" if s <= STEPS // 2 else "anneal" for s in range(1, STEPS + 1)}
 
     dry = run_kiln("train", "tiny", *over_ref, "--dry-run", capture_output=True, text=True,
-                         timeout=120)
+                   timeout=120)
     assert dry.returncode == 0, dry.stderr
     assert "data stage 0 web: steps 0-7 (from 0 tokens): a x1" in dry.stdout
     assert "data stage 1 anneal: steps 8-end (from 1,024 tokens): a x0.5, b x0.5" in dry.stdout

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from kiln.train.metrics import read_metrics
+from kilnproc import run_kiln as kiln_process
 from test_dpo import pairs_data
 from test_sft import addition_chats, base_checkpoint
 
@@ -40,7 +41,11 @@ def run_kiln(stage: str, nproc: int, ckpt: Path, data: Path, out: Path, *extra: 
             "optim.lr": 1e-2, "optim.warmup_steps": 0, "optim.schedule": "constant"}
     cmd = [*launcher, stage, "--checkpoint", str(ckpt), "--data", str(data), "--quiet",
            *(x for k, v in over.items() for x in (f"--{k}", str(v))), *extra]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+    if nproc == 1:  # the reference, forked like the suite's other commands (same thread count as the ranks')
+        res = kiln_process(*cmd[len(launcher):], text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           cwd=ROOT)
+    else:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-5000:]
 
 

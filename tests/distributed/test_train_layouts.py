@@ -23,6 +23,7 @@ from kiln.config import load_config
 from kiln.train import checkpoint as ckpt_io
 from kiln.train.metrics import read_metrics
 from kiln.train.trainer import train
+from kilnproc import run_kiln
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -49,9 +50,8 @@ def shards(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("shards")
     for name, n, seed in (("train", 300, 0), ("val", 30, 1)):
         src = write_corpus(tmp / f"{name}.jsonl", n, seed)
-        res = subprocess.run([sys.executable, "-m", "kiln", "data", "prepare", "--source", str(src), "--out",
-                              str(tmp / name), "--workers", "1", "--quiet"], capture_output=True, text=True,
-                             timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        res = run_kiln("data", "prepare", "--source", str(src), "--out", str(tmp / name), "--workers", "1", "--quiet",
+                       text=True, timeout=300)
         assert res.returncode == 0, res.stderr
     return tmp / "train", tmp / "val"
 
