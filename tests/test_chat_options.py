@@ -54,3 +54,14 @@ def test_chat_refuses_a_reply_length_past_the_context_and_says_so_in_its_help(ck
     helptext = " ".join(run_kiln("chat", "--help", capture_output=True, text=True).stdout.split())
     assert ("tokens per reply, at least 1 (default: min(256, half the model's context)); a value that leaves no room "
             "for a prompt within the context (>= model.max_seq_len) is refused") in helptext
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["chat", "generate"])
+def test_a_missing_gpu_names_the_flag_the_user_typed(ckpt, command, capsys):
+    """`--device cuda` without a GPU: chat said `run.device=cuda`, a key the user never typed; both commands now
+    name --device, before the checkpoint loads."""
+    extra = ["--prompt", "hi"] if command == "generate" else []
+    assert main([command, "--checkpoint", str(ckpt), "--device", "cuda", *extra]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == ["kiln: error: --device cuda: no CUDA device is visible; use --device auto or cpu"]

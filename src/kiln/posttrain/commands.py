@@ -296,9 +296,11 @@ def chat(argv: list[str]) -> int:
     p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--raw", action="store_true", help="no chat template: the model continues your text")
     args = p.parse_args(argv)
+    from kiln.device import pick_device
     from kiln.generate import GenerationError, check_args, generate_from_ids, generate_text
     from kiln.train.checkpoint import load_for_inference
 
+    pick_device(args.device, option="--device")  # a missing GPU is said as the flag the user typed
     try:  # generate's own checks, before the model loads and anyone types
         check_args(max_new_tokens=1, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     repetition_penalty=args.repetition_penalty)
