@@ -284,6 +284,46 @@ def test_data_commands_refuse_counts_they_cannot_use(tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.parametrize("command", [["data", "prepare", "--out", "OUT"], ["tokenizer", "train", "--vocab-size", "300",
+                                                                          "--out", "OUT"]])
+def test_an_unquoted_source_glob_is_named_as_one(tmp_path, monkeypatch, capsys, command):
+    """`--source web/*.jsonl` unquoted reaches kiln as `--source web/a.jsonl web/b.jsonl`: argparse said only
+    "unrecognized arguments: web/b.jsonl". (In-process through kiln.cli.main: refused while parsing.)"""
+    from kiln.cli import main
+
+    (tmp_path / "web").mkdir()
+    for n in "ab":
+        (tmp_path / "web" / f"{n}.jsonl").write_text(json.dumps({"text": n}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    argv = [*[str(tmp_path / "o") if a == "OUT" else a for a in command], "--source", "web/a.jsonl", "web/b.jsonl"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 2 and err.endswith(
+        "error: argument --source: one value each, but web/b.jsonl follows web/a.jsonl (a glob the shell expanded?): "
+        "quote it, --source 'web/*.jsonl', so kiln expands it, or repeat --source"), err
+    with pytest.raises(SystemExit):  # other stray words are argparse's own line
+        main([*argv[:-1], "--bogus", "3"])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("error: unrecognized arguments: --bogus 3")
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_unquoted_data_glob_in_an_override_is_named_as_one(tmp_path, monkeypatch, capsys):
+    from kiln.cli import main
+
+    (tmp_path / "web").mkdir()
+    for n in "ab":
+        (tmp_path / "web" / f"{n}.jsonl").write_text(json.dumps({"text": n}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "tiny", "--data.train", "web/a.jsonl", "web/b.jsonl", "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "kiln: error: unexpected argument 'web/b.jsonl' after --data.train web/a.jsonl: a glob the shell expanded? "
+        "quote it (--data.train 'data/*.jsonl') so kiln expands it"]
+    assert main(["train", "tiny", "--train.max_steps", "5", "oops", "--dry-run"]) == 2  # not a path: the usual line
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "kiln: error: unexpected argument 'oops'; overrides look like --train.max_steps 50"]
+
+
 def test_dry_run_refuses_a_tokenizer_the_model_cannot_hold(tmp_path):
     """--dry-run printed a plan (exit 0) for a config the run refuses at once: more tokenizer ids than rows."""
     res = run("train", "tiny", "--data.tokenizer", "bundled-4k", "--model.vocab_size", "2048", "--dry-run",

@@ -17,3 +17,17 @@ def int_at_least(low: int):
                                              + f", got {value}")
         return value
     return parse
+
+
+def parse_with_sources(p: argparse.ArgumentParser, argv: list[str], option: str = "--source") -> argparse.Namespace:
+    """p.parse_args(argv), except that words after `option`'s value (an unquoted glob the shell expanded:
+    `--source web/*.jsonl` arrives as `--source web/a.jsonl web/b.jsonl`) are said as such, not as argparse's
+    "unrecognized arguments"."""
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        for i, word in enumerate(argv[:-2]):
+            if word == option and argv[i + 2] == extra[0] and not extra[0].startswith("-"):
+                p.error(f"argument {option}: one value each, but {extra[0]} follows {argv[i + 1]} (a glob the shell "
+                        f"expanded?): quote it, {option} 'web/*.jsonl', so kiln expands it, or repeat {option}")
+        p.error("unrecognized arguments: " + " ".join(extra))
+    return args

@@ -512,6 +512,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            if i >= 2 and "=" not in args[i - 2] and Path(args[i - 1]).exists() and Path(arg).exists():
+                raise ConfigError(f"unexpected argument '{arg}' after {args[i - 2]} {args[i - 1]}: a glob the shell "
+                                  f"expanded? quote it ({args[i - 2]} 'data/*.jsonl') so kiln expands it")
             raise ConfigError(f"unexpected argument '{arg}'; overrides look like --train.max_steps 50")
         if "=" in arg:
             key, raw = arg[2:].split("=", 1)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from kiln.cliargs import int_at_least
+from kiln.cliargs import int_at_least, parse_with_sources
 from kiln.config import Config, SourceConfig, build, load_config, validate_source
 from kiln.errors import DataError
 
@@ -49,7 +49,7 @@ def _prepare(argv: list[str]) -> int:
     p.add_argument("--hf-config", default="")
     p.add_argument("--split", default="train")
     p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
+    args = parse_with_sources(p, argv)
     from kiln.data.prepare import prepare
 
     sources = [_source(s, args, i) for i, s in enumerate(args.source)]

@@ -51,6 +51,7 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 
+from kiln.cliargs import parse_with_sources
 from kiln.config import SourceConfig, build, validate_source
 from kiln.data.sources import load_documents, open_stream, stream_error
 from kiln.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_digest
@@ -330,7 +331,7 @@ def _train(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--multiple-of", type=int, default=64, help="round the vocabulary up to this (1: exactly N)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    args = p.parse_args(argv)
+    args = parse_with_sources(p, argv)
     sources = [_source(s, i) for i, s in enumerate(args.source)]
     target = check_vocab_size(args.vocab_size, multiple_of=args.multiple_of)
     if target != args.vocab_size and not args.quiet:
@@ -351,7 +352,7 @@ def _stats(argv: list[str]) -> int:
     p.add_argument("--tokenizer", action="append", default=[], required=True,
                    help="mistral-v3, mistral-v1, or a tokenizer folder/json; repeat to compare")
     _add_sources(p)
-    args = p.parse_args(argv)
+    args = parse_with_sources(p, argv)
     sources = [_source(s, i) for i, s in enumerate(args.source)]
     for spec in args.tokenizer:
         print(json.dumps(tokenizer_stats(spec, sources)), flush=True)
