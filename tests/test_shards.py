@@ -321,11 +321,20 @@ def test_prepare_pins_the_tokenizer_path_and_verify_checks_its_digest(data, tmp_
     assert "tok.json' has changed since the folder was prepared" in err and err.count("\n") == 1, err
 
 
-def test_verify_names_the_first_repeated_block(data, tmp_path, capsys):
-    # 8-token documents repeating every 3: blocks at stride 16 repeat every 3 blocks
+def test_verify_names_the_first_repeated_document_and_block(data, tmp_path, capsys):
+    # repeated documents in a prepared folder: found as in a text source (a shard's blocks were all it checked)
     src = SourceConfig(path=str(write_jsonl(tmp_path / "rep.jsonl", [1000, 1001, 1002] * 5, lengths=[6] * 15)))
     out = tmp_path / "rep"
     prepare([src], out, tokenizer=data["tok"], workers=1, shard_docs=64, quiet=True)
+    assert cli(["data", "verify", str(out), "--seq-len", str(T)]) == 1
+    out_lines, err = capsys.readouterr()
+    assert err.strip() == f"kiln data verify: FAILED: {out}: documents 0 and 3 hold identical tokens; deduplicate the sources"
+    assert json.loads(out_lines.splitlines()[-1]) == {"ok": False, "error": err.strip().split("FAILED: ", 1)[1]}
+    # distinct documents, one of them periodic: blocks at stride 16 repeat inside it
+    (tmp_path / "periodic.jsonl").write_text(
+        json.dumps({"text": " ".join(["1000 1001 1002", *["x"] * 13] * 4)}) + "\n" + json.dumps({"text": "1003 x"}) + "\n")
+    out = tmp_path / "periodic"
+    prepare([SourceConfig(path=str(tmp_path / "periodic.jsonl"))], out, tokenizer=data["tok"], workers=1, quiet=True)
     s = ShardSet(out)
     seen: dict[bytes, int] = {}
     for b in range((s.n_tokens - 1) // T):  # reference: the first block equal to an earlier one

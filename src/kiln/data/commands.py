@@ -123,6 +123,7 @@ def _verify(argv: list[str]) -> int:
                          tokenizer=args.tokenizer or d.tokenizer, stream=stream)
     except VerifyFailed as e:
         print(f"kiln data verify: FAILED: {e}", file=sys.stderr)
+        print(json.dumps({"ok": False, "error": str(e)}))  # the last line is JSON either way
         return 1
     if "diversity" in summary:
         div = summary["diversity"]

@@ -160,6 +160,11 @@ def verify_shards(path: str | Path, *, val: str | None = None, seq_len: int = 20
     `batches` batches of `batch_size` blocks; 0 batches: not measured)."""
     s = ShardSet(path)
     _check_integrity(s)
+    docs = _shard_doc_hashes(s)
+    repeat = _first_repeat(docs)
+    if repeat is not None:  # as for text sources (the blocks below catch only repeats aligned with seq_len)
+        raise VerifyFailed(f"{s.path}: documents {repeat[0]} and {repeat[1]} hold identical tokens; deduplicate the "
+                           "sources")
     _shard_blocks(s, seq_len=seq_len)
     summary: dict[str, Any] = {"ok": True, "tokens": s.n_tokens, "documents": s.n_docs,
                                "blocks": (s.n_tokens - 1) // seq_len}
@@ -178,7 +183,7 @@ def verify_shards(path: str | Path, *, val: str | None = None, seq_len: int = 20
                                    f"{tokenizer_digest(tok)[:12]}, prepared with {digest[:12]}); cannot tokenize {val} "
                                    "to compare: restore that tokenizer, or prepare the validation data as a folder")
             vh = _text_doc_hashes(SourceConfig(path=val), tok)
-        both = _overlap(vh, _shard_doc_hashes(s))
+        both = _overlap(vh, docs)
         if both:
             raise VerifyFailed(f"{both} of {len(vh)} validation documents of {val} also occur in the train data "
                                f"{path}; hold them out of one side")
