@@ -6,9 +6,8 @@ import argparse
 import json
 import sys
 
-from kiln.cliargs import int_at_least, parse_with_sources
-from kiln.config import Config, SourceConfig, build, load_config, validate_source
-from kiln.errors import DataError
+from kiln.cliargs import int_at_least, parse_with_sources, source_arg
+from kiln.config import Config, load_config
 
 USAGE = """kiln data <command>
 
@@ -19,21 +18,6 @@ USAGE = """kiln data <command>
                                           exit 0 when clean: integrity, duplicated content, val overlap;
                                           prints the batches' diversity (documents per batch vs random rows)
 """
-
-
-def _source(arg: str, args: argparse.Namespace, i: int) -> SourceConfig:
-    """A --source value: a path / dataset name, or a JSON object of SourceConfig fields (checked as in a
-    config file)."""
-    if arg.lstrip().startswith("{"):
-        try:
-            data = json.loads(arg)
-        except ValueError as e:
-            raise DataError(f"--source {arg}: not valid JSON ({e})") from None
-        src = build(SourceConfig, data, where="--source")
-    else:
-        src = SourceConfig(path=arg, text_column=args.text_column, hf_config=args.hf_config, split=args.split)
-    validate_source(src, i, where="--source")
-    return src
 
 
 def _prepare(argv: list[str]) -> int:
@@ -52,7 +36,8 @@ def _prepare(argv: list[str]) -> int:
     args = parse_with_sources(p, argv)
     from kiln.data.prepare import prepare
 
-    sources = [_source(s, args, i) for i, s in enumerate(args.source)]
+    sources = [source_arg(s, i, text_column=args.text_column, hf_config=args.hf_config, split=args.split)
+               for i, s in enumerate(args.source)]
     tokenizer = args.tokenizer
     if args.config:
         cfg = load_config(args.config)

@@ -51,8 +51,8 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 
-from kiln.cliargs import parse_with_sources
-from kiln.config import SourceConfig, build, validate_source
+from kiln.cliargs import parse_with_sources, source_arg
+from kiln.config import SourceConfig
 from kiln.data.sources import load_documents, open_stream, stream_error
 from kiln.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_digest
 from kiln.errors import DataError, first_line
@@ -304,20 +304,6 @@ USAGE = """kiln tokenizer <command>
 """
 
 
-def _source(arg: str, i: int) -> SourceConfig:
-    """A --source value: a path / dataset name, or a JSON object of SourceConfig fields (as `kiln data prepare`)."""
-    if arg.lstrip().startswith("{"):
-        try:
-            data = json.loads(arg)
-        except ValueError as e:
-            raise DataError(f"--source {arg}: not valid JSON ({e})") from None
-        src = build(SourceConfig, data, where="--source")
-    else:
-        src = SourceConfig(path=arg)
-    validate_source(src, i, where="--source")
-    return src
-
-
 def _add_sources(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", action="append", default=[], required=True,
                    help="file, glob, folder, bundled:train, HF dataset, or a JSON object of source fields "
@@ -332,7 +318,7 @@ def _train(argv: list[str]) -> int:
     p.add_argument("--multiple-of", type=int, default=64, help="round the vocabulary up to this (1: exactly N)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parse_with_sources(p, argv)
-    sources = [_source(s, i) for i, s in enumerate(args.source)]
+    sources = [source_arg(s, i) for i, s in enumerate(args.source)]
     target = check_vocab_size(args.vocab_size, multiple_of=args.multiple_of)
     if target != args.vocab_size and not args.quiet:
         print(f"kiln tokenizer: vocab size {args.vocab_size} rounded up to {target}, a multiple of "
@@ -353,7 +339,7 @@ def _stats(argv: list[str]) -> int:
                    help="mistral-v3, mistral-v1, or a tokenizer folder/json; repeat to compare")
     _add_sources(p)
     args = parse_with_sources(p, argv)
-    sources = [_source(s, i) for i, s in enumerate(args.source)]
+    sources = [source_arg(s, i) for i, s in enumerate(args.source)]
     for spec in args.tokenizer:
         print(json.dumps(tokenizer_stats(spec, sources)), flush=True)
     return 0
