@@ -1,11 +1,11 @@
 """`kiln ARGS` as a process, without paying for torch's import in every one.
 
 The suite runs ~200 `kiln` commands; each fresh interpreter spends ~3.5 s importing torch and the libraries
-below before kiln does anything. `run_kiln` forks each
-command from a server process that imported those once and ran nothing (so it holds no threads to fork badly):
-the child is a new process with its own pid, memory, working folder, environment, exit code and stdout/stderr,
-runs `kiln.cli.main` (what the `kiln` script runs) on the arguments as typed, and ends as an interpreter does
-(threads joined, atexit handlers run). kiln itself is imported fresh in every child.
+below before kiln does anything. `run_kiln` forks each command from a server process (one per pytest worker)
+that imported those once and ran nothing, so it holds no threads to fork badly. The child is a new process with
+its own pid, memory, working folder, environment, exit code and stdout/stderr; it runs `kiln.cli.main` (what the
+`kiln` script runs) on the arguments as typed, and ends as an interpreter does (threads joined, atexit handlers
+run). kiln itself is imported fresh in every child.
 
 `start_kiln` starts one to signal, kill or wait for (subprocess.Popen's methods). Where the fork could differ
 from a fresh interpreter it is not used and the real one runs: an environment that changes what those imports read
