@@ -521,3 +521,23 @@ def test_val_data_from_the_hub_uses_posttrain_val_split(tmp_path, monkeypatch):
     assert splits == {"org/chats": "train", "org/chats_val": "test"}
     commands.sft([*args, "--posttrain.val_split", "validation"])
     assert splits["org/chats_val"] == "validation"
+
+
+@pytest.mark.parametrize("stage, row", [
+    ("sft", {"messages": [{"role": "user", "content": "What is 1+2?"}, {"role": "assistant", "content": "3"}]}),
+    ("dpo", {"prompt": "What is 1+2?", "chosen": "3", "rejected": "5 no"}),
+    ("rlvr", {"prompt": "What is 1+2?", "answer": "3"}),
+])
+def test_a_missing_val_data_file_is_named_as_val_data(tmp_path, stage, row, capsys):
+    """It was reported as posttrain.data, the training data the user had right. (In-process through
+    kiln.cli.main: refused while the data loads, before any run folder.)"""
+    from kiln.cli import main
+
+    ckpt = base_checkpoint(tmp_path)
+    data = jsonl(tmp_path / "data.jsonl", [row] * 4)
+    missing = tmp_path / "nope.jsonl"
+    argv = [stage, "--checkpoint", str(ckpt), "--data", str(data), "--val-data", str(missing),
+            "--run.out_dir", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"kiln: error: posttrain.val_data: no such file {missing}"]
+    assert not (tmp_path / "out").exists()

@@ -221,7 +221,7 @@ def sft(argv: list[str], *, started: float | None = None) -> int:
     pt, T = cfg.posttrain, cfg.train.seq_len
     records, data = _train_records(pt)
     convs = encode_conversations(records, fmt, max_len=T)
-    val = load_sft_data(pt.val_data, fmt, max_len=T, split=pt.val_split) if pt.val_data else None
+    val = load_sft_data(pt.val_data, fmt, max_len=T, split=pt.val_split, what="posttrain.val_data") if pt.val_data else None
     _set_steps(cfg, user, rows_per_epoch(convs, seq_len=T, pack=pt.pack), "rows" if pt.pack else "conversations")
     print(f"kiln sft: {len(convs)} conversations, chat template '{fmt.name}', from {cfg.run.init_from}")
     return _finish(train(cfg, objective=SFTObjective(convs, val, pack=pt.pack, data=data), fresh=args.fresh,
@@ -241,7 +241,7 @@ def dpo(argv: list[str], *, started: float | None = None) -> int:
     pt, L = cfg.posttrain, cfg.train.seq_len + 1
     records, data = _train_records(pt)
     pairs = encode_pairs(records, fmt, max_len=L)
-    val = load_pairs(pt.val_data, fmt, max_len=L, split=pt.val_split) if pt.val_data else None
+    val = load_pairs(pt.val_data, fmt, max_len=L, split=pt.val_split, what="posttrain.val_data") if pt.val_data else None
     _set_steps(cfg, user, len(pairs), "pairs")
     print(f"kiln dpo: {len(pairs)} pairs, loss {pt.loss}, beta {pt.beta}, reference {ckpt} ({pt.ref})")
     obj = DPOObjective(pairs, val, reference=ckpt, beta=pt.beta, kind=pt.loss, precompute=pt.ref == "precomputed",
@@ -270,7 +270,8 @@ def rlvr(argv: list[str], *, started: float | None = None) -> int:
     room = cfg.model.max_seq_len - pt.max_new_tokens
     records, data = _train_records(pt)
     tasks = encode_tasks(records, fmt, max_prompt_len=room)
-    val = load_tasks(pt.val_data, fmt, max_prompt_len=room, split=pt.val_split) if pt.val_data else None
+    val = load_tasks(pt.val_data, fmt, max_prompt_len=room, split=pt.val_split,
+                     what="posttrain.val_data") if pt.val_data else None
     _set_steps(cfg, user, len(tasks), "prompts")
     print(f"kiln rlvr: {len(tasks)} prompts x {pt.group_size} samples, rewards {pt.rewards}, kl {pt.kl_coef}")
     obj = RLVRObjective(tasks, val, reference=ckpt, reward=reward, tokenizer=tok, group_size=pt.group_size,

@@ -277,5 +277,6 @@ class DPOObjective(Objective):
         return out
 
 
-def load_pairs(path: str, fmt: ChatFormat, *, max_len: int, split: str = "train") -> list[Pair]:
-    return encode_pairs(load_records(path, split=split), fmt, max_len=max_len)
+def load_pairs(path: str, fmt: ChatFormat, *, max_len: int, split: str = "train",
+              what: str = "posttrain.data") -> list[Pair]:
+    return encode_pairs(load_records(path, split=split, what=what), fmt, max_len=max_len)

@@ -276,5 +276,6 @@ class RLVRObjective(Objective):
         return {"eval_loss": -mean, "eval_reward": mean}
 
 
-def load_tasks(path: str, fmt: ChatFormat, *, max_prompt_len: int, split: str = "train") -> list[Task]:
-    return encode_tasks(load_records(path, split=split), fmt, max_prompt_len=max_prompt_len)
+def load_tasks(path: str, fmt: ChatFormat, *, max_prompt_len: int, split: str = "train",
+              what: str = "posttrain.data") -> list[Task]:
+    return encode_tasks(load_records(path, split=split, what=what), fmt, max_prompt_len=max_prompt_len)

@@ -171,5 +171,6 @@ class SFTObjective(Objective):
         return {"eval_loss": res["loss"], "eval_ppl": res["ppl"], "eval_tokens": res["tokens"]}
 
 
-def load_sft_data(path: str, fmt: ChatFormat, *, max_len: int, split: str = "train") -> list[Encoded]:
-    return encode_conversations(load_records(path, split=split), fmt, max_len=max_len)
+def load_sft_data(path: str, fmt: ChatFormat, *, max_len: int, split: str = "train",
+                 what: str = "posttrain.data") -> list[Encoded]:
+    return encode_conversations(load_records(path, split=split, what=what), fmt, max_len=max_len)
