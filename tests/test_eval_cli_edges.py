@@ -65,8 +65,10 @@ def test_eval_mc_scores_the_bundled_heldout_next_task_as_training_does(ckpt, kil
     assert out["acc_norm"] == pytest.approx(want["eval/heldout-next/acc_norm"])
 
 
-def test_heldout_next_is_a_multiple_choice_task(ckpt, kiln_eval):
-    assert error_line(kiln_eval(ckpt, "--task", "gsm8k", "--data", "heldout-next")) == (
+@pytest.mark.parametrize("task", [[], ["--task", "gsm8k"]])
+def test_heldout_next_is_a_multiple_choice_task(ckpt, kiln_eval, task):
+    """The default loss task looked it up on the HF hub (offline: "Couldn't reach 'heldout-next'")."""
+    assert error_line(kiln_eval(ckpt, *task, "--data", "heldout-next")) == (
         "kiln: error: --data heldout-next is a bundled multiple-choice task; score it with --task mc")
 
 

@@ -29,6 +29,7 @@ def scored_bytes(batches: list, tokenizer: Any) -> int:
 def evaluate_source(checkpoint: str, data: str, *, text_column: str = "text", max_tokens: int = 1_000_000,
                     batch_size: int = 8, seq_len: int = 0, device: str = "auto") -> dict[str, Any]:
     """Score the first `max_tokens` tokens of `data` (documents in file order, packed as in training)."""
+    _not_a_task(data, "loss")
     model, cfg, ckpt = load_for_inference(checkpoint, device=device)
     tok = load_tokenizer(cfg.data.tokenizer)
     src = SourceConfig(path=data, name=Path(data).stem or data, text_column=text_column)
@@ -49,6 +50,14 @@ def evaluate_source(checkpoint: str, data: str, *, text_column: str = "text", ma
             "tokens": res["tokens"], "bytes": n_bytes, "checkpoint": str(ckpt), "data": data}
 
 
+def _not_a_task(data: str, task: str) -> None:
+    """A bundled multiple-choice task (heldout-next) is scored by --task mc only; it is no text, file or dataset."""
+    from kiln.eval.suite import BUILTIN
+
+    if data in BUILTIN and task != "mc":
+        raise DataError(f"--data {data} is a bundled multiple-choice task; score it with --task mc")
+
+
 def _records(data: str, split: str, limit: int, what: str = "--data") -> list[tuple[str, dict]]:
     from kiln.posttrain.chat import load_records
 
@@ -65,8 +74,7 @@ def evaluate_task(checkpoint: str, data: str, *, task: str, limit: int = 0, spli
     run.seed and scored within train.seq_len, as the run's in-training eval does (its first `limit`, or all)."""
     from kiln.eval.suite import BUILTIN, load_tasks
 
-    if data in BUILTIN and task != "mc":
-        raise DataError(f"--data {data} is a bundled multiple-choice task; score it with --task mc")
+    _not_a_task(data, task)
     model, cfg, ckpt = load_for_inference(checkpoint, device=device)
     tok = load_tokenizer(cfg.data.tokenizer)
     if data in BUILTIN:  # the numbers the run's eval/<task>/acc logged, for its checkpoints and any other
