@@ -105,3 +105,17 @@ def test_a_boolean_mc_answer_is_shown_as_given(ckpt, tmp_path, kiln_eval):
     data.write_text(json.dumps({"context": "1 is", "choices": [" odd", " even"], "answer": True}) + "\n")
     assert error_line(kiln_eval(ckpt, "--task", "mc", "--data", str(data))) == (
         f"kiln: error: {data}:1: answer True is not a choice index, letter or choice text")
+
+
+def test_a_file_as_the_checkpoint_is_named_as_a_file(ckpt, tmp_path, kiln_eval):
+    """It said "no complete checkpoint found (expected FILE/checkpoints/step_<N>/meta.json)"."""
+    from kiln.train.checkpoint import resolve_checkpoint
+
+    step = resolve_checkpoint(ckpt)
+    data = tmp_path / "text.txt"
+    data.write_text("Some text to score. " * 20)
+    assert error_line(kiln_eval(step / "meta.json", "--data", str(data))) == (
+        f"kiln: error: {step / 'meta.json'}: a file, not a checkpoint or run folder; pass the checkpoint folder it is "
+        f"in, {step}")
+    assert error_line(kiln_eval(data, "--data", str(data))) == (
+        f"kiln: error: {data}: a file, not a checkpoint or run folder")

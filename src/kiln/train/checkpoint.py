@@ -87,6 +87,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint or run folder")
+    if not p.is_dir():  # meta.json or a weights file of a checkpoint, a data file given in the wrong place
+        inside = next((q for q in p.parents if (q / "meta.json").is_file() and STEP_RE.match(q.name)), None)
+        raise CheckpointError(f"{p}: a file, not a checkpoint or run folder" + (
+            f"; pass the checkpoint folder it is in, {inside}" if inside else ""))
     if not (p / "meta.json").exists():
         if STEP_RE.match(p.name) or (p / "dcp").is_dir():  # a checkpoint folder whose save never completed
             raise DamagedCheckpoint(p, "meta.json", "missing")
