@@ -26,7 +26,7 @@ SMALL = ["--model.vocab_size", "1024", "--model.d_model", "64", "--model.n_layer
 
 def test_bench_cli_prints_one_json_line():
     res = run_kiln("bench", "tiny", "--steps", "2", "--warmup", "1", *SMALL,
-                                  "--train.activation_checkpointing", "selective",
+                   "--train.activation_checkpointing", "selective",
                    capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [ln for ln in res.stdout.splitlines() if ln.strip()]

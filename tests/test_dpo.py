@@ -185,7 +185,7 @@ def test_cli_rejects_incomplete_pairs(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "hi", "chosen": "yes"}) + "\n")
     res = run_kiln("dpo", "--checkpoint", str(ckpt), "--data", str(bad), "--run.out_dir",
-                                  str(tmp_path / "d"), capture_output=True, text=True)
+                   str(tmp_path / "d"), capture_output=True, text=True)
     assert res.returncode == 2 and f"{bad}:1: a preference record needs" in res.stderr
 
 
@@ -221,3 +221,22 @@ def test_a_resume_keeps_the_reference_it_started_with(tmp_path):
     shutil.rmtree(first)
     with pytest.raises(ConfigError, match="no longer exists"):
         config(base_run)
+
+
+def test_a_resumed_stage_says_which_objective_keys_changed(tmp_path):
+    """A resume with another posttrain.beta / loss went on silently with the new objective (the loss jumped);
+    it is allowed, and now said. An unchanged resume says nothing of it."""
+    ckpt = base_checkpoint(tmp_path)
+    data = jsonl(tmp_path / "prefs.jsonl", pairs_data(8))
+    base = ["dpo", "--checkpoint", str(ckpt), "--data", str(data), "--run.out_dir", str(tmp_path / "dpo"),
+            "--train.global_batch_size", "2", "--train.micro_batch_size", "2"]
+    first = run_kiln(*base, "--train.max_steps", "2", capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    note = ("note: resuming step_2 with posttrain.beta 0.1 -> 0.5, posttrain.loss sigmoid -> apo_zero: the stage "
+            "follows the new values from here (the steps taken keep theirs)")
+    changed = [*base, "--train.max_steps", "3", "--posttrain.beta", "0.5", "--posttrain.loss", "apo_zero"]
+    res = run_kiln(*changed, capture_output=True, text=True)
+    assert res.returncode == 0 and note in res.stderr.splitlines(), res.stderr[-3000:]
+    same = run_kiln(*base, "--train.max_steps", "4", "--posttrain.beta", "0.5", "--posttrain.loss", "apo_zero",
+                    capture_output=True, text=True)
+    assert same.returncode == 0 and "posttrain." not in same.stderr, same.stderr[-3000:]

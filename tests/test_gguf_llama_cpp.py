@@ -249,7 +249,7 @@ def test_trained_model_greedy_equals_kiln_generate(trained, work, capsys):
         assert len(seen) > 24  # the prompts lead to different text
         prompt = PROMPTS[0]
         cli = run_kiln("generate", "--checkpoint", str(trained), "--prompt", prompt, "--temperature",
-                                      "0", "--max-new-tokens", "32", capture_output=True, text=True, timeout=600)
+                       "0", "--max-new-tokens", "32", capture_output=True, text=True, timeout=600)
         assert cli.returncode == 0, cli.stderr
         text = llm.llm.create_completion(prompt, max_tokens=32, temperature=0.0, repeat_penalty=1.0)["choices"][0]
         assert cli.stdout[:-1] == prompt + text["text"]

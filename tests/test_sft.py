@@ -99,7 +99,7 @@ def jsonl(path: Path, rows: list) -> Path:
 def run_stage(stage: str, ckpt: Path, data: Path, out: Path, *extra: str) -> str:
     """`kiln STAGE --checkpoint CKPT --data FILE ...` as a user types it; returns its stdout."""
     res = run_kiln(stage, "--checkpoint", str(ckpt), "--data", str(data), "--run.out_dir", str(out),
-                                  "--quiet", "--train.log_every", "1", *extra, capture_output=True, text=True)
+                   "--quiet", "--train.log_every", "1", *extra, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return res.stdout
 
@@ -311,7 +311,7 @@ def test_a_source_run_with_a_time_budget_or_target_passes_neither_to_the_next_st
     assert (cfg.train.time_budget, cfg.train.target_loss, cfg.train.keep_best, cfg.train.max_steps) == ("", 0.0, 0, 1)
     # given to a stage without --val-data, a target or keep_best would never act: one line, nothing written
     res = run_kiln("sft", "--checkpoint", str(ckpt), "--data", str(chats), "--run.out_dir",
-                                  str(tmp_path / "sft-target"), "--train.target_loss", "0.5",
+                   str(tmp_path / "sft-target"), "--train.target_loss", "0.5",
                    capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(
         "kiln: error: train.target_loss needs evals, and this run has none: give it validation data (kiln sft / dpo / "
@@ -349,7 +349,7 @@ def test_cli_reports_bad_chat_data_in_one_line(tmp_path):
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
                    + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
     res = run_kiln("sft", "--checkpoint", str(ckpt), "--data", str(bad), "--run.out_dir",
-                                  str(tmp_path / "sft"), capture_output=True, text=True)
+                   str(tmp_path / "sft"), capture_output=True, text=True)
     assert res.returncode == 2
     err = res.stderr.strip().splitlines()[-1]
     assert err.startswith("kiln: error:") and f"{bad}:2: message 0" in err

@@ -77,7 +77,7 @@ def test_bad_stages_are_one_line(stages, message):
 
 def test_bad_stages_on_the_command_line_exit_2_with_one_line(tmp_path):
     res = run_kiln("train", "tiny", "--run.out_dir", str(tmp_path / "run"), "--data.stages",
-                                  '[{"start": 0, "train": [{"path": "a.jsonl"}]}, {"start": 0.5, "trian": []}]',
+                   '[{"start": 0, "train": [{"path": "a.jsonl"}]}, {"start": 0.5, "trian": []}]',
                    capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         "kiln: error: command line: unknown key 'data.stages[1].trian' (did you mean data.stages[1].train?)"]

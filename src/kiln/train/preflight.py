@@ -122,6 +122,26 @@ def changed_schedule_note(saved: Config, cfg: Config, ckpt: Path) -> str | None:
             "the new values from here (the steps taken keep theirs)")
 
 
+# post-training keys a resume checks against the saved data itself (a run on other data is refused)
+POSTTRAIN_DATA_KEYS = ("data", "val_data", "split", "val_split")
+
+
+def changed_stage_note(saved: Config, cfg: Config, ckpt: Path) -> str | None:
+    """One line when a resumed sft/dpo/rlvr run changes what its objective follows (posttrain.beta, .loss,
+    .group_size, ...): allowed, as a deliberate change of beta is, but not unsaid."""
+    a, b = to_dict(saved.posttrain), to_dict(cfg.posttrain)
+    changed = [f"posttrain.{k} {a[k]} -> {b[k]}" for k in a if k not in POSTTRAIN_DATA_KEYS and a[k] != b.get(k)]
+    if not changed:
+        return None
+    return (f"note: resuming {ckpt.name} with {', '.join(changed)}: the stage follows the new values from here (the "
+            "steps taken keep theirs)")
+
+
+def resume_notes(saved: Config, cfg: Config, ckpt: Path) -> list[str]:
+    """What a resume changes that the user should hear: the schedule's keys, a stage's objective keys."""
+    return [n for n in (changed_schedule_note(saved, cfg, ckpt), changed_stage_note(saved, cfg, ckpt)) if n]
+
+
 def _same_tokenizer(a: str, b: str, tokenizer_b: Tokenizer) -> bool:
     """The same spec, or two that give the same ids (an exported or imported copy of mistral-v3, a moved
     folder): kiln.data.tokenizer.tokenizer_digest. One that no longer loads is not the same."""
@@ -155,8 +175,7 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> 
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
     print(f"\nrun folder       {run_folder_plan(cfg, fresh=fresh)}")
     ckpts = [] if fresh else list_checkpoints(Path(cfg.run.out_dir))
-    note = changed_schedule_note(read_config(ckpts[-1]), cfg, ckpts[-1]) if ckpts else None
-    if note:
+    for note in resume_notes(read_config(ckpts[-1]), cfg, ckpts[-1]) if ckpts else ():
         print(f"                 {note}")
     print(f"parameters       {plan.n_params:,} ({plan.n_params / 1e6:.2f}M)")
     print(f"layout           {layout.describe()}")

@@ -52,13 +52,13 @@ from kiln.train.mirror import Mirror, mirror_for
 from kiln.train.objective import BatchSource, Objective, RunSettings
 from kiln.train.plan import Plan, make_plan
 from kiln.train.preflight import (
-    changed_schedule_note,
     check_resumable,
     check_sources,
     check_tokenizer,
     dry_run,
     pin_paths,
     prepare_out_dir,
+    resume_notes,
 )
 from kiln.train.progress import Progress, StopOnSignal
 from kiln.train.stability import DivergenceDetector, SpikeDetector
@@ -596,9 +596,8 @@ def _announce(run: Run, info: dict[str, Any], init_from: Path | None) -> None:
                 "not reached them: the new definition applies")
     p.print(f"  run folder {run.out}" + (f"; resumed from {run.resumed_from.name}" if run.resumed_from else "")
             + (f"; weights from {init_from}" if init_from else ""))
-    note = changed_schedule_note(ckpt_io.read_config(run.resumed_from), cfg, run.resumed_from) \
-        if run.resumed_from else None
-    if note and run.layout.is_main:  # once the checkpoint has loaded: a refused resume stays one line
+    notes = resume_notes(ckpt_io.read_config(run.resumed_from), cfg, run.resumed_from) if run.resumed_from else []
+    for note in notes if run.layout.is_main else ():  # once the checkpoint has loaded: a refused resume stays one line
         print(note, file=sys.stderr)
 
 
