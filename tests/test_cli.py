@@ -102,6 +102,10 @@ def test_vocab_mismatch_and_unwritable_out_dir(tmp_path, trained):
     blocker.write_text("x")
     res = run("train", "tiny", *over, "--run.out_dir", str(blocker / "sub"))
     assert_user_error(res, str(blocker / "sub"), "not writable")
+    for extra in ([], ["--fresh"], ["--dry-run"]):  # the file itself: --fresh and --dry-run were tracebacks
+        res = run("train", "tiny", *over, "--run.out_dir", str(blocker), *extra)
+        assert_user_error(res, f"run.out_dir {blocker}: a file, not a folder; pass --run.out_dir DIR")
+    assert blocker.read_text() == "x"
 
 
 def test_resume_refuses_another_architecture_and_touches_nothing(trained):

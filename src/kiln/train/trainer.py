@@ -228,8 +228,10 @@ def train(cfg: Config, *, objective: Objective | None = None, fresh: bool = Fals
     pin_paths(cfg)  # relative to where the command ran: saved absolute
     if objective is None:  # pretraining reads cfg.data's sources (post-training reads its own)
         check_sources(cfg)
-    layout = init_layout(cfg.parallel, cfg.model, cfg.run.device)
     out = Path(cfg.run.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"run.out_dir {out}: a file, not a folder; pass --run.out_dir DIR")
+    layout = init_layout(cfg.parallel, cfg.model, cfg.run.device)
     new_folder = layout.is_main and not dry and (fresh or not out.exists() or not any(out.iterdir()))
     try:
         with contextlib.ExitStack() as closing:  # closes what setup opened (data workers, sinks), also on errors
