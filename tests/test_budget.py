@@ -477,3 +477,22 @@ def test_the_progress_lines_show_the_eta_the_logs_record(tmp_path):
     logged = {str(r["step"]): format_duration(r["eta_sec"]) for r in read_metrics(tmp_path / "run")
               if r["kind"] == "train"}
     assert shown == logged and len(shown) == 9, (shown, logged)
+
+
+def test_a_budget_given_on_resume_past_the_timed_warmup_plans_with_the_runs_own_step_time(tmp_path):
+    """A run trained without a budget, resumed with one: this process times no warmup step, and the plan took
+    0 ms/step (hundreds of steps, then "went over its train.time_budget"). It now plans with the run's average
+    so far, and ends within its budget."""
+    over = small_overrides(tmp_path, **{"train.max_steps": 8, "optim.warmup_steps": 4})
+    train(load_config("tiny", over), quiet=True)
+    resumed = [*[x for x in over], "--train.time_budget", "30s"]
+    i = resumed.index("--train.max_steps")
+    del resumed[i:i + 2]
+    res = run_kiln("train", "tiny", *resumed, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = re.search(r"(\d+) steps = [\d,]+ tokens fit train.time_budget 30s \((\d+) ms/step: the run's average over "
+                  r"its 9 steps so far", res.stdout)  # planned after its first step here
+    assert m and int(m.group(2)) > 0, res.stdout[-3000:]
+    assert "went over its train.time_budget" not in res.stdout + res.stderr
+    common = torch.load(ckpt_io.list_checkpoints(tmp_path / "run")[-1] / "state" / "common.pt", weights_only=False)
+    assert common["planned_steps"] == int(m.group(1)) and common["elapsed"] <= 30 * 1.1

@@ -147,7 +147,9 @@ class TimeBudget:
             warmup_steps: int) -> int:
         """Set plan.total_steps (and total_tokens, budget_source) to the steps that fit; returns them."""
         times = self.step_times[len(self.step_times) // 2:]  # the first steps pay one-off costs
-        step = sorted(times)[len(times) // 2] if times else 0.0  # the median
+        # the median; a run given its budget when resumed past the timed warmup timed no step in this process:
+        # the run's own average so far (its evals, saves and setup included: on the safe side), never 0
+        step = sorted(times)[len(times) // 2] if times else elapsed / max(done, 1)
         self.save_time = save_seconds
         costs = Costs(step=step, eval=self.eval_time, save=save_seconds)
         n = fit_steps(self.seconds, elapsed=elapsed, done=done, costs=costs, eval_every=plan.eval_every,
@@ -160,8 +162,9 @@ class TimeBudget:
                 f"(optim.warmup_steps {warmup_steps}) and the final eval and save need about {need:.0f} s; raise "
                 "the budget or lower optim.warmup_steps / train.eval_tokens")
         plan.total_steps, plan.total_tokens, plan.provisional = n, n * plan.tokens_per_step, False
-        plan.budget_source = (f"train.time_budget {self.text} ({step * 1e3:.0f} ms/step, eval {costs.eval:.2f} s, "
-                              f"checkpoint {costs.save:.2f} s, measured)")
+        plan.budget_source = (f"train.time_budget {self.text} ({step * 1e3:.0f} ms/step"
+                              + ("" if times else f": the run's average over its {done} steps so far")
+                              + f", eval {costs.eval:.2f} s, checkpoint {costs.save:.2f} s, measured)")
         return n
 
     def schedule_replan(self, planned: int, *, after: int = 0) -> int:
