@@ -217,6 +217,11 @@ def test_logs_errors_are_one_line(tmp_path, capsys, runs):
     (tmp_path / "empty" / "metrics.jsonl").write_text('{"kind": "train", "st')  # torn by a crash
     assert main(["logs", "plot", str(tmp_path / "empty")]) == 2
     assert "no train or eval records" in capsys.readouterr().err
+    (tmp_path / "empty" / "metrics.jsonl").write_text('{"foo": 1}\n[1, 2]\n"text"\n')  # JSON, not records: skipped
+    assert main(["logs", "plot", str(tmp_path / "empty")]) == 2  # both were AttributeError tracebacks
+    assert "no train or eval records" in capsys.readouterr().err
+    assert main(["logs", "summary", str(tmp_path / "empty")]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["steps"] == 0
     assert main(["logs", "compare", str(runs["run"])]) == 2
     assert "at least two" in capsys.readouterr().err
     ckpt = ckpt_io.list_checkpoints(runs["run"])[-1]

@@ -160,14 +160,17 @@ class StepLog:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl (a torn last line from a crash is skipped)."""
+    """All records of a run's metrics.jsonl: its JSON objects (a torn last line from a crash, or any line that
+    is not an object, is skipped)."""
     out = []
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return out
     for line in path.read_text().splitlines():
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):
+            out.append(record)
     return out
