@@ -374,3 +374,25 @@ def test_a_prepared_folder_is_not_read_as_text(data, tmp_path, capsys):
                          batch_size=2, seed=0)
     err = cli_err(["data", "verify", data["sources"][1].path, "--val", out], capsys)
     assert "written by `kiln data prepare`" in err and "no column" not in err, err
+
+
+def test_a_cut_or_missing_index_file_is_one_line_naming_it(data, tmp_path, capsys):
+    """A truncated shard-*.idx.npy was a numpy ValueError traceback (inspect, verify, train), and a missing one
+    was reported as its .bin file; the refused train run leaves no run folder."""
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(data["out"], cut)
+    idx = sorted(cut.glob("shard-*.idx.npy"))[0]
+    idx.write_bytes(idx.read_bytes()[:50])
+    for argv in (["data", "inspect", str(cut)], ["data", "verify", str(cut), "--seq-len", str(T)],
+                 ["train", "tiny", "--data.shards", str(cut), "--data.tokenizer", data["tok"], "--run.out_dir",
+                  str(tmp_path / "run"), "--model.vocab_size", "32768", "--train.max_steps", "2"]):
+        assert cli(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"kiln: error: {idx}: unreadable (") and err[0].endswith(
+            "the file is truncated or replaced: prepare the folder again"), err
+    assert not (tmp_path / "run").exists()
+    idx.unlink()
+    assert cli(["data", "inspect", str(cut)]) == 2
+    assert capsys.readouterr().err.strip() == f"kiln: error: {idx}: shard file missing; prepare the folder again"

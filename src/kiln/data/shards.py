@@ -39,7 +39,7 @@ from kiln.data.loader import PooledLoader, WorkerPool, finish_validation, pin_de
 from kiln.data.packing import Batch, Row, batch_from_arrays
 from kiln.data.perm import Permutation, mix_key, uniform
 from kiln.data.tokenizer import Tokenizer, tokenizer_digest
-from kiln.errors import DataError
+from kiln.errors import DataError, first_line
 
 FORMAT, VERSION = "kiln-shards", 2  # 2: tokenizer_sha256 is tokenizer.tokenizer_digest (vocab, merges, added)
 MANIFEST, PLAN = "manifest.json", "plan.json"
@@ -97,8 +97,9 @@ class ShardSet:
         self._open: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()  # LRU of mapped files, see _mapped
         for r in self.records:  # sizes are checked up front; contents by `kiln data verify`
             f = self.path / r["file"]
-            if not f.is_file() or not (self.path / r["index"]).is_file():
-                raise DataError(f"{f}: shard file missing; prepare the folder again")
+            for g in (f, self.path / r["index"]):
+                if not g.is_file():
+                    raise DataError(f"{g}: shard file missing; prepare the folder again")
             if f.stat().st_size != int(r["tokens"]) * self.dtype.itemsize:
                 raise DataError(f"{f}: {f.stat().st_size} bytes, the manifest says {int(r['tokens'])} tokens of "
                                 f"{self.dtype.name}; the file is truncated or replaced: prepare the folder again")
@@ -122,7 +123,16 @@ class ShardSet:
             return arr
         r = self.records[k]
         if kind == "idx":
-            arr = np.load(self.path / r["index"], mmap_mode="r").view(np.ndarray)
+            f = self.path / r["index"]
+            try:
+                arr = np.load(f, mmap_mode="r").view(np.ndarray)
+            except (ValueError, OSError) as e:  # a cut or overwritten .npy: its header or data does not read
+                raise DataError(f"{f}: unreadable ({first_line(e)}); the file is truncated or replaced: prepare the "
+                                "folder again") from None
+            if arr.shape != (int(r["documents"]) + 1,):
+                raise DataError(f"{f}: {arr.shape[0] if arr.ndim == 1 else arr.shape} offsets, the manifest says "
+                                f"{int(r['documents'])} documents (+1); the file is truncated or replaced: prepare the "
+                                "folder again")
         elif not int(r["tokens"]):
             arr = np.zeros(0, dtype=self.dtype)  # a shard of empty documents: mmap refuses 0 bytes
         else:  # a plain ndarray view of the memmap: slicing a np.memmap costs a Python-level finalizer per slice

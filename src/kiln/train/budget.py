@@ -57,10 +57,6 @@ MEASURED_STEPS = 30  # steps timed, when the warmup is that long; the later half
 REPLAN_MIN_STEPS = 20  # a re-plan averages at least this many steps, or there is none
 
 
-class BudgetTooShort(ConfigError):
-    """A time budget refused before the run's first checkpoint: the run leaves no folder of its own behind."""
-
-
 @dataclass
 class Costs:
     """Measured seconds."""
@@ -126,7 +122,7 @@ class TimeBudget:
         """Before the first eval of a fresh run: a budget the setup already spent is too short, said before an
         eval and a step are paid for."""
         if elapsed > self.seconds:
-            raise BudgetTooShort(
+            raise ConfigError(
                 f"train.time_budget {self.text} is too short: setting the run up already took {elapsed:.1f} s, "
                 "before its first eval and step; raise the budget")
 
@@ -134,7 +130,7 @@ class TimeBudget:
         """Before the plan: a budget already spent on the timed warmup steps is too short, said now rather
         than after the rest of the warmup."""
         if elapsed > self.seconds:
-            raise BudgetTooShort(
+            raise ConfigError(
                 f"train.time_budget {self.text} is too short: {done} of the {self.measure_until} timed warmup steps "
                 f"and the first eval already took {elapsed:.1f} s; raise the budget or lower optim.warmup_steps / "
                 "train.eval_tokens")
@@ -156,7 +152,7 @@ class TimeBudget:
                       save_every=plan.save_every, save_every_minutes=save_every_minutes)
         if n <= max(done, warmup_steps):
             need = elapsed + costs.eval + costs.save + step * max(warmup_steps + 1 - done, 1)
-            raise BudgetTooShort(
+            raise ConfigError(
                 f"train.time_budget {self.text} is too short: {done} steps took {elapsed:.1f} s, a step takes "
                 f"{step:.2f} s, an eval {costs.eval:.1f} s and a checkpoint {costs.save:.1f} s, so the warmup "
                 f"(optim.warmup_steps {warmup_steps}) and the final eval and save need about {need:.0f} s; raise "

@@ -43,11 +43,11 @@ from kiln.parallel.mesh import Layout, init_layout, shutdown
 from kiln.parallel.pipeline import microbatches
 from kiln.runinfo import format_duration, run_info
 from kiln.train import checkpoint as ckpt_io
-from kiln.train.budget import BudgetTooShort, TimeBudget
+from kiln.train.budget import TimeBudget
 from kiln.train.control import JobControl, Requests
 from kiln.train.engine import Engine
 from kiln.train.evaluator import Evaluation, Evaluator, target_met
-from kiln.train.metrics import MetricsLogger, StepLog
+from kiln.train.metrics import MetricsLogger, StepLog, read_metrics
 from kiln.train.mirror import Mirror, mirror_for
 from kiln.train.objective import BatchSource, Objective, RunSettings
 from kiln.train.plan import Plan, make_plan
@@ -244,9 +244,10 @@ def train(cfg: Config, *, objective: Objective | None = None, fresh: bool = Fals
             run = setup(cfg, layout, plan, objective or Objective(), fresh=fresh, quiet=quiet or not layout.is_main,
                         closing=closing, started=time.time() if started is None else started)
             return fit(run)
-    except BudgetTooShort:
-        if new_folder and not ckpt_io.list_checkpoints(out):  # its config, run.json and first eval's records:
-            shutil.rmtree(out, ignore_errors=True)  # a later run there starts clean
+    except KilnError:  # refused (a budget too short, data that does not read, ...) before its first step: the
+        if new_folder and not ckpt_io.list_checkpoints(out) and not any(  # folder it made (config, run.json, the
+                r.get("kind") == "train" for r in read_metrics(out)):  # first eval's records) goes, and a later
+            shutil.rmtree(out, ignore_errors=True)  # run there starts clean
         raise
 
 
