@@ -46,6 +46,13 @@ def test_uniform_average_of_the_last_three_through_the_cli(run, tmp_path):
     assert gen.returncode == 0, gen.stderr
     exp = run_cli("export", "--checkpoint", str(tmp_path / "avg"), "--out", str(tmp_path / "hf"))
     assert exp.returncode == 0, exp.stderr
+    # not a run to resume: it was "corrupt or unreadable ... move this one aside", of a good checkpoint
+    res = run_cli("train", "tiny", *small_overrides(tmp_path, **{"train.max_steps": 12, "run.out_dir": tmp_path / "avg"}))
+    avg_ckpt = ckpt_io.resolve_checkpoint(tmp_path / "avg")
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"kiln: error: {avg_ckpt}: a weights-only checkpoint (kiln average / kiln import), with no optimizer or data "
+        f"state to resume; start a new run from it: --run.init_from {avg_ckpt} --run.out_dir NEW_DIR"], res.stderr
+    assert ckpt_io.list_checkpoints(tmp_path / "avg") == [avg_ckpt]
 
 
 def test_ema_average_weights_later_checkpoints_more(run, tmp_path):

@@ -494,7 +494,14 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model: Transformer, cfg: Conf
     generate, eval and export read it. Written atomically like a training checkpoint."""
     state = {"model": {k: v.detach().to("cpu", torch.float32) for k, v in _model_keys(model).items()}}
     return save_training(Path(ckpt_root), step, state=state, rank=0, is_main=True, cfg=cfg,
-                         common=dict(train_state or {}), rank_state={}, meta=dict(meta or {}))
+                         common=dict(train_state or {}), rank_state={}, meta={**(meta or {}), "weights_only": True})
+
+
+def weights_only(ckpt: Path) -> bool:
+    """Whether a checkpoint holds weights alone (kiln average, kiln import): no optimizer or data state to resume.
+    (Averages written before the marker are known by their source list.)"""
+    meta = read_meta(ckpt)
+    return bool(meta.get("weights_only") or meta.get("averaged_from"))
 
 
 def holds_average(ckpt: Path) -> bool:

@@ -34,7 +34,7 @@ from kiln.data.stages import StagedLoader
 from kiln.data.stages import describe as describe_stages
 from kiln.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_digest
 from kiln.device import autocast_for, train_precision
-from kiln.errors import ConfigError, DataError, KilnError
+from kiln.errors import CheckpointError, ConfigError, DataError, KilnError
 from kiln.eval.suite import load_tasks
 from kiln.generate import generate_text
 from kiln.model.loss import unseen_smoothing_blocker
@@ -355,6 +355,10 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     mirror = mirror_for(cfg.train.checkpoint_url)
     resume_from = _agree(_latest_checkpoint(out, mirror, fresh=fresh, main=main), layout)  # verified
     if resume_from is not None:  # validate before touching anything
+        if ckpt_io.weights_only(resume_from):
+            raise CheckpointError(
+                f"{resume_from}: a weights-only checkpoint (kiln average / kiln import), with no optimizer or data "
+                f"state to resume; start a new run from it: --run.init_from {resume_from} --run.out_dir NEW_DIR")
         check_resumable(ckpt_io.read_config(resume_from), cfg, resume_from, tokenizer=tokenizer)
     init_from = None
     if resume_from is None and cfg.run.init_from:
