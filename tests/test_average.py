@@ -85,6 +85,11 @@ def test_different_architectures_one_checkpoint_or_a_used_folder_are_one_line(ru
     assert not (inside / "checkpoints").exists()
     res = run_cli("average", str(run), "--last", "0", "--out", str(tmp_path / "x"))
     assert res.returncode == 2 and "--last: the number of checkpoints" in res.stderr and "must be at least 1" in res.stderr
+    (tmp_path / "afile").write_text("mine")  # it said "cannot write the checkpoint ... Free space ... to resume"
+    res = run_cli("average", str(run), "--last", "2", "--out", str(tmp_path / "afile"))
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"kiln: error: --out {tmp_path / 'afile'}: a file, not a folder; pass a new --out folder"], res.stderr
+    assert (tmp_path / "afile").read_text() == "mine"
 
 
 def test_last_k_beyond_the_run_averages_what_it_has_and_says_so(run, tmp_path):

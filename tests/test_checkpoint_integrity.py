@@ -152,7 +152,7 @@ def test_every_loader_refuses_a_damaged_checkpoint_and_touches_nothing(trained, 
             load()
         line = str(e.value)
         assert "\n" not in line and problem in line and "step_4" in line, (name, line)
-        assert f"--checkpoint {run_dir / 'checkpoints' / 'step_2'}" in line, (name, line)  # the fix names one
+        assert f"one, such as {run_dir / 'checkpoints' / 'step_2'}" in line, (name, line)  # the fix names one
     assert tree_digest(run_dir) == before
     if damage is delete_marker:  # an incomplete folder is no checkpoint: the run folder means step_2
         assert ckpt_io.resolve_checkpoint(run_dir).name == "step_2"
@@ -385,8 +385,8 @@ def test_the_earlier_checkpoint_named_for_a_set_aside_one_is_older(tmp_path):
     for name in ("step_10", "step_40.corrupt", "step_45"):
         (tmp_path / name).mkdir()
         (tmp_path / name / MARKER).write_text("{}")
-    assert _earlier(tmp_path / "step_40.corrupt") == f" (--checkpoint {tmp_path / 'step_10'})"
-    assert _earlier(tmp_path / "step_45") == f" (--checkpoint {tmp_path / 'step_10'})"  # step_N.corrupt is no candidate
+    assert _earlier(tmp_path / "step_40.corrupt") == f", such as {tmp_path / 'step_10'},"
+    assert _earlier(tmp_path / "step_45") == f", such as {tmp_path / 'step_10'},"  # step_N.corrupt is no candidate
 
 
 def test_an_exported_hf_folder_is_named_as_one_with_the_import_that_converts_it(trained, tmp_path):

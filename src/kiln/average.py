@@ -109,6 +109,8 @@ def average(paths: list[str], out: str | Path, *, ema: float = 0.0, last: int = 
                           "(one is enough with --weights ema: its run's moving average)")
     check_compatible(ckpts)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: a file, not a folder; pass a new --out folder")
     if ckpt_io.list_checkpoints(out):
         raise CheckpointError(f"{out}: already holds checkpoints; pass a new --out folder")
     inside = next((p for p in (out, *out.parents) if (p / "meta.json").exists()), None)

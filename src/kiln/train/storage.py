@@ -61,7 +61,7 @@ class DamagedCheckpoint(CheckpointError):
         self.ckpt, self.file, self.problem = Path(ckpt), file, problem
         if file == MARKER and problem.startswith("missing"):
             what = f"{self.ckpt.name} is not a complete checkpoint (its save did not finish) and was not used"
-            fix = f"Pass a complete one{_earlier(self.ckpt)}"
+            fix = f"Pass a complete one{_earlier(self.ckpt).rstrip(',')}"
         else:
             what = f"checkpoint {self.ckpt.name} is damaged and was not used, nothing changed"
             fix = (f"Pass an earlier one{_earlier(self.ckpt)} or restore the file from a copy; `kiln train` sets a "
@@ -74,12 +74,13 @@ class DamagedCheckpoint(CheckpointError):
 
 
 def _earlier(ckpt: Path) -> str:
-    """' (--checkpoint <the newest complete checkpoint before ckpt>)', or '' when there is none."""
+    """', such as <the newest complete checkpoint before ckpt>,' or '' when there is none (any command's way to
+    name a checkpoint: --checkpoint, kiln average's arguments, run.init_from)."""
     m = re.match(r"step_(\d+)", ckpt.name)  # also step_N.corrupt, a checkpoint set aside
     step = int(m.group(1)) if m else None
     older = sorted((int(p.name[5:]), p) for p in ckpt.parent.glob("step_*")
                    if p.name[5:].isdigit() and (p / MARKER).is_file() and (step is None or int(p.name[5:]) < step))
-    return f" (--checkpoint {older[-1][1]})" if older else ""
+    return f", such as {older[-1][1]}," if older else ""
 
 
 def _hash_mapped(path: Path) -> str:
