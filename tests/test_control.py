@@ -223,3 +223,19 @@ def test_control_without_a_job_is_a_clear_error(tmp_path):
     assert res.returncode == 0 and "no running kiln jobs" in res.stdout
     res = run_kiln("control", "save", capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 2 and res.stderr.strip() == "kiln: error: kiln control save: no running kiln jobs"
+
+
+def test_abort_before_any_checkpoint_says_there_is_none(tmp_path):
+    """It said "nothing saved (the last checkpoint stays); run the same command again to resume" of a run that
+    had no checkpoint: a rerun starts over."""
+    over = overrides(tmp_path, **{"train.save_every": 100_000, "train.max_steps": 100_000})  # still running
+    proc = start(tmp_path, over)
+    run = tmp_path / "run"
+    wait_for_step(run, 2, proc)
+    env = {**os.environ, "KILN_JOBS_DIR": str(tmp_path / "jobs")}
+    assert run_kiln("control", "abort", str(run), capture_output=True, text=True, timeout=120, env=env).returncode == 0
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped by kiln control abort at step " in out, out[-2000:]
+    assert ": nothing saved (no checkpoint yet); run the same command again to start over" in out, out[-2000:]
+    assert ckpt_io.list_checkpoints(run) == []

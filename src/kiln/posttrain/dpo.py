@@ -91,8 +91,8 @@ def encode_pairs(records: list[tuple[str, dict]], fmt: ChatFormat, *, max_len: i
                 enc, cut = Encoded(enc.ids[:max_len], enc.mask[:max_len]), cut + 1
             seqs.append(enc)
         if not (seqs[0].mask[1:].any() and seqs[1].mask[1:].any()):
-            raise DataError(f"{where}: the prompt alone fills train.seq_len ({max_len} tokens); raise "
-                            "--train.seq_len or shorten the prompt")
+            raise DataError(f"{where}: the prompt alone fills the {max_len} tokens a sequence holds (train.seq_len "
+                            f"{max_len - 1}, + 1 for the shifted targets); raise --train.seq_len or shorten the prompt")
         out.append(Pair(seqs[0], seqs[1]))
     if cut:
         print(f"note: {cut} response(s) cut to fit {max_len} tokens", file=sys.stderr)

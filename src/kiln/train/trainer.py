@@ -494,11 +494,14 @@ def finish(run: Run, stopped: str | None, *, complete: bool = False) -> dict[str
         run.control.close(stopped if stopped and not reached else "finished")
     if stopped and not reached:
         if main:
-            what = f"saved {path}" if path else "nothing saved (the last checkpoint stays)"
+            saved = path is not None or bool(ckpt_io.list_checkpoints(run.out))
+            what = f"saved {path}" if path else ("nothing saved (the last checkpoint stays)" if saved else
+                                                 "nothing saved (no checkpoint yet)")
             why = (f"the run went over its train.time_budget {run.cfg.train.time_budget} by more than 10%"
                    if stopped == "train.time_budget" else f"stopped by {stopped}")
             again = ("run it again without train.stop_at_step (or with a later one) to resume"
-                     if stopped == "train.stop_at_step" else "run the same command again to resume")
+                     if stopped == "train.stop_at_step" else "run the same command again to resume" if saved else
+                     "run the same command again to start over")
             print(f"{why} at step {state.step}: {what}; {again}")
         return summary
     cfg = run.cfg
