@@ -232,7 +232,7 @@ def train(cfg: Config, *, objective: Objective | None = None, fresh: bool = Fals
     if out.exists() and not out.is_dir():
         raise ConfigError(f"run.out_dir {out}: a file, not a folder; pass --run.out_dir DIR")
     layout = init_layout(cfg.parallel, cfg.model, cfg.run.device)
-    new_folder = layout.is_main and not dry and (fresh or not out.exists() or not any(out.iterdir()))
+    new_folder = layout.is_main and not dry and not (out.exists() and any(out.iterdir()))  # nothing of the user's
     try:
         with contextlib.ExitStack() as closing:  # closes what setup opened (data workers, sinks), also on errors
             closing.callback(shutdown, layout)
@@ -244,10 +244,10 @@ def train(cfg: Config, *, objective: Objective | None = None, fresh: bool = Fals
             run = setup(cfg, layout, plan, objective or Objective(), fresh=fresh, quiet=quiet or not layout.is_main,
                         closing=closing, started=time.time() if started is None else started)
             return fit(run)
-    except KilnError:  # refused (a budget too short, data that does not read, ...) before its first step: the
-        if new_folder and not ckpt_io.list_checkpoints(out) and not any(  # folder it made (config, run.json, the
-                r.get("kind") == "train" for r in read_metrics(out)):  # first eval's records) goes, and a later
-            shutil.rmtree(out, ignore_errors=True)  # run there starts clean
+    except KilnError:  # refused (a budget too short, data that does not read, ...) before it logged a step or
+        if new_folder and not ckpt_io.list_checkpoints(out) and not any(  # saved: the folder it made (config,
+                r.get("kind") == "train" for r in read_metrics(out)):  # run.json, the first eval's records) goes,
+            shutil.rmtree(out, ignore_errors=True)  # and a later run there starts clean
         raise
 
 
