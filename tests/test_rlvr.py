@@ -207,3 +207,21 @@ def test_rlvr_resume_replays_the_same_samples(tmp_path):
     run("b", stop=2)
     assert run("b") == full and len(full) == 4
     assert any(r[2] > 0 for r in full) and any(r[3] > 0 for r in full)  # rewarded samples; the policy moved
+
+
+def test_rlvr_prints_its_eval_reward_not_a_negated_loss(tmp_path):
+    """The console's eval line read `eval_loss -0.0000` (the negated mean reward kept for keep_best); it now
+    shows the reward itself, as the metrics record names it."""
+    from conftest import run_kiln
+
+    ckpt = base_checkpoint(tmp_path)
+    tasks = jsonl(tmp_path / "rl.jsonl", [{"prompt": "Say 7.", "answer": "7"}] * 4)
+    res = run_kiln("rlvr", "--checkpoint", str(ckpt), "--data", str(tasks), "--val-data", str(tasks),
+                   "--run.out_dir", str(tmp_path / "rl"), "--train.max_steps", "1", "--posttrain.group_size", "2",
+                   "--posttrain.max_new_tokens", "2", "--train.global_batch_size", "2", "--train.micro_batch_size", "2",
+                   capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    evals = [ln for ln in res.stdout.splitlines() if ln.startswith("step ") and "eval_" in ln]
+    assert evals and all("eval_reward " in ln and "eval_loss" not in ln for ln in evals), res.stdout[-2000:]
+    record = [r for r in read_metrics(tmp_path / "rl") if r["kind"] == "eval"][-1]
+    assert f"eval_reward {record['eval_reward']:.4f}" in evals[-1]

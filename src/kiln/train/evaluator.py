@@ -127,7 +127,9 @@ def _line(record: dict[str, Any], *, several: bool) -> str:
     tasks = " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in record.items()
                      if k.startswith("eval/") and k.endswith("/acc_norm"))
     line = f"step {record['step']:>6}"
-    if "eval_loss" in record:
+    if "eval_reward" in record:  # RLVR: its eval_loss is the negated mean reward, which reads as a loss of -0.0000
+        line += f"  eval_reward {record['eval_reward']:.4f}"
+    elif "eval_loss" in record:
         line += f"  eval_loss {record['eval_loss']:.4f}" + (f"  ppl {record['eval_ppl']:.1f}" if "eval_ppl" in record
                                                            else "") + (f"  ({parts})" if several else "")
     return line + (f"  acc_norm: {tasks}" if tasks else "")
