@@ -352,3 +352,16 @@ def test_demo_with_a_tied_head_says_its_unseen_smoothing_does_nothing(tmp_path):
               "--train.time_budget", "", "--train.max_steps", "1", "--train.eval_every", "100",
               "--train.sample_tokens", "0", "--train.eval_tokens", "2048")
     assert res.stdout.count("train.unseen_smoothing 0.03 does nothing here: the head is tied to the embedding") == 1
+
+
+def test_stats_names_its_own_flag_for_a_folder_that_is_no_tokenizer(tmp_path, capsys):
+    """It said "point data.tokenizer at a folder ...", a key this command does not read. (In-process through
+    kiln.cli.main: refused while the tokenizer loads.)"""
+    from kiln.cli import main
+
+    (tmp_path / "empty").mkdir()
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": "hello there"}) + "\n")
+    assert main(["tokenizer", "stats", "--tokenizer", str(tmp_path / "empty"), "--source", str(corpus)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("point --tokenizer at a folder with tokenizer.json or tokenizer.model"), err

@@ -281,7 +281,10 @@ def _write(tok: Tokenizer, out: Path, record: dict[str, Any]) -> None:
 
 def tokenizer_stats(spec: str, sources: list[SourceConfig]) -> dict[str, Any]:
     """Bytes (UTF-8) per token of `spec` on `sources`, and its encode speed on this machine."""
-    tok = load_tokenizer(spec)
+    try:
+        tok = load_tokenizer(spec)
+    except DataError as e:  # the loader names the config key; here the user typed a flag
+        raise DataError(str(e).replace("point data.tokenizer at", "point --tokenizer at")) from None
     texts = [t for batch in _texts(sources, [_open(s) for s in sources], _Progress(quiet=True), "") for t in batch]
     t0 = time.time()
     tokens = sum(len(ids) for ids in tok.encode_batch(texts))
