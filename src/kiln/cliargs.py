@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-
-from kiln.config import SourceConfig, build, validate_source
-from kiln.errors import DataError
 
 
 def int_at_least(low: int):
@@ -36,18 +32,3 @@ def parse_with_sources(p: argparse.ArgumentParser, argv: list[str], option: str 
         p.error("unrecognized arguments: " + " ".join(extra))
     return args
 
-
-def source_arg(arg: str, i: int, **defaults: str | None) -> SourceConfig:
-    """The i-th --source value of `kiln data prepare` / `kiln tokenizer train|stats`: a path, glob or dataset name
-    (with the command's `defaults` for the other SourceConfig fields), or a JSON object of SourceConfig fields,
-    checked as in a config file."""
-    if arg.lstrip().startswith("{"):
-        try:
-            data = json.loads(arg)
-        except ValueError as e:
-            raise DataError(f"--source {arg}: not valid JSON ({e})") from None
-        src = build(SourceConfig, data, where="--source")
-    else:
-        src = SourceConfig(path=arg, **{k: v for k, v in defaults.items() if v is not None})
-    validate_source(src, i, where="--source")
-    return src

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
-from kiln.cliargs import int_at_least, parse_with_sources, source_arg
+from kiln.cliargs import int_at_least, parse_with_sources
 from kiln.config import Config, load_config
+from kiln.data.sources import source_arg
 
 USAGE = """kiln data <command>
 

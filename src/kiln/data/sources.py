@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import codecs
 import glob
+import json
 import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.cache import cache_root
-from kiln.config import SourceConfig
+from kiln.config import SourceConfig, build, validate_source
 from kiln.errors import DataError, first_line
 
 if TYPE_CHECKING:
@@ -397,3 +398,19 @@ def _load_hub(src: SourceConfig) -> datasets.Dataset:
     ds = _skip_take(ds, src)
     _check_not_empty(ds, src.path)
     return ds
+
+
+def source_arg(arg: str, i: int, **defaults: str | None) -> SourceConfig:
+    """The i-th --source value of `kiln data prepare` / `kiln tokenizer train|stats`: a path, glob or dataset name
+    (with the command's `defaults` for the other SourceConfig fields), or a JSON object of SourceConfig fields,
+    checked as in a config file."""
+    if arg.lstrip().startswith("{"):
+        try:
+            data = json.loads(arg)
+        except ValueError as e:
+            raise DataError(f"--source {arg}: not valid JSON ({e})") from None
+        src = build(SourceConfig, data, where="--source")
+    else:
+        src = SourceConfig(path=arg, **{k: v for k, v in defaults.items() if v is not None})
+    validate_source(src, i, where="--source")
+    return src

@@ -51,9 +51,9 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 
-from kiln.cliargs import parse_with_sources, source_arg
+from kiln.cliargs import parse_with_sources
 from kiln.config import SourceConfig
-from kiln.data.sources import load_documents, open_stream, stream_error
+from kiln.data.sources import load_documents, open_stream, source_arg, stream_error
 from kiln.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_digest
 from kiln.errors import DataError, first_line
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import distribute_tensor
 
 from kiln.optim.rounding import RoundingRNG, as_fp32, load_with_rng, save_with_rng, write_back
 
@@ -141,8 +142,6 @@ class Muon(torch.optim.Optimizer):
             x = self._decayed(p, group, lr)
             u = self._momentum(p, group)
             if _is_dtensor(u):
-                from torch.distributed.tensor import distribute_tensor  # 1 s of import: sharded runs only
-
                 full = u.full_tensor()  # all-gather: (rows, cols)
                 full = newton_schulz(full, steps=group["ns_steps"], dtype=self.ns_dtype)
                 # each rank computed the same full result: keep the local slice, no communication
