@@ -131,6 +131,7 @@ def test_resume_refuses_another_architecture_and_touches_nothing(trained):
     status, detail = doctor.check_out_dir(doctor.Context(cfg=load_config("tiny"), device=doctor.torch.device("cpu"),
                                                          out_dir=tmp / "run"))
     assert status == "FAIL" and "saved with model.d_model=32 but the config says 128" in detail, detail
+    assert detail.startswith("`kiln train` would stop: ") and "--fresh" in detail  # doctor itself takes no --fresh
     assert tree_digest(ckpts) == before
 
 

@@ -430,8 +430,8 @@ def check_out_dir(ctx: Context) -> tuple[Status, str]:
                 d.rmdir()
     try:  # a run folder whose checkpoint this config cannot resume fails `kiln train` at once
         plan = run_folder_plan(ctx.cfg, out=out)
-    except KilnError as e:
-        return "FAIL", str(e)
+    except KilnError as e:  # its fix may name `kiln train`'s own flags (--fresh), so say whose error it is
+        return "FAIL", f"`kiln train` would stop: {e}"
     return "PASS", f"writable: {plan}"
 
 
