@@ -354,14 +354,17 @@ def test_demo_with_a_tied_head_says_its_unseen_smoothing_does_nothing(tmp_path):
     assert res.stdout.count("train.unseen_smoothing 0.03 does nothing here: the head is tied to the embedding") == 1
 
 
-def test_stats_names_its_own_flag_for_a_folder_that_is_no_tokenizer(tmp_path, capsys):
-    """It said "point data.tokenizer at a folder ...", a key this command does not read. (In-process through
-    kiln.cli.main: refused while the tokenizer loads.)"""
+@pytest.mark.parametrize("command", [["tokenizer", "stats"], ["data", "prepare", "--out", "OUT"]])
+def test_a_folder_that_is_no_tokenizer_is_named_as_the_flag_typed(tmp_path, capsys, command):
+    """They said "point data.tokenizer at a folder ...", a key these commands do not read when --tokenizer is
+    given. (In-process through kiln.cli.main: refused while the tokenizer loads, before anything is written.)"""
     from kiln.cli import main
 
     (tmp_path / "empty").mkdir()
     corpus = tmp_path / "c.jsonl"
     corpus.write_text(json.dumps({"text": "hello there"}) + "\n")
-    assert main(["tokenizer", "stats", "--tokenizer", str(tmp_path / "empty"), "--source", str(corpus)]) == 2
+    command = [str(tmp_path / "out") if a == "OUT" else a for a in command]
+    assert main([*command, "--tokenizer", str(tmp_path / "empty"), "--source", str(corpus)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith("point --tokenizer at a folder with tokenizer.json or tokenizer.model"), err
+    assert not (tmp_path / "out").exists()

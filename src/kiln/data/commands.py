@@ -45,7 +45,8 @@ def _prepare(argv: list[str]) -> int:
         sources = sources or list(cfg.data.train)
         tokenizer = tokenizer or cfg.data.tokenizer
     m = prepare(sources, args.out, tokenizer=tokenizer or "mistral-v3", workers=args.workers,
-                shard_docs=args.shard_docs, quiet=args.quiet)
+                shard_docs=args.shard_docs, quiet=args.quiet,
+                tokenizer_key="--tokenizer" if args.tokenizer else "data.tokenizer")
     print(json.dumps({"out": args.out, "tokens": m["tokens"], "documents": m["documents"], "shards": len(m["shards"]),
                       "dtype": m["dtype"]}))
     return 0

@@ -90,9 +90,9 @@ def _docs(src: SourceConfig) -> Any:
     return _DOCS[key]
 
 
-def _tok(spec: str) -> Tokenizer:
+def _tok(spec: str, key: str = "data.tokenizer") -> Tokenizer:
     if spec not in _TOKS:
-        _TOKS[spec] = load_tokenizer(spec)
+        _TOKS[spec] = load_tokenizer(spec, key=key)
     return _TOKS[spec]
 
 
@@ -153,8 +153,9 @@ def _init_pool() -> None:
 
 
 def prepare(sources: list[SourceConfig], out: str | Path, *, tokenizer: str = "mistral-v3", workers: int = 0,
-            shard_docs: int = 65536, quiet: bool = False) -> dict[str, Any]:
-    """Tokenize `sources` into shards under `out` (resuming an interrupted run); returns the manifest."""
+            shard_docs: int = 65536, quiet: bool = False, tokenizer_key: str = "data.tokenizer") -> dict[str, Any]:
+    """Tokenize `sources` into shards under `out` (resuming an interrupted run); returns the manifest.
+    `tokenizer_key`: how the user gave `tokenizer` (the config key or a flag), for its errors."""
     if not sources:
         raise DataError("kiln data prepare: pass at least one --source")
     for src in sources:  # a prepared folder is one stream of one or more sources, unweighted, read in full
@@ -165,7 +166,7 @@ def prepare(sources: list[SourceConfig], out: str | Path, *, tokenizer: str = "m
     if shard_docs < 1:
         raise DataError(f"--shard-docs must be positive, got {shard_docs}")
     out = Path(out).expanduser()
-    tok = _tok(tokenizer)  # loaded once here; forked workers inherit it (and the sources) instead of reloading
+    tok = _tok(tokenizer, tokenizer_key)  # loaded once here; forked workers inherit it (and the sources) instead of reloading
     plan, tasks = make_plan(sources, tok, tokenizer, shard_docs=shard_docs)
     plan_bytes = (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode()
     if out.exists() and not out.is_dir():

@@ -180,9 +180,9 @@ def portable_spec(spec: str) -> str:
     return str(path.resolve()) if path.exists() else spec
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
+def load_tokenizer(spec: str, *, key: str = "data.tokenizer") -> Tokenizer:
     """'mistral-v3' | 'mistral-v1' | a tokenizer shipped in the package ('bundled-4k') | path to an HF
-    tokenizer folder | path to a tokenizer.json file."""
+    tokenizer folder | path to a tokenizer.json file. `key`: what the user typed it as, for errors."""
     if spec in MISTRAL_SPECS:
         return _from_folder(_mistral_folder(spec), name=spec)
     if spec in bundled_tokenizers():
@@ -195,7 +195,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if path.is_dir():
         if (path / "tokenizer_config.json").is_file() and _kiln_written(path):
             return _from_folder(path, name=spec)
-        return _from_hf_folder(path, name=spec)
+        return _from_hf_folder(path, name=spec, key=key)
     named = ", ".join([*MISTRAL_SPECS, *bundled_tokenizers()])
     raise DataError(f"unknown tokenizer '{spec}': use {named}, an HF tokenizer folder, or a tokenizer.json file")
 
@@ -249,7 +249,7 @@ def _from_json_file(path: Path, *, name: str) -> Tokenizer:
     return Tokenizer(tk, name=name, eos_token=eos, bos_token=bos, unk_token=_token_str(cfg.get("unk_token")))
 
 
-def _from_hf_folder(folder: Path, *, name: str) -> Tokenizer:
+def _from_hf_folder(folder: Path, *, name: str, key: str) -> Tokenizer:
     """Any AutoTokenizer folder: take the backend exactly as transformers builds it."""
     from transformers import AutoTokenizer
 
@@ -257,7 +257,7 @@ def _from_hf_folder(folder: Path, *, name: str) -> Tokenizer:
         hf = AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:
         raise DataError(f"tokenizer '{name}': AutoTokenizer cannot load this folder ({first_line(e)}); point "
-                        "data.tokenizer at a folder with tokenizer.json or tokenizer.model") from None
+                        f"{key} at a folder with tokenizer.json or tokenizer.model") from None
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is None:
         raise DataError(f"tokenizer '{name}': {type(hf).__name__} has no fast (tokenizers) backend; "

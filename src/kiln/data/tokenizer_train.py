@@ -281,10 +281,7 @@ def _write(tok: Tokenizer, out: Path, record: dict[str, Any]) -> None:
 
 def tokenizer_stats(spec: str, sources: list[SourceConfig]) -> dict[str, Any]:
     """Bytes (UTF-8) per token of `spec` on `sources`, and its encode speed on this machine."""
-    try:
-        tok = load_tokenizer(spec)
-    except DataError as e:  # the loader names the config key; here the user typed a flag
-        raise DataError(str(e).replace("point data.tokenizer at", "point --tokenizer at")) from None
+    tok = load_tokenizer(spec, key="--tokenizer")
     texts = [t for batch in _texts(sources, [_open(s) for s in sources], _Progress(quiet=True), "") for t in batch]
     t0 = time.time()
     tokens = sum(len(ids) for ids in tok.encode_batch(texts))
