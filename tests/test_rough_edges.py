@@ -46,3 +46,13 @@ def test_hf_export_takes_the_short_dtype_names_gguf_takes(tmp_path):
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         "kiln: error: --dtype 'int8': expected float32 (fp32, f32), bfloat16 (bf16) or float16 (fp16, f16)"]
     assert not (tmp_path / "hf-x").exists()
+
+
+def test_an_empty_out_dir_is_refused_not_taken_as_the_default(tmp_path):
+    """`--run.out_dir "$OUT"` with OUT unset went to runs/<name>, where it could resume another run."""
+    for extra in ([], ["--dry-run"]):
+        res = run_kiln("train", "tiny", "--run.out_dir", "", "--train.max_steps", "1", *extra, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+        assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+            "kiln: error: --run.out_dir is empty; pass a folder, or leave it out for runs/tiny"], res.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []

@@ -559,6 +559,8 @@ def load_config(preset: str = "tiny", overrides: list[str] | None = None) -> Con
     where = str(path)
     if overrides:
         over = parse_overrides(overrides)
+        if over.get("run", {}).get("out_dir") == "":  # "$OUT" unset: runs/<name> would resume another run
+            raise ConfigError(f"--run.out_dir is empty; pass a folder, or leave it out for runs/{cfg.run.name or path.stem}")
         try:
             validate(cfg, where=where)
             where = "command line"
