@@ -30,6 +30,15 @@ def test_chat_refuses_a_bad_sampling_option_before_anyone_types(ckpt, flag, valu
     assert err.strip().splitlines() == [f"kiln: error: {message}"] and out == "", err[-2000:]
 
 
+def test_chat_refuses_a_system_message_it_has_no_template_for(ckpt, capsys):
+    """--raw continues the text as typed: a --system beside it was dropped without a word."""
+    assert main(["chat", "--checkpoint", str(ckpt), "--raw", "--system", "Be brief."]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines() == [
+        "kiln: error: --system needs the chat template, which --raw turns off; leave out one of them (with --raw, "
+        "begin your text with what the system message would say)"], err[-2000:]
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--max-new-tokens", "0", "expected an integer >= 1, got 0"),  # 0 and -1 were the default reply length
     ("--max-new-tokens", "-1", "expected an integer >= 1, got -1"),

@@ -172,14 +172,27 @@ def test_the_default_run_folder_is_named_after_the_source_run_folder(tmp_path, m
 
 def test_rlvr_refuses_a_precomputed_reference_and_resets_an_inherited_one(tmp_path, monkeypatch):
     """`kiln rlvr --posttrain.ref precomputed` was silently ignored (RLVR's samples are new every step, so
-    its reference is always a copy): now refused in one line; a DPO source's precomputed is reset to copy."""
+    its reference is always a copy): now refused in one line, as DPO's option; a DPO source's precomputed is
+    reset to copy."""
     ckpt = base_checkpoint(tmp_path, **{"posttrain.ref": "precomputed"})
     data = str(stage_data(tmp_path, "rlvr"))
     out = tmp_path / "rl"
     err = user_error(kiln("rlvr", "--checkpoint", str(ckpt), "--data", data, "--run.out_dir", str(out),
                           "--posttrain.ref", "precomputed", "--quiet"))
-    assert err.startswith("kiln: error: posttrain.ref precomputed is DPO's: RLVR") and "drop --posttrain.ref" in err
+    assert err == "kiln: error: --posttrain.ref is read by kiln dpo only; kiln rlvr would ignore it: drop it"
     assert not out.exists()
+    # so is any option of another stage, and the data given twice: one of them was dropped without a word
+    for stage, extra, line in [
+        ("dpo", ["--posttrain.group_size", "4"], "--posttrain.group_size is read by kiln rlvr only; kiln dpo would "
+                                                  "ignore it: drop it"),
+        ("sft", ["--posttrain.beta", "0.5"], "--posttrain.beta is read by kiln dpo only; kiln sft would ignore it: "
+                                              "drop it"),
+        ("rlvr", ["--posttrain.data", "other.jsonl"], f"--data {data} and --posttrain.data other.jsonl name two "
+                                                       "files; pass one of them"),
+    ]:
+        err = user_error(kiln(stage, "--checkpoint", str(ckpt), "--data", data, "--run.out_dir", str(out), *extra))
+        assert err == f"kiln: error: {line}", err
+        assert not out.exists()
     monkeypatch.chdir(tmp_path)
     args, over = _stage_parser("rlvr", "").parse_known_args(["--checkpoint", str(ckpt), "--data", data])
     assert stage_config("rlvr", args, over)[0].posttrain.ref == "copy"

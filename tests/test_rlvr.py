@@ -225,3 +225,18 @@ def test_rlvr_prints_its_eval_reward_not_a_negated_loss(tmp_path):
     assert evals and all("eval_reward " in ln and "eval_loss" not in ln for ln in evals), res.stdout[-2000:]
     record = [r for r in read_metrics(tmp_path / "rl") if r["kind"] == "eval"][-1]
     assert f"eval_reward {record['eval_reward']:.4f}" in evals[-1]
+
+
+def test_rlvr_refuses_greedy_sampling_which_trains_nothing(tmp_path):
+    """With temperature 0 every completion of a group is the same: equal rewards, zero advantages, and the run
+    trained nothing (its log-probabilities were also divided by 0). Refused before the reference loads."""
+    from conftest import run_kiln
+
+    ckpt = base_checkpoint(tmp_path)
+    tasks = jsonl(tmp_path / "rl.jsonl", [{"prompt": "Say 7.", "answer": "7"}] * 4)
+    res = run_kiln("rlvr", "--checkpoint", str(ckpt), "--data", str(tasks), "--run.out_dir", str(tmp_path / "rl"),
+                   "--posttrain.temperature", "0", capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "kiln: error: posttrain.temperature 0 samples one completion per prompt G times, so a group's rewards are "
+        "equal and nothing trains; use > 0 (default 1.0)"], res.stderr[-2000:]
+    assert not (tmp_path / "rl").exists()

@@ -32,6 +32,10 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "dpo": {"optim": {"warmup_steps": 10, "weight_decay": 0.0, "schedule": "cosine", "lr_scaling": "none"}},
     "rlvr": {"optim": {"warmup_steps": 0, "weight_decay": 0.0, "schedule": "constant", "lr_scaling": "none"}},
 }
+# posttrain keys that one stage alone reads: on another stage's command line they would do nothing
+STAGE_ONLY_KEYS: dict[str, str] = {
+    "pack": "sft", "beta": "dpo", "loss": "dpo", "ref": "dpo", **dict.fromkeys(
+        ["group_size", "kl_coef", "rewards", "max_new_tokens", "temperature", "top_k", "top_p"], "rlvr")}
 # the "kind" of a post-training loader's saved data position (kiln.data.cursor.CursorLoader) -> its stage
 STAGE_OF_KIND = {"sft": "sft", "pairs": "dpo", "prompts": "rlvr"}
 
@@ -101,10 +105,17 @@ def _stage_tree(stage: str, ckpt: Path, args: argparse.Namespace, overrides: lis
 
     base = read_config(ckpt)
     user = parse_overrides(overrides)
-    if args.data:
-        user.setdefault("posttrain", {})["data"] = args.data
-    if args.val_data:
-        user.setdefault("posttrain", {})["val_data"] = args.val_data
+    given = user.setdefault("posttrain", {})
+    for key in given:
+        if STAGE_ONLY_KEYS.get(key, stage) != stage:
+            raise ConfigError(f"--posttrain.{key} is read by kiln {STAGE_ONLY_KEYS[key]} only; kiln {stage} would "
+                              "ignore it: drop it")
+    for flag, key in (("--data", "data"), ("--val-data", "val_data")):
+        value = getattr(args, key)
+        if value and key in given and given[key] != value:  # one of them would be dropped without a word
+            raise ConfigError(f"{flag} {value} and --posttrain.{key} {given[key]} name two files; pass one of them")
+        if value:
+            given[key] = value
     # the source run's folder name (not its run.name: two runs of one preset in other folders share that)
     source = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else (base.run.name or ckpt.name)
     name = f"{source}-{stage}"
@@ -262,9 +273,9 @@ def rlvr(argv: list[str], *, started: float | None = None) -> int:
     pt = cfg.posttrain
     if pt.group_size < 2:
         raise ConfigError("posttrain.group_size: RLVR compares completions within a group; use 2 or more")
-    if pt.ref == "precomputed":  # only an explicit --posttrain.ref: an inherited one is reset (_stage_tree)
-        raise ConfigError("posttrain.ref precomputed is DPO's: RLVR scores new samples every step, so its reference "
-                          "is a frozen copy (none with --posttrain.kl_coef 0); drop --posttrain.ref")
+    if pt.temperature == 0:  # greedy: every completion of a group alike, equal rewards, no advantage to learn from
+        raise ConfigError("posttrain.temperature 0 samples one completion per prompt G times, so a group's rewards "
+                          "are equal and nothing trains; use > 0 (default 1.0)")
     reward = build_reward(pt.rewards)
     tok, fmt = _chat_format(cfg)
     room = cfg.model.max_seq_len - pt.max_new_tokens
@@ -301,6 +312,9 @@ def chat(argv: list[str]) -> int:
     from kiln.generate import GenerationError, check_args, generate_from_ids, generate_text
     from kiln.train.checkpoint import load_for_inference
 
+    if args.raw and args.system:  # raw continuation has no place for it: said, not dropped
+        raise GenerationError("--system needs the chat template, which --raw turns off; leave out one of them "
+                              "(with --raw, begin your text with what the system message would say)")
     pick_device(args.device, option="--device")  # a missing GPU is said as the flag the user typed
     try:  # generate's own checks, before the model loads and anyone types
         check_args(max_new_tokens=1, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
