@@ -56,3 +56,16 @@ def test_an_empty_out_dir_is_refused_not_taken_as_the_default(tmp_path):
         assert res.returncode == 2 and res.stderr.strip().splitlines() == [
             "kiln: error: --run.out_dir is empty; pass a folder, or leave it out for runs/tiny"], res.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_config_file_is_refused_not_read_as_all_defaults(tmp_path):
+    """An empty YAML (or one of comments only: a failed redirect, an unsaved editor) trained with every default,
+    a 32768-entry model on bundled:train, as if it were a config."""
+    for text in ("", "# my run\n"):
+        cfg = tmp_path / "run.yaml"
+        cfg.write_text(text)
+        res = run_kiln("train", str(cfg), "--dry-run", cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+            f"kiln: error: {cfg}: empty; a config sets a section (model:, train:, ...) or starts from a preset with "
+            "`base: tiny` (kiln presets lists them)"], res.stderr[-2000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["run.yaml"]

@@ -481,8 +481,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{at} malformed YAML: {getattr(e, 'problem', e)}") from None
-    if data is None:
-        return {}
+    if data is None:  # an empty file (a redirect that failed, a save that did not happen) is no config of defaults
+        raise ConfigError(f"{path}: empty; a config sets a section (model:, train:, ...) or starts from a preset "
+                          "with `base: tiny` (kiln presets lists them)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (run, model, data, optim, train, parallel)")
     return data
