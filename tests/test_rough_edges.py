@@ -69,3 +69,26 @@ def test_an_empty_config_file_is_refused_not_read_as_all_defaults(tmp_path):
             f"kiln: error: {cfg}: empty; a config sets a section (model:, train:, ...) or starts from a preset with "
             "`base: tiny` (kiln presets lists them)"], res.stderr[-2000:]
     assert [p.name for p in tmp_path.iterdir()] == ["run.yaml"]
+
+
+def test_a_folder_of_other_files_is_not_taken_as_a_run_folder(tmp_path):
+    """`--run.out_dir ~/project` wrote config.yaml and checkpoints/ among the user's files, and with --fresh moved
+    the whole folder aside as "the previous run". Refused, the folder as it was; a hidden file alone is no run."""
+    proj = tmp_path / "project"
+    proj.mkdir()
+    (proj / "notes.txt").write_text("mine")
+    (proj / "data.jsonl").write_text("{}\n")
+    for extra in ([], ["--fresh"], ["--dry-run"]):
+        res = run_kiln("train", "tiny", "--run.out_dir", str(proj), "--train.max_steps", "1", *extra,
+                       capture_output=True, text=True, timeout=600)
+        assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+            f"kiln: error: run.out_dir {proj}: holds files that are not a kiln run (data.jsonl, notes.txt); pass a "
+            "new or empty folder as --run.out_dir"], res.stderr[-2000:]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]
+        assert sorted(p.name for p in proj.iterdir()) == ["data.jsonl", "notes.txt"]
+    from kiln.train.preflight import check_run_folder
+
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / ".DS_Store").write_text("")
+    check_run_folder(hidden)

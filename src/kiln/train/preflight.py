@@ -58,6 +58,22 @@ def unused_vocab_note(tok: Tokenizer, cfg: Config) -> str | None:
             f"embedding/head rows ({rows:,} parameters) are never used; set --model.vocab_size {v}")
 
 
+# what a run folder holds from its start (kiln.train.trainer): one of them marks a folder as a kiln run's
+RUN_MARKERS = ("config.yaml", "run.json", "metrics.jsonl", "checkpoints")
+
+
+def check_run_folder(out: Path) -> None:
+    """A run.out_dir that holds other files and no kiln run (a home, data or project folder) is refused: a run
+    would write into it, and --fresh would move the whole folder aside. Hidden files alone do not count."""
+    if not out.is_dir() or any((out / m).exists() for m in RUN_MARKERS):
+        return
+    other = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if other:
+        shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        raise KilnError(f"run.out_dir {out}: holds files that are not a kiln run ({shown}); pass a new or empty "
+                        "folder as --run.out_dir")
+
+
 def prepare_out_dir(out: Path, *, fresh: bool) -> None:
     """Create the run folder; with --fresh, move an existing one aside (never delete checkpoints)."""
     if fresh and out.exists() and any(out.iterdir()):
@@ -158,6 +174,7 @@ def run_folder_plan(cfg: Config, *, fresh: bool = False, out: Path | None = None
     or resume its newest checkpoint, which must take this config (else check_resumable's CheckpointError). The
     newest is not verified here: at start a damaged one is set aside and the one before it resumed."""
     out = Path(out or cfg.run.out_dir)
+    check_run_folder(out)
     ckpts = list_checkpoints(out)
     if not ckpts:
         return f"{out} (new)" if not (out.exists() and any(out.iterdir())) else f"{out} (no checkpoints yet)"

@@ -53,6 +53,7 @@ from kiln.train.objective import BatchSource, Objective, RunSettings
 from kiln.train.plan import Plan, make_plan
 from kiln.train.preflight import (
     check_resumable,
+    check_run_folder,
     check_sources,
     check_tokenizer,
     dry_run,
@@ -352,6 +353,7 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     device, main, out = layout.device, layout.is_main, Path(cfg.run.out_dir)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_tokenizer(tokenizer, cfg, where="config")
+    check_run_folder(out)  # before a mirror's checkpoint is fetched into it
     mirror = mirror_for(cfg.train.checkpoint_url)
     resume_from = _agree(_latest_checkpoint(out, mirror, fresh=fresh, main=main), layout)  # verified
     if resume_from is not None:  # validate before touching anything
