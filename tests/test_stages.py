@@ -137,6 +137,40 @@ def test_a_started_stage_may_not_change_and_a_future_one_may(tmp_path):
     assert res.returncode == 2 and "data position is for data.stages, and this run has none" in res.stderr
 
 
+def test_a_begun_stage_keeps_its_start_when_a_resume_changes_the_runs_length():
+    """A fractional start moves with train.max_steps; the steps a run has taken do not. Plan.set_stages keeps a
+    begun stage's start and begins a stage that would now start in the past at the resumed step."""
+    from kiln.train.plan import make_plan
+
+    cfg = load_config("tiny", ["--train.max_steps", "24", "--data.stages", json.dumps(
+        [{"start": 0, "train": [{"path": "a.jsonl"}]}, {"start": 0.5, "train": [{"path": "a.jsonl"}]},
+         {"start": 0.9, "train": [{"path": "a.jsonl"}]}])])
+    plan = make_plan(cfg.model, cfg.train, cfg.optim, stages=cfg.data.stages)
+    assert plan.stage_starts == [0, 12, 22]  # as this config alone places them
+    plan.set_stages(cfg.data.stages, step=12, started=[0, 8, 14])  # resumed at 12 from a 16-step run
+    assert plan.stage_starts == [0, 8, 22]
+    plan.set_stages(cfg.data.stages, step=23, started=[0, 20, 36])  # at 23 of a 40-step run: stage 2 not begun
+    assert plan.stage_starts == [0, 20, 23]
+
+
+@pytest.mark.slow
+def test_a_longer_resumed_run_does_not_go_back_into_a_stage_it_left(tmp_path):
+    """A run stopped inside its second stage (0.5 of 16 steps: from step 8), resumed with train.max_steps 24
+    (0.5 of 24: step 12), went back to the first stage for steps 13-16 and then into the second again. The
+    begun stage now stays where it began, and the resume says so."""
+    over = staged_overrides(tmp_path, **{"train.stop_at_step": 12})
+    train(load_config("tiny", over), quiet=True)
+    i = over.index("--train.stop_at_step")
+    longer = [*over[:i], *over[i + 2:], "--train.max_steps", "24"]
+    res = run_kiln("train", "tiny", *longer, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert ("note: data stage 1 (anneal) began at step 8 (data.stages[1].start 0.5 of 24 steps is step 12): a "
+            "resumed run keeps the batches it drew") in res.stderr
+    assert "data stage 1 anneal: steps 8-end" in res.stdout
+    stages = {s: r["data_stage"] for (k, s), r in records_per_step(tmp_path / "run").items() if k == "train"}
+    assert stages == {s: "web" if s <= 8 else "anneal" for s in range(1, 25)}
+
+
 def test_prepared_stages_reshard_to_another_data_parallel_size(tmp_path):
     """Two stages of prepared shards (the boundary at micro-batch 6 of each rank): 2 ranks stopped
     inside the first stage and inside the second continue on 1 rank as one rank would have read."""

@@ -40,9 +40,14 @@ class Plan:
     stage_starts: list[int] = field(default_factory=list)  # data.stages: each stage's first step
     stage_names: list[str] = field(default_factory=list)
 
-    def set_stages(self, stages: list[StageConfig]) -> None:
-        """The data stages' first steps for the current total_steps (kiln.data.stages)."""
-        self.stage_starts = stage_starts(stages, total_steps=self.total_steps, tokens_per_step=self.tokens_per_step)
+    def set_stages(self, stages: list[StageConfig], *, step: int = 0, started: list[int] | None = None) -> None:
+        """The data stages' first steps for the current total_steps (kiln.data.stages), for a run that has taken
+        `step` steps following the starts `started`: a stage begun before `step` keeps its start (a longer run
+        moves a fractional start, but the batches before it were drawn), and one that would now begin in the
+        past begins at `step`."""
+        new = stage_starts(stages, total_steps=self.total_steps, tokens_per_step=self.tokens_per_step)
+        old = list(started or [])
+        self.stage_starts = [old[i] if i < len(old) and old[i] < step else max(s, step) for i, s in enumerate(new)]
         self.stage_names = [s.name or str(i) for i, s in enumerate(stages)]
 
     def stage_of(self, step: int) -> str | None:

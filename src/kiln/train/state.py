@@ -31,6 +31,7 @@ class TrainState:
     planned_at: int = 0  # train.time_budget: the step after which planned_steps was (re-)planned
     plan_final: bool = False  # train.time_budget: planned_steps will not be re-planned (kiln.train.budget)
     eval_seconds: float = 0.0  # train.time_budget: the longest eval so far (a process resumed before the plan uses it)
+    stage_starts: list[int] = field(default_factory=list)  # data.stages: the first steps the run follows
     target_step: int = 0  # train.target_loss: the step that reached it (0: not reached)
     target_metric: str = ""  # the metric that reached it, and its value there (a resumed run with a new target
     target_value: float | None = None  # trains on; None: a checkpoint from before they were saved)
@@ -51,7 +52,7 @@ class TrainState:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed(),
                 "best_evals": list(self.evals), "window": list(self.window), "planned_steps": self.planned_steps,
                 "planned_at": self.planned_at, "plan_final": self.plan_final, "eval_seconds": self.eval_seconds,
-                "target_step": self.target_step,
+                "target_step": self.target_step, "stage_starts": list(self.stage_starts),
                 "target_metric": self.target_metric, "target_value": self.target_value,
                 "divergence": self.divergence.state_dict(), "spikes": self.spikes.state_dict()}
 
@@ -65,6 +66,7 @@ class TrainState:
         self.plan_final = bool(state.get("plan_final", True))  # checkpoints from before the re-plan: never re-planned
         self.planned_at = int(state.get("planned_at", 0))  # before re-plans were repeated: 0, the warmup's plan
         self.eval_seconds = float(state.get("eval_seconds", 0.0))
+        self.stage_starts = [int(s) for s in state.get("stage_starts", [])]  # before 2026-12-07: not saved
         self.divergence.load_state_dict(state["divergence"])
         self.spikes.load_state_dict(state["spikes"])
 

@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from kiln.config import Config, TrainConfig, parse_duration, to_dict
-from kiln.data.stages import StagedLoader
+from kiln.config import Config, StageConfig, TrainConfig, parse_duration, to_dict
+from kiln.data.stages import StagedLoader, stage_starts
 from kiln.data.stages import describe as describe_stages
 from kiln.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_digest
 from kiln.device import autocast_for, train_precision
@@ -191,10 +191,8 @@ class Run:
         self.plan.provisional = False
         self.checkpointer.total_steps = steps
         self.progress.set_total(steps)
-        if self.cfg.data.stages:  # fractions of the run move with its length
-            self.plan.set_stages(self.cfg.data.stages)
-            if isinstance(self.loader, StagedLoader):
-                self.loader.set_starts(self.plan.stage_starts, accum_steps=self.plan.accum_steps)
+        if self.cfg.data.stages:  # fractions of the run move with its length, but not a stage begun
+            _set_stages(self.plan, self.cfg.data.stages, self.state, self.loader)
 
     def already_done(self) -> str | None:
         """Why a resumed run has nothing left to train (None: it has)."""
@@ -387,8 +385,6 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
         if engine.reads_data else None
     if loader is not None and hasattr(loader, "close"):
         closing.callback(loader.close)
-    if isinstance(loader, StagedLoader):
-        loader.set_starts(plan.stage_starts, accum_steps=plan.accum_steps)
     val_sets = objective.val_data(tokenizer)  # small; every pipeline stage joins the same eval steps
     _check_evals(cfg.train, has_evals=bool(val_sets or tasks))
     state = TrainState(divergence=DivergenceDetector(threshold=cfg.train.divergence_threshold),
@@ -398,6 +394,10 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
         state.load_state_dict(common)
         _retarget(state, cfg.train)
         _restore_rank_state(ranks, layout, loader, engine, seed=cfg.run.seed, step=state.step)
+    if cfg.data.stages:
+        moved = _set_stages(plan, cfg.data.stages, state, loader)
+        for note in moved if main and resume_from is not None and not plan.provisional else ():
+            print(note, file=sys.stderr)
     state.started = started  # this process's wall clock: its setup counts (elapsed_before: earlier processes)
 
     info = run_info(device)
@@ -456,6 +456,19 @@ def _check_evals(t: TrainConfig, *, has_evals: bool) -> None:
     if used and not has_evals:
         raise ConfigError(f"{used[0]} needs evals, and this run has none: give it validation data (kiln sft / dpo / "
                           "rlvr: --val-data; kiln train: data.val) or train.eval_tasks, or drop it")
+
+
+def _set_stages(plan: Plan, stages: list[StageConfig], state: TrainState, loader: BatchSource | None) -> list[str]:
+    """Place the data stages on the plan's steps, keeping where the run's begun stages began (TrainState saves
+    them); a note for each stage that is not where this config alone would put it."""
+    plan.set_stages(stages, step=state.step, started=state.stage_starts)
+    free = stage_starts(stages, total_steps=plan.total_steps, tokens_per_step=plan.tokens_per_step)
+    state.stage_starts = list(plan.stage_starts)
+    if isinstance(loader, StagedLoader):
+        loader.set_starts(plan.stage_starts, accum_steps=plan.accum_steps)
+    return [f"note: data stage {i} ({plan.stage_names[i]}) {'began' if at < state.step else 'begins'} at step {at} "
+            f"(data.stages[{i}].start {stages[i].start:g} of {plan.total_steps:,} steps is step {want}): a resumed run "
+            "keeps the batches it drew" for i, (at, want) in enumerate(zip(plan.stage_starts, free)) if at != want]
 
 
 def _retarget(state: TrainState, t: TrainConfig) -> None:
