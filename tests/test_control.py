@@ -104,7 +104,7 @@ def test_job_control_save_stop_abort_on_a_live_run(tmp_path, reference):
 
     listed = control("list")
     assert listed.returncode == 0 and str(run.resolve()) in listed.stdout.replace("\n", "")
-    res = control("save", str(run))
+    res = control("save", run.name)  # the run folder's name (its run.name is the preset's, tiny)
     assert res.returncode == 0, res.stderr
     saved = ckpt_io.list_checkpoints(run)
     assert saved, "save made a checkpoint while training goes on"
@@ -113,7 +113,7 @@ def test_job_control_save_stop_abort_on_a_live_run(tmp_path, reference):
     assert res.returncode == 0, res.stderr
     assert "stop: sent to " in res.stdout and f"({run.resolve()})" in res.stdout
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 130, err  # saved, not finished: `kiln train && kiln export` stops here
     assert "stopped by kiln control stop" in out
     stopped = ckpt_io.list_checkpoints(run)[-1]
     assert int(stopped.name.split("_")[1]) < STEPS
@@ -123,6 +123,7 @@ def test_job_control_save_stop_abort_on_a_live_run(tmp_path, reference):
     before = [p.name for p in ckpt_io.list_checkpoints(run)]
     assert control("abort", str(run)).returncode == 0
     proc.communicate(timeout=120)
+    assert proc.returncode == 1
     assert [p.name for p in ckpt_io.list_checkpoints(run)] == before
     assert control("list").stdout.strip() == "no running kiln jobs"
     bad = control("stop", "no-such-job")
@@ -235,7 +236,31 @@ def test_abort_before_any_checkpoint_says_there_is_none(tmp_path):
     env = {**os.environ, "KILN_JOBS_DIR": str(tmp_path / "jobs")}
     assert run_kiln("control", "abort", str(run), capture_output=True, text=True, timeout=120, env=env).returncode == 0
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 1, err
     assert "stopped by kiln control abort at step " in out, out[-2000:]
     assert ": nothing saved (no checkpoint yet); run the same command again to start over" in out, out[-2000:]
     assert ckpt_io.list_checkpoints(run) == []
+
+
+def test_a_second_process_on_a_run_folder_in_use_is_refused(tmp_path):
+    """Two `kiln train` on one run folder both trained into it: metrics.jsonl held steps 0-38 then 0-17, and
+    `kiln control stop` reached whichever process read the request first. The second is refused, --fresh too
+    (it would have moved the live run's folder aside), and the first trains on."""
+    over = overrides(tmp_path, **{"train.save_every": 100_000, "train.max_steps": 100_000})  # still running
+    proc = start(tmp_path, over)
+    run = tmp_path / "run"
+    wait_for_step(run, 2, proc)
+    env = {**os.environ, "KILN_JOBS_DIR": str(tmp_path / "jobs")}
+    job = f"tiny-{proc.pid}"
+    for extra in ([], ["--fresh"]):
+        res = run_kiln("train", "tiny", *over, *extra, capture_output=True, text=True, timeout=120, env=env)
+        assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+            f"kiln: error: {run} is in use by kiln job {job} (pid {proc.pid}); `kiln control stop {job}` ends it, "
+            "or pass another --run.out_dir"], res.stderr[-2000:]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("run")] == ["run"]
+    step = max(last_per_step(run))
+    wait_for_step(run, step + 2, proc)  # still training
+    assert run_kiln("control", "stop", job, capture_output=True, text=True, timeout=120, env=env).returncode == 0
+    proc.communicate(timeout=120)
+    steps = [r["step"] for r in read_metrics(run) if r.get("kind") == "train"]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # one writer

@@ -55,10 +55,9 @@ def _train(argv: list[str]) -> int:
     from kiln.config import load_config
 
     cfg = load_config(args.preset, overrides)  # a bad key or value is refused before torch loads (~2 s)
-    from kiln.train.trainer import train
+    from kiln.train.trainer import exit_code, train
 
-    summary = train(cfg, fresh=args.fresh, quiet=args.quiet, dry=args.dry_run, started=STARTED)
-    return 130 if summary.get("stopped") == "signal" else 0
+    return exit_code(train(cfg, fresh=args.fresh, quiet=args.quiet, dry=args.dry_run, started=STARTED))
 
 
 def _add_ckpt(p: argparse.ArgumentParser) -> None:

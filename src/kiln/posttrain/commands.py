@@ -216,7 +216,9 @@ def _chat_format(cfg: Config):
 
 
 def _finish(summary: dict) -> int:
-    return 130 if summary.get("stopped") == "signal" else 0
+    from kiln.train.trainer import exit_code
+
+    return exit_code(summary)
 
 
 def sft(argv: list[str], *, started: float | None = None) -> int:

@@ -10,7 +10,7 @@ and checkpoint), which `kiln control` waits for:
     stop   write a checkpoint and exit cleanly (resume later with the same command)
     abort  exit at once without saving (a failed experiment); the existing checkpoints stay
 
-JOB is a job id (`kiln control list`), a run name, a run folder or a pid. Files, not signals, so it
+JOB is a job id (`kiln control list`), a run name, a run folder (or its name) or a pid. Files, not signals, so it
 works for torchrun jobs with many processes and for run folders on shared storage.
 """
 
@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -84,6 +84,35 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+LOCK = ".kiln-lock"  # in the run folder: held by the process that trains there
+
+
+def lock_run_folder(run_dir: Path) -> IO[str]:
+    """Hold `<run_dir>/.kiln-lock` for as long as the returned file stays open (an fcntl lock: the system
+    releases it when the process ends, however it ends), so that a second kiln process on the same run folder
+    is refused instead of writing the same checkpoints and metrics. A filesystem without locks is not guarded."""
+    import fcntl
+
+    f = open(Path(run_dir) / LOCK, "a+")  # noqa: SIM115 (the caller closes it)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip()
+        f.close()
+        job = next((j["job_id"] for j in list_jobs() if str(j["pid"]) == pid), None)
+        who = f"kiln job {job} (pid {pid})" if job else f"another kiln process (pid {pid or '?'})"
+        stop = f"`kiln control stop {job}` ends it" if job else "wait for it to end"
+        raise KilnError(f"{run_dir} is in use by {who}; {stop}, or pass another --run.out_dir") from None
+    except OSError:
+        return f
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 class JobControl:
@@ -151,10 +180,12 @@ def list_jobs() -> list[dict[str, Any]]:
 
 
 def find_job(spec: str) -> dict[str, Any]:
-    """A job by id, run name, run folder or pid; KilnError if none or several match."""
+    """A job by id, run name (run.name), run folder (a path, or its name) or pid; KilnError if none or several
+    match."""
     jobs = list_jobs()
     path = str(Path(spec).resolve()) if Path(spec).exists() else None
-    hits = [j for j in jobs if spec in (j["job_id"], j["name"], str(j["pid"])) or j["run_dir"] == path]
+    hits = [j for j in jobs if spec in (j["job_id"], j["name"], str(j["pid"]), Path(j["run_dir"]).name)
+            or j["run_dir"] == path]
     if not hits:
         live = ", ".join(j["job_id"] for j in jobs) or "none"
         raise KilnError(f"no running kiln job matches '{spec}' (running: {live}); see kiln control list")
@@ -191,7 +222,8 @@ def main(argv: list[str]) -> int:
     """`kiln control list | save | stop | abort [JOB] [--no-wait]`."""
     p = argparse.ArgumentParser(prog="kiln control", description="List and steer training jobs on this machine.")
     p.add_argument("command", choices=["list", *COMMANDS])
-    p.add_argument("job", nargs="?", help="job id, run name, run folder or pid (see kiln control list); may be "
+    p.add_argument("job", nargs="?", help="job id, run name, run folder (or its name) or pid (see kiln control "
+                   "list); may be "
                    "left out while one job runs")
     p.add_argument("--no-wait", action="store_true", help="return at once instead of waiting for the job")
     args = p.parse_args(argv)

@@ -44,7 +44,7 @@ from kiln.parallel.pipeline import microbatches
 from kiln.runinfo import format_duration, run_info
 from kiln.train import checkpoint as ckpt_io
 from kiln.train.budget import TimeBudget
-from kiln.train.control import JobControl, Requests
+from kiln.train.control import JobControl, Requests, lock_run_folder
 from kiln.train.engine import Engine
 from kiln.train.evaluator import Evaluation, Evaluator, target_met
 from kiln.train.metrics import MetricsLogger, StepLog, read_metrics
@@ -250,6 +250,16 @@ def train(cfg: Config, *, objective: Objective | None = None, fresh: bool = Fals
         raise
 
 
+# how a stopped run's command exits: 130 saved and stopped early (rerun to resume), 1 ended without saving; any
+# other stop (its last step, its target, its budget, train.stop_at_step) ends as planned: 0
+STOP_EXIT_CODES = {"signal": 130, "kiln control stop": 130, "kiln control abort": 1}
+
+
+def exit_code(summary: dict[str, Any]) -> int:
+    """The exit code of the command whose run ended with `summary` (train's return)."""
+    return STOP_EXIT_CODES.get(summary.get("stopped") or "", 0)
+
+
 def fit(run: Run) -> dict[str, Any]:
     """The training loop: step, guard, log, evaluate, checkpoint, until the plan's last step or a stop."""
     state, plan, checkpointer = run.state, run.plan, run.checkpointer
@@ -352,6 +362,9 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_tokenizer(tokenizer, cfg, where="config")
     check_run_folder(out)  # before a mirror's checkpoint is fetched into it
+    locked = main and out.is_dir()
+    if locked:  # a run folder another process trains in is neither resumed, set aside, nor written
+        closing.enter_context(lock_run_folder(out))
     mirror = mirror_for(cfg.train.checkpoint_url)
     resume_from = _agree(_latest_checkpoint(out, mirror, fresh=fresh, main=main), layout)  # verified
     if resume_from is not None:  # validate before touching anything
@@ -370,6 +383,8 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     tasks = load_tasks(cfg.train.eval_tasks, limit=cfg.train.eval_tasks_limit, seed=cfg.run.seed)  # before any write
     if main:
         prepare_out_dir(out, fresh=fresh)
+        if not locked or fresh:  # a new folder (or --fresh's, the old one moved aside with its lock)
+            closing.enter_context(lock_run_folder(out))
     if layout.distributed:
         dist.barrier()
 
