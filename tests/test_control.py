@@ -264,3 +264,23 @@ def test_a_second_process_on_a_run_folder_in_use_is_refused(tmp_path):
     proc.communicate(timeout=120)
     steps = [r["step"] for r in read_metrics(run) if r.get("kind") == "train"]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # one writer
+
+
+def test_a_signal_during_a_step_saves_at_the_end_of_that_step(tmp_path, monkeypatch, capsys):
+    """"saving at the end of this step" ran one more step: the flag was read only before each step. (In-process:
+    the signal is sent from inside step 5.)"""
+    from kiln.train import trainer
+
+    real = trainer.train_step
+
+    def step_then_signal(run, **kw):
+        result = real(run, **kw)
+        if run.state.step == 4:  # step 5 is being taken
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(trainer, "train_step", step_then_signal)
+    summary = train(load_config("tiny", overrides(tmp_path)), quiet=True)
+    assert summary["stopped"] == "signal" and summary["step"] == 5, summary
+    assert [p.name for p in ckpt_io.list_checkpoints(tmp_path / "run")][-1] == "step_5"
+    assert "received SIGINT: saving at the end of this step" in capsys.readouterr().err

@@ -73,7 +73,9 @@ class StopOnSignal:
         self.requested = True
         if os.environ.get("RANK", "0") == "0":  # torchrun signals every worker: one line, from rank 0
             again = "Ctrl-C again" if signum == signal.SIGINT else "Ctrl-C (SIGINT)"
-            print(f"\nreceived {signal.Signals(signum).name}: saving at the end of this step ({again} to abort "
+            when = "this step" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else \
+                "the step every rank agrees on it (this one or the next)"
+            print(f"\nreceived {signal.Signals(signum).name}: saving at the end of {when} ({again} to abort "
                   "without saving)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> StopOnSignal:

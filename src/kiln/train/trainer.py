@@ -15,6 +15,7 @@ loop counts in kiln.train.state.TrainState, saved in every checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -301,6 +302,8 @@ def fit(run: Run) -> dict[str, Any]:
                 state.target_step, state.target_metric = state.step, t.target_metric
                 state.target_value = float(evaluation.record[t.target_metric])
             requests = result.requests
+            if signal.requested and not requests.signal and not run.layout.distributed:  # came during this step:
+                requests = dataclasses.replace(requests, signal=True)  # one process needs no agreement to act on it
             if requests.abort:
                 stopped = "kiln control abort"
                 break
