@@ -339,7 +339,7 @@ def test_a_budget_too_short_is_one_line_and_saves_nothing(tmp_path):
 
 def test_target_loss_stops_at_the_first_eval_that_reaches_it_and_reports_the_cost(tmp_path):
     over = small_overrides(tmp_path, **{"train.max_steps": 60, "train.eval_every": 5, "train.target_loss": 9.0,
-                                        "run.cost_per_hour": 3.6})
+                                        "run.cost_per_hour": 3.6, "train.log_every": 7})
     res = run_cli("train", "tiny", *over)
     assert res.returncode == 0, res.stderr[-3000:]
     records = read_metrics(tmp_path / "run")
@@ -355,6 +355,9 @@ def test_target_loss_stops_at_the_first_eval_that_reaches_it_and_reports_the_cos
     assert summary.returncode == 0 and "target reached" in summary.stdout
     assert "(stopped at its target)" in summary.stdout and "ETA" not in summary.stdout  # finished, not half-way
     assert json.loads(summary.stdout.strip().splitlines()[-1])["target"]["step"] == first["step"]
+    # the step that reached it has its train record, as a run's last step does (log_every 7 did not fall on it)
+    assert [r["step"] for r in records if r["kind"] == "train"][-1] == first["step"]
+    assert json.loads(summary.stdout.strip().splitlines()[-1])["steps"] == first["step"]
     again = run_cli("train", "tiny", *over, "--train.sample_tokens", "4")  # the same command again: nothing left to do
     assert again.returncode == 0 and f"reached train.target_loss at step {first['step']}" in again.stdout
     assert "sample:" not in again.stdout  # a run with nothing left to train writes no sample

@@ -112,6 +112,12 @@ class StepLog:
         if not self.due(state.step):
             self.progress.update(state.step)
             return
+        self.write(state, lr=lr, grad_norm=grad_norm, extras=extras, spike=spike)
+
+    def write(self, state: TrainState, *, lr: float, grad_norm: float, extras: dict[str, float],
+              spike: bool = False) -> None:
+        """The train record of the steps since the last one, now (step() at its cadence; the loop at a step
+        that ends the run before the plan's last, such as reaching train.target_loss)."""
         record = self.record(state, lr=lr, grad_norm=grad_norm, extras=extras, spike=spike)
         state.window.clear()
         self._timed, self._t_window, self._step_seconds = 0, time.time(), 0.0

@@ -301,6 +301,8 @@ def fit(run: Run) -> dict[str, Any]:
                 t = run.cfg.train
                 state.target_step, state.target_metric = state.step, t.target_metric
                 state.target_value = float(evaluation.record[t.target_metric])
+                if state.window:  # the run's last step: its train record, as the plan's last step gets one
+                    run.log.write(state, lr=lr, grad_norm=result.grad_norm, extras=result.extras, spike=result.spike)
             requests = result.requests
             if signal.requested and not requests.signal and not run.layout.distributed:  # came during this step:
                 requests = dataclasses.replace(requests, signal=True)  # one process needs no agreement to act on it
