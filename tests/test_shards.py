@@ -396,3 +396,27 @@ def test_a_cut_or_missing_index_file_is_one_line_naming_it(data, tmp_path, capsy
     idx.unlink()
     assert cli(["data", "inspect", str(cut)]) == 2
     assert capsys.readouterr().err.strip() == f"kiln: error: {idx}: shard file missing; prepare the folder again"
+
+
+def test_dry_run_checks_prepared_folders_as_the_run_does(data, tmp_path):
+    """`--dry-run` passed a data.shards folder that does not exist, one prepared with another tokenizer and a
+    text file listed under data.format=shards; the run then refused each. Now the dry run does, in one line."""
+    from conftest import run_kiln
+
+    text = data["sources"][0].path
+    cases = [
+        (["--data.shards", str(tmp_path / "nothere")], f"{tmp_path / 'nothere'}: no such folder; prepare one with "
+                                                        f"`kiln data prepare --source ... --out {tmp_path / 'nothere'}`"),
+        (["--data.shards", str(data["out"])], f"{data['out']}: prepared with tokenizer '{data['tok']}' (digest "),
+        (["--data.format", "shards", "--data.train", json.dumps([{"path": str(data["out"])}, {"path": text}])],
+         f"{text}: data.format=shards needs folders written by `kiln data prepare` (no manifest.json here)"),
+    ]
+    for args, line in cases:
+        res = run_kiln("train", "tiny", *args, "--run.out_dir", str(tmp_path / "run"), "--dry-run",
+                       capture_output=True, text=True, timeout=300)
+        err = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(err) == 1 and err[0].startswith(f"kiln: error: {line}"), res.stderr[-2000:]
+    ok = run_kiln("train", "tiny", "--data.shards", str(data["out"]), "--data.tokenizer", data["tok"],
+                  "--run.out_dir", str(tmp_path / "run"), "--dry-run", capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert not (tmp_path / "run").exists()

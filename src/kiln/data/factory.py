@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from kiln.config import DataConfig, SourceConfig
 from kiln.data.diversity import BATCHES, Diversity, shard_diversity, text_diversity
 from kiln.data.loader import PackedLoader, validation_batches
 from kiln.data.packing import Batch
-from kiln.data.shards import ShardLoader, shard_validation_sets
+from kiln.data.shards import ShardLoader, check_manifest_tokenizer, read_manifest, shard_validation_sets
 from kiln.data.sources import is_prepared, source_name
 from kiln.data.stages import StagedLoader
 from kiln.data.tokenizer import Tokenizer
@@ -49,6 +50,26 @@ def uses_shards(d: DataConfig) -> bool:
     return d.format == "shards" or bool(d.shards)
 
 
+def check_prepared_sources(d: DataConfig, tokenizer: Tokenizer | None = None) -> None:
+    """With data.format=shards (or data.shards), every training source (each stage's too) must be a finished
+    `kiln data prepare` folder, and, given the run's tokenizer, prepared with it: one line each, from the
+    manifests alone (the loader opens the shards; `--dry-run` checks this much)."""
+    if not uses_shards(d):
+        return
+    for s in [src for st in d.stages for src in st.train] if d.stages else train_sources(d):
+        if s.path.startswith("bundled:"):
+            raise DataError(f"{s.path}: data.format=shards needs folders written by `kiln data prepare`, and "
+                            f"data.train is the bundled corpus; run `kiln data prepare --source {s.path} --out "
+                            "DIR` and train with --data.shards DIR (or set data.format=text)")
+        if Path(s.path).expanduser().exists() and not is_prepared(s.path):
+            raise DataError(f"{s.path}: data.format=shards needs folders written by `kiln data prepare` "
+                            f"(no manifest.json here); run `kiln data prepare --source ... --out {s.path}` "
+                            "or set data.format=text")
+        manifest = read_manifest(s.path)  # a missing folder, an unfinished prepare, another format
+        if tokenizer is not None:
+            check_manifest_tokenizer(s.path, manifest, tokenizer)
+
+
 def build_train_source(d: DataConfig, tokenizer: Tokenizer, b: Batching, *, dp_rank: int = 0, dp_world: int = 1
                        ) -> PackedLoader | ShardLoader | StagedLoader:
     """The training batch source of data-parallel rank `dp_rank` of `dp_world` (tensor/pipeline peers
@@ -59,15 +80,7 @@ def build_train_source(d: DataConfig, tokenizer: Tokenizer, b: Batching, *, dp_r
             stage, tokenizer, dataclasses.replace(b, seed=b.seed + offset), dp_rank=dp_rank, dp_world=dp_world))
     sources = train_sources(d)
     if uses_shards(d):
-        for s in sources:
-            if s.path.startswith("bundled:"):
-                raise DataError(f"{s.path}: data.format=shards needs folders written by `kiln data prepare`, and "
-                                f"data.train is the bundled corpus; run `kiln data prepare --source {s.path} --out "
-                                "DIR` and train with --data.shards DIR (or set data.format=text)")
-            if not is_prepared(s.path):
-                raise DataError(f"{s.path}: data.format=shards needs folders written by `kiln data prepare` "
-                                f"(no manifest.json here); run `kiln data prepare --source ... --out {s.path}` "
-                                "or set data.format=text")
+        check_prepared_sources(d)
         return ShardLoader(sources, tokenizer, seq_len=b.seq_len, batch_size=b.batch_size, seed=b.seed,
                            shuffle=d.shuffle, rank=dp_rank, world_size=dp_world, num_workers=d.num_workers)
     for s in sources:

@@ -197,10 +197,14 @@ class ShardSet:
 
 def check_tokenizer(shards: ShardSet, tokenizer: Tokenizer) -> None:
     """The folder must have been prepared with the tokenizer this run trains with."""
-    m = shards.manifest
+    check_manifest_tokenizer(shards.path, shards.manifest, tokenizer)
+
+
+def check_manifest_tokenizer(path: str | Path, m: dict[str, Any], tokenizer: Tokenizer) -> None:
+    """check_tokenizer from a folder's manifest alone (read_manifest), without opening its shards."""
     now = tokenizer_digest(tokenizer)
     if m["tokenizer_sha256"] != now:
-        raise DataError(f"{shards.path}: prepared with tokenizer '{m['tokenizer']}' (digest {m['tokenizer_sha256'][:12]}); "
+        raise DataError(f"{path}: prepared with tokenizer '{m['tokenizer']}' (digest {m['tokenizer_sha256'][:12]}); "
                         f"this run's tokenizer '{tokenizer.name}' has digest {now[:12]}: the digest differs (another "
                         "vocabulary, merges or added tokens); set data.tokenizer to the one it was prepared with, or "
                         "prepare the data again")

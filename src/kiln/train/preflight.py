@@ -14,6 +14,7 @@ import yaml
 
 from kiln.bench import run_bench
 from kiln.config import Config, parse_duration, to_dict
+from kiln.data.factory import check_prepared_sources, uses_shards
 from kiln.data.sources import is_prepared, resolve_files
 from kiln.data.stages import describe as describe_stages
 from kiln.data.stages import stage_starts
@@ -188,7 +189,9 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> 
     """Print what the run would do (config, run folder, size, budget, LR curve, memory estimate) and return it.
     A run folder whose checkpoint this config cannot resume is the run's own error, said now; so is a tokenizer
     with more ids than model.vocab_size (and the warning for far fewer is printed, as the run prints it)."""
-    check_tokenizer(load_tokenizer(cfg.data.tokenizer), cfg, where="config")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    check_tokenizer(tokenizer, cfg, where="config")
+    check_prepared_sources(cfg.data, tokenizer)  # prepared with this tokenizer, as the run will check
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
     print(f"\nrun folder       {run_folder_plan(cfg, fresh=fresh)}")
     ckpts = [] if fresh else list_checkpoints(Path(cfg.run.out_dir))
@@ -227,11 +230,14 @@ def check_sources(cfg: Config) -> None:
     """Every local file or folder pretraining's data sources name (train, val, stages) resolves, as the loader
     will resolve it: a missing path, an empty glob or an unsupported file type is one line naming the key,
     before anything is set up or written (and by --dry-run). Nothing is read; a name that is not local (an
-    HF hub dataset) is not looked up, and prepared shards are their loader's to check."""
+    HF hub dataset) is not looked up. With data.format=shards the training sources must be finished prepared
+    folders (their manifests are read; the shards are the loader's to open)."""
     d = cfg.data
-    keyed = [*((f"data.train[{i}]", s) for i, s in enumerate(d.train)),
+    check_prepared_sources(d)
+    keyed = [*((f"data.train[{i}]", s) for i, s in enumerate(d.train) if not uses_shards(d)),
              *((f"data.val[{i}]", s) for i, s in enumerate(d.val)),
-             *((f"data.stages[{j}].train[{i}]", s) for j, st in enumerate(d.stages) for i, s in enumerate(st.train))]
+             *((f"data.stages[{j}].train[{i}]", s) for j, st in enumerate(d.stages) for i, s in enumerate(st.train)
+               if not uses_shards(d))]
     for key, src in keyed:
         if is_prepared(src.path):
             continue
