@@ -352,22 +352,25 @@ def test_cli_exports_gguf(tmp_path):
     assert meta["general.architecture"] == "qwen3" and tensors["blk.1.attn_q.weight"][0] == "F16"
 
 
-@pytest.mark.parametrize("case", ["deepnorm", "dtype", "folder", "under-a-file", "proc"])
+@pytest.mark.parametrize("case", ["deepnorm", "dtype", "folder", "new-folder/", "under-a-file", "proc"])
 def test_cli_bad_input_is_one_line(case, tmp_path):
     model = tiny(n_layers=1, residual="deepnorm", init="deepnet") if case == "deepnorm" else tiny(n_layers=1)
     write_checkpoint(tmp_path, model)
     (tmp_path / "a_file").write_text("x")
-    out = {"folder": tmp_path, "under-a-file": tmp_path / "a_file" / "m.gguf", "proc": "/proc/kiln-test.gguf"
-           }.get(case, tmp_path / "m.gguf")
+    out = {"folder": tmp_path, "under-a-file": tmp_path / "a_file" / "m.gguf", "proc": "/proc/kiln-test.gguf",
+           "new-folder/": f"{tmp_path / 'new'}/"}.get(case, tmp_path / "m.gguf")  # a slash: wrote a file "new"
     dtype = "q4_k" if case == "dtype" else "f32"
     res = kiln("export", "--checkpoint", str(tmp_path / "run"), "--format", "gguf", "--out", str(out), "--dtype", dtype)
     expected = {"deepnorm": "model.residual=deepnorm cannot be written as GGUF",
                 "dtype": "--dtype 'q4_k' for GGUF: expected one of f32, f16, bf16, q8_0",
                 "folder": "is a folder; give --out a file name", "under-a-file": "cannot write there",
-                "proc": "cannot write there"}[case]
+                "proc": "cannot write there",
+                "new-folder/": f"{tmp_path / 'new'}/: a folder; give --out a file name such as {tmp_path / 'new'}/model.gguf"
+                }[case]
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and expected in lines[0], res.stderr
     assert (tmp_path / "a_file").read_text() == "x" and not (tmp_path / "m.gguf").exists()
+    assert not (tmp_path / "new").exists()
 
 
 def test_gguf_takes_the_dtype_spellings_hf_export_takes():

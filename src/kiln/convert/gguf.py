@@ -358,6 +358,8 @@ def export_gguf(ckpt_path: str | Path, out_path: str | Path, *, dtype: str = "f3
     export wrote is replaced, any other file refused."""
     dtype = check_dtype(dtype)
     _gguf()  # a missing package fails before the checkpoint is read
+    if str(out_path).endswith(("/", "\\")):  # Path() drops the slash: the user meant a folder
+        raise ExportError(f"{out_path}: a folder; give --out a file name such as {out_path}model.gguf")
     out = Path(out_path)
     _check_out(out)
     cfg = read_config(resolve_checkpoint(ckpt_path))
