@@ -420,3 +420,12 @@ def test_dry_run_checks_prepared_folders_as_the_run_does(data, tmp_path):
                   "--run.out_dir", str(tmp_path / "run"), "--dry-run", capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_verify_ends_with_its_json_line_on_input_it_cannot_read(tmp_path, capsys):
+    """data.md: the last line is JSON "also when it fails"; a path that is not there (exit 2) printed none."""
+    missing = tmp_path / "nothing"
+    assert cli(["data", "verify", str(missing)]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1]) == {"ok": False, "error": f"{missing}: no such file or folder"}
+    assert err.strip().splitlines() == [f"kiln: error: {missing}: no such file or folder"]

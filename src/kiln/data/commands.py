@@ -9,6 +9,7 @@ import sys
 from kiln.cliargs import int_at_least, parse_with_sources
 from kiln.config import Config, load_config
 from kiln.data.sources import source_arg
+from kiln.errors import KilnError
 
 USAGE = """kiln data <command>
 
@@ -99,12 +100,13 @@ def _verify(argv: list[str]) -> int:
     p.add_argument("--batches", type=int_at_least(0), default=BATCHES, help=f"batches the diversity reads (default {BATCHES}; "
                    "0: not measured)")
     args = p.parse_args(argv)
-    cfg = load_config(args.config) if args.config else Config()
-    d, t = cfg.data, cfg.train
-    seq_len = args.seq_len or (t.seq_len if args.config else 2048)
-    stream = {"shuffle": d.shuffle, "encode_batch": d.encode_batch, "shuffle_buffer": d.shuffle_buffer,
-              "row_shuffle": d.row_shuffle if args.row_shuffle is None else args.row_shuffle, "remainder": d.remainder}
     try:
+        cfg = load_config(args.config) if args.config else Config()
+        d, t = cfg.data, cfg.train
+        seq_len = args.seq_len or (t.seq_len if args.config else 2048)
+        stream = {"shuffle": d.shuffle, "encode_batch": d.encode_batch, "shuffle_buffer": d.shuffle_buffer,
+                  "row_shuffle": d.row_shuffle if args.row_shuffle is None else args.row_shuffle,
+                  "remainder": d.remainder}
         summary = verify(args.path, val=args.val, seq_len=seq_len, batch_size=args.batch_size or t.micro_batch_size,
                          seed=cfg.run.seed if args.seed is None else args.seed, batches=args.batches,
                          tokenizer=args.tokenizer or d.tokenizer, stream=stream)
@@ -112,6 +114,9 @@ def _verify(argv: list[str]) -> int:
         print(f"kiln data verify: FAILED: {e}", file=sys.stderr)
         print(json.dumps({"ok": False, "error": str(e)}))  # the last line is JSON either way
         return 1
+    except KilnError as e:  # bad input (a path that is not there, ...): the one error line, and the JSON line
+        print(json.dumps({"ok": False, "error": str(e)}))
+        raise
     if "diversity" in summary:
         div = summary["diversity"]
         print(f"diversity: {div['status']}: {div['detail']}")
