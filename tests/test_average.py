@@ -90,6 +90,11 @@ def test_different_architectures_one_checkpoint_or_a_used_folder_are_one_line(ru
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         f"kiln: error: --out {tmp_path / 'afile'}: a file, not a folder; pass a new --out folder"], res.stderr
     assert (tmp_path / "afile").read_text() == "mine"
+    for ema in ("0", "1", "-0.5"):  # --ema 0 was the uniform mean, where D = 0 weighs the newest alone
+        res = run_cli("average", str(run), "--last", "2", "--ema", ema, "--out", str(tmp_path / "e"))
+        assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+            f"kiln: error: --ema: the decay must be within (0, 1), got {ema}; leave --ema out for the uniform mean"]
+    assert not (tmp_path / "e").exists()
 
 
 def test_last_k_beyond_the_run_averages_what_it_has_and_says_so(run, tmp_path):

@@ -140,7 +140,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln average", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="+", help="checkpoint folders, or run folders (their latest, or --last K)")
     p.add_argument("--out", required=True, help="a new run folder for the averaged checkpoint")
-    p.add_argument("--ema", type=float, default=0.0, help="EMA decay over the checkpoints in step order (0: uniform)")
+    p.add_argument("--ema", type=float, default=None,
+                   help="EMA decay D in (0, 1) over the checkpoints in step order (default: the uniform mean)")
     p.add_argument("--last", type=int, default=None,
                    help="take the last K checkpoints of each run folder given (default: its latest)")
     p.add_argument("--weights", choices=("model", "ema"), default="model",
@@ -149,7 +150,10 @@ def main(argv: list[str]) -> int:
     if args.last is not None and args.last < 1:
         raise ConfigError(f"--last: the number of checkpoints to take from each run folder must be at least 1, "
                           f"got {args.last}")
-    path = average(args.checkpoints, args.out, ema=args.ema, last=args.last or 0, weights=args.weights)
+    if args.ema is not None and not 0 < args.ema < 1:  # 0 would keep the newest checkpoint alone, not the mean
+        raise ConfigError(f"--ema: the decay must be within (0, 1), got {args.ema:g}; leave --ema out for the "
+                          "uniform mean")
+    path = average(args.checkpoints, args.out, ema=args.ema or 0.0, last=args.last or 0, weights=args.weights)
     meta = ckpt_io.read_meta(path)
     n = len(meta["averaged_from"])
     if args.weights == "ema" and n == 1:
