@@ -176,14 +176,17 @@ def test_describe_schedule_reports_the_curve():
     assert "past the end of the run" in text and "(step 45,775) 5.59e-05 (99.90%)" in text
     wsd = OptimConfig(schedule="wsd", warmup_steps=30, lr=1e-3, decay_fraction=0.3)
     assert describe_schedule(1000, wsd)[1] == "  stable steps 30-699, linear decay steps 700-999 to 0.1 x peak"
-    # a run shorter than its warmup has no stable phase: not an empty "stable steps 1-0"
-    assert describe_schedule(2, wsd)[1] == "  no stable steps, linear decay steps 1-1 to 0.1 x peak"
+    # a decay that would start inside the warmup leaves no stable phase: not an empty "stable steps 30-24"
+    assert describe_schedule(35, wsd)[1] == "  no stable steps, linear decay steps 30-34 to 0.1 x peak"
     # a warmup that ends after the 25% point: the points stay in step order
     steps = [int(x) for x in re.findall(r"\(step ([\d,]+)\)", describe_schedule(40, wsd)[-1].replace(",", ""))]
     assert steps == sorted(steps) and steps[:2] == [10, 20], describe_schedule(40, wsd)[-1]
     # `kiln train tiny --train.max_steps 20`: tiny's 30 warmup steps take the whole run, said with the fix
+    # (it printed "warmup 19 steps" and "cosine decay steps 19-19 to 0.1 x peak" beside the note: a decay that
+    # never happens, the last step at the peak)
     short = describe_schedule(20, OptimConfig(schedule="cosine", warmup_steps=30, lr=1e-3))
-    assert short[1] == "  cosine decay steps 19-19 to 0.1 x peak" and lr_factor(19, total_steps=20, cfg=OptimConfig(
+    assert short[0] == "lr schedule cosine: peak 0.001, warmup 19 steps (optim.warmup_steps 30, cut to the run)"
+    assert not any("decay steps" in line for line in short) and lr_factor(19, total_steps=20, cfg=OptimConfig(
         schedule="cosine", warmup_steps=30)) == 1.0
     assert short[-1] == ("  note: optim.warmup_steps 30 is not shorter than the run's 20 steps, so the warmup takes the "
                          "whole run and the LR never decays; set --optim.warmup_steps 2 for a decay")

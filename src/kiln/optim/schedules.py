@@ -164,8 +164,12 @@ def describe_schedule(total_steps: int, cfg: OptimConfig, tokens_per_step: int |
     if cfg.lr_scaling == "sqrt":
         scaling = (f" (base {cfg.lr:g} x sqrt(global batch) = x{peak / cfg.lr:.3g})" if peak_lr is not None
                    else " (lr_scaling=sqrt: this is the base LR for global batch 1)")
-    lines = [f"lr schedule {cfg.schedule}: peak {peak:.3g}{scaling}, warmup {warmup:,} steps"]
-    if cfg.schedule == "cosine":
+    whole = total_steps > 1 and cfg.warmup_steps >= total_steps and cfg.schedule != "constant"  # `tiny` for 20 steps
+    cut = f" (optim.warmup_steps {cfg.warmup_steps}, cut to the run)" if cfg.warmup_steps > warmup else ""
+    lines = [f"lr schedule {cfg.schedule}: peak {peak:.3g}{scaling}, warmup {warmup:,} steps{cut}"]
+    if whole:  # the one step after the warmup is at the peak: there is no decay to describe
+        pass
+    elif cfg.schedule == "cosine":
         lines.append(f"  cosine decay steps {warmup:,}-{last:,} to {cfg.min_lr_ratio:g} x peak")
     elif cfg.schedule == "wsd":
         start = _wsd_decay_start(total_steps, cfg)
@@ -185,7 +189,7 @@ def describe_schedule(total_steps: int, cfg: OptimConfig, tokens_per_step: int |
                                                      for q in (25, 50, 75)] + [("100%", last)]
     points.sort(key=lambda p: p[1])  # in step order: a warmup may end after the 25% (or 50%) point
     lines.append("  lr at " + ", ".join(f"{label} (step {s:,}) {at(s)}" for label, s in points))
-    if total_steps > 1 and cfg.warmup_steps >= total_steps and cfg.schedule != "constant":  # `tiny` (30) for 20 steps
+    if whole:
         lines.append(f"  note: optim.warmup_steps {cfg.warmup_steps} is not shorter than the run's {total_steps:,} "
                      f"steps, so the warmup takes the whole run and the LR never decays; set --optim.warmup_steps "
                      f"{max(total_steps // 10, 1)} for a decay")
