@@ -283,7 +283,8 @@ def test_time_budget_plans_replans_and_a_resumed_run_follows_the_plan(tmp_path):
         assert third.returncode == 0 and f"nothing to train: it is complete at step {final}" in third.stdout
         assert "pass --train.time_budget '' --train.max_steps N" in third.stdout
         # the run's own time, as its last checkpoint saved it (not that plus this command's setup)
-        assert f"tokens in {format_duration(common['elapsed'])}; checkpoint" in third.stdout, third.stdout[-500:]
+        assert f"done earlier: {final} steps, " in third.stdout and \
+            f"tokens in {format_duration(common['elapsed'])}; checkpoint" in third.stdout, third.stdout[-500:]
     ref = tmp_path / "ref"
     ref.mkdir()
     ref_over = small_overrides(ref, **{"train.max_steps": final, "optim.warmup_steps": 8, "train.save_every": 20,

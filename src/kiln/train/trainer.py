@@ -558,7 +558,8 @@ def finish(run: Run, stopped: str | None, *, complete: bool = False) -> dict[str
             value = final.record.get(t.target_metric) if final is not None else None
             last = f": {t.target_metric} {value:.4f} at the final eval" if isinstance(value, int | float) else ""
             print(f"train.target_loss {t.target_loss:g} not reached in {state.step} steps{last}")
-        print(f"done: {state.step} steps, {state.tokens_seen:,} tokens in {summary['elapsed']}; checkpoint {path}")
+        done = "done earlier" if complete else "done"  # a resumed run with nothing left: the run's time, not now
+        print(f"{done}: {state.step} steps, {state.tokens_seen:,} tokens in {summary['elapsed']}; checkpoint {path}")
     return summary
 
 
