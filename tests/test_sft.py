@@ -541,3 +541,20 @@ def test_a_missing_val_data_file_is_named_as_val_data(tmp_path, stage, row, caps
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"kiln: error: posttrain.val_data: no such file {missing}"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_resume_without_the_runs_val_data_says_its_evals_stop(tmp_path):
+    """`kiln sft ... --val-data V` then the same without --val-data resumed silently with no evals."""
+    from conftest import run_kiln
+
+    ckpt = base_checkpoint(tmp_path)
+    data = jsonl(tmp_path / "chats.jsonl", [{"messages": CONVO}] * 8)
+    val = jsonl(tmp_path / "val.jsonl", [{"messages": CONVO}] * 2)
+    base = ["sft", "--checkpoint", str(ckpt), "--data", str(data), "--run.out_dir", str(tmp_path / "sft"),
+            "--train.global_batch_size", "2", "--train.micro_batch_size", "2", "--quiet"]
+    first = run_kiln(*base, "--val-data", str(val), "--train.max_steps", "2", capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    res = run_kiln(*base, "--train.max_steps", "3", capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (f"note: resuming step_2 without posttrain.val_data, which the run evaluated on ({val}): no evals from "
+            f"here; pass --val-data {val} to keep them") in res.stderr

@@ -154,9 +154,22 @@ def changed_stage_note(saved: Config, cfg: Config, ckpt: Path) -> str | None:
             "steps taken keep theirs)")
 
 
+def dropped_val_note(saved: Config, cfg: Config, ckpt: Path) -> str | None:
+    """One line when a resumed sft/dpo/rlvr run has no posttrain.val_data where its run had one (the command
+    without --val-data): its evals stop, which would pass unsaid."""
+    was = saved.posttrain.val_data
+    if not was or cfg.posttrain.val_data:
+        return None
+    return (f"note: resuming {ckpt.name} without posttrain.val_data, which the run evaluated on ({was}): no evals "
+            f"from here; pass --val-data {was} to keep them")
+
+
 def resume_notes(saved: Config, cfg: Config, ckpt: Path) -> list[str]:
-    """What a resume changes that the user should hear: the schedule's keys, a stage's objective keys."""
-    return [n for n in (changed_schedule_note(saved, cfg, ckpt), changed_stage_note(saved, cfg, ckpt)) if n]
+    """What a resume changes that the user should hear: the schedule's keys, a stage's objective keys, a stage's
+    validation data left out."""
+    notes = (changed_schedule_note(saved, cfg, ckpt), changed_stage_note(saved, cfg, ckpt),
+             dropped_val_note(saved, cfg, ckpt))
+    return [n for n in notes if n]
 
 
 def _same_tokenizer(a: str, b: str, tokenizer_b: Tokenizer) -> bool:
