@@ -207,3 +207,24 @@ def test_a_tokenizer_too_big_for_the_model_leaves_no_out_folder(tmp_path):
     res = run_kiln("import", "--hf", str(src), "--out", str(mine), capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [line], res.stderr[-2000:]
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_a_stage_from_an_imported_model_says_its_peak_lr_is_a_stand_in(tmp_path, capsys):
+    """An imported model's config carries kiln's default optim.lr, not the peak it was pretrained at; the stage
+    LR derived from it was presented as the model's own ("pretraining peak 0.0003 (optim.lr of ...)")."""
+    from kiln.posttrain.commands import _stage_parser, stage_config
+
+    _, src = hf_folder(tmp_path, "llama")
+    ckpt = import_hf_folder(src, tmp_path / "run")
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps({"messages": CONVO}) + "\n")
+    argv = ["--checkpoint", str(tmp_path / "run"), "--data", str(data), "--run.out_dir", str(tmp_path / "sft")]
+    args, over = _stage_parser("sft", "").parse_known_args(argv)
+    stage_config("sft", args, over)
+    err = capsys.readouterr().err
+    assert (f"note: {ckpt.resolve()} was imported from {src.resolve()}, whose pretraining peak LR kiln cannot know: "
+            "0.0003 (kiln's default optim.lr) stands in for it; pass --posttrain.pretrain_lr PEAK") in err, err
+    for given in (["--posttrain.pretrain_lr", "1e-3"], ["--optim.lr", "1e-5"]):  # said: no note
+        args, over = _stage_parser("sft", "").parse_known_args([*argv, *given])
+        stage_config("sft", args, over)
+        assert "stands in" not in capsys.readouterr().err

@@ -90,8 +90,15 @@ def _stage_lr(stage: str, *, cfg: Config, base: Config, user: dict, ckpt: Path) 
     if given:
         choice = stage_lr(stage, base, peak=float(given), peak_from="--posttrain.pretrain_lr")
     else:
+        from kiln.train.checkpoint import read_meta
+
         peak, key = pretrain_peak(base)
         choice = stage_lr(stage, base, peak=peak, peak_from=f"{key} of {ckpt}")
+        imported = read_meta(ckpt).get("imported_from") if base.posttrain.pretrain_lr <= 0 else None
+        if imported and "lr" not in user.get("optim", {}):  # its config's optim.lr is kiln's default, not its peak
+            print(f"note: {ckpt} was imported from {imported}, whose pretraining peak LR kiln cannot know: "
+                  f"{peak:g} (kiln's default optim.lr) stands in for it; pass --posttrain.pretrain_lr PEAK (the "
+                  "model's own, from its paper or card) or --optim.lr", file=sys.stderr)
     cfg.posttrain.pretrain_lr = choice.peak  # the next stage derives from the same pretraining peak
     rule = choice.describe(stage, d_model=base.model.d_model)
     if "lr" in user.get("optim", {}):
