@@ -130,8 +130,16 @@ def test_interrupted_prepare_resumes_to_byte_identical_shards(data, tmp_path, mo
     assert cli(args) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["shards"] == 6
     assert files_of(out) == files_of(data["out"])  # byte-identical, no temporary file left
-    with pytest.raises(DataError, match="holds a prepare of other sources"):
+    # another prepare there is refused, naming what differs (it said "other sources, tokenizer or --shard-docs")
+    with pytest.raises(DataError, match=r"holds a prepare of other input \(--shard-docs 40, now 41\); pass another"):
         prepare(data["sources"], out, tokenizer=data["tok"], workers=1, shard_docs=41, quiet=True)
+    grown = tmp_path / "a.jsonl"  # the same source, a line longer: rerunning "the same command" names the file
+    grown.write_text(Path(data["sources"][0].path).read_text() + json.dumps({"text": "9999"}) + "\n")
+    size = Path(data["sources"][0].path).stat().st_size
+    with pytest.raises(DataError, match=rf"\(source 'web': a.jsonl was {size:,} bytes, now {grown.stat().st_size:,} "
+                                        r"bytes\)"):
+        prepare([SourceConfig(path=str(grown), name="web"), data["sources"][1]], out, tokenizer=data["tok"],
+                workers=1, shard_docs=40, quiet=True)
 
 
 def reference_row(tokens: np.ndarray, starts: set[int], block: int) -> Row:

@@ -76,6 +76,32 @@ def make_plan(sources: list[SourceConfig], tokenizer: Tokenizer, spec: str, *, s
     return plan, tasks
 
 
+def plan_difference(old_path: Path, new: dict[str, Any]) -> str:
+    """What differs between the plan a folder holds and this command's: the first difference, in words."""
+    try:
+        old = json.loads(old_path.read_text())
+    except (OSError, ValueError):
+        return f"its {PLAN} is unreadable"
+    if old.get("tokenizer_sha256") != new["tokenizer_sha256"]:
+        return f"tokenizer '{old.get('tokenizer')}', now '{new['tokenizer']}'"
+    if old.get("shard_docs") != new["shard_docs"]:
+        return f"--shard-docs {old.get('shard_docs')}, now {new['shard_docs']}"
+    names = [s.get("name") for s in old.get("sources", [])]
+    if names != [s["name"] for s in new["sources"]]:
+        return f"sources {', '.join(map(str, names))}; now {', '.join(s['name'] for s in new['sources'])}"
+    for a, b in zip(old["sources"], new["sources"]):
+        files_a, files_b = dict(map(tuple, a.get("files", []))), dict(map(tuple, b["files"]))
+        for name in sorted(files_a.keys() | files_b.keys()):
+            if files_a.get(name) != files_b.get(name):
+                was = f"{files_a[name]:,} bytes" if name in files_a else "not there"
+                now = f"{files_b[name]:,} bytes" if name in files_b else "gone"
+                return f"source '{b['name']}': {name} was {was}, now {now}"
+        for key in b:
+            if key != "shards" and a.get(key) != b[key]:
+                return f"source '{b['name']}': {key} {a.get(key)!r}, now {b[key]!r}"
+    return f"see {PLAN}"
+
+
 # ---- one shard (runs in a worker process) ----------------------------------------------------
 
 _DOCS: dict[str, Any] = {}  # per process: a worker loads each source and the tokenizer once
@@ -175,8 +201,8 @@ def prepare(sources: list[SourceConfig], out: str | Path, *, tokenizer: str = "m
     old_plan = out / PLAN
     if old_plan.is_file():
         if old_plan.read_bytes() != plan_bytes:
-            raise DataError(f"{out}: holds a prepare of other sources, tokenizer or --shard-docs (see {PLAN}); "
-                            "pass another --out, or delete the folder")
+            raise DataError(f"{out}: holds a prepare of other input ({plan_difference(old_plan, plan)}); pass "
+                            "another --out, or delete the folder")
     elif any(p for p in out.iterdir() if not p.name.startswith(".")):
         raise DataError(f"{out}: folder is not empty; pass a new or empty --out")
     else:
