@@ -183,6 +183,14 @@ def test_damaged_weights_are_one_line_and_write_nothing(tmp_path):
     index.write_text('{"weight_map": ')
     with pytest.raises(ExportError, match="model.safetensors.index.json: damaged or incomplete"):
         import_hf_folder(sharded, out)
+    # its config.json instead of the folder ("no such HF model folder", of a path that is there), a folder
+    # without config.json (transformers asked for "a model_type key in its config.json")
+    with pytest.raises(ExportError, match=f"^{src / 'config.json'}: a file; --hf takes the model's folder .* such "
+                                          f"as --hf {src}$"):
+        import_hf_folder(src / "config.json", out)
+    (sharded / "config.json").unlink()
+    with pytest.raises(ExportError, match=f"^{sharded}: no config.json; --hf takes an HF model folder"):
+        import_hf_folder(sharded, out)
     assert not out.exists()
 
 

@@ -425,8 +425,14 @@ def import_hf_folder(hf_dir: str | Path, out_dir: str | Path) -> Path:
     from kiln.train.checkpoint import list_checkpoints, save_checkpoint
 
     src, out = Path(hf_dir), Path(out_dir)
+    if src.is_file():
+        raise ExportError(f"{src}: a file; --hf takes the model's folder (config.json, *.safetensors, tokenizer "
+                          f"files), such as --hf {src.parent}")
     if not src.is_dir():
         raise ExportError(f"{src}: no such HF model folder")
+    if not (src / "config.json").is_file():  # transformers' own message asks for a model_type key in it
+        raise ExportError(f"{src}: no config.json; --hf takes an HF model folder (config.json, *.safetensors, "
+                          "tokenizer files), as save_pretrained writes it")
     if list_checkpoints(out):
         raise ExportError(f"{out}: already holds checkpoints; choose another --out")
     mcfg, state = from_hf(src)
