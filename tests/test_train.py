@@ -306,3 +306,37 @@ def test_tokens_per_sec_is_the_steps_own_throughput_and_the_eta_counts_the_evals
     (rec,) = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
     assert rec["tokens_per_sec"] == pytest.approx(4000 / 0.04)
     assert rec["eta_sec"] >= 4 * 0.3 / 4  # the remaining 4 steps at the window's wall time per step
+
+
+def test_a_runs_saved_config_resumes_it_from_another_folder(tmp_path):
+    """A run started with relative paths (its data, its run.out_dir) saved them relative: `kiln train
+    RUN/config.yaml` from another folder started a new run under that folder, and could not find the data.
+    The saved config names them absolute now; the resume from elsewhere logs what the uninterrupted run logs,
+    and the original command, relative paths and all, still resumes too."""
+    from conftest import run_kiln
+
+    def setup(folder: Path) -> list[str]:
+        folder.mkdir()
+        write_corpus(folder / "train.jsonl", seed=0)
+        write_corpus(folder / "val.jsonl", n_docs=20, seed=1)
+        over = small_overrides(folder, **{"train.max_steps": 6, "train.eval_every": 100, "train.save_every": 1})
+        over[over.index("--run.out_dir") + 1] = "run"
+        over[over.index("--data.train") + 1] = json.dumps([{"path": "train.jsonl", "name": "toy"}])
+        over[over.index("--data.val") + 1] = json.dumps([{"path": "val.jsonl", "name": "toyval"}])
+        return over
+
+    def kiln(*args: str, cwd: Path) -> None:
+        res = run_kiln("train", *args, cwd=cwd, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    a, ref, elsewhere = tmp_path / "a", tmp_path / "ref", tmp_path / "elsewhere"
+    kiln("tiny", *setup(ref), cwd=ref)
+    over = setup(a)
+    kiln("tiny", *over, "--train.stop_at_step", "2", cwd=a)
+    elsewhere.mkdir()
+    kiln(str(a / "run" / "config.yaml"), "--train.stop_at_step", "4", cwd=elsewhere)
+    assert list(elsewhere.iterdir()) == []  # no new run folder here
+    kiln("tiny", *over, cwd=a)  # the original command, as typed in its own folder
+    assert losses(a / "run") == losses(ref / "run") and len(losses(ref / "run")) == 6
+    saved = (a / "run" / "config.yaml").read_text()
+    assert f"out_dir: {a / 'run'}" in saved and f"path: {a / 'train.jsonl'}" in saved

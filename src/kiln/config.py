@@ -7,7 +7,9 @@ naming the file and the dotted key, at load time, before any model or data work 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
+import os
 import re
 import types
 import typing
@@ -435,6 +437,33 @@ def to_dict(cfg: Any) -> Any:
     if isinstance(cfg, list | tuple):
         return [to_dict(v) for v in cfg]
     return cfg
+
+
+def _local_path(p: str) -> bool:
+    """`p` names something on this machine: a file or folder, or a glob that matches one (not an HF dataset
+    name, a bundled: corpus or a URL, which mean the same anywhere)."""
+    if not p or ":" in p.split("/")[0]:
+        return False
+    path = os.path.expanduser(p)
+    return os.path.exists(path) or (any(c in p for c in "*?[") and bool(glob.glob(path)))
+
+
+def saved_dict(cfg: Config) -> dict[str, Any]:
+    """to_dict(cfg) as a run folder and its checkpoints save it: run.out_dir, run.init_from and the local data
+    paths absolute, so `kiln train RUN/config.yaml` (and generate, export, a resume) from another folder
+    reads the same files and resumes the same run. Paths are taken as the command that wrote them saw them."""
+    tree = to_dict(cfg)
+
+    def pin(p: str) -> str:
+        return str(Path(p).expanduser().absolute()) if _local_path(p) else p
+
+    run, data, post = tree["run"], tree["data"], tree["posttrain"]
+    run["out_dir"] = str(Path(run["out_dir"]).expanduser().absolute()) if run["out_dir"] else ""
+    run["init_from"] = pin(run["init_from"])
+    for src in [*data["train"], *data["val"], *(s for st in data["stages"] for s in st["train"])]:
+        src["path"] = pin(src["path"])
+    data["shards"], post["data"], post["val_data"] = pin(data["shards"]), pin(post["data"]), pin(post["val_data"])
+    return tree
 
 
 def _merge(base: dict, over: dict) -> dict:

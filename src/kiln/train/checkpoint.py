@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from kiln import __version__
-from kiln.config import Config, config_from_dict, to_dict
+from kiln.config import Config, config_from_dict, saved_dict
 from kiln.device import pick_device
 from kiln.errors import CheckpointError, ConfigError
 from kiln.model import Transformer, build_model
@@ -146,7 +146,7 @@ def _quiet(fn, *args: Any, **kwargs: Any) -> Any:
 def _finish(tmp: Path, final: Path, *, cfg: Config, meta: dict[str, Any]) -> None:
     """Rank 0: config, every file's size and checksum, meta (last), fsync, atomic rename over any
     same-step folder."""
-    (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (tmp / "config.yaml").write_text(yaml.safe_dump(saved_dict(cfg), sort_keys=False))
     info = {"kiln_version": __version__, "torch_version": torch.__version__, **meta,
             **marker_fields(collect_digests(tmp))}
     (tmp / "meta.json").write_text(json.dumps(info, indent=2))

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from kiln.config import Config, StageConfig, TrainConfig, parse_duration, to_dict
+from kiln.config import Config, StageConfig, TrainConfig, parse_duration, saved_dict
 from kiln.data.stages import StagedLoader, stage_starts
 from kiln.data.stages import describe as describe_stages
 from kiln.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_digest
@@ -423,7 +423,7 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     info = run_info(device)
     metrics = control = None
     if main:
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (out / "config.yaml").write_text(yaml.safe_dump(saved_dict(cfg), sort_keys=False))
         (out / "run.json").write_text(json.dumps({**info, "layout": layout.describe()}, indent=2))
         metrics = MetricsLogger(out, cfg=cfg, purge_step=state.step)
         control = JobControl(out, name=cfg.run.name)
