@@ -439,13 +439,15 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def _local_path(p: str) -> bool:
-    """`p` names something on this machine: a file or folder, or a glob that matches one (not an HF dataset
-    name, a bundled: corpus or a URL, which mean the same anywhere)."""
+def absolute_if_local(p: str) -> str:
+    """`p` made absolute when it names something on this machine (a file or folder, or a glob that matches
+    one), relative to this process's folder; anything else (an HF dataset name, a bundled: corpus, a URL, a
+    path that is not there) as it is. Saved configs and data positions name local data this way."""
     if not p or ":" in p.split("/")[0]:
-        return False
+        return p
     path = os.path.expanduser(p)
-    return os.path.exists(path) or (any(c in p for c in "*?[") and bool(glob.glob(path)))
+    local = os.path.exists(path) or (any(c in p for c in "*?[") and bool(glob.glob(path)))
+    return os.path.abspath(path) if local else p
 
 
 def saved_dict(cfg: Config) -> dict[str, Any]:
@@ -453,12 +455,9 @@ def saved_dict(cfg: Config) -> dict[str, Any]:
     paths absolute, so `kiln train RUN/config.yaml` (and generate, export, a resume) from another folder
     reads the same files and resumes the same run. Paths are taken as the command that wrote them saw them."""
     tree = to_dict(cfg)
-
-    def pin(p: str) -> str:
-        return str(Path(p).expanduser().absolute()) if _local_path(p) else p
-
+    pin = absolute_if_local
     run, data, post = tree["run"], tree["data"], tree["posttrain"]
-    run["out_dir"] = str(Path(run["out_dir"]).expanduser().absolute()) if run["out_dir"] else ""
+    run["out_dir"] = os.path.abspath(os.path.expanduser(run["out_dir"])) if run["out_dir"] else ""
     run["init_from"] = pin(run["init_from"])
     for src in [*data["train"], *data["val"], *(s for st in data["stages"] for s in st["train"])]:
         src["path"] = pin(src["path"])

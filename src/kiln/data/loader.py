@@ -29,10 +29,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from kiln.config import SourceConfig
+from kiln.config import SourceConfig, absolute_if_local
 from kiln.data.mixing import ROW_SHUFFLE, OnExhausted, TextStream
 from kiln.data.packing import Batch, Packer, batch_from_arrays, make_batch
-from kiln.data.sources import load_documents, local_path, open_stream, stream_error
+from kiln.data.sources import load_documents, open_stream, stream_error
 from kiln.data.tokenizer import Tokenizer, tokenizer_digest
 from kiln.errors import DataError, KilnError
 
@@ -246,7 +246,7 @@ class PackedLoader(PooledLoader):
                 raise DataError(f"data position was saved with {name}={old!r}, this run has {now!r}; "
                                 "resume with the same value, or start fresh")
         saved_src = state["sources"]
-        if [local_path(s["path"]) for s in saved_src] != [local_path(d.cfg.path) for d in self.sources]:
+        if [absolute_if_local(s["path"]) for s in saved_src] != [absolute_if_local(d.cfg.path) for d in self.sources]:
             raise DataError(f"data sources changed under a resume: saved {[s['path'] for s in saved_src]}, "
                             f"now {[d.cfg.path for d in self.sources]}")
         for old, src in zip(saved_src, self.sources):

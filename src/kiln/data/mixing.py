@@ -44,18 +44,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from kiln.config import SourceConfig
+from kiln.config import SourceConfig, absolute_if_local
 from kiln.data.packing import Batch, Packer, Row, batch_from_arrays, stack_rows
 from kiln.data.perm import Permutation, mix_key
 from kiln.data.rowshuffle import RowWindows
-from kiln.data.sources import (
-    load_documents,
-    local_path,
-    open_stream,
-    resolve_files,
-    source_name,
-    stream_error,
-)
+from kiln.data.sources import load_documents, open_stream, resolve_files, source_name, stream_error
 from kiln.data.tokenizer import Tokenizer
 from kiln.errors import DataError
 
@@ -89,7 +82,7 @@ class MapDocs:
         self._ahead: tuple[int, int, np.ndarray] = (0, -1, np.zeros(0, dtype=np.int64))  # (start, epoch, indices)
 
     def identity(self) -> dict[str, Any]:
-        return {"path": local_path(self.cfg.path), "files": self.files, "documents": self.n}
+        return {"path": absolute_if_local(self.cfg.path), "files": self.files, "documents": self.n}
 
     def _at(self, j: np.ndarray) -> np.ndarray:
         """Document indices of this shard's positions j in the current epoch."""
@@ -153,7 +146,7 @@ class StreamDocs:
         self._short = False  # the current window is the epoch's last
 
     def identity(self) -> dict[str, Any]:
-        return {"path": local_path(self.cfg.path), "files": self.files, "documents": None}
+        return {"path": absolute_if_local(self.cfg.path), "files": self.files, "documents": None}
 
     def _read_window(self) -> None:
         items: list[str] = []

@@ -400,14 +400,6 @@ def _load_hub(src: SourceConfig) -> datasets.Dataset:
     return ds
 
 
-def local_path(path: str) -> str:
-    """A source's path as a data position saves and compares it: absolute when it names local files, as a
-    run's saved config does (kiln.config.saved_dict), so a resume from another folder, or one that names the
-    files relative to its own, is the same data; any other name (bundled:, an HF dataset) as it is."""
-    local = os.path.expanduser(path)
-    return os.path.abspath(local) if os.path.exists(local) or glob.glob(local) else path
-
-
 def source_arg(arg: str, i: int, **defaults: str | None) -> SourceConfig:
     """The i-th --source value of `kiln data prepare` / `kiln tokenizer train|stats`: a path, glob or dataset name
     (with the command's `defaults` for the other SourceConfig fields), or a JSON object of SourceConfig fields,
