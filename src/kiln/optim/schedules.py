@@ -167,7 +167,7 @@ def describe_schedule(total_steps: int, cfg: OptimConfig, tokens_per_step: int |
     whole = total_steps > 1 and cfg.warmup_steps >= total_steps and cfg.schedule != "constant"  # `tiny` for 20 steps
     cut = f" (optim.warmup_steps {cfg.warmup_steps}, cut to the run)" if cfg.warmup_steps > warmup else ""
     lines = [f"lr schedule {cfg.schedule}: peak {peak:.3g}{scaling}, warmup {warmup:,} steps{cut}"]
-    if whole:  # the one step after the warmup is at the peak: there is no decay to describe
+    if whole:  # the one step after the warmup is at the peak: no decay to describe (the note below says why)
         pass
     elif cfg.schedule == "cosine":
         lines.append(f"  cosine decay steps {warmup:,}-{last:,} to {cfg.min_lr_ratio:g} x peak")

@@ -10,8 +10,8 @@ and checkpoint), which `kiln control` waits for:
     stop   write a checkpoint and exit cleanly (resume later with the same command)
     abort  exit at once without saving (a failed experiment); the existing checkpoints stay
 
-JOB is a job id (`kiln control list`), a run name, a run folder (or its name) or a pid. Files, not signals, so it
-works for torchrun jobs with many processes and for run folders on shared storage.
+JOB is a job id (`kiln control list`), a run name, a run folder (or its name) or a pid. Files, not
+signals, so it works for torchrun jobs with many processes and for run folders on shared storage.
 """
 
 from __future__ import annotations
@@ -223,8 +223,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln control", description="List and steer training jobs on this machine.")
     p.add_argument("command", choices=["list", *COMMANDS])
     p.add_argument("job", nargs="?", help="job id, run name, run folder (or its name) or pid (see kiln control "
-                   "list); may be "
-                   "left out while one job runs")
+                   "list); may be left out while one job runs")
     p.add_argument("--no-wait", action="store_true", help="return at once instead of waiting for the job")
     args = p.parse_args(argv)
     if args.command == "list":
