@@ -230,3 +230,54 @@ def test_a_time_budget_under_torchrun_plans_once_for_every_rank(shards, tmp_path
     steps = sorted(records(run, "train", "loss"))
     assert common["planned_steps"] > 4 and common["plan_final"]
     assert steps[-1] == common["planned_steps"] == common["step"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_killing_the_launcher_saves_and_the_same_command_resumes(shards, tmp_path):
+    """torchrun starts its workers in sessions of their own: a kill -9 of the launcher's process group left them
+    training, holding the run folder (a second launch then printed the refusal on rank 0 and a gloo traceback on
+    rank 1). The workers now get SIGTERM when the launcher goes, save at the end of the step and exit; a second
+    launch while one trains is one line; the same command resumes."""
+    import fcntl
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    over = overrides(shards, run, **{"train.max_steps": 100_000, "train.save_every": 100_000,
+                                     "train.eval_every": 100_000, "parallel.dp_shard": 2})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kiln", "train",
+           "tiny", "--quiet", *over]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    log = open(tmp_path / "first.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while max(records(run, "train", "loss"), default=0) < 3:
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.2)
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        errors = [ln for ln in (second.stdout + second.stderr).splitlines() if "kiln: error:" in ln]
+        assert second.returncode != 0 and len(errors) == 1 and " is in use by kiln job " in errors[0], \
+            second.stderr[-3000:]
+        source = str(ROOT / "src" / "kiln")  # torchrun reports its failed workers; no frame is kiln's (rank 1's)
+        assert not [ln for ln in second.stderr.splitlines() if 'File "' in ln and source in ln], second.stderr[-3000:]
+        assert "Connection closed by peer" not in second.stderr, second.stderr[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its group; its workers are in sessions of their own
+        proc.wait()
+        log.close()
+    deadline = time.time() + 120
+    with open(run / ".kiln-lock") as lock:  # the workers are gone once the run folder's lock is free
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.time() < deadline, "the workers outlived their launcher"
+                time.sleep(0.2)
+    last = max(records(run, "train", "loss"))
+    assert ckpt_io.list_checkpoints(run)[-1].name == f"step_{last}"  # saved at the step it stopped on
+    torchrun(2, [*over, "--train.max_steps", str(last + 2)])
+    assert max(records(run, "train", "loss")) == last + 2

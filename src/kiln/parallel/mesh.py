@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +114,26 @@ def check_model_split(p: ParallelConfig, m: ModelConfig, *, where: str = "parall
                               f"but the model has only model.n_layers={m.n_layers}; lower parallel.pp")
 
 
+def end_with_launcher() -> None:
+    """torchrun starts each worker in a session of its own, so a `kill -9` of the launcher (or of its process
+    group) does not reach them: they trained on, holding the run folder. Ask Linux to send this worker SIGTERM
+    when its parent, the launcher, is gone: the run saves at the end of the step and exits, and the same command
+    resumes it. Elsewhere (no prctl) nothing changes."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher went before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def init_layout(p: ParallelConfig, model: ModelConfig, device_choice: str = "auto") -> Layout:
     """Initialise torch.distributed (when launched by torchrun) and build the mesh for `parallel.*`
     (`model` is checked against it: tensor-parallel divisibility, enough layers for the stages)."""
@@ -127,6 +149,7 @@ def init_layout(p: ParallelConfig, model: ModelConfig, device_choice: str = "aut
                     dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp)
     if world_size == 1:
         return layout
+    end_with_launcher()
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         kwargs: dict[str, Any] = {"timeout": datetime.timedelta(minutes=int(os.environ.get("KILN_DIST_TIMEOUT_MIN",

@@ -367,9 +367,14 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_tokenizer(tokenizer, cfg, where="config")
     check_run_folder(out)  # before a mirror's checkpoint is fetched into it
-    locked = main and out.is_dir()
+    locked, refused = main and out.is_dir(), None
     if locked:  # a run folder another process trains in is neither resumed, set aside, nor written
-        closing.enter_context(lock_run_folder(out))
+        try:
+            closing.enter_context(lock_run_folder(out))
+        except KilnError as e:
+            refused = str(e)
+    if (refused := _agree(refused, layout)) is not None:  # every rank stops with rank 0's line
+        raise KilnError(refused)
     mirror = mirror_for(cfg.train.checkpoint_url)
     resume_from = _agree(_latest_checkpoint(out, mirror, fresh=fresh, main=main), layout)  # verified
     if resume_from is not None:  # validate before touching anything
