@@ -108,6 +108,15 @@ def test_vocab_mismatch_and_unwritable_out_dir(tmp_path, trained):
     assert blocker.read_text() == "x"
 
 
+def test_a_finished_run_says_nothing_to_train_without_a_schedule_note(trained):
+    """A rerun with a shorter train.max_steps printed "note: resuming step_4 with train.max_steps 4 -> 3: the LR
+    schedule ... follow the new values from here" and then that there was nothing to train."""
+    tmp, over = trained
+    res = run("train", "tiny", *over, "--train.max_steps", "3")
+    assert res.returncode == 0 and "nothing to train: it is complete at step 4" in res.stdout, res.stderr[-2000:]
+    assert "note: resuming" not in res.stderr + res.stdout
+
+
 def test_resume_refuses_another_architecture_and_touches_nothing(trained):
     tmp, over = trained
     ckpts = tmp / "run" / "checkpoints"

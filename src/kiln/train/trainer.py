@@ -647,7 +647,8 @@ def _announce(run: Run, info: dict[str, Any], init_from: Path | None) -> None:
                 "not reached them: the new definition applies")
     p.print(f"  run folder {run.out}" + (f"; resumed from {run.resumed_from.name}" if run.resumed_from else "")
             + (f"; weights from {init_from}" if init_from else ""))
-    notes = resume_notes(ckpt_io.read_config(run.resumed_from), cfg, run.resumed_from) if run.resumed_from else []
+    resumed = run.resumed_from is not None and run.already_done() is None  # else "nothing to train" says it all
+    notes = resume_notes(ckpt_io.read_config(run.resumed_from), cfg, run.resumed_from) if resumed else []
     for note in notes if run.layout.is_main else ():  # once the checkpoint has loaded: a refused resume stays one line
         print(note, file=sys.stderr)
 
