@@ -115,6 +115,9 @@ def test_a_finished_run_says_nothing_to_train_without_a_schedule_note(trained):
     res = run("train", "tiny", *over, "--train.max_steps", "3")
     assert res.returncode == 0 and "nothing to train: it is complete at step 4" in res.stdout, res.stderr[-2000:]
     assert "note: resuming" not in res.stderr + res.stdout
+    dry = run("train", "tiny", *over, "--train.max_steps", "3", "--dry-run")  # it said "(resumes from step_4)"
+    assert dry.returncode == 0 and "nothing to train: it is complete at step_4" in dry.stdout, dry.stderr[-2000:]
+    assert "note: resuming" not in dry.stdout
 
 
 def test_resume_refuses_another_architecture_and_touches_nothing(trained):

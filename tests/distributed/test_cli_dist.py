@@ -39,3 +39,28 @@ def test_bad_layouts_fail_with_one_line_before_any_group_work(tmp_path, args, ne
     assert not [ln for ln in res.stderr.splitlines() if 'File "' in ln and source in ln], res.stderr[-2000:]
     assert time.time() - t0 < 120  # failed fast instead of hanging in a collective
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.dist
+def test_dry_run_refuses_a_text_position_saved_on_another_data_parallel_size(tmp_path):
+    """A run on text data saved under FSDP (2 data-parallel ranks): `--dry-run` on one process said "resumes from
+    step_2", and the run itself then refused the data position. The dry run now says what the run would."""
+    import json
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i} " + "words and more words " * 20}) + "\n"
+                              for i in range(64)))
+    args = ["train", "tiny", "--run.out_dir", str(tmp_path / "run"), "--data.train", str(corpus), "--model.d_model",
+            "32", "--model.n_layers", "1", "--model.n_heads", "2", "--model.n_kv_heads", "1", "--model.ffn_dim", "64",
+            "--train.seq_len", "32", "--train.global_batch_size", "4", "--train.micro_batch_size", "2",
+            "--train.max_steps", "2", "--train.time_budget", "", "--train.eval_tokens", "64", "--train.sample_tokens",
+            "0", "--data.val", "[]", "--train.eval_every", "100"]
+    res = torchrun(2, *args, "--parallel.dp_shard", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    from kilnproc import run_kiln
+
+    dry = run_kiln(*args, "--train.max_steps", "4", "--dry-run", capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 2 and dry.stderr.strip().splitlines() == [
+        "kiln: error: the data position was saved with 2 data-parallel ranks and this run has 1; this data source "
+        "resumes only on the same data-parallel size (pre-tokenized shards, data.format=shards, reshard freely); "
+        "resume with the same layout or start fresh"], dry.stderr[-2000:]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from kiln.bench import run_bench
@@ -172,6 +173,27 @@ def resume_notes(saved: Config, cfg: Config, ckpt: Path) -> list[str]:
     return [n for n in notes if n]
 
 
+def reshard_error(saved_dp: int, dp: int) -> DataError:
+    """A text data position saved on `saved_dp` data-parallel ranks, resumed on `dp`: what the run says."""
+    return DataError(f"the data position was saved with {saved_dp} data-parallel ranks and this run has {dp}; this "
+                     "data source resumes only on the same data-parallel size (pre-tokenized shards, "
+                     "data.format=shards, reshard freely); resume with the same layout or start fresh")
+
+
+def check_data_layout(ckpt: Path, cfg: Config, layout: Layout) -> None:
+    """--dry-run: a text data position saved on another data-parallel size is refused by the run (its loader
+    cannot reshard it); read from the checkpoint's rank-0 state. A damaged state is the run's to set aside."""
+    f = ckpt / "state" / "rank_0.pt"
+    if uses_shards(cfg.data) or not f.is_file():
+        return
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 (torch raises several types for a damaged pickle)
+        return
+    if isinstance(state, dict) and state.get("loader") is not None and state.get("dp_size", 1) != layout.dp_size:
+        raise reshard_error(state.get("dp_size", 1), layout.dp_size)
+
+
 def _same_tokenizer(a: str, b: str, tokenizer_b: Tokenizer) -> bool:
     """The same spec, or two that give the same ids (an exported or imported copy of mistral-v3, a moved
     folder): kiln.data.tokenizer.tokenizer_digest. One that no longer loads is not the same."""
@@ -208,7 +230,13 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> 
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
     print(f"\nrun folder       {run_folder_plan(cfg, fresh=fresh)}")
     ckpts = [] if fresh else list_checkpoints(Path(cfg.run.out_dir))
-    for note in resume_notes(read_config(ckpts[-1]), cfg, ckpts[-1]) if ckpts else ():
+    if ckpts:
+        check_data_layout(ckpts[-1], cfg, layout)  # the run's own refusal, said now
+    done = ckpts and not plan.provisional and int(ckpts[-1].name.split("_")[1]) >= plan.total_steps
+    if done:
+        print(f"                 nothing to train: it is complete at {ckpts[-1].name}; raise train.max_steps / "
+              "train.total_tokens to train further")
+    for note in resume_notes(read_config(ckpts[-1]), cfg, ckpts[-1]) if ckpts and not done else ():
         print(f"                 {note}")
     print(f"parameters       {plan.n_params:,} ({plan.n_params / 1e6:.2f}M)")
     print(f"layout           {layout.describe()}")

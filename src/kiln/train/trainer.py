@@ -60,6 +60,7 @@ from kiln.train.preflight import (
     dry_run,
     pin_paths,
     prepare_out_dir,
+    reshard_error,
     resume_notes,
 )
 from kiln.train.progress import Progress, StopOnSignal
@@ -683,10 +684,7 @@ def _restore_rank_state(ranks: list[dict[str, Any]], layout: Layout, loader: Bat
         return
     reshard = getattr(loader, "load_resharded_state", None)
     if reshard is None:
-        raise DataError(f"the data position was saved with {old_dp} data-parallel ranks and this run has "
-                        f"{layout.dp_size}; this data source resumes only on the same data-parallel size "
-                        "(pre-tokenized shards, data.format=shards, reshard freely); resume with the same layout "
-                        "or start fresh")
+        raise reshard_error(old_dp, layout.dp_size)
     reshard([saved[i] for i in sorted(saved)])
 
 
