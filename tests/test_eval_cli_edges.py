@@ -119,3 +119,24 @@ def test_a_file_as_the_checkpoint_is_named_as_a_file(ckpt, tmp_path, kiln_eval):
         f"in, {step}")
     assert error_line(kiln_eval(data, "--data", str(data))) == (
         f"kiln: error: {data}: a file, not a checkpoint or run folder")
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"question": 7, "choices": ["a", "b"], "answer": 0}, "'question' must be a string, got 7"),
+    ({"choices": {"text": ["a", "b"]}, "answerKey": "A"}, "no 'question' field"),
+    ({"ctx": "c", "endings": [1, 2], "label": 0}, "'endings' must be a list of at least two strings, got [1, 2]"),
+    ({"ctx_a": 5, "endings": ["a", "b"], "label": 0}, "'ctx_a' must be a string, got 5"),
+    ({"ctx": "c", "endings": "ab", "label": 0}, "'endings' must be a list of at least two strings, got \"ab\""),
+    ({"ctx": "c", "endings": ["a"], "label": 0}, "'endings' must be a list of at least two strings, got [\"a\"]"),
+    ({"question": "q", "choices": {"text": "ab", "label": ["A", "B"]}, "answerKey": "A"},
+     "'choices.text' must be a list of at least two strings, got \"ab\""),
+    ({"context": "c", "choices": ["a", "b"], "answer": "Z"},
+     "answer index 25 (the letter 'Z') is outside the 2 choices (0-1, A-B)"),
+])
+def test_a_malformed_mc_record_is_one_line(ckpt, tmp_path, kiln_eval, record, message):
+    """Fields of the wrong type were tracebacks (AttributeError, KeyError, TypeError), and a string of endings
+    was scored as its letters (acc 1.0 from a broken file)."""
+    data = tmp_path / "mc.jsonl"
+    data.write_text(json.dumps({"context": "1 is", "choices": [" odd", " even"], "answer": 0}) + "\n"
+                    + json.dumps(record) + "\n")
+    assert error_line(kiln_eval(ckpt, "--task", "mc", "--data", str(data))) == f"kiln: error: {data}:2: {message}"

@@ -33,9 +33,11 @@ loads the HF dataset where the network or an HF cache allows it.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,40 +84,62 @@ def _answer_index(value, choices: list[str], labels: list[str] | None, where: st
     if idx is None:
         raise DataError(f"{where}: answer {value!r} is not a choice index, letter or choice text")
     if not 0 <= idx < len(choices):
-        raise DataError(f"{where}: answer index {idx} is outside the {len(choices)} choices")
+        letter = f" (the letter {value.strip().upper()!r})" if isinstance(value, str) and not value.strip().isdigit() \
+            else ""
+        raise DataError(f"{where}: answer index {idx}{letter} is outside the {len(choices)} choices "
+                        f"(0-{len(choices) - 1}, {LETTERS[0]}-{LETTERS[len(choices) - 1]})")
     return idx
 
 
+def _text(rec: dict, key: str, where: str, default: str | None = None) -> str:
+    """rec[key] as a string: a missing field (without a default) or another type is one line naming it."""
+    value = rec.get(key, default)
+    if value is None:
+        raise DataError(f"{where}: no '{key}' field")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: '{key}' must be a string, got {json.dumps(value)[:60]}")
+    return value
+
+
+def _texts(value: Any, key: str, where: str) -> list[str]:
+    """A record's choices: a list of at least two strings (a string would be split into its letters)."""
+    if not isinstance(value, list) or len(value) < 2 or not all(isinstance(c, str) for c in value):
+        raise DataError(f"{where}: '{key}' must be a list of at least two strings, got {json.dumps(value)[:60]}")
+    return list(value)
+
+
 def mc_item(rec: dict, *, where: str) -> MCItem:
-    """One multiple-choice record of any layout in the module docstring."""
+    """One multiple-choice record of any layout in the module docstring; a field of the wrong type or a
+    missing one is one line naming it."""
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object")
     if "endings" in rec:  # HellaSwag, as lm-eval's hellaswag/utils.py process_docs
         if "ctx_a" in rec:
-            ctx = rec["ctx_a"] + " " + rec.get("ctx_b", "").capitalize()
+            ctx = _text(rec, "ctx_a", where) + " " + _text(rec, "ctx_b", where, "").capitalize()
         else:
-            ctx = rec.get("ctx", "")
-        label = rec.get("activity_label")
+            ctx = _text(rec, "ctx", where, "")
+        label = _text(rec, "activity_label", where) if rec.get("activity_label") is not None else None
         context = _preprocess_hellaswag((f"{label}: " if label is not None else "") + ctx)
-        choices = [_preprocess_hellaswag(e) for e in rec["endings"]]
+        choices = [_preprocess_hellaswag(e) for e in _texts(rec["endings"], "endings", where)]
         return MCItem(context, choices, _answer_index(rec.get("label"), choices, None, where), " ")
     choices = rec.get("choices", rec.get("options"))
     if isinstance(choices, dict) and "text" in choices:  # ARC
-        texts, labels = list(choices["text"]), [str(x) for x in choices.get("label", LETTERS[:len(choices["text"])])]
-        context = f"Question: {rec['question']}\nAnswer:"
+        texts = _texts(choices["text"], "choices.text", where)
+        labels = [str(x) for x in choices.get("label", LETTERS[:len(texts)])]
+        context = f"Question: {_text(rec, 'question', where)}\nAnswer:"
         key = "answerKey" if "answerKey" in rec else "answer"
         return MCItem(context, texts, _answer_index(rec.get(key), texts, labels, where, key), " ")
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
         raise DataError(f"{where}: expected 'choices' (or 'endings') with at least two strings")
     answer = rec.get("answer", rec.get("label", rec.get("gold")))
     if "context" in rec or "prompt" in rec or "query" in rec:  # generic: context + each choice as written
-        context = rec.get("context", rec.get("prompt", rec.get("query")))
+        context = _text(rec, next(k for k in ("context", "prompt", "query") if k in rec), where)
         return MCItem(context, list(choices), _answer_index(answer, list(choices), None, where))
     if "question" in rec:  # MMLU: lettered options, the letter is scored
         subject = str(rec.get("subject") or "").replace("_", " ").strip()
         head = f"The following are multiple choice questions (with answers) about {subject}.\n\n" if subject else ""
         body = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
-        context = f"{head}{rec['question'].strip()}\n{body}\nAnswer:"
+        context = f"{head}{_text(rec, 'question', where).strip()}\n{body}\nAnswer:"
         letters = list(LETTERS[:len(choices)])
         return MCItem(context, letters, _answer_index(answer, list(choices), letters, where), " ")
     raise DataError(f"{where}: no 'context' or 'question' field")
