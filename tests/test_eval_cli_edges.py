@@ -140,3 +140,29 @@ def test_a_malformed_mc_record_is_one_line(ckpt, tmp_path, kiln_eval, record, me
     data.write_text(json.dumps({"context": "1 is", "choices": [" odd", " even"], "answer": 0}) + "\n"
                     + json.dumps(record) + "\n")
     assert error_line(kiln_eval(ckpt, "--task", "mc", "--data", str(data))) == f"kiln: error: {data}:2: {message}"
+
+
+def test_bits_per_byte_counts_the_scored_text_whatever_the_row_length(tmp_path, kiln_eval):
+    """Each row was decoded on its own, which drops the space its first token carries: the bytes, and so bits
+    per byte, changed with --seq-len (80 bytes at 8 tokens, 81 at the default, for one text). The bytes are
+    now those of the scored text: each document but its first token, which is only ever an input."""
+    from kiln.config import load_config
+    from kiln.data.tokenizer import load_tokenizer
+    from kiln.train.checkpoint import read_config, resolve_checkpoint
+    from kiln.train.trainer import train
+
+    ckpt = tmp_path / "run"  # a SentencePiece-style tokenizer (Metaspace), as Mistral v3 and bundled-4k are
+    train(load_config("tiny", ["--data.tokenizer", "bundled-4k", "--model.vocab_size", "4096", "--model.d_model",
+                               "32", "--model.n_layers", "1", "--model.n_heads", "2", "--model.n_kv_heads", "1",
+                               "--model.ffn_dim", "64", "--train.seq_len", "64", "--train.max_steps", "1",
+                               "--train.time_budget", "", "--train.eval_tokens", "64", "--train.sample_tokens", "0",
+                               "--run.out_dir", str(ckpt)]), quiet=True)
+    texts = ["Whether tis nobler in the mind to suffer the slings and arrows", "Or to take arms against a sea"]
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tok = load_tokenizer(read_config(resolve_checkpoint(ckpt)).data.tokenizer)
+    want = sum(len(t.encode()) - len(tok.decode(tok.encode(t)[:1]).encode()) for t in texts)
+    for seq_len in ("8", "13", "64"):
+        res = kiln_eval(ckpt, "--data", str(data), "--seq-len", seq_len)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout.strip().splitlines()[-1])["bytes"] == want, (seq_len, res.stdout[-500:])

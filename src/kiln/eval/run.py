@@ -17,13 +17,26 @@ from kiln.train.checkpoint import load_for_inference
 
 
 def scored_bytes(batches: list, tokenizer: Any) -> int:
-    """UTF-8 bytes of the text behind the scored targets (EOS scores but has no bytes)."""
-    total = 0
+    """UTF-8 bytes of the text behind the scored targets (EOS scores but has no bytes). The rows are consecutive
+    pieces of one packed stream, so each run of scored targets (a document, up to its EOS) is decoded after the
+    input token before it, whose bytes are taken off again: a run decoded on its own loses the space its first
+    token carries (SentencePiece drops a text's leading space), which made the bytes, and so bits per byte,
+    depend on the row length."""
+    def size(ids: list[int]) -> int:
+        return len(tokenizer.decode(ids).encode("utf-8"))
+
+    total, run, prefix = 0, [], []
     for b in batches:
-        for row in b.targets.tolist():
-            ids = [t for t in row if t >= 0 and t != tokenizer.eos_id]
-            total += len(tokenizer.decode(ids).encode("utf-8"))
-    return total
+        for x, t in zip(b.tokens.flatten().tolist(), b.targets.flatten().tolist()):
+            if t >= 0 and t != tokenizer.eos_id:
+                if not run:  # a document's first scored token follows this input (none after an EOS)
+                    prefix = [] if x == tokenizer.eos_id else [x]
+                run.append(t)
+                continue
+            if run:
+                total += size(prefix + run) - size(prefix)
+            run = []
+    return total + (size(prefix + run) - size(prefix) if run else 0)
 
 
 def evaluate_source(checkpoint: str, data: str, *, text_column: str = "text", max_tokens: int = 1_000_000,
