@@ -284,3 +284,11 @@ def test_a_signal_during_a_step_saves_at_the_end_of_that_step(tmp_path, monkeypa
     assert summary["stopped"] == "signal" and summary["step"] == 5, summary
     assert [p.name for p in ckpt_io.list_checkpoints(tmp_path / "run")][-1] == "step_5"
     assert "received SIGINT: saving at the end of this step" in capsys.readouterr().err
+    # kiln logs summary says it stopped (it showed the run half-way with an ETA, as if it were running)
+    from kiln.cli import main
+
+    assert main(["logs", "summary", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["stopped"] == {"by": "signal", "last_checkpoint": "step_5"} and "eta_sec" not in summary
+    assert "by signal; last checkpoint step_5; the same command resumes" in " ".join(out.split())

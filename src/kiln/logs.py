@@ -47,6 +47,8 @@ class RunLog:
     superseded: int  # records dropped because a resumed segment logged the same steps again
     config: dict[str, Any] | None
     target: dict[str, Any] | None = None  # the "target" record: train.target_loss reached
+    ended: str | None = None  # how the run's last process ended (control/status.json), None while it runs
+    last_checkpoint: str | None = None  # the newest complete checkpoint's folder name
 
 
 def find_run_dir(path: str | Path) -> Path:
@@ -115,7 +117,15 @@ def load_run(path: str | Path) -> RunLog:
     target = next((r for r in reversed(kept["target"])
                    if config is None or (r.get("target"), r.get("metric")) ==
                    (train_cfg.get("target_loss"), train_cfg.get("target_metric") or "eval_loss")), None)
-    return RunLog(run_dir, run_dir.name, kept["train"], kept["eval"], superseded, config, target)
+    try:
+        status = json.loads((run_dir / "control" / "status.json").read_text())
+    except (OSError, ValueError):
+        status = {}
+    ended = status.get("state") if isinstance(status, dict) else None
+    ckpts = sorted((int(p.name.split("_")[1]), p.name) for p in (run_dir / "checkpoints").glob("step_*")
+                   if p.name.split("_")[1].isdigit() and (p / "meta.json").is_file())
+    return RunLog(run_dir, run_dir.name, kept["train"], kept["eval"], superseded, config, target,
+                  ended=ended if isinstance(ended, str) else None, last_checkpoint=ckpts[-1][1] if ckpts else None)
 
 
 def _num(v: Any) -> float | None:
@@ -197,6 +207,9 @@ def summarize(run: RunLog) -> dict[str, Any]:
         vals = _series(tr, key)[1]
         if vals:
             out[key] = vals[-1]
+    if run.ended not in (None, "finished", "target") and "target" not in out:  # stopped before its end
+        out["stopped"] = {"by": run.ended, "last_checkpoint": run.last_checkpoint}
+        out.pop("eta_sec", None)  # nothing is running to arrive
     if "target" in out:  # stopped at its target: finished, whatever share of its planned steps it took
         out.pop("eta_sec", None)
         out["elapsed_sec"] = max(out.get("elapsed_sec", 0.0), out["target"].get("elapsed_sec", 0.0))
@@ -252,6 +265,11 @@ def _rows(s: dict[str, Any]) -> dict[str, str]:
         rows["progress"] = f"{100 * p if p <= 1 else p:.1f}%"  # a fraction, or already a percentage
         if "target" in s:
             rows["progress"] += " (stopped at its target)"
+    if "stopped" in s:
+        st = s["stopped"]
+        by = "an error (see its output)" if st["by"] == "failed" else st["by"]
+        last = f"last checkpoint {st['last_checkpoint']}" if st["last_checkpoint"] else "no checkpoint"
+        rows["stopped"] = f"by {by}; {last}; the same command " + ("resumes" if st["last_checkpoint"] else "starts over")
     if "elapsed_sec" in s:
         rows["elapsed"] = format_duration(s["elapsed_sec"])
     if "eta_sec" in s:
