@@ -184,6 +184,9 @@ def test_checkpoints_written_before_checksums_load_with_one_note(trained, tmp_pa
     assert all(torch.equal(want[k], got[k]) for k in want)
     err = capsys.readouterr().err
     assert err.count("cannot be verified") == 1 and str(ckpt.name) in err
+    (ckpt / "meta.json").write_text("{}")  # overwritten with an empty object: no older checkpoint, a damaged one
+    with pytest.raises(storage.DamagedCheckpoint, match=r"meta.json.*garbled \(no list of files, and no kiln_version"):
+        ckpt_io.load_for_inference(ckpt)
 
 
 # ---- resume: set aside, fall back ----------------------------------------------------------------

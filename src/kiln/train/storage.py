@@ -236,6 +236,8 @@ def verify(ckpt: Path) -> bool:
     meta = read_marker(ckpt)
     files = meta.get("files")
     if files is None and "checksum" not in meta:
+        if "kiln_version" not in meta:  # every kiln wrote it: `{}` or another file's JSON is no older checkpoint
+            raise DamagedCheckpoint(ckpt, MARKER, "garbled (no list of files, and no kiln_version of an older kiln)")
         if key not in _unverifiable:
             _unverifiable.add(key)
             print(f"note: {ckpt} was written before kiln checkpoints carried checksums, so it cannot be verified; "
