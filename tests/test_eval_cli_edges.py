@@ -166,3 +166,11 @@ def test_bits_per_byte_counts_the_scored_text_whatever_the_row_length(tmp_path, 
         res = kiln_eval(ckpt, "--data", str(data), "--seq-len", seq_len)
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout.strip().splitlines()[-1])["bytes"] == want, (seq_len, res.stdout[-500:])
+
+
+def test_a_run_folder_as_data_is_named_as_one(ckpt, kiln_eval):
+    """`--data runs/x` was read as a folder of JSON files: "cannot read as json (CastError: Couldn't cast)"."""
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    assert error_line(kiln_eval(ckpt, "--data", str(run))) == (
+        f"kiln: error: --data {run}: a kiln run folder, not text to score; pass a text, jsonl or parquet source "
+        f"(or --checkpoint {run} to evaluate that run)")

@@ -43,6 +43,9 @@ def evaluate_source(checkpoint: str, data: str, *, text_column: str = "text", ma
                     batch_size: int = 8, seq_len: int = 0, device: str = "auto") -> dict[str, Any]:
     """Score the first `max_tokens` tokens of `data` (documents in file order, packed as in training)."""
     _not_a_task(data, "loss")
+    if (Path(data) / "metrics.jsonl").is_file() or (Path(data) / "checkpoints").is_dir():  # read as JSON data
+        raise DataError(f"--data {data}: a kiln run folder, not text to score; pass a text, jsonl or parquet source "
+                        f"(or --checkpoint {data} to evaluate that run)")
     model, cfg, ckpt = load_for_inference(checkpoint, device=device)
     tok = load_tokenizer(cfg.data.tokenizer)
     src = SourceConfig(path=data, name=Path(data).stem or data, text_column=text_column)
