@@ -367,6 +367,12 @@ def test_chat_fits_its_replies_into_a_short_context(tmp_path):
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == (
         f"kiln: error: --max-new-tokens 128 leaves no room for a prompt within model.max_seq_len (128) of {ckpt}; "
         "ask for fewer (e.g. 64)")
+    # a conversation that outgrows the context forgets its oldest exchange, and says so (it was silent)
+    long = "tell me about " + "the sea " * 15
+    res = subprocess.run([*chat, "--max-new-tokens", "60"], input=f"{long}\n{long}\n", capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert ("(note: the conversation outgrew the model's 128-token context with --max-new-tokens 60: the oldest 1 "
+            "exchange(s) are forgotten)") in res.stderr, res.stderr[-2000:]
 
 
 def test_sft_loss_and_eval_use_train_loss_impl(tmp_path):

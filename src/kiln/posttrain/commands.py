@@ -362,9 +362,14 @@ def chat(argv: list[str]) -> int:
         else:
             history.append({"role": "user", "content": line})
             ids = fmt.prompt_ids(system + history)
+            forgot = 0
             while len(ids) + args.max_new_tokens > cfg.model.max_seq_len and len(history) > 2:
-                history = history[2:]  # forget the oldest exchange
+                history, forgot = history[2:], forgot + 1  # forget the oldest exchange
                 ids = fmt.prompt_ids(system + history)
+            if forgot:  # said, as generate says a prompt it truncates
+                print(f"(note: the conversation outgrew the model's {cfg.model.max_seq_len}-token context with "
+                      f"--max-new-tokens {args.max_new_tokens}: the oldest {forgot} exchange(s) are forgotten)",
+                      file=sys.stderr)
             reply = generate_from_ids(model, tok, ids, seed=seed, stream=True, **gen)
             history.append({"role": "assistant", "content": reply.strip()})
         print(flush=True)
