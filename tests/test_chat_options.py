@@ -17,7 +17,8 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--temperature", "-1", "--temperature must be >= 0 (0 means greedy), got -1.0"),
+    ("--temperature", "-1", "--temperature must be a finite number >= 0 (0 means greedy), got -1.0"),
+    ("--temperature", "inf", "--temperature must be a finite number >= 0 (0 means greedy), got inf"),
     ("--top-p", "0", "--top-p must be within (0, 1], got 0.0"),
     ("--top-p", "1.5", "--top-p must be within (0, 1], got 1.5"),
     ("--repetition-penalty", "0", "--repetition-penalty must be > 0 (1 disables it), got 0.0"),

@@ -24,6 +24,7 @@ Length limit: `generate` refuses prompt + max_new_tokens > model.cfg.max_seq_len
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 
@@ -43,13 +44,13 @@ def check_args(*, max_new_tokens: int, temperature: float, top_k: int, top_p: fl
                 repetition_penalty: float = 1.0) -> None:
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not temperature >= 0:
-        raise GenerationError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:  # inf would sample every token alike, whatever the model says
+        raise GenerationError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}")
     if top_k < 0:
         raise GenerationError(f"top_k must be >= 0 (0 disables it), got {top_k}")
     if not 0 < top_p <= 1:
         raise GenerationError(f"top_p must be within (0, 1], got {top_p}")
-    if not repetition_penalty > 0:
+    if not 0 < repetition_penalty < math.inf:
         raise GenerationError(f"repetition_penalty must be > 0 (1 disables it), got {repetition_penalty}")
 
 
