@@ -174,3 +174,28 @@ def test_a_run_folder_as_data_is_named_as_one(ckpt, kiln_eval):
     assert error_line(kiln_eval(ckpt, "--data", str(run))) == (
         f"kiln: error: --data {run}: a kiln run folder, not text to score; pass a text, jsonl or parquet source "
         f"(or --checkpoint {run} to evaluate that run)")
+
+
+def test_loss_takes_the_split_of_a_hub_dataset_and_refuses_options_a_source_cannot_use(ckpt, tmp_path, kiln_eval,
+                                                                                      monkeypatch):
+    """`--split` never reached the loss task (an HF dataset's train split was scored whatever was asked), and
+    `--split` or `--text-column` on a local text file were ignored without a word."""
+    text = tmp_path / "a.txt"
+    text.write_text("some words to score\n")
+    assert error_line(kiln_eval(ckpt, "--data", str(text), "--split", "test")) == (
+        f"kiln: error: --split applies to an HF dataset name; {text} is a local source with no splits: drop it")
+    assert error_line(kiln_eval(ckpt, "--data", str(text), "--text-column", "body")) == (
+        f"kiln: error: --text-column applies to jsonl, json and parquet sources; {text} is plain text: drop it")
+    import kiln.eval.run as run
+    from kiln.errors import DataError
+
+    seen = []
+
+    def fake(src, *a, **k):  # the hub is offline here: the source as the loader would get it
+        seen.append(src.split)
+        raise DataError("offline")
+
+    monkeypatch.setattr(run, "validation_batches", fake)
+    for args, split in ((["--split", "validation"], "validation"), ([], "train")):
+        assert error_line(kiln_eval(ckpt, "--data", "org/some-dataset", *args)) == "kiln: error: offline"
+        assert seen[-1] == split

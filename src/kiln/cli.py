@@ -123,7 +123,8 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--task", default="loss", choices=["loss", "mc", "gsm8k"],
                    help="loss: loss/ppl/bpb; mc: multiple choice by log-likelihood; gsm8k: generate + answer match")
     p.add_argument("--limit", type=int_at_least(0), default=None, help="mc / gsm8k: score the first N items (0: all)")
-    p.add_argument("--split", default="", help="split when --data is an HF dataset name")
+    p.add_argument("--split", default="", help="split when --data is an HF dataset name (loss: default train; "
+                   "mc / gsm8k: default test)")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=None, help="gsm8k (default: 256)")
     p.add_argument("--chat", action="store_true", default=None, help="gsm8k: ask through the chat template")
     p.add_argument("--num-fewshot", type=int_at_least(0), default=None,
@@ -154,7 +155,7 @@ def _eval(argv: list[str]) -> int:
 
     result = evaluate_source(args.checkpoint, args.data, text_column=args.text_column or "text",
                              max_tokens=args.max_tokens or 1_000_000, batch_size=args.batch_size,
-                             seq_len=args.seq_len or 0, device=args.device)
+                             seq_len=args.seq_len or 0, device=args.device, split=args.split)
     print(json.dumps(result))
     return 0
 

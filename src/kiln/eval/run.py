@@ -9,6 +9,7 @@ from typing import Any
 
 from kiln.config import SourceConfig
 from kiln.data.loader import validation_batches
+from kiln.data.sources import file_format, is_hub_source
 from kiln.data.tokenizer import load_tokenizer
 from kiln.device import autocast_for
 from kiln.errors import DataError
@@ -40,15 +41,20 @@ def scored_bytes(batches: list, tokenizer: Any) -> int:
 
 
 def evaluate_source(checkpoint: str, data: str, *, text_column: str = "text", max_tokens: int = 1_000_000,
-                    batch_size: int = 8, seq_len: int = 0, device: str = "auto") -> dict[str, Any]:
-    """Score the first `max_tokens` tokens of `data` (documents in file order, packed as in training)."""
+                    batch_size: int = 8, seq_len: int = 0, device: str = "auto", split: str = "") -> dict[str, Any]:
+    """Score the first `max_tokens` tokens of `data` (documents in file order, packed as in training);
+    `split`: the split of an HF dataset name (default train)."""
     _not_a_task(data, "loss")
+    src = SourceConfig(path=data, name=Path(data).stem or data, text_column=text_column, split=split or "train")
+    if split and not is_hub_source(src):  # a local file or the bundled corpus has one split
+        raise DataError(f"--split applies to an HF dataset name; {data} is a local source with no splits: drop it")
+    if text_column != "text" and file_format(Path(data)) == "text":  # one document per line or file, no columns
+        raise DataError(f"--text-column applies to jsonl, json and parquet sources; {data} is plain text: drop it")
     if (Path(data) / "metrics.jsonl").is_file() or (Path(data) / "checkpoints").is_dir():  # read as JSON data
         raise DataError(f"--data {data}: a kiln run folder, not text to score; pass a text, jsonl or parquet source "
                         f"(or --checkpoint {data} to evaluate that run)")
     model, cfg, ckpt = load_for_inference(checkpoint, device=device)
     tok = load_tokenizer(cfg.data.tokenizer)
-    src = SourceConfig(path=data, name=Path(data).stem or data, text_column=text_column)
     T = seq_len or cfg.train.seq_len
     if T > cfg.model.max_seq_len:  # positions past it were never trained (kiln train refuses the same)
         raise DataError(f"--seq-len {T} exceeds the model's max_seq_len ({cfg.model.max_seq_len}) of {ckpt}; "
