@@ -199,3 +199,15 @@ def test_loss_takes_the_split_of_a_hub_dataset_and_refuses_options_a_source_cann
     for args, split in ((["--split", "validation"], "validation"), ([], "train")):
         assert error_line(kiln_eval(ckpt, "--data", "org/some-dataset", *args)) == "kiln: error: offline"
         assert seen[-1] == split
+
+
+def test_gsm8k_says_when_its_few_shot_examples_are_the_items_it_scores(ckpt, tmp_path, kiln_eval):
+    """`--fewshot-data` the same file as `--data` put scored items' answers into every prompt, without a word."""
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i}+1?", "answer": f"#### {i + 1}"}) + "\n"
+                            for i in range(3)))
+    res = kiln_eval(ckpt, "--task", "gsm8k", "--data", str(data), "--num-fewshot", "2", "--fewshot-data", str(data),
+                    "--max-new-tokens", "4")
+    assert res.returncode == 0, res.stderr
+    assert (f"note: 2 of the 2 few-shot examples are items scored here (--fewshot-data {data} holds them): their "
+            "answers are in every prompt") in res.stderr

@@ -135,6 +135,12 @@ def _run_task(model, cfg, tok, recs: list[tuple[str, Any]], *, task: str, batch_
                 raise DataError(f"--fewshot-data {fewshot_data} has {len(examples)} examples; lower --num-fewshot "
                                 f"{num_fewshot} to {len(examples)} or fewer, or add examples")
             shots = [T.gen_item(r, where=w) for w, r in examples[:num_fewshot]]
+            scored = {it.question.strip() for it in items}
+            leaked = sum(s.question.strip() in scored for s in shots)
+            if leaked:  # its answer is in the prompt: the score flatters the model
+                print(f"note: {leaked} of the {num_fewshot} few-shot examples are items scored here (--fewshot-data "
+                      f"{fewshot_data} holds them): their answers are in every prompt; take the examples from another "
+                      "split (GSM8K's train)", file=sys.stderr)
         if chat:
             from kiln.posttrain.chat import ChatFormat
 
