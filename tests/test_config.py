@@ -43,6 +43,9 @@ def test_overrides_are_typed_and_nested():
     (["--model.residual", "deepnorm"], r"deepnorm needs model.init=deepnet"),
     (["--train.max_steps"], r"missing value"),
     (["--train.unseen_smoothing", "1"], r"train.unseen_smoothing: must be within \[0, 1\)"),
+    (["--posttrain.temperature", "inf"], r"posttrain.temperature: must be a finite number, got inf"),
+    (["--posttrain.kl_coef", "nan"], r"posttrain.kl_coef: must be a finite number, got nan"),  # passed ">= 0"
+    (["--train.grad_clip", "-1"], r"train.grad_clip: must be >= 0, got -1"),
     (["stray"], r"unexpected argument 'stray'"),
 ])
 def test_bad_overrides_fail_with_the_dotted_key(overrides, match):

@@ -689,6 +689,8 @@ def _check(where: str, checks: dict[str, tuple[float, str]]) -> None:
     for key, (v, rule) in checks.items():
         if (rule == "> 0" and not v > 0) or (rule == ">= 0" and v < 0):
             raise ConfigError(f"{where}: {key}: must be {'positive' if rule == '> 0' else '>= 0'}, got {v}")
+        if not math.isfinite(v):  # nan passed ">= 0", and inf is no setting (rlvr sampled every token alike)
+            raise ConfigError(f"{where}: {key}: must be a finite number, got {v}")
 
 
 def validate(cfg: Config, *, where: str) -> None:
@@ -727,7 +729,8 @@ def _validate_train(t: TrainConfig, o: OptimConfig, m: ModelConfig, *, where: st
                    "optim.warmup_steps": (o.warmup_steps, ">= 0"), "train.keep_last": (t.keep_last, ">= 0"),
                    "train.stop_at_step": (t.stop_at_step, ">= 0"), "train.target_loss": (t.target_loss, ">= 0"),
                    "train.eval_tasks_limit": (t.eval_tasks_limit, "> 0"),
-                   "train.save_every_minutes": (t.save_every_minutes, ">= 0")})
+                   "train.save_every_minutes": (t.save_every_minutes, ">= 0"),
+                   "train.grad_clip": (t.grad_clip, ">= 0")})
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"{where}: train.ema_decay: must be within [0, 1) (0: off; 0.999 averages about the last "
                           f"1000 steps), got {t.ema_decay}")
