@@ -29,12 +29,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from kiln.config import SourceConfig, absolute_if_local
+from kiln.config import SourceConfig
 from kiln.data.mixing import ROW_SHUFFLE, OnExhausted, TextStream
 from kiln.data.packing import Batch, Packer, batch_from_arrays, make_batch
 from kiln.data.sources import load_documents, open_stream, stream_error
 from kiln.data.tokenizer import Tokenizer, tokenizer_digest
 from kiln.errors import DataError, KilnError
+from kiln.paths import absolute_if_local
 
 STATE_VERSION = 3  # 3: the tokenizer's digest; streams' file sizes and mtimes; skip/take by document
 

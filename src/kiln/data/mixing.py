@@ -44,13 +44,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from kiln.config import SourceConfig, absolute_if_local
+from kiln.config import SourceConfig
 from kiln.data.packing import Batch, Packer, Row, batch_from_arrays, stack_rows
 from kiln.data.perm import Permutation, mix_key
 from kiln.data.rowshuffle import RowWindows
 from kiln.data.sources import load_documents, open_stream, resolve_files, source_name, stream_error
 from kiln.data.tokenizer import Tokenizer
 from kiln.errors import DataError
+from kiln.paths import absolute_if_local
 
 PERM_TAG, MIX_TAG, WINDOW_TAG, ROWS_TAG = 0, 1, 2, 3  # keep the seeded streams apart
 # data.row_shuffle's default: rows per seeded shuffle window of each loader shard (kiln.data.rowshuffle;

@@ -46,11 +46,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from kiln import __version__
-from kiln.config import Config, config_from_dict, saved_dict
+from kiln.config import Config, config_from_dict
 from kiln.device import pick_device
 from kiln.errors import CheckpointError, ConfigError
 from kiln.model import Transformer, build_model
 from kiln.parallel.parallelize import unwrap
+from kiln.paths import saved_dict
 from kiln.train.control import Requests
 from kiln.train.storage import (
     DamagedCheckpoint,

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from kiln.config import Config, StageConfig, TrainConfig, parse_duration, saved_dict
+from kiln.config import Config, StageConfig, TrainConfig, parse_duration
 from kiln.data.stages import StagedLoader, stage_starts
 from kiln.data.stages import describe as describe_stages
 from kiln.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_digest
@@ -42,6 +42,7 @@ from kiln.model.loss import unseen_smoothing_blocker
 from kiln.optim import describe_schedule, length_free_steps, lr_factor, param_dtype
 from kiln.parallel.mesh import Layout, init_layout, shutdown
 from kiln.parallel.pipeline import microbatches
+from kiln.paths import saved_dict
 from kiln.runinfo import format_duration, run_info
 from kiln.train import checkpoint as ckpt_io
 from kiln.train.budget import TimeBudget
