@@ -18,7 +18,7 @@ from kiln.eval.suite import heldout_next_items, load_tasks
 from kiln.optim import length_free_steps, lr_factor
 from kiln.runinfo import format_duration
 from kiln.train import checkpoint as ckpt_io
-from kiln.train.budget import REPLAN_MIN_STEPS, Costs, TimeBudget, fit_steps
+from kiln.train.budget import BudgetTooShort, REPLAN_MIN_STEPS, Costs, TimeBudget, fit_steps
 from kiln.train.metrics import read_metrics
 from kiln.train.plan import Plan
 from kiln.train.trainer import train
@@ -57,11 +57,31 @@ def test_durations_parse_and_bad_ones_are_one_line():
 
 def test_a_budget_spent_during_the_timed_warmup_is_refused_at_once():
     budget = TimeBudget(5.0, text="5s", warmup_steps=30)
-    budget.check_not_over(4.9, done=3)  # still inside: go on timing
+    budget.check_not_over(4.9, done=3, warmup_steps=30)  # still inside, and too few steps timed to say: go on
     with pytest.raises(ConfigError, match=r"^train.time_budget 5s is too short: 4 of the 30 timed warmup steps and "
                                           r"the first eval already took 5.1 s; raise the budget") as e:
-        budget.check_not_over(5.1, done=4)
+        budget.check_not_over(5.1, done=4, warmup_steps=30)
     assert "\n" not in str(e.value)
+
+
+def test_a_budget_the_rest_of_the_warmup_cannot_fit_is_refused_before_it_is_spent():
+    """A 60 s budget whose steps take 2 s: 30 warmup steps and the final eval cannot fit. The run said so only
+    after the timed warmup, 60 s later; now once five steps show that even the fastest of them is too slow."""
+    budget = TimeBudget(60.0, text="60s", warmup_steps=30)
+    budget.eval_done(3.0)
+    for step, seconds in enumerate([5.0, 2.0, 2.1, 2.0, 2.2], start=1):
+        budget.step_done(step, seconds)
+    budget.check_not_over(15.0, done=4, warmup_steps=30)  # four steps: not yet judged
+    with pytest.raises(BudgetTooShort, match=r"^train.time_budget 60s is too short: 5 of the 30 timed warmup steps and "
+                                             r"the first eval already took 17.0 s, and the warmup's other steps "
+                                             r"\(optim.warmup_steps 30, 2.00 s each at best\) and the final eval "
+                                             r"need 55 s more; raise the budget"):
+        budget.check_not_over(17.0, done=5, warmup_steps=30)
+    fits = TimeBudget(60.0, text="60s", warmup_steps=30)  # 1 s steps: 17 + 26 + 3 fits
+    fits.eval_done(3.0)
+    for step, seconds in enumerate([5.0, 1.0, 1.1, 1.0, 1.2], start=1):
+        fits.step_done(step, seconds)
+    fits.check_not_over(17.0, done=5, warmup_steps=30)
 
 
 def test_the_budget_clock_starts_when_the_command_did(tmp_path):
@@ -335,6 +355,24 @@ def test_a_budget_too_short_is_one_line_and_saves_nothing(tmp_path):
     assert "setting the run up already took" in res.stderr  # before the first eval: no eval, no step was paid for
     assert "Traceback" not in res.stderr
     # the refused run leaves no folder: a later run there is a new run, not "re-logged after resume"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_warmup_the_budget_cannot_fit_is_refused_early_by_the_run_and_by_dry_run(tmp_path):
+    """optim.warmup_steps 100000 in 60 s: --dry-run said the budget fits ~N steps (exit 0), and the run spent the
+    whole budget on its timed warmup before it refused. Now --dry-run refuses, and the run does after five steps;
+    the folder it made goes although it logged them, so a later run there does not resume their records."""
+    over = small_overrides(tmp_path, **{"train.time_budget": "60s", "optim.warmup_steps": 100_000,
+                                        "train.save_every": 100})
+    dry = run_cli("train", "tiny", *over, "--dry-run")
+    assert dry.returncode == 2 and "Traceback" not in dry.stderr, dry.stderr[-2000:]
+    assert dry.stderr.strip().splitlines()[-1].startswith("kiln: error: train.time_budget 60s is too short: about ")
+    assert "than its warmup (optim.warmup_steps 100000)" in dry.stderr
+    res = run_cli("train", "tiny", *over)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith(
+        "kiln: error: train.time_budget 60s is too short: 5 of the 30 timed warmup steps"), res.stderr
+    assert "the warmup's other steps (optim.warmup_steps 100000" in res.stderr
     assert not (tmp_path / "run").exists()
 
 

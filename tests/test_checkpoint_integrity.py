@@ -85,12 +85,19 @@ def edit_marker(ckpt: Path) -> str:
     return "garbled"
 
 
+def edit_marker_step(ckpt: Path) -> str:
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["step"] += 9  # valid JSON, its files intact: the number resume, keep_best and logs trust
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    return "garbled"
+
+
 def delete_marker(ckpt: Path) -> str:
     (ckpt / "meta.json").unlink()
     return "not a complete checkpoint"
 
 
-DAMAGE = [truncate, overwrite_middle, delete_file, garble_marker, edit_marker, delete_marker]
+DAMAGE = [truncate, overwrite_middle, delete_file, garble_marker, edit_marker, edit_marker_step, delete_marker]
 
 
 # ---- what is written ----------------------------------------------------------------------------
@@ -175,7 +182,7 @@ def test_checkpoints_written_before_checksums_load_with_one_note(trained, tmp_pa
     run_dir, _ = copy_run(trained, tmp_path / "run")
     ckpt = run_dir / "checkpoints" / "step_4"
     meta = json.loads((ckpt / "meta.json").read_text())
-    for key in ("checksum", "files", "files_checksum"):
+    for key in ("checksum", "files", "files_checksum", "meta_checksum"):
         meta.pop(key)
     (ckpt / "meta.json").write_text(json.dumps(meta))
     want = ckpt_io.read_model_state(trained[0] / "run" / "checkpoints" / "step_4")

@@ -159,7 +159,7 @@ def test_corrupt_checkpoint_without_checksums_is_a_clear_error(trained, tmp_path
     shutil.copytree(tmp / "run", copy)
     latest = sorted((copy / "checkpoints").iterdir())[-1]
     meta = json.loads((latest / "meta.json").read_text())
-    for key in ("checksum", "files", "files_checksum"):
+    for key in ("checksum", "files", "files_checksum", "meta_checksum"):
         meta.pop(key)
     (latest / "meta.json").write_text(json.dumps(meta))
     shards = sorted((latest / "dcp").glob("*.distcp"))

@@ -295,8 +295,12 @@ def _mistral_folder(spec: str) -> Path:
     final = cache_root() / "tokenizers" / f"{spec}-{digest}"
     if (final / "tokenizer.json").is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec}-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{spec}-", dir=final.parent))
+    except OSError as e:
+        raise DataError(f"tokenizer '{spec}' is converted once into kiln's cache, and {final.parent} is not writable "
+                        f"({e.strerror or e}); set KILN_CACHE to a writable folder") from None
     try:
         tok = _convert_sentencepiece(model, work=tmp / "sp", spec=spec)
         tok.save_hf(tmp / "out")

@@ -57,6 +57,11 @@ MEASURED_STEPS = 30  # steps timed, when the warmup is that long; the later half
 REPLAN_MIN_STEPS = 20  # a re-plan averages at least this many steps, or there is none
 
 
+class BudgetTooShort(ConfigError):
+    """A time budget that cannot fit the warmup and the final eval and save: the run's folder goes (`kiln.train.
+    trainer.train`), whatever it logged, since nothing of it will be resumed."""
+
+
 @dataclass
 class Costs:
     """Measured seconds."""
@@ -122,17 +127,23 @@ class TimeBudget:
         """Before the first eval of a fresh run: a budget the setup already spent is too short, said before an
         eval and a step are paid for."""
         if elapsed > self.seconds:
-            raise ConfigError(
+            raise BudgetTooShort(
                 f"train.time_budget {self.text} is too short: setting the run up already took {elapsed:.1f} s, "
                 "before its first eval and step; raise the budget")
 
-    def check_not_over(self, elapsed: float, *, done: int) -> None:
-        """Before the plan: a budget already spent on the timed warmup steps is too short, said now rather
-        than after the rest of the warmup."""
-        if elapsed > self.seconds:
-            raise ConfigError(
+    def check_not_over(self, elapsed: float, *, done: int, warmup_steps: int) -> None:
+        """Before the plan: a budget already spent on the timed warmup steps, or one that the rest of the warmup
+        and the final eval cannot fit at the fastest step so far, is too short, said now rather than after the
+        rest of the warmup (a plan needs more steps than the warmup: `fix`)."""
+        need, fastest = elapsed, min(self.step_times[1:], default=0.0)  # the first pays one-off costs
+        if done >= 5:
+            need += fastest * (max(warmup_steps, self.measure_until) + 1 - done) + self.eval_time
+        if elapsed > self.seconds or need > self.seconds:
+            more = (f", and the warmup's other steps (optim.warmup_steps {warmup_steps}, {fastest:.2f} s each at "
+                    f"best) and the final eval need {need - elapsed:.0f} s more" if need > elapsed else "")
+            raise BudgetTooShort(
                 f"train.time_budget {self.text} is too short: {done} of the {self.measure_until} timed warmup steps "
-                f"and the first eval already took {elapsed:.1f} s; raise the budget or lower optim.warmup_steps / "
+                f"and the first eval already took {elapsed:.1f} s{more}; raise the budget or lower optim.warmup_steps / "
                 "train.eval_tokens")
 
     def due(self, step: int, planned: int) -> bool:
@@ -152,7 +163,7 @@ class TimeBudget:
                       save_every=plan.save_every, save_every_minutes=save_every_minutes)
         if n <= max(done, warmup_steps):
             need = elapsed + costs.eval + costs.save + step * max(warmup_steps + 1 - done, 1)
-            raise ConfigError(
+            raise BudgetTooShort(
                 f"train.time_budget {self.text} is too short: {done} steps took {elapsed:.1f} s, a step takes "
                 f"{step:.2f} s, an eval {costs.eval:.1f} s and a checkpoint {costs.save:.1f} s, so the warmup "
                 f"(optim.warmup_steps {warmup_steps}) and the final eval and save need about {need:.0f} s; raise "

@@ -57,6 +57,7 @@ from kiln.train.storage import (
     DamagedCheckpoint,
     check_room,
     collect_digests,
+    marker_digest,
     marker_fields,
     summing_writer,
     verify,
@@ -150,6 +151,7 @@ def _finish(tmp: Path, final: Path, *, cfg: Config, meta: dict[str, Any]) -> Non
     (tmp / "config.yaml").write_text(yaml.safe_dump(saved_dict(cfg), sort_keys=False))
     info = {"kiln_version": __version__, "torch_version": torch.__version__, **meta,
             **marker_fields(collect_digests(tmp))}
+    info["meta_checksum"] = marker_digest(info)
     (tmp / "meta.json").write_text(json.dumps(info, indent=2))
     _fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. a final save right after a periodic one)

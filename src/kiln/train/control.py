@@ -65,8 +65,12 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomic write (temp + rename), so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: leave no temp file, and name the file (a failed write names none)
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -95,7 +99,10 @@ def lock_run_folder(run_dir: Path) -> IO[str]:
     is refused instead of writing the same checkpoints and metrics. A filesystem without locks is not guarded."""
     import fcntl
 
-    f = open(Path(run_dir) / LOCK, "a+")  # noqa: SIM115 (the caller closes it)
+    try:
+        f = open(Path(run_dir) / LOCK, "a+")  # noqa: SIM115 (the caller closes it)
+    except OSError as e:  # a read-only folder: the run could write nothing there either
+        raise KilnError(f"run.out_dir {run_dir}: not writable ({e.strerror or e}); pass --run.out_dir DIR") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -123,11 +130,17 @@ class JobControl:
         self.dir = self.run_dir / "control"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.job_id = f"{name}-{os.getpid()}"
+        self.closed = False
         self.entry: Path | None = jobs_dir() / f"{self.job_id}.json"
         for stale in self.dir.glob("request*.json"):  # requests addressed to a previous process
             stale.unlink(missing_ok=True)
-        _write_json(self.entry, {"job_id": self.job_id, "pid": os.getpid(), "host": socket.gethostname(),
-                                 "run_dir": str(self.run_dir), "name": name, "started": time.time()})
+        try:
+            _write_json(self.entry, {"job_id": self.job_id, "pid": os.getpid(), "host": socket.gethostname(),
+                                     "run_dir": str(self.run_dir), "name": name, "started": time.time()})
+        except OSError as e:  # a read-only cache: the run trains, out of kiln control's reach
+            print(f"note: kiln control will not find this run: {self.entry.parent} is not writable "
+                  f"({e.strerror or e}); set KILN_JOBS_DIR (or KILN_CACHE) to a writable folder", file=sys.stderr)
+            self.entry = None
 
     def poll(self) -> dict[str, Any] | None:
         """The pending request ({"command": 'save' | 'stop' | 'abort', "id": ...}) or None. Consumes it."""
@@ -150,11 +163,12 @@ class JobControl:
 
     def close(self, state: str) -> None:
         """Record the final state and leave the registry (only the first call counts)."""
-        if self.entry is None:
+        if self.closed:
             return
+        self.closed = True
         self.status(state=state)
-        self.entry.unlink(missing_ok=True)
-        self.entry = None
+        if self.entry is not None:
+            self.entry.unlink(missing_ok=True)
 
 
 # ---- the user's side (kiln control) -------------------------------------------------------

@@ -59,7 +59,10 @@ class MetricsLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._fh.write(json.dumps(record) + "\n")
+        try:
+            self._fh.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: the write names no file; the error line should
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
         if self._tb is not None:
             step = record.get("step", 0)
             kind = record.get("kind", "train")
@@ -73,7 +76,10 @@ class MetricsLogger:
         """Flush and close every sink (idempotent)."""
         if self._fh.closed:
             return
-        self._fh.close()
+        try:
+            self._fh.close()
+        except OSError as e:  # the line a failed write left in the buffer, on a disk that is still full
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
         if self._tb is not None:
             self._tb.close()
         for sink in self._sinks:

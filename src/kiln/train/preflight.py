@@ -24,7 +24,7 @@ from kiln.errors import CheckpointError, DataError, KilnError
 from kiln.estimate import estimate_memory
 from kiln.optim import describe_schedule
 from kiln.parallel.mesh import Layout
-from kiln.train.budget import Costs, fit_steps
+from kiln.train.budget import BudgetTooShort, Costs, fit_steps
 from kiln.train.checkpoint import check_tokenizer_digest, list_checkpoints, read_config
 from kiln.train.plan import Plan
 
@@ -80,7 +80,11 @@ def prepare_out_dir(out: Path, *, fresh: bool) -> None:
     """Create the run folder; with --fresh, move an existing one aside (never delete checkpoints)."""
     if fresh and out.exists() and any(out.iterdir()):
         aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        out.rename(aside)
+        try:
+            out.rename(aside)
+        except OSError as e:  # a name at the filesystem's length limit, a read-only folder
+            raise KilnError(f"--fresh: cannot move {out} aside to {aside.name} ({e.strerror or e}); move or rename "
+                            "it yourself, or pass another --run.out_dir") from None
         print(f"--fresh: moved the previous run to {aside}")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -89,6 +93,9 @@ def prepare_out_dir(out: Path, *, fresh: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise KilnError(f"run.out_dir {out}: not writable ({e.strerror}); pass --run.out_dir DIR") from None
+    if (ckpts := out / "checkpoints").exists() and not ckpts.is_dir():  # found at the first save, after training
+        raise KilnError(f"run.out_dir {out}: its checkpoints is a file, not a folder; move it away or pass another "
+                        "--run.out_dir")
 
 
 # model keys that only say how fresh weights are drawn: a run that loads its weights may differ in them
@@ -244,7 +251,12 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> 
           f"{cfg.train.seq_len}, {plan.accum_steps} micro-batches of {cfg.train.micro_batch_size} per rank)")
     steps = plan.total_steps
     if plan.provisional:  # a time budget: estimate the steps from a short benchmark of real steps here
-        steps = _budget_estimate(cfg, plan, layout)
+        steps, step_s = _budget_estimate(cfg, plan, layout)
+        if step_s and steps <= cfg.optim.warmup_steps:  # the run would refuse it after its timed warmup
+            raise BudgetTooShort(f"train.time_budget {cfg.train.time_budget} is too short: about {steps} steps fit "
+                                 f"(a step takes {step_s:.2f} s here), and the run needs more than its warmup "
+                                 f"(optim.warmup_steps {cfg.optim.warmup_steps}) and a final eval; raise the budget "
+                                 "or lower optim.warmup_steps / train.eval_tokens")
         slows = ("; a zero-init untied head's steps slow down as the ids the data reaches get rows of their own "
                  "(demo: 180 -> 290 ms over 300 s), so expect fewer" if cfg.model.init_zero_out and
                  not cfg.model.tie_embeddings else "")
@@ -288,15 +300,15 @@ def check_sources(cfg: Config) -> None:
             raise DataError(f"{key}: {e}") from None
 
 
-def _budget_estimate(cfg: Config, plan: Plan, layout: Layout) -> int:
-    """The steps a time budget would fit, from `kiln bench`'s timing of 3 steps (one process; under
-    torchrun the run's own measurement decides). An eval's forward costs about a third of a training
-    step per token; checkpoints are not estimated."""
+def _budget_estimate(cfg: Config, plan: Plan, layout: Layout) -> tuple[int, float]:
+    """The steps a time budget would fit and a step's seconds, from `kiln bench`'s timing of 3 steps (one
+    process; under torchrun the run's own measurement decides: (planned steps, 0)). An eval's forward costs
+    about a third of a training step per token; checkpoints are not estimated."""
     if layout.distributed:
-        return plan.total_steps
+        return plan.total_steps, 0.0
     bench = run_bench(cfg, steps=3, warmup=1)
     step = bench["step_ms"] / 1e3
     eval_s = len(cfg.data.val) * cfg.train.eval_tokens / (3 * bench["tokens_per_sec"])
     return fit_steps(parse_duration(cfg.train.time_budget), elapsed=eval_s, done=0,
                      costs=Costs(step=step, eval=eval_s, save=0.0), eval_every=plan.eval_every,
-                     save_every=plan.save_every, save_every_minutes=cfg.train.save_every_minutes)
+                     save_every=plan.save_every, save_every_minutes=cfg.train.save_every_minutes), step

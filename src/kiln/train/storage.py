@@ -200,6 +200,13 @@ def list_digest(files: dict[str, dict[str, Any]]) -> str:
     return xxhash.xxh3_128(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
+def marker_digest(meta: dict[str, Any]) -> str:
+    """The checksum of every other field of `meta.json` (step, tokens, eval scores, the tokenizer's digest), so an
+    edited or bit-flipped number is told apart from the truth: `meta_checksum`, in checkpoints since it existed."""
+    rest = {k: v for k, v in meta.items() if k != "meta_checksum"}
+    return xxhash.xxh3_128(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
 def marker_fields(files: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """What `meta.json` carries for `verify`."""
     return {"checksum": ALGO, "files": files, "files_checksum": list_digest(files)}
@@ -209,7 +216,7 @@ def read_marker(ckpt: Path) -> dict[str, Any]:
     """meta.json as a dict; DamagedCheckpoint when it is missing or garbled."""
     path = Path(ckpt) / MARKER
     if not path.is_file():
-        raise DamagedCheckpoint(ckpt, MARKER, "missing")
+        raise DamagedCheckpoint(ckpt, MARKER, "not a file" if path.exists() else "missing")
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -245,6 +252,8 @@ def verify(ckpt: Path) -> bool:
         return False
     if not isinstance(files, dict) or meta.get("checksum") != ALGO or meta.get("files_checksum") != list_digest(files):
         raise DamagedCheckpoint(ckpt, MARKER, "garbled (its list of files does not match its own checksum)")
+    if "meta_checksum" in meta and meta["meta_checksum"] != marker_digest(meta):
+        raise DamagedCheckpoint(ckpt, MARKER, "garbled (its step, counts or scores do not match its own checksum)")
     rels = sorted(files)
     for r in rels:  # sizes first: cheap, and they catch truncation and deletion without reading anything
         want = files[r].get("size")
@@ -303,7 +312,9 @@ def free_bytes(path: Path) -> int:
 
 def _full_error(where: Path, detail: str = "") -> CheckpointError:
     return CheckpointError(f"{where}: cannot write the checkpoint (the disk is full{detail}); earlier checkpoints are "
-                           "untouched. Free space (or set run.out_dir elsewhere) and run the same command to resume")
+                           "untouched. Free space, lower train.keep_last (the oldest checkpoint goes only after a new "
+                           "one is written: keep_last N needs room for N + 1) or set run.out_dir elsewhere, and run "
+                           "the same command to resume")
 
 
 def _local_bytes(tree: Any) -> int:
@@ -352,4 +363,4 @@ def write_error(e: BaseException, where: Path) -> CheckpointError | None:
         return _full_error(where)
     reason = oserrors[0].strerror or str(oserrors[0])
     return CheckpointError(f"{where}: cannot write the checkpoint ({reason}); earlier checkpoints are untouched. "
-                           "Free space (or set run.out_dir elsewhere) and run the same command to resume")
+                           "Fix that (or set run.out_dir elsewhere) and run the same command to resume")

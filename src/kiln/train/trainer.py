@@ -45,7 +45,7 @@ from kiln.parallel.pipeline import microbatches
 from kiln.paths import saved_dict
 from kiln.runinfo import format_duration, run_info
 from kiln.train import checkpoint as ckpt_io
-from kiln.train.budget import TimeBudget
+from kiln.train.budget import BudgetTooShort, TimeBudget
 from kiln.train.control import JobControl, Requests, lock_run_folder
 from kiln.train.engine import Engine
 from kiln.train.evaluator import Evaluation, Evaluator, target_met
@@ -163,7 +163,8 @@ class Run:
         assert budget is not None
         budget.step_done(state.step, seconds)
         if not state.planned_steps:  # rank 0's clock: every rank stops together or none does
-            budget.check_not_over(_agree(state.elapsed(), self.layout), done=state.step)
+            budget.check_not_over(_agree(state.elapsed(), self.layout), done=state.step,
+                                  warmup_steps=self.cfg.optim.warmup_steps)
         if budget.due(state.step, state.planned_steps):
             self.checkpointer.wait()
             t0 = time.perf_counter()
@@ -246,10 +247,10 @@ def train(cfg: Config, *, objective: Objective | None = None, fresh: bool = Fals
             run = setup(cfg, layout, plan, objective or Objective(), fresh=fresh, quiet=quiet or not layout.is_main,
                         closing=closing, started=time.time() if started is None else started)
             return fit(run)
-    except KilnError:  # refused (a budget too short, data that does not read, ...) before it logged a step or
-        if new_folder and not ckpt_io.list_checkpoints(out) and not any(  # saved: the folder it made (config,
-                r.get("kind") == "train" for r in read_metrics(out)):  # run.json, the first eval's records) goes,
-            shutil.rmtree(out, ignore_errors=True)  # and a later run there starts clean
+    except KilnError as e:  # refused (a budget too short, data that does not read, ...) before it saved, and
+        if new_folder and not ckpt_io.list_checkpoints(out) and (isinstance(e, BudgetTooShort) or not any(  # before
+                r.get("kind") == "train" for r in read_metrics(out))):  # it logged a step (else its metrics may say
+            shutil.rmtree(out, ignore_errors=True)  # why): the folder it made goes, and a later run there starts clean
         raise
 
 
