@@ -18,7 +18,7 @@ from kiln.eval.suite import heldout_next_items, load_tasks
 from kiln.optim import length_free_steps, lr_factor
 from kiln.runinfo import format_duration
 from kiln.train import checkpoint as ckpt_io
-from kiln.train.budget import BudgetTooShort, REPLAN_MIN_STEPS, Costs, TimeBudget, fit_steps
+from kiln.train.budget import REPLAN_MIN_STEPS, BudgetTooShort, Costs, TimeBudget, fit_steps
 from kiln.train.metrics import read_metrics
 from kiln.train.plan import Plan
 from kiln.train.trainer import train
