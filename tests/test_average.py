@@ -53,6 +53,11 @@ def test_uniform_average_of_the_last_three_through_the_cli(run, tmp_path):
         f"kiln: error: {avg_ckpt}: a weights-only checkpoint (kiln average / kiln import), with no optimizer or data "
         f"state to resume; start a new run from it: --run.init_from {avg_ckpt} --run.out_dir NEW_DIR"], res.stderr
     assert ckpt_io.list_checkpoints(tmp_path / "avg") == [avg_ckpt]
+    # not a training run either: `kiln logs compare RUN AVG` said "not a run folder", of what the docs call one
+    res = run_cli("logs", "compare", str(run), str(tmp_path / "avg"), "--out", str(tmp_path / "cmp.png"))
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"kiln: error: {tmp_path / 'avg'}: a checkpoint without training metrics (kiln average and kiln import write "
+        f"such folders); score it with kiln eval --checkpoint {tmp_path / 'avg'}"], res.stderr
 
 
 def test_ema_average_weights_later_checkpoints_more(run, tmp_path):
@@ -90,6 +95,10 @@ def test_different_architectures_one_checkpoint_or_a_used_folder_are_one_line(ru
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         f"kiln: error: --out {tmp_path / 'afile'}: a file, not a folder; pass a new --out folder"], res.stderr
     assert (tmp_path / "afile").read_text() == "mine"
+    below = tmp_path / "afile" / "avg"  # a folder that cannot be made: it advised freeing space and resuming
+    res = run_cli("average", str(run), "--last", "2", "--out", str(below))
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"kiln: error: --out {below}: cannot create the folder (Not a directory); pass a writable --out"], res.stderr
     for ema in ("0", "1", "-0.5"):  # --ema 0 was the uniform mean, where D = 0 weighs the newest alone
         res = run_cli("average", str(run), "--last", "2", "--ema", ema, "--out", str(tmp_path / "e"))
         assert res.returncode == 2 and res.stderr.strip().splitlines() == [

@@ -288,6 +288,10 @@ def test_generate_reads_its_prompt_from_standard_input(trained):
     assert len(res.stdout) > len("Once upon a time")
     res = subprocess.run(args, input="", capture_output=True, text=True)
     assert res.returncode == 2 and "--prompt -: standard input was empty" in res.stderr
+    assert "(--prompt '' samples from nothing)" in res.stderr  # what an empty --prompt does
+    res = subprocess.run([*args, "--stop", ""], input="Once", capture_output=True, text=True)  # it was ignored
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "kiln: error: --stop '': an empty stop string matches nowhere; pass the text to stop at"], res.stderr
 
 
 def test_data_commands_refuse_counts_they_cannot_use(tmp_path):
@@ -349,3 +353,19 @@ def test_dry_run_refuses_a_tokenizer_the_model_cannot_hold(tmp_path):
     res = run("train", "tiny", "--data.tokenizer", "bundled-4k", "--dry-run", "--run.out_dir", str(tmp_path / "r"))
     assert res.returncode == 0 and "28672 embedding/head rows" in res.stderr, res.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_dry_run_refuses_an_attention_backend_that_cannot_train_here(tmp_path):
+    """On a CPU, --dry-run printed the plan for flex and flash, which the run then refused after its setup; and
+    flash's line suggested flex, which cannot train on a CPU either."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine trains with both")
+    for backend, line in [
+        ("flex", "model.attention=flex has no backward on CPU in this PyTorch; train on CPU with "
+                 "model.attention=sdpa (same document mask), or use flex on a GPU"),
+        ("flash", "model.attention=flash runs on CUDA only (flash-attn 2), not on cpu; use model.attention=sdpa "
+                  "here (flex too on a GPU)")]:
+        for extra in (["--dry-run"], ["--train.max_steps", "1"]):
+            res = run("train", "tiny", "--model.attention", backend, "--run.out_dir", str(tmp_path / "run"), *extra)
+            assert res.returncode == 2 and res.stderr.strip().splitlines() == [f"kiln: error: {line}"], res.stderr
+    assert not (tmp_path / "run").exists()

@@ -46,6 +46,10 @@ def test_overrides_are_typed_and_nested():
     (["--posttrain.temperature", "inf"], r"posttrain.temperature: must be a finite number, got inf"),
     (["--posttrain.kl_coef", "nan"], r"posttrain.kl_coef: must be a finite number, got nan"),  # passed ">= 0"
     (["--train.grad_clip", "-1"], r"train.grad_clip: must be >= 0, got -1"),
+    (["--model.rope_theta", "0"], r"model.rope_theta: must be positive, got 0"),  # RoPE's tables were nan
+    (["--model.norm_eps", "-1e-5"], r"model.norm_eps: must be positive, got -1e-05"),
+    (["--train.keep_best", "-1"], r"train.keep_best: must be >= 0, got -1"),  # silently 0
+    (["--run.cost_per_hour", "-2"], r"run.cost_per_hour: must be >= 0, got -2"),  # silently no cost
     (["stray"], r"unexpected argument 'stray'"),
 ])
 def test_bad_overrides_fail_with_the_dotted_key(overrides, match):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from conftest import run_kiln
 from kiln.config import load_config
 from kiln.errors import ConfigError
-from kiln.estimate import estimate_memory, layer_activation_terms
+from kiln.estimate import default_device, estimate_memory, layer_activation_terms
 from kiln.model import build_model
 from kiln.parallel.compile_ac import apply_activation_checkpointing
 from kiln.parallel.mesh import check_layout
@@ -246,3 +247,15 @@ def test_a_layout_training_refuses_is_refused_with_trainings_line(flag, value):
         check_layout(cfg.parallel, cfg.model, world_size=int(value))
     assert res.returncode == 2 and res.stdout == "", res.stdout[-2000:]
     assert res.stderr.splitlines() == [f"kiln: error: {training.value}"], res.stderr[-2000:]
+
+
+def test_the_cli_estimates_for_this_machine_unless_told():
+    """`kiln estimate tiny` on a machine without a GPU said "bf16 autocast on cuda" and 2.5x the peak that
+    `kiln bench` measures here; it now estimates where the run would train, as doctor and bench measure."""
+    here = default_device(load_config("tiny", []))
+    for flags, device in (([], here), (["--device", "cuda"], "cuda"), (["--device", "cpu"], "cpu")):
+        res = run_kiln("estimate", "tiny", *flags, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        last = json.loads(res.stdout.strip().splitlines()[-1])
+        assert last["device"] == device
+        assert last["total"] == estimate_memory(load_config("tiny", []), device=device).total

@@ -194,6 +194,28 @@ def test_damaged_weights_are_one_line_and_write_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_weights_that_do_not_fit_config_json_are_named_by_their_hf_names(tmp_path):
+    """A tensor whose shape config.json's sizes do not give was a load_state_dict traceback (exit 1); a missing
+    one was named by kiln's key with advice on kiln keys an importing user never sets."""
+    from safetensors.torch import load_file, save_file
+
+    _, src = hf_folder(tmp_path, "llama")
+    weights, out = src / "model.safetensors", tmp_path / "run"
+    good = load_file(str(weights))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    shape = tuple(good[name].shape)
+    save_file({**good, name: good[name][: shape[0] // 2].clone()}, str(weights), metadata={"format": "pt"})
+    res = run_kiln("import", "--hf", str(src), "--out", str(out), capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"kiln: error: {src}: weight {name} has shape ({shape[0] // 2}, {shape[1]}), config.json's sizes give "
+        f"{shape}; the weights and config.json are of different models"], res.stderr[-2000:]
+    gone = "model.layers.1.mlp.down_proj.weight"
+    save_file({k: v for k, v in good.items() if k != gone}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ExportError, match=f"^{src}: no weight {gone} among the safetensors files"):
+        import_hf_folder(src, out)
+    assert not out.exists()
+
+
 def test_a_tokenizer_too_big_for_the_model_leaves_no_out_folder(tmp_path):
     """The tokenizer's size is known only once its files are copied into <out>/tokenizer: a refused import
     removes what it wrote, so --out is not left half made (and a folder the user had keeps its files)."""

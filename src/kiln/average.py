@@ -116,6 +116,10 @@ def average(paths: list[str], out: str | Path, *, ema: float = 0.0, last: int = 
     inside = next((p for p in (out, *out.parents) if (p / "meta.json").exists()), None)
     if inside is not None:  # a checkpoint's rotation or a --fresh run would take the average with it
         raise CheckpointError(f"{out}: lies inside the checkpoint {inside}; pass a new --out folder outside it")
+    try:  # before the averaging, which reads every checkpoint
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create the folder ({e.strerror or e}); pass a writable --out") from None
     for note in notes:  # once every refusal above has passed: an error stays one line
         print(note, file=sys.stderr)
     cfg = ckpt_io.read_config(ckpts[-1])

@@ -68,7 +68,8 @@ def _add_ckpt(p: argparse.ArgumentParser) -> None:
 def _generate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln generate", description="Generate text from a checkpoint.")
     _add_ckpt(p)
-    p.add_argument("--prompt", required=True, help="the text to continue; - reads it from standard input")
+    p.add_argument("--prompt", required=True, help="the text to continue; - reads it from standard input; '' "
+                   "samples from nothing (after an end of text)")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     p.add_argument("--top-k", type=int_at_least(0), default=0, help="0 disables it")
@@ -80,7 +81,10 @@ def _generate(argv: list[str]) -> int:
     if args.prompt == "-":
         args.prompt = sys.stdin.read()
         if not args.prompt:
-            raise KilnError("--prompt -: standard input was empty; pipe the prompt in, or pass --prompt TEXT")
+            raise KilnError("--prompt -: standard input was empty; pipe the prompt in, or pass --prompt TEXT "
+                            "(--prompt '' samples from nothing)")
+    if "" in args.stop:  # it was ignored: the whole output printed
+        raise KilnError("--stop '': an empty stop string matches nowhere; pass the text to stop at")
     from kiln.data.tokenizer import load_tokenizer
     from kiln.device import pick_device
     from kiln.generate import generate_text

@@ -668,6 +668,7 @@ def _check(where: str, checks: dict[str, tuple[float, str]]) -> None:
 def validate(cfg: Config, *, where: str) -> None:
     """Cross-field checks that a type system cannot express, section by section."""
     _validate_model(cfg.model, where=where)
+    _check(where, {"run.cost_per_hour": (cfg.run.cost_per_hour, ">= 0")})
     _validate_train(cfg.train, cfg.optim, cfg.model, where=where)
     _validate_optim(cfg.optim, where=where, parallel=cfg.parallel)
     _validate_data(cfg.data, where=where)
@@ -680,7 +681,8 @@ def _validate_model(m: ModelConfig, *, where: str) -> None:
                    "model.n_layers": (m.n_layers, "> 0"), "model.n_heads": (m.n_heads, "> 0"),
                    "model.n_kv_heads": (m.n_kv_heads, "> 0"), "model.ffn_dim": (m.ffn_dim, "> 0"),
                    "model.max_seq_len": (m.max_seq_len, "> 0"), "model.head_dim": (m.head_dim, ">= 0"),
-                   "model.nope_every": (m.nope_every, ">= 0")})
+                   "model.nope_every": (m.nope_every, ">= 0"), "model.rope_theta": (m.rope_theta, "> 0"),
+                   "model.norm_eps": (m.norm_eps, "> 0")})
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(
             f"{where}: model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
@@ -698,7 +700,7 @@ def _validate_train(t: TrainConfig, o: OptimConfig, m: ModelConfig, *, where: st
                    "train.global_batch_size": (t.global_batch_size, "> 0"), "train.log_every": (t.log_every, "> 0"),
                    "train.eval_every": (t.eval_every, "> 0"), "train.save_every": (t.save_every, "> 0"),
                    "train.total_tokens": (t.total_tokens, ">= 0"), "train.max_steps": (t.max_steps, ">= 0"),
-                   "optim.warmup_steps": (o.warmup_steps, ">= 0"), "train.keep_last": (t.keep_last, ">= 0"),
+                   "optim.warmup_steps": (o.warmup_steps, ">= 0"), "train.keep_last": (t.keep_last, ">= 0"), "train.keep_best": (t.keep_best, ">= 0"),
                    "train.stop_at_step": (t.stop_at_step, ">= 0"), "train.target_loss": (t.target_loss, ">= 0"),
                    "train.eval_tasks_limit": (t.eval_tasks_limit, "> 0"),
                    "train.save_every_minutes": (t.save_every_minutes, ">= 0"),

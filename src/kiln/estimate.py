@@ -161,6 +161,11 @@ def _optimizer_state_bytes(cfg: Config) -> tuple[int, int, str]:
     return n * pbytes, 4 * hidden + 8 * (n - hidden), "Muon: fp32 momentum for block matrices, fp32 AdamW rest"
 
 
+def default_device(cfg: Config) -> str:
+    """Where run.device would train on this machine."""
+    return "cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu"
+
+
 def estimate_memory(cfg: Config, *, device: str | None = None, ac: str | None = None,
                     micro_batch_size: int | None = None) -> MemoryEstimate:
     """Predicted peak bytes per device for training `cfg` (`ac` overrides train.activation_checkpointing).
@@ -168,8 +173,7 @@ def estimate_memory(cfg: Config, *, device: str | None = None, ac: str | None = 
     `device`: "cuda" or "cpu" (decides bf16 autocast under train.dtype=auto); default: where
     run.device would train here.
     """
-    if device is None:
-        device = "cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = device or default_device(cfg)
     t = cfg.train
     ac = ac or t.activation_checkpointing
     B = micro_batch_size or t.micro_batch_size
@@ -319,13 +323,15 @@ def main(argv: list[str]) -> int:
                                  "[--section.key VALUE ...]",
                                  description="Peak training memory per device, from the config (PRESET: a preset "
                                  "name or YAML path, default tiny).")
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                    help="the device to estimate for (default cuda: bf16 autocast under train.dtype=auto)")
+    ap.add_argument("--device", default=None, choices=["cuda", "cpu"],
+                    help="the device to estimate for (default: where run.device would train on this machine, as "
+                         "kiln doctor and kiln bench measure; cuda for a GPU run planned here)")
     preset, argv = split_preset(argv)
     args, overrides = ap.parse_known_args(argv)
     cfg = load_config(preset or "tiny", overrides)
     check_model_split(cfg.parallel, cfg.model)  # a layout training refuses has no memory to estimate
-    print(format_estimate(cfg, device=args.device))
-    e = estimate_memory(cfg, device=args.device)
-    print(json.dumps({"preset": cfg.run.name, "device": args.device, **e.as_dict()}))
+    device = args.device or default_device(cfg)
+    print(format_estimate(cfg, device=device))
+    e = estimate_memory(cfg, device=device)
+    print(json.dumps({"preset": cfg.run.name, "device": device, **e.as_dict()}))
     return 0

@@ -363,12 +363,30 @@ def _model_config_from_hf(config: Any) -> ModelConfig:
     )
 
 
+def _hf_name(key: str) -> str:
+    """The HF tensor name of a kiln state-dict key."""
+    if key in GLOBAL_MAP:
+        return GLOBAL_MAP[key]
+    _, i, rest = key.split(".", 2)
+    return f"model.layers.{i}.{LAYER_MAP[rest]}"
+
+
 def from_hf(hf_dir_or_model: str | Path | nn.Module) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """An HF Llama / Qwen3 / SmolLM3 folder or in-memory model -> (kiln ModelConfig, fp32 kiln state dict)."""
+    """An HF Llama / Qwen3 / SmolLM3 folder or in-memory model -> (kiln ModelConfig, fp32 kiln state dict).
+    A folder's refusals name it (its config.json, or the tensor that does not fit it)."""
     if isinstance(hf_dir_or_model, nn.Module):
-        config, hf_state = hf_dir_or_model.config, hf_dir_or_model.state_dict()
-    else:
-        config, hf_state = _read_hf_folder(Path(hf_dir_or_model))
+        return _from_hf(hf_dir_or_model.config, hf_dir_or_model.state_dict())
+    folder = Path(hf_dir_or_model)
+    config, hf_state = _read_hf_folder(folder)
+    try:
+        return _from_hf(config, hf_state)
+    except ExportError as e:
+        raise ExportError(f"{folder}: {e}") from None
+
+
+def _from_hf(config: Any, hf_state: dict[str, Tensor]) -> tuple[ModelConfig, dict[str, Tensor]]:
+    from kiln.model import Transformer
+
     cfg = _model_config_from_hf(config)
     inverse = {v: k for k, v in GLOBAL_MAP.items()}
     layer_inv = {v: k for k, v in LAYER_MAP.items()}
@@ -386,6 +404,16 @@ def from_hf(hf_dir_or_model: str | Path | nn.Module) -> tuple[ModelConfig, dict[
         else:
             raise ExportError(f"HF weight {name!r} has no kiln counterpart")
         state[key] = v.detach().to("cpu", torch.float32).contiguous()
+    with torch.device("meta"):  # the shapes config.json's sizes give, without allocating the model
+        shapes = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    missing = [k for k in _kiln_keys(cfg) if k not in state]
+    if missing:
+        raise ExportError(f"no weight {_hf_name(missing[0])}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
+                          else "") + " among the safetensors files; config.json's model needs it")
+    for key, v in state.items():
+        if key in shapes and tuple(v.shape) != shapes[key]:
+            raise ExportError(f"weight {_hf_name(key)} has shape {tuple(v.shape)}, config.json's sizes give "
+                              f"{shapes[key]}; the weights and config.json are of different models")
     _kiln_state(state, cfg)  # every key present, none extra
     return cfg, state
 

@@ -61,6 +61,9 @@ def find_run_dir(path: str | Path) -> Path:
     for cand in (p, p.parent, p.parent.parent):  # RUN, RUN/checkpoints, RUN/checkpoints/step_N
         if (cand / "metrics.jsonl").is_file():
             return cand
+    if (p / "checkpoints").is_dir() or (p / "meta.json").is_file():  # `kiln average` / `kiln import` write these
+        raise KilnError(f"{path}: a checkpoint without training metrics (kiln average and kiln import write such "
+                        f"folders); score it with kiln eval --checkpoint {path}")
     raise KilnError(f"{path}: no metrics.jsonl here; pass a run folder such as runs/tiny")
 
 

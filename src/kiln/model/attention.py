@@ -196,10 +196,22 @@ def _compiled_flex(device_type: str):
     return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
 
 
-def _flex(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
-    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+def check_training_backend(backend: str, device_type: str) -> None:
+    """A backend that cannot train on `device_type` is a ConfigError, said before a model is built (the run, and
+    --dry-run): flex has no CPU backward; flash-attn 2 is a CUDA package."""
+    if backend == "flex" and device_type == "cpu":
         raise ConfigError("model.attention=flex has no backward on CPU in this PyTorch; train on CPU with "
                           "model.attention=sdpa (same document mask), or use flex on a GPU")
+    if backend == "flash" and device_type != "cuda":
+        raise ConfigError(f"model.attention=flash runs on CUDA only (flash-attn 2), not on {device_type}; use "
+                          "model.attention=sdpa here (flex too on a GPU)")
+    if backend == "flash":
+        _flash_fns()
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
+    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        check_training_backend("flex", "cpu")
     q, k, v = _same_dtype(q, k, v)
     block = _flex_block_mask(mask, q.shape[0], q.shape[1], k.shape[1], q.device)
     fn = _compiled_flex(q.device.type)

@@ -27,6 +27,7 @@ from kiln.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from kiln.device import autocast_dtype
 from kiln.errors import ConfigError
 from kiln.model import Transformer
+from kiln.model.attention import check_training_backend
 from kiln.optim import build_optimizer, param_dtype
 from kiln.parallel import pipeline as pl
 from kiln.parallel.mesh import Layout
@@ -84,9 +85,7 @@ class Engine:
         self.model_cfg, self.optim_cfg, self.train_cfg = model, optim, train
         self.layout, self.objective, self.accum_steps = layout, objective, accum_steps
         self.pipe: pl.Pipeline | None = None
-        if model.attention == "flex" and layout.device.type == "cpu":  # before compile hides the error
-            raise ConfigError("model.attention=flex has no backward on CPU in this PyTorch; train on CPU with "
-                              "model.attention=sdpa (same document mask), or use flex on a GPU")
+        check_training_backend(model.attention, layout.device.type)  # before compile hides the error
 
         def prepare(module: nn.Module) -> nn.Module:  # meta -> parallelized, real, initialised
             return materialize(parallelize(_cast_params(module, optim), layout, train), layout, seed=seed)

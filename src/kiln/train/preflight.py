@@ -22,6 +22,7 @@ from kiln.data.stages import stage_starts
 from kiln.data.tokenizer import Tokenizer, load_tokenizer, portable_spec, tokenizer_digest
 from kiln.errors import CheckpointError, DataError, KilnError
 from kiln.estimate import estimate_memory
+from kiln.model.attention import check_training_backend
 from kiln.optim import describe_schedule
 from kiln.parallel.mesh import Layout
 from kiln.train.budget import BudgetTooShort, Costs, fit_steps
@@ -234,6 +235,7 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_tokenizer(tokenizer, cfg, where="config")
     check_prepared_sources(cfg.data, tokenizer)  # prepared with this tokenizer, as the run will check
+    check_training_backend(cfg.model.attention, layout.device.type)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
     print(f"\nrun folder       {run_folder_plan(cfg, fresh=fresh)}")
     ckpts = [] if fresh else list_checkpoints(Path(cfg.run.out_dir))
