@@ -252,7 +252,7 @@ def test_unsupported_tokenizer_is_refused(tmp_path):
 
     tk = tokenizers.Tokenizer(models.WordLevel({"a": 0, "</s>": 1}, unk_token="a"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    with pytest.raises(ExportError, match="WordLevel model, pre-tokenizer Whitespace.*has no llama.cpp equivalent"):
+    with pytest.raises(ExportError, match="WordLevel model, pre-tokenizer Whitespace.*has no llama.cpp equivalent .*; export this model with --format hf$"):
         gguf_vocab(Tokenizer(tk, name="words", eos_token="</s>", bos_token=None), n_vocab=2)
 
 

@@ -143,6 +143,15 @@ def test_bad_sources_raise_one_line_data_errors_naming_the_path(tmp_path):
         assert path in msg and hint in msg and "\n" not in msg, msg
     with pytest.raises(DataError, match="missing.jsonl: no such file"):
         loader([SourceConfig(path=str(tmp_path / "missing.jsonl"))])
+    glob = tmp_path / "g"  # one bad file of a glob: it named the glob and "(3 files)", not the file
+    glob.mkdir()
+    for name in ("a", "c"):
+        write_jsonl(glob / f"{name}.jsonl", [1000])
+    (glob / "b.jsonl").write_text('{"text": "a"}\n{"text": oops}\n')
+    with pytest.raises(DataError) as e:
+        load_documents(SourceConfig(path=str(glob / "*.jsonl")))
+    assert str(e.value) == (f"{glob / '*.jsonl'}: cannot read as json: {glob / 'b.jsonl'} line 2: Expecting value: "
+                            "line 1 column 10 (char 9)")
 
 
 # ---- loader ----------------------------------------------------------------------------------

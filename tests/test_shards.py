@@ -123,6 +123,13 @@ def test_interrupted_prepare_resumes_to_byte_identical_shards(data, tmp_path, mo
     assert not (out / "manifest.json").exists()
     with pytest.raises(DataError, match="did not finish here; run the same command again"):
         ShardSet(out)
+    # verify and a training run said it was a folder of unreadable json, and "no manifest.json here"
+    unfinished = f"kiln: error: {out}: `kiln data prepare` did not finish here; run the same command again to resume"
+    assert cli(["data", "verify", str(out), "--batches", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[0] == unfinished
+    assert cli(["train", "tiny", "--data.format", "shards", "--data.train", str(out), "--data.tokenizer", data["tok"],
+                "--run.out_dir", str(tmp_path / "run"), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [unfinished]
     (out / "shard-00001.json").unlink()  # killed after the tokens were renamed, before the record
     args = ["data", "prepare", "--source", json.dumps({"path": data["sources"][0].path, "name": "web"}),
             "--source", json.dumps({"path": data["sources"][1].path, "name": "code"}), "--out", str(out),
@@ -366,6 +373,16 @@ def test_prepare_refuses_what_it_would_ignore_and_checks_json_sources(data, tmp_
         assert hint in err and err.count("\n") == 1, err
     assert "prepare one folder per source and weight them in data.train" in cli_err(
         ["data", "prepare", "--config", "mix-smollm", "--out", str(tmp_path / "o")], capsys)
+    # --text-column on a .txt source was ignored; a column not there named the config key, not this flag
+    txt = tmp_path / "a.txt"
+    txt.write_text("one\ntwo\n")
+    assert cli_err(["data", "prepare", "--source", str(txt), "--text-column", "body", "--out", str(tmp_path / "o"),
+                    "--tokenizer", data["tok"]], capsys).strip() == (
+        f"kiln: error: --text-column applies to jsonl, json and parquet sources; {txt} is plain text: drop it")
+    err = cli_err(["data", "prepare", "--source", path, "--text-column", "body", "--out", str(tmp_path / "o"),
+                   "--tokenizer", data["tok"]], capsys).strip()
+    assert err.count("\n") == 0 and err.endswith("no column 'body' (columns: text, id); pass --text-column NAME (or "
+                                                 "text_column in a --source JSON object)"), err
     assert not (tmp_path / "o").exists()
 
 
@@ -406,6 +423,27 @@ def test_a_cut_or_missing_index_file_is_one_line_naming_it(data, tmp_path, capsy
     assert capsys.readouterr().err.strip() == f"kiln: error: {idx}: shard file missing; prepare the folder again"
 
 
+def test_a_shard_overwritten_with_ids_beyond_the_vocabulary_is_one_line_naming_it(data, tmp_path, capsys):
+    """Token ids past the vocabulary (a shard overwritten in place: its size, so the manifest's byte counts, kept)
+    were an IndexError traceback from the embedding; the refused run leaves no run folder."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(data["out"], bad)
+    for shard in sorted(bad.glob("shard-*.bin")):
+        a = np.memmap(shard, dtype=np.uint16, mode="r+")
+        a[::5] = 40000  # 32768 ids
+        a.flush()
+        del a
+    assert cli(["train", "tiny", "--data.shards", str(bad), "--data.tokenizer", data["tok"], "--run.out_dir",
+                str(tmp_path / "run"), "--model.vocab_size", "32768", "--train.max_steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"kiln: error: {bad}/shard-") and err[0].endswith(
+        f": token id 40000 >= the vocabulary's 32768; the shard is damaged: `kiln data verify {bad}` checks every "
+        "shard, or prepare the folder again"), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_dry_run_checks_prepared_folders_as_the_run_does(data, tmp_path):
     """`--dry-run` passed a data.shards folder that does not exist, one prepared with another tokenizer and a
     text file listed under data.format=shards; the run then refused each. Now the dry run does, in one line."""
@@ -417,7 +455,8 @@ def test_dry_run_checks_prepared_folders_as_the_run_does(data, tmp_path):
                                                         f"`kiln data prepare --source ... --out {tmp_path / 'nothere'}`"),
         (["--data.shards", str(data["out"])], f"{data['out']}: prepared with tokenizer '{data['tok']}' (digest "),
         (["--data.format", "shards", "--data.train", json.dumps([{"path": str(data["out"])}, {"path": text}])],
-         f"{text}: data.format=shards needs folders written by `kiln data prepare` (no manifest.json here)"),
+         f"{text}: data.format=shards needs folders written by `kiln data prepare` (no manifest.json here); run "
+         f"`kiln data prepare --source {text} --out DIR` and pass DIR or set data.format=text"),
     ]
     for args, line in cases:
         res = run_kiln("train", "tiny", *args, "--run.out_dir", str(tmp_path / "run"), "--dry-run",

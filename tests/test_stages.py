@@ -130,7 +130,7 @@ def test_a_started_stage_may_not_change_and_a_future_one_may(tmp_path):
     assert res.returncode == 2, res.stdout
     assert res.stderr.strip().splitlines() == [
         "kiln: error: data.stages[0] (web) changed after the run started it; a started stage must stay as it was: "
-        "restore it (or start fresh), and change only stages the run has not reached"]
+        "restore it (or pass --fresh), and change only stages the run has not reached"]
     assert [p.name for p in ckpt_io.list_checkpoints(tmp_path / "run")][-1] == "step_6"  # nothing lost
     plain = base + ["--data.train", json.dumps([{"path": str(a)}])]
     res = run_kiln("train", "tiny", *plain, capture_output=True, text=True, timeout=300)

@@ -112,6 +112,7 @@ def test_bad_input_is_one_line_and_writes_nothing(corpus, tmp_path):
          "cannot load it as an HF dataset"),
         (["--source", "bundled:nope", "--vocab-size", "512", "--out", out], "use bundled:train or bundled:val"),
         (["--source", str(corpus), "--vocab-size", "300", "--out", out], "too small; the 5 control and 256 byte tokens take 261 ids"),
+        (["--source", str(corpus), "--vocab-size", "100000000", "--out", out], "--vocab-size 100000000: too large; "),
         (["--source", str(corpus), "--vocab-size", "512", "--out", str(tmp_path / "afile" / "tok")],
          "is a file, not a folder"),
         (["--source", str(corpus), "--vocab-size", "512", "--out", str(tmp_path / "notes")],
@@ -174,6 +175,31 @@ def test_an_existing_tokenizer_is_never_replaced(tmp_path):
                         "its digest); pass another --out, or remove that folder yourself to retrain in its place")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.txt", "tok"]  # no temp folder left
+
+
+def test_a_trained_tokenizer_missing_its_tokenizer_json_is_not_called_a_cache(tmp_path, capsys):
+    """A `kiln tokenizer train` folder whose tokenizer.json is gone or cut was told "delete that folder to rebuild
+    it", advice for kiln's cache that would lose the user's own tokenizer."""
+    from kiln.cli import main
+
+    text, tok = tmp_path / "tiny.txt", tmp_path / "tok"
+    text.write_text("the cat sat on the mat. " * 50)
+    train_tokenizer([SourceConfig(path=str(text))], tok, vocab_size=512, quiet=True)
+    json_file = tok / "tokenizer.json"
+    json_file.write_text(json_file.read_text()[:500])
+    assert main(["tokenizer", "stats", "--tokenizer", str(tok), "--source", str(text)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"kiln: error: tokenizer '{tok}': {tok}: unreadable (") and err[0].endswith(
+        "; restore the folder, or train it again with `kiln tokenizer train`"), err
+    json_file.unlink()
+    assert main(["tokenizer", "stats", "--tokenizer", str(tok), "--source", str(text)]) == 2
+    assert capsys.readouterr().err.strip() == (f"kiln: error: tokenizer '{tok}': {json_file}: missing; restore the "
+                                               "folder, or train it again with `kiln tokenizer train`")
+    fake = tmp_path / "fake.json"  # JSON, not a tokenizer: the reader's "expected ','" read as a syntax error
+    fake.write_text('{"a": 1}')
+    assert main(["tokenizer", "stats", "--tokenizer", str(fake), "--source", str(text)]) == 2
+    assert f"cannot load {fake}: valid JSON but not a tokenizer.json as HF tokenizers writes it (" in \
+        capsys.readouterr().err
 
 
 def test_several_sources_and_a_stream_train_the_same_tokenizer(corpus, tmp_path):

@@ -63,4 +63,4 @@ def test_dry_run_refuses_a_text_position_saved_on_another_data_parallel_size(tmp
     assert dry.returncode == 2 and dry.stderr.strip().splitlines() == [
         "kiln: error: the data position was saved with 2 data-parallel ranks and this run has 1; this data source "
         "resumes only on the same data-parallel size (pre-tokenized shards, data.format=shards, reshard freely); "
-        "resume with the same layout or start fresh"], dry.stderr[-2000:]
+        "resume with the same layout or pass --fresh"], dry.stderr[-2000:]

@@ -190,8 +190,8 @@ def gguf_vocab(tok: Tokenizer, *, n_vocab: int) -> GGUFVocab:
     odd = model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") or model.get("ignore_merges")
     if model.get("type") != "BPE" or odd or not (gpt2 or (prefix is not None and model.get("byte_fallback"))):
         kind = f"{model.get('type')} model, pre-tokenizer {(pre or {}).get('type')}, normalizer {(norm or {}).get('type')}"
-        raise ExportError(f"tokenizer '{tok.name}' ({kind}) has no llama.cpp equivalent; GGUF export writes "
-                          "SentencePiece-style BPE with byte fallback (Metaspace) or GPT-2 byte-level BPE")
+        raise ExportError(f"tokenizer '{tok.name}' ({kind}) has no llama.cpp equivalent (GGUF holds SentencePiece-"
+                          "style BPE with byte fallback, or GPT-2 byte-level BPE); export this model with --format hf")
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [UNUSED] * n_vocab
     for text, i in model["vocab"].items():

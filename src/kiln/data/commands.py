@@ -8,8 +8,8 @@ import sys
 
 from kiln.cliargs import int_at_least, parse_with_sources
 from kiln.config import Config, load_config
-from kiln.data.sources import source_arg
-from kiln.errors import KilnError
+from kiln.data.sources import check_text_column_flag, source_arg
+from kiln.errors import DataError, KilnError
 
 USAGE = """kiln data <command>
 
@@ -28,7 +28,7 @@ def _prepare(argv: list[str]) -> int:
                    "or a JSON object like '{\"path\": \"web/*.jsonl\", \"name\": \"web\"}'; repeat for several")
     p.add_argument("--config", help="take the sources (data.train) and tokenizer from this preset or YAML")
     p.add_argument("--out", required=True, help="output folder (new, or an interrupted prepare to resume)")
-    p.add_argument("--tokenizer", default=None, help="mistral-v3 (default), mistral-v1, or a tokenizer folder/json")
+    p.add_argument("--tokenizer", default=None, help="mistral-v3 (default), mistral-v1, bundled-4k, or a tokenizer folder/json")
     p.add_argument("--workers", type=int_at_least(0), default=0, help="processes (0: one per CPU core)")
     p.add_argument("--shard-docs", type=int_at_least(1), default=65536, help="documents per shard")
     p.add_argument("--text-column", default="text")
@@ -40,14 +40,19 @@ def _prepare(argv: list[str]) -> int:
 
     sources = [source_arg(s, i, text_column=args.text_column, hf_config=args.hf_config, split=args.split)
                for i, s in enumerate(args.source)]
+    check_text_column_flag(args.text_column, [s for s in sources if s.text_column == args.text_column])
     tokenizer = args.tokenizer
     if args.config:
         cfg = load_config(args.config)
         sources = sources or list(cfg.data.train)
         tokenizer = tokenizer or cfg.data.tokenizer
-    m = prepare(sources, args.out, tokenizer=tokenizer or "mistral-v3", workers=args.workers,
-                shard_docs=args.shard_docs, quiet=args.quiet,
-                tokenizer_key="--tokenizer" if args.tokenizer else "data.tokenizer")
+    try:
+        m = prepare(sources, args.out, tokenizer=tokenizer or "mistral-v3", workers=args.workers,
+                    shard_docs=args.shard_docs, quiet=args.quiet,
+                    tokenizer_key="--tokenizer" if args.tokenizer else "data.tokenizer")
+    except DataError as e:  # the source's key, as this command spells it
+        raise DataError(str(e).replace("; set text_column on the source", "; pass --text-column NAME (or "
+                                       "text_column in a --source JSON object)")) from None
     print(json.dumps({"out": args.out, "tokens": m["tokens"], "documents": m["documents"], "shards": len(m["shards"]),
                       "dtype": m["dtype"]}))
     return 0

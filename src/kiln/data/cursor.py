@@ -75,7 +75,7 @@ class EpochCursor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("cursor_version") != self.VERSION and self.world_size > 1:
             raise DataError("this post-training data position was saved by an earlier kiln, whose ranks each "
-                            "walked their own share of every epoch; resume it in one process, or start fresh")
+                            "walked their own share of every epoch; resume it in one process, or pass --fresh")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 
     def load_resharded_state(self, states: list[dict[str, Any]]) -> None:
@@ -84,7 +84,7 @@ class EpochCursor:
         0's next position is where the next global batch starts."""
         if any(s.get("cursor_version") != self.VERSION for s in states):
             raise DataError("this post-training data position was saved by an earlier kiln and cannot move to "
-                            "another number of data-parallel ranks; resume with the same layout or start fresh")
+                            "another number of data-parallel ranks; resume with the same layout or pass --fresh")
         self.epoch, self.cursor = self._advance(int(states[0]["epoch"]), int(states[0]["cursor"]), self.rank)
 
 

@@ -22,7 +22,7 @@ from kiln.config import DataConfig, SourceConfig
 from kiln.data.diversity import BATCHES, Diversity, shard_diversity, text_diversity
 from kiln.data.loader import PackedLoader, validation_batches
 from kiln.data.packing import Batch
-from kiln.data.shards import ShardLoader, check_manifest_tokenizer, read_manifest, shard_validation_sets
+from kiln.data.shards import PLAN, ShardLoader, check_manifest_tokenizer, read_manifest, shard_validation_sets
 from kiln.data.sources import is_prepared, source_name
 from kiln.data.stages import StagedLoader
 from kiln.data.tokenizer import Tokenizer
@@ -61,10 +61,12 @@ def check_prepared_sources(d: DataConfig, tokenizer: Tokenizer | None = None) ->
             raise DataError(f"{s.path}: data.format=shards needs folders written by `kiln data prepare`, and "
                             f"data.train is the bundled corpus; run `kiln data prepare --source {s.path} --out "
                             "DIR` and train with --data.shards DIR (or set data.format=text)")
-        if Path(s.path).expanduser().exists() and not is_prepared(s.path):
+        path = Path(s.path).expanduser()
+        if path.exists() and not is_prepared(s.path) and not (path / PLAN).is_file():  # PLAN: unfinished, said below
+            prepare = (f"--source {s.path} --out DIR` and pass DIR" if path.is_file() else
+                       f"--source ... --out {s.path}`")
             raise DataError(f"{s.path}: data.format=shards needs folders written by `kiln data prepare` "
-                            f"(no manifest.json here); run `kiln data prepare --source ... --out {s.path}` "
-                            "or set data.format=text")
+                            f"(no manifest.json here); run `kiln data prepare {prepare} or set data.format=text")
         manifest = read_manifest(s.path)  # a missing folder, an unfinished prepare, another format
         if tokenizer is not None:
             check_manifest_tokenizer(s.path, manifest, tokenizer)

@@ -224,28 +224,28 @@ class PackedLoader(PooledLoader):
             state = state[self.rank] if len(state) == self.world_size else state[0]
         if state.get("kind") == "shards":
             raise DataError("the checkpoint's data position is for pre-tokenized shards (data.format=shards); "
-                            "this run reads text sources: use the same data.format, or start fresh")
+                            "this run reads text sources: use the same data.format, or pass --fresh")
         if state.get("version") != STATE_VERSION:
-            raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}; start fresh")
+            raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}; pass --fresh")
         saved = (state["world_size"], state["num_workers"])
         if saved != (self.world_size, self.num_workers):
             raise DataError(
                 f"data position was saved with {saved[0]} data-parallel ranks x data.num_workers={saved[1]}, this "
                 f"run has {self.world_size} x {self.num_workers}; text sources resume exactly only on the same "
                 "layout: use the same sizes, pre-tokenize with `kiln data prepare` (shards resume on any), or "
-                "start fresh")
+                "pass --fresh")
         if state["rank"] != self.rank:
             raise DataError(f"data position of rank {state['rank']} loaded on rank {self.rank}")
         if state["tokenizer"] != self.layout["tokenizer"]:
             raise DataError(f"data position was saved with another tokenizer (digest {state['tokenizer'][:12]}), this "
                             f"run's data.tokenizer '{self.tokenizer_name}' has digest {self.layout['tokenizer'][:12]}; "
-                            "resume with the same data.tokenizer, or start fresh")
+                            "resume with the same data.tokenizer, or pass --fresh")
         for key, now in {"seed": self.seed, "shuffle": self.shuffle, "seq_len": self.seq_len, **self.layout}.items():
             old = state.get(key, 0 if key == "row_shuffle" else None)  # states before the row shuffle: none
             if old != now:
                 name = {"seed": "run.seed", "seq_len": "train.seq_len"}.get(key, f"data.{key}")
                 raise DataError(f"data position was saved with {name}={old!r}, this run has {now!r}; "
-                                "resume with the same value, or start fresh")
+                                "resume with the same value, or pass --fresh")
         saved_src = state["sources"]
         if [absolute_if_local(s["path"]) for s in saved_src] != [absolute_if_local(d.cfg.path) for d in self.sources]:
             raise DataError(f"data sources changed under a resume: saved {[s['path'] for s in saved_src]}, "
@@ -257,7 +257,7 @@ class PackedLoader(PooledLoader):
                         f"{now['documents']} documents" if old["documents"] is not None else
                         f"{len(old['files'])} files; now {len(now['files'])}, or their sizes or times changed")
                 raise DataError(f"{src.cfg.path}: data changed under a resume (was {what}); restore the data or "
-                                "start fresh")
+                                "pass --fresh")
         self.close()
         self._consumed = int(state["consumed"])
         if self.num_workers == 0:

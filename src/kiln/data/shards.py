@@ -165,6 +165,10 @@ class ShardSet:
             a, b = max(start - base, 0), min(start + n - base, int(self.bounds[k + 1]) - base)
             if b > a:
                 parts.append(self.tokens(k)[a:b])
+                if (top := int(parts[-1].max())) >= self.vocab_size:  # an overwritten shard: an embedding IndexError
+                    raise DataError(f"{self.path / self.records[k]['file']}: token id {top} >= the vocabulary's "
+                                    f"{self.vocab_size}; the shard is damaged: `kiln data verify {self.path}` checks "
+                                    "every shard, or prepare the folder again")
         return np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
 
     def doc_starts(self, lo: int, hi: int) -> np.ndarray:
@@ -381,7 +385,7 @@ class ShardLoader(PooledLoader):
         cursors = {int(s["cursor"]) for s in states if s is not None}
         if len(cursors) > 1:
             raise DataError(f"the saved data positions of the ranks differ ({sorted(cursors)}); the checkpoint was "
-                            "not written at a step boundary; resume from another checkpoint or start fresh")
+                            "not written at a step boundary; resume from another checkpoint or pass --fresh")
         self.load_state_dict(next(s for s in states if s is not None))
 
     def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
@@ -390,18 +394,18 @@ class ShardLoader(PooledLoader):
             state = state[0]
         if state.get("kind") != "shards":
             raise DataError("the checkpoint's data position is for text sources; this run reads prepared shards "
-                            "(data.format=shards): use the same data.format, or start fresh")
+                            "(data.format=shards): use the same data.format, or pass --fresh")
         if state.get("version") != STATE_VERSION:
-            raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}; start fresh")
+            raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}; pass --fresh")
         for key, now in {"seed": self.seed, "shuffle": self.shuffle, "seq_len": self.seq_len}.items():
             if state[key] != now:
                 raise DataError(f"data position was saved with {key}={state[key]!r}, this run has {now!r}; "
-                                "resume with the same value, or start fresh")
+                                "resume with the same value, or pass --fresh")
         saved = [s["digest"] for s in state["sources"]]
         if saved != [s.identity()["digest"] for s in self.sets]:  # content, so a moved folder still resumes
             raise DataError(f"prepared data changed under a resume: saved {[s['path'] for s in state['sources']]} "
                             f"(digests {saved}), now {[str(s.path) for s in self.sets]}; use the same data, or "
-                            "start fresh")
+                            "pass --fresh")
         self.close()
         self.cursor, self.counts = int(state["cursor"]), np.asarray(state["counts"], dtype=np.int64)
 

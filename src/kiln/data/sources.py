@@ -50,6 +50,15 @@ def file_format(path: Path) -> str | None:
     return FORMATS.get(suffixes[-1]) if suffixes else None
 
 
+def check_text_column_flag(column: str, sources: list[SourceConfig]) -> None:
+    """A command's --text-column NAME on a plain-text source (one document per line or file: no columns) would
+    be silently ignored: one line instead."""
+    for src in sources:
+        if column != "text" and file_format(Path(src.path)) == "text":
+            raise DataError(f"--text-column applies to jsonl, json and parquet sources; {src.path} is plain text: "
+                            "drop it")
+
+
 def _looks_local(path: str) -> bool:
     """A path the user meant as a file, not an HF dataset name."""
     p = Path(path).expanduser()
@@ -202,7 +211,10 @@ def is_prepared(path: str) -> bool:
 
 
 def _not_prepared(src: SourceConfig) -> None:
-    """A prepared folder holds .json files too: read as text, it would fail on a missing 'text' column."""
+    """A prepared folder holds .json files too: read as text, it would fail on a missing 'text' column (or,
+    half prepared, on its .bin shards)."""
+    if (Path(src.path).expanduser() / "plan.json").is_file() and not is_prepared(src.path):  # shards.PLAN
+        raise DataError(f"{src.path}: `kiln data prepare` did not finish here; run the same command again to resume")
     if is_prepared(src.path):
         raise DataError(f"{src.path}: a folder written by `kiln data prepare` (pre-tokenized shards), not text; "
                         f"train from it with --data.shards {src.path} (or data.format=shards), or point at the text "
@@ -361,8 +373,31 @@ def _read_error(e: Exception, files: list[Path], fmt: str | None, where: str) ->
             if offset is not None:
                 return DataError(f"{f}: not valid UTF-8 (first bad byte at offset {offset}); re-encode it as UTF-8")
     root = next((c for c in chain if not type(c).__module__.startswith("datasets")), chain[-1])
+    if fmt == "json" and len(files) > 1 and (bad := _first_bad_json_line(files)) is not None:
+        return DataError(f"{where}: cannot read as json: {bad}")
     name = str(files[0]) if len(files) == 1 else f"{where} ({len(files)} files)"
     return DataError(f"{name}: cannot read as {fmt} ({type(root).__name__}: {first_line(root)})")
+
+
+def _first_bad_json_line(files: list[Path]) -> str | None:
+    """"FILE line N is not a JSON object" for the first JSON-lines file of a glob that pyarrow failed on (it names
+    no file), or None. Read only when reading has failed."""
+    import gzip
+
+    for f in files:
+        if ".jsonl" not in [x.lower() for x in f.suffixes] or f.suffix.lower() not in (".jsonl", ".gz"):
+            continue
+        n = 0
+        try:
+            with (gzip.open(f, "rt") if f.suffix.lower() == ".gz" else open(f)) as fh:
+                for n, line in enumerate(fh, 1):
+                    if line.strip() and not isinstance(json.loads(line), dict):
+                        return f"{f} line {n} is not a JSON object"
+        except ValueError as e:  # json's own errors, bad UTF-8, a gzip file that is not one
+            return f"{f}{f' line {n}' if isinstance(e, json.JSONDecodeError) else ''}: {first_line(e)}"
+        except OSError:
+            continue
+    return None
 
 
 def _first_bad_utf8(path: Path, chunk: int = 1 << 20) -> int | None:

@@ -127,13 +127,13 @@ class StagedLoader:
     def _restore(self, state: dict[str, Any], enter: Callable[[Any], None]) -> None:
         if state.get("kind") != "stages":
             raise DataError("the checkpoint's data position is for data.train, and this run has data.stages; "
-                            "resume without data.stages, or start fresh")
+                            "resume without data.stages, or pass --fresh")
         saved, now = state["specs"], [to_dict(s) for s in self.stages]
         current = int(state["stage"])
         for i in range(min(current + 1, len(saved))):
             if i >= len(now) or saved[i] != now[i]:
                 raise DataError(f"data.stages[{i}] ({saved[i].get('name') or i}) changed after the run started it; a "
-                                "started stage must stay as it was: restore it (or start fresh), and change only "
+                                "started stage must stay as it was: restore it (or pass --fresh), and change only "
                                 "stages the run has not reached")
         self.changed_future = [i for i in range(current + 1, max(len(saved), len(now)))
                                if i >= len(saved) or i >= len(now) or saved[i] != now[i]]

@@ -224,8 +224,11 @@ def _from_folder(folder: Path, *, name: str) -> Tokenizer:
         cfg = json.loads((folder / "tokenizer_config.json").read_text())
         tk = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
     except Exception as e:
-        raise DataError(f"tokenizer '{name}': cannot load {folder} ({first_line(e)}); "
-                        "delete that folder to rebuild it") from None
+        cached = cache_root().resolve() in folder.resolve().parents  # a conversion kiln rebuilds; else the user's
+        what = next((f for f in ("tokenizer_config.json", "tokenizer.json") if not (folder / f).is_file()), None)
+        what = f"{folder / what}: missing" if what else f"{folder}: unreadable ({first_line(e)})"
+        raise DataError(f"tokenizer '{name}': {what}; " + ("delete that folder to rebuild it" if cached else
+                        "restore the folder, or train it again with `kiln tokenizer train`")) from None
     return Tokenizer(tk, name=name, eos_token=cfg["eos_token"], bos_token=cfg.get("bos_token"),
                      unk_token=cfg.get("unk_token"))
 
@@ -234,7 +237,12 @@ def _from_json_file(path: Path, *, name: str) -> Tokenizer:
     try:
         tk = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:
-        raise DataError(f"tokenizer '{name}': cannot load {path} ({first_line(e)})") from None
+        try:  # JSON, but not a tokenizer's: the reader's "expected ','" reads as a syntax error
+            json.loads(path.read_text())
+            what = "valid JSON but not a tokenizer.json as HF tokenizers writes it"
+        except (OSError, ValueError):
+            what = "not a tokenizer.json"
+        raise DataError(f"tokenizer '{name}': cannot load {path}: {what} ({first_line(e)})") from None
     cfg: dict[str, Any] = {}
     if (path.parent / "tokenizer_config.json").is_file():
         try:

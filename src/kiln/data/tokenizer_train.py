@@ -61,6 +61,7 @@ CONTROL_TOKENS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]")
 BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
 FIXED = len(CONTROL_TOKENS) + len(BYTE_TOKENS)  # 261 ids every trained tokenizer has
 MIN_VOCAB = 512  # FIXED, an alphabet (printable ASCII and more: up to half the rest) and some merges
+MAX_VOCAB = 1 << 20  # 4x Gemma 3's 262,144; 10^8 ran out of 23 GiB of memory after ten minutes, saying nothing
 SPACE = "\u2581"  # SentencePiece's meta symbol for a space
 # BPE words: a run of spaces before a word (all but the word's own space); letters (with combining
 # marks); one digit; punctuation; then leftover spaces, other whitespace. Each may start with one space.
@@ -100,6 +101,9 @@ def check_vocab_size(vocab_size: int, *, multiple_of: int) -> int:
         raise DataError(f"--vocab-size {vocab_size}: too small; the {len(CONTROL_TOKENS)} control and "
                         f"{len(BYTE_TOKENS)} byte tokens take {FIXED} ids, the alphabet and merges need the rest: "
                         f"use {MIN_VOCAB} or more")
+    if rounded(vocab_size, multiple_of) > MAX_VOCAB:
+        raise DataError(f"--vocab-size {vocab_size}: too large; the trainer's memory grows with it, and no corpus "
+                        f"kiln trains on fills more than {MAX_VOCAB:,} ids: use {MAX_VOCAB:,} or fewer")
     return rounded(vocab_size, multiple_of)
 
 
@@ -336,7 +340,7 @@ def _train(argv: list[str]) -> int:
 def _stats(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln tokenizer stats", description="Bytes per token of tokenizers on text.")
     p.add_argument("--tokenizer", action="append", default=[], required=True,
-                   help="mistral-v3, mistral-v1, or a tokenizer folder/json; repeat to compare")
+                   help="mistral-v3, mistral-v1, bundled-4k, or a tokenizer folder/json; repeat to compare")
     _add_sources(p)
     args = parse_with_sources(p, argv)
     sources = [source_arg(s, i) for i, s in enumerate(args.source)]

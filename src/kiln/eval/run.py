@@ -9,7 +9,7 @@ from typing import Any
 
 from kiln.config import SourceConfig
 from kiln.data.loader import validation_batches
-from kiln.data.sources import file_format, is_hub_source
+from kiln.data.sources import check_text_column_flag, is_hub_source
 from kiln.data.tokenizer import load_tokenizer
 from kiln.device import autocast_for
 from kiln.errors import DataError
@@ -48,8 +48,7 @@ def evaluate_source(checkpoint: str, data: str, *, text_column: str = "text", ma
     src = SourceConfig(path=data, name=Path(data).stem or data, text_column=text_column, split=split or "train")
     if split and not is_hub_source(src):  # a local file or the bundled corpus has one split
         raise DataError(f"--split applies to an HF dataset name; {data} is a local source with no splits: drop it")
-    if text_column != "text" and file_format(Path(data)) == "text":  # one document per line or file, no columns
-        raise DataError(f"--text-column applies to jsonl, json and parquet sources; {data} is plain text: drop it")
+    check_text_column_flag(text_column, [src])
     if (Path(data) / "metrics.jsonl").is_file() or (Path(data) / "checkpoints").is_dir():  # read as JSON data
         raise DataError(f"--data {data}: a kiln run folder, not text to score; pass a text, jsonl or parquet source "
                         f"(or --checkpoint {data} to evaluate that run)")

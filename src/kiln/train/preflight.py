@@ -185,7 +185,7 @@ def reshard_error(saved_dp: int, dp: int) -> DataError:
     """A text data position saved on `saved_dp` data-parallel ranks, resumed on `dp`: what the run says."""
     return DataError(f"the data position was saved with {saved_dp} data-parallel ranks and this run has {dp}; this "
                      "data source resumes only on the same data-parallel size (pre-tokenized shards, "
-                     "data.format=shards, reshard freely); resume with the same layout or start fresh")
+                     "data.format=shards, reshard freely); resume with the same layout or pass --fresh")
 
 
 def check_data_layout(ckpt: Path, cfg: Config, layout: Layout) -> None:

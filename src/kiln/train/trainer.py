@@ -679,7 +679,7 @@ def _restore_rank_state(ranks: list[dict[str, Any]], layout: Layout, loader: Bat
     if not isinstance(loader, StagedLoader) and any(isinstance(s, dict) and s.get("kind") == "stages"
                                                      for s in saved.values()):
         raise DataError("the checkpoint's data position is for data.stages, and this run has none; resume with "
-                        "the same data.stages, or start fresh")
+                        "the same data.stages, or pass --fresh")
     old_dp = ranks[0].get("dp_size", 1) if ranks else 1
     if old_dp == layout.dp_size:
         loader.load_state_dict(saved[layout.dp_rank])
