@@ -284,7 +284,7 @@ def test_time_budget_plans_replans_and_a_resumed_run_follows_the_plan(tmp_path):
     assert replan_at > 9, planned
     second = run_cli("train", "tiny", *[x for x in over if x not in ("--train.stop_at_step", "9")])
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "fixed at the start of the run" in second.stdout
+    assert f"(planned after step {common['planned_at']} of the run, from its timed steps)" in second.stdout
     common = torch.load(ckpt_io.list_checkpoints(tmp_path / "run")[-1] / "state" / "common.pt", weights_only=False)
     final, steps = common["planned_steps"], sorted(train_records(tmp_path / "run"))
     # the run follows its plan; on a loaded machine it may run 10% over the budget and stop early, saying so

@@ -63,6 +63,9 @@ def test_eval_mc_scores_the_bundled_heldout_next_task_as_training_does(ckpt, kil
     assert out["n"] == 12 and out["data"] == "heldout-next"
     assert out["acc"] == pytest.approx(want["eval/heldout-next/acc"])
     assert out["acc_norm"] == pytest.approx(want["eval/heldout-next/acc_norm"])
+    # without --limit: the items the run scored (train.eval_tasks_limit), not all 1730 (compared with none)
+    res = kiln_eval(ckpt, "--task", "mc", "--data", "heldout-next")
+    assert res.returncode == 0 and json.loads(res.stdout.strip().splitlines()[-1])["n"] == cfg.train.eval_tasks_limit
 
 
 @pytest.mark.parametrize("task", [[], ["--task", "gsm8k"]])

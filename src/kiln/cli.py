@@ -40,7 +40,12 @@ commands:
 
 
 def _train(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="kiln train", description="Pretrain a model (resumes automatically).")
+    p = argparse.ArgumentParser(
+        prog="kiln train", description="Pretrain a model (resumes automatically).",
+        usage="kiln train [PRESET] [--section.key VALUE ...] [--fresh] [--quiet] [--dry-run]",
+        epilog="Any config key is an override: --section.key VALUE (e.g. --train.max_steps 200 --optim.lr 3e-4 "
+               "--train.time_budget 10m --run.out_dir runs/x); `kiln presets` lists the presets; every key "
+               "with its value is printed by `kiln train PRESET --dry-run`.")
     p.add_argument("preset", nargs="?", default="tiny", help="preset name or YAML path (default: tiny)")
     p.add_argument("--fresh", action="store_true", help="start over; an existing run folder is moved aside")
     from kiln.config import split_preset
@@ -126,7 +131,8 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--seq-len", type=int_at_least(1), default=None, help="loss: default the checkpoint's train.seq_len")
     p.add_argument("--task", default="loss", choices=["loss", "mc", "gsm8k"],
                    help="loss: loss/ppl/bpb; mc: multiple choice by log-likelihood; gsm8k: generate + answer match")
-    p.add_argument("--limit", type=int_at_least(0), default=None, help="mc / gsm8k: score the first N items (0: all)")
+    p.add_argument("--limit", type=int_at_least(0), default=None, help="mc / gsm8k: score the first N items (0: all; default all, and for "
+                   "heldout-next the checkpoint's train.eval_tasks_limit, as its run scored it)")
     p.add_argument("--split", default="", help="split when --data is an HF dataset name (loss: default train; "
                    "mc / gsm8k: default test)")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=None, help="gsm8k (default: 256)")
@@ -149,7 +155,7 @@ def _eval(argv: list[str]) -> int:
     if args.task != "loss":
         from kiln.eval.run import evaluate_task
 
-        result = evaluate_task(args.checkpoint, args.data, task=args.task, limit=args.limit or 0, split=args.split,
+        result = evaluate_task(args.checkpoint, args.data, task=args.task, limit=args.limit, split=args.split,
                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or 256,
                                chat=bool(args.chat), num_fewshot=args.num_fewshot or 0,
                                fewshot_data=args.fewshot_data or "", device=args.device)

@@ -86,23 +86,25 @@ def _records(data: str, split: str, limit: int, what: str = "--data") -> list[tu
     return recs[:limit] if limit > 0 else recs
 
 
-def evaluate_task(checkpoint: str, data: str, *, task: str, limit: int = 0, split: str = "", batch_size: int = 8,
+def evaluate_task(checkpoint: str, data: str, *, task: str, limit: int | None = None, split: str = "", batch_size: int = 8,
                   max_new_tokens: int = 256, chat: bool = False, num_fewshot: int = 0, fewshot_data: str = "",
                   device: str = "auto") -> dict[str, Any]:
     """`kiln eval --task mc|gsm8k`: a downstream benchmark on local jsonl (kiln.eval.tasks), under the
     checkpoint's autocast (train.dtype: bf16 on CUDA by default). `--task mc --data heldout-next` scores
     the bundled task of `train.eval_tasks` (kiln.eval.suite): its items drawn with the checkpoint's
-    run.seed and scored within train.seq_len, as the run's in-training eval does (its first `limit`, or all)."""
+    run.seed and scored within train.seq_len, as the run's in-training eval does: its first `limit` (None: the
+    run's train.eval_tasks_limit, the items its logged eval/<task>/acc scored; 0: all)."""
     from kiln.eval.suite import BUILTIN, load_tasks
 
     _not_a_task(data, task)
     model, cfg, ckpt = load_for_inference(checkpoint, device=device)
     tok = load_tokenizer(cfg.data.tokenizer)
     if data in BUILTIN:  # the numbers the run's eval/<task>/acc logged, for its checkpoints and any other
-        items = load_tasks([data], limit=limit or sys.maxsize, seed=cfg.run.seed)[data]
+        n = cfg.train.eval_tasks_limit if limit is None else limit or sys.maxsize
+        items = load_tasks([data], limit=n, seed=cfg.run.seed)[data]
         recs, max_len = [(data, item) for item in items], cfg.train.seq_len
     else:
-        recs, max_len = _records(data, split, limit), cfg.model.max_seq_len
+        recs, max_len = _records(data, split, limit or 0), cfg.model.max_seq_len
     with autocast_for(cfg.train.dtype, next(model.parameters()).device):  # the precision `kiln eval --task loss` uses
         res = _run_task(model, cfg, tok, recs, task=task, batch_size=batch_size, max_new_tokens=max_new_tokens,
                         chat=chat, num_fewshot=num_fewshot, fewshot_data=fewshot_data, max_len=max_len)

@@ -471,7 +471,9 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
         if not state.plan_final:  # killed before a re-plan: it comes at the same step
             budget.schedule_replan(state.planned_steps, after=state.planned_at)
         budget.resumed(elapsed=state.elapsed(), done=state.step, planned=state.planned_steps)
-        plan.budget_source = f"train.time_budget {t.time_budget} (fixed at the start of the run)"
+        plan.budget_source = f"train.time_budget {t.time_budget} (" + (
+            f"planned after step {state.planned_at} of the run, from its timed steps)" if state.planned_at else
+            "planned earlier in the run)")
     _announce(run, info, init_from)
     engine.train()
     return run
@@ -559,7 +561,7 @@ def finish(run: Run, stopped: str | None, *, complete: bool = False) -> dict[str
         if reached:
             tr = summary["target"]
             print(f"reached {tr['metric']} {tr['value']:.4f} (target {tr['target']:g}) at step {state.step}: "
-                  f"{tr['elapsed_sec']:.0f} s, {state.tokens_seen:,} tokens"
+                  f"{format_duration(tr['elapsed_sec'])}, {state.tokens_seen:,} tokens"  # as the done line writes time
                   + (f", ${tr['cost_usd']:.2f}" if "cost_usd" in tr else ""))
         elif cfg.train.target_loss > 0 and not complete:
             t = cfg.train
