@@ -165,6 +165,27 @@ def test_every_loader_refuses_a_damaged_checkpoint_and_touches_nothing(trained, 
         assert ckpt_io.resolve_checkpoint(run_dir).name == "step_2"
 
 
+def test_a_file_this_user_cannot_read_is_no_damage(trained, tmp_path, monkeypatch):
+    """A permission problem (a checkpoint written by another user; chmod) was reported as damage, and a resume set
+    the checkpoint aside as step_N.corrupt. (The suite runs as root, whom chmod does not stop: the read is made to
+    fail as it does for another user.)"""
+    run_dir, _ = copy_run(trained, tmp_path / "run")
+    ckpt = run_dir / "checkpoints" / "step_4"
+    real = storage._hash_read
+
+    def denied(path):
+        if path.name == "common.pt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(storage, "_hash_read", denied)
+    with pytest.raises(CheckpointError) as e:
+        storage.verify(ckpt)
+    assert not isinstance(e.value, storage.DamagedCheckpoint)
+    assert str(e.value) == (f"{ckpt / 'state' / 'common.pt'}: not readable by this user (permission denied); fix "
+                            "its permissions (chmod / chown) and run the same command again")
+
+
 def test_verification_is_remembered_until_a_file_changes(trained, tmp_path, monkeypatch):
     run_dir, _ = copy_run(trained, tmp_path / "run")
     ckpt = run_dir / "checkpoints" / "step_4"

@@ -23,6 +23,7 @@ must share the architecture and the tokenizer; the result is a weights-only chec
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import torch
 from kiln.config import to_dict
 from kiln.errors import CheckpointError, ConfigError
 from kiln.model import build_model
+from kiln.paths import first_missing
 from kiln.train import checkpoint as ckpt_io
 
 
@@ -116,10 +118,20 @@ def average(paths: list[str], out: str | Path, *, ema: float = 0.0, last: int = 
     inside = next((p for p in (out, *out.parents) if (p / "meta.json").exists()), None)
     if inside is not None:  # a checkpoint's rotation or a --fresh run would take the average with it
         raise CheckpointError(f"{out}: lies inside the checkpoint {inside}; pass a new --out folder outside it")
+    made = first_missing(out)  # removed again if the averaging is refused (a run without --weights ema's average)
     try:  # before the averaging, which reads every checkpoint
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot create the folder ({e.strerror or e}); pass a writable --out") from None
+    try:
+        return _average_into(out, ckpts, notes=notes, ema=ema, weights=weights)
+    except BaseException:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+
+
+def _average_into(out: Path, ckpts: list[Path], *, notes: list[str], ema: float, weights: str) -> Path:
     for note in notes:  # once every refusal above has passed: an error stays one line
         print(note, file=sys.stderr)
     cfg = ckpt_io.read_config(ckpts[-1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+from pathlib import Path
 from typing import Any
 
 from kiln.config import Config, to_dict
@@ -19,6 +20,16 @@ def absolute_if_local(p: str) -> str:
     path = os.path.expanduser(p)
     local = os.path.exists(path) or (any(c in p for c in "*?[") and bool(glob.glob(path)))
     return os.path.abspath(path) if local else p
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what a command that writes `path` creates, and
+    removes again when it fails), or None."""
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
 
 
 def saved_dict(cfg: Config) -> dict[str, Any]:

@@ -10,15 +10,7 @@ import shutil
 from pathlib import Path
 
 from kiln.export import import_hf_folder
-
-
-def _first_missing(path: Path) -> Path | None:
-    """The outermost folder of `path` that does not exist yet (what an import creates), or None."""
-    if path.exists():
-        return None
-    while not path.parent.exists():
-        path = path.parent
-    return path
+from kiln.paths import first_missing
 
 
 def import_hf(argv: list[str]) -> int:
@@ -31,7 +23,7 @@ def import_hf(argv: list[str]) -> int:
     out = Path(args.out)
     # a refused import (a tokenizer too big for the model, found after its files were copied) leaves no
     # half-written --out; only what this import created goes, never a folder the user had
-    created = _first_missing(out) or _first_missing(out / "tokenizer")
+    created = first_missing(out) or first_missing(out / "tokenizer")
     try:
         ckpt = import_hf_folder(args.hf, args.out)
     except BaseException:

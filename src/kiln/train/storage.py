@@ -280,6 +280,9 @@ def verify(ckpt: Path) -> bool:
 def _read_sum(ckpt: Path, rel: str) -> str:
     try:
         return _hash_read(ckpt / rel)
+    except PermissionError:  # not damage: a resume must not set the checkpoint aside as corrupt
+        raise CheckpointError(f"{ckpt / rel}: not readable by this user (permission denied); fix its permissions "
+                              "(chmod / chown) and run the same command again") from None
     except OSError as e:
         raise DamagedCheckpoint(ckpt, rel, f"unreadable ({e.strerror or e})") from None
 

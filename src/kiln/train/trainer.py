@@ -162,9 +162,14 @@ class Run:
         budget, state, t = self.budget, self.state, self.cfg.train
         assert budget is not None
         budget.step_done(state.step, seconds)
-        if not state.planned_steps:  # rank 0's clock: every rank stops together or none does
-            budget.check_not_over(_agree(state.elapsed(), self.layout), done=state.step,
-                                  warmup_steps=self.cfg.optim.warmup_steps)
+        if not state.planned_steps:  # rank 0's clock and step times: every rank stops together or none does
+            refused = None
+            try:
+                budget.check_not_over(state.elapsed(), done=state.step, warmup_steps=self.cfg.optim.warmup_steps)
+            except BudgetTooShort as e:
+                refused = str(e)
+            if (refused := _agree(refused, self.layout)) is not None:
+                raise BudgetTooShort(refused)
         if budget.due(state.step, state.planned_steps):
             self.checkpointer.wait()
             t0 = time.perf_counter()
