@@ -3,6 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiln-installed
+DEV_STAMP := $(VENV)/.kiln-dev-installed
 ARGS ?=
 TEST_WORKERS ?= 2  # the suite runs in parallel pytest-xdist workers; each gets cpu_count / workers threads
 
@@ -12,17 +13,24 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# CPU machines get the CPU wheel of torch (on this workplace's disk); GPU machines get the default CUDA build.
+# CPU machines get the CPU wheel of torch (PyTorch's CPU index, else a local or PyPI wheel); GPU machines get the
+# default CUDA build. `make train` installs what training and the README's exports need; `make test` adds [dev]
+# (pytest, ruff, lm-eval, wandb, torchao: torchao's import prints library errors when transformers loads a model).
 $(STAMP): $(BIN)/python pyproject.toml
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then echo "torch already installed"; \
-	elif command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install "torch>=2.6"; \
-	else $(BIN)/pip install torch==2.13.0 || $(BIN)/pip install torch --index-url https://download.pytorch.org/whl/cpu; fi
-	$(BIN)/pip install -q -e ".[dev]"
+	elif command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q "torch>=2.6"; \
+	else $(BIN)/pip install -q --retries 0 --timeout 10 --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+		|| $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -e ".[gguf]"
 	@touch $(STAMP)
 
-setup: $(STAMP)
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[dev]"
+	@touch $(DEV_STAMP)
 
-train: setup
+setup: $(DEV_STAMP)
+
+train: $(STAMP)
 	$(BIN)/kiln train demo $(ARGS)
 
 test: setup

@@ -152,6 +152,19 @@ def test_cost_eta_and_progress_fields(tmp_path):
     assert recs[0]["progress"] == 0.25 and recs[0]["eta_sec"] > 0
 
 
+def test_progress_shows_a_dash_until_the_first_train_record(capsys):
+    """The bar read "loss nan  lr 0.00e+00  0 tok/s" for the steps before the first train record (and again
+    after a resume), which reads as a diverged run."""
+    from kiln.train.progress import Progress
+
+    p = Progress(None)  # not a terminal here: plain lines, written when fields change
+    p.update(1)
+    assert p.fields == {"loss": "-", "lr": "-", "tok_s": "-", "eta": "?"} and capsys.readouterr().out == ""
+    p.update(10, loss=3.14159, lr=4e-3, tok_s=12345.6, eta="1m02s")
+    assert capsys.readouterr().out.split() == ["step", "10/?", "loss", "3.1416", "lr", "4.00e-03", "12,346",
+                                               "tok/s", "eta", "1m02s"]
+
+
 @pytest.mark.parametrize("name", ["adafactor", pytest.param("muon", marks=pytest.mark.slow)])
 def test_bf16_stochastic_rounding_resumes_bitwise(tmp_path, name):
     """The rounding generators live outside the layout-independent optimizer state; they travel in

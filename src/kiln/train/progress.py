@@ -18,12 +18,12 @@ class Progress:
     def __init__(self, total: int | None, *, start: int = 0, quiet: bool = False) -> None:
         """`total` None: not known yet (a time budget fixes it after the warmup)."""
         self.total, self.start, self.quiet = total, start, quiet
-        self.fields = {"loss": float("nan"), "lr": 0.0, "tok_s": 0.0, "eta": "?"}  # eta: the train record's
+        self.fields = {"loss": "-", "lr": "-", "tok_s": "-", "eta": "?"}  # shown; "-" until the first train record
         self._bar = None
         if not quiet and sys.stdout.isatty():
             self._bar = RichProgress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tok_s]:,.0f} tok/s  "
+                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tok_s]} tok/s  "
                            "eta {task.fields[eta]}"), transient=False,
             )
             self._task = self._bar.add_task("train", total=total, completed=start, **self.fields)
@@ -46,13 +46,15 @@ class Progress:
     def update(self, step: int, **fields: float | str) -> None:
         """`eta` is the train record's (its window's pace, evals and saves included), so the bar, the plain lines,
         metrics.jsonl and `kiln control list` say one thing."""
-        self.fields.update(fields)
+        shown = {"loss": "{:.4f}", "lr": "{:.2e}", "tok_s": "{:,.0f}"}
+        self.fields.update({k: shown[k].format(v) if k in shown and isinstance(v, int | float) else str(v)
+                            for k, v in fields.items()})
         if self._bar is not None:
             self._bar.update(self._task, completed=step, **self.fields)
         elif fields and not self.quiet:
             f = self.fields
-            print(f"step {step:>6}/{self.total or '?'}  loss {f['loss']:.4f}  lr {f['lr']:.2e}  "
-                  f"{f['tok_s']:,.0f} tok/s  eta {f['eta']}", flush=True)
+            print(f"step {step:>6}/{self.total or '?'}  loss {f['loss']}  lr {f['lr']}  {f['tok_s']} tok/s  "
+                  f"eta {f['eta']}", flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -94,6 +94,7 @@ class Run:
     autocast: contextlib.AbstractContextManager
     budget: TimeBudget | None  # train.time_budget
     pending: dict[str, Any] | None = None  # the job-control request being carried out (acknowledged when done)
+    fresh: bool = False  # started with --fresh: the command that resumes it is the same one without it
     last_eval: Evaluation | None = None
 
     @property
@@ -468,7 +469,7 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
                         length_free=length_free) if t.time_budget else None
     run = Run(cfg=cfg, layout=layout, plan=plan, engine=engine, loader=loader, tokenizer=tokenizer, state=state,
               evaluator=evaluator, checkpointer=checkpointer, log=log, progress=progress, metrics=metrics,
-              control=control, resumed_from=resume_from, autocast=autocast, budget=budget)
+              control=control, resumed_from=resume_from, autocast=autocast, budget=budget, fresh=fresh)
     if budget is not None:  # a process resumed before the plan runs no initial eval: the evals so far say their cost
         budget.eval_time = state.eval_seconds
     if budget is not None and state.planned_steps:  # fixed by an earlier process of this run
@@ -550,8 +551,9 @@ def finish(run: Run, stopped: str | None, *, complete: bool = False) -> dict[str
             why = (f"the run went over its train.time_budget {run.cfg.train.time_budget} by more than 10%"
                    if stopped == "train.time_budget" else f"stopped by {stopped}")
             again = ("run it again without train.stop_at_step (or with a later one) to resume"
-                     if stopped == "train.stop_at_step" else "run the same command again to resume" if saved else
-                     "run the same command again to start over")
+                     if stopped == "train.stop_at_step" else
+                     ("run the same command without --fresh to resume" if run.fresh else
+                      "run the same command again to resume") if saved else "run the same command again to start over")
             print(f"{why} at step {state.step}: {what}; {again}")
         return summary
     cfg = run.cfg
@@ -645,7 +647,8 @@ def _announce(run: Run, info: dict[str, Any], init_from: Path | None) -> None:
               f"timing the first {run.budget.measure_until} steps" if plan.provisional and run.budget is not None
               else f"{plan.total_steps:,} steps = {plan.total_tokens:,} tokens from {plan.budget_source}")
     p.print(f"  {plan.tokens_per_step:,} tokens/step (global batch {cfg.train.global_batch_size} x "
-            f"{cfg.train.seq_len}, {plan.accum_steps} micro-batches per rank), {length}")
+            f"{cfg.train.seq_len}, {plan.accum_steps} micro-batch{'es' if plan.accum_steps > 1 else ''} per rank), "
+            f"{length}")
     if not plan.provisional:  # a time budget's schedule is printed once its length is fixed
         for line in _plan_lines(cfg, plan):
             p.print("  " + line)
