@@ -222,6 +222,16 @@ def test_relative_tokenizer_and_chat_template_paths_work_from_another_folder(tmp
                    capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((elsewhere / "hf" / "tokenizer_config.json").read_text())["chat_template"] == CHATML
+    # the template is kept with the checkpoint: export failed once the file moved, and wrote the file's new text
+    # (not the one the model trained with) once it was edited
+    (work / "chat.jinja").write_text("{{ 'CHANGED' }}")
+    res = run_kiln("export", "--checkpoint", str(run), "--out", "hf2", cwd=elsewhere, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((elsewhere / "hf2" / "tokenizer_config.json").read_text())["chat_template"] == CHATML
+    (work / "chat.jinja").unlink()
+    res = run_kiln("export", "--checkpoint", str(run), "--out", "hf3", cwd=elsewhere, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((elsewhere / "hf3" / "tokenizer_config.json").read_text())["chat_template"] == CHATML
 
 
 def test_presets_table_lists_every_preset_in_aligned_columns(capsys):

@@ -92,3 +92,36 @@ def test_a_folder_of_other_files_is_not_taken_as_a_run_folder(tmp_path):
     hidden.mkdir()
     (hidden / ".DS_Store").write_text("")
     check_run_folder(hidden)
+
+
+def test_post_training_records_that_trained_wrongly_or_crashed_are_one_line(tmp_path, capsys):
+    """Each was a traceback (bytes that are not UTF-8), trained silently on something else (a DPO pair with one
+    reply twice; a reply conversation glued after another prompt; an RLVR answer null, read as "None"), or named
+    no record (a template refusing a message order). In-process through kiln.cli.main: refused before a step."""
+    from kiln.cli import main
+
+    ckpt = base_checkpoint(tmp_path)
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "x"}]}\n')
+    same = jsonl(tmp_path / "same.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "a"}] * 3)
+    glued = jsonl(tmp_path / "glued.jsonl", [{"prompt": "q", "rejected": "b", "chosen": [
+        {"role": "user", "content": "OTHER"}, {"role": "assistant", "content": "a"}]}])
+    null = jsonl(tmp_path / "null.jsonl", [{"prompt": "1+1?", "answer": "2"}, {"prompt": "x", "answer": None}])
+    order = jsonl(tmp_path / "order.jsonl", [{"messages": [CONVO[0], {"role": "system", "content": "s"}, CONVO[1]]}])
+    half = jsonl(tmp_path / "half.jsonl", [{"prompt": "a"}])
+    cases = [
+        ("sft", bad, f"{bad}:1: not UTF-8 text (byte 0xe9 at column 47); re-save the file as UTF-8"),
+        ("dpo", same, f"{same}:1: every pair's chosen and rejected are the same text (as encoded); a preference "
+                      "needs two different replies"),
+        ("dpo", glued, f"{glued}:1: 'chosen' is a conversation that does not start with the prompt's messages; give "
+                       "the reply alone, or the whole conversation from the prompt on"),
+        ("rlvr", null, f"{null}:2: 'answer' must be a string or a number, got null"),
+        ("sft", order, f"{order}:1: chat template 'kiln': 'kiln chat template: roles are system (first only), "
+                       "user and assistant'"),
+        ("sft", half, f"{half}:1: a prompt record needs \"completion\" too (or give \"messages\")"),
+    ]
+    for stage, data, line in cases:
+        assert main([stage, "--checkpoint", str(ckpt), "--data", str(data), "--run.out_dir",
+                     str(tmp_path / stage), "--train.max_steps", "1"]) == 2, (stage, data)
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"kiln: error: {line}", (stage, data)
+        assert not (tmp_path / stage).exists()

@@ -258,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kiln: error: unknown command '{cmd}'\n\n{USAGE}", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if hasattr(sys.stdin, "reconfigure"):  # a prompt or chat line with bytes that are not UTF-8: U+FFFD, not a
+        sys.stdin.reconfigure(errors="replace")  # lone surrogate the tokenizer refuses with a TypeError traceback
     try:
         code = COMMANDS[cmd](rest) or 0
         sys.stdout.flush()  # a reader that has gone (`| head`) is met here, not in the exit's flush

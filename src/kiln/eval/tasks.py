@@ -156,7 +156,9 @@ def continuation_tokens(tokenizer, context: str, continuation: str) -> tuple[lis
     if not ctx:
         ctx = [tokenizer.eos_id]
     if not cont:
-        raise DataError(f"choice {continuation!r} tokenizes to nothing")
+        raise DataError(f"choice {continuation!r} tokenizes to nothing after the context ...{context[-20:]!r} (its "
+                        "text merges into the context's last token); start each choice with a space, as the "
+                        "HellaSwag / ARC layouts do")
     return ctx, cont
 
 

@@ -28,7 +28,9 @@ masked this way and raises DataError.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,8 +191,13 @@ def load_records(path: str, *, split: str = "train", what: str = "posttrain.data
                 raise DataError(f"{p}: a .json file must hold a list of records (or use .jsonl)")
             return [(f"{p}[{i}]", r) for i, r in enumerate(data)]
         out = []
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(p, "rb") as f:  # decoded per line, so bad bytes are named by their line
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a Windows editor's BOM is no error
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{p}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                    "re-save the file as UTF-8") from None
                 if not line.strip():
                     continue
                 try:
@@ -221,6 +228,17 @@ def _hub_records(name: str, *, split: str) -> list[tuple[str, dict]]:
         raise DataError(f"{name}: cannot load this HF dataset ({msg}){hint}; pass a local .jsonl file "
                         "instead") from None
     return [(f"{name}[{i}]", dict(r)) for i, r in enumerate(ds)]
+
+
+@contextlib.contextmanager
+def naming(where: str) -> Iterator[None]:
+    """A DataError raised inside (a template that refuses a message order) names the record `where`."""
+    try:
+        yield
+    except DataError as e:
+        if str(e).startswith(where):
+            raise
+        raise DataError(f"{where}: {e}") from None
 
 
 def as_messages(value: Any, *, role: str, where: str, field: str) -> list[dict[str, str]]:

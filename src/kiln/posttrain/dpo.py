@@ -33,6 +33,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,7 +43,7 @@ from kiln.data.packing import IGNORE
 from kiln.device import autocast_for
 from kiln.errors import DataError
 from kiln.eval.loss import right_padded, token_logps
-from kiln.posttrain.chat import ChatFormat, Encoded, as_messages, load_records
+from kiln.posttrain.chat import ChatFormat, Encoded, as_messages, load_records, naming
 from kiln.train.objective import Objective
 
 
@@ -73,7 +74,7 @@ class PairBatch:
 
 def encode_pairs(records: list[tuple[str, dict]], fmt: ChatFormat, *, max_len: int) -> list[Pair]:
     """Tokenize preference records; pairs whose responses do not fit max_len tokens are cut from the right."""
-    out, cut = [], 0
+    out, cut, same = [], 0, []
     for where, rec in records:
         if not isinstance(rec, dict) or not all(k in rec for k in ("prompt", "chosen", "rejected")):
             raise DataError(f"{where}: a preference record needs \"prompt\", \"chosen\" and \"rejected\"")
@@ -83,19 +84,32 @@ def encode_pairs(records: list[tuple[str, dict]], fmt: ChatFormat, *, max_len: i
             response = as_messages(rec[key], role="assistant", where=where, field=key)
             if len(response) > len(prompt) and response[:len(prompt)] == prompt:
                 response = response[len(prompt):]  # the whole conversation: keep the reply only
+            elif any(m["role"] == "user" for m in response):  # it was glued after the prompt: two user turns
+                raise DataError(f"{where}: '{key}' is a conversation that does not start with the prompt's messages; "
+                                "give the reply alone, or the whole conversation from the prompt on")
             msgs = prompt + response
             if msgs[-1]["role"] != "assistant":
                 raise DataError(f"{where}: '{key}' must end with an assistant message")
-            enc = fmt.encode(msgs, train_on="last")
+            with naming(where):
+                enc = fmt.encode(msgs, train_on="last")
             if len(enc.ids) > max_len:
                 enc, cut = Encoded(enc.ids[:max_len], enc.mask[:max_len]), cut + 1
             seqs.append(enc)
         if not (seqs[0].mask[1:].any() and seqs[1].mask[1:].any()):
             raise DataError(f"{where}: the prompt alone fills the {max_len} tokens a sequence holds (train.seq_len "
                             f"{max_len - 1}, + 1 for the shifted targets); raise --train.seq_len or shorten the prompt")
+        if np.array_equal(seqs[0].ids, seqs[1].ids):  # its loss has no gradient toward either: nothing to prefer
+            same.append(where)
+            continue
         out.append(Pair(seqs[0], seqs[1]))
     if cut:
         print(f"note: {cut} response(s) cut to fit {max_len} tokens", file=sys.stderr)
+    if same and not out:
+        raise DataError(f"{same[0]}: every pair's chosen and rejected are the same text (as encoded); a preference "
+                        "needs two different replies")
+    if same:
+        print(f"note: {len(same)} pair(s) whose chosen and rejected are the same text skipped (the first: {same[0]})",
+              file=sys.stderr)
     return out
 
 

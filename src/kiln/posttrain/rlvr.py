@@ -42,6 +42,7 @@ decoding step; not measured).
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +60,7 @@ from kiln.eval.loss import right_padded, token_logps
 from kiln.generate import continuation_text, generate
 from kiln.model import build_model
 from kiln.parallel.parallelize import unwrap
-from kiln.posttrain.chat import ChatFormat, as_messages, load_records
+from kiln.posttrain.chat import ChatFormat, as_messages, load_records, naming
 from kiln.posttrain.dpo import autocast_dtype_of, cast_frozen, load_reference, pad_to_multiple
 from kiln.posttrain.rewards import Reward
 from kiln.train.objective import Objective
@@ -87,8 +88,12 @@ def encode_tasks(records: list[tuple[str, dict]], fmt: ChatFormat, *, max_prompt
     for where, rec in records:
         if not isinstance(rec, dict) or "prompt" not in rec or "answer" not in rec:
             raise DataError(f"{where}: an RLVR record needs \"prompt\" and \"answer\"")
+        answer = rec["answer"]
+        if isinstance(answer, bool) or not isinstance(answer, str | int | float):  # null became the answer "None"
+            raise DataError(f"{where}: 'answer' must be a string or a number, got {json.dumps(answer)[:40]}")
         msgs = as_messages(rec["prompt"], role="user", where=where, field="prompt")
-        ids = fmt.prompt_ids(msgs)
+        with naming(where):
+            ids = fmt.prompt_ids(msgs)
         if len(ids) > max_prompt_len:
             raise DataError(f"{where}: the prompt has {len(ids)} tokens; with posttrain.max_new_tokens it must fit "
                             f"model.max_seq_len ({max_prompt_len} tokens left for it)")

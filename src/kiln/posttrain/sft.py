@@ -26,7 +26,7 @@ from kiln.data.cursor import CursorLoader, DataId, EpochCursor
 from kiln.data.packing import IGNORE, Batch
 from kiln.errors import DataError
 from kiln.eval.loss import evaluate, token_loss_sum
-from kiln.posttrain.chat import ChatFormat, Encoded, as_messages, check_messages, load_records
+from kiln.posttrain.chat import ChatFormat, Encoded, as_messages, check_messages, load_records, naming
 from kiln.train.objective import Objective
 
 
@@ -36,10 +36,13 @@ def encode_conversations(records: list[tuple[str, dict]], fmt: ChatFormat, *, ma
     out, cut, empty = [], 0, 0
     for where, rec in records:
         msgs = rec.get("messages") if isinstance(rec, dict) else rec
-        if msgs is None and isinstance(rec, dict) and "prompt" in rec and "completion" in rec:
+        if msgs is None and isinstance(rec, dict) and "prompt" in rec:
+            if "completion" not in rec:  # it fell through to "'messages' must be a non-empty list"
+                raise DataError(f"{where}: a prompt record needs \"completion\" too (or give \"messages\")")
             msgs = as_messages(rec["prompt"], role="user", where=where, field="prompt") + \
                 as_messages(rec["completion"], role="assistant", where=where, field="completion")
-        enc = fmt.encode(check_messages(msgs, where=where))
+        with naming(where):
+            enc = fmt.encode(check_messages(msgs, where=where))
         if len(enc.ids) > max_len:
             enc, cut = Encoded(enc.ids[:max_len], enc.mask[:max_len]), cut + 1
         if not enc.mask[1:].any():

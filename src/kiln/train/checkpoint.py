@@ -149,6 +149,9 @@ def _finish(tmp: Path, final: Path, *, cfg: Config, meta: dict[str, Any]) -> Non
     """Rank 0: config, every file's size and checksum, meta (last), fsync, atomic rename over any
     same-step folder."""
     (tmp / "config.yaml").write_text(yaml.safe_dump(saved_dict(cfg), sort_keys=False))
+    template = Path(cfg.posttrain.chat_template).expanduser()
+    if cfg.posttrain.chat_template not in ("auto", "kiln") and template.is_file():  # a user's .jinja: kept with the
+        shutil.copyfile(template, tmp / CHAT_TEMPLATE)  # weights, so export and chat need not find it (read_config)
     info = {"kiln_version": __version__, "torch_version": torch.__version__, **meta,
             **marker_fields(collect_digests(tmp))}
     info["meta_checksum"] = marker_digest(info)
@@ -446,6 +449,9 @@ def best_score(meta: dict[str, Any]) -> float | None:
     return meta.get("best_score", meta.get("eval_loss"))
 
 
+CHAT_TEMPLATE = "chat_template.jinja"  # a post-training run's own .jinja (posttrain.chat_template), copied at save
+
+
 def read_config(ckpt: Path) -> Config:
     try:
         tree = yaml.safe_load((ckpt / "config.yaml").read_text())
@@ -457,9 +463,12 @@ def read_config(ckpt: Path) -> Config:
         # what those runs followed: read such a checkpoint as the run it was
         train["time_budget"] = ""
     try:
-        return config_from_dict(tree, where=f"{ckpt}/config.yaml")
+        cfg = config_from_dict(tree, where=f"{ckpt}/config.yaml")
     except ConfigError as e:
         raise CheckpointError(f"{e} (checkpoint written by another kiln version?)") from None
+    if (Path(ckpt) / CHAT_TEMPLATE).is_file():  # the template the run trained with, not the file its path now holds
+        cfg.posttrain.chat_template = str(Path(ckpt) / CHAT_TEMPLATE)
+    return cfg
 
 
 # ---- plain (single-device) models: inference, export, import, tests ---------------------------
