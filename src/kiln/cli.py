@@ -10,7 +10,7 @@ import sys
 import time
 
 from kiln.cliargs import int_at_least
-from kiln.errors import KilnError
+from kiln.errors import KilnError, first_line
 
 STARTED = time.time()  # the command's start: a time budget counts the imports and setup before step 1 too
 
@@ -282,6 +282,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kiln: error: {e.filename or 'a file'}: the disk is full ({e.strerror}); checkpoints already written are "
               "intact: free space and run the same command to resume", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # under torchrun, a peer process that died mid-collective: one line, not 80 per rank
+        reason = _peer_gone(e) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        if reason is None:
+            raise
+        print(f"kiln: error: rank {os.environ.get('RANK', '?')}: another process of this torchrun job ended "
+              f"({reason}); its own error, if any, is above. Checkpoints already written are intact: run the same "
+              "command to resume", file=sys.stderr)
+        return 1
+
+
+def _peer_gone(e: BaseException) -> str | None:
+    """What a collective said when it failed because another rank's process is gone (killed, crashed, out of
+    memory), or None for any other error."""
+    text = str(e)
+    found = next((s for s in ("Connection closed by peer", "Connection reset by peer", "remote process exited",
+                              "NCCL communicator was aborted") if s in text), None)
+    return found or (first_line(e)[:100] if type(e).__name__ == "DistBackendError" else None)
 
 
 if __name__ == "__main__":

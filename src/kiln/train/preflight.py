@@ -251,9 +251,13 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> 
     print(f"layout           {layout.describe()}")
     print(f"tokens/step      {plan.tokens_per_step:,} (global batch {cfg.train.global_batch_size} x "
           f"{cfg.train.seq_len}, {plan.accum_steps} micro-batches of {cfg.train.micro_batch_size} per rank)")
-    steps = plan.total_steps
-    if plan.provisional:  # a time budget: estimate the steps from a short benchmark of real steps here
-        steps, step_s = _budget_estimate(cfg, plan, layout)
+    steps: int | None = plan.total_steps
+    if plan.provisional and layout.distributed:  # it would have printed its placeholder: ~1,000,000,000 steps
+        steps = None
+        print(f"steps            fixed by the run after timing its warmup ({plan.budget_source}); a dry run under "
+              "torchrun times no steps: run it in one process for an estimate")
+    elif plan.provisional:  # a time budget: estimate the steps from a short benchmark of real steps here
+        steps, step_s = _budget_estimate(cfg, plan)
         if step_s and steps <= cfg.optim.warmup_steps:  # the run would refuse it after its timed warmup
             raise BudgetTooShort(f"train.time_budget {cfg.train.time_budget} is too short: about {steps} steps fit "
                                  f"(a step takes {step_s:.2f} s here), and the run needs more than its warmup "
@@ -268,10 +272,10 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> 
     else:
         print(f"steps            {plan.total_steps:,} = {plan.total_tokens:,} tokens ({plan.budget_source})")
     print(f"intervals        log {plan.log_every}, eval {plan.eval_every}, save {plan.save_every} steps")
-    for line in describe_schedule(steps, cfg.optim, plan.tokens_per_step, peak_lr=plan.peak_lr):
+    for line in describe_schedule(steps, cfg.optim, plan.tokens_per_step, peak_lr=plan.peak_lr) if steps else ():
         print(line)
-    starts = stage_starts(cfg.data.stages, total_steps=steps, tokens_per_step=plan.tokens_per_step)  # also estimated
-    for line in describe_stages(cfg.data.stages, starts, tokens_per_step=plan.tokens_per_step):
+    starts = stage_starts(cfg.data.stages, total_steps=steps, tokens_per_step=plan.tokens_per_step) if steps else []
+    for line in describe_stages(cfg.data.stages, starts, tokens_per_step=plan.tokens_per_step) if steps else ():
         print(line)
     summary: dict[str, Any] = {"dry_run": True, "n_params": plan.n_params, "total_steps": steps,
                                "tokens_per_step": plan.tokens_per_step, "peak_lr": plan.peak_lr}
@@ -302,12 +306,10 @@ def check_sources(cfg: Config) -> None:
             raise DataError(f"{key}: {e}") from None
 
 
-def _budget_estimate(cfg: Config, plan: Plan, layout: Layout) -> tuple[int, float]:
+def _budget_estimate(cfg: Config, plan: Plan) -> tuple[int, float]:
     """The steps a time budget would fit and a step's seconds, from `kiln bench`'s timing of 3 steps (one
-    process; under torchrun the run's own measurement decides: (planned steps, 0)). An eval's forward costs
-    about a third of a training step per token; checkpoints are not estimated."""
-    if layout.distributed:
-        return plan.total_steps, 0.0
+    process: under torchrun the run's own measurement decides). An eval's forward costs about a third of a
+    training step per token; checkpoints are not estimated."""
     bench = run_bench(cfg, steps=3, warmup=1)
     step = bench["step_ms"] / 1e3
     eval_s = len(cfg.data.val) * cfg.train.eval_tokens / (3 * bench["tokens_per_sec"])

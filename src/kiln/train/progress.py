@@ -72,6 +72,8 @@ class StopOnSignal:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.requested:  # a second SIGTERM (a dying launcher's, with the kernel's PDEATHSIG): said once already
+            return
         self.requested = True
         if os.environ.get("RANK", "0") == "0":  # torchrun signals every worker: one line, from rank 0
             again = "Ctrl-C again" if signum == signal.SIGINT else "Ctrl-C (SIGINT)"
