@@ -131,8 +131,9 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--seq-len", type=int_at_least(1), default=None, help="loss: default the checkpoint's train.seq_len")
     p.add_argument("--task", default="loss", choices=["loss", "mc", "gsm8k"],
                    help="loss: loss/ppl/bpb; mc: multiple choice by log-likelihood; gsm8k: generate + answer match")
-    p.add_argument("--limit", type=int_at_least(0), default=None, help="mc / gsm8k: score the first N items (0: all; default all, and for "
-                   "heldout-next the checkpoint's train.eval_tasks_limit, as its run scored it)")
+    p.add_argument("--limit", type=int_at_least(0), default=None,
+                   help="mc / gsm8k: score the first N items (0: all; default all, and for heldout-next the "
+                        "checkpoint's train.eval_tasks_limit, as its run scored it)")
     p.add_argument("--split", default="", help="split when --data is an HF dataset name (loss: default train; "
                    "mc / gsm8k: default test)")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=None, help="gsm8k (default: 256)")
