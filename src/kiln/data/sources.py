@@ -380,8 +380,8 @@ def _read_error(e: Exception, files: list[Path], fmt: str | None, where: str) ->
 
 
 def _first_bad_json_line(files: list[Path]) -> str | None:
-    """"FILE line N is not a JSON object" for the first JSON-lines file of a glob that pyarrow failed on (it names
-    no file), or None. Read only when reading has failed."""
+    """Where the first JSON-lines file of a glob that pyarrow failed on (its error names no file) goes wrong: "FILE
+    line N: ...", or None. Read only when reading has failed."""
     import gzip
 
     for f in files:

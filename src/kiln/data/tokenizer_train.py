@@ -102,8 +102,8 @@ def check_vocab_size(vocab_size: int, *, multiple_of: int) -> int:
                         f"{len(BYTE_TOKENS)} byte tokens take {FIXED} ids, the alphabet and merges need the rest: "
                         f"use {MIN_VOCAB} or more")
     if rounded(vocab_size, multiple_of) > MAX_VOCAB:
-        raise DataError(f"--vocab-size {vocab_size}: too large; the trainer's memory grows with it, and no corpus "
-                        f"kiln trains on fills more than {MAX_VOCAB:,} ids: use {MAX_VOCAB:,} or fewer")
+        raise DataError(f"--vocab-size {vocab_size}: too large; the trainer's memory grows with it (10^8 ran out of "
+                        f"23 GiB); use {MAX_VOCAB:,} or fewer (Gemma 3's vocabulary is 262,144)")
     return rounded(vocab_size, multiple_of)
 
 
