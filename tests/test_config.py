@@ -50,6 +50,9 @@ def test_overrides_are_typed_and_nested():
     (["--model.norm_eps", "-1e-5"], r"model.norm_eps: must be positive, got -1e-05"),
     (["--train.keep_best", "-1"], r"train.keep_best: must be >= 0, got -1"),  # silently 0
     (["--run.cost_per_hour", "-2"], r"run.cost_per_hour: must be >= 0, got -2"),  # silently no cost
+    (["--data.train", '[{"path": "a.jsonl", "weight": 1e400}]'], r"weight must be a positive finite number, got inf"),
+    (["--data.train", '[{"path": "a.jsonl", "weight": .nan}]'], r"weight must be a positive finite number, got nan"),
+    (["--data.train", '[{"path": "a.jsonl", "weight": 0.7}, '], r"^--data.train: not valid JSON/YAML \("),  # a glob
     (["stray"], r"unexpected argument 'stray'"),
 ])
 def test_bad_overrides_fail_with_the_dotted_key(overrides, match):

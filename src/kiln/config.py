@@ -527,7 +527,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             i += 2
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        except yaml.YAMLError as e:  # a bare string stays one; a list or object that does not parse is said
+            if raw.lstrip()[:1] in ("[", "{"):
+                raise ConfigError(f"--{key}: not valid JSON/YAML ({str(e).splitlines()[0]}): {raw[:60]}") from None
             value = raw
         node = out
         parts = key.split(".")
@@ -650,8 +652,8 @@ def validate_source(s: SourceConfig, i: int, *, where: str) -> None:
     """The checks every data source gets (config files, overrides, `kiln data prepare --source`)."""
     if not s.path:
         raise ConfigError(f"{where}: data source {i}: path is empty")
-    if s.weight <= 0:
-        raise ConfigError(f"{where}: data source {s.path}: weight must be positive")
+    if not (s.weight > 0 and math.isfinite(s.weight)):  # inf took every document from the other sources; nan failed late
+        raise ConfigError(f"{where}: data source {s.path}: weight must be a positive finite number, got {s.weight}")
     if s.skip < 0 or s.take < 0:
         raise ConfigError(f"{where}: data source {s.path}: skip and take must be >= 0")
 

@@ -249,7 +249,8 @@ class PackedLoader(PooledLoader):
         saved_src = state["sources"]
         if [absolute_if_local(s["path"]) for s in saved_src] != [absolute_if_local(d.cfg.path) for d in self.sources]:
             raise DataError(f"data sources changed under a resume: saved {[s['path'] for s in saved_src]}, "
-                            f"now {[d.cfg.path for d in self.sources]}")
+                            f"now {[absolute_if_local(d.cfg.path) for d in self.sources]}; train on the same "
+                            "sources (data.stages changes a mix at set points), or pass --fresh")
         for old, src in zip(saved_src, self.sources):
             now = src.identity()
             if old["files"] != now["files"] or old["documents"] != now["documents"]:
