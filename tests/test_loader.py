@@ -224,6 +224,23 @@ def test_resume_continues_with_identical_batches_across_epochs(tmp_path, two_sou
             assert _same(resumed.next_batch(), ref[i]), (n, i)
 
 
+def test_a_resume_with_other_weights_says_so(tmp_path, capsys):
+    """New data.train weights on a resume are taken (the mix follows them from the resumed step on), but the
+    change was silent, where removing a source or changing a started stage is refused."""
+    a = SourceConfig(path=str(write_jsonl(tmp_path / "a.jsonl", list(range(1000, 1023)))), weight=0.7)
+    b = SourceConfig(path=str(write_jsonl(tmp_path / "b.jsonl", list(range(5000, 5009)))), weight=0.3)
+    first = loader([a, b])
+    first.next_batch()
+    state = first.state_dict()
+    loader([a, b]).load_state_dict(state)
+    assert capsys.readouterr().err == ""
+    b2 = SourceConfig(path=b.path, weight=0.5)
+    loader([a, b2]).load_state_dict(state)
+    assert capsys.readouterr().err.strip() == (
+        f"note: data.train weights changed since the checkpoint ({b.path} 0.3 -> 0.5): the mix follows the new "
+        "weights from this step on (data.stages sets such changes in advance)")
+
+
 def test_weights_set_the_share_of_documents(tmp_path):
     a = SourceConfig(path=str(write_jsonl(tmp_path / "a.jsonl", list(range(1000, 1040)), lengths=[1] * 40)),
                      weight=3.0)

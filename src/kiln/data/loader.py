@@ -23,6 +23,7 @@ the copy with compute.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -259,6 +260,11 @@ class PackedLoader(PooledLoader):
                         f"{len(old['files'])} files; now {len(now['files'])}, or their sizes or times changed")
                 raise DataError(f"{src.cfg.path}: data changed under a resume (was {what}); restore the data or "
                                 "pass --fresh")
+        moved = [f"{d.cfg.path} {s['weight']:g} -> {d.cfg.weight:g}" for s, d in zip(saved_src, self.sources)
+                 if "weight" in s and s["weight"] != d.cfg.weight]  # positions saved before weights were: unknown
+        if moved and self.rank == 0:  # allowed (the mix follows the new weights), but said: it was silent
+            print(f"note: data.train weights changed since the checkpoint ({', '.join(moved)}): the mix follows the "
+                  "new weights from this step on (data.stages sets such changes in advance)", file=sys.stderr)
         self.close()
         self._consumed = int(state["consumed"])
         if self.num_workers == 0:

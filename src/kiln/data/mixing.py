@@ -83,7 +83,8 @@ class MapDocs:
         self._ahead: tuple[int, int, np.ndarray] = (0, -1, np.zeros(0, dtype=np.int64))  # (start, epoch, indices)
 
     def identity(self) -> dict[str, Any]:
-        return {"path": absolute_if_local(self.cfg.path), "files": self.files, "documents": self.n}
+        return {"path": absolute_if_local(self.cfg.path), "files": self.files, "documents": self.n,
+                "weight": self.cfg.weight}
 
     def _at(self, j: np.ndarray) -> np.ndarray:
         """Document indices of this shard's positions j in the current epoch."""
@@ -147,7 +148,8 @@ class StreamDocs:
         self._short = False  # the current window is the epoch's last
 
     def identity(self) -> dict[str, Any]:
-        return {"path": absolute_if_local(self.cfg.path), "files": self.files, "documents": None}
+        return {"path": absolute_if_local(self.cfg.path), "files": self.files, "documents": None,
+                "weight": self.cfg.weight}
 
     def _read_window(self) -> None:
         items: list[str] = []
