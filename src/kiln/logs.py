@@ -28,6 +28,7 @@ from rich.table import Table
 
 from kiln.errors import KilnError
 from kiln.runinfo import format_duration
+from kiln.train.checkpoint import list_checkpoints
 from kiln.train.metrics import read_metrics
 
 KINDS = ("train", "eval")
@@ -125,10 +126,9 @@ def load_run(path: str | Path) -> RunLog:
     except (OSError, ValueError):
         status = {}
     ended = status.get("state") if isinstance(status, dict) else None
-    ckpts = sorted((int(p.name.split("_")[1]), p.name) for p in (run_dir / "checkpoints").glob("step_*")
-                   if p.name.split("_")[1].isdigit() and (p / "meta.json").is_file())
+    ckpts = list_checkpoints(run_dir)
     return RunLog(run_dir, run_dir.name, kept["train"], kept["eval"], superseded, config, target,
-                  ended=ended if isinstance(ended, str) else None, last_checkpoint=ckpts[-1][1] if ckpts else None)
+                  ended=ended if isinstance(ended, str) else None, last_checkpoint=ckpts[-1].name if ckpts else None)
 
 
 def _num(v: Any) -> float | None:

@@ -65,6 +65,7 @@ from kiln.train.storage import (
 )
 
 STEP_RE = re.compile(r"^step_(\d+)$")
+CHAT_TEMPLATE = "chat_template.jinja"  # a post-training run's own .jinja (posttrain.chat_template), copied at save
 
 
 def list_checkpoints(run_or_ckpt_dir: Path) -> list[Path]:
@@ -447,9 +448,6 @@ def retained(scores: list[Any], *, keep_last: int, keep_best: int = 0) -> set[in
 def best_score(meta: dict[str, Any]) -> float | None:
     """A checkpoint's keep-best score (lower is better): train.keep_best_metric's, else its eval loss."""
     return meta.get("best_score", meta.get("eval_loss"))
-
-
-CHAT_TEMPLATE = "chat_template.jinja"  # a post-training run's own .jinja (posttrain.chat_template), copied at save
 
 
 def read_config(ckpt: Path) -> Config:

@@ -258,7 +258,7 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> 
               "torchrun times no steps: run it in one process for an estimate")
     elif plan.provisional:  # a time budget: estimate the steps from a short benchmark of real steps here
         steps, step_s = _budget_estimate(cfg, plan)
-        if step_s and steps <= cfg.optim.warmup_steps:  # the run would refuse it after its timed warmup
+        if steps <= cfg.optim.warmup_steps:  # the run would refuse it after its timed warmup
             raise BudgetTooShort(f"train.time_budget {cfg.train.time_budget} is too short: about {steps} steps fit "
                                  f"(a step takes {step_s:.2f} s here), and the run needs more than its warmup "
                                  f"(optim.warmup_steps {cfg.optim.warmup_steps}) and a final eval; raise the budget "
@@ -272,11 +272,11 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> 
     else:
         print(f"steps            {plan.total_steps:,} = {plan.total_tokens:,} tokens ({plan.budget_source})")
     print(f"intervals        log {plan.log_every}, eval {plan.eval_every}, save {plan.save_every} steps")
-    for line in describe_schedule(steps, cfg.optim, plan.tokens_per_step, peak_lr=plan.peak_lr) if steps else ():
-        print(line)
-    starts = stage_starts(cfg.data.stages, total_steps=steps, tokens_per_step=plan.tokens_per_step) if steps else []
-    for line in describe_stages(cfg.data.stages, starts, tokens_per_step=plan.tokens_per_step) if steps else ():
-        print(line)
+    if steps:  # the schedule and the stages' steps, where the step count is known
+        starts = stage_starts(cfg.data.stages, total_steps=steps, tokens_per_step=plan.tokens_per_step)  # estimated
+        for line in [*describe_schedule(steps, cfg.optim, plan.tokens_per_step, peak_lr=plan.peak_lr),
+                     *describe_stages(cfg.data.stages, starts, tokens_per_step=plan.tokens_per_step)]:
+            print(line)
     summary: dict[str, Any] = {"dry_run": True, "n_params": plan.n_params, "total_steps": steps,
                                "tokens_per_step": plan.tokens_per_step, "peak_lr": plan.peak_lr}
     est = estimate_memory(cfg)
