@@ -120,6 +120,8 @@ def test_training_from_shards_resumes_bitwise_with_another_worker_count(prepared
     (["--data.remainder", "half"], r"data.remainder: expected one of 'carry', 'drop'"),
     (["--data.on_exhausted", "wrap"], r"data.on_exhausted: expected one of 'cycle', 'drop', 'stop'"),
     (["--data.format", "shards", "--data.remainder", "drop"], r"data.remainder=drop applies to text sources"),
+    (["--data.shards", "d", "--data.on_exhausted", "stop"], r"data.on_exhausted=stop applies to text sources; "
+                                                            r"prepared shards .* \(use data.on_exhausted=cycle"),
     (["--data.train", '[{"path": "a.jsonl", "skip": -2}]'], r"skip and take must be >= 0"),
     (["--data.train", '[{"path": "a.jsonl", "streming": true}]'], r"unknown key 'data.train\[0\].streming'"),
 ])
@@ -128,3 +130,30 @@ def test_data_config_mistakes_fail_at_load_with_the_key(overrides_, match):
 
     with pytest.raises(ConfigError, match=match):
         load_config("tiny", overrides_)
+
+
+def test_a_run_whose_data_runs_dry_ends_there_with_its_final_eval_and_checkpoint(tmp_path):
+    """data.on_exhausted=stop through the command line: the run trains on every row its data has (a source smaller
+    than one data.encode_batch too), then ends as a finished run does: final eval, checkpoint, exit 0, the line
+    naming the source. Before, it was an error that lost every step since the last checkpoint. The same command
+    again has nothing to train and writes nothing."""
+    from conftest import run_kiln
+
+    small = write_corpus(tmp_path / "small.jsonl", n_docs=12, seed=3)
+    over = small_overrides(tmp_path, **{"train.max_steps": 500, "train.save_every": 100, "train.eval_every": 100,
+                                        "data.on_exhausted": "stop", "train.log_every": 100})
+    i = over.index("--data.train")
+    over[i + 1] = str(small)
+    runs = [run_kiln("train", "tiny", *over, capture_output=True, text=True, timeout=600) for _ in range(2)]
+    for res in runs:
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert f"{small}: ran dry after 1 epoch(s) on loader shard 0 of 1 at step " in res.stdout, res.stdout[-2000:]
+    records = read_metrics(tmp_path / "run")
+    step = records[-1]["step"]
+    assert 1 < step < 500 and [r["kind"] for r in records if r["step"] == step] == ["train", "eval"]
+    assert "of 500 (data.on_exhausted=stop)" in runs[0].stdout and f"done: {step} steps" in runs[0].stdout
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == [f"step_{step}"]
+    assert json.loads((tmp_path / "run" / "control" / "status.json").read_text())["state"] == "data ran dry"
+    assert "nothing to train" not in runs[1].stdout and "done earlier" in runs[1].stdout
+    summary = run_kiln("logs", "summary", str(tmp_path / "run"), capture_output=True, text=True, timeout=600)
+    assert json.loads(summary.stdout.strip().splitlines()[-1])["data_ran_dry"] is True

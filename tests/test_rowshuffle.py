@@ -160,3 +160,14 @@ def test_resume_refuses_another_row_shuffle_and_reads_states_from_before_it(tmp_
         PackedLoader(src, TOK, **KW, row_shuffle=W).load_state_dict(state)
     unshuffled = PackedLoader(src, TOK, **KW, row_shuffle=W, shuffle=False)  # data.shuffle=false: stream order
     assert unshuffled.state_dict()["row_shuffle"] == 0
+
+
+def test_a_dry_source_stops_after_the_same_rows_whatever_the_encode_batch(tmp_path):
+    """on_exhausted=stop ends where the documents end, not where a read-ahead of data.encode_batch documents ran
+    past them: a source smaller than one encode batch still trains on every row it has."""
+    src = [SourceConfig(path=long_docs(tmp_path))]  # 36 documents
+    got = {}
+    for encode_batch in (1, 4, 64):
+        kw = {**KW, "batch_size": 1, "encode_batch": encode_batch}
+        got[encode_batch] = rows_of(drain(PackedLoader(src, TOK, **kw, row_shuffle=0, on_exhausted="stop")))
+    assert got[64] and got[1] == got[4] == got[64]

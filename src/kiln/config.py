@@ -370,8 +370,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
 
 # Keys that moved: a config naming the old key gets a one-line error that names the new one; a config
 # saved in an older checkpoint is read with the old key moved (config_from_dict).
-RENAMED = {"parallel.compile": "train.compile",
-           "parallel.activation_checkpointing": "train.activation_checkpointing"}
+RENAMED = {"parallel.compile": "train.compile", "parallel.activation_checkpointing": "train.activation_checkpointing"}
 
 
 def _migrate(tree: dict[str, Any]) -> dict[str, Any]:
@@ -748,9 +747,10 @@ def _validate_data(d: DataConfig, *, where: str) -> None:
         raise ConfigError(f"{where}: data.shards ({d.shards}) and data.train ({', '.join(s.path for s in d.train)}) "
                           "are both set; data.shards replaces data.train: drop one, or list the prepared folders in "
                           "data.train with data.format=shards")
-    if (d.format == "shards" or d.shards) and d.remainder == "drop":
-        raise ConfigError(f"{where}: data.remainder=drop applies to text sources; prepared shards are cut into "
-                          "fixed blocks (use data.remainder=carry, or data.format=text)")
+    for key, value, default in (("remainder", d.remainder, "carry"), ("on_exhausted", d.on_exhausted, "cycle")):
+        if (d.format == "shards" or d.shards) and value != default:
+            raise ConfigError(f"{where}: data.{key}={value} applies to text sources; prepared shards are cut into "
+                              f"fixed blocks and repeat them (use data.{key}={default}, or data.format=text)")
 
 
 def _validate_stages(d: DataConfig, *, where: str) -> None:

@@ -29,6 +29,7 @@ from rich.table import Table
 from kiln.errors import KilnError
 from kiln.runinfo import format_duration
 from kiln.train.checkpoint import list_checkpoints
+from kiln.train.control import DATA_RAN_DRY
 from kiln.train.metrics import read_metrics
 
 KINDS = ("train", "eval")
@@ -210,7 +211,9 @@ def summarize(run: RunLog) -> dict[str, Any]:
         vals = _series(tr, key)[1]
         if vals:
             out[key] = vals[-1]
-    if run.ended not in (None, "finished", "target") and "target" not in out:  # stopped before its end
+    if run.ended == DATA_RAN_DRY:  # data.on_exhausted=stop: ended there, as configured
+        out["data_ran_dry"] = True
+    elif run.ended not in (None, "finished", "target") and "target" not in out:  # stopped before its end
         out["stopped"] = {"by": run.ended, "last_checkpoint": run.last_checkpoint}
         out.pop("eta_sec", None)  # nothing is running to arrive
     if "target" in out:  # stopped at its target: finished, whatever share of its planned steps it took
@@ -268,6 +271,8 @@ def _rows(s: dict[str, Any]) -> dict[str, str]:
         rows["progress"] = f"{100 * p if p <= 1 else p:.1f}%"  # a fraction, or already a percentage
         if "target" in s:
             rows["progress"] += " (stopped at its target)"
+        elif s.get("data_ran_dry"):
+            rows["progress"] += " (its data ran dry: data.on_exhausted=stop)"
     if "stopped" in s:
         st = s["stopped"]
         by = "an error (see its output)" if st["by"] == "failed" else st["by"]

@@ -115,3 +115,28 @@ def _cmdline(p: Path) -> str:
         return (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+@pytest.mark.dist
+def test_data_running_dry_on_one_rank_ends_every_rank_at_the_same_step(tmp_path):
+    """data.on_exhausted=stop under DDP: the ranks read disjoint documents and one runs dry first. Every rank now
+    ends at that step with the final eval and checkpoint; before, the dry rank's error ended the job with nothing
+    saved since the last checkpoint."""
+    import json
+
+    corpus = tmp_path / "c.jsonl"  # 13 documents: rank 0 reads 7, rank 1 reads 6
+    corpus.write_text("".join(json.dumps({"text": f"document {i} " + "words and more words " * 40}) + "\n"
+                              for i in range(13)))
+    res = torchrun(2, "train", "tiny", "--run.out_dir", str(tmp_path / "run"), "--data.train", str(corpus),
+                   "--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2", "--model.n_kv_heads",
+                   "1", "--model.ffn_dim", "64", "--train.seq_len", "32", "--train.global_batch_size", "4",
+                   "--train.micro_batch_size", "2", "--train.max_steps", "1000", "--train.time_budget", "",
+                   "--train.eval_tokens", "64", "--train.sample_tokens", "0", "--data.val", "[]",
+                   "--train.eval_every", "1000", "--data.on_exhausted", "stop", "--parallel.dp_replicate", "2",
+                   timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    said = [ln for ln in res.stdout.splitlines() if "ran dry" in ln]
+    assert len(said) == 1 and said[0].startswith("rank 1: ") and "(data.on_exhausted=stop)" in said[0], res.stdout
+    step = int(said[0].split(" at step ")[1].split()[0])
+    assert 1 < step < 1000 and f"done: {step} steps" in res.stdout
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")] == [f"step_{step}"]

@@ -310,8 +310,7 @@ class TextStream:
                 return i, handle
             if self.on_exhausted == "stop":
                 raise DataExhausted(f"{src.cfg.path}: ran dry after {src.epoch + 1} epoch(s) on loader shard "
-                                    f"{self.shard} of {self.num_shards} (data.on_exhausted=stop); set "
-                                    "data.on_exhausted=cycle or drop to go on, or train for fewer steps")
+                                    f"{self.shard} of {self.num_shards}")
             if self.on_exhausted == "cycle":
                 src.new_epoch(src.epoch + 1)
                 handle = src.next_handle()
@@ -322,10 +321,23 @@ class TextStream:
             if all(d.epoch > self._round for d in self.docs):
                 self._round += 1
 
+    def _picks(self) -> list[tuple[int, Any]]:
+        """The next `encode_batch` documents; with on_exhausted=stop, those before the dry source's end (the
+        stop comes at the next fill, once the rows of these are out, whatever data.encode_batch is)."""
+        picks: list[tuple[int, Any]] = []
+        for _ in range(self.encode_batch):
+            try:
+                picks.append(self._next_doc())
+            except DataExhausted:
+                if not picks:
+                    raise
+                break
+        return picks
+
     def _fill(self) -> None:
         """Tokenize the next `encode_batch` documents into the packer."""
         for _ in range(self._max_fills):
-            picks = [self._next_doc() for _ in range(self.encode_batch)]
+            picks = self._picks()
             texts: list[str] = [""] * len(picks)
             for i, src in enumerate(self.docs):
                 slots = [j for j, (s, _) in enumerate(picks) if s == i]

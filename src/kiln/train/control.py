@@ -33,6 +33,7 @@ from kiln.cache import cache_root
 from kiln.errors import KilnError
 
 COMMANDS = ("save", "stop", "abort")
+DATA_RAN_DRY = "data ran dry"  # a final state: the run ended where data.on_exhausted=stop found its data used up
 
 
 @dataclass(frozen=True)

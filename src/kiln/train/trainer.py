@@ -31,6 +31,7 @@ import torch.distributed as dist
 import yaml
 
 from kiln.config import Config, StageConfig, TrainConfig, parse_duration
+from kiln.data.mixing import DataExhausted
 from kiln.data.stages import StagedLoader, stage_starts
 from kiln.data.stages import describe as describe_stages
 from kiln.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_digest
@@ -46,7 +47,7 @@ from kiln.paths import saved_dict
 from kiln.runinfo import format_duration, run_info
 from kiln.train import checkpoint as ckpt_io
 from kiln.train.budget import BudgetTooShort, TimeBudget
-from kiln.train.control import JobControl, Requests, lock_run_folder
+from kiln.train.control import DATA_RAN_DRY, JobControl, Requests, lock_run_folder
 from kiln.train.engine import Engine
 from kiln.train.evaluator import Evaluation, Evaluator, target_met
 from kiln.train.metrics import MetricsLogger, StepLog, read_metrics
@@ -264,6 +265,9 @@ def train(cfg: Config, *, objective: Objective | None = None, fresh: bool = Fals
 # other stop (its last step, its target, its budget, train.stop_at_step) ends as planned: 0
 STOP_EXIT_CODES = {"signal": 130, "kiln control stop": 130, "kiln control abort": 1}
 
+class DataRanDry(KilnError):
+    """A training source ran dry under data.on_exhausted=stop, said on every rank at the same step."""
+
 
 def exit_code(summary: dict[str, Any]) -> int:
     """The exit code of the command whose run ended with `summary` (train's return)."""
@@ -289,13 +293,27 @@ def fit(run: Run) -> dict[str, Any]:
         run.progress.print(f"nothing to train: {done}; {more}, or pass --fresh to start over")
         return finish(run, None, complete=True)
     stopped: str | None = None  # why the run ended before its last step
+    first, last = state.step, None  # last: the latest step's (lr, result)
     with StopOnSignal() as signal:
         while state.step < plan.total_steps:
             if 0 < run.cfg.train.stop_at_step <= state.step:
                 stopped = "train.stop_at_step"
                 break
             lr = run.lr()
-            result = train_step(run, lr=lr, requests=run.requests(signal))
+            try:
+                result = train_step(run, lr=lr, requests=run.requests(signal))
+            except DataRanDry as e:
+                run.progress.print(f"{e} at step {state.step} of {plan.total_steps} (data.on_exhausted=stop): the "
+                                   "run ends there, its learning rate schedule unfinished (train.max_steps sets a "
+                                   "schedule that ends with the data; data.on_exhausted=cycle repeats it)")
+                if state.step == first:  # resumed where it ran dry: already evaluated and saved
+                    return finish(run, DATA_RAN_DRY, complete=True)
+                if state.window and last is not None:  # the last steps' train record, as a last step gets one
+                    run.log.write(state, lr=last[0], grad_norm=last[1].grad_norm, extras=last[1].extras,
+                                  spike=last[1].spike)
+                stopped = DATA_RAN_DRY
+                break
+            last = (lr, result)
             state.advance(tokens=plan.tokens_per_step, loss=result.loss)
             checkpointer.poll()  # rank 0: a finished background write becomes step_<N>
             if run.cfg.train.divergence_threshold > 0 and state.divergence.update(state.step, result.loss):
@@ -342,8 +360,7 @@ def train_step(run: Run, *, lr: float, requests: Requests) -> StepResult:
     t0 = time.perf_counter()
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-    device = run.layout.device
-    micro = [run.loader.next_batch().to(device) for _ in range(run.plan.accum_steps)] if run.loader else []
+    micro = _next_micro(run)
     loss_sum, count, extras = engine.forward_backward(micro, run.autocast)
     max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
     norm = float(engine.clip_grad_norm(max_norm))  # the pre-clip norm, global over shards and stages
@@ -517,6 +534,25 @@ def _retarget(state: TrainState, t: TrainConfig) -> None:
         state.target_step, state.target_metric, state.target_value = 0, "", None
 
 
+def _next_micro(run: Run) -> list[Any]:
+    """The step's micro-batches on this rank's device. A source that runs dry under data.on_exhausted=stop is
+    DataRanDry on every rank at once (one small collective per step, only with that setting under torchrun), so
+    every rank ends with the final eval and checkpoint instead of waiting on the others."""
+    dry = ""
+    try:
+        micro = [run.loader.next_batch().to(run.layout.device) for _ in range(run.plan.accum_steps)] \
+            if run.loader else []
+    except DataExhausted as e:
+        micro, dry = [], str(e)
+    if run.layout.distributed and run.cfg.data.on_exhausted == "stop":
+        said: list[str] = [""] * dist.get_world_size()
+        dist.all_gather_object(said, dry)
+        dry = next((f"rank {r}: {d}" for r, d in enumerate(said) if d), "")
+    if dry:
+        raise DataRanDry(dry)
+    return micro
+
+
 def finish(run: Run, stopped: str | None, *, complete: bool = False) -> dict[str, Any]:
     """The end of the run: the final eval and checkpoint (unless aborted, or `complete` already: a
     resumed run with nothing left to train), the summary, a sample. Reaching train.target_loss ends
@@ -524,6 +560,8 @@ def finish(run: Run, stopped: str | None, *, complete: bool = False) -> dict[str
     state, main, checkpointer = run.state, run.layout.is_main, run.checkpointer
     checkpointer.wait()
     reached = stopped == "target"
+    dry = stopped == DATA_RAN_DRY  # the end its config chose: a finished run's final eval, checkpoint and sample
+    stopped = None if dry else stopped
     final = run.last_eval if reached else None
     if state.step > 0 and not (stopped and not reached) and not complete:
         final = run.evaluate() if not reached else final
@@ -542,7 +580,7 @@ def finish(run: Run, stopped: str | None, *, complete: bool = False) -> dict[str
     if run.control is not None:
         if stopped in ("kiln control stop", "kiln control abort"):
             run.control.ack(run.pending, step=state.step, checkpoint=str(path) if path else None)
-        run.control.close(stopped if stopped and not reached else "finished")
+        run.control.close(stopped if stopped and not reached else DATA_RAN_DRY if dry else "finished")
     if stopped and not reached:
         if main:
             saved = path is not None or bool(ckpt_io.list_checkpoints(run.out))
