@@ -157,3 +157,24 @@ def test_a_run_whose_data_runs_dry_ends_there_with_its_final_eval_and_checkpoint
     assert "nothing to train" not in runs[1].stdout and "done earlier" in runs[1].stdout
     summary = run_kiln("logs", "summary", str(tmp_path / "run"), capture_output=True, text=True, timeout=600)
     assert json.loads(summary.stdout.strip().splitlines()[-1])["data_ran_dry"] is True
+
+
+def test_validation_files_of_one_name_are_told_apart_by_their_folder(tmp_path):
+    """data.val [a/val.jsonl, b/val.jsonl] logged eval_loss/val and eval_loss/val-2: which was which? Each is now
+    named by its folder too; a name the user gave stays, and one name given twice still gets -2."""
+    from kiln.data.factory import Batching, build_val_sets
+
+    tok = load_tokenizer("bundled-4k")
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        write_corpus(tmp_path / d / "val.jsonl", n_docs=4, seed=1)
+    b = Batching(seq_len=16, batch_size=2, seed=0)
+
+    def names(val):
+        cfg = load_config("tiny", ["--data.val", json.dumps(val)])
+        return list(build_val_sets(cfg.data, tok, b, max_tokens=64))
+
+    a, b_ = str(tmp_path / "a" / "val.jsonl"), str(tmp_path / "b" / "val.jsonl")
+    assert names([{"path": a}, {"path": b_}]) == ["a-val", "b-val"]
+    assert names([{"path": a, "name": "x"}, {"path": b_}]) == ["x", "val"]
+    assert names([{"path": a, "name": "x"}, {"path": b_, "name": "x"}]) == ["x", "x-2"]

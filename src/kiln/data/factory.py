@@ -112,8 +112,11 @@ def measure_diversity(d: DataConfig, tokenizer: Tokenizer, b: Batching, *, sourc
 
 def build_val_sets(d: DataConfig, tokenizer: Tokenizer, b: Batching, *, max_tokens: int) -> dict[str, list[Batch]]:
     """Fixed evaluation batches per validation source, at most `max_tokens` each (a prepared folder gives
-    one set per source it was prepared from). Names are unique: eval_loss/<name> and eval_ppl/<name>."""
+    one set per source it was prepared from). Names are unique: eval_loss/<name> and eval_ppl/<name>. Files of one
+    name in different folders (a/val.jsonl, b/val.jsonl) are told apart by their folder (a-val, b-val)."""
     out: dict[str, list[Batch]] = {}
+    names = [source_name(s) for s in d.val]
+    folders = {n: {Path(s.path).parent for s, m in zip(d.val, names) if m == n} for n in names}
 
     def put(name: str, batches: list[Batch]) -> None:
         key, i = name, 2
@@ -127,7 +130,10 @@ def build_val_sets(d: DataConfig, tokenizer: Tokenizer, b: Batching, *, max_toke
                                                        max_tokens=max_tokens).items():
                 put(name, batches)
         else:
-            put(source_name(s), validation_batches(s, tokenizer, seq_len=b.seq_len, batch_size=b.batch_size,
-                                                   max_tokens=max_tokens))
+            name = source_name(s)
+            if not s.name and len(folders[name]) > 1:
+                name = f"{Path(s.path).parent.name}-{name}"
+            put(name, validation_batches(s, tokenizer, seq_len=b.seq_len, batch_size=b.batch_size,
+                                         max_tokens=max_tokens))
     return out
 
