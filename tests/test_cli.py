@@ -87,7 +87,9 @@ def test_data_errors(tmp_path, trained):
         assert_user_error(run("train", "tiny", *plain, *extra), f"data.val[0]: {missing}: no such file")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert_user_error(run("train", "tiny", *with_train(str(empty))), str(empty))
+    for extra in ([], ["--dry-run"]):  # --dry-run said nothing of an empty file; the run then refused it
+        assert_user_error(run("train", "tiny", *with_train(str(empty)), *extra),
+                          f"data.train[0]: {empty}: empty source (the file is 0 bytes)")
     nocol = tmp_path / "nocol.jsonl"
     nocol.write_text(json.dumps({"body": "hello there"}) + "\n")
     assert_user_error(run("train", "tiny", *with_train(str(nocol))), str(nocol), "text")

@@ -287,9 +287,9 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> 
 
 def check_sources(cfg: Config) -> None:
     """Every local file or folder pretraining's data sources name (train, val, stages) resolves, as the loader
-    will resolve it: a missing path, an empty glob or an unsupported file type is one line naming the key,
-    before anything is set up or written (and by --dry-run). Nothing is read; a name that is not local (an
-    HF hub dataset) is not looked up. With data.format=shards the training sources must be finished prepared
+    will resolve it: a missing path, an empty glob, an unsupported file type or files of 0 bytes is one line
+    naming the key, before anything is set up or written (and by --dry-run). Nothing is read; a name that is not
+    local (an HF hub dataset) is not looked up. With data.format=shards the training sources must be finished prepared
     folders (their manifests are read; the shards are the loader's to open)."""
     d = cfg.data
     check_prepared_sources(d)
@@ -301,9 +301,12 @@ def check_sources(cfg: Config) -> None:
         if is_prepared(src.path):
             continue
         try:
-            resolve_files(src)
+            files = resolve_files(src)
         except DataError as e:
             raise DataError(f"{key}: {e}") from None
+        if files and all(f.stat().st_size == 0 for f in files):  # the loader's "0 documents", said before the run
+            raise DataError(f"{key}: {src.path}: empty source ({'every file is' if len(files) > 1 else 'the file is'} "
+                            "0 bytes)")
 
 
 def _budget_estimate(cfg: Config, plan: Plan) -> tuple[int, float]:
