@@ -340,3 +340,33 @@ def test_a_runs_saved_config_resumes_it_from_another_folder(tmp_path):
     assert losses(a / "run") == losses(ref / "run") and len(losses(ref / "run")) == 6
     saved = (a / "run" / "config.yaml").read_text()
     assert f"out_dir: {a / 'run'}" in saved and f"path: {a / 'train.jsonl'}" in saved
+
+
+def _saved_group_settings(ckpt: Path, tmp_path: Path) -> dict[str, object]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(ckpt / "dcp", tmp_path / "flat.pt")
+    optim = torch.load(tmp_path / "flat.pt", weights_only=False)["optim"]
+    prefix = "param_groups.layers.0.attn.wq.weight."
+    return {k[len(prefix):]: v for k, v in optim.items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_a_resume_trains_with_the_optimizer_settings_it_is_given_and_says_so(tmp_path, capsys, name):
+    """Resuming with another optim.weight_decay / betas / eps (or Muon's momentum) kept the checkpoint's values
+    while config.yaml recorded the new ones. The optimizer now takes its settings from the config (its moments
+    and step counts from the checkpoint), and the run says what changed."""
+    over = small_overrides(tmp_path, **{"train.max_steps": 4, "train.save_every": 2, "optim.name": name})
+    train(load_config("tiny", [*over, "--train.stop_at_step", "2"]), quiet=True)
+    new = {"optim.weight_decay": "0.7", "optim.betas": "[0.5, 0.6]", "optim.eps": "0.001",
+           "optim.muon_momentum": "0.8"}
+    capsys.readouterr()
+    train(load_config("tiny", [*over, *(x for kv in new.items() for x in ("--" + kv[0], kv[1]))]))
+    out = capsys.readouterr().err
+    changed = ("optim.betas [0.9, 0.95] -> [0.5, 0.6], optim.eps 1e-08 -> 0.001, optim.weight_decay 0.1 -> 0.7, "
+               "optim.muon_momentum 0.95 -> 0.8: the optimizer follows the new values from here")
+    assert f"note: resuming step_2 with {changed}" in out, out
+    got = _saved_group_settings(tmp_path / "run" / "checkpoints" / "step_4", tmp_path)
+    assert got["weight_decay"] == 0.7 and tuple(got["betas"]) == (0.5, 0.6) and got["eps"] == 0.001, got
+    if name == "muon":
+        assert got["momentum"] == 0.8, got

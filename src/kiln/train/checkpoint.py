@@ -630,4 +630,11 @@ def load_layout_state_dict(parts: list[nn.Module], optims: list[torch.optim.Opti
         set_model_state_dict(part, model_sd, options=StateDictOptions(strict=False))
         if optimizer:
             optim_sd = _rename({k: state["optim"][k] for k in own_optim}, inverse)
+            # each group's settings (betas, eps, weight_decay, momentum, ...) are this run's config, not the saved
+            # one's: a resume that changes optim.weight_decay trains with it (preflight's resume note says so)
+            settings = {id(g["params"][0]): {k: v for k, v in g.items() if k != "params"}
+                        for g in optim.param_groups if g["params"]}
             set_optimizer_state_dict(part, optim, optim_sd, options=StateDictOptions(flatten_optimizer_state_dict=True))
+            for g in optim.param_groups:
+                if g["params"]:
+                    g.update(settings[id(g["params"][0])])

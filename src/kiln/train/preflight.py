@@ -130,8 +130,9 @@ def check_resumable(saved: Config, cfg: Config, ckpt: Path, *, tokenizer: Tokeni
 
 # keys a resume may change that move the LR schedule or the tokens per step from the resumed step on
 SCHEDULE_KEYS = (("train", "max_steps"), ("train", "total_tokens"), ("train", "global_batch_size"),
-                 ("train", "seq_len"), ("optim", "lr"), ("optim", "schedule"), ("optim", "warmup_steps"),
-                 ("optim", "decay_fraction"), ("optim", "min_lr_ratio"))
+                 ("train", "seq_len"), *(("optim", k) for k in (
+                     "lr", "lr_scaling", "schedule", "warmup_steps", "decay_fraction", "decay_shape", "min_lr_ratio",
+                     "constant_lr_ratio", "cooldown_ratio", "min_cooldown_tokens", "anneal_steps")))
 
 
 def changed_schedule_note(saved: Config, cfg: Config, ckpt: Path) -> str | None:
@@ -146,6 +147,18 @@ def changed_schedule_note(saved: Config, cfg: Config, ckpt: Path) -> str | None:
         return None
     return (f"note: resuming {ckpt.name} with {', '.join(changed)}: the LR schedule and the tokens per step follow "
             "the new values from here (the steps taken keep theirs)")
+
+
+def changed_optimizer_note(saved: Config, cfg: Config, ckpt: Path) -> str | None:
+    """One line when a resume changes the optimizer's settings (betas, eps, weight_decay, Muon's momentum, ...):
+    the optimizer takes them from this step, its state (moments, step counts) from the checkpoint."""
+    a, b = to_dict(saved.optim), to_dict(cfg.optim)
+    skip = {"name", *(key for sec, key in SCHEDULE_KEYS if sec == "optim")}  # another optimizer is refused
+    changed = [f"optim.{k} {a[k]} -> {b[k]}" for k in a if k not in skip and a[k] != b.get(k)]
+    if not changed:
+        return None
+    return (f"note: resuming {ckpt.name} with {', '.join(changed)}: the optimizer follows the new values from here "
+            "(its moments and step counts are the checkpoint's)")
 
 
 # post-training keys a resume checks against the saved data itself (a run on other data is refused)
@@ -174,10 +187,10 @@ def dropped_val_note(saved: Config, cfg: Config, ckpt: Path) -> str | None:
 
 
 def resume_notes(saved: Config, cfg: Config, ckpt: Path) -> list[str]:
-    """What a resume changes that the user should hear: the schedule's keys, a stage's objective keys, a stage's
-    validation data left out."""
-    notes = (changed_schedule_note(saved, cfg, ckpt), changed_stage_note(saved, cfg, ckpt),
-             dropped_val_note(saved, cfg, ckpt))
+    """What a resume changes that the user should hear: the schedule's keys, the optimizer's settings, a stage's
+    objective keys, a stage's validation data left out."""
+    notes = (changed_schedule_note(saved, cfg, ckpt), changed_optimizer_note(saved, cfg, ckpt),
+             changed_stage_note(saved, cfg, ckpt), dropped_val_note(saved, cfg, ckpt))
     return [n for n in notes if n]
 
 
