@@ -50,6 +50,16 @@ def test_overrides_are_typed_and_nested():
     (["--model.norm_eps", "-1e-5"], r"model.norm_eps: must be positive, got -1e-05"),
     (["--train.keep_best", "-1"], r"train.keep_best: must be >= 0, got -1"),  # silently 0
     (["--run.cost_per_hour", "-2"], r"run.cost_per_hour: must be >= 0, got -2"),  # silently no cost
+    (["--optim.eps", "-1"], r"optim.eps: must be positive, got -1"),  # a torch traceback (adamw), used as is (muon)
+    (["--optim.eps", "0"], r"optim.eps: must be positive, got 0"),
+    (["--optim.weight_decay", "nan"], r"optim.weight_decay: must be a finite number, got nan"),  # "diverged" later
+    (["--optim.muon_lr_ratio", "nan"], r"optim.muon_lr_ratio: must be positive, got nan"),
+    (["--optim.embed_lr_ratio", "inf"], r"optim.embed_lr_ratio: must be a finite number, got inf"),
+    (["--optim.adafactor_clip", "nan"], r"optim.adafactor_clip: must be positive, got nan"),
+    (["--optim.adafactor_eps", "[0, 0.001]"], r"optim.adafactor_eps\[0\]: must be positive, got 0"),
+    (["--optim.min_cooldown_tokens", "nan"], r"optim.min_cooldown_tokens: must be a finite number, got nan"),
+    (["--train.divergence_threshold", "-1"], r"train.divergence_threshold: must be >= 0, got -1"),  # silently off
+    (["--train.spike_z", "nan"], r"train.spike_z: must be a finite number, got nan"),
     (["--data.train", '[{"path": "a.jsonl", "weight": 1e400}]'], r"weight must be a positive finite number, got inf"),
     (["--data.train", '[{"path": "a.jsonl", "weight": .nan}]'], r"weight must be a positive finite number, got nan"),
     (["--data.train", '[{"path": "a.jsonl", "weight": 0.7}, '], r"^--data.train: not valid JSON/YAML \("),  # a glob

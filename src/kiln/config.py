@@ -601,15 +601,11 @@ def _validate_optim(o: OptimConfig, *, where: str, parallel: ParallelConfig | No
     for key, (v, lo, hi) in ranges.items():
         if not lo <= v <= hi:
             raise ConfigError(f"{where}: {key}: must be within [{lo:g}, {hi:g}], got {v}")
-    for key, v in {"optim.min_cooldown_tokens": o.min_cooldown_tokens, "optim.anneal_steps": o.anneal_steps,
-                   "optim.weight_decay": o.weight_decay}.items():
-        if v < 0:
-            raise ConfigError(f"{where}: {key}: must be >= 0, got {v}")
-    for key, v in {"optim.adafactor_clip": o.adafactor_clip, "optim.adafactor_decay_rate": o.adafactor_decay_rate,
-                   "optim.muon_ns_steps": o.muon_ns_steps, "optim.muon_lr_ratio": o.muon_lr_ratio,
-                   "optim.embed_lr_ratio": o.embed_lr_ratio}.items():
-        if v <= 0:
-            raise ConfigError(f"{where}: {key}: must be positive, got {v}")
+    _check(where, {"optim.min_cooldown_tokens": (o.min_cooldown_tokens, ">= 0"), "optim.eps": (o.eps, "> 0"),
+                   "optim.anneal_steps": (o.anneal_steps, ">= 0"), "optim.weight_decay": (o.weight_decay, ">= 0"),
+                   **{f"optim.adafactor_eps[{i}]": (e, "> 0") for i, e in enumerate(o.adafactor_eps)},
+                   **{f"optim.{k}": (getattr(o, k), "> 0") for k in ("adafactor_clip", "adafactor_decay_rate",
+                                                                     "muon_ns_steps", "muon_lr_ratio", "embed_lr_ratio")}})
     if o.schedule == "infinite" and o.anneal_steps and o.min_lr_ratio <= 0:
         raise ConfigError(f"{where}: optim.min_lr_ratio: the infinite schedule's anneal is geometric and needs "
                           "a ratio > 0 (e.g. 0.1), or set optim.anneal_steps 0")
@@ -704,8 +700,8 @@ def _validate_train(t: TrainConfig, o: OptimConfig, m: ModelConfig, *, where: st
                    "optim.warmup_steps": (o.warmup_steps, ">= 0"), "train.keep_last": (t.keep_last, ">= 0"), "train.keep_best": (t.keep_best, ">= 0"),
                    "train.stop_at_step": (t.stop_at_step, ">= 0"), "train.target_loss": (t.target_loss, ">= 0"),
                    "train.eval_tasks_limit": (t.eval_tasks_limit, "> 0"),
-                   "train.save_every_minutes": (t.save_every_minutes, ">= 0"),
-                   "train.grad_clip": (t.grad_clip, ">= 0")})
+                   "train.save_every_minutes": (t.save_every_minutes, ">= 0"), "train.grad_clip": (t.grad_clip, ">= 0"),
+                   "train.divergence_threshold": (t.divergence_threshold, ">= 0"), "train.spike_z": (t.spike_z, ">= 0")})
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"{where}: train.ema_decay: must be within [0, 1) (0: off; 0.999 averages about the last "
                           f"1000 steps), got {t.ema_decay}")
