@@ -56,9 +56,27 @@ def test_decays_end_exactly_at_the_last_step_run(kw, total):
     assert all(a >= b for a, b in zip(factors[7:], factors[8:]))
 
 
+@pytest.mark.parametrize("kw, total", [
+    (dict(schedule="wsd", warmup_steps=5, decay_fraction=0.01), 20),  # round(0.2) steps: one decay step
+    (dict(schedule="cosine", warmup_steps=100), 101),  # the warmup leaves one step
+    (dict(schedule="infinite", warmup_steps=5, min_cooldown_tokens=0, anneal_steps=1), 20),
+])
+def test_a_decay_of_one_step_ends_the_run_at_the_floor(kw, total):
+    """A decay that gets only the last step stayed at the peak (its progress was 0 there), while the plan said
+    "decay steps 19-19 to 0.1 x peak". That step is the decay's end: the floor."""
+    cfg = OptimConfig(**kw)
+    assert lr_factor(total - 1, total_steps=total, cfg=cfg, tokens_per_step=1) == pytest.approx(0.1)
+    assert lr_factor(total - 2, total_steps=total, cfg=cfg, tokens_per_step=1) > 0.5
+    assert f"100% (step {total - 1}) 3e-05 (10.00%)" in "\n".join(describe_schedule(total, cfg, 1))
+
+
 def test_constant_and_tiny_runs():
     assert f(50, 100, schedule="constant", warmup_steps=0) == 1.0
     assert f(0, 1, warmup_steps=100) > 0  # warmup longer than the run still gives a usable LR
+    for cfg in (OptimConfig(warmup_steps=0), OptimConfig(schedule="wsd", warmup_steps=0)):  # one step: the peak
+        assert lr_factor(0, total_steps=1, cfg=cfg) == 1.0 and "decay" not in "".join(describe_schedule(1, cfg))
+    cut = OptimConfig(warmup_steps=30)  # `tiny` for 20 steps: the warmup is cut to the run and it ends at the peak
+    assert [lr_factor(s, total_steps=20, cfg=cut) for s in (18, 19)] == [1.0, 1.0]
 
 
 def test_no_decay_on_norms_and_embeddings():

@@ -48,8 +48,18 @@ def _warmup(cfg: OptimConfig, total_steps: int) -> int:
 
 
 def _progress(step: float, start: int, total_steps: int) -> float:
-    """0 at `start`, 1 at the last step that runs (total_steps - 1), clamped to [0, 1]."""
-    return min(max((step - start) / max(total_steps - 1 - start, 1), 0.0), 1.0)
+    """0 at `start`, 1 at the last step that runs (total_steps - 1), clamped to [0, 1]. A decay of one step is
+    that last step: 1 (it stayed at 0, so a WSD decay of one step ended the run at the peak)."""
+    span = total_steps - 1 - start
+    if span <= 0:
+        return 1.0 if step >= start else 0.0
+    return min(max((step - start) / span, 0.0), 1.0)
+
+
+def _no_decay(total_steps: int, cfg: OptimConfig) -> bool:
+    """A run of one step, or one whose optim.warmup_steps does not fit (cut to the run): it ends at the peak,
+    and the start-of-run summary says why (describe_schedule)."""
+    return total_steps <= 1 or (cfg.warmup_steps >= total_steps and cfg.schedule != "constant")
 
 
 def _wsd_decay_start(total_steps: int, cfg: OptimConfig) -> int:
@@ -101,7 +111,7 @@ def lr_factor(step: int, *, total_steps: int, cfg: OptimConfig, tokens_per_step:
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup  # linear warmup reaching the peak at the last warmup step
     floor = cfg.min_lr_ratio
-    if cfg.schedule == "constant":
+    if cfg.schedule == "constant" or _no_decay(total_steps, cfg):
         return 1.0
     if cfg.schedule == "cosine":
         return floor + (1 - floor) * _cosine(_progress(step, warmup, total_steps))
@@ -164,10 +174,10 @@ def describe_schedule(total_steps: int, cfg: OptimConfig, tokens_per_step: int |
     if cfg.lr_scaling == "sqrt":
         scaling = (f" (base {cfg.lr:g} x sqrt(global batch) = x{peak / cfg.lr:.3g})" if peak_lr is not None
                    else " (lr_scaling=sqrt: this is the base LR for global batch 1)")
-    whole = total_steps > 1 and cfg.warmup_steps >= total_steps and cfg.schedule != "constant"  # `tiny` for 20 steps
+    whole = total_steps > 1 and _no_decay(total_steps, cfg)  # `tiny` for 20 steps
     cut = f" (optim.warmup_steps {cfg.warmup_steps}, cut to the run)" if cfg.warmup_steps > warmup else ""
     lines = [f"lr schedule {cfg.schedule}: peak {peak:.3g}{scaling}, warmup {warmup:,} steps{cut}"]
-    if whole:  # the one step after the warmup is at the peak: no decay to describe (the note below says why)
+    if whole or total_steps <= 1:  # the step after the warmup is at the peak: no decay (the note below says why)
         pass
     elif cfg.schedule == "cosine":
         lines.append(f"  cosine decay steps {warmup:,}-{last:,} to {cfg.min_lr_ratio:g} x peak")
