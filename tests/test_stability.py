@@ -254,3 +254,16 @@ def test_dry_run_of_a_time_budget_with_a_zero_init_head_says_the_estimate_runs_h
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("steps "))
     assert "expect fewer" not in line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_divergence_before_any_checkpoint_says_to_start_over(tmp_path):
+    """"last good checkpoint: none ... run again to resume from it" pointed at nothing, and a plain rerun started
+    over in place with its records appended to the diverged run's: it now says --fresh."""
+    from kiln.train.trainer import _diverged
+
+    detector = DivergenceDetector(threshold=1.0)
+    for step, loss in enumerate([3.0] * 5 + [9.0] * 5, start=1):
+        detector.update(step, loss)
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(TrainingDiverged, match=r"; no good checkpoint\. Lower optim\.lr .* run again with --fresh"):
+        _diverged(tmp_path, detector, 10, True)

@@ -123,6 +123,13 @@ def test_nan_loss_aborts_without_saving(tmp_path, monkeypatch):
         train(cfg, quiet=True)
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "checkpoints").rglob("*")}
     assert after == before  # nothing written, nothing removed
+    # before the first save there is nothing to resume: say how to start over ("then resume" restarted in place,
+    # its records appended to the diverged run's)
+    calls["n"] = 0
+    (tmp_path / "new").mkdir()
+    first = load_config("tiny", small_overrides(tmp_path / "new", **{"train.max_steps": 10}))
+    with pytest.raises(TrainingDiverged, match=r"last good checkpoint: none\); .* then run again with --fresh"):
+        train(first, quiet=True)
 
 
 def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path):

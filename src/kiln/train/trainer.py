@@ -371,7 +371,7 @@ def train_step(run: Run, *, lr: float, requests: Requests) -> StepResult:
         raise TrainingDiverged(
             f"step {run.state.step + 1}: loss={loss} grad_norm={norm}; the update was not applied and nothing was "
             f"saved (last good checkpoint: {last[-1] if last else 'none'}); lower optim.lr or raise "
-            "optim.warmup_steps, then resume")
+            "optim.warmup_steps, then " + ("resume" if last else "run again with --fresh to start over"))
     spike = False
     if cfg.train.spike_z > 0:
         spike, z_loss, z_grad = run.state.spikes.check(loss, norm)
@@ -752,6 +752,7 @@ def _diverged(out: Path, detector: DivergenceDetector, step: int, main: bool) ->
         f"step {step}: the loss diverged (fast EMA {detector.fast:.3f} > slow EMA {detector.slow:.3f} + "
         f"{detector.threshold:g}, rising since step {onset}); stopped without saving"
         + (f", set aside {len(suspect)} checkpoint(s) as *.suspect" if suspect else "")
-        + f"; last good checkpoint: {good[-1] if good else 'none'}. Lower optim.lr (or raise optim.warmup_steps) "
-        "and run again to resume from it")
+        + (f"; last good checkpoint: {good[-1]}. Lower optim.lr (or raise optim.warmup_steps) and run again to "
+           "resume from it" if good else "; no good checkpoint. Lower optim.lr (or raise optim.warmup_steps) and "
+           "run again with --fresh to start over"))
 
