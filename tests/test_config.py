@@ -42,6 +42,9 @@ def test_overrides_are_typed_and_nested():
     (["--optim.lr", "-1"], r"optim.lr: must be a positive number"),
     (["--model.residual", "deepnorm"], r"deepnorm needs model.init=deepnet"),
     (["--train.max_steps"], r"missing value"),
+    (["--train.time_budget", "--optim.warmup_steps", "5"],  # was: "unexpected argument '5'", the flag unnamed
+     r"^--train.time_budget: missing value before --optim.warmup_steps \(an empty one: "
+     r"--train.time_budget ''\)$"),
     (["--train.unseen_smoothing", "1"], r"train.unseen_smoothing: must be within \[0, 1\)"),
     (["--posttrain.temperature", "inf"], r"posttrain.temperature: must be a finite number, got inf"),
     (["--posttrain.kl_coef", "nan"], r"posttrain.kl_coef: must be a finite number, got nan"),  # passed ">= 0"

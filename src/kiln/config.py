@@ -520,8 +520,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             key, raw = arg[2:].split("=", 1)
             i += 1
         else:
-            if i + 1 >= len(args):
-                raise ConfigError(f"{arg}: missing value")
+            if i + 1 >= len(args) or re.match(r"--[a-z_]+\.[a-z_]", args[i + 1]):  # the next flag is no value
+                raise ConfigError(f"{arg}: missing value" + (f" before {args[i + 1]} (an empty one: {arg} '')"
+                                                             if i + 1 < len(args) else ""))
             key, raw = arg[2:], args[i + 1]
             i += 2
         try:
