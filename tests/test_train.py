@@ -377,3 +377,24 @@ def test_a_resume_trains_with_the_optimizer_settings_it_is_given_and_says_so(tmp
     assert got["weight_decay"] == 0.7 and tuple(got["betas"]) == (0.5, 0.6) and got["eps"] == 0.001, got
     if name == "muon":
         assert got["momentum"] == 0.8, got
+
+
+def test_the_eta_spreads_an_eval_over_the_steps_instead_of_repeating_it(tmp_path):
+    """One 0.4 s pause (an eval) in the first of four windows: the ETA took each window's pace, so the window
+    with the eval predicted that pause for every remaining window (+72% right after each eval in a real run).
+    It is now this process's pace so far: the pause counts once, spread over the steps done."""
+    plan = Plan(n_params=1, tokens_per_step=1000, accum_steps=1, total_steps=16, total_tokens=16000,
+                budget_source="", peak_lr=1e-3, log_every=2, eval_every=10**6, save_every=10**6)
+    cpu = torch.device("cpu")
+    log = StepLog(plan, device=cpu, n_devices=1, model=ModelConfig(), seq_len=16,
+                  precision=train_precision("fp32", torch.float32, cpu), cost_per_hour=0.0,
+                  progress=Progress(16, quiet=True), metrics=MetricsLogger(tmp_path, tensorboard=False), control=None)
+    state = TrainState(divergence=DivergenceDetector(threshold=1.0), spikes=SpikeDetector(z_threshold=6.0))
+    for i in range(8):
+        state.advance(tokens=1000, loss=1.0)
+        if i == 1:
+            time.sleep(0.4)
+        log.step(state, lr=1e-3, grad_norm=1.0, extras={}, seconds=0.0)
+    etas = [r["eta_sec"] for r in read_metrics(tmp_path) if r["kind"] == "train"]
+    # after 2, 4, 6, 8 steps: 14, 12, 10, 8 steps left at 0.4 s / steps done (the window's pace gave 0 after it)
+    assert etas == pytest.approx([14 * 0.2, 12 * 0.1, 10 * 0.4 / 6, 8 * 0.05], rel=0.15), etas

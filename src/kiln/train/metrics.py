@@ -94,7 +94,8 @@ class StepLog:
 
     Wall-clock fields (tokens_per_sec, eta_sec, elapsed_sec, cost) count only this process's steps.
     tokens_per_sec is the training steps' own throughput (their seconds, as train_step timed them); the ETA
-    is the window's wall time, evals and checkpoints included, so it says when the run will end."""
+    is the pace of this process's steps so far, evals and checkpoints included, so it says when the run will end
+    (a window's pace jumped after each eval: one eval's time counted as every window's)."""
 
     def __init__(self, plan: Plan, *, device: torch.device, n_devices: int, model: ModelConfig, seq_len: int,
                  precision: Precision, cost_per_hour: float, progress: Progress, metrics: MetricsLogger | None,
@@ -105,6 +106,8 @@ class StepLog:
         self.flops_per_token = flops_per_token(model, seq_len=seq_len).total
         self._timed, self._t_window = 0, time.time()  # steps of this process since the last record, and when
         self._step_seconds = 0.0  # those steps' own seconds (no evals, no checkpoints)
+        self._first: float | None = None  # when this process's first step began
+        self._done = 0  # steps of this process
 
     def due(self, step: int) -> bool:
         return step % self.plan.log_every == 0 or step == self.plan.total_steps
@@ -115,6 +118,9 @@ class StepLog:
         step's own time (train_step's)."""
         self._timed += 1
         self._step_seconds += seconds
+        self._done += 1
+        if self._first is None:
+            self._first = time.time() - seconds
         if not self.due(state.step):
             self.progress.update(state.step)
             return
@@ -135,6 +141,12 @@ class StepLog:
             self.control.status(step=state.step, total_steps=self.plan.total_steps, loss=record["loss"],
                                 tokens_per_sec=record["tokens_per_sec"], eta=eta)
 
+    def _pace(self, window: float) -> float:
+        """Wall seconds per step of this process so far (its evals and saves spread over its steps)."""
+        if self._first is None or not self._done:
+            return window
+        return (time.time() - self._first) / self._done
+
     def record(self, state: TrainState, *, lr: float, grad_norm: float, extras: dict[str, float],
                spike: bool = False) -> dict[str, Any]:
         """The train record of the window ending at `state.step`."""
@@ -146,7 +158,7 @@ class StepLog:
             "kind": "train", "step": state.step, "tokens_seen": state.tokens_seen,
             "loss": sum(state.window) / max(len(state.window), 1), "lr": lr, "grad_norm": grad_norm,
             "tokens_per_sec": tok_s, "elapsed_sec": elapsed, "progress": state.step / self.plan.total_steps,
-            "eta_sec": (self.plan.total_steps - state.step) * dt / timed,
+            "eta_sec": (self.plan.total_steps - state.step) * self._pace(dt / timed),
         }
         if self.plan.provisional:  # a time budget not fixed yet: no length to measure progress against
             record["progress"] = record["eta_sec"] = None
