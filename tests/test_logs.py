@@ -112,6 +112,20 @@ def test_a_target_record_of_a_lost_timeline_is_not_reported(tmp_path):
     assert load_run(tmp_path).target["step"] == 5
 
 
+def test_a_reached_target_costs_what_its_time_does(tmp_path):
+    """The summary took cost from the last train record and time from the target's eval: "3m06s, $0.10" in the
+    target row beside "cost $0.09" and tokens per dollar of that. Both now end at the target."""
+    recs = [{"kind": "train", "step": 20, "tokens_seen": 40960, "loss": 8.0, "elapsed_sec": 162.0,
+             "cost_usd": 0.09},
+            {"kind": "eval", "step": 20, "eval_loss": 8.1},
+            {"kind": "target", "step": 20, "tokens_seen": 40960, "metric": "eval_loss", "target": 9.0, "value": 8.1,
+             "elapsed_sec": 186.8, "cost_usd": 0.1038}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / "config.yaml").write_text("train:\n  target_loss: 9\n")
+    s = summarize(load_run(tmp_path))
+    assert (s["elapsed_sec"], s["cost_usd"]) == (186.8, 0.1038) and s["tokens_per_usd"] == 40960 / 0.1038
+
+
 def _cells(img: np.ndarray, rows: int, cols: int) -> list[np.ndarray]:
     h, w = img.shape[0] // rows, img.shape[1] // cols
     return [img[r * h:(r + 1) * h, c * w:(c + 1) * w] for r in range(rows) for c in range(cols)]

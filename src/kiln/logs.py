@@ -218,7 +218,9 @@ def summarize(run: RunLog) -> dict[str, Any]:
         out.pop("eta_sec", None)  # nothing is running to arrive
     if "target" in out:  # stopped at its target: finished, whatever share of its planned steps it took
         out.pop("eta_sec", None)
-        out["elapsed_sec"] = max(out.get("elapsed_sec", 0.0), out["target"].get("elapsed_sec", 0.0))
+        for key in ("elapsed_sec", "cost_usd"):  # the target's eval came after the last train record
+            if key in out["target"]:
+                out[key] = max(out.get(key, 0.0), out["target"][key])
     if out.get("cost_usd") and out["tokens_seen"]:
         out["tokens_per_usd"] = out["tokens_seen"] / out["cost_usd"]
     out["records_superseded"] = run.superseded
