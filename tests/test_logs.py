@@ -126,6 +126,28 @@ def test_a_reached_target_costs_what_its_time_does(tmp_path):
     assert (s["elapsed_sec"], s["cost_usd"]) == (186.8, 0.1038) and s["tokens_per_usd"] == 40960 / 0.1038
 
 
+def test_a_run_whose_process_is_gone_is_not_reported_as_running(tmp_path):
+    """After kill -9 the summary kept the last record's ETA and no stop, as if the run went on. A status whose
+    process on this machine has ended without a final state is now said as such; another machine's is not
+    judged."""
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 30, "tokens_seen": 10, "loss": 5.0,
+                                                        "progress": 0.15, "eta_sec": 516.0}) + "\n")
+    (tmp_path / "control").mkdir()
+    status = {"job_id": "tiny-1", "pid": dead.pid, "host": socket.gethostname(), "step": 30}
+    (tmp_path / "control" / "status.json").write_text(json.dumps(status))
+    s = summarize(load_run(tmp_path))
+    assert s["stopped"] == {"by": "gone", "last_checkpoint": None} and "eta_sec" not in s
+    res = run_kiln("logs", "summary", str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert "by an unannounced end (killed?); no checkpoint;" in res.stdout, res.stdout
+    (tmp_path / "control" / "status.json").write_text(json.dumps({**status, "host": "another-machine"}))
+    assert summarize(load_run(tmp_path))["eta_sec"] == 516.0
+
+
 def _cells(img: np.ndarray, rows: int, cols: int) -> list[np.ndarray]:
     h, w = img.shape[0] // rows, img.shape[1] // cols
     return [img[r * h:(r + 1) * h, c * w:(c + 1) * w] for r in range(rows) for c in range(cols)]

@@ -29,7 +29,7 @@ from rich.table import Table
 from kiln.errors import KilnError
 from kiln.runinfo import format_duration
 from kiln.train.checkpoint import list_checkpoints
-from kiln.train.control import DATA_RAN_DRY
+from kiln.train.control import DATA_RAN_DRY, gone
 from kiln.train.metrics import read_metrics
 
 KINDS = ("train", "eval")
@@ -49,7 +49,8 @@ class RunLog:
     superseded: int  # records dropped because a resumed segment logged the same steps again
     config: dict[str, Any] | None
     target: dict[str, Any] | None = None  # the "target" record: train.target_loss reached
-    ended: str | None = None  # how the run's last process ended (control/status.json), None while it runs
+    ended: str | None = None  # how the run's last process ended (control/status.json), None while it runs;
+    # "gone": its process on this machine is not there and said nothing (kill -9)
     last_checkpoint: str | None = None  # the newest complete checkpoint's folder name
 
 
@@ -127,6 +128,8 @@ def load_run(path: str | Path) -> RunLog:
     except (OSError, ValueError):
         status = {}
     ended = status.get("state") if isinstance(status, dict) else None
+    if isinstance(status, dict) and gone(status):
+        ended = "gone"
     ckpts = list_checkpoints(run_dir)
     return RunLog(run_dir, run_dir.name, kept["train"], kept["eval"], superseded, config, target,
                   ended=ended if isinstance(ended, str) else None, last_checkpoint=ckpts[-1].name if ckpts else None)
@@ -277,7 +280,8 @@ def _rows(s: dict[str, Any]) -> dict[str, str]:
             rows["progress"] += " (its data ran dry: data.on_exhausted=stop)"
     if "stopped" in s:
         st = s["stopped"]
-        by = "an error (see its output)" if st["by"] == "failed" else st["by"]
+        by = {"failed": "an error (see its output)", "gone": "an unannounced end (killed?)"}.get(
+            st["by"], st["by"])
         last = f"last checkpoint {st['last_checkpoint']}" if st["last_checkpoint"] else "no checkpoint"
         rows["stopped"] = f"by {by}; {last}; the same command " + ("resumes" if st["last_checkpoint"] else "starts over")
     if "elapsed_sec" in s:

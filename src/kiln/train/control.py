@@ -91,6 +91,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def gone(status: dict[str, Any]) -> bool:
+    """A status.json with no final state whose process, on this machine, is no longer there (kill -9, out of
+    memory, a lost machine's reboot): nothing is running to finish the run."""
+    pid = status.get("pid")
+    return ("state" not in status and status.get("host") == socket.gethostname() and isinstance(pid, int)
+            and not _alive(pid))
+
+
 LOCK = ".kiln-lock"  # in the run folder: held by the process that trains there
 
 
@@ -159,8 +167,8 @@ class JobControl:
                                                 "time": time.time(), **result})
 
     def status(self, **fields: Any) -> None:
-        _write_json(self.dir / "status.json", {"job_id": self.job_id, "pid": os.getpid(), "time": time.time(),
-                                                **fields})
+        _write_json(self.dir / "status.json", {"job_id": self.job_id, "pid": os.getpid(), "host": socket.gethostname(),
+                                                "time": time.time(), **fields})
 
     def close(self, state: str) -> None:
         """Record the final state and leave the registry (only the first call counts)."""
