@@ -398,3 +398,30 @@ def test_the_eta_spreads_an_eval_over_the_steps_instead_of_repeating_it(tmp_path
     etas = [r["eta_sec"] for r in read_metrics(tmp_path) if r["kind"] == "train"]
     # after 2, 4, 6, 8 steps: 14, 12, 10, 8 steps left at 0.4 s / steps done (the window's pace gave 0 after it)
     assert etas == pytest.approx([14 * 0.2, 12 * 0.1, 10 * 0.4 / 6, 8 * 0.05], rel=0.15), etas
+
+
+def test_the_job_status_has_the_step_from_the_first_step_on():
+    """`kiln control list` showed "?/?" until the first train record (log_every steps): the status is now written
+    at a process's first step too; a time budget not yet fixed has no total (it showed the placeholder)."""
+    import dataclasses
+
+    class Control:
+        def __init__(self):
+            self.said = []
+
+        def status(self, **fields):
+            self.said.append(fields)
+
+    plan = Plan(n_params=1, tokens_per_step=1000, accum_steps=1, total_steps=16, total_tokens=16000,
+                budget_source="", peak_lr=1e-3, log_every=10, eval_every=10**6, save_every=10**6)
+    cpu = torch.device("cpu")
+    for p, total in ((plan, 16), (dataclasses.replace(plan, provisional=True), None)):
+        control = Control()
+        log = StepLog(p, device=cpu, n_devices=1, model=ModelConfig(), seq_len=16,
+                      precision=train_precision("fp32", torch.float32, cpu), cost_per_hour=0.0,
+                      progress=Progress(16, quiet=True), metrics=None, control=control)
+        state = TrainState(divergence=DivergenceDetector(threshold=1.0), spikes=SpikeDetector(z_threshold=6.0))
+        for _ in range(3):
+            state.advance(tokens=1000, loss=1.0)
+            log.step(state, lr=1e-3, grad_norm=1.0, extras={}, seconds=0.01)
+        assert control.said == [{"step": 1, "total_steps": total}]

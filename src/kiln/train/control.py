@@ -258,7 +258,7 @@ def main(argv: list[str]) -> int:
         rows = []
         for j in jobs:
             s = j["status"]
-            rows.append((j["job_id"], str(j["pid"]), f"{s.get('step', '?')}/{s.get('total_steps', '?')}",
+            rows.append((j["job_id"], str(j["pid"]), f"{s.get('step', '?')}/{s.get('total_steps') or '?'}",
                          f"{s['loss']:.4f}" if isinstance(s.get("loss"), float) else "-",
                          f"{s['tokens_per_sec']:,.0f}" if s.get("tokens_per_sec") else "-",
                          s.get("eta", "-"), j["run_dir"]))

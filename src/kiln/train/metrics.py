@@ -123,6 +123,8 @@ class StepLog:
             self._first = time.time() - seconds
         if not self.due(state.step):
             self.progress.update(state.step)
+            if self._done == 1 and self.control is not None:  # `kiln control list` shows the step before a record
+                self.control.status(step=state.step, total_steps=self._total())
             return
         self.write(state, lr=lr, grad_norm=grad_norm, extras=extras, spike=spike)
 
@@ -138,8 +140,12 @@ class StepLog:
         eta = format_duration(record["eta_sec"]) if record["eta_sec"] is not None else "?"
         self.progress.update(state.step, loss=record["loss"], lr=lr, tok_s=record["tokens_per_sec"], eta=eta)
         if self.control is not None:
-            self.control.status(step=state.step, total_steps=self.plan.total_steps, loss=record["loss"],
+            self.control.status(step=state.step, total_steps=self._total(), loss=record["loss"],
                                 tokens_per_sec=record["tokens_per_sec"], eta=eta)
+
+    def _total(self) -> int | None:
+        """The planned steps, or None while a time budget has not fixed them."""
+        return None if self.plan.provisional else self.plan.total_steps
 
     def _pace(self, window: float) -> float:
         """Wall seconds per step of this process so far (its evals and saves spread over its steps)."""
