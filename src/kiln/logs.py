@@ -17,6 +17,7 @@ import json
 import math
 import os
 import statistics
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -407,8 +408,9 @@ def plot_run(run: RunLog, out: str | Path | None = None) -> Path:
         _empty(ax, "eval")
     ax.set(title="eval loss", xlabel="step", ylabel="nats/token")
 
-    for ax, key, title in ((axes[2], "lr", "learning rate"), (axes[3], "grad_norm", "grad norm (before clip)"),
-                           (axes[4], "tokens_per_sec", "tokens/s")):
+    for ax, key, title, unit in ((axes[2], "lr", "learning rate", "lr"),
+                                 (axes[3], "grad_norm", "grad norm (before clip)", "L2 norm"),
+                                 (axes[4], "tokens_per_sec", "tokens/s", "tokens/s")):
         xs, ys = _series(tr, key)
         if ys:
             ax.plot(xs, ys, color="C2" if key == "lr" else "C3" if key == "grad_norm" else "C4", lw=1.5, **_dots(xs))
@@ -421,7 +423,7 @@ def plot_run(run: RunLog, out: str | Path | None = None) -> Path:
                 ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         else:
             _empty(ax, key)
-        ax.set(title=title, xlabel="step")
+        ax.set(title=title, xlabel="step", ylabel=unit)
 
     ax = axes[5]
     for i, key in enumerate(task_keys(run)):
@@ -431,12 +433,13 @@ def plot_run(run: RunLog, out: str | Path | None = None) -> Path:
         ax.legend()
     else:
         _empty(ax, "train.eval_tasks")
-    ax.set(title="downstream acc_norm", xlabel="step")
+    ax.set(title="downstream acc_norm", xlabel="step", ylabel="accuracy")
 
     axes[7].axis("off")
     ax = axes[6]
     ax.axis("off")
-    text = "\n".join(f"{k}: {v}" for k, v in _rows(summarize(run)).items())
+    text = "\n".join(textwrap.fill(f"{k}: {v}", width=46, subsequent_indent="    ")  # long rows: no squeezed panels
+                     for k, v in _rows(summarize(run)).items())
     ax.text(0.02, 0.98, text, va="top", ha="left", family="monospace", fontsize=10, transform=ax.transAxes)
     ax.set_title("summary")
     return _save(fig, out)
@@ -469,8 +472,9 @@ def compare_runs(runs: Sequence[RunLog], out: str | Path) -> Path:
     xlabel = "tokens seen" if x == "tokens_seen" else "step"
     if axes[2].lines:
         axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    for ax, title in zip(axes, ("train loss (smoothed; raw faint)", "eval loss", "learning rate")):
-        ax.set(title=title, xlabel=xlabel)
+    for ax, title, unit in zip(axes, ("train loss (smoothed; raw faint)", "eval loss", "learning rate"),
+                               ("nats/token", "nats/token", "lr")):
+        ax.set(title=title, xlabel=xlabel, ylabel=unit)
         if ax.lines:
             ax.legend()
         else:
