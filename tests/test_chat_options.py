@@ -23,12 +23,48 @@ def ckpt(tmp_path_factory):
     ("--top-p", "1.5", "--top-p must be within (0, 1], got 1.5"),
     ("--repetition-penalty", "0", "--repetition-penalty must be > 0 (1 disables it), got 0.0"),
 ])
-def test_chat_refuses_a_bad_sampling_option_before_anyone_types(ckpt, flag, value, message, capsys):
+@pytest.mark.parametrize("command", ["chat", "generate"])
+def test_chat_refuses_a_bad_sampling_option_before_anyone_types(ckpt, flag, value, message, capsys, command):
     """generate's own checks, which chat ran only on the first message; no banner, no prompt. (In-process
-    through kiln.cli.main: the refusal comes before anything is loaded.)"""
-    assert main(["chat", "--checkpoint", str(ckpt), flag, value]) == 2
+    through kiln.cli.main: the refusal comes before anything is loaded.) generate said "top_p must be ...", not
+    the flag, and only after loading the checkpoint."""
+    extra = ["--prompt", "hi"] if command == "generate" else []
+    assert main([command, "--checkpoint", str(ckpt), flag, value, *extra]) == 2
     out, err = capsys.readouterr()
     assert err.strip().splitlines() == [f"kiln: error: {message}"] and out == "", err[-2000:]
+
+
+@pytest.mark.parametrize("flag", ["--temperature", "--repetition-penalty"])
+def test_a_tiny_temperature_or_penalty_samples_instead_of_failing(ckpt, flag):
+    """1e-300 overflowed the logits to inf: torch.multinomial's "probability tensor contains inf/nan" traceback.
+    A temperature that small is greedy in effect; a penalty that small keeps the repeated token on top."""
+    res = run_kiln("generate", "--checkpoint", str(ckpt), "--prompt", "the the the", flag, "1e-300",
+                   "--max-new-tokens", "4", capture_output=True, text=True)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    if flag == "--temperature":
+        greedy = run_kiln("generate", "--checkpoint", str(ckpt), "--prompt", "the the the", "--temperature", "0",
+                          "--max-new-tokens", "4", capture_output=True, text=True)
+        assert res.stdout == greedy.stdout
+
+
+def test_chat_says_a_pretrained_model_has_not_seen_the_template_and_refuses_a_message_past_the_context(ckpt):
+    """A pretrained checkpoint under kiln's template continued text with no word of why. A message longer than
+    the context was cut from the left, [INST] and the system message with it: it is now refused, the chat goes
+    on."""
+    res = run_kiln("chat", "--checkpoint", str(ckpt), "--max-new-tokens", "8", "--temperature", "0",
+                   input="word " * 300 + "\nhello\n", capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    err = " ".join(res.stderr.split())
+    assert "note: this checkpoint was not post-trained (kiln sft)" in err
+    assert "(note: that message is " in err and "does not fit the model's 128-token context: send a shorter one" in err
+    assert "truncated" not in err and res.stdout.strip() and res.stdout.count("\n") == 1  # "hello" answered
+
+
+def test_an_empty_checkpoint_path_is_said_as_empty(capsys):
+    """--checkpoint '' was read as the current folder: ".: no complete checkpoint found"."""
+    assert main(["generate", "--checkpoint", "", "--prompt", "x"]) == 2
+    assert capsys.readouterr().err.strip() == ("kiln: error: the checkpoint path is empty; pass a checkpoint folder "
+                                               "or a run folder")
 
 
 def test_chat_refuses_a_system_message_it_has_no_template_for(ckpt, capsys):

@@ -75,12 +75,13 @@ def _generate(argv: list[str]) -> int:
     _add_ckpt(p)
     p.add_argument("--prompt", required=True, help="the text to continue; - reads it from standard input; '' "
                    "samples from nothing (after an end of text)")
-    p.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    p.add_argument("--top-k", type=int_at_least(0), default=0, help="0 disables it")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int_at_least(0), default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 disables it (CTRL-style penalty)")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=64, help="default 64")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default 0.8)")
+    p.add_argument("--top-k", type=int_at_least(0), default=0, help="0 disables it (the default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 disables it (the default)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="default 0")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 disables it (CTRL-style penalty; "
+                   "the default)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
     args = p.parse_args(argv)
     if args.prompt == "-":
@@ -92,9 +93,10 @@ def _generate(argv: list[str]) -> int:
         raise KilnError("--stop '': an empty stop string matches nowhere; pass the text to stop at")
     from kiln.data.tokenizer import load_tokenizer
     from kiln.device import pick_device
-    from kiln.generate import generate_text
+    from kiln.generate import check_flags, generate_text
     from kiln.train.checkpoint import load_for_inference
 
+    check_flags(args)  # as typed (--top-p), before the checkpoint loads
     pick_device(args.device, option="--device")  # a missing GPU is said before the checkpoint loads
     model, cfg, _ = load_for_inference(args.checkpoint, device=args.device)
     tok = load_tokenizer(cfg.data.tokenizer)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,6 +55,17 @@ def check_args(*, max_new_tokens: int, temperature: float, top_k: int, top_p: fl
         raise GenerationError(f"repetition_penalty must be > 0 (1 disables it), got {repetition_penalty}")
 
 
+def check_flags(args: Any) -> None:
+    """check_args on a command's parsed flags (kiln generate, kiln chat), before a model loads; an error names
+    the flag as typed (--top-p), not the parameter."""
+    try:
+        check_args(max_new_tokens=getattr(args, "max_new_tokens", None) or 1, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    except GenerationError as e:  # "top_p must be ..." -> "--top-p must be ..."
+        key, rest = str(e).split(" ", 1)
+        raise GenerationError(f"--{key.replace('_', '-')} {rest}") from None
+
+
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
     """logits (B, V) float, seen (B, V) bool -> penalised logits (CTRL: divide positive, multiply negative)."""
     if penalty == 1.0:
@@ -67,12 +79,13 @@ def sample_next(logits: Tensor, *, temperature: float, top_k: int, top_p: float,
                 repetition_penalty: float = 1.0) -> Tensor:
     """logits (B, V) -> next token ids (B,). temperature 0 is greedy (argmax, ties to the lowest id).
     `seen` (B, V) marks tokens already in each row, for the repetition penalty."""
-    logits = logits.float()
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    logits = logits.double()  # a temperature or penalty of 1e-300 is 0 as a float32 (x / 0: inf, 0 / 0: nan)
+    if seen is not None:  # a tiny penalty can overflow a logit to inf: the largest float keeps it the largest
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty).clamp(max=torch.finfo(torch.float64).max)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # from the row's maximum (0) down, so a tiny temperature makes the others -inf, not the maximum inf (nan)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -310,27 +310,22 @@ def chat(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=None,
                    help="tokens per reply, at least 1 (default: min(256, half the model's context)); a value that "
                         "leaves no room for a prompt within the context (>= model.max_seq_len) is refused")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
-    p.add_argument("--top-k", type=int_at_least(0), default=50, help="0 disables it")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (default 0.7)")
+    p.add_argument("--top-k", type=int_at_least(0), default=50, help="0 disables it (default 50)")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 disables it (the default)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 disables it (the default)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="default 0; each reply takes the next seed")
     p.add_argument("--raw", action="store_true", help="no chat template: the model continues your text")
     args = p.parse_args(argv)
     from kiln.device import pick_device
-    from kiln.generate import GenerationError, check_args, generate_from_ids, generate_text
+    from kiln.generate import GenerationError, check_flags, generate_from_ids, generate_text
     from kiln.train.checkpoint import load_for_inference
 
     if args.raw and args.system:  # raw continuation has no place for it: said, not dropped
         raise GenerationError("--system needs the chat template, which --raw turns off; leave out one of them "
                               "(with --raw, begin your text with what the system message would say)")
     pick_device(args.device, option="--device")  # a missing GPU is said as the flag the user typed
-    try:  # generate's own checks, before the model loads and anyone types
-        check_args(max_new_tokens=1, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    repetition_penalty=args.repetition_penalty)
-    except GenerationError as e:  # "top_p must be ..." -> "--top-p must be ...": the flag the user typed
-        key, rest = str(e).split(" ", 1)
-        raise GenerationError(f"--{key.replace('_', '-')} {rest}") from None
+    check_flags(args)  # before the model loads and anyone types
     model, cfg, ckpt = load_for_inference(args.checkpoint, device=args.device)
     context = cfg.model.max_seq_len
     if args.max_new_tokens is None:  # demo's context is 256 tokens: its replies get 128, its prompts the rest
@@ -342,6 +337,10 @@ def chat(argv: list[str]) -> int:
     interactive = sys.stdin.isatty()
     mode = "raw continuation" if args.raw else f"chat template '{fmt.name}'"
     print(f"kiln chat: {ckpt} ({mode}; empty line quits, /reset starts over)", file=sys.stderr)
+    if not args.raw and fmt.name == "kiln" and not cfg.posttrain.data:  # a pretrained model, never shown a template
+        print("note: this checkpoint was not post-trained (kiln sft) and its tokenizer has no chat template of its "
+              "own, so it has never seen this one: expect it to continue text rather than reply (--raw continues "
+              "your text; kiln sft teaches it the template)", file=sys.stderr)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
     seed = args.seed
@@ -366,6 +365,12 @@ def chat(argv: list[str]) -> int:
             while len(ids) + args.max_new_tokens > cfg.model.max_seq_len and len(history) > 2:
                 history, forgot = history[2:], forgot + 1  # forget the oldest exchange
                 ids = fmt.prompt_ids(system + history)
+            if len(ids) + args.max_new_tokens > cfg.model.max_seq_len:  # this message alone: cutting it from the
+                history.pop()  # left would cut the template's control tokens too
+                print(f"(note: that message is {len(ids):,} tokens with the template; with --max-new-tokens "
+                      f"{args.max_new_tokens} it does not fit the model's {cfg.model.max_seq_len}-token context: "
+                      "send a shorter one)", file=sys.stderr)
+                continue
             if forgot:  # said, as generate says a prompt it truncates
                 print(f"(note: the conversation outgrew the model's {cfg.model.max_seq_len}-token context with "
                       f"--max-new-tokens {args.max_new_tokens}: the oldest {forgot} exchange(s) are forgotten)",

@@ -87,6 +87,8 @@ def is_hf_folder(p: Path) -> bool:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a run folder meaning its latest checkpoint; verified (DamagedCheckpoint
     when a file differs from its marker: a damaged latest checkpoint is refused, not skipped)."""
+    if not str(path).strip():  # Path('') is '.': the folder the command runs in, which the user did not name
+        raise CheckpointError("the checkpoint path is empty; pass a checkpoint folder or a run folder")
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint or run folder")
