@@ -111,3 +111,16 @@ def test_a_missing_gpu_names_the_flag_the_user_typed(ckpt, command, capsys):
     assert main([command, "--checkpoint", str(ckpt), "--device", "cuda", *extra]) == 2
     out, err = capsys.readouterr()
     assert err.strip().splitlines() == ["kiln: error: --device cuda: no CUDA device is visible; use --device auto or cpu"]
+
+
+def test_generate_says_when_it_writes_past_the_length_the_run_trained_on(ckpt):
+    """A run trained on 64-token rows with model.max_seq_len 128 (as `tiny`: 256 of 1024) generated past 64 tokens
+    without a word; export said it, generate now does too, and only when the text goes past."""
+    def note(n):
+        res = run_kiln("generate", "--checkpoint", str(ckpt), "--prompt", "hi", "--max-new-tokens", str(n),
+                       "--temperature", "0", capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return "note: this run trained on 64-token sequences; text past 64 tokens is at positions it never saw" \
+            in res.stderr
+
+    assert note(100) and not note(10)

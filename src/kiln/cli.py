@@ -100,6 +100,11 @@ def _generate(argv: list[str]) -> int:
     pick_device(args.device, option="--device")  # a missing GPU is said before the checkpoint loads
     model, cfg, _ = load_for_inference(args.checkpoint, device=args.device)
     tok = load_tokenizer(cfg.data.tokenizer)
+    trained = cfg.train.seq_len  # a run from scratch never saw positions past its rows (bench/RESULTS.md, ninth sitting)
+    if not cfg.run.init_from and trained < cfg.model.max_seq_len and \
+            len(tok.encode(args.prompt)) + args.max_new_tokens > trained:
+        print(f"note: this run trained on {trained}-token sequences; text past {trained} tokens is at positions it "
+              f"never saw (model.max_seq_len {cfg.model.max_seq_len})", file=sys.stderr)
     stream = sys.stdout.isatty()
     if stream:
         print(args.prompt, end="", flush=True)
