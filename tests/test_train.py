@@ -425,3 +425,26 @@ def test_the_job_status_has_the_step_from_the_first_step_on():
             state.advance(tokens=1000, loss=1.0)
             log.step(state, lr=1e-3, grad_norm=1.0, extras={}, seconds=0.01)
         assert control.said == [{"step": 1, "total_steps": total}]
+
+
+def test_the_config_of_a_run_moved_aside_by_fresh_resumes_that_run(tmp_path):
+    """`--fresh` moved the run to RUN.old-<time>; `kiln train RUN.old-<time>/config.yaml` then resumed the *new*
+    run in RUN (its config still named RUN as run.out_dir), under the old run's settings. It now trains where the
+    file is, and says so; --fresh's line says how to resume the old run."""
+    from conftest import run_kiln
+
+    over = small_overrides(tmp_path, **{"train.max_steps": 4, "train.eval_every": 100, "train.save_every": 2})
+
+    def kiln(*args: str):
+        res = run_kiln("train", *args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res
+
+    kiln("tiny", *over, "--train.stop_at_step", "2")
+    fresh = kiln("tiny", *over, "--train.max_steps", "2", "--fresh")
+    (old,) = tmp_path.glob("run.old-*")
+    assert f"--fresh: moved the previous run to {old} (`kiln train {old}/config.yaml` resumes it there)" in fresh.stdout
+    res = kiln(str(old / "config.yaml"), "--train.stop_at_step", "0")  # the saved config holds the stop
+    assert f"is the config of the run in {old}: it trains there" in " ".join(res.stderr.split()), res.stderr
+    assert [p.name for p in ckpt_io.list_checkpoints(old)][-1] == "step_4"
+    assert [p.name for p in ckpt_io.list_checkpoints(tmp_path / "run")] == ["step_2"]  # the new run: untouched

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from kiln.cliargs import int_at_least
 from kiln.errors import KilnError, first_line
@@ -60,9 +61,26 @@ def _train(argv: list[str]) -> int:
     from kiln.config import load_config
 
     cfg = load_config(args.preset, overrides)  # a bad key or value is refused before torch loads (~2 s)
+    if not any(o.split("=")[0] == "--run.out_dir" for o in overrides):
+        _follow_run_folder(Path(args.preset), cfg)
     from kiln.train.trainer import exit_code, train
 
     return exit_code(train(cfg, fresh=args.fresh, quiet=args.quiet, dry=args.dry_run, started=STARTED))
+
+
+def _follow_run_folder(path: Path, cfg) -> None:
+    """`kiln train RUN/config.yaml` trains in RUN, where that file is: its run.out_dir still names where the run
+    was before `--fresh` moved it aside (or `mv`), and the command resumed the run that is there now."""
+    if path.name != "config.yaml" or not path.is_file():
+        return
+    folder = path.resolve().parent
+    if not ((folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file()):
+        return
+    if Path(cfg.run.out_dir).resolve() != folder:
+        print(f"note: {path} is the config of the run in {folder}: it trains there (its run.out_dir, "
+              f"{cfg.run.out_dir}, is where the run was before it moved; --run.out_dir trains elsewhere)",
+              file=sys.stderr)
+        cfg.run.out_dir = str(folder)
 
 
 def _add_ckpt(p: argparse.ArgumentParser) -> None:

@@ -86,7 +86,7 @@ def prepare_out_dir(out: Path, *, fresh: bool) -> None:
         except OSError as e:  # a name at the filesystem's length limit, a read-only folder
             raise KilnError(f"--fresh: cannot move {out} aside to {aside.name} ({e.strerror or e}); move or rename "
                             "it yourself, or pass another --run.out_dir") from None
-        print(f"--fresh: moved the previous run to {aside}")
+        print(f"--fresh: moved the previous run to {aside} (`kiln train {aside}/config.yaml` resumes it there)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
