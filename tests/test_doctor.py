@@ -155,3 +155,41 @@ def test_a_layout_training_refuses_fails_the_parallel_check(tmp_path, capsys, mo
     status, detail = doctor.check_parallel(ctx)
     assert status == "FAIL" and needle in detail
     assert main(["doctor", "tiny", flag, "1"]) == 0
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--model.attention", "flex", "model.attention=flex has no backward on CPU"),
+    ("--train.loss_impl", "liger", "train.loss_impl=liger needs liger-kernel and a CUDA device"),
+    ("--train.checkpoint_url", "nosuchproto://b/x", "train.checkpoint_url nosuchproto://b/x"),
+    ("--run.init_from", "/nope", "run.init_from: /nope: no such checkpoint or run folder"),
+    ("--train.eval_tasks", "nosuch.jsonl", "nosuch.jsonl"),
+])
+def test_what_the_run_would_refuse_at_setup_fails_doctor_and_the_dry_run(tmp_path, capsys, flag, value, needle):
+    """kiln doctor said PASS to all of these, and --dry-run exited 0 for the last four; `kiln train` refused each
+    at setup. Both now say the run's own line."""
+    ctx = doctor.Context(cfg=load_config("tiny", [flag, value]), device=doctor.torch.device("cpu"),
+                         out_dir=tmp_path / "out")
+    assert doctor.check_tokenizer(ctx)[0] == "PASS"
+    status, detail = doctor.check_setup(ctx)
+    assert status == "FAIL" and detail.startswith("`kiln train` would stop: ") and needle in detail, detail
+    assert main(["train", "tiny", flag, value, "--run.out_dir", str(tmp_path / "run"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kiln: error: ") and needle in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_doctor_says_a_finished_run_has_nothing_to_train(tmp_path):
+    """It said "writable: ... (resumes from step_4)" where `kiln train` has nothing to train."""
+    from test_train import small_overrides
+
+    from kiln.train.trainer import train
+
+    over = small_overrides(tmp_path, **{"train.max_steps": 4, "train.save_every": 4, "train.eval_every": 100})
+    train(load_config("tiny", over), quiet=True)
+    cfg = load_config("tiny", over)
+    status, detail = doctor.check_out_dir(doctor.Context(cfg=cfg, device=doctor.torch.device("cpu"),
+                                                         out_dir=tmp_path / "run"))
+    assert status == "WARN" and "complete at step_4, so `kiln train` has nothing to train" in detail, detail
+    cfg = load_config("tiny", [*over, "--train.max_steps", "6"])
+    assert doctor.check_out_dir(doctor.Context(cfg=cfg, device=doctor.torch.device("cpu"),
+                                               out_dir=tmp_path / "run"))[0] == "PASS"

@@ -34,7 +34,7 @@ from kiln import __version__
 from kiln.config import Config, ModelConfig, load_config, split_preset
 from kiln.data.factory import Batching, build_train_source, measure_diversity, train_sources, uses_shards
 from kiln.data.packing import Batch
-from kiln.data.sources import is_hub_source, resolve_files, source_name
+from kiln.data.sources import is_hub_source, source_name
 from kiln.data.tokenizer import load_tokenizer
 from kiln.device import cpu_has_bf16_matmul, pick_device
 from kiln.errors import ConfigError, KilnError
@@ -45,7 +45,9 @@ from kiln.model.attention import AttnMask, attend
 from kiln.optim import build_optimizer, param_dtype
 from kiln.parallel.mesh import check_model_split
 from kiln.runinfo import git_describe
-from kiln.train.preflight import run_folder_plan
+from kiln.train.checkpoint import list_checkpoints
+from kiln.train.plan import make_plan
+from kiln.train.preflight import check_sources, check_startup, run_folder_plan
 from kiln.train.sinks import wandb_enabled
 
 Status = Literal["PASS", "WARN", "FAIL", "SKIP"]
@@ -355,9 +357,7 @@ def check_data(ctx: Context) -> tuple[Status, str]:
     sources = train_sources(cfg.data)
     local = [s for s in sources if uses_shards(cfg.data) or not is_hub_source(s)]
     hub = [s.path for s in sources if s not in local]
-    for s in cfg.data.val:
-        if not is_hub_source(s):
-            resolve_files(s)  # raises a one-line DataError when missing
+    check_sources(cfg)  # `kiln train`'s own refusal of a missing or empty source, naming its key
     if not local:
         return "WARN", f"only HF hub sources ({', '.join(hub)}): not fetched here (network); run kiln train to see"
     # the trainer's own batch source, one sequence per batch, tokenizing in this process, rows in stream
@@ -432,7 +432,27 @@ def check_out_dir(ctx: Context) -> tuple[Status, str]:
         plan = run_folder_plan(ctx.cfg, out=out)
     except KilnError as e:  # its fix may name `kiln train`'s own flags (--fresh), so say whose error it is
         return "FAIL", f"`kiln train` would stop: {e}"
+    ckpts, c = list_checkpoints(out), ctx.cfg
+    steps = None if c.train.time_budget else make_plan(c.model, c.train, c.optim, stages=c.data.stages).total_steps
+    if ckpts and steps is not None and int(ckpts[-1].name.split("_")[1]) >= steps:  # "resumes" would be wrong
+        return "WARN", (f"{out}: complete at {ckpts[-1].name}, so `kiln train` has nothing to train; raise "
+                        "train.max_steps / train.total_tokens to train further, or pass --fresh to start over")
     return "PASS", f"writable: {plan}"
+
+
+def check_setup(ctx: Context) -> tuple[Status, str]:
+    """What `kiln train`'s setup refuses from the config (kiln.train.preflight.check_startup)."""
+    if ctx.tokenizer is None:
+        return "SKIP", "the tokenizer did not load"
+    try:
+        check_startup(ctx.cfg, ctx.tokenizer, ctx.device, resuming=bool(list_checkpoints(ctx.out_dir)))
+    except KilnError as e:
+        return "FAIL", f"`kiln train` would stop: {e}"
+    c = ctx.cfg
+    return "PASS", (f"attention {c.model.attention}, loss {c.train.loss_impl}"
+                    + (f", checkpoint_url {c.train.checkpoint_url}" if c.train.checkpoint_url else "")
+                    + (f", init_from {c.run.init_from}" if c.run.init_from else "")
+                    + (f", eval tasks {', '.join(c.train.eval_tasks)}" if c.train.eval_tasks else ""))
 
 
 def check_wandb(ctx: Context) -> tuple[Status, str]:
@@ -452,7 +472,7 @@ CHECKS: list[tuple[str, Callable[[Context], tuple[Status, str]]]] = [
     ("versions", check_versions), ("parallel layout", check_parallel), ("device", check_device),
     ("bf16", check_bf16), ("flex attention", check_flex), ("flash-attn", check_flash), ("model fwd/bwd", check_model),
     ("optimizer step", check_optimizer),
-    ("tokenizer", check_tokenizer), ("data sample", check_data), ("data diversity", check_diversity),
+    ("tokenizer", check_tokenizer), ("run setup", check_setup), ("data sample", check_data), ("data diversity", check_diversity),
     ("disk space", check_disk),
     ("out dir", check_out_dir), ("wandb", check_wandb),
 ]

@@ -190,14 +190,15 @@ def load_tokenizer(spec: str, *, key: str = "data.tokenizer") -> Tokenizer:
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".json":
-            raise DataError(f"tokenizer '{spec}': expected a tokenizer.json file or an HF tokenizer folder")
+            raise DataError(f"{key}: tokenizer '{spec}': expected a tokenizer.json file or an HF tokenizer folder")
         return _from_json_file(path, name=spec)
     if path.is_dir():
         if (path / "tokenizer_config.json").is_file() and _kiln_written(path):
             return _from_folder(path, name=spec)
         return _from_hf_folder(path, name=spec, key=key)
     named = ", ".join([*MISTRAL_SPECS, *bundled_tokenizers()])
-    raise DataError(f"unknown tokenizer '{spec}': use {named}, an HF tokenizer folder, or a tokenizer.json file")
+    raise DataError(f"{key}: unknown tokenizer '{spec}' (no such name, file or folder): use {named}, an HF tokenizer "
+                    "folder, or a tokenizer.json file")
 
 
 def _kiln_written(folder: Path) -> bool:

@@ -293,6 +293,13 @@ def unseen_smoothing_blocker(cfg: Config) -> str:
 _LIGER: list = []
 
 
+def check_loss_impl(impl: str, device: torch.device) -> None:
+    """train.loss_impl=liger where Liger's kernel does not load is refused (the loss would say it at its first step)."""
+    if impl == "liger" and (device.type != "cuda" or _liger_loss() is None):
+        raise ConfigError("train.loss_impl=liger needs liger-kernel and a CUDA device (pip install -e '.[speed]', "
+                          "or pip install liger-kernel); use train.loss_impl=chunked")
+
+
 def _liger_loss():
     """Liger's LigerFusedLinearCrossEntropyLoss class, or None when the package is missing."""
     if not _LIGER:

@@ -22,11 +22,14 @@ from kiln.data.stages import stage_starts
 from kiln.data.tokenizer import Tokenizer, load_tokenizer, portable_spec, tokenizer_digest
 from kiln.errors import CheckpointError, DataError, KilnError
 from kiln.estimate import estimate_memory
+from kiln.eval.suite import load_tasks
 from kiln.model.attention import check_training_backend
+from kiln.model.loss import check_loss_impl
 from kiln.optim import describe_schedule
 from kiln.parallel.mesh import Layout
 from kiln.train.budget import BudgetTooShort, Costs, fit_steps
-from kiln.train.checkpoint import check_tokenizer_digest, list_checkpoints, read_config
+from kiln.train.checkpoint import check_tokenizer_digest, list_checkpoints, read_config, resolve_checkpoint
+from kiln.train.mirror import mirror_for
 from kiln.train.plan import Plan
 
 
@@ -241,6 +244,22 @@ def run_folder_plan(cfg: Config, *, fresh: bool = False, out: Path | None = None
     return f"{out} (resumes from {ckpts[-1].name})"
 
 
+def check_startup(cfg: Config, tokenizer: Tokenizer, device: torch.device, *, resuming: bool) -> None:
+    """What the run's setup refuses from the config alone, said before it (by --dry-run and kiln doctor): an
+    attention backend or loss kernel this machine cannot train with, a checkpoint_url whose backend is missing,
+    a run.init_from that is not there or does not fit (unless the run resumes), eval tasks that do not load."""
+    check_training_backend(cfg.model.attention, device.type)
+    check_loss_impl(cfg.train.loss_impl, device)
+    mirror_for(cfg.train.checkpoint_url)
+    if cfg.run.init_from and not resuming:
+        try:
+            init_from = resolve_checkpoint(cfg.run.init_from)
+        except KilnError as e:
+            raise type(e)(f"run.init_from: {e}") from None
+        check_resumable(read_config(init_from), cfg, init_from, tokenizer=tokenizer, init_from=True)
+    load_tasks(cfg.train.eval_tasks, limit=cfg.train.eval_tasks_limit, seed=cfg.run.seed)
+
+
 def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> dict[str, Any]:
     """Print what the run would do (config, run folder, size, budget, LR curve, memory estimate) and return it.
     A run folder whose checkpoint this config cannot resume is the run's own error, said now; so is a tokenizer
@@ -248,10 +267,10 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_tokenizer(tokenizer, cfg, where="config")
     check_prepared_sources(cfg.data, tokenizer)  # prepared with this tokenizer, as the run will check
-    check_training_backend(cfg.model.attention, layout.device.type)
+    ckpts = [] if fresh else list_checkpoints(Path(cfg.run.out_dir))
+    check_startup(cfg, tokenizer, layout.device, resuming=bool(ckpts))
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
     print(f"\nrun folder       {run_folder_plan(cfg, fresh=fresh)}")
-    ckpts = [] if fresh else list_checkpoints(Path(cfg.run.out_dir))
     if ckpts:
         check_data_layout(ckpts[-1], cfg, layout)  # the run's own refusal, said now
     done = ckpts and not plan.provisional and int(ckpts[-1].name.split("_")[1]) >= plan.total_steps
