@@ -110,6 +110,19 @@ def test_yaml_errors_name_the_file(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         load_config("nope")
+    dup = tmp_path / "dup.yaml"  # PyYAML keeps the last `train:`: seq_len 64 was dropped without a word
+    dup.write_text("base: tiny\ntrain:\n  seq_len: 64\ntrain:\n  log_every: 1\n")
+    with pytest.raises(ConfigError, match=rf"^{dup}: line 4 malformed YAML: 'train' appears twice \(first at line 2\)"):
+        load_config(str(dup))
+    (tmp_path / "b.yaml").write_text("base: tiny\ntrain:\n  max_step: 5\n")  # the key is b's: it named c
+    child = tmp_path / "c.yaml"
+    child.write_text("base: b.yaml\n")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'b.yaml'}: unknown key 'train.max_step'"):
+        load_config(str(child))
+    empty = tmp_path / "empty.yaml"  # every key of a section commented out: "expected a mapping, got NoneType"
+    empty.write_text("base: tiny\ntrain:\n#  max_steps: 5\n")
+    with pytest.raises(ConfigError, match=rf"^{empty}: train: expected a mapping, got nothing \(an empty entry"):
+        load_config(str(empty))
 
 
 def test_base_inheritance_and_roundtrip(tmp_path):

@@ -180,9 +180,8 @@ def test_what_the_run_would_refuse_at_setup_fails_doctor_and_the_dry_run(tmp_pat
 
 def test_doctor_says_a_finished_run_has_nothing_to_train(tmp_path):
     """It said "writable: ... (resumes from step_4)" where `kiln train` has nothing to train."""
-    from test_train import small_overrides
-
     from kiln.train.trainer import train
+    from test_train import small_overrides
 
     over = small_overrides(tmp_path, **{"train.max_steps": 4, "train.save_every": 4, "train.eval_every": 100})
     train(load_config("tiny", over), quiet=True)

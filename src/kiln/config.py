@@ -17,6 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from kiln import yamlfile
 from kiln.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -320,8 +321,9 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return value
         if isinstance(value, str) and getattr(tp, "shorthand", None):  # a source given by its path alone
             value = {tp.shorthand: value}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: {key}: expected a mapping, got {type(value).__name__}")
+        if not isinstance(value, dict):  # `train:` with every key under it commented out is null: said as such
+            got = "nothing (an empty entry: remove it or give it keys)" if value is None else type(value).__name__
+            raise ConfigError(f"{where}: {key}: expected a mapping, got {got}")
         return build(tp, value, where=where, prefix=key)
     if origin is list:
         (item_tp,) = get_args(tp)
@@ -475,7 +477,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yamlfile.load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark else ""
@@ -492,6 +494,7 @@ def load_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config, following `base: <preset or path>` (single inheritance)."""
     data = read_yaml(path)
     base = data.pop("base", None)
+    build(Config, data, where=str(path))  # an unknown key or a bad type is this file's, not the one built on it
     if base is None:
         return data
     if not isinstance(base, str):
