@@ -131,11 +131,22 @@ def check_device(ctx: Context) -> tuple[Status, str]:
         props = torch.cuda.get_device_properties(ctx.device)
         detail = (f"{torch.cuda.device_count()} x {props.name}, {_gib(props.total_memory)}, "
                   f"sm_{props.major}{props.minor}, CUDA {torch.version.cuda}; {preset}")
-        return ("WARN" if need > 0.9 * props.total_memory else "PASS"), detail
+        return _fits(need, props.total_memory, "GPU memory", detail)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     detail = (f"CPU only ({platform.machine()}, {torch.get_num_threads()} threads, {_gib(ram)} RAM; "
               f"no CUDA device visible); {preset}")
-    return ("WARN" if ram and need > 0.9 * ram else "PASS"), detail
+    return _fits(need, ram, "RAM", detail) if ram else ("PASS", detail)
+
+
+def _fits(need: int, have: int, what: str, detail: str) -> tuple[Status, str]:
+    """FAIL past the device's memory, WARN within 10% of it, each with the fix."""
+    fix = ("; lower train.micro_batch_size (train.global_batch_size keeps the batch through accumulation) or set "
+           "train.activation_checkpointing full (kiln estimate shows the effect)")
+    if need > have:
+        return "FAIL", f"does not fit: the estimate is {need / have:.1f}x this device's {what}{fix}; {detail}"
+    if need > 0.9 * have:
+        return "WARN", f"within 10% of this device's {what}{fix}; {detail}"
+    return "PASS", detail
 
 
 def check_parallel(ctx: Context) -> tuple[Status, str]:
