@@ -12,6 +12,7 @@ import torch
 
 from conftest import kiln_cmd, run_kiln
 from kiln.config import load_config
+from kiln.train import checkpoint as ckpt_io
 from kiln.train.trainer import train
 from test_train import small_overrides
 
@@ -210,8 +211,8 @@ def test_relative_tokenizer_and_chat_template_paths_work_from_another_folder(tmp
     tiny_tokenizer(work / "tok")
     (work / "chat.jinja").write_text(CHATML)
     over = small_overrides(tmp_path, **{"data.tokenizer": "tok", "model.vocab_size": 320,
-                                        "posttrain.chat_template": "chat.jinja", "train.max_steps": 1,
-                                        "run.out_dir": "run"})
+                                        "posttrain.chat_template": "chat.jinja", "train.max_steps": 2,
+                                        "train.save_every": 1, "run.out_dir": "run"})
     res = run_kiln("train", "tiny", *over, "--quiet", cwd=work, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     run = work / "run"
@@ -234,6 +235,12 @@ def test_relative_tokenizer_and_chat_template_paths_work_from_another_folder(tmp
     res = run_kiln("export", "--checkpoint", str(run), "--out", "hf3", cwd=elsewhere, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((elsewhere / "hf3" / "tokenizer_config.json").read_text())["chat_template"] == CHATML
+    # an average made with relative paths saves the checkpoint's own template by its absolute path (it was relative)
+    res = run_kiln("average", "work/run", "--last", "2", "--out", "avg", cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (avg,) = ckpt_io.list_checkpoints(tmp_path / "avg") or [tmp_path / "avg"]
+    template = load_config(str(avg / "config.yaml")).posttrain.chat_template
+    assert Path(template).is_absolute() and Path(template).read_text() == CHATML, template
 
 
 def test_presets_table_lists_every_preset_in_aligned_columns(capsys):

@@ -467,7 +467,7 @@ def read_config(ckpt: Path) -> Config:
     except ConfigError as e:
         raise CheckpointError(f"{e} (checkpoint written by another kiln version?)") from None
     if (Path(ckpt) / CHAT_TEMPLATE).is_file():  # the template the run trained with, not the file its path now holds
-        cfg.posttrain.chat_template = str(Path(ckpt) / CHAT_TEMPLATE)
+        cfg.posttrain.chat_template = str((Path(ckpt) / CHAT_TEMPLATE).absolute())  # saved on: any folder
     return cfg
 
 
