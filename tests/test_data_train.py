@@ -178,3 +178,21 @@ def test_validation_files_of_one_name_are_told_apart_by_their_folder(tmp_path):
     assert names([{"path": a}, {"path": b_}]) == ["a-val", "b-val"]
     assert names([{"path": a, "name": "x"}, {"path": b_}]) == ["x", "val"]
     assert names([{"path": a, "name": "x"}, {"path": b_, "name": "x"}]) == ["x", "x-2"]
+
+
+def test_a_run_on_its_own_data_is_told_when_it_still_evaluates_on_the_bundled_text(tmp_path):
+    """Training from a prepared folder (or any file) kept the preset's data.val: bundled:val, so the eval loss
+    rose while the train loss fell, with no word of why. The run and --dry-run now say it."""
+    from conftest import run_kiln
+
+    data = write_corpus(tmp_path / "mine.jsonl", n_docs=20, seed=4)
+    needle = "note: data.val is still the preset's bundled:val"
+    res = run_kiln("train", "tiny", "--data.train", str(data), "--run.out_dir", str(tmp_path / "r"), "--dry-run",
+                   capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and needle in res.stdout, res.stderr[-2000:]
+    res = run_kiln("train", "tiny", "--data.train", str(data), "--data.val", str(data), "--run.out_dir",
+                   str(tmp_path / "r"), "--dry-run", capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and needle not in res.stdout, res.stderr[-2000:]
+    res = run_kiln("train", "tiny", "--run.out_dir", str(tmp_path / "r"), "--dry-run", capture_output=True,
+                   text=True, timeout=300)  # the bundled corpus itself: its own held-out split
+    assert res.returncode == 0 and needle not in res.stdout, res.stderr[-2000:]

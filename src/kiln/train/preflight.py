@@ -15,7 +15,7 @@ import yaml
 
 from kiln.bench import run_bench
 from kiln.config import Config, parse_duration, to_dict
-from kiln.data.factory import check_prepared_sources, uses_shards
+from kiln.data.factory import check_prepared_sources, train_sources, uses_shards
 from kiln.data.sources import is_prepared, resolve_files
 from kiln.data.stages import describe as describe_stages
 from kiln.data.stages import stage_starts
@@ -189,6 +189,17 @@ def dropped_val_note(saved: Config, cfg: Config, ckpt: Path) -> str | None:
             f"from here; pass --val-data {was} to keep them")
 
 
+def val_note(cfg: Config) -> str | None:
+    """One line when pretraining on data of the user's own is still evaluated on the preset's bundled:val."""
+    d = cfg.data
+    if cfg.posttrain.data or [s.path for s in d.val] != ["bundled:val"]:
+        return None
+    if any(s.path.startswith("bundled:") for s in (*train_sources(d), *(s for st in d.stages for s in st.train))):
+        return None
+    return ("note: data.val is still the preset's bundled:val (Shakespeare and Austen) while this run trains on "
+            "other data, so its eval loss is on that text; pass --data.val FILE for held-out text of your own")
+
+
 def resume_notes(saved: Config, cfg: Config, ckpt: Path) -> list[str]:
     """What a resume changes that the user should hear: the schedule's keys, the optimizer's settings, a stage's
     objective keys, a stage's validation data left out."""
@@ -277,7 +288,8 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> 
     if done:
         print(f"                 nothing to train: it is complete at {ckpts[-1].name}; raise train.max_steps / "
               "train.total_tokens to train further")
-    for note in resume_notes(read_config(ckpts[-1]), cfg, ckpts[-1]) if ckpts and not done else ():
+    for note in [*(resume_notes(read_config(ckpts[-1]), cfg, ckpts[-1]) if ckpts and not done else ()),
+                 *filter(None, [val_note(cfg)])]:
         print(f"                 {note}")
     print(f"parameters       {plan.n_params:,} ({plan.n_params / 1e6:.2f}M)")
     print(f"layout           {layout.describe()}")

@@ -64,6 +64,7 @@ from kiln.train.preflight import (
     prepare_out_dir,
     reshard_error,
     resume_notes,
+    val_note,
 )
 from kiln.train.progress import Progress, StopOnSignal
 from kiln.train.stability import DivergenceDetector, SpikeDetector
@@ -700,6 +701,7 @@ def _announce(run: Run, info: dict[str, Any], init_from: Path | None) -> None:
             + (f"; weights from {init_from}" if init_from else ""))
     resumed = run.resumed_from is not None and run.already_done() is None  # else "nothing to train" says it all
     notes = resume_notes(ckpt_io.read_config(run.resumed_from), cfg, run.resumed_from) if resumed else []
+    notes += filter(None, [val_note(cfg)])
     for note in notes if run.layout.is_main else ():  # once the checkpoint has loaded: a refused resume stays one line
         print(note, file=sys.stderr)
 
