@@ -214,3 +214,31 @@ def test_gsm8k_says_when_its_few_shot_examples_are_the_items_it_scores(ckpt, tmp
     assert res.returncode == 0, res.stderr
     assert (f"note: 2 of the 2 few-shot examples are items scored here (--fewshot-data {data} holds them): their "
             "answers are in every prompt") in res.stderr
+
+
+def test_eval_takes_a_precision_and_says_which_it_used(ckpt, kiln_eval, tmp_path):
+    """kiln eval ran under the checkpoint's train.dtype (auto: bf16 autocast on a bf16 CPU) and said nothing of
+    it, so an fp32 transformers run of the export differed by 9e-4 with no way to compare exactly. --dtype fp32
+    scores in fp32; the JSON names the precision."""
+    import contextlib
+
+    from kiln.config import SourceConfig
+    from kiln.data.loader import validation_batches
+    from kiln.data.tokenizer import load_tokenizer
+    from kiln.eval.loss import evaluate
+    from kiln.train.checkpoint import load_for_inference
+
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line {i}: the quick brown fox jumps"}) + "\n" for i in range(20)))
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        res = kiln_eval(ckpt, "--data", str(data), "--dtype", dtype)
+        assert res.returncode == 0, res.stderr[-2000:]
+        runs[dtype] = json.loads(res.stdout.strip().splitlines()[-1])
+    assert runs["fp32"]["precision"] == "fp32" and runs["bf16"]["precision"] == "bf16 autocast"
+    model, cfg, _ = load_for_inference(str(ckpt), device="cpu")
+    batches = validation_batches(SourceConfig(path=str(data), name="t"), load_tokenizer(cfg.data.tokenizer),
+                                 seq_len=cfg.train.seq_len, batch_size=8, max_tokens=1_000_000)
+    ref = evaluate(model, batches, device=next(model.parameters()).device, doc_mask=cfg.data.doc_mask,
+                   autocast=contextlib.nullcontext(), impl=cfg.train.loss_impl)
+    assert runs["fp32"]["loss"] == ref["loss"] != runs["bf16"]["loss"]

@@ -166,6 +166,9 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--num-fewshot", type=int_at_least(0), default=None,
                    help="gsm8k: worked examples from --fewshot-data")
     p.add_argument("--fewshot-data", default=None, help="gsm8k: jsonl of {question, answer} worked examples")
+    p.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16"],
+                   help="precision (default: the checkpoint's train.dtype; auto is bf16 autocast where the device "
+                        "multiplies bf16 in hardware); fp32 compares exactly with an fp32 transformers run")
     args = p.parse_args(argv)
     # an option the chosen task does not read is a mistake worth one line, not a silent no-op
     only = {"--text-column": ("text_column", "loss"), "--max-tokens": ("max_tokens", "loss"),
@@ -184,14 +187,14 @@ def _eval(argv: list[str]) -> int:
         result = evaluate_task(args.checkpoint, args.data, task=args.task, limit=args.limit, split=args.split,
                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or 256,
                                chat=bool(args.chat), num_fewshot=args.num_fewshot or 0,
-                               fewshot_data=args.fewshot_data or "", device=args.device)
+                               fewshot_data=args.fewshot_data or "", device=args.device, dtype=args.dtype)
         print(json.dumps(result))
         return 0
     from kiln.eval.run import evaluate_source
 
     result = evaluate_source(args.checkpoint, args.data, text_column=args.text_column or "text",
                              max_tokens=args.max_tokens or 1_000_000, batch_size=args.batch_size,
-                             seq_len=args.seq_len or 0, device=args.device, split=args.split)
+                             seq_len=args.seq_len or 0, device=args.device, split=args.split, dtype=args.dtype)
     print(json.dumps(result))
     return 0
 

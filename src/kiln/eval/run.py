@@ -11,7 +11,7 @@ from kiln.config import SourceConfig
 from kiln.data.loader import validation_batches
 from kiln.data.sources import check_text_column_flag, is_hub_source
 from kiln.data.tokenizer import load_tokenizer
-from kiln.device import autocast_for
+from kiln.device import autocast_dtype, autocast_for
 from kiln.errors import DataError
 from kiln.eval.loss import evaluate
 from kiln.train.checkpoint import load_for_inference
@@ -41,9 +41,11 @@ def scored_bytes(batches: list, tokenizer: Any) -> int:
 
 
 def evaluate_source(checkpoint: str, data: str, *, text_column: str = "text", max_tokens: int = 1_000_000,
-                    batch_size: int = 8, seq_len: int = 0, device: str = "auto", split: str = "") -> dict[str, Any]:
+                    batch_size: int = 8, seq_len: int = 0, device: str = "auto", split: str = "",
+                    dtype: str | None = None) -> dict[str, Any]:
     """Score the first `max_tokens` tokens of `data` (documents in file order, packed as in training);
-    `split`: the split of an HF dataset name (default train)."""
+    `split`: the split of an HF dataset name (default train); `dtype`: train.dtype's choices (default: the
+    checkpoint's own)."""
     _not_a_task(data, "loss")
     src = SourceConfig(path=data, name=Path(data).stem or data, text_column=text_column, split=split or "train")
     if split and not is_hub_source(src):  # a local file or the bundled corpus has one split
@@ -64,11 +66,20 @@ def evaluate_source(checkpoint: str, data: str, *, text_column: str = "text", ma
         raise DataError(str(e).replace("; set text_column on the source", "; pass --text-column NAME (or --task "
                                        "mc / gsm8k for a benchmark file)")) from None
     dev = next(model.parameters()).device
-    res = evaluate(model, batches, device=dev, doc_mask=cfg.data.doc_mask, autocast=autocast_for(cfg.train.dtype, dev),
+    dtype = dtype or cfg.train.dtype
+    res = evaluate(model, batches, device=dev, doc_mask=cfg.data.doc_mask, autocast=autocast_for(dtype, dev),
                    impl=cfg.train.loss_impl)
     n_bytes = scored_bytes(batches, tok)
     return {"loss": res["loss"], "ppl": res["ppl"], "bits_per_byte": res["nats"] / math.log(2) / max(n_bytes, 1),
-            "tokens": res["tokens"], "bytes": n_bytes, "checkpoint": str(ckpt), "data": data}
+            "tokens": res["tokens"], "bytes": n_bytes, "precision": precision_name(dtype, dev),
+            "checkpoint": str(ckpt), "data": data}
+
+
+def precision_name(dtype: str, device: Any) -> str:
+    """What the scores were computed in: "bf16 autocast" or "fp32" (train.dtype auto resolves per device)."""
+    low = autocast_dtype(dtype, device)
+    return f"{str(low).removeprefix('torch.').replace('bfloat16', 'bf16').replace('float16', 'fp16')} autocast" \
+        if low is not None else "fp32"
 
 
 def _not_a_task(data: str, task: str) -> None:
@@ -88,7 +99,7 @@ def _records(data: str, split: str, limit: int, what: str = "--data") -> list[tu
 
 def evaluate_task(checkpoint: str, data: str, *, task: str, limit: int | None = None, split: str = "", batch_size: int = 8,
                   max_new_tokens: int = 256, chat: bool = False, num_fewshot: int = 0, fewshot_data: str = "",
-                  device: str = "auto") -> dict[str, Any]:
+                  device: str = "auto", dtype: str | None = None) -> dict[str, Any]:
     """`kiln eval --task mc|gsm8k`: a downstream benchmark on local jsonl (kiln.eval.tasks), under the
     checkpoint's autocast (train.dtype: bf16 on CUDA by default). `--task mc --data heldout-next` scores
     the bundled task of `train.eval_tasks` (kiln.eval.suite): its items drawn with the checkpoint's
@@ -105,10 +116,11 @@ def evaluate_task(checkpoint: str, data: str, *, task: str, limit: int | None = 
         recs, max_len = [(data, item) for item in items], cfg.train.seq_len
     else:
         recs, max_len = _records(data, split, limit or 0), cfg.model.max_seq_len
-    with autocast_for(cfg.train.dtype, next(model.parameters()).device):  # the precision `kiln eval --task loss` uses
+    dtype, dev = dtype or cfg.train.dtype, next(model.parameters()).device
+    with autocast_for(dtype, dev):  # the precision `kiln eval --task loss` uses
         res = _run_task(model, cfg, tok, recs, task=task, batch_size=batch_size, max_new_tokens=max_new_tokens,
                         chat=chat, num_fewshot=num_fewshot, fewshot_data=fewshot_data, max_len=max_len)
-    res.update({"checkpoint": str(ckpt), "data": data})
+    res.update({"precision": precision_name(dtype, dev), "checkpoint": str(ckpt), "data": data})
     return res
 
 
