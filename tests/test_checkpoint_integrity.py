@@ -427,4 +427,4 @@ def test_an_exported_hf_folder_is_named_as_one_with_the_import_that_converts_it(
     assert kiln("export", "--checkpoint", str(trained[0] / "run"), "--out", str(hf)).returncode == 0
     res = kiln("generate", "--checkpoint", str(hf), "--prompt", "x")
     assert_user_error(res, f"{hf}: a Hugging Face model folder, not a kiln checkpoint; convert it with kiln import "
-                           f"--hf {hf} --out RUN_DIR, then pass --checkpoint RUN_DIR")
+                           f"--hf {hf} --out RUN_DIR, then pass RUN_DIR in its place")

@@ -102,7 +102,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         ckpts = list_checkpoints(p)
         if not ckpts and is_hf_folder(p):
             raise CheckpointError(f"{p}: a Hugging Face model folder, not a kiln checkpoint; convert it with "
-                                  f"kiln import --hf {p} --out RUN_DIR, then pass --checkpoint RUN_DIR")
+                                  f"kiln import --hf {p} --out RUN_DIR, then pass RUN_DIR in its place")
         if not ckpts:
             raise CheckpointError(f"{p}: no complete checkpoint found (expected {p}/checkpoints/step_<N>/meta.json)")
         p = ckpts[-1]
