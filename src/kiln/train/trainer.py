@@ -71,6 +71,10 @@ from kiln.train.stability import DivergenceDetector, SpikeDetector
 from kiln.train.state import TrainState, rng_state, seed_everything, set_rng_state
 
 
+class DataRanDry(KilnError):
+    """A training source ran dry under data.on_exhausted=stop, said on every rank at the same step."""
+
+
 class TrainingDiverged(KilnError):
     """Loss or gradient norm became NaN/Inf, or the loss diverged; nothing poisoned was saved."""
 
@@ -265,9 +269,6 @@ def train(cfg: Config, *, objective: Objective | None = None, fresh: bool = Fals
 # how a stopped run's command exits: 130 saved and stopped early (rerun to resume), 1 ended without saving; any
 # other stop (its last step, its target, its budget, train.stop_at_step) ends as planned: 0
 STOP_EXIT_CODES = {"signal": 130, "kiln control stop": 130, "kiln control abort": 1}
-
-class DataRanDry(KilnError):
-    """A training source ran dry under data.on_exhausted=stop, said on every rank at the same step."""
 
 
 def exit_code(summary: dict[str, Any]) -> int:
