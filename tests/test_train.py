@@ -294,17 +294,22 @@ def test_a_batch_the_ranks_cannot_split_names_the_micro_batch_that_keeps_it():
     assert make_plan(cfg.model, cfg.train, cfg.optim, dp_size=3).accum_steps == 1  # 6 = 2 x 3
 
 
+def _step_log(total: int, log_every: int, *, metrics=None, control=None) -> tuple[StepLog, TrainState]:
+    """A StepLog for a plan of `total` steps of 1000 tokens, and a fresh TrainState."""
+    plan = Plan(n_params=1, tokens_per_step=1000, accum_steps=1, total_steps=total, total_tokens=1000 * total,
+                budget_source="", peak_lr=1e-3, log_every=log_every, eval_every=10**6, save_every=10**6)
+    cpu = torch.device("cpu")
+    log = StepLog(plan, device=cpu, n_devices=1, model=ModelConfig(), seq_len=16,
+                  precision=train_precision("fp32", torch.float32, cpu), cost_per_hour=0.0,
+                  progress=Progress(total, quiet=True), metrics=metrics, control=control)
+    return log, TrainState(divergence=DivergenceDetector(threshold=1.0), spikes=SpikeDetector(z_threshold=6.0))
+
+
 def test_tokens_per_sec_is_the_steps_own_throughput_and_the_eta_counts_the_evals(tmp_path):
     """A window of 4 logged steps with a 0.3 s pause (an eval, a checkpoint) inside it: tokens/s is the steps'
     own (4 x 1000 tokens over their 4 x 0.01 s), not the window's wall time; the ETA, which says when the run
     ends, still counts the pause."""
-    plan = Plan(n_params=1, tokens_per_step=1000, accum_steps=1, total_steps=8, total_tokens=8000, budget_source="",
-                peak_lr=1e-3, log_every=4, eval_every=10**6, save_every=10**6)
-    cpu = torch.device("cpu")
-    log = StepLog(plan, device=cpu, n_devices=1, model=ModelConfig(), seq_len=16,
-                  precision=train_precision("fp32", torch.float32, cpu), cost_per_hour=0.0,
-                  progress=Progress(8, quiet=True), metrics=MetricsLogger(tmp_path, tensorboard=False), control=None)
-    state = TrainState(divergence=DivergenceDetector(threshold=1.0), spikes=SpikeDetector(z_threshold=6.0))
+    log, state = _step_log(8, 4, metrics=MetricsLogger(tmp_path, tensorboard=False))
     for i in range(4):
         state.advance(tokens=1000, loss=1.0)
         if i == 1:
@@ -383,13 +388,7 @@ def test_the_eta_spreads_an_eval_over_the_steps_instead_of_repeating_it(tmp_path
     """One 0.4 s pause (an eval) in the first of four windows: the ETA took each window's pace, so the window
     with the eval predicted that pause for every remaining window (+72% right after each eval in a real run).
     It is now this process's pace so far: the pause counts once, spread over the steps done."""
-    plan = Plan(n_params=1, tokens_per_step=1000, accum_steps=1, total_steps=16, total_tokens=16000,
-                budget_source="", peak_lr=1e-3, log_every=2, eval_every=10**6, save_every=10**6)
-    cpu = torch.device("cpu")
-    log = StepLog(plan, device=cpu, n_devices=1, model=ModelConfig(), seq_len=16,
-                  precision=train_precision("fp32", torch.float32, cpu), cost_per_hour=0.0,
-                  progress=Progress(16, quiet=True), metrics=MetricsLogger(tmp_path, tensorboard=False), control=None)
-    state = TrainState(divergence=DivergenceDetector(threshold=1.0), spikes=SpikeDetector(z_threshold=6.0))
+    log, state = _step_log(16, 2, metrics=MetricsLogger(tmp_path, tensorboard=False))
     for i in range(8):
         state.advance(tokens=1000, loss=1.0)
         if i == 1:
@@ -412,15 +411,10 @@ def test_the_job_status_has_the_step_from_the_first_step_on():
         def status(self, **fields):
             self.said.append(fields)
 
-    plan = Plan(n_params=1, tokens_per_step=1000, accum_steps=1, total_steps=16, total_tokens=16000,
-                budget_source="", peak_lr=1e-3, log_every=10, eval_every=10**6, save_every=10**6)
-    cpu = torch.device("cpu")
-    for p, total in ((plan, 16), (dataclasses.replace(plan, provisional=True), None)):
+    for provisional, total in ((False, 16), (True, None)):
         control = Control()
-        log = StepLog(p, device=cpu, n_devices=1, model=ModelConfig(), seq_len=16,
-                      precision=train_precision("fp32", torch.float32, cpu), cost_per_hour=0.0,
-                      progress=Progress(16, quiet=True), metrics=None, control=control)
-        state = TrainState(divergence=DivergenceDetector(threshold=1.0), spikes=SpikeDetector(z_threshold=6.0))
+        log, state = _step_log(16, 10, control=control)
+        log.plan = dataclasses.replace(log.plan, provisional=provisional)
         for _ in range(3):
             state.advance(tokens=1000, loss=1.0)
             log.step(state, lr=1e-3, grad_norm=1.0, extras={}, seconds=0.01)
