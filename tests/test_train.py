@@ -305,16 +305,21 @@ def _step_log(total: int, log_every: int, *, metrics=None, control=None) -> tupl
     return log, TrainState(divergence=DivergenceDetector(threshold=1.0), spikes=SpikeDetector(z_threshold=6.0))
 
 
+def _steps(log: StepLog, state: TrainState, n: int, *, pause: float, seconds: float) -> None:
+    """`n` logged steps of `seconds` each, the second followed by `pause` seconds of wall time (an eval, a save)."""
+    for i in range(n):
+        state.advance(tokens=1000, loss=1.0)
+        if i == 1:
+            time.sleep(pause)
+        log.step(state, lr=1e-3, grad_norm=1.0, extras={}, seconds=seconds)
+
+
 def test_tokens_per_sec_is_the_steps_own_throughput_and_the_eta_counts_the_evals(tmp_path):
     """A window of 4 logged steps with a 0.3 s pause (an eval, a checkpoint) inside it: tokens/s is the steps'
     own (4 x 1000 tokens over their 4 x 0.01 s), not the window's wall time; the ETA, which says when the run
     ends, still counts the pause."""
     log, state = _step_log(8, 4, metrics=MetricsLogger(tmp_path, tensorboard=False))
-    for i in range(4):
-        state.advance(tokens=1000, loss=1.0)
-        if i == 1:
-            time.sleep(0.3)
-        log.step(state, lr=1e-3, grad_norm=1.0, extras={}, seconds=0.01)
+    _steps(log, state, 4, pause=0.3, seconds=0.01)
     (rec,) = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
     assert rec["tokens_per_sec"] == pytest.approx(4000 / 0.04)
     assert rec["eta_sec"] >= 4 * 0.3 / 4  # the remaining 4 steps at the window's wall time per step
@@ -389,11 +394,7 @@ def test_the_eta_spreads_an_eval_over_the_steps_instead_of_repeating_it(tmp_path
     with the eval predicted that pause for every remaining window (+72% right after each eval in a real run).
     It is now this process's pace so far: the pause counts once, spread over the steps done."""
     log, state = _step_log(16, 2, metrics=MetricsLogger(tmp_path, tensorboard=False))
-    for i in range(8):
-        state.advance(tokens=1000, loss=1.0)
-        if i == 1:
-            time.sleep(0.4)
-        log.step(state, lr=1e-3, grad_norm=1.0, extras={}, seconds=0.0)
+    _steps(log, state, 8, pause=0.4, seconds=0.0)
     etas = [r["eta_sec"] for r in read_metrics(tmp_path) if r["kind"] == "train"]
     # after 2, 4, 6, 8 steps: 14, 12, 10, 8 steps left at 0.4 s / steps done (the window's pace gave 0 after it)
     assert etas == pytest.approx([14 * 0.2, 12 * 0.1, 10 * 0.4 / 6, 8 * 0.05], rel=0.15), etas
