@@ -368,7 +368,7 @@ def test_chat_fits_its_replies_into_a_short_context(tmp_path):
         f"kiln: error: --max-new-tokens 128 leaves no room for a prompt within model.max_seq_len (128) of {ckpt}; "
         "ask for fewer (e.g. 64)")
     # a conversation that outgrows the context forgets its oldest exchange, and says so (it was silent)
-    long = "tell me about " + "the sea " * 15
+    long = "tell me about " + "the sea " * 8  # fits alone with its reply (one too long alone is refused)
     res = subprocess.run([*chat, "--max-new-tokens", "60"], input=f"{long}\n{long}\n", capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert ("(note: the conversation outgrew the model's 128-token context with --max-new-tokens 60: the oldest 1 "

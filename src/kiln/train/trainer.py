@@ -701,8 +701,9 @@ def _announce(run: Run, info: dict[str, Any], init_from: Path | None) -> None:
     p.print(f"  run folder {run.out}" + (f"; resumed from {run.resumed_from.name}" if run.resumed_from else "")
             + (f"; weights from {init_from}" if init_from else ""))
     resumed = run.resumed_from is not None and run.already_done() is None  # else "nothing to train" says it all
+    if note := val_note(cfg):  # part of the banner, as the dry run prints it
+        p.print(f"  {note}")
     notes = resume_notes(ckpt_io.read_config(run.resumed_from), cfg, run.resumed_from) if resumed else []
-    notes += filter(None, [val_note(cfg)])
     for note in notes if run.layout.is_main else ():  # once the checkpoint has loaded: a refused resume stays one line
         print(note, file=sys.stderr)
 
