@@ -18,7 +18,7 @@ import torch
 from kiln.config import SourceConfig
 from kiln.data.loader import PackedLoader, validation_batches
 from kiln.data.packing import IGNORE
-from kiln.data.sources import load_documents, resolve_files, source_name
+from kiln.data.sources import load_documents, open_stream, resolve_files, source_name
 from kiln.errors import DataError
 
 EOS, X = 1, 7
@@ -108,6 +108,25 @@ def test_resolve_and_load_every_format_in_file_order(tmp_path):
     assert source_name(SourceConfig(path=str(d / "c.jsonl.gz"))) == "c"
     assert source_name(SourceConfig(path="bundled:val")) == "bundled-val"
     assert source_name(SourceConfig(path="x.txt", name="mine")) == "mine"
+
+
+def test_a_saved_datasets_folder_and_a_text_file_with_a_byte_order_mark_read_as_their_text(tmp_path):
+    """`Dataset.save_to_disk`'s folder failed ("cannot read as json": its state.json and dataset_info.json were read
+    as documents); a .txt file's UTF-8 byte-order mark was trained on (3 tokens), where jsonl's reader drops it.
+    Both read as their text now, in memory and streamed."""
+    import datasets
+
+    datasets.Dataset.from_dict({"text": [f"{i} words" for i in range(7)], "n": list(range(7))}).save_to_disk(
+        str(tmp_path / "saved"))
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfHello world\r\nsecond line\r\n")
+    for streaming in (False, True):
+        saved = SourceConfig(path=str(tmp_path / "saved"), streaming=streaming)
+        bom = SourceConfig(path=str(tmp_path / "bom.txt"), streaming=streaming)
+        if streaming:
+            texts = [r["text"] for r in open_stream(saved)], [r["text"] for r in open_stream(bom)]
+        else:
+            texts = list(load_documents(saved)["text"]), list(load_documents(bom)["text"])
+        assert texts == ([f"{i} words" for i in range(7)], ["Hello world\nsecond line\n"])
 
 
 def test_bundled_paths_resolve_to_the_packaged_corpus():

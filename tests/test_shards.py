@@ -476,3 +476,15 @@ def test_verify_ends_with_its_json_line_on_input_it_cannot_read(tmp_path, capsys
     out, err = capsys.readouterr()
     assert json.loads(out.strip().splitlines()[-1]) == {"ok": False, "error": f"{missing}: no such file or folder"}
     assert err.strip().splitlines() == [f"kiln: error: {missing}: no such file or folder"]
+
+
+def test_inspect_on_a_text_file_says_it_is_one(data, capsys):
+    """`kiln data inspect a.jsonl` said "no such folder" of a file that is there, and offered to prepare into a
+    folder of the data file's own name."""
+    from kiln.cli import main
+
+    text = data["sources"][0].path
+    assert main(["data", "inspect", text]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"kiln: error: {text}: a file, not a prepared folder; prepare one from it with `kiln data prepare --source "
+        f"{text} --out DIR` (`kiln data verify {text}` checks the text itself)")

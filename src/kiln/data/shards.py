@@ -63,6 +63,9 @@ def shard_stem(k: int) -> str:
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a prepared folder; DataError (one line) if it is missing, unfinished or foreign."""
     d = Path(path).expanduser()
+    if d.is_file():  # a text source where a prepared folder goes (kiln data inspect a.jsonl)
+        raise DataError(f"{path}: a file, not a prepared folder; prepare one from it with `kiln data prepare --source "
+                        f"{path} --out DIR` (`kiln data verify {path}` checks the text itself)")
     if not d.is_dir():
         raise DataError(f"{path}: no such folder; prepare one with `kiln data prepare --source ... --out {path}`")
     f = d / MANIFEST

@@ -89,6 +89,11 @@ def resolve_files(src: SourceConfig) -> list[Path]:
             raise DataError(f"{path}: unsupported file type; use one of {supported}")
         return [p]
     if p.is_dir():
+        if (p / "state.json").is_file() and (p / "dataset_info.json").is_file():  # Dataset.save_to_disk: the
+            arrow = sorted(p.glob("*.arrow"))  # arrow files hold the rows; its json files are metadata
+            if not arrow:
+                raise DataError(f"{path}: a datasets save_to_disk folder without its .arrow files")
+            return arrow
         files = sorted(f for f in p.rglob("*") if f.is_file() and file_format(f) is not None
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
         if not files:
@@ -244,6 +249,12 @@ def _skip_take(ds: datasets.Dataset, src: SourceConfig) -> datasets.Dataset:
     return ds.select(range(start, end))
 
 
+def _text_kwargs(src: SourceConfig) -> dict[str, str]:
+    """The text reader's options: documents by src.txt_sample_by; a UTF-8 byte-order mark (Windows editors write
+    one) is no text to train on (jsonl's reader drops it already)."""
+    return {"sample_by": src.txt_sample_by, "encoding": "utf-8-sig"}
+
+
 def open_stream(src: SourceConfig) -> datasets.IterableDataset:
     """`src` as an HF IterableDataset with one column, "text" (skip/take applied). Reads nothing yet,
     except what datasets needs to infer the columns; a missing column is a DataError here."""
@@ -258,7 +269,7 @@ def open_stream(src: SourceConfig) -> datasets.IterableDataset:
             raise DataError(f"{src.path}: empty source (0 documents)")
         parts = []
         for fmt, run in _format_runs(files):
-            kwargs = {"sample_by": src.txt_sample_by} if fmt == "text" else {}
+            kwargs = _text_kwargs(src) if fmt == "text" else {}
             try:
                 ds = datasets.load_dataset(fmt, data_files=[str(f) for f in run], split="train", streaming=True,
                                            **kwargs)
@@ -293,7 +304,7 @@ def stream_error(e: Exception, src: SourceConfig) -> DataError:
 def _load_local(src: SourceConfig, files: list[Path], fmt: str | None) -> datasets.Dataset:
     import datasets
 
-    kwargs = {"sample_by": src.txt_sample_by} if fmt == "text" else {}
+    kwargs = _text_kwargs(src) if fmt == "text" else {}
     try:
         ds = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train",
                                    cache_dir=str(datasets_cache_dir()), **kwargs)
