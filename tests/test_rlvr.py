@@ -240,3 +240,48 @@ def test_rlvr_refuses_greedy_sampling_which_trains_nothing(tmp_path):
         "kiln: error: posttrain.temperature 0 samples one completion per prompt G times, so a group's rewards are "
         "equal and nothing trains; use > 0 (default 1.0)"], res.stderr[-2000:]
     assert not (tmp_path / "rl").exists()
+
+
+def test_verifier_edges_penalties_commas_and_what_a_verifier_returns(tmp_path):
+    """A negative weight was "unknown verifier"; a regex with a comma was split into pieces without a hint; a
+    numpy scalar was "not a finite number", a bool said nothing useful, and sys.exit() in a verifier ended the
+    run with no word."""
+    import numpy as np
+
+    f = tmp_path / "v.py"
+    f.write_text("import sys\nimport numpy as np\n"
+                 "def np32(p, c, a):\n    return np.float32(0.5)\n"
+                 "def yes(p, c, a):\n    return a in c\n"
+                 "def quit(p, c, a):\n    sys.exit(3)\n")
+    assert build_reward(["numeric", "-0.5*contains"])("p", "7", "7") == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match=r"unknown verifier '3}'.*split at every comma: .*JSON list"):
+        build_reward(["regex:\\d{1", "3}"])  # what --posttrain.rewards 'regex:\d{1,3}' became
+    assert build_reward([f"python:{f}:np32"])("p", "c", "a") == pytest.approx(np.float32(0.5))
+    with pytest.raises(RewardError, match=r"returned True, a bool; return a number"):
+        build_reward([f"python:{f}:yes"])("p", "7", "7")
+    with pytest.raises(RewardError, match=r"raised SystemExit: 3"):
+        build_reward([f"python:{f}:quit"])("p", "c", "a")
+
+
+def test_rlvr_names_its_own_verifiers_and_checks_its_reply_length_first(tmp_path, capsys):
+    """An RLVR run started from another RLVR run's checkpoint ran that run's python: verifier (code chosen by
+    whoever made the checkpoint, resolved from the current folder) without the command naming it. A
+    posttrain.max_new_tokens past the context was said as the first record's fault ("-98976 tokens left")."""
+    from kiln.cli import main
+    from kiln.posttrain.commands import _stage_tree
+
+    marker = tmp_path / "ran"
+    (tmp_path / "v.py").write_text(f"def f(p, c, a):\n    open({str(marker)!r}, 'w').close()\n    return 1.0\n")
+    ckpt = base_checkpoint(tmp_path, **{"posttrain.rewards": [f"python:{tmp_path / 'v.py'}:f"]})
+    tasks = jsonl(tmp_path / "rl.jsonl", [{"prompt": "Say 7.", "answer": "7"}] * 4)
+
+    class Args:
+        data, val_data = str(tasks), ""
+
+    cfg, _, _ = _stage_tree("rlvr", ckpt, Args(), [])
+    assert cfg.posttrain.rewards == ["numeric"] and not marker.exists()
+    assert main(["rlvr", "--checkpoint", str(ckpt), "--data", str(tasks), "--run.out_dir", str(tmp_path / "rl"),
+                 "--posttrain.max_new_tokens", "5000"]) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        "kiln: error: posttrain.max_new_tokens 5000 leaves no room for a prompt within model.max_seq_len (128)")
+    assert not (tmp_path / "rl").exists()

@@ -132,7 +132,9 @@ def _stage_tree(stage: str, ckpt: Path, args: argparse.Namespace, overrides: lis
         # keep_best on its validation loss) are not this stage's
         "train": {"max_steps": 0, "total_tokens": 0, "time_budget": "", "target_loss": 0.0, "keep_best": 0,
                   "stop_at_step": 0, "sample_tokens": 0},
-        "posttrain": {"data": "", "val_data": ""},  # the source stage's data is not this stage's
+        # the source stage's data is not this stage's; nor are its verifiers (a python: one is code to run, and
+        # is run only when this command names it; its .py path would resolve from another folder too)
+        "posttrain": {"data": "", "val_data": "", "rewards": PostTrainConfig().rewards},
         **{k: dict(v) for k, v in STAGE_DEFAULTS[stage].items()},
     }
     if stage == "rlvr":  # a DPO source's precomputed reference is not RLVR's: it scores new samples (a copy)
@@ -285,6 +287,9 @@ def rlvr(argv: list[str], *, started: float | None = None) -> int:
     if pt.temperature == 0:  # greedy: every completion of a group alike, equal rewards, no advantage to learn from
         raise ConfigError("posttrain.temperature 0 samples one completion per prompt G times, so a group's rewards "
                           "are equal and nothing trains; use > 0 (default 1.0)")
+    if pt.max_new_tokens >= cfg.model.max_seq_len:  # said as the setting it is, not as each prompt's length
+        raise ConfigError(f"posttrain.max_new_tokens {pt.max_new_tokens} leaves no room for a prompt within "
+                          f"model.max_seq_len ({cfg.model.max_seq_len}); use fewer (e.g. {cfg.model.max_seq_len // 4})")
     reward = build_reward(pt.rewards)
     tok, fmt = _chat_format(cfg)
     room = cfg.model.max_seq_len - pt.max_new_tokens

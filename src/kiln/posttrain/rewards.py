@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import numbers
 import re
 import sys
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from kiln.errors import ConfigError, KilnError
 
 Verifier = Callable[[str, str, str], float]
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-WEIGHT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*\*\s*(.+)$", re.S)
+WEIGHT = re.compile(r"^\s*(-?[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*\*\s*(.+)$", re.S)  # -0.5*contains: a penalty
 
 
 class RewardError(KilnError):
@@ -121,10 +122,12 @@ class Reward:
         for spec, (w, fn) in zip(self.specs, self.parts):
             try:
                 r = fn(prompt, completion, answer)
-            except Exception as e:
+            except (Exception, SystemExit) as e:  # sys.exit() in a verifier ended the run without a word
                 raise RewardError(f"reward {spec}: raised {type(e).__name__}: {str(e)[:100]} on completion "
                                   f"{completion[:60]!r}") from None
-            if isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r):
+            if isinstance(r, bool):
+                raise RewardError(f"reward {spec}: returned {r!r}, a bool; return a number (float(...): 1.0 / 0.0)")
+            if not isinstance(r, numbers.Real) or not math.isfinite(r):  # numpy's scalars are Real too
                 raise RewardError(f"reward {spec}: returned {r!r}; a verifier must return a finite number")
             total += w * float(r)
         return total
@@ -150,6 +153,8 @@ def build_reward(specs: list[str]) -> Reward:
         elif kind == "python" and arg:
             parts.append((weight, python_verifier(arg)))
         else:
+            split = " (a comma-separated list is split at every comma: pass a pattern with a comma in a JSON list, " \
+                "'[\"regex:a{1,3}\"]')" if any(s.startswith("regex:") for s in specs) else ""
             raise ConfigError(f"posttrain.rewards: unknown verifier {spec!r}; use numeric, exact, contains, "
-                              "regex:PATTERN or python:MODULE:FUNCTION (optionally WEIGHT*SPEC)")
+                              f"regex:PATTERN or python:MODULE:FUNCTION (optionally WEIGHT*SPEC){split}")
     return Reward(list(specs), parts)
