@@ -118,6 +118,12 @@ def test_record_layouts():
         mc_item({"context": "c", "choices": ["a", "b"], "answer": 7}, where="r:3")
     with pytest.raises(DataError, match="choices"):
         mc_item({"context": "c"}, where="r")
+    # no answer: the layout's own key named (it was "answer None is not a choice index, letter or choice text")
+    for rec, key in [({"ctx": "a", "endings": ["b", "c"]}, "label"),
+                     ({"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}}, "answerKey"),
+                     ({"question": "q", "choices": ["a", "b"]}, "answer")]:
+        with pytest.raises(DataError, match=rf"^f:1: no '{key}' field \(the right answer"):
+            mc_item(rec, where="f:1")
 
 
 def test_acc_norm_divides_by_the_choice_without_its_delimiter():

@@ -1,8 +1,7 @@
 """One typed config tree: dataclasses, YAML presets, dotted CLI overrides, validation.
 
-Every user mistake (unknown key, wrong type, impossible combination) raises `ConfigError`
-naming the file and the dotted key, at load time, before any model or data work starts.
-"""
+Every user mistake (unknown key, wrong type, impossible combination) raises `ConfigError` naming the file and the
+dotted key, at load time, before any model or data work starts."""
 
 from __future__ import annotations
 
@@ -124,9 +123,8 @@ class DataConfig:
 class OptimConfig:
     """Optimizer, LR schedule and LR scaling (kiln.optim).
 
-    `lr` is the peak LR reached after warmup. With lr_scaling=sqrt it is instead the base LR for a global
-    batch of 1 sequence, and the peak is lr x sqrt(train.global_batch_size) (square-root scaling, as in the forgather guide).
-    """
+    `lr` is the peak LR reached after warmup. With lr_scaling=sqrt it is instead the base LR for a global batch of 1
+    sequence, and the peak is lr x sqrt(train.global_batch_size) (square-root scaling, as in the forgather guide)."""
 
     # adamw (fused on CUDA) | adafactor (factored 2nd moment) | muon (2-D weights; AdamW for the rest)
     # | adamw8bit (torchao, `pip install kiln[lowmem]`)
@@ -547,9 +545,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 def split_preset(argv: list[str]) -> tuple[str | None, list[str]]:
     """(PRESET, rest) when argv's first word is a preset name or YAML path, else (None, argv).
 
-    PRESET is only ever the first word: a parser with an optional positional would take an override's
-    value for it (`kiln bench --train.seq_len 512` must not mean preset "512").
-    """
+    PRESET is only ever the first word: a parser with an optional positional would take an override's value for it
+    (`kiln bench --train.seq_len 512` must not mean preset "512")."""
     if argv and not argv[0].startswith("-"):
         return argv[0], list(argv[1:])
     return None, list(argv)
@@ -725,6 +722,9 @@ def _validate_train(t: TrainConfig, o: OptimConfig, m: ModelConfig, *, where: st
         if o.warmup_steps < 3 and o.schedule != "constant":
             raise ConfigError(f"{where}: train.time_budget times the steps of the LR warmup (whose LR does not depend "
                               f"on the run's length) before fixing it; set optim.warmup_steps >= 3 (got {o.warmup_steps})")
+    if t.target_metric != "eval_loss" and not t.target_loss:  # it said nothing, and nothing stopped at it
+        raise ConfigError(f"{where}: train.target_metric {t.target_metric} has no effect without train.target_loss; "
+                          "set train.target_loss X to stop when it reaches X, or drop it")
     if t.target_loss > 1 and higher_is_better(t.target_metric):
         raise ConfigError(f"{where}: train.target_loss {t.target_loss:g} on {t.target_metric} can never be reached: "
                           "accuracies lie in [0, 1] (e.g. 0.6 stops at 60% accuracy)")

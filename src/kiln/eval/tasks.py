@@ -79,6 +79,8 @@ def _answer_index(value, choices: list[str], labels: list[str] | None, where: st
         idx = [c.strip() for c in choices].index(value.strip())
     else:
         idx = None
+    if value is None:  # it was "answer None is not a choice index"
+        raise DataError(f"{where}: no '{key}' field (the right answer: a choice's index, letter or text)")
     if (idx is None or not 0 <= idx < len(choices)) and key == "answerKey" and labels:  # ARC: a label's name
         raise DataError(f"{where}: answerKey {value!r} is not one of the labels {', '.join(labels)}")
     if idx is None:
@@ -121,13 +123,13 @@ def mc_item(rec: dict, *, where: str) -> MCItem:
         label = _text(rec, "activity_label", where) if rec.get("activity_label") is not None else None
         context = _preprocess_hellaswag((f"{label}: " if label is not None else "") + ctx)
         choices = [_preprocess_hellaswag(e) for e in _texts(rec["endings"], "endings", where)]
-        return MCItem(context, choices, _answer_index(rec.get("label"), choices, None, where), " ")
+        return MCItem(context, choices, _answer_index(rec.get("label"), choices, None, where, "label"), " ")
     choices = rec.get("choices", rec.get("options"))
     if isinstance(choices, dict) and "text" in choices:  # ARC
         texts = _texts(choices["text"], "choices.text", where)
         labels = [str(x) for x in choices.get("label", LETTERS[:len(texts)])]
         context = f"Question: {_text(rec, 'question', where)}\nAnswer:"
-        key = "answerKey" if "answerKey" in rec else "answer"
+        key = "answer" if "answer" in rec and "answerKey" not in rec else "answerKey"
         return MCItem(context, texts, _answer_index(rec.get(key), texts, labels, where, key), " ")
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
         raise DataError(f"{where}: expected 'choices' (or 'endings') with at least two strings")
