@@ -306,7 +306,8 @@ def test_a_source_run_with_a_time_budget_or_target_passes_neither_to_the_next_st
     chats = jsonl(tmp_path / "chats.jsonl", [{"messages": m} for m in addition_chats(8)])
     out = run_stage("sft", ckpt, chats, tmp_path / "sft")
     assert "done: 1 steps, 256 tokens" in out  # one epoch of 8 short chats
-    assert re.search(r"^train.max_steps 1 = 1 epoch\(s\) \(posttrain.epochs\) x \d rows / global batch 4;", out, re.M)
+    assert re.search(r"^train.max_steps 1 = 1 epoch\(s\) \(posttrain.epochs\) x \d rows / global batch 4"
+                     r"( \(rounded up to whole steps: [\d.]+ epochs\))?;", out, re.M)
     cfg = ckpt_io.read_config(ckpt_io.resolve_checkpoint(tmp_path / "sft"))
     assert (cfg.train.time_budget, cfg.train.target_loss, cfg.train.keep_best, cfg.train.max_steps) == ("", 0.0, 0, 1)
     # given to a stage without --val-data, a target or keep_best would never act: one line, nothing written
@@ -564,3 +565,18 @@ def test_a_resume_without_the_runs_val_data_says_its_evals_stop(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert (f"note: resuming step_2 without posttrain.val_data, which the run evaluated on ({val}): no evals from "
             f"here; pass --val-data {val} to keep them") in res.stderr
+
+
+def test_epochs_rounded_up_to_whole_steps_say_so(capsys):
+    """posttrain.epochs 0.5 of 1 row in batches of 2 is one step, two passes over the data; the line said
+    "0.5 epoch(s)" without a word of it."""
+    from kiln.config import load_config
+    from kiln.posttrain.commands import _set_steps
+
+    cfg = load_config("tiny", ["--train.global_batch_size", "2", "--train.micro_batch_size", "2",
+                               "--posttrain.epochs", "0.5"])
+    _set_steps(cfg, {}, 1, "rows")
+    assert cfg.train.max_steps == 1 and "(rounded up to whole steps: 2 epochs)" in capsys.readouterr().out
+    cfg.posttrain.epochs = 2.0
+    _set_steps(cfg, {}, 4, "rows")
+    assert cfg.train.max_steps == 4 and "rounded" not in capsys.readouterr().out

@@ -212,8 +212,10 @@ def _set_steps(cfg: Config, user: dict, units: int, what: str) -> None:
         return
     pt, batch = cfg.posttrain, cfg.train.global_batch_size
     cfg.train.max_steps = max(1, math.ceil(pt.epochs * units / batch))
+    seen = cfg.train.max_steps * batch / max(units, 1)  # whole steps: 0.5 epoch of 1 row in batches of 2 is 2
+    rounded = f" (rounded up to whole steps: {seen:.3g} epochs)" if abs(seen - pt.epochs) > 0.01 * pt.epochs else ""
     print(f"train.max_steps {cfg.train.max_steps} = {pt.epochs:g} epoch(s) (posttrain.epochs) x {units} {what} / "
-          f"global batch {batch}; --train.max_steps N sets it")
+          f"global batch {batch}{rounded}; --train.max_steps N sets it")
 
 
 def _chat_format(cfg: Config):
