@@ -179,6 +179,23 @@ def test_plot_writes_a_png_with_every_panel_drawn(runs, capsys):
     assert (sats[6] > 0.3).sum() == 0  # (the summary text may run on into the last, empty cell)
 
 
+def test_every_plotted_panel_names_its_unit_and_long_summary_rows_wrap(runs, monkeypatch, tmp_path):
+    """Only the loss panels had a y label (lr, grad norm, tok/s, the tasks and every compare panel had none); a
+    long summary row ("target reached ...") squeezed the panels beside it."""
+    import kiln.logs as logs
+
+    figs = []
+    monkeypatch.setattr(logs, "_save", lambda fig, out: figs.append(fig) or Path(out))
+    run = load_run(runs["run"])
+    logs.plot_run(run, tmp_path / "a.png")
+    logs.compare_runs([run, load_run(runs["before"])], tmp_path / "b.png")
+    for fig in figs:
+        drawn = [ax for ax in fig.axes if ax.axison]
+        assert drawn and all(ax.get_ylabel() for ax in drawn), [ax.get_title() for ax in drawn if not ax.get_ylabel()]
+    summary = next(ax for ax in figs[0].axes if ax.get_title() == "summary").texts[0].get_text()
+    assert max(map(len, summary.splitlines())) <= 46
+
+
 def test_a_run_of_one_record_is_drawn_as_dots(tmp_path, capsys):
     """A short run (a 3-step DPO stage logs one train record) drew one-point lines, which are invisible: its
     lr and grad-norm panels came out empty."""

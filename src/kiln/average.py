@@ -36,10 +36,6 @@ from kiln.paths import first_missing
 from kiln.train import checkpoint as ckpt_io
 
 
-def _step(ckpt: Path) -> int:
-    return int(ckpt.name.split("_")[1])
-
-
 def expand(paths: list[str], *, last: int = 0, notes: list[str] | None = None) -> list[Path]:
     """Checkpoint folders from checkpoint or run folders: a run folder means its last `last` checkpoints
     (its latest when `last` is 0; all of them, with a line in `notes`, when it has fewer). Sorted by step,
@@ -59,7 +55,7 @@ def expand(paths: list[str], *, last: int = 0, notes: list[str] | None = None) -
         else:
             out.append(ckpt_io.resolve_checkpoint(path))
     unique = {c.resolve(): c for c in out}
-    return sorted(unique.values(), key=_step)
+    return sorted(unique.values(), key=ckpt_io.checkpoint_step)
 
 
 def check_compatible(ckpts: list[Path]) -> None:
@@ -149,7 +145,8 @@ def _average_into(out: Path, ckpts: list[Path], *, notes: list[str], ema: float,
         meta["tokenizer_digest"] = last["tokenizer_digest"]
     if ema > 0:
         meta["ema_decay"] = ema
-    return ckpt_io.save_checkpoint(out / "checkpoints", _step(ckpts[-1]), model=model, cfg=cfg, meta=meta)
+    return ckpt_io.save_checkpoint(out / "checkpoints", ckpt_io.checkpoint_step(ckpts[-1]), model=model, cfg=cfg,
+                                   meta=meta)
 
 
 def main(argv: list[str]) -> int:

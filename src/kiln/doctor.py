@@ -45,7 +45,7 @@ from kiln.model.attention import AttnMask, attend
 from kiln.optim import build_optimizer, param_dtype
 from kiln.parallel.mesh import check_model_split
 from kiln.runinfo import git_describe
-from kiln.train.checkpoint import list_checkpoints
+from kiln.train.checkpoint import checkpoint_step, list_checkpoints
 from kiln.train.plan import make_plan
 from kiln.train.preflight import check_sources, check_startup, run_folder_plan
 from kiln.train.sinks import wandb_enabled
@@ -445,7 +445,7 @@ def check_out_dir(ctx: Context) -> tuple[Status, str]:
         return "FAIL", f"`kiln train` would stop: {e}"
     ckpts, c = list_checkpoints(out), ctx.cfg
     steps = None if c.train.time_budget else make_plan(c.model, c.train, c.optim, stages=c.data.stages).total_steps
-    if ckpts and steps is not None and int(ckpts[-1].name.split("_")[1]) >= steps:  # "resumes" would be wrong
+    if ckpts and steps is not None and checkpoint_step(ckpts[-1]) >= steps:  # "resumes" would be wrong
         return "WARN", (f"{out}: complete at {ckpts[-1].name}, so `kiln train` has nothing to train; raise "
                         "train.max_steps / train.total_tokens to train further, or pass --fresh to start over")
     return "PASS", f"writable: {plan}"

@@ -68,6 +68,11 @@ STEP_RE = re.compile(r"^step_(\d+)$")
 CHAT_TEMPLATE = "chat_template.jinja"  # a post-training run's own .jinja (posttrain.chat_template), copied at save
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    """The step of a checkpoint folder step_<N> (also step_<N>.suspect / .corrupt)."""
+    return int(Path(ckpt).name.split("_")[1].split(".")[0])
+
+
 def list_checkpoints(run_or_ckpt_dir: Path) -> list[Path]:
     """Complete checkpoints under a run folder (or its checkpoints/ folder), oldest first."""
     root = Path(run_or_ckpt_dir)

@@ -28,7 +28,13 @@ from kiln.model.loss import check_loss_impl
 from kiln.optim import describe_schedule
 from kiln.parallel.mesh import Layout
 from kiln.train.budget import BudgetTooShort, Costs, fit_steps
-from kiln.train.checkpoint import check_tokenizer_digest, list_checkpoints, read_config, resolve_checkpoint
+from kiln.train.checkpoint import (
+    check_tokenizer_digest,
+    checkpoint_step,
+    list_checkpoints,
+    read_config,
+    resolve_checkpoint,
+)
 from kiln.train.mirror import mirror_for
 from kiln.train.plan import Plan
 
@@ -284,7 +290,7 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> 
     print(f"\nrun folder       {run_folder_plan(cfg, fresh=fresh)}")
     if ckpts:
         check_data_layout(ckpts[-1], cfg, layout)  # the run's own refusal, said now
-    done = ckpts and not plan.provisional and int(ckpts[-1].name.split("_")[1]) >= plan.total_steps
+    done = ckpts and not plan.provisional and checkpoint_step(ckpts[-1]) >= plan.total_steps
     if done:
         print(f"                 nothing to train: it is complete at {ckpts[-1].name}; raise train.max_steps / "
               "train.total_tokens to train further")

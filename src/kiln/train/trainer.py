@@ -747,7 +747,7 @@ def _diverged(out: Path, detector: DivergenceDetector, step: int, main: bool) ->
     onset = detector.onset if detector.onset is not None else step
     # step_N holds the weights after update N, whose loss is first seen at step N + 1: the update that
     # produced the onset's loss is onset - 1, so that checkpoint and later ones are suspect
-    suspect = [p for p in ckpt_io.list_checkpoints(out) if int(p.name.split("_")[1]) >= onset - 1]
+    suspect = [p for p in ckpt_io.list_checkpoints(out) if ckpt_io.checkpoint_step(p) >= onset - 1]
     if main:
         for p in suspect:
             p.rename(p.with_name(p.name + ".suspect"))
