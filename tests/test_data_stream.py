@@ -166,6 +166,24 @@ def test_streaming_bad_input_is_one_clear_line(tmp_path):
         assert src.path in msg and hint in msg and "\n" not in msg, msg
 
 
+def test_a_stream_of_empty_texts_is_refused_within_its_first_epoch(tmp_path):
+    """Each epoch of a stream reopens it: one of nothing used to loop for minutes before a vaguer error."""
+    (tmp_path / "blank.jsonl").write_text("".join(json.dumps({"text": ""}) + "\n" for _ in range(5)))
+    write_jsonl(tmp_path / "ok.jsonl", [1000, 1001, 1002])
+    blank = SourceConfig(path=str(tmp_path / "blank.jsonl"), streaming=True)
+    for sources in ([blank], [SourceConfig(path=str(tmp_path / "ok.jsonl")), blank]):
+        with pytest.raises(DataError, match="blank.jsonl: empty source .every document .* has empty text"):
+            ld = PackedLoader(sources, TOK, **KW)
+            for _ in range(50):
+                ld.next_batch()
+    # one document with text, in the last of several windows, is enough for every epoch after it
+    lines = [json.dumps({"text": ""}) for _ in range(7)] + [json.dumps({"text": doc_text(1000, 3)})]
+    (tmp_path / "sparse.jsonl").write_text("\n".join(lines) + "\n")
+    ld = PackedLoader([SourceConfig(path=str(tmp_path / "sparse.jsonl"), streaming=True)], TOK,
+                      shuffle_buffer=2, **KW)
+    assert {d[0] for d in stream_docs([ld.next_batch() for _ in range(6)]) if d} == {1000}
+
+
 def test_skip_and_take_hold_out_the_head_of_a_source(tmp_path):
     path = str(write_jsonl(tmp_path / "a.jsonl", list(range(1000, 1020))))
     for streaming in (False, True):

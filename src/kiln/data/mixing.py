@@ -146,6 +146,7 @@ class StreamDocs:
         self._items: list[str] | None = None  # the current window, permuted
         self._next_state: dict | None = None  # datasets state after the current window
         self._short = False  # the current window is the epoch's last
+        self._text_seen = False  # this epoch has had a document with text (a resumed epoch: assumed so)
 
     def identity(self) -> dict[str, Any]:
         return {"path": absolute_if_local(self.cfg.path), "files": self.files, "documents": None,
@@ -166,6 +167,7 @@ class StreamDocs:
             raise DataError(f"{self.cfg.path}: no documents for loader shard {self.shard} of {self.num_shards}; the "
                             "source is empty or has fewer documents than data-parallel ranks x data.num_workers")
         self._short = len(items) < self.window_size
+        self._text_seen = self._text_seen or any(items)
         if self.shuffle and len(items) > 1:
             key = [self.seed, WINDOW_TAG, self.index, self.shard, self.num_shards, self.epoch, self.window]
             perm = np.random.default_rng(key).permutation(len(items))
@@ -194,6 +196,9 @@ class StreamDocs:
         assert self._items is not None
         while self.pos >= len(self._items):
             if self._short:
+                if not self._text_seen:  # else each epoch of nothing reopens the stream, for minutes
+                    raise DataError(f"{self.cfg.path}: empty source (every document of loader shard {self.shard} "
+                                    f"of {self.num_shards} has empty text)")
                 return None
             self.window, self.start_state, self.pos = self.window + 1, self._next_state, 0
             self._read_window()
@@ -202,6 +207,7 @@ class StreamDocs:
 
     def new_epoch(self, epoch: int) -> None:
         self.epoch, self.window, self.start_state, self.pos, self._items = epoch, 0, None, 0, None
+        self._text_seen = False
 
     def fetch(self, handles: list[Any]) -> list[str]:
         return handles
@@ -213,6 +219,7 @@ class StreamDocs:
     def load(self, state: dict[str, Any]) -> None:
         self.epoch, self.window, self.pos = int(state["epoch"]), int(state["window"]), int(state["pos"])
         self.start_state, self._items = copy.deepcopy(state["start_state"]), None
+        self._text_seen = self.window > 0  # the windows before this one are not read again
 
 
 def _iterate(ds: Any) -> Any:
