@@ -22,6 +22,7 @@ from kiln.cli import main as cli
 from kiln.config import SourceConfig
 from kiln.data.loader import PackedLoader
 from kiln.data.packing import IGNORE, Row, make_batch
+from kiln.data.perm import mix_key
 from kiln.data.prepare import prepare
 from kiln.data.shards import Permutation, ShardLoader, ShardSet, shard_validation_sets
 from kiln.data.tokenizer import load_tokenizer
@@ -73,6 +74,16 @@ def test_permutation_is_a_seeded_bijection_with_constant_memory():
     a, b = Permutation(1000, 1)(np.arange(1000)), Permutation(1000, 2)(np.arange(1000))
     assert (a != b).mean() > 0.9 and (a != np.arange(1000)).mean() > 0.9
     assert np.array_equal(Permutation(1000, 1)(np.array([5, 900])), a[[5, 900]])  # elementwise, no table
+
+
+def test_permutation_keys_and_order_are_pinned_and_small_inputs_take_the_same_bits():
+    """Resume and every prepared folder's order depend on these bits: a faster path must not move them
+    (values from the all-numpy implementation)."""
+    assert mix_key(1234, 7, 0, 3) == 6870022928532046195 and mix_key(-1, 2**64 + 5) == 11162696052992267970
+    p = Permutation(50, mix_key(9))
+    whole = p(np.arange(50))  # over 16 positions: the vectorised path
+    assert whole[:8].tolist() == [30, 6, 9, 7, 29, 13, 24, 32]
+    assert np.concatenate([p(np.arange(i, min(i + 5, 50))) for i in range(0, 50, 5)]).tolist() == whole.tolist()
 
 
 def test_prepare_writes_the_tokenizer_stream_and_a_document_index(data, tmp_path):

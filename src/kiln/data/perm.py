@@ -20,12 +20,19 @@ def _mix(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
+def _mix_int(z: int) -> int:
+    """_mix on one Python int (numpy on one element costs ~10x: a loader of tiny documents makes a key per epoch)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
 def mix_key(*parts: int) -> int:
     """A 64-bit key from integers (seed, tags, indices)."""
-    z = np.zeros(1, dtype=np.uint64)
+    z = 0
     for p in parts:
-        z = _mix(z ^ np.uint64(p & _M64))
-    return int(z[0])
+        z = _mix_int(z ^ (p & _M64))
+    return z
 
 
 def uniform(seed_key: int, positions: np.ndarray) -> np.ndarray:
@@ -57,8 +64,25 @@ class Permutation:
             left, right = right, left ^ (_mix(right ^ k) & self.mask)
         return (left << h) | right
 
+    def _encrypt_int(self, x: int) -> int:
+        """_encrypt on one Python int (the same bits)."""
+        h, mask = self.half, int(self.mask)
+        left, right = x >> h, x & mask
+        for k in self.keys:
+            left, right = right, left ^ (_mix_int(right ^ int(k)) & mask)
+        return (left << h) | right
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        out = self._encrypt(np.asarray(x, dtype=np.uint64))
+        x = np.asarray(x, dtype=np.uint64)
+        if x.size <= 16:  # per element in Python: numpy's per-call cost dominates a source of a few documents
+            out_int = []
+            for v in x.reshape(-1).tolist():
+                v = self._encrypt_int(v)
+                while v >= self.n:
+                    v = self._encrypt_int(v)
+                out_int.append(v)
+            return np.array(out_int, dtype=np.int64).reshape(x.shape)
+        out = self._encrypt(x)
         bad = out >= np.uint64(self.n)
         while bad.any():
             out[bad] = self._encrypt(out[bad])
