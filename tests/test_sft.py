@@ -332,6 +332,18 @@ def test_a_source_run_with_a_time_budget_or_target_passes_neither_to_the_next_st
     assert ckpt_io.read_config(old).train.max_steps == 1
 
 
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_a_checkpoint_of_a_parallel_run_post_trains_in_one_process(tmp_path, stage):
+    """A pp 2 (or tp 2, FSDP) run's checkpoint loads anywhere; the stage's layout is its own command's, not the
+    source's: it inherited parallel.pp 2 and refused to start in one process."""
+    ckpt = base_checkpoint(tmp_path, **{"parallel.pp": 2, "parallel.pp_schedule": "GPipe", "parallel.dp_shard": 2})
+    data = (jsonl(tmp_path / "chats.jsonl", [{"messages": m} for m in addition_chats(8)]) if stage == "sft" else
+            jsonl(tmp_path / "pairs.jsonl", [{"prompt": "What is 1+1?", "chosen": "2", "rejected": "3"}] * 4))
+    run_stage(stage, ckpt, data, tmp_path / stage)
+    cfg = ckpt_io.read_config(ckpt_io.resolve_checkpoint(tmp_path / stage))
+    assert (cfg.parallel.pp, cfg.parallel.dp_shard, cfg.parallel.pp_schedule) == (1, 1, "1F1B")
+
+
 def test_loader_state_round_trip():
     convs = [type("E", (), {"ids": np.arange(n), "mask": np.ones(n, bool)})() for n in (5, 9, 3, 7, 12, 4)]
     a = SFTLoader(convs, seq_len=16, batch_size=2, seed=3, pack=True, pad_id=0)

@@ -16,13 +16,14 @@ pairs for DPO, prompts for RLVR).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from kiln.cliargs import int_at_least
-from kiln.config import Config, PostTrainConfig, merge_config, parse_overrides
+from kiln.config import Config, ParallelConfig, PostTrainConfig, merge_config, parse_overrides
 from kiln.data.cursor import DataId
 from kiln.errors import ConfigError
 
@@ -135,6 +136,9 @@ def _stage_tree(stage: str, ckpt: Path, args: argparse.Namespace, overrides: lis
         # the source stage's data is not this stage's; nor are its verifiers (a python: one is code to run, and
         # is run only when this command names it; its .py path would resolve from another folder too)
         "posttrain": {"data": "", "val_data": "", "rewards": PostTrainConfig().rewards},
+        # the source's layout was its torchrun's (a pp 2 run's checkpoint loads in one process); this
+        # command's comes from its own flags and process count
+        "parallel": dataclasses.asdict(ParallelConfig()),
         **{k: dict(v) for k, v in STAGE_DEFAULTS[stage].items()},
     }
     if stage == "rlvr":  # a DPO source's precomputed reference is not RLVR's: it scores new samples (a copy)
