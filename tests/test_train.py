@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -443,3 +444,22 @@ def test_the_config_of_a_run_moved_aside_by_fresh_resumes_that_run(tmp_path):
     assert f"is the config of the run in {old}: it trains there" in " ".join(res.stderr.split()), res.stderr
     assert [p.name for p in ckpt_io.list_checkpoints(old)][-1] == "step_4"
     assert [p.name for p in ckpt_io.list_checkpoints(tmp_path / "run")] == ["step_2"]  # the new run: untouched
+
+
+def test_samples_every_n_steps_print_through_the_cli_and_leave_the_losses_as_they_were(tmp_path):
+    """train.sample_every was read by nothing; a sample draws from its own generator, so the run's losses and
+    weights are those of the same run without samples, bitwise."""
+    from conftest import run_kiln
+
+    plain, sampled = tmp_path / "plain", tmp_path / "sampled"
+    plain.mkdir(), sampled.mkdir()
+    train(load_config("tiny", small_overrides(plain, **{"train.max_steps": 6})), quiet=True)
+    res = run_kiln("train", "tiny", *small_overrides(sampled, **{"train.max_steps": 6, "train.sample_every": 2,
+                                                                  "train.sample_tokens": 5}), text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    shown = re.findall(r"^sample at step (\d+): It is a truth", res.stdout, re.M)  # tiny.yaml's prompt
+    assert shown == ["2", "4"], res.stdout[-3000:]  # step 6 is the last: its sample is the final one
+    assert "\nsample: It is a truth" in res.stdout
+    assert losses(plain / "run") == losses(sampled / "run")
+    wa, wb = ckpt_io.read_model_state(plain / "run"), ckpt_io.read_model_state(sampled / "run")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -200,7 +200,7 @@ class TrainConfig:
     divergence_threshold: float = 1.0  # abort when the fast loss EMA exceeds the slow one by this (0: off)
     spike_z: float = 0.0  # >0: flag steps whose loss or grad norm is this many std devs above normal
     skip_spikes: bool = False  # with spike_z: do not apply a flagged step's update
-    sample_every: int = 0  # >0: print a generated sample every N steps
+    sample_every: int = 0  # >0: print a sample (train.sample_prompt, sample_tokens) every N steps; one process
     sample_prompt: str = "The"
     sample_tokens: int = 48
     compile: bool = False

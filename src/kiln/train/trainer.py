@@ -137,6 +137,32 @@ class Run:
                 self.state.eval_seconds = self.budget.eval_time  # saved: a resumed process plans with it too
         return evaluation
 
+    def sample_due(self, step: int) -> bool:
+        """A periodic sample after `step` (train.sample_every; the run's last step gets the final one)."""
+        every = self.cfg.train.sample_every
+        return every > 0 and step % every == 0 and step != self.plan.total_steps
+
+    def sample(self, *, final: bool = False) -> str | None:
+        """Print a continuation of train.sample_prompt by the model as it is now; None where none is drawn: on
+        other ranks, with --quiet or train.sample_tokens 0, and in distributed runs (their model is sharded).
+        Its own seeded generator: the training RNG does not move, so a run samples or not to the same losses."""
+        t = self.cfg.train
+        if not self.layout.is_main or self.progress.quiet or t.sample_tokens <= 0 or self.layout.distributed:
+            return None
+        model = self.engine.model
+        model.eval()
+        try:
+            text = generate_text(model, self.tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens,
+                                 temperature=0.8, top_k=50, top_p=1.0, seed=self.cfg.run.seed)
+        finally:
+            if not final:
+                model.train()
+        if final:
+            print(f"\nsample: {t.sample_prompt}{text}\n")
+        else:
+            self.progress.print(f"sample at step {self.state.step}: {t.sample_prompt}{text}")
+        return text
+
     def save(self, evaluation: Evaluation | None = None, *, wait: bool = False) -> Path:
         """Checkpoint the current state on every rank (a collective when distributed)."""
         return self.checkpointer.save(self.state.step, **self._save_parts(evaluation), wait=wait)
@@ -326,6 +352,8 @@ def fit(run: Run) -> dict[str, Any]:
             run.log.step(state, lr=lr, grad_norm=result.grad_norm, extras=result.extras, spike=result.spike,
                          seconds=result.seconds)
             evaluation = run.evaluate() if run.evaluator.due(state.step) else None
+            if run.sample_due(state.step):
+                run.sample()
             if evaluation is not None and evaluation.reached_target:  # before any save: a resumed run knows
                 t = run.cfg.train
                 state.target_step, state.target_metric = state.step, t.target_metric
@@ -597,13 +625,10 @@ def finish(run: Run, stopped: str | None, *, complete: bool = False) -> dict[str
             print(f"{why} at step {state.step}: {what}; {again}")
         return summary
     cfg = run.cfg
-    if main and not run.progress.quiet and cfg.train.sample_tokens > 0 and not run.layout.distributed and not complete:
-        model = run.engine.model
-        model.eval()
-        text = generate_text(model, run.tokenizer, cfg.train.sample_prompt, max_new_tokens=cfg.train.sample_tokens,
-                             temperature=0.8, top_k=50, top_p=1.0, seed=cfg.run.seed)
-        summary["sample"] = text
-        print(f"\nsample: {cfg.train.sample_prompt}{text}\n")
+    if not complete:
+        text = run.sample(final=True)
+        if text is not None:
+            summary["sample"] = text
     if main:
         if reached:
             tr = summary["target"]
