@@ -63,6 +63,7 @@ def test_overrides_are_typed_and_nested():
     (["--optim.min_cooldown_tokens", "nan"], r"optim.min_cooldown_tokens: must be a finite number, got nan"),
     (["--train.divergence_threshold", "-1"], r"train.divergence_threshold: must be >= 0, got -1"),  # silently off
     (["--train.spike_z", "nan"], r"train.spike_z: must be a finite number, got nan"),
+    (["--train.sample_every", "-2"], r"train.sample_every: must be >= 0, got -2"),
     (["--train.target_metric", "eval/bogus"],  # accepted without a word, and nothing stopped at it
      r"train.target_metric eval/bogus has no effect without train.target_loss"),
     (["--data.train", '[{"path": "a.jsonl", "weight": 1e400}]'], r"weight must be a positive finite number, got inf"),

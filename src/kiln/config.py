@@ -700,7 +700,7 @@ def _validate_train(t: TrainConfig, o: OptimConfig, m: ModelConfig, *, where: st
                    "train.total_tokens": (t.total_tokens, ">= 0"), "train.max_steps": (t.max_steps, ">= 0"),
                    "optim.warmup_steps": (o.warmup_steps, ">= 0"), "train.keep_last": (t.keep_last, ">= 0"), "train.keep_best": (t.keep_best, ">= 0"),
                    "train.stop_at_step": (t.stop_at_step, ">= 0"), "train.target_loss": (t.target_loss, ">= 0"),
-                   "train.eval_tasks_limit": (t.eval_tasks_limit, "> 0"),
+                   "train.eval_tasks_limit": (t.eval_tasks_limit, "> 0"), "train.sample_every": (t.sample_every, ">= 0"),
                    "train.save_every_minutes": (t.save_every_minutes, ">= 0"), "train.grad_clip": (t.grad_clip, ">= 0"),
                    "train.divergence_threshold": (t.divergence_threshold, ">= 0"), "train.spike_z": (t.spike_z, ">= 0")})
     if not 0 <= t.ema_decay < 1:
