@@ -17,6 +17,7 @@ signals, so it works for torchrun jobs with many processes and for run folders o
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import os
 import socket
@@ -33,7 +34,41 @@ from kiln.cache import cache_root
 from kiln.errors import KilnError
 
 COMMANDS = ("save", "stop", "abort")
-DATA_RAN_DRY = "data ran dry"  # a final state: the run ended where data.on_exhausted=stop found its data used up
+
+
+class Stop(str, enum.Enum):
+    """Why a run ended before its plan's last step. The value is what the summary, status.json and the
+    log say (a str, so those read as before)."""
+
+    AT_STEP = "train.stop_at_step"  # planned: exits 0, the next command resumes
+    TARGET = "target"  # reached train.target_loss: ends as a finished run
+    DATA_RAN_DRY = "data ran dry"  # data.on_exhausted=stop found its data used up: ends as a finished run
+    BUDGET = "train.time_budget"  # went past its budget by more than 10%: saved, exits 0
+    SIGNAL = "signal"  # SIGINT / SIGTERM: saved, exits 130
+    CONTROL_STOP = "kiln control stop"  # saved, exits 130
+    CONTROL_ABORT = "kiln control abort"  # not saved, exits 1
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+    @property
+    def finishes(self) -> bool:
+        """Ends as the plan's last step would: the final eval, checkpoint and sample."""
+        return self in (Stop.TARGET, Stop.DATA_RAN_DRY)
+
+    @property
+    def saves(self) -> bool:
+        return self is not Stop.CONTROL_ABORT
+
+    @property
+    def exit_code(self) -> int:
+        """130: saved and stopped early (rerun to resume); 1: ended without saving; 0: ended as planned."""
+        return {Stop.SIGNAL: 130, Stop.CONTROL_STOP: 130, Stop.CONTROL_ABORT: 1}.get(self, 0)
+
+
+DATA_RAN_DRY = Stop.DATA_RAN_DRY.value  # a final state in status.json (logs reads it)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from kiln.paths import saved_dict
 from kiln.runinfo import format_duration, run_info
 from kiln.train import checkpoint as ckpt_io
 from kiln.train.budget import BudgetTooShort, TimeBudget
-from kiln.train.control import DATA_RAN_DRY, JobControl, Requests, lock_run_folder
+from kiln.train.control import JobControl, Requests, Stop, lock_run_folder
 from kiln.train.engine import Engine
 from kiln.train.evaluator import Evaluation, Evaluator, target_met
 from kiln.train.metrics import MetricsLogger, StepLog, read_metrics
@@ -292,14 +292,9 @@ def train(cfg: Config, *, objective: Objective | None = None, fresh: bool = Fals
         raise
 
 
-# how a stopped run's command exits: 130 saved and stopped early (rerun to resume), 1 ended without saving; any
-# other stop (its last step, its target, its budget, train.stop_at_step) ends as planned: 0
-STOP_EXIT_CODES = {"signal": 130, "kiln control stop": 130, "kiln control abort": 1}
-
-
 def exit_code(summary: dict[str, Any]) -> int:
-    """The exit code of the command whose run ended with `summary` (train's return)."""
-    return STOP_EXIT_CODES.get(summary.get("stopped") or "", 0)
+    """The exit code of the command whose run ended with `summary` (train's return): Stop.exit_code."""
+    return Stop(summary["stopped"]).exit_code if summary.get("stopped") else 0
 
 
 def fit(run: Run) -> dict[str, Any]:
@@ -320,12 +315,12 @@ def fit(run: Run) -> dict[str, Any]:
             more = "raise train.max_steps / train.total_tokens to train further"
         run.progress.print(f"nothing to train: {done}; {more}, or pass --fresh to start over")
         return finish(run, None, complete=True)
-    stopped: str | None = None  # why the run ended before its last step
+    stopped: Stop | None = None  # why the run ended before its last step
     first, last = state.step, None  # last: the latest step's (lr, result)
     with StopOnSignal() as signal:
         while state.step < plan.total_steps:
             if 0 < run.cfg.train.stop_at_step <= state.step:
-                stopped = "train.stop_at_step"
+                stopped = Stop.AT_STEP
                 break
             lr = run.lr()
             try:
@@ -335,11 +330,11 @@ def fit(run: Run) -> dict[str, Any]:
                                    "run ends there, its learning rate schedule unfinished (train.max_steps sets a "
                                    "schedule that ends with the data; data.on_exhausted=cycle repeats it)")
                 if state.step == first:  # resumed where it ran dry: already evaluated and saved
-                    return finish(run, DATA_RAN_DRY, complete=True)
+                    return finish(run, Stop.DATA_RAN_DRY, complete=True)
                 if state.window and last is not None:  # the last steps' train record, as a last step gets one
                     run.log.write(state, lr=last[0], grad_norm=last[1].grad_norm, extras=last[1].extras,
                                   spike=last[1].spike)
-                stopped = DATA_RAN_DRY
+                stopped = Stop.DATA_RAN_DRY
                 break
             last = (lr, result)
             state.advance(tokens=plan.tokens_per_step, loss=result.loss)
@@ -364,7 +359,7 @@ def fit(run: Run) -> dict[str, Any]:
             if signal.requested and not requests.signal and not run.layout.distributed:  # came during this step:
                 requests = dataclasses.replace(requests, signal=True)  # one process needs no agreement to act on it
             if requests.abort:
-                stopped = "kiln control abort"
+                stopped = Stop.CONTROL_ABORT
                 break
             if checkpointer.due(state.step, score=evaluation.score if evaluation else None, scores=state.evals,
                                 requests=requests):
@@ -372,13 +367,13 @@ def fit(run: Run) -> dict[str, Any]:
                 if requests.save and run.control is not None:
                     run.control.ack(run.pending, step=state.step, checkpoint=str(saved))
             if state.target_step:
-                stopped = "target"
+                stopped = Stop.TARGET
                 break
             if requests.stop or requests.signal:  # saved at the end
-                stopped = "kiln control stop" if requests.stop else "signal"
+                stopped = Stop.CONTROL_STOP if requests.stop else Stop.SIGNAL
                 break
             if run.budget is not None and state.planned_steps and run.budget.overrun(state.elapsed()):
-                stopped = "train.time_budget"
+                stopped = Stop.BUDGET
                 break
     return finish(run, stopped)
 
@@ -583,43 +578,41 @@ def _next_micro(run: Run) -> list[Any]:
     return micro
 
 
-def finish(run: Run, stopped: str | None, *, complete: bool = False) -> dict[str, Any]:
+def finish(run: Run, stop: Stop | None, *, complete: bool = False) -> dict[str, Any]:
     """The end of the run: the final eval and checkpoint (unless aborted, or `complete` already: a
-    resumed run with nothing left to train), the summary, a sample. Reaching train.target_loss ends
-    a run like its last step does (its eval is the final one)."""
+    resumed run with nothing left to train), the summary, a sample. A stop that `finishes` (the target, the
+    data running dry) ends the run as its last step does; the target's eval is the final one."""
     state, main, checkpointer = run.state, run.layout.is_main, run.checkpointer
     checkpointer.wait()
-    reached = stopped == "target"
-    dry = stopped == DATA_RAN_DRY  # the end its config chose: a finished run's final eval, checkpoint and sample
-    stopped = None if dry else stopped
-    final = run.last_eval if reached else None
-    if state.step > 0 and not (stopped and not reached) and not complete:
-        final = run.evaluate() if not reached else final
+    early = stop if stop is not None and not stop.finishes else None  # ended before its end
+    final = run.last_eval if stop is Stop.TARGET else None
+    if state.step > 0 and early is None and stop is not Stop.TARGET and not complete:
+        final = run.evaluate()
     last = ckpt_io.list_checkpoints(run.out)
     path = last[-1] if last and checkpointer.saved_at == state.step else None
-    if state.step > 0 and stopped != "kiln control abort" and checkpointer.saved_at != state.step:
+    if state.step > 0 and (stop is None or stop.saves) and checkpointer.saved_at != state.step:
         path = run.save(final, wait=True)
     run.progress.close()
     summary: dict[str, Any] = {"step": state.step, "tokens_seen": state.tokens_seen,
                                "final_eval_loss": final.loss if final else None,
-                               "stopped": None if reached else stopped, "checkpoint": str(path) if path else None,
+                               "stopped": early.value if early else None, "checkpoint": str(path) if path else None,
                                # a resumed run with nothing left: the run's own time, not this command's too
                                "elapsed": format_duration(state.elapsed_before if complete else state.elapsed())}
-    if reached:
+    if stop is Stop.TARGET:
         summary["target"] = _target_record(run, final)
     if run.control is not None:
-        if stopped in ("kiln control stop", "kiln control abort"):
+        if stop in (Stop.CONTROL_STOP, Stop.CONTROL_ABORT):
             run.control.ack(run.pending, step=state.step, checkpoint=str(path) if path else None)
-        run.control.close(stopped if stopped and not reached else DATA_RAN_DRY if dry else "finished")
-    if stopped and not reached:
+        run.control.close(str(stop) if stop is not None and stop is not Stop.TARGET else "finished")
+    if early is not None:
         if main:
             saved = path is not None or bool(ckpt_io.list_checkpoints(run.out))
             what = f"saved {path}" if path else ("nothing saved (the last checkpoint stays)" if saved else
                                                  "nothing saved (no checkpoint yet)")
             why = (f"the run went over its train.time_budget {run.cfg.train.time_budget} by more than 10%"
-                   if stopped == "train.time_budget" else f"stopped by {stopped}")
+                   if early is Stop.BUDGET else f"stopped by {early}")
             again = ("run it again without train.stop_at_step (or with a later one) to resume"
-                     if stopped == "train.stop_at_step" else
+                     if early is Stop.AT_STEP else
                      ("run the same command without --fresh to resume" if run.fresh else
                       "run the same command again to resume") if saved else "run the same command again to start over")
             print(f"{why} at step {state.step}: {what}; {again}")
@@ -630,7 +623,7 @@ def finish(run: Run, stopped: str | None, *, complete: bool = False) -> dict[str
         if text is not None:
             summary["sample"] = text
     if main:
-        if reached:
+        if stop is Stop.TARGET:
             tr = summary["target"]
             print(f"reached {tr['metric']} {tr['value']:.4f} (target {tr['target']:g}) at step {state.step}: "
                   f"{format_duration(tr['elapsed_sec'])}, {state.tokens_seen:,} tokens"  # as the done line writes time
