@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from kiln.data.batchsource import BatchSource
 from kiln.errors import DataError
 
 
@@ -111,7 +112,7 @@ def records_digest(records: Iterable[tuple[str, Any]]) -> str:
     return h.hexdigest()
 
 
-class CursorLoader:
+class CursorLoader(BatchSource):
     """What the post-training loaders share: their state is an EpochCursor position plus the number of
     items the data had and its digest (DataId), checked on a resume so that changed data is one clear
     error. A state saved before the digest (kiln before 2026-12-07) is taken on trust by its count.
@@ -120,6 +121,8 @@ class CursorLoader:
     only), `KIND` (the state's "kind"), `ITEMS` (the state key and the word for an item, e.g. "pairs"),
     `WHAT` (the data's name in messages) and `n_items()`.
     """
+
+    reshards = True
 
     KIND = ITEMS = WHAT = ""
     cursor: EpochCursor

@@ -1,7 +1,7 @@
 """Deterministic, resumable, rank- and worker-disjoint packed batches from weighted text sources.
 
-`PackedLoader` is the training batch source of one data-parallel rank (the BatchSource contract of
-kiln.train.objective: next_batch(), state_dict(), load_state_dict()). It runs the text pipeline of
+`PackedLoader` is the training batch source of one data-parallel rank (kiln.data.batchsource's contract:
+next_batch(), state_dict(), load_state_dict()). It runs the text pipeline of
 kiln.data.mixing in max(num_workers, 1) shards per rank:
   * num_workers=0: one shard, in this process;
   * num_workers=N: N shards, one per torch DataLoader worker process, tokenizing in parallel. The
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from kiln.config import SourceConfig
+from kiln.data.batchsource import BatchSource
 from kiln.data.mixing import ROW_SHUFFLE, OnExhausted, TextStream
 from kiln.data.packing import Batch, Packer, batch_from_arrays, make_batch
 from kiln.data.sources import load_documents, open_stream, stream_error
@@ -133,7 +134,7 @@ class _TextJob:
             yield arrays, stream.state_dict()
 
 
-class PooledLoader:
+class PooledLoader(BatchSource):
     """Base of the loaders that may own a WorkerPool (`self._pool`): stopping it, also on collection."""
 
     _pool: WorkerPool | None = None

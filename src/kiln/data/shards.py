@@ -329,6 +329,8 @@ class _ShardJob:
 class ShardLoader(PooledLoader):
     """Endless (batch_size, seq_len) batches from prepared folders for one data-parallel rank. Stateful."""
 
+    reshards = True  # a global block order: any data-parallel size resumes it
+
     def __init__(self, sources: list[SourceConfig], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                  seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  pin_memory: bool | None = None) -> None:

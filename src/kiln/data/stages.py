@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kiln.config import DataConfig, StageConfig, to_dict
+from kiln.data.batchsource import BatchSource
 from kiln.errors import DataError
 
 STAGE_SEED = 1_000_003  # stage i's loaders use seed + i x STAGE_SEED
@@ -59,8 +60,10 @@ def describe(stages: list[StageConfig], starts: list[int], *, tokens_per_step: i
     return lines
 
 
-class StagedLoader:
+class StagedLoader(BatchSource):
     """The training batch source for `data.stages`; Stateful (see the module docstring)."""
+
+    reshards = True  # where the current stage's loader does (prepared shards); else one line says why not
 
     def __init__(self, data: DataConfig, build: Callable[[DataConfig, int], Any]) -> None:
         """`build(data_of_one_stage, seed_offset)` makes one stage's loader (kiln.data.factory)."""
@@ -115,12 +118,11 @@ class StagedLoader:
 
         def enter(_: Any) -> None:
             self._enter(first["stage"])
-            reshard = getattr(self._loader, "load_resharded_state", None)  # prepared shards only
-            if reshard is None:
+            if not self._loader.reshards:  # prepared shards only
                 raise DataError("data stage sources are text: their position resumes only on the same "
                                 "data-parallel size; resume with the saved layout, or prepare the stages' "
                                 "sources (kiln data prepare) and train them with data.format=shards")
-            reshard([s["states"][first["stage"]] for s in states])
+            self._loader.load_resharded_state([s["states"][first["stage"]] for s in states])
 
         self._restore(first, enter)
 

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from kiln.config import Config, DataConfig, DType
+from kiln.data.batchsource import BatchSource
 from kiln.data.factory import Batching, build_train_source, build_val_sets
 from kiln.data.packing import Batch
 from kiln.data.tokenizer import Tokenizer
@@ -58,16 +59,6 @@ class RunSettings:
                    global_batch_size=t.global_batch_size, loss_impl=t.loss_impl, dtype=t.dtype, tp=cfg.parallel.tp,
                    eval_tokens=t.eval_tokens,
                    unseen_smoothing=0.0 if unseen_smoothing_blocker(cfg) else t.unseen_smoothing)
-
-
-class BatchSource(Protocol):
-    """A Stateful, deterministic, endless source of micro-batches (each has `.to(device)`)."""
-
-    def next_batch(self) -> Any: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class Objective:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import yaml
 
 from kiln.config import Config, StageConfig, TrainConfig, parse_duration
+from kiln.data.batchsource import BatchSource
 from kiln.data.mixing import DataExhausted
 from kiln.data.stages import StagedLoader, stage_starts
 from kiln.data.stages import describe as describe_stages
@@ -52,7 +53,7 @@ from kiln.train.engine import Engine
 from kiln.train.evaluator import Evaluation, Evaluator, target_met
 from kiln.train.metrics import MetricsLogger, StepLog, read_metrics
 from kiln.train.mirror import Mirror, mirror_for
-from kiln.train.objective import BatchSource, Objective, RunSettings
+from kiln.train.objective import Objective, RunSettings
 from kiln.train.plan import Plan, make_plan
 from kiln.train.preflight import (
     check_resumable,
@@ -459,7 +460,7 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
         objective.setup(engine.model, device=device)
     loader = objective.train_data(tokenizer, rank=layout.dp_rank, world_size=layout.dp_size) \
         if engine.reads_data else None
-    if loader is not None and hasattr(loader, "close"):
+    if loader is not None:
         closing.callback(loader.close)
     val_sets = objective.val_data(tokenizer)  # small; every pipeline stage joins the same eval steps
     _check_evals(cfg.train, has_evals=bool(val_sets or tasks))
@@ -712,7 +713,7 @@ def _announce(run: Run, info: dict[str, Any], init_from: Path | None) -> None:
             p.print("  " + line)
     if cfg.train.unseen_smoothing and (blocker := unseen_smoothing_blocker(cfg)):
         p.print(f"  train.unseen_smoothing {cfg.train.unseen_smoothing:g} does nothing here: {blocker}")
-    changed = getattr(run.loader, "changed_future", None)
+    changed = run.loader.changed_future if run.loader is not None else ()
     if changed:
         p.print(f"  data.stages {', '.join(str(i) for i in changed)} changed since the last checkpoint; the run has "
                 "not reached them: the new definition applies")
@@ -754,10 +755,9 @@ def _restore_rank_state(ranks: list[dict[str, Any]], layout: Layout, loader: Bat
     if old_dp == layout.dp_size:
         loader.load_state_dict(saved[layout.dp_rank])
         return
-    reshard = getattr(loader, "load_resharded_state", None)
-    if reshard is None:
+    if not loader.reshards:
         raise reshard_error(old_dp, layout.dp_size)
-    reshard([saved[i] for i in sorted(saved)])
+    loader.load_resharded_state([saved[i] for i in sorted(saved)])
 
 
 def _diverged(out: Path, detector: DivergenceDetector, step: int, main: bool) -> None:
