@@ -428,17 +428,7 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     if (refused := _agree(refused, layout)) is not None:  # every rank stops with rank 0's line
         raise KilnError(refused)
     mirror = mirror_for(cfg.train.checkpoint_url)
-    resume_from = _agree(_latest_checkpoint(out, mirror, fresh=fresh, main=main), layout)  # verified
-    if resume_from is not None:  # validate before touching anything
-        if ckpt_io.weights_only(resume_from):
-            raise CheckpointError(
-                f"{resume_from}: a weights-only checkpoint (kiln average / kiln import), with no optimizer or data "
-                f"state to resume; start a new run from it: --run.init_from {resume_from} --run.out_dir NEW_DIR")
-        check_resumable(ckpt_io.read_config(resume_from), cfg, resume_from, tokenizer=tokenizer)
-    init_from = None
-    if resume_from is None and cfg.run.init_from:
-        init_from = ckpt_io.resolve_checkpoint(cfg.run.init_from)
-        check_resumable(ckpt_io.read_config(init_from), cfg, init_from, tokenizer=tokenizer, init_from=True)
+    resume_from, init_from = _choose_start(cfg, out, mirror, layout, tokenizer, fresh=fresh)
     if cfg.train.eval_tasks and layout.pp > 1:
         raise ConfigError("train.eval_tasks scores whole sequences on one model; a pipeline (parallel.pp > 1) splits "
                           "it: evaluate the checkpoints with `kiln eval --task mc` instead, or drop train.eval_tasks")
@@ -513,19 +503,46 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     run = Run(cfg=cfg, layout=layout, plan=plan, engine=engine, loader=loader, tokenizer=tokenizer, state=state,
               evaluator=evaluator, checkpointer=checkpointer, log=log, progress=progress, metrics=metrics,
               control=control, resumed_from=resume_from, autocast=autocast, budget=budget, fresh=fresh)
-    if budget is not None:  # a process resumed before the plan runs no initial eval: the evals so far say their cost
-        budget.eval_time = state.eval_seconds
-    if budget is not None and state.planned_steps:  # fixed by an earlier process of this run
-        run._apply_plan(state.planned_steps)
-        if not state.plan_final:  # killed before a re-plan: it comes at the same step
-            budget.schedule_replan(state.planned_steps, after=state.planned_at)
-        budget.resumed(elapsed=state.elapsed(), done=state.step, planned=state.planned_steps)
-        plan.budget_source = f"train.time_budget {t.time_budget} (" + (
-            f"planned after step {state.planned_at} of the run, from its timed steps)" if state.planned_at else
-            "planned earlier in the run)")
+    if budget is not None:
+        _restore_budget(run, budget)
     _announce(run, info, init_from)
     engine.train()
     return run
+
+
+def _choose_start(cfg: Config, out: Path, mirror: Mirror | None, layout: Layout, tokenizer: Tokenizer, *,
+                  fresh: bool) -> tuple[Path | None, Path | None]:
+    """(the checkpoint this run resumes, the one whose weights start it), at most one of them, each checked
+    against the config before anything is written."""
+    resume_from = _agree(_latest_checkpoint(out, mirror, fresh=fresh, main=layout.is_main), layout)  # verified
+    if resume_from is not None:
+        if ckpt_io.weights_only(resume_from):
+            raise CheckpointError(
+                f"{resume_from}: a weights-only checkpoint (kiln average / kiln import), with no optimizer or data "
+                f"state to resume; start a new run from it: --run.init_from {resume_from} --run.out_dir NEW_DIR")
+        check_resumable(ckpt_io.read_config(resume_from), cfg, resume_from, tokenizer=tokenizer)
+        return resume_from, None
+    if not cfg.run.init_from:
+        return None, None
+    init_from = ckpt_io.resolve_checkpoint(cfg.run.init_from)
+    check_resumable(ckpt_io.read_config(init_from), cfg, init_from, tokenizer=tokenizer, init_from=True)
+    return None, init_from
+
+
+def _restore_budget(run: Run, budget: TimeBudget) -> None:
+    """A time budget as the run's earlier processes left it: the evals' cost so far, and the steps it fixed
+    (with the re-plan still to come, at the same step) once the warmup was timed."""
+    state, plan = run.state, run.plan
+    budget.eval_time = state.eval_seconds  # a resumed process runs no initial eval: the evals so far say the cost
+    if not state.planned_steps:
+        return
+    run._apply_plan(state.planned_steps)
+    if not state.plan_final:  # killed before a re-plan: it comes at the same step
+        budget.schedule_replan(state.planned_steps, after=state.planned_at)
+    budget.resumed(elapsed=state.elapsed(), done=state.step, planned=state.planned_steps)
+    plan.budget_source = f"train.time_budget {run.cfg.train.time_budget} (" + (
+        f"planned after step {state.planned_at} of the run, from its timed steps)" if state.planned_at else
+        "planned earlier in the run)")
 
 
 def _check_evals(t: TrainConfig, *, has_evals: bool) -> None:
