@@ -368,6 +368,7 @@ def test_a_warmup_the_budget_cannot_fit_is_refused_early_by_the_run_and_by_dry_r
     assert dry.returncode == 2 and "Traceback" not in dry.stderr, dry.stderr[-2000:]
     assert dry.stderr.strip().splitlines()[-1].startswith("kiln: error: train.time_budget 60s is too short: about ")
     assert "than its warmup (optim.warmup_steps 100000)" in dry.stderr
+    assert re.search(r"a step takes [\d.]+ s here, and an eval about [\d.]+ s: the first, one every \d+ steps", dry.stderr)
     res = run_cli("train", "tiny", *over)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1].startswith(

@@ -307,10 +307,11 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> 
         print(f"steps            fixed by the run after timing its warmup ({plan.budget_source}); a dry run under "
               "torchrun times no steps: run it in one process for an estimate")
     elif plan.provisional:  # a time budget: estimate the steps from a short benchmark of real steps here
-        steps, step_s = _budget_estimate(cfg, plan)
+        steps, step_s, eval_s = _budget_estimate(cfg, plan)
         if steps <= cfg.optim.warmup_steps:  # the run would refuse it after its timed warmup
             raise BudgetTooShort(f"train.time_budget {cfg.train.time_budget} is too short: about {steps} steps fit "
-                                 f"(a step takes {step_s:.2f} s here), and the run needs more than its warmup "
+                                 f"(a step takes {step_s:.2f} s here, and an eval about {eval_s:.1f} s: the first, "
+                                 f"one every {plan.eval_every} steps and the final one), and the run needs more than its warmup "
                                  f"(optim.warmup_steps {cfg.optim.warmup_steps}) and a final eval; raise the budget "
                                  "or lower optim.warmup_steps / train.eval_tokens")
         slows = ("; a zero-init untied head's steps slow down as the ids the data reaches get rows of their own "
@@ -359,8 +360,8 @@ def check_sources(cfg: Config) -> None:
                             "0 bytes)")
 
 
-def _budget_estimate(cfg: Config, plan: Plan) -> tuple[int, float]:
-    """The steps a time budget would fit and a step's seconds, from `kiln bench`'s timing of 3 steps (one
+def _budget_estimate(cfg: Config, plan: Plan) -> tuple[int, float, float]:
+    """The steps a time budget would fit, a step's seconds and an eval's, from `kiln bench`'s timing of 3 steps (one
     process: under torchrun the run's own measurement decides). An eval's forward costs about a third of a
     training step per token; checkpoints are not estimated."""
     bench = run_bench(cfg, steps=3, warmup=1)
@@ -368,4 +369,4 @@ def _budget_estimate(cfg: Config, plan: Plan) -> tuple[int, float]:
     eval_s = len(cfg.data.val) * cfg.train.eval_tokens / (3 * bench["tokens_per_sec"])
     return fit_steps(parse_duration(cfg.train.time_budget), elapsed=eval_s, done=0,
                      costs=Costs(step=step, eval=eval_s, save=0.0), eval_every=plan.eval_every,
-                     save_every=plan.save_every, save_every_minutes=cfg.train.save_every_minutes), step
+                     save_every=plan.save_every, save_every_minutes=cfg.train.save_every_minutes), step, eval_s
