@@ -4,7 +4,6 @@ tokenizer fits the model, and `kiln train --dry-run`'s plan."""
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -48,13 +47,14 @@ def pin_paths(cfg: Config) -> None:
         cfg.posttrain.chat_template = str(Path(template).expanduser().resolve())
 
 
-def check_tokenizer(tok: Tokenizer, cfg: Config, where: str) -> None:
-    """The tokenizer's ids must fit model.vocab_size; a model far larger than them is said in one line (rank 0)."""
+def check_tokenizer(tok: Tokenizer, cfg: Config, where: str, *, main: bool = True) -> None:
+    """The tokenizer's ids must fit model.vocab_size; a model far larger than them is said in one line (by the
+    `main` process)."""
     if tok.vocab_size > cfg.model.vocab_size:
         raise DataError(f"{where}: tokenizer '{cfg.data.tokenizer}' has {tok.vocab_size} ids but model.vocab_size is "
                         f"{cfg.model.vocab_size}; set --model.vocab_size {tok.vocab_size} or use a matching tokenizer")
     note = unused_vocab_note(tok, cfg)
-    if note and os.environ.get("RANK", "0") == "0":
+    if note and main:
         print(note, file=sys.stderr)
 
 
@@ -282,7 +282,7 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> 
     A run folder whose checkpoint this config cannot resume is the run's own error, said now; so is a tokenizer
     with more ids than model.vocab_size (and the warning for far fewer is printed, as the run prints it)."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    check_tokenizer(tokenizer, cfg, where="config")
+    check_tokenizer(tokenizer, cfg, where="config", main=layout.is_main)
     check_prepared_sources(cfg.data, tokenizer)  # prepared with this tokenizer, as the run will check
     ckpts = [] if fresh else list_checkpoints(Path(cfg.run.out_dir))
     check_startup(cfg, tokenizer, layout.device, resuming=bool(ckpts))

@@ -417,7 +417,7 @@ def setup(cfg: Config, layout: Layout, plan: Plan, objective: Objective, *, fres
     validated before anything is written, then the model, data, state, sinks and components."""
     device, main, out = layout.device, layout.is_main, Path(cfg.run.out_dir)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    check_tokenizer(tokenizer, cfg, where="config")
+    check_tokenizer(tokenizer, cfg, where="config", main=layout.is_main)
     check_run_folder(out)  # before a mirror's checkpoint is fetched into it
     locked, refused = main and out.is_dir(), None
     if locked:  # a run folder another process trains in is neither resumed, set aside, nor written
