@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+import torch
+
 from conftest import run_kiln
 from test_sft import CONVO, base_checkpoint, jsonl
 
@@ -125,3 +128,14 @@ def test_post_training_records_that_trained_wrongly_or_crashed_are_one_line(tmp_
                      str(tmp_path / stage), "--train.max_steps", "1"]) == 2, (stage, data)
         assert capsys.readouterr().err.strip().splitlines()[-1] == f"kiln: error: {line}", (stage, data)
         assert not (tmp_path / stage).exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without a GPU")
+def test_run_device_cuda_without_a_gpu_is_one_line_and_writes_nothing(tmp_path):
+    """The layout and `kiln generate --device` decide the device by one rule (kiln.device.pick_device)."""
+    res = run_cli("train", "tiny", "--run.device", "cuda", "--train.max_steps", "1", "--run.out_dir",
+                  str(tmp_path / "run"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == ("kiln: error: run.device=cuda but no CUDA device is visible; use "
+                                                   "run.device=auto or cpu")
+    assert not (tmp_path / "run").exists()

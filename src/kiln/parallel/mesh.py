@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from kiln.config import ModelConfig, ParallelConfig
+from kiln.device import pick_device
 from kiln.errors import ConfigError
 from kiln.parallel.pipeline import stages_per_rank
 
@@ -139,9 +140,7 @@ def init_layout(p: ParallelConfig, model: ModelConfig, device_choice: str = "aut
     (`model` is checked against it: tensor-parallel divisibility, enough layers for the stages)."""
     world_size, rank, local_rank = env_world()
     check_layout(p, model, world_size)
-    use_cuda = torch.cuda.is_available() and device_choice != "cpu"
-    if device_choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device=cuda but no CUDA device is visible; use run.device=auto or cpu")
+    use_cuda = pick_device(device_choice).type == "cuda"
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
