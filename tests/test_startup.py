@@ -24,5 +24,25 @@ def test_a_one_process_command_does_not_load_pipelining_or_dynamo():
 
 
 def test_every_schedule_kiln_offers_has_a_torch_schedule():
-    assert set(pipeline.SCHEDULES) == set(schedules._SINGLE) | set(schedules._MULTI)
-    assert set(pipeline._SINGLE) == set(schedules._SINGLE)
+    """One table names the schedules: the config's choices are its keys, each names a torch class."""
+    from typing import get_args
+
+    from torch.distributed import pipelining
+    from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+
+    from kiln.config import ParallelConfig, PipelineSchedule
+
+    assert set(get_args(PipelineSchedule)) == set(pipeline.SCHEDULES)
+    assert ParallelConfig.pp_schedule in pipeline.SCHEDULES
+    for name, spec in pipeline.SCHEDULES.items():
+        single = issubclass(getattr(pipelining, spec.torch_class), PipelineScheduleSingle)
+        assert single == (spec.placement == "single"), name  # make_schedule hands a single-stage class one stage
+        assert spec.placement in ("single", "looped", "v"), name
+
+
+def test_stage_placement_follows_the_table():
+    assert pipeline.stage_ids("1F1B", 4, 1) == [1]
+    assert pipeline.stage_ids("Interleaved1F1B", 4, 1) == [1, 5]
+    assert pipeline.stage_ids("DualPipeV", 4, 1) == [1, 6]
+    assert [pipeline.stages_per_rank(s) for s in ("GPipe", "LoopedBFS", "ZBVZeroBubble")] == [1, 2, 2]
+    assert callable(schedules.make_schedule)

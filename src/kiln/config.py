@@ -217,7 +217,7 @@ class TrainConfig:
 
 
 PipelineSchedule = Literal["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble",
-                           "ZBVZeroBubble", "DualPipeV"]
+                           "ZBVZeroBubble", "DualPipeV"]  # kiln.parallel.pipeline.SCHEDULES's keys (asserted there)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -27,25 +27,52 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kiln.config import ModelConfig, ParallelConfig
+from kiln.config import ModelConfig, ParallelConfig, PipelineSchedule
 from kiln.data.packing import Batch
 from kiln.model import Transformer
 from kiln.model.loss import IGNORE
 
-SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
-_SINGLE = ("GPipe", "1F1B")  # one stage per rank; the others put two stages on each rank
-_V_SHAPED = ("ZBVZeroBubble", "DualPipeV")
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """One pipeline schedule: its class in torch.distributed.pipelining and where its stages sit.
+
+    placement: "single" puts stage r on rank r (one stage per rank); "looped" puts stages r, r+pp on
+    rank r; "v" puts stages r and 2pp-1-r on rank r (the V shape: each rank holds a first-half and
+    the mirrored second-half stage).
+    """
+
+    torch_class: str
+    placement: Literal["single", "looped", "v"]
+
+    @property
+    def stages_per_rank(self) -> int:
+        return 1 if self.placement == "single" else 2
+
+
+# every schedule kiln offers, by its parallel.pp_schedule name (config.PipelineSchedule names the same keys)
+SCHEDULES: dict[str, ScheduleSpec] = {
+    "GPipe": ScheduleSpec("ScheduleGPipe", "single"),
+    "1F1B": ScheduleSpec("Schedule1F1B", "single"),
+    "Interleaved1F1B": ScheduleSpec("ScheduleInterleaved1F1B", "looped"),
+    "LoopedBFS": ScheduleSpec("ScheduleLoopedBFS", "looped"),
+    "InterleavedZeroBubble": ScheduleSpec("ScheduleInterleavedZeroBubble", "looped"),
+    "ZBVZeroBubble": ScheduleSpec("ScheduleZBVZeroBubble", "v"),
+    "DualPipeV": ScheduleSpec("ScheduleDualPipeV", "v"),
+}
+assert set(SCHEDULES) == set(get_args(PipelineSchedule)), "config.PipelineSchedule and SCHEDULES name the same"
 
 
 def stages_per_rank(schedule: str) -> int:
-    return 1 if schedule in _SINGLE else 2
+    return SCHEDULES[schedule].stages_per_rank
 
 
 def stage_ids(schedule: str, pp: int, pp_rank: int) -> list[int]:
     """Global stage indices held by `pp_rank`."""
-    if schedule in _SINGLE:
+    placement = SCHEDULES[schedule].placement
+    if placement == "single":
         return [pp_rank]
-    if schedule in _V_SHAPED:
+    if placement == "v":
         return [pp_rank, 2 * pp - 1 - pp_rank]
     return [pp_rank + k * pp for k in range(stages_per_rank(schedule))]
 
@@ -185,7 +212,7 @@ def build_pipeline(cfg: ModelConfig, *, schedule: str, pp: int, pp_rank: int, n_
         return [PipelineStage(m, sid, n_stages, device, group=pp_group) for m, sid in zip(modules, ids)]
 
     placement = {r: stage_ids(schedule, pp, r) for r in range(pp)}
-    train_schedule = make_schedule(schedule, stages(), n_microbatches, loss_fn)
+    train_schedule = make_schedule(SCHEDULES[schedule].torch_class, stages(), n_microbatches, loss_fn)
     eval_schedule = ForwardOnlySchedule(stages(), n_microbatches=n_microbatches, loss_fn=loss_fn, placement=placement)
     tied = tie_group(mesh, schedule, pp) if cfg.tie_embeddings else None
     return Pipeline(stages=modules, ids=ids, n_stages=n_stages, schedule=train_schedule, eval_schedule=eval_schedule,

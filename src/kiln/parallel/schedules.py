@@ -11,6 +11,7 @@ from typing import Any
 
 from torch.distributed import pipelining
 from torch.distributed.pipelining.schedules import (  # the runtime torch's own multi-stage schedules run on
+    PipelineScheduleMulti,
     _Action,
     _add_send_recv,
     _add_unshard_reshard,
@@ -18,22 +19,14 @@ from torch.distributed.pipelining.schedules import (  # the runtime torch's own 
     _PipelineScheduleRuntime,
 )
 
-_SINGLE = {"GPipe": "ScheduleGPipe", "1F1B": "Schedule1F1B"}
-_MULTI = {"Interleaved1F1B": "ScheduleInterleaved1F1B", "LoopedBFS": "ScheduleLoopedBFS",
-          "InterleavedZeroBubble": "ScheduleInterleavedZeroBubble", "ZBVZeroBubble": "ScheduleZBVZeroBubble",
-          "DualPipeV": "ScheduleDualPipeV"}
 
-
-def make_schedule(name: str, stages: list[Any], n_microbatches: int, loss_fn: Any) -> Any:
-    """The training schedule `name` over this rank's PipelineStages (gradients are not rescaled: the
-    loss is already divided by the step's global target count)."""
-    if name in _SINGLE:
-        cls = getattr(pipelining, _SINGLE[name])
-        return cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
-    if name not in _MULTI:
-        raise AssertionError(name)
-    cls = getattr(pipelining, _MULTI[name])
-    return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+def make_schedule(torch_class: str, stages: list[Any], n_microbatches: int, loss_fn: Any) -> Any:
+    """torch.distributed.pipelining's `torch_class` (a kiln.parallel.pipeline.SCHEDULES entry's) over this rank's
+    PipelineStages: a single-stage schedule gets the one stage, a multi-stage one the list (gradients are not
+    rescaled: the loss is already divided by the step's global target count)."""
+    cls = getattr(pipelining, torch_class)
+    held = stages if issubclass(cls, PipelineScheduleMulti) else stages[0]
+    return cls(held, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
 class ForwardOnlySchedule(_PipelineScheduleRuntime):
