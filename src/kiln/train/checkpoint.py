@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -54,8 +53,11 @@ from kiln.parallel.parallelize import unwrap
 from kiln.paths import saved_dict
 from kiln.train.control import Requests
 from kiln.train.storage import (
+    MARKER,
+    STEP_RE,
     DamagedCheckpoint,
     check_room,
+    checkpoint_step,
     collect_digests,
     marker_digest,
     marker_fields,
@@ -64,13 +66,7 @@ from kiln.train.storage import (
     write_error,
 )
 
-STEP_RE = re.compile(r"^step_(\d+)$")
 CHAT_TEMPLATE = "chat_template.jinja"  # a post-training run's own .jinja (posttrain.chat_template), copied at save
-
-
-def checkpoint_step(ckpt: Path) -> int:
-    """The step of a checkpoint folder step_<N> (also step_<N>.suspect / .corrupt)."""
-    return int(Path(ckpt).name.split("_")[1].split(".")[0])
 
 
 def list_checkpoints(run_or_ckpt_dir: Path) -> list[Path]:
@@ -79,8 +75,8 @@ def list_checkpoints(run_or_ckpt_dir: Path) -> list[Path]:
     root = root / "checkpoints" if (root / "checkpoints").is_dir() else root
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if (p / "meta.json").exists()]
+    found = [(checkpoint_step(p), p) for p in root.iterdir() if STEP_RE.match(p.name) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / MARKER).exists()]
 
 
 def is_hf_folder(p: Path) -> bool:
@@ -98,18 +94,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint or run folder")
     if not p.is_dir():  # meta.json or a weights file of a checkpoint, a data file given in the wrong place
-        inside = next((q for q in p.parents if (q / "meta.json").is_file() and STEP_RE.match(q.name)), None)
+        inside = next((q for q in p.parents if (q / MARKER).is_file() and STEP_RE.match(q.name)), None)
         raise CheckpointError(f"{p}: a file, not a checkpoint or run folder" + (
             f"; pass the checkpoint folder it is in, {inside}" if inside else ""))
-    if not (p / "meta.json").exists():
+    if not (p / MARKER).exists():
         if STEP_RE.match(p.name) or (p / "dcp").is_dir():  # a checkpoint folder whose save never completed
-            raise DamagedCheckpoint(p, "meta.json", "missing")
+            raise DamagedCheckpoint(p, MARKER, "missing")
         ckpts = list_checkpoints(p)
         if not ckpts and is_hf_folder(p):
             raise CheckpointError(f"{p}: a Hugging Face model folder, not a kiln checkpoint; convert it with "
                                   f"kiln import --hf {p} --out RUN_DIR, then pass RUN_DIR in its place")
         if not ckpts:
-            raise CheckpointError(f"{p}: no complete checkpoint found (expected {p}/checkpoints/step_<N>/meta.json)")
+            raise CheckpointError(f"{p}: no complete checkpoint found (expected {p}/checkpoints/step_<N>/{MARKER})")
         p = ckpts[-1]
     verify(p)
     return p
@@ -117,9 +113,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
     try:
-        return json.loads((Path(ckpt) / "meta.json").read_text())
+        return json.loads((Path(ckpt) / MARKER).read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{ckpt}/meta.json: unreadable ({e}); the checkpoint is corrupt") from None
+        raise CheckpointError(f"{ckpt}/{MARKER}: unreadable ({e}); the checkpoint is corrupt") from None
 
 
 def _fsync_tree(path: Path) -> None:
@@ -163,7 +159,7 @@ def _finish(tmp: Path, final: Path, *, cfg: Config, meta: dict[str, Any]) -> Non
     info = {"kiln_version": __version__, "torch_version": torch.__version__, **meta,
             **marker_fields(collect_digests(tmp))}
     info["meta_checksum"] = marker_digest(info)
-    (tmp / "meta.json").write_text(json.dumps(info, indent=2))
+    (tmp / MARKER).write_text(json.dumps(info, indent=2))
     _fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. a final save right after a periodic one)
         old = final.with_name(f".{final.name}.old")

@@ -14,14 +14,12 @@ otherwise the run stops at start with one line naming the package.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 from kiln.errors import ConfigError
 from kiln.train.checkpoint import best_score, retained
-
-STEP_RE = re.compile(r"^step_(\d+)$")
+from kiln.train.storage import MARKER, STEP_RE
 
 
 class Mirror:
@@ -52,7 +50,7 @@ class Mirror:
         for e in entries:
             name = e.rstrip("/").rsplit("/", 1)[-1]
             m = STEP_RE.match(name)
-            if m and self.fs.exists(self._path(name, "meta.json")):
+            if m and self.fs.exists(self._path(name, MARKER)):
                 found.append((int(m.group(1)), name))
         return sorted(found)
 
@@ -61,8 +59,8 @@ class Mirror:
         dest = self._path(ckpt.name)
         if self.fs.exists(dest):
             self.fs.rm(dest, recursive=True)
-        files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != "meta.json")
-        for f in [*files, ckpt / "meta.json"]:
+        files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MARKER)
+        for f in [*files, ckpt / MARKER]:
             target = self._path(ckpt.name, *f.relative_to(ckpt).parts)
             self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
             self.fs.put_file(str(f), target)
@@ -90,7 +88,7 @@ class Mirror:
         """The local folder's retention, applied to the mirror's own complete checkpoints (a run resumed from
         the mirror on a fresh disk holds fewer locally); partial uploads are deleted."""
         complete = self.complete()
-        scores = [best_score(json.loads(self.fs.cat_file(self._path(name, "meta.json")))) if keep_best > 0 else None
+        scores = [best_score(json.loads(self.fs.cat_file(self._path(name, MARKER)))) if keep_best > 0 else None
                   for _, name in complete]
         keep = {complete[i][1] for i in retained(scores, keep_last=keep_last, keep_best=keep_best)}
         for e in self.fs.ls(self.root, detail=False):

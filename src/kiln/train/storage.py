@@ -45,7 +45,8 @@ import xxhash
 from kiln.errors import CheckpointError
 
 ALGO = "xxh3_128"
-MARKER = "meta.json"
+MARKER = "meta.json"  # a checkpoint's completion marker, written last (locally and on a mirror)
+STEP_RE = re.compile(r"^step_(\d+)$")  # a checkpoint folder's name
 SUMS_SUFFIX = ".sums.json"  # dcp/__<rank>_.sums.json: one rank's shard sums, until rank 0 merges them
 READ_CHUNK = 16 << 20  # per thread, for verification reads
 LOW_SPACE = 64 << 20  # free bytes under which a failed write is taken for a full disk
@@ -73,13 +74,24 @@ class DamagedCheckpoint(CheckpointError):
         return f"{self.file}: {self.problem}"
 
 
+def checkpoint_step(ckpt: Path | str) -> int:
+    """The step of a checkpoint folder step_<N> (also step_<N>.suspect / .corrupt, one set aside);
+    ValueError for any other name."""
+    m = STEP_RE.match(Path(ckpt).name.split(".", 1)[0])
+    if m is None:
+        raise ValueError(f"{ckpt}: not a checkpoint folder (step_<N>)")
+    return int(m.group(1))
+
+
 def _earlier(ckpt: Path) -> str:
     """', such as <the newest complete checkpoint before ckpt>,' or '' when there is none (any command's way to
     name a checkpoint: --checkpoint, kiln average's arguments, run.init_from)."""
-    m = re.match(r"step_(\d+)", ckpt.name)  # also step_N.corrupt, a checkpoint set aside
-    step = int(m.group(1)) if m else None
-    older = sorted((int(p.name[5:]), p) for p in ckpt.parent.glob("step_*")
-                   if p.name[5:].isdigit() and (p / MARKER).is_file() and (step is None or int(p.name[5:]) < step))
+    try:
+        step: int | None = checkpoint_step(ckpt)
+    except ValueError:
+        step = None
+    older = sorted((checkpoint_step(p), p) for p in ckpt.parent.glob("step_*")
+                   if STEP_RE.match(p.name) and (p / MARKER).is_file() and (step is None or checkpoint_step(p) < step))
     return f", such as {older[-1][1]}," if older else ""
 
 
