@@ -168,8 +168,7 @@ def test_compile_and_activation_checkpointing_have_one_name_and_the_old_one_says
 def test_unseen_smoothing_acts_only_where_the_head_has_its_group(overrides, blocker):
     """demo's train.unseen_smoothing with another key changed that leaves no group of equal head rows: the run
     trains without it (and says so) instead of failing over a key the user did not set."""
-    from kiln.model.loss import unseen_smoothing_blocker
-    from kiln.train.objective import RunSettings
+    from kiln.train.objective import RunSettings, unseen_smoothing_blocker
 
     cfg = load_config("demo", overrides)
     assert cfg.train.unseen_smoothing == 0.03

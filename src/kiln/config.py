@@ -211,7 +211,7 @@ class TrainConfig:
     # >0: the gradient gives this share of each target to the ids no batch has targeted yet (label smoothing onto
     # them), so text outside the corpus does not find them at ~0 probability; the logged loss stays plain
     # cross-entropy. It acts where an untied head starts at zero (model.init_zero_out), whose equal rows find
-    # those ids, in the chunked loss; elsewhere the run says it does nothing (kiln.model.loss.unseen_smoothing_blocker)
+    # those ids, in the chunked loss; elsewhere the run says it does nothing (kiln.train.objective.unseen_smoothing_blocker)
     unseen_smoothing: float = 0.0
     fp8: bool = False  # torchao float8 training for the block linears (Hopper or newer GPUs)
 

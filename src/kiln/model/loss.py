@@ -41,16 +41,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kiln.errors import ConfigError
-
-if TYPE_CHECKING:
-    from kiln.config import Config
 
 IGNORE = -100  # target id that no loss counts (F.cross_entropy's default ignore_index); data marks padding with it
 
@@ -273,21 +270,6 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, *, impl: LossImp
     if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
         return _ChunkedLinearCrossEntropy.apply(h, w, targets, chunk_rows, cdt, share_rows, unseen_smoothing)
     return _chunked_loss_no_grad(h, w, targets, chunk_rows, cdt, share_rows)
-
-
-def unseen_smoothing_blocker(cfg: Config) -> str:
-    """Why train.unseen_smoothing cannot act in this run ("" when it can): it smooths onto the equal rows of an
-    untied head that starts at zero, inside the chunked fused loss (kiln.model.loss)."""
-    m, t, p = cfg.model, cfg.train, cfg.parallel
-    if m.tie_embeddings:
-        return "the head is tied to the embedding (model.tie_embeddings true)"
-    if not m.init_zero_out:
-        return "the head does not start at zero (model.init_zero_out false)"
-    if t.loss_impl not in ("auto", "chunked"):
-        return f"train.loss_impl {t.loss_impl} (it needs auto or chunked)"
-    if p.tp > 1 or p.pp > 1:
-        return "tensor and pipeline parallelism compute the loss on whole logits"
-    return ""
 
 
 _LIGER: list = []

@@ -35,7 +35,22 @@ from kiln.data.factory import Batching, build_train_source, build_val_sets
 from kiln.data.packing import Batch
 from kiln.data.tokenizer import Tokenizer
 from kiln.eval.loss import eval_record, evaluate, token_loss_sum
-from kiln.model.loss import LossImpl, unseen_smoothing_blocker
+from kiln.model.loss import LossImpl
+
+
+def unseen_smoothing_blocker(cfg: Config) -> str:
+    """Why train.unseen_smoothing cannot act in this run ("" when it can): it smooths onto the equal rows of an
+    untied head that starts at zero, inside the chunked fused loss (kiln.model.loss, "Unseen smoothing")."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    if m.tie_embeddings:
+        return "the head is tied to the embedding (model.tie_embeddings true)"
+    if not m.init_zero_out:
+        return "the head does not start at zero (model.init_zero_out false)"
+    if t.loss_impl not in ("auto", "chunked"):
+        return f"train.loss_impl {t.loss_impl} (it needs auto or chunked)"
+    if p.tp > 1 or p.pp > 1:
+        return "tensor and pipeline parallelism compute the loss on whole logits"
+    return ""
 
 
 @dataclass(frozen=True)

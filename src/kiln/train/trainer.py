@@ -40,7 +40,6 @@ from kiln.device import autocast_for, train_precision
 from kiln.errors import CheckpointError, ConfigError, DataError, KilnError
 from kiln.eval.suite import load_tasks
 from kiln.generate import generate_text
-from kiln.model.loss import unseen_smoothing_blocker
 from kiln.optim import describe_schedule, length_free_steps, lr_factor, param_dtype
 from kiln.parallel.mesh import Layout, init_layout, shutdown
 from kiln.parallel.pipeline import microbatches
@@ -53,7 +52,7 @@ from kiln.train.engine import Engine
 from kiln.train.evaluator import Evaluation, Evaluator, target_met
 from kiln.train.metrics import MetricsLogger, StepLog, read_metrics
 from kiln.train.mirror import Mirror, mirror_for
-from kiln.train.objective import Objective, RunSettings
+from kiln.train.objective import Objective, RunSettings, unseen_smoothing_blocker
 from kiln.train.plan import Plan, make_plan
 from kiln.train.preflight import (
     check_resumable,
