@@ -501,8 +501,8 @@ def test_epoch_cursor_computes_each_epoch_once_and_continues_across_epochs():
 def test_hub_datasets_take_a_config_and_local_typos_are_not_hub_names(tmp_path, monkeypatch):
     import datasets
 
+    from kiln.data.records import load_records
     from kiln.errors import DataError
-    from kiln.posttrain.chat import load_records
 
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, split=None: calls.append(
@@ -521,7 +521,7 @@ def test_hub_datasets_take_a_config_and_local_typos_are_not_hub_names(tmp_path, 
 
 
 def test_val_data_from_the_hub_uses_posttrain_val_split(tmp_path, monkeypatch):
-    import kiln.posttrain.chat as chat
+    import kiln.data.records as records
     import kiln.train.trainer as trainer
     from kiln.posttrain import commands
 
@@ -532,7 +532,7 @@ def test_val_data_from_the_hub_uses_posttrain_val_split(tmp_path, monkeypatch):
         splits[name] = split
         return [(f"{name}[{i}]", {"messages": m}) for i, m in enumerate(addition_chats(4))]
 
-    monkeypatch.setattr(chat, "_hub_records", hub)
+    monkeypatch.setattr(records, "_hub_records", hub)
     monkeypatch.setattr(trainer, "train", lambda cfg, **kw: {})
     monkeypatch.chdir(tmp_path)
     args = ["--checkpoint", str(ckpt), "--data", "org/chats", "--val-data", "org/chats_val", "--run.out_dir", "sft"]

@@ -91,7 +91,7 @@ def _not_a_task(data: str, task: str) -> None:
 
 
 def _records(data: str, split: str, limit: int, what: str = "--data") -> list[tuple[str, dict]]:
-    from kiln.posttrain.chat import load_records
+    from kiln.data.records import load_records
 
     recs = load_records(data, split=split or "test", what=what)
     return recs[:limit] if limit > 0 else recs

@@ -21,10 +21,10 @@ from pathlib import Path
 from torch import nn
 
 from kiln.config import SourceConfig
+from kiln.data.records import load_records
 from kiln.data.sources import load_documents
 from kiln.errors import DataError
 from kiln.eval.tasks import MCItem, mc_item, score_mc
-from kiln.posttrain.chat import load_records
 
 BUILTIN = ("heldout-next",)
 _SENTENCE = re.compile(r"[^.!?]*[.!?]+[\"')\]]*\s+", re.S)

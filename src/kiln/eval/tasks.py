@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from kiln.errors import DataError
+from kiln.eval.answers import answer_number, extract_number
 from kiln.eval.loss import right_padded, token_logps
-from kiln.posttrain.rewards import answer_number, extract_number
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 

@@ -40,10 +40,11 @@ from torch import Tensor, nn
 
 from kiln.data.cursor import CursorLoader, DataId, EpochCursor, shuffled
 from kiln.data.packing import IGNORE
+from kiln.data.records import load_records
 from kiln.device import autocast_for
 from kiln.errors import DataError
 from kiln.eval.loss import right_padded, token_logps
-from kiln.posttrain.chat import ChatFormat, Encoded, as_messages, load_records, naming
+from kiln.posttrain.chat import ChatFormat, Encoded, as_messages, naming
 from kiln.train.objective import Objective
 
 

@@ -26,33 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.errors import ConfigError, KilnError
+from kiln.eval.answers import answer_number, extract_number
 
 Verifier = Callable[[str, str, str], float]
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 WEIGHT = re.compile(r"^\s*(-?[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*\*\s*(.+)$", re.S)  # -0.5*contains: a penalty
 
 
 class RewardError(KilnError):
     """A user verifier that failed or returned something other than a finite number."""
-
-
-def extract_number(text: str) -> float | None:
-    """The last number in `text` (commas as thousands separators, optional sign and decimals), or None."""
-    found = NUMBER.findall(text)
-    if not found:
-        return None
-    s = found[-1].replace(",", "").rstrip(".")
-    try:
-        return float(s)
-    except ValueError:
-        return None
-
-
-def answer_number(answer: str) -> float | None:
-    """The reference number: what follows GSM8K's '####' marker if present, else the last number."""
-    if "####" in answer:
-        answer = answer.split("####")[-1]
-    return extract_number(answer)
 
 
 def numeric_match(prompt: str, completion: str, answer: str) -> float:

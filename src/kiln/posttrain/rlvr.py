@@ -54,13 +54,14 @@ from torch.distributed.tensor import DTensor
 
 from kiln.data.cursor import CursorLoader, DataId, EpochCursor, shuffled
 from kiln.data.packing import IGNORE
+from kiln.data.records import load_records
 from kiln.device import autocast_for
 from kiln.errors import DataError
 from kiln.eval.loss import right_padded, token_logps
 from kiln.generate import continuation_text, generate
 from kiln.model import build_model
 from kiln.parallel.parallelize import unwrap
-from kiln.posttrain.chat import ChatFormat, as_messages, load_records, naming
+from kiln.posttrain.chat import ChatFormat, as_messages, naming
 from kiln.posttrain.dpo import autocast_dtype_of, cast_frozen, load_reference, pad_to_multiple
 from kiln.posttrain.rewards import Reward
 from kiln.train.objective import Objective

@@ -24,9 +24,10 @@ import torch
 
 from kiln.data.cursor import CursorLoader, DataId, EpochCursor
 from kiln.data.packing import IGNORE, Batch
+from kiln.data.records import load_records
 from kiln.errors import DataError
 from kiln.eval.loss import evaluate, token_loss_sum
-from kiln.posttrain.chat import ChatFormat, Encoded, as_messages, check_messages, load_records, naming
+from kiln.posttrain.chat import ChatFormat, Encoded, as_messages, check_messages, naming
 from kiln.train.objective import Objective
 
 
