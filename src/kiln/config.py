@@ -17,6 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from kiln import yamlfile
+from kiln.choices import ACMode, CompileMode, LossImpl, OnExhausted, PipelineSchedule, Remainder
 from kiln.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -113,8 +114,8 @@ class DataConfig:
     # (~2,300 rows) and a small part of a 1B run's millions. Cost per shard: 2 windows of rows in memory
     # (2 x 4096 x (T+1) x 8 bytes: 17 MB at T=256, 134 MB at T=2048) and up to 2 windows re-tokenized on resume.
     row_shuffle: int = 4096
-    remainder: Literal["carry", "drop"] = "carry"  # a document overflowing a row: continue it, or drop the rest
-    on_exhausted: Literal["cycle", "drop", "stop"] = "cycle"  # a source runs dry: next epoch / leave mix / stop
+    remainder: Remainder = "carry"  # a document overflowing a row: continue it, or drop the rest
+    on_exhausted: OnExhausted = "cycle"  # a source runs dry: next epoch / leave mix / stop
     # staged mixtures (mid-training, annealing mixes): stages replace data.train, each from its start on
     stages: list[StageConfig] = field(default_factory=list)
 
@@ -204,20 +205,16 @@ class TrainConfig:
     sample_prompt: str = "The"
     sample_tokens: int = 48
     compile: bool = False
-    compile_mode: Literal["block", "model"] = "block"  # torch.compile each Block, or the whole trunk
+    compile_mode: CompileMode = "block"  # torch.compile each Block, or the whole trunk
     # recompute activations in backward: full = whole blocks, selective = all but matmul/attention outputs
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
-    loss_impl: Literal["auto", "chunked", "liger", "plain"] = "auto"  # auto: liger on CUDA if installed, else chunked
+    activation_checkpointing: ACMode = "none"
+    loss_impl: LossImpl = "auto"  # auto: liger on CUDA if installed, else chunked
     # >0: the gradient gives this share of each target to the ids no batch has targeted yet (label smoothing onto
     # them), so text outside the corpus does not find them at ~0 probability; the logged loss stays plain
     # cross-entropy. It acts where an untied head starts at zero (model.init_zero_out), whose equal rows find
     # those ids, in the chunked loss; elsewhere the run says it does nothing (kiln.train.objective.unseen_smoothing_blocker)
     unseen_smoothing: float = 0.0
     fp8: bool = False  # torchao float8 training for the block linears (Hopper or newer GPUs)
-
-
-PipelineSchedule = Literal["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble",
-                           "ZBVZeroBubble", "DualPipeV"]  # kiln.parallel.pipeline.SCHEDULES's keys (asserted there)
 
 
 @dataclass

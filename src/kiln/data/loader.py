@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from kiln.config import SourceConfig
+from kiln.config import OnExhausted, Remainder, SourceConfig
 from kiln.data.batchsource import BatchSource
-from kiln.data.mixing import ROW_SHUFFLE, OnExhausted, TextStream
+from kiln.data.mixing import ROW_SHUFFLE, TextStream
 from kiln.data.packing import Batch, Packer, batch_from_arrays, make_batch
 from kiln.data.sources import load_documents, open_stream, stream_error
 from kiln.data.tokenizer import Tokenizer, tokenizer_digest
@@ -158,7 +158,7 @@ class PackedLoader(PooledLoader):
     def __init__(self, sources: list[SourceConfig], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                  seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1, encode_batch: int = 64,
                  num_workers: int = 0, shuffle_buffer: int = 10000, row_shuffle: int = ROW_SHUFFLE,
-                 remainder: Literal["carry", "drop"] = "carry", on_exhausted: OnExhausted = "cycle",
+                 remainder: Remainder = "carry", on_exhausted: OnExhausted = "cycle",
                  pin_memory: bool | None = None) -> None:
         assert 0 <= rank < world_size and num_workers >= 0
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size

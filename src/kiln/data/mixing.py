@@ -40,11 +40,11 @@ import bisect
 import copy
 import hashlib
 import itertools
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from kiln.config import SourceConfig
+from kiln.config import OnExhausted, Remainder, SourceConfig
 from kiln.data.packing import Batch, Packer, Row, batch_from_arrays, stack_rows
 from kiln.data.perm import Permutation, mix_key
 from kiln.data.rowshuffle import RowWindows
@@ -57,7 +57,6 @@ PERM_TAG, MIX_TAG, WINDOW_TAG, ROWS_TAG = 0, 1, 2, 3  # keep the seeded streams 
 # data.row_shuffle's default: rows per seeded shuffle window of each loader shard (kiln.data.rowshuffle;
 # kiln.config.DataConfig says why this size)
 ROW_SHUFFLE = 4096
-OnExhausted = Literal["cycle", "drop", "stop"]
 
 
 class DataExhausted(DataError):
@@ -243,7 +242,7 @@ class TextStream:
     def __init__(self, sources: list[SourceConfig], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                  seed: int, shuffle: bool = True, shard: int = 0, num_shards: int = 1, encode_batch: int = 64,
                  shuffle_buffer: int = 10000, row_shuffle: int = ROW_SHUFFLE,
-                 remainder: Literal["carry", "drop"] = "carry", on_exhausted: OnExhausted = "cycle",
+                 remainder: Remainder = "carry", on_exhausted: OnExhausted = "cycle",
                  track: bool = False) -> None:
         if not sources:
             raise DataError("data.train: at least one source is needed")

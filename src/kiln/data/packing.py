@@ -24,11 +24,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
+from kiln.config import Remainder
 from kiln.model.loss import IGNORE  # targets the loss skips (padding, document starts)
 
 
@@ -106,7 +107,7 @@ def flatten_documents(docs: Iterable[Sequence[int]], *, eos_id: int) -> tuple[np
 
 
 def pack_documents(docs: Iterable[Sequence[int]], *, seq_len: int, eos_id: int,
-                   remainder: Literal["carry", "drop"] = "carry") -> list[Row]:
+                   remainder: Remainder = "carry") -> list[Row]:
     """All full rows of a finite list of tokenized documents (the tail shorter than T+1 is dropped)."""
     packer = Packer(seq_len=seq_len, eos_id=eos_id, remainder=remainder)
     packer.add(docs)
@@ -121,7 +122,7 @@ class Packer:
     saves exactly that, so a restored packer emits the same rows.
     """
 
-    def __init__(self, *, seq_len: int, eos_id: int, remainder: Literal["carry", "drop"] = "carry") -> None:
+    def __init__(self, *, seq_len: int, eos_id: int, remainder: Remainder = "carry") -> None:
         assert seq_len > 0 and remainder in ("carry", "drop")
         self.seq_len = seq_len
         self.eos_id = eos_id

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from kiln.config import LossImpl
 from kiln.data.packing import IGNORE, Batch
 from kiln.model import Transformer
-from kiln.model.loss import LossImpl, default_chunk_rows
+from kiln.model.loss import default_chunk_rows
 
 
 def token_loss_sum(model: Transformer, batch: Batch, *, doc_mask: bool, impl: LossImpl = "auto",

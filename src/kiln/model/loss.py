@@ -41,18 +41,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kiln.config import LossImpl
 from kiln.errors import ConfigError
 
 IGNORE = -100  # target id that no loss counts (F.cross_entropy's default ignore_index); data marks padding with it
-
-LossImpl = Literal["auto", "chunked", "liger", "plain"]
-
 
 def default_chunk_rows(device: torch.device) -> int:
     """Rows per chunk. A chunk's logits are rows x V (x 4 bytes in fp32: 256 x 32768 -> 32 MB).
@@ -264,8 +261,6 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, *, impl: LossImp
             raise ConfigError("loss impl 'liger' needs liger-kernel (pip install -e '.[speed]', or pip install liger-kernel); "
                               "use train.loss_impl=chunked")
         return loss_cls(ignore_index=IGNORE, reduction="sum")(w.to(cdt), h.to(cdt), targets).float()
-    if impl != "chunked":
-        raise ConfigError(f"train.loss_impl: unknown '{impl}'; expected auto, chunked, liger or plain")
     chunk_rows = chunk_rows or default_chunk_rows(h.device)
     if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
         return _ChunkedLinearCrossEntropy.apply(h, w, targets, chunk_rows, cdt, share_rows, unseen_smoothing)

@@ -26,16 +26,13 @@ see the same inputs every layer and step and do not recompile.
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from kiln.config import ACMode, CompileMode
 from kiln.errors import ConfigError
-
-ACMode = Literal["none", "full", "selective"]
-CompileMode = Literal["none", "block", "model"]
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -99,8 +96,6 @@ def apply_activation_checkpointing(model: nn.Module, mode: ACMode = "selective")
 def apply_compile(model: nn.Module, mode: CompileMode = "block", *, backend: str = "inductor",
                   fullgraph: bool = True) -> nn.Module:
     """torch.compile the Blocks one by one (`block`) or the whole trunk (`model`), in place."""
-    if mode == "none":
-        return model
     if mode == "block":
         for block in _blocks(model):
             block.compile(backend=backend, fullgraph=fullgraph, dynamic=False)

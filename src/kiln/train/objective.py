@@ -29,13 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kiln.config import Config, DataConfig, DType
+from kiln.config import Config, DataConfig, DType, LossImpl
 from kiln.data.batchsource import BatchSource
 from kiln.data.factory import Batching, build_train_source, build_val_sets
 from kiln.data.packing import Batch
 from kiln.data.tokenizer import Tokenizer
 from kiln.eval.loss import eval_record, evaluate, token_loss_sum
-from kiln.model.loss import LossImpl
 
 
 def unseen_smoothing_blocker(cfg: Config) -> str:
