@@ -161,3 +161,21 @@ def test_selective_checkpointing_saves_torchtitans_list():
     with CountMax() as counter:
         checkpoint(scaled, x, use_reentrant=False, context_fn=context_fn).backward()
     assert counter.n == 1
+
+
+def test_unwrap_finds_the_transformer_inside_ddp_and_a_whole_model_compile():
+    """generate, RLVR's policy copy and the checkpoint aliases read `.cfg` and the plain names through unwrap."""
+    from torch import nn
+
+    from kiln.parallel.parallelize import unwrap
+
+    model = build_model(CFG, seed=0)
+
+    class DDPLike(nn.Module):  # DDP keeps the wrapped module in .module
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.module = inner
+
+    compiled = torch.compile(model)  # compiles nothing until called
+    for wrapped in (model, compiled, DDPLike(model), DDPLike(compiled), torch.compile(DDPLike(model))):
+        assert unwrap(wrapped) is model

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from kiln import __version__
 from kiln.config import Config, ModelConfig
 from kiln.errors import DataError, KilnError, first_line
+from kiln.model.init import clean_name
 
 LLAMA, QWEN3, SMOLLM3 = "LlamaForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM"
 EXPORTABLE = f"{LLAMA} (default), {QWEN3} (model.qk_norm), {SMOLLM3} (model.nope_every)"
@@ -86,7 +87,7 @@ def _kiln_keys(cfg: ModelConfig) -> list[str]:
 
 def _kiln_state(model_or_state: nn.Module | dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
-    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # torch.compile wrapper
+    state = {clean_name(k): v for k, v in state.items()}  # without wrapper prefixes (compile, AC, DDP)
     expected = _kiln_keys(cfg)
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:

@@ -118,8 +118,7 @@ def generate(model: Transformer, prompt_ids: list[list[int]] | list[int], *, max
     prompts = [list(prompt_ids)] if flat else [list(p) for p in prompt_ids]
     if on_token is not None and len(prompts) != 1:
         raise GenerationError(f"on_token streams one prompt; got {len(prompts)} prompts")
-    model = unwrap(model)  # DDP keeps the Transformer (and its cfg) in .module
-    model = getattr(model, "_orig_mod", model)  # a whole-model torch.compile wrapper
+    model = unwrap(model)  # the Transformer (and its cfg) inside DDP or a whole-model torch.compile wrapper
     cfg = model.cfg
     for i, p in enumerate(prompts):
         if not p:
@@ -245,7 +244,7 @@ def generate_from_ids(model: Transformer, tokenizer, ids: list[int], *, max_new_
                       out=None) -> str:
     """`generate_text` for an already tokenized prompt (a chat prompt from its template). `out` is
     where streamed text goes (default stdout)."""
-    cfg = getattr(unwrap(model), "_orig_mod", unwrap(model)).cfg
+    cfg = unwrap(model).cfg
     ids = _fit_prompt(list(ids), max_new_tokens=max_new_tokens, max_seq_len=cfg.max_seq_len)
     stops = [x for x in (stop or []) if x]
     hold = max((len(x) for x in stops), default=1) - 1  # text that may still turn into a stop string

@@ -125,5 +125,12 @@ def materialize(model: nn.Module, layout: Layout, *, seed: int) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The kiln Transformer inside DDP (FSDP2, TP and compile-per-block keep the module itself)."""
-    return getattr(model, "module", model)
+    """The kiln Transformer inside DDP (`.module`) and a whole-model torch.compile wrapper (`._orig_mod`), in
+    either order (FSDP2, TP and compile-per-block keep the module itself)."""
+    while True:
+        inner = getattr(model, "module", None)
+        if inner is None:
+            inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner

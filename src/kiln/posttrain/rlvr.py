@@ -168,9 +168,7 @@ class SamplingCopy:
         if not self.needed(model):
             return model
         if self.model is None:
-            inner = unwrap(model)
-            cfg = getattr(inner, "_orig_mod", inner).cfg
-            self.model = cast_frozen(build_model(cfg, device=next(model.parameters()).device, seed=0),
+            self.model = cast_frozen(build_model(unwrap(model).cfg, device=next(model.parameters()).device, seed=0),
                                      like=model, autocast_dtype=autocast_dtype)
         if step < 0 or step != self.step:
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
