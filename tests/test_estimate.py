@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -247,6 +248,38 @@ def test_a_layout_training_refuses_is_refused_with_trainings_line(flag, value):
         check_layout(cfg.parallel, cfg.model, world_size=int(value))
     assert res.returncode == 2 and res.stdout == "", res.stdout[-2000:]
     assert res.stderr.splitlines() == [f"kiln: error: {training.value}"], res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("schedule, stages", [("1F1B", 2), ("GPipe", 2), ("Interleaved1F1B", 4), ("DualPipeV", 4)])
+def test_fewer_pipeline_microbatches_than_stages_is_refused_before_the_process_count(schedule, stages):
+    """parallel.pp_microbatches under the schedule's stage count (2 per rank for looped and V schedules) was a
+    torch traceback on every rank once the process group was up; it is one line naming the key, the stage count
+    and the fix, from the config alone (before the world size is compared: here one process for pp=2)."""
+    cfg = load_config("tiny", ["--parallel.pp", "2", "--parallel.pp_schedule", schedule,
+                               "--parallel.pp_microbatches", str(stages - 1)])
+    with pytest.raises(ConfigError) as e:
+        check_layout(cfg.parallel, cfg.model, world_size=1)
+    per = "one stage per rank" if stages == 2 else "2 stages per rank"
+    assert (f"parallel.pp_microbatches={stages - 1} is fewer than the pipeline's {stages} stages (parallel.pp=2, "
+            f"{per} with {schedule})") in str(e.value)
+    assert f"set --parallel.pp_microbatches {stages} or more, or 0 (one per stage)" in str(e.value)
+    for enough in (0, stages):  # 0: one per stage
+        check_layout(dataclasses.replace(cfg.parallel, pp_microbatches=enough), cfg.model, world_size=2)
+
+
+def test_kiln_train_refuses_too_few_pipeline_microbatches_in_one_line(tmp_path, capsys):
+    """Through the CLI in one process: the refusal comes before the process count (2 would be needed) is checked."""
+    from kiln.cli import main
+
+    code = main(["train", "tiny", "--model.n_layers", "2", "--parallel.pp", "2", "--parallel.pp_microbatches", "1",
+                 "--run.out_dir", str(tmp_path / "run")])
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err, (out, err)
+    assert [ln for ln in err.splitlines() if ln.startswith("kiln: error:")] == [
+        "kiln: error: parallel: parallel.pp_microbatches=1 is fewer than the pipeline's 2 stages (parallel.pp=2, "
+        "one stage per rank with 1F1B); a pipeline step needs a microbatch for every stage: set "
+        "--parallel.pp_microbatches 2 or more, or 0 (one per stage)"], err
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_cli_estimates_for_this_machine_unless_told():

@@ -26,6 +26,8 @@ def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.Completed
     (["--parallel.tp", "2", "--model.n_kv_heads", "1", "--model.n_heads", "4"], "parallel.tp=2 must divide model.n_kv_heads=1"),
     (["--parallel.pp", "2", "--parallel.pp_schedule", "Interleaved1F1B", "--model.n_layers", "3"],
      "needs 4 pipeline stages but the model has only model.n_layers=3"),
+    (["--parallel.pp", "2", "--parallel.pp_microbatches", "1", "--model.n_layers", "2"],
+     "parallel.pp_microbatches=1 is fewer than the pipeline's 2 stages"),
 ])
 def test_bad_layouts_fail_with_one_line_before_any_group_work(tmp_path, args, needle):
     t0 = time.time()

@@ -88,7 +88,9 @@ def env_world() -> tuple[int, int, int]:
 
 
 def check_layout(p: ParallelConfig, m: ModelConfig, world_size: int, *, where: str = "parallel") -> None:
-    """Static checks of parallel.* against the model and the world size (no process group needed)."""
+    """Static checks of parallel.* against the model and the world size (no process group needed): the config's
+    own first, so a layout that could run on no number of processes says so before the count is asked for."""
+    check_model_split(p, m, where=where)
     product = p.pp * p.dp_replicate * p.dp_shard * p.tp
     if product != world_size:
         raise ConfigError(
@@ -96,12 +98,12 @@ def check_layout(p: ParallelConfig, m: ModelConfig, world_size: int, *, where: s
             f"{p.tp} = {product}, but {world_size} process{'es' if world_size > 1 else ''} "
             f"{'were' if world_size > 1 else 'was'} started; make the product equal the number of processes "
             "(torchrun --nproc_per_node)")
-    check_model_split(p, m, where=where)
 
 
 def check_model_split(p: ParallelConfig, m: ModelConfig, *, where: str = "parallel") -> None:
     """The checks of parallel.* that need only the config: tensor parallelism divides the heads and the
-    FFN, and the pipeline has a layer for every stage (`kiln estimate` and `kiln doctor` run them too)."""
+    FFN, and the pipeline has a layer and a microbatch for every stage (`kiln estimate` and `kiln doctor` run
+    them too)."""
     if p.tp > 1:
         for key, n in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads),
                        ("model.ffn_dim", m.ffn_dim)):
@@ -113,6 +115,12 @@ def check_model_split(p: ParallelConfig, m: ModelConfig, *, where: str = "parall
         if n_stages > m.n_layers:
             raise ConfigError(f"{where}: parallel.pp={p.pp} with {p.pp_schedule} needs {n_stages} pipeline stages "
                               f"but the model has only model.n_layers={m.n_layers}; lower parallel.pp")
+        if 0 < p.pp_microbatches < n_stages:  # torch's 1F1B and DualPipeV refuse it on every rank, mid-setup
+            per = "one stage per rank" if n_stages == p.pp else f"{n_stages // p.pp} stages per rank"
+            raise ConfigError(f"{where}: parallel.pp_microbatches={p.pp_microbatches} is fewer than the pipeline's "
+                              f"{n_stages} stages (parallel.pp={p.pp}, {per} with {p.pp_schedule}); a pipeline step "
+                              f"needs a microbatch for every stage: set --parallel.pp_microbatches {n_stages} or more, "
+                              "or 0 (one per stage)")
 
 
 def end_with_launcher() -> None:
