@@ -137,6 +137,9 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     assert summary["dry_run"] and summary["peak_lr"] == pytest.approx(1e-4 * math.sqrt(4))
     for needle in ("parameters", "tokens/step", "steps", "lr schedule infinite", "model:"):
         assert needle in out
+    assert "(global batch 4 x 32, 2 micro-batches of 2 per rank)" in out
+    train(load_config("tiny", [*over, "--train.micro_batch_size", "4"]), dry=True)
+    assert "(global batch 4 x 32, 1 micro-batch of 4 per rank)" in capsys.readouterr().out
     assert not (tmp_path / "run").exists()
 
 

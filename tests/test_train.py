@@ -295,6 +295,37 @@ def test_a_batch_the_ranks_cannot_split_names_the_micro_batch_that_keeps_it():
     assert make_plan(cfg.model, cfg.train, cfg.optim, dp_size=3).accum_steps == 1  # 6 = 2 x 3
 
 
+def test_a_batch_the_pipeline_cannot_split_says_the_default_and_names_a_fix():
+    """`torchrun --nproc_per_node 2 -m kiln train tiny --parallel.pp 2`: pp_microbatches was never set, yet the
+    line said "adjust one of them"; it says what the default is and which micro-batch size splits the batch."""
+    from kiln.errors import ConfigError
+    from kiln.parallel.pipeline import microbatches
+    from kiln.train.plan import make_plan
+
+    cfg = load_config("tiny", ["--parallel.pp", "2", "--parallel.pp_schedule", "Interleaved1F1B"])
+    n = microbatches(cfg.parallel)
+    assert n == 4  # one per stage: 2 ranks x 2 stages
+    default = "(parallel.pp_microbatches; its default, 0, is one per pipeline stage)"
+    with pytest.raises(ConfigError) as e:
+        make_plan(cfg.model, cfg.train, cfg.optim, pipeline_microbatches=n)
+    assert str(e.value) == ("train.global_batch_size=8 gives 1 micro-batch of 8 per data-parallel rank, not a multiple "
+                            f"of the pipeline's 4 microbatches per step {default}; set --train.micro_batch_size 2 (the "
+                            "same global batch)")
+    cfg.train.global_batch_size, cfg.train.micro_batch_size = 2, 1  # no smaller micro-batch splits 2 into 4
+    with pytest.raises(ConfigError, match=r"gives 2 micro-batches of 1 per data-parallel rank, .*; set "
+                                          r"--train.global_batch_size 4 or a multiple of it$"):
+        make_plan(cfg.model, cfg.train, cfg.optim, pipeline_microbatches=n)
+    cfg.train.global_batch_size = 4
+    assert make_plan(cfg.model, cfg.train, cfg.optim, pipeline_microbatches=n).accum_steps == 4
+
+
+def test_a_data_position_saved_on_one_rank_says_rank():
+    from kiln.train.preflight import reshard_error
+
+    assert "saved with 1 data-parallel rank and this run has 2;" in str(reshard_error(1, 2))
+    assert "saved with 2 data-parallel ranks and this run has 1;" in str(reshard_error(2, 1))
+
+
 def _step_log(total: int, log_every: int, *, metrics=None, control=None) -> tuple[StepLog, TrainState]:
     """A StepLog for a plan of `total` steps of 1000 tokens, and a fresh TrainState."""
     plan = Plan(n_params=1, tokens_per_step=1000, accum_steps=1, total_steps=total, total_tokens=1000 * total,

@@ -232,7 +232,8 @@ class PackedLoader(PooledLoader):
         saved = (state["world_size"], state["num_workers"])
         if saved != (self.world_size, self.num_workers):
             raise DataError(
-                f"data position was saved with {saved[0]} data-parallel ranks x data.num_workers={saved[1]}, this "
+                f"data position was saved with {saved[0]} data-parallel rank{'s' if saved[0] != 1 else ''} x "
+                f"data.num_workers={saved[1]}, this "
                 f"run has {self.world_size} x {self.num_workers}; text sources resume exactly only on the same "
                 "layout: use the same sizes, pre-tokenize with `kiln data prepare` (shards resume on any), or "
                 "pass --fresh")

@@ -70,10 +70,15 @@ def make_plan(model: ModelConfig, train: TrainConfig, optim: OptimConfig, *, dp_
                           f"train.micro_batch_size x data-parallel ranks ({t.micro_batch_size} x {dp_size}){fix}")
     accum = t.global_batch_size // per_pass
     if accum % pipeline_microbatches:
+        n = pipeline_microbatches
+        fits = [m for m in range(t.micro_batch_size, 0, -1)
+                if t.global_batch_size % (m * dp_size) == 0 and (t.global_batch_size // (m * dp_size)) % n == 0]
+        fix = (f"set --train.micro_batch_size {fits[0]} (the same global batch)" if fits else
+               f"set --train.global_batch_size {per_pass * n} or a multiple of it")
         raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} gives {accum} micro-batches of {t.micro_batch_size} per "
-            f"data-parallel rank, not a multiple of the pipeline's {pipeline_microbatches} microbatches "
-            "(parallel.pp_microbatches); adjust one of them")
+            f"train.global_batch_size={t.global_batch_size} gives {accum} micro-batch{'es' if accum != 1 else ''} of "
+            f"{t.micro_batch_size} per data-parallel rank, not a multiple of the pipeline's {n} microbatches per step "
+            f"(parallel.pp_microbatches; its default, 0, is one per pipeline stage); {fix}")
     tokens_per_step = t.global_batch_size * t.seq_len
     provisional = False
     if t.max_steps > 0:

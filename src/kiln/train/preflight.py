@@ -216,7 +216,8 @@ def resume_notes(saved: Config, cfg: Config, ckpt: Path) -> list[str]:
 
 def reshard_error(saved_dp: int, dp: int) -> DataError:
     """A text data position saved on `saved_dp` data-parallel ranks, resumed on `dp`: what the run says."""
-    return DataError(f"the data position was saved with {saved_dp} data-parallel ranks and this run has {dp}; this "
+    ranks = f"rank{'s' if saved_dp != 1 else ''}"
+    return DataError(f"the data position was saved with {saved_dp} data-parallel {ranks} and this run has {dp}; this "
                      "data source resumes only on the same data-parallel size (pre-tokenized shards, "
                      "data.format=shards, reshard freely); resume with the same layout or pass --fresh")
 
@@ -299,8 +300,9 @@ def dry_run(cfg: Config, plan: Plan, layout: Layout, *, fresh: bool = False) -> 
         print(f"                 {note}")
     print(f"parameters       {plan.n_params:,} ({plan.n_params / 1e6:.2f}M)")
     print(f"layout           {layout.describe()}")
+    micro = f"micro-batch{'es' if plan.accum_steps != 1 else ''}"
     print(f"tokens/step      {plan.tokens_per_step:,} (global batch {cfg.train.global_batch_size} x "
-          f"{cfg.train.seq_len}, {plan.accum_steps} micro-batches of {cfg.train.micro_batch_size} per rank)")
+          f"{cfg.train.seq_len}, {plan.accum_steps} {micro} of {cfg.train.micro_batch_size} per rank)")
     steps: int | None = plan.total_steps
     if plan.provisional and layout.distributed:  # it would have printed its placeholder: ~1,000,000,000 steps
         steps = None
