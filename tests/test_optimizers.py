@@ -308,7 +308,10 @@ def test_muon_embedding_steps_at_its_own_lr_ratio():
     # tied: the embedding is the head too, so it keeps the shared group; the default adds no group
     tied = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64,
                                    tie_embeddings=True), seed=0)
-    assert "embed" not in {g["name"] for g in muon_param_groups(tied, OptimConfig(name="muon", embed_lr_ratio=4.0))}
+    assert "embed" not in {g["name"] for g in muon_param_groups(tied, OptimConfig(name="muon", embed_lr_ratio=4.0),
+                                                                tied=True)}
+    tied_opt = build_optimizer(tied, OptimConfig(name="muon", embed_lr_ratio=4.0), device_type="cpu")
+    assert "embed" not in {g["name"] for g in tied_opt.param_groups}  # the Transformer's own tie_embeddings
     assert "embed" not in {g["name"] for g in muon_param_groups(model, OptimConfig(name="muon"))}
 
     opt = build_optimizer(model, OptimConfig(name="muon", embed_lr_ratio=4.0, weight_decay=0.0), device_type="cpu")

@@ -193,7 +193,7 @@ class TrainConfig:
     save_every: int = 200
     keep_last: int = 3  # checkpoints kept (the newest); 0 keeps all
     keep_best: int = 0  # also keep the K checkpoints with the best keep_best_metric (saved right after an eval)
-    keep_best_metric: str = "eval_loss"  # lower is better; keys with "acc" (eval/<task>/acc_norm) higher is better
+    keep_best_metric: str = "eval_loss"  # lower is better; keys with "acc" or "exact_match" higher (higher_is_better)
     checkpoint_url: str = ""  # also mirror checkpoints to this fsspec URL (s3://..., gs://...); resume from it
     async_checkpoint: bool = False  # write checkpoints in the background (a CPU copy of the state meanwhile)
     save_every_minutes: float = 0.0  # >0: also checkpoint when this much wall time passed since the last save

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from kiln import __version__
 from kiln.config import ModelConfig
-from kiln.data.tokenizer import Tokenizer, load_tokenizer
+from kiln.data.tokenizer import SPACE, Tokenizer, load_tokenizer
 from kiln.errors import DataError
 from kiln.export import ExportError, context_note, to_hf_state_dict
 from kiln.posttrain.chat import KILN_TEMPLATE, resolve_template
@@ -64,7 +64,6 @@ LLAMA, QWEN3, SMOLLM3 = "llama", "qwen3", "smollm3"
 NORM_ROPE = (LLAMA, SMOLLM3)  # llama.cpp rotates adjacent pairs for these: q/k rows are permuted
 NOPE_STEP = 4  # llama.cpp's smollm3: hparams.n_no_rope_layer_step = 4, not read from the file
 WRITABLE = f"{LLAMA} (default), {QWEN3} (model.qk_norm), {SMOLLM3} (model.nope_every={NOPE_STEP})"
-SPACE = "\u2581"  # SentencePiece's visible space
 PAD_SCORE = -1e9  # tokens no merge makes: a merge candidate only after every real one
 QK = 32  # block size of q8_0
 

@@ -52,6 +52,7 @@ def bundled_tokenizers() -> list[str]:
         if BUNDLED_TOKENIZERS.is_dir() else []
 
 
+SPACE = "\u2581"  # SentencePiece's meta symbol for a space (U+2581), which Metaspace pre-tokenizers write
 # Names tried, in order, when a bare tokenizer.json does not say which tokens are EOS / BOS.
 EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "<|im_end|>")
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>", "<|startoftext|>")

@@ -17,9 +17,10 @@ everything downstream (packing, chat template, export, generation) treats it ali
 Words for BPE (what a merge may never cross) follow SentencePiece's defaults: a piece starts at a
 space; letters, digits and punctuation are split apart (split_by_unicode_script), each digit is
 its own piece (split_digits; Mistral v3 has no multi-digit tokens either); runs of spaces before a
-word are one piece ("    def" -> "▁▁▁", "▁def", as Mistral v3's `▁▁▁▁` tokens keep indentation
-cheap), as are runs of other whitespace ("\\n\\n"). Pieces are at most 16 characters (SentencePiece's
-max_piece_length). The same pre-tokenizer encodes, in kiln and in the exported HF folder alike.
+word are one piece ("    def" -> "___", "_def" with _ for U+2581, as Mistral v3's tokens of four
+U+2581 keep indentation cheap), as are runs of other whitespace ("\\n\\n"). Pieces are at most 16
+characters (SentencePiece's max_piece_length). The same pre-tokenizer encodes, in kiln and in the
+exported HF folder alike.
 
 The vocabulary is rounded up to a multiple of 64 (--multiple-of; 1 keeps the number given), so
 the embedding and the output head have GPU-friendly shapes, and every id is a real token: a
@@ -54,7 +55,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trai
 from kiln.cliargs import parse_with_sources
 from kiln.config import SourceConfig
 from kiln.data.sources import load_documents, open_stream, source_arg, stream_error
-from kiln.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_digest
+from kiln.data.tokenizer import SPACE, Tokenizer, load_tokenizer, tokenizer_digest
 from kiln.errors import DataError, first_line
 
 CONTROL_TOKENS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]")
@@ -62,7 +63,6 @@ BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
 FIXED = len(CONTROL_TOKENS) + len(BYTE_TOKENS)  # 261 ids every trained tokenizer has
 MIN_VOCAB = 512  # FIXED, an alphabet (printable ASCII and more: up to half the rest) and some merges
 MAX_VOCAB = 1 << 20  # 4x Gemma 3's 262,144; 10^8 ran out of 23 GiB of memory after ten minutes, saying nothing
-SPACE = "\u2581"  # SentencePiece's meta symbol for a space
 # BPE words: a run of spaces before a word (all but the word's own space); letters (with combining
 # marks); one digit; punctuation; then leftover spaces, other whitespace. Each may start with one space.
 WORDS = (rf"{SPACE}+(?={SPACE}[^{SPACE}\s])|{SPACE}?[\p{{L}}\p{{M}}]+|{SPACE}?\p{{N}}"
@@ -75,7 +75,7 @@ PROGRESS_EVERY_S = 10.0
 
 
 def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    """Metaspace as in Mistral v3 (prepend "▁" to the first piece only), then the BPE word split."""
+    """Metaspace as in Mistral v3 (prepend U+2581 to the first piece only), then the BPE word split."""
     return pre_tokenizers.Sequence([
         pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=False),
         pre_tokenizers.Split(Regex(WORDS), behavior="isolated"),
@@ -83,7 +83,7 @@ def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 
 def decoder() -> decoders.Decoder:
-    """Mistral v3's decoder: "▁" -> space, byte tokens -> bytes, drop the prepended space."""
+    """Mistral v3's decoder: U+2581 -> space, byte tokens -> bytes, drop the prepended space."""
     return decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
                               decoders.Strip(" ", 1, 0)])
 
@@ -154,9 +154,9 @@ def _texts(sources: list[SourceConfig], opened: list[Any], progress: _Progress, 
 def choose_alphabet(counts: collections.Counter[str], *, coverage: float, limit: int) -> list[str]:
     """The most frequent characters covering `coverage` of all characters, plus printable ASCII, tab and
     newline (seen or not: text the corpus lacks, code or numbers, still gets readable single-character
-    tokens), at most `limit` of them by frequency; "▁" always. Ties go by code point: deterministic."""
+    tokens), at most `limit` of them by frequency; U+2581 always. Ties go by code point: deterministic."""
     counts = collections.Counter(counts)
-    counts[SPACE] += counts.pop(" ", 0) + 1  # the pre-tokenizer turns spaces into "▁" before BPE sees them
+    counts[SPACE] += counts.pop(" ", 0) + 1  # the pre-tokenizer turns spaces into U+2581 before BPE sees them
     total = sum(counts.values())
     keep, covered = set(ASCII), 0
     for ch, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from kiln.config import OptimConfig
+from kiln.model import Transformer
 from kiln.optim.adafactor import Adafactor
 from kiln.optim.lowbit import build_adamw8bit
 from kiln.optim.muon import Muon
@@ -22,14 +23,13 @@ def _no_decay(name: str, p: nn.Parameter, tied: bool = False) -> bool:
             or tied and name.split(".")[-2:] == ["head", "weight"])
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, *, tied: bool = False) -> list[dict]:
     """Decay only the weight matrices of linear layers; never norms, biases or embeddings.
 
-    A tied head shares the embedding's Parameter, so it is not decayed either (as in OLMo's recipe).
-    An untied head is a linear layer and is decayed.
+    A tied head (`tied`: model.tie_embeddings) shares the embedding's Parameter, so it is not decayed either
+    (as in OLMo's recipe). An untied head is a linear layer and is decayed.
     """
     decay, no_decay = [], []
-    tied = bool(getattr(getattr(model, "cfg", None), "tie_embeddings", False))
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -46,11 +46,11 @@ def _nonempty(groups: list[dict]) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def muon_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+def muon_param_groups(model: nn.Module, cfg: OptimConfig, *, tied: bool = False) -> list[dict]:
     """Muon takes the 2-D hidden weights; embeddings, the output head, norms and 1-D parameters go to AdamW
-    (Jordan 2024: the embedding and head are not hidden linear maps, so orthogonalising them hurts)."""
+    (Jordan 2024: the embedding and head are not hidden linear maps, so orthogonalising them hurts).
+    `tied`: model.tie_embeddings."""
     muon, decay, no_decay, embed = [], [], [], []
-    tied = bool(getattr(getattr(model, "cfg", None), "tie_embeddings", False))
     own_embed = cfg.embed_lr_ratio != 1.0 and not tied  # an untied input embedding at its own LR
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -76,7 +76,8 @@ def param_dtype(cfg: OptimConfig) -> torch.dtype:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, *, device_type: str,
-                    autocast_dtype: torch.dtype | None = None) -> torch.optim.Optimizer:
+                    autocast_dtype: torch.dtype | None = None, tie_embeddings: bool | None = None
+                    ) -> torch.optim.Optimizer:
     """The optimizer named by `cfg.name`, as one torch.optim.Optimizer whose state_dict() round-trips all
     of its state. The trainer sets group["lr"] on every group each step; group-specific multipliers
     (Muon's `lr_ratio`) are applied inside the optimizer.
@@ -88,21 +89,26 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, device_type: str,
         runs in bf16 on CUDA, and on CPU when the run autocasts to bf16 (`autocast_dtype`: the trainer
         autocasts only where the CPU multiplies bf16 in hardware), else in fp32.
     adamw8bit: torchao's block-wise 8-bit AdamW (raises a ConfigError where it cannot run).
+    `tie_embeddings`: model.tie_embeddings (the trainer passes it); None takes a kiln Transformer's own, and
+    False for any other module.
     """
+    if tie_embeddings is None:
+        tie_embeddings = isinstance(model, Transformer) and model.cfg.tie_embeddings
+    tied = bool(tie_embeddings)
     if cfg.name == "adafactor":
-        return Adafactor(param_groups(model, cfg.weight_decay), lr=cfg.lr, beta1=cfg.adafactor_beta1,
+        return Adafactor(param_groups(model, cfg.weight_decay, tied=tied), lr=cfg.lr, beta1=cfg.adafactor_beta1,
                          decay_rate=cfg.adafactor_decay_rate, eps=cfg.adafactor_eps,
                          clip_threshold=cfg.adafactor_clip, scale_parameter=cfg.adafactor_scale_parameter,
                          stochastic_rounding=cfg.stochastic_rounding, seed=cfg.sr_seed)
     if cfg.name == "muon":
-        return Muon(muon_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.muon_momentum,
+        return Muon(muon_param_groups(model, cfg, tied=tied), lr=cfg.lr, momentum=cfg.muon_momentum,
                     nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps, betas=cfg.betas, eps=cfg.eps,
                     stochastic_rounding=cfg.stochastic_rounding, seed=cfg.sr_seed,
                     ns_dtype=torch.bfloat16 if autocast_dtype == torch.bfloat16 else None)
     if cfg.name == "adamw8bit":
-        return build_adamw8bit(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+        return build_adamw8bit(param_groups(model, cfg.weight_decay, tied=tied), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                device_type=device_type)
     assert cfg.name == "adamw", cfg.name
     extra = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, tied=tied), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                              **extra)

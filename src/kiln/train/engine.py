@@ -106,7 +106,8 @@ class Engine:
             self.parts = [prepare(module)]
         low = autocast_dtype(train.dtype, layout.device)  # Muon's Newton-Schulz runs in it on CPU
         self.optimizer = Optimizers([build_optimizer(unwrap(m), optim, device_type=layout.device.type,
-                                                     autocast_dtype=low) for m in self.parts])
+                                                     autocast_dtype=low, tie_embeddings=model.tie_embeddings)
+                                     for m in self.parts])
         self.ema = WeightEMA(self.parts, decay=train.ema_decay, tie_embeddings=model.tie_embeddings) \
             if train.ema_decay > 0 else None
         # DDP and FSDP average gradients over data-parallel ranks; the loss is already divided by the
