@@ -279,7 +279,7 @@ def test_gsm8k_refuses_max_new_tokens_that_leave_no_room_for_the_prompt(tmp_path
     """A prompt cut to its last `room` tokens: room 0 used to keep the whole prompt (p[-0:]), negative room
     its head; now one line names the flag."""
     import kiln.eval.run as run
-    from kiln.errors import DataError
+    from kiln.generate import GenerationError
     from kiln.model import build_model
     from test_sft import tiny_config
 
@@ -289,7 +289,8 @@ def test_gsm8k_refuses_max_new_tokens_that_leave_no_room_for_the_prompt(tmp_path
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"question": "What is 1+1?", "answer": "#### 2"}) + "\n")
     for n in (cfg.model.max_seq_len, cfg.model.max_seq_len + 5):
-        with pytest.raises(DataError, match=rf"--max-new-tokens {n} leaves no room .*lower --max-new-tokens"):
+        with pytest.raises(GenerationError, match=rf"--max-new-tokens {n} leaves no room for a prompt within "
+                           rf"model.max_seq_len \({cfg.model.max_seq_len}\); ask for at most {cfg.model.max_seq_len - 1}$"):
             run.evaluate_task("ckpt", str(data), task="gsm8k", max_new_tokens=n)
     assert run.evaluate_task("ckpt", str(data), task="gsm8k", max_new_tokens=2)["n"] == 1
 

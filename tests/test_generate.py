@@ -193,8 +193,8 @@ def test_generate_text_truncates_a_long_prompt_from_the_left(capsys):
     text = generate_text(model, tok, long, max_new_tokens=8, temperature=0)
     assert "truncated from the left to its last 24 of 54 tokens" in capsys.readouterr().err
     assert text == generate_text(model, tok, long[-24:], max_new_tokens=8, temperature=0)
-    with pytest.raises(GenerationError, match=r"no room .*; ask for at most 31 new tokens \(kiln generate / chat: "
-                                              r"--max-new-tokens\)$"):
+    with pytest.raises(GenerationError, match=r"^max_new_tokens 32 leaves no room .* \(32\) \(kiln generate / chat: "
+                                              r"--max-new-tokens\); ask for at most 31$"):
         generate_text(model, tok, "hi", max_new_tokens=32, temperature=0)
 
 

@@ -204,12 +204,21 @@ def continuation_text(tokenizer, prompt: list[int], tokens: list[int], *, base: 
     return full[len(base):] if full.startswith(base) else tokenizer.decode(tokens)
 
 
-def _fit_prompt(ids: list[int], *, max_new_tokens: int, max_seq_len: int) -> list[int]:
+def prompt_room(max_new_tokens: int, max_seq_len: int, *, setting: str, of: str = "",
+                suggest: int | None = None) -> int:
+    """The tokens a prompt may have once `max_new_tokens` are kept for the reply within the context; none is one
+    line naming `setting` (the flag or key the user set; `of`: whose context, `suggest`: a value that fits)."""
     room = max_seq_len - max_new_tokens
     if room < 1:
-        raise GenerationError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt within "
-                              f"model.max_seq_len ({max_seq_len}); ask for at most {max_seq_len - 1} new tokens "
-                              "(kiln generate / chat: --max-new-tokens)")
+        raise GenerationError(f"{setting} {max_new_tokens} leaves no room for a prompt within model.max_seq_len "
+                              f"({max_seq_len}){of}; " + (f"ask for fewer (e.g. {suggest})" if suggest else
+                                                          f"ask for at most {max_seq_len - 1}"))
+    return room
+
+
+def _fit_prompt(ids: list[int], *, max_new_tokens: int, max_seq_len: int) -> list[int]:
+    room = prompt_room(max_new_tokens, max_seq_len, setting="max_new_tokens", of=" (kiln generate / chat: "
+                       "--max-new-tokens)")
     if len(ids) > room:
         print(f"note: prompt truncated from the left to its last {room} of {len(ids)} tokens "
               f"(model.max_seq_len {max_seq_len} - max_new_tokens {max_new_tokens})", file=sys.stderr)

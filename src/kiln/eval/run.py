@@ -136,7 +136,7 @@ def _run_task(model, cfg, tok, recs: list[tuple[str, Any]], *, task: str, batch_
         # "acc" as lm-eval and the training logs (eval/<task>/acc) name it; "accuracy" stays for existing scripts
         res = {"task": res["task"], "n": res["n"], "acc": res["accuracy"], **res}
     elif task == "gsm8k":
-        from kiln.generate import generate_texts
+        from kiln.generate import generate_texts, prompt_room
 
         items = [T.gen_item(r, where=w) for w, r in recs]
         shots: list = []
@@ -162,10 +162,7 @@ def _run_task(model, cfg, tok, recs: list[tuple[str, Any]], *, task: str, batch_
             prompts, stops = [fmt.prompt_ids(T.chat_messages(it, shots)) for it in items], []
         else:
             prompts, stops = [tok.encode(T.plain_prompt(it, shots)) for it in items], T.PLAIN_STOPS
-        room = cfg.model.max_seq_len - max_new_tokens
-        if room < 1:
-            raise DataError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt within the model's "
-                            f"context (model.max_seq_len {cfg.model.max_seq_len}); lower --max-new-tokens")
+        room = prompt_room(max_new_tokens, cfg.model.max_seq_len, setting="--max-new-tokens")
         prompts = [p[-room:] for p in prompts]
         completions = []
         for i in range(0, len(prompts), batch_size):

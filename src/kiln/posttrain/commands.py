@@ -282,6 +282,7 @@ def rlvr(argv: list[str], *, started: float | None = None) -> int:
     `started`: the command's start (kiln.cli passes it), where a train.time_budget's clock starts."""
     args, overrides = _stage_parser("rlvr", "RL with verifiable rewards (GRPO-style groups, KL to the reference)."
                                     ).parse_known_args(argv)
+    from kiln.generate import prompt_room
     from kiln.posttrain.rewards import build_reward
     from kiln.posttrain.rlvr import RLVRObjective, encode_tasks, load_tasks
     from kiln.train.trainer import train
@@ -293,12 +294,11 @@ def rlvr(argv: list[str], *, started: float | None = None) -> int:
     if pt.temperature == 0:  # greedy: every completion of a group alike, equal rewards, no advantage to learn from
         raise ConfigError("posttrain.temperature 0 samples one completion per prompt G times, so a group's rewards "
                           "are equal and nothing trains; use > 0 (default 1.0)")
-    if pt.max_new_tokens >= cfg.model.max_seq_len:  # said as the setting it is, not as each prompt's length
-        raise ConfigError(f"posttrain.max_new_tokens {pt.max_new_tokens} leaves no room for a prompt within "
-                          f"model.max_seq_len ({cfg.model.max_seq_len}); use fewer (e.g. {cfg.model.max_seq_len // 4})")
+    # said as the setting it is, not as each prompt's length
+    room = prompt_room(pt.max_new_tokens, cfg.model.max_seq_len, setting="posttrain.max_new_tokens",
+                       suggest=cfg.model.max_seq_len // 4)
     reward = build_reward(pt.rewards)
     tok, fmt = _chat_format(cfg)
-    room = cfg.model.max_seq_len - pt.max_new_tokens
     records, data = _train_records(pt)
     tasks = encode_tasks(records, fmt, max_prompt_len=room)
     val = load_tasks(pt.val_data, fmt, max_prompt_len=room, split=pt.val_split,
@@ -329,7 +329,7 @@ def chat(argv: list[str]) -> int:
     p.add_argument("--raw", action="store_true", help="no chat template: the model continues your text")
     args = p.parse_args(argv)
     from kiln.device import pick_device
-    from kiln.generate import GenerationError, check_flags, generate_from_ids, generate_text
+    from kiln.generate import GenerationError, check_flags, generate_from_ids, generate_text, prompt_room
     from kiln.train.checkpoint import load_for_inference
 
     if args.raw and args.system:  # raw continuation has no place for it: said, not dropped
@@ -341,9 +341,8 @@ def chat(argv: list[str]) -> int:
     context = cfg.model.max_seq_len
     if args.max_new_tokens is None:  # demo's context is 256 tokens: its replies get 128, its prompts the rest
         args.max_new_tokens = min(256, context // 2)
-    elif args.max_new_tokens >= context:  # before anyone types: no prompt would fit
-        raise GenerationError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt within "
-                              f"model.max_seq_len ({context}) of {ckpt}; ask for fewer (e.g. {context // 2})")
+    else:  # before anyone types: no prompt would fit
+        prompt_room(args.max_new_tokens, context, setting="--max-new-tokens", of=f" of {ckpt}", suggest=context // 2)
     tok, fmt = _chat_format(cfg)
     interactive = sys.stdin.isatty()
     mode = "raw continuation" if args.raw else f"chat template '{fmt.name}'"
