@@ -180,10 +180,6 @@ class Transformer(nn.Module):
         return F.cross_entropy(self.logits(h).float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                                reduction="sum")
 
-    def num_params(self, *, exclude_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.tok_emb.weight.numel() if exclude_embedding else n
-
 
 def count_params(cfg: ModelConfig) -> int:
     """Closed-form parameter count (checked against the built model in tests)."""
