@@ -289,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if hasattr(sys.stdin, "reconfigure"):  # a prompt or chat line with bytes that are not UTF-8: U+FFFD, not a
         sys.stdin.reconfigure(errors="replace")  # lone surrogate the tokenizer refuses with a TypeError traceback
+    training = cmd in TRAINING
+    saved = sys.stdout, sys.stderr
+    if training:  # `kiln train | head`: the run goes on when the reader leaves, its output to os.devnull
+        sys.stdout, sys.stderr = ReaderGone(sys.stdout), ReaderGone(sys.stderr)
     try:
         code = COMMANDS[cmd](rest) or 0
         sys.stdout.flush()  # a reader that has gone (`| head`) is met here, not in the exit's flush
@@ -303,7 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         print("kiln: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `kiln presets | head`: the reader has gone; not a traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush writes nowhere
+        _to_devnull(sys.stdout)  # the exit's flush writes nowhere
+        if training:  # not reached while ReaderGone guards the streams; a run that stopped early is no success
+            _to_devnull(sys.stderr)
+            return 1
         return 0
     except OSError as e:  # a full disk met outside a checkpoint (metrics, job-control status): one line too
         if e.errno != errno.ENOSPC:
@@ -319,6 +326,54 @@ def main(argv: list[str] | None = None) -> int:
               f"({reason}); its own error, if any, is above. Checkpoints already written are intact: run the same "
               "command to resume", file=sys.stderr)
         return 1
+    finally:
+        if training:
+            sys.stdout, sys.stderr = saved
+
+
+TRAINING = {"train", "sft", "dpo", "rlvr"}
+
+
+def _to_devnull(stream) -> None:
+    """Point the file descriptor under `stream` at os.devnull (what is buffered and written later goes nowhere)."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, stream.fileno())
+        os.close(fd)
+    except (OSError, ValueError):  # no descriptor (a test's captured stream): nothing to redirect
+        pass
+
+
+class ReaderGone:
+    """A training command's stdout or stderr: when the reader of its pipe leaves (`kiln train | head -3`), the rest
+    of the output goes to os.devnull and the run trains on to its checkpoint (Python docs, "Note on SIGPIPE"),
+    instead of a BrokenPipeError ending it unsaved."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def _gone(self) -> None:
+        _to_devnull(self._stream)
+        try:
+            self._stream.flush()  # what was buffered for the reader drains into os.devnull
+        except (BrokenPipeError, ValueError):
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def _peer_gone(e: BaseException) -> str | None:
