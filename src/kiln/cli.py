@@ -279,9 +279,16 @@ COMMANDS = {"train": _train, "generate": _generate, "chat": _chat, "eval": _eval
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
+    if not argv:  # no command: a mistake, so the usage goes to stderr with exit 2
+        print(USAGE, file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
+        try:
+            print(USAGE)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `kiln --help | head -1`: the reader has gone; not a traceback
+            _to_devnull(sys.stdout)
+        return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
         print(f"kiln: error: unknown command '{cmd}'\n\n{USAGE}", file=sys.stderr)
