@@ -3,10 +3,31 @@ that fits 80 columns."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+from pathlib import Path
 
-from conftest import kiln_cmd
+import pytest
+
+from conftest import kiln_cmd, run_kiln
+from kiln.config import load_config
+from kiln.train.trainer import train
 from test_train import small_overrides
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    """A HOME holding a tiny run with two checkpoints (steps 2 and 4), HOME/run, and its data files."""
+    tmp = tmp_path_factory.mktemp("home")
+    train(load_config("tiny", small_overrides(tmp, **{"train.max_steps": 4, "train.save_every": 2})), quiet=True)
+    return tmp
+
+
+def kiln_in(home: Path, *args: str) -> subprocess.CompletedProcess:
+    """`kiln ARGS` with HOME=home, run from an empty folder inside it."""
+    cwd = home / "cwd"
+    cwd.mkdir(exist_ok=True)
+    return run_kiln(*args, capture_output=True, text=True, timeout=600, cwd=cwd, env={**os.environ, "HOME": str(home)})
 
 
 def test_training_piped_into_head_goes_on_to_its_checkpoint(tmp_path):
@@ -35,3 +56,23 @@ def test_usage_into_a_closed_pipe_is_quiet_and_bare_kiln_prints_it_to_stderr():
         assert "Traceback" not in err and "Exception ignored" not in err, err
     res = subprocess.run(kiln_cmd(), capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and res.stdout == "" and "kiln <command>" in res.stderr
+
+
+def test_a_tilde_no_shell_expanded_means_home(home):
+    """`--checkpoint=~/run`, a quoted '~/run' and `--out '~/x'` reach kiln with the ~ as typed: it means HOME,
+    as in the shell, not a folder named ~ in the working folder."""
+    res = kiln_in(home, "eval", "--checkpoint=~/run", "--data", "~/val.jsonl", "--max-tokens", "64")
+    assert res.returncode == 0 and '"loss"' in res.stdout, res.stderr
+    res = kiln_in(home, "generate", "--checkpoint", "~/run", "--prompt", "a", "--max-new-tokens", "2")
+    assert res.returncode == 0, res.stderr
+    res = kiln_in(home, "export", "--checkpoint", "~/run", "--out", "~/hf")
+    assert res.returncode == 0 and (home / "hf" / "config.json").is_file(), res.stderr
+    res = kiln_in(home, "import", "--hf", "~/hf", "--out", "~/imported")
+    assert res.returncode == 0 and (home / "imported" / "config.yaml").is_file(), res.stderr
+    res = kiln_in(home, "average", "~/run", "--last", "2", "--out", "~/avg")
+    assert res.returncode == 0 and (home / "avg" / "checkpoints").is_dir(), res.stderr
+    res = kiln_in(home, "logs", "plot", "~/run", "--out", "~/p.png")
+    assert res.returncode == 0 and (home / "p.png").is_file(), res.stderr
+    res = kiln_in(home, "logs", "compare", "~/run", "~/run", "--out=~/c.png")
+    assert res.returncode == 0 and (home / "c.png").is_file(), res.stderr
+    assert not (home / "cwd" / "~").exists()

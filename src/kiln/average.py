@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from kiln.cliargs import user_path
 from kiln.config import to_dict
 from kiln.errors import CheckpointError, ConfigError
 from kiln.model import build_model
@@ -42,7 +43,7 @@ def expand(paths: list[str], *, last: int = 0, notes: list[str] | None = None) -
     duplicates removed."""
     out: list[Path] = []
     for p in paths:
-        path = Path(p)
+        path = Path(p).expanduser()  # a quoted '~/run': no shell expanded the ~
         if last > 0 and not (path / "meta.json").exists():
             found = ckpt_io.list_checkpoints(path)
             if not found:
@@ -152,7 +153,7 @@ def _average_into(out: Path, ckpts: list[Path], *, notes: list[str], ema: float,
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln average", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="+", help="checkpoint folders, or run folders (their latest, or --last K)")
-    p.add_argument("--out", required=True, help="a new run folder for the averaged checkpoint")
+    p.add_argument("--out", required=True, type=user_path, help="a new run folder for the averaged checkpoint")
     p.add_argument("--ema", type=float, default=None,
                    help="EMA decay D in (0, 1) over the checkpoints in step order (default: the uniform mean)")
     p.add_argument("--last", type=int, default=None,

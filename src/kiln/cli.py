@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from kiln.cliargs import int_at_least
+from kiln.cliargs import int_at_least, user_path
 from kiln.errors import KilnError, first_line
 
 STARTED = time.time()  # the command's start: a time budget counts the imports and setup before step 1 too
@@ -202,7 +202,7 @@ def _eval(argv: list[str]) -> int:
 def _export(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln export", description="Write a Hugging Face model folder or a GGUF file.")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, type=user_path)
     p.add_argument("--format", default="hf", choices=["hf", "gguf"], help="hf: a transformers folder; gguf: llama.cpp")
     p.add_argument("--dtype", default=None,
                    help="hf: float32 | bfloat16 | float16; gguf: f32 | f16 | bf16 | q8_0 (both take either spelling)")

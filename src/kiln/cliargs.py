@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def int_at_least(low: int):
@@ -17,6 +18,12 @@ def int_at_least(low: int):
                                              + f", got {value}")
         return value
     return parse
+
+
+def user_path(text: str) -> str:
+    """An argparse `type` for a path option: `~` expanded where no shell did (`--out=~/x`, `--out '~/x'`), rather
+    than a folder named `~` made in the working folder."""
+    return os.path.expanduser(text)
 
 
 def parse_with_sources(p: argparse.ArgumentParser, argv: list[str], option: str = "--source") -> argparse.Namespace:

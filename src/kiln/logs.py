@@ -27,6 +27,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from kiln.cliargs import user_path
 from kiln.errors import KilnError
 from kiln.runinfo import format_duration
 from kiln.train.checkpoint import list_checkpoints
@@ -495,10 +496,10 @@ def main(argv: list[str]) -> int:
     s.add_argument("runs", nargs="+", metavar="RUN_DIR")
     pl = sub.add_parser("plot", help="PNG curves of one run (default RUN_DIR/plots/curves.png)")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    pl.add_argument("--out", help="image file, .png .jpg .pdf or .svg (only with one run)")
+    pl.add_argument("--out", type=user_path, help="image file, .png .jpg .pdf or .svg (only with one run)")
     c = sub.add_parser("compare", help="one PNG with several runs overlaid")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    c.add_argument("--out", help="image file, .png .jpg .pdf or .svg (default: compare.png beside the first run)")
+    c.add_argument("--out", type=user_path, help="image file, .png .jpg .pdf or .svg (default: compare.png beside the first run)")
     args = p.parse_args(argv)
     if getattr(args, "out", None):
         plot_format(args.out)  # before reading and drawing anything

@@ -9,6 +9,7 @@ import argparse
 import shutil
 from pathlib import Path
 
+from kiln.cliargs import user_path
 from kiln.export import import_hf_folder
 from kiln.paths import first_missing
 
@@ -17,8 +18,9 @@ def import_hf(argv: list[str]) -> int:
     """`kiln import --hf DIR --out RUN_DIR`: an HF Llama / Qwen3 / SmolLM3 folder as a kiln run folder."""
     p = argparse.ArgumentParser(prog="kiln import", description="Import a Hugging Face model folder "
                                 "(Llama, Qwen3, SmolLM3; safetensors) as a kiln checkpoint.")
-    p.add_argument("--hf", required=True, help="HF model folder (config.json, model.safetensors, tokenizer files)")
-    p.add_argument("--out", required=True, help="kiln run folder to create")
+    p.add_argument("--hf", required=True, type=user_path,
+                   help="HF model folder (config.json, model.safetensors, tokenizer files)")
+    p.add_argument("--out", required=True, type=user_path, help="kiln run folder to create")
     args = p.parse_args(argv)
     out = Path(args.out)
     # a refused import (a tokenizer too big for the model, found after its files were copied) leaves no

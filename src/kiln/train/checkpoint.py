@@ -90,7 +90,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     when a file differs from its marker: a damaged latest checkpoint is refused, not skipped)."""
     if not str(path).strip():  # Path('') is '.': the folder the command runs in, which the user did not name
         raise CheckpointError("the checkpoint path is empty; pass a checkpoint folder or a run folder")
-    p = Path(path)
+    p = Path(path).expanduser()  # `--checkpoint=~/run` and '~/run': no shell expanded the ~
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint or run folder")
     if not p.is_dir():  # meta.json or a weights file of a checkpoint, a data file given in the wrong place
