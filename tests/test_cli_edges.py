@@ -76,3 +76,15 @@ def test_a_tilde_no_shell_expanded_means_home(home):
     res = kiln_in(home, "logs", "compare", "~/run", "~/run", "--out=~/c.png")
     assert res.returncode == 0 and (home / "c.png").is_file(), res.stderr
     assert not (home / "cwd" / "~").exists()
+
+
+@pytest.mark.parametrize("args", [["bench", "tiny", "--step", "3"], ["train", "--dry"],
+                                  ["generate", "--checkpoint", "nowhere", "--prom", "hi"],
+                                  ["eval", "--checkpoint", "nowhere", "--dat", "x"],
+                                  ["logs", "plot", "nowhere", "--ou", "p.png"]])
+def test_an_abbreviated_option_is_refused_not_taken_for_the_long_one(args, tmp_path):
+    """argparse takes `--step` for `--steps` and `--dry` for `--dry-run` by default: a typo that runs something
+    else. Every kiln parser wants the option in full."""
+    res = run_kiln(*args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert args[-2] in res.stderr and "Traceback" not in res.stderr, res.stderr

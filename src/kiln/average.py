@@ -151,7 +151,7 @@ def _average_into(out: Path, ckpts: list[Path], *, notes: list[str], ema: float,
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="kiln average", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="kiln average", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("checkpoints", nargs="+", help="checkpoint folders, or run folders (their latest, or --last K)")
     p.add_argument("--out", required=True, type=user_path, help="a new run folder for the averaged checkpoint")
     p.add_argument("--ema", type=float, default=None,

@@ -272,7 +272,8 @@ def run_bench(cfg: Config, *, steps: int = 10, warmup: int = 3) -> dict[str, Any
 def main(argv: list[str]) -> int:
     """CLI entry: `kiln bench PRESET [--steps N] [--warmup N] [--section.key VALUE ...]`."""
     p = argparse.ArgumentParser(prog="kiln bench", description=__doc__.split("\n\n")[0],
-                                usage="kiln bench [PRESET] [--steps N] [--warmup N] [--section.key VALUE ...]")
+                                usage="kiln bench [PRESET] [--steps N] [--warmup N] [--section.key VALUE ...]",
+                                allow_abbrev=False)
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     preset, argv = split_preset(argv)  # PRESET (a preset name or YAML path, default tiny) only as the first word

@@ -46,7 +46,7 @@ def _train(argv: list[str]) -> int:
         usage="kiln train [PRESET] [--section.key VALUE ...] [--fresh] [--quiet] [--dry-run]",
         epilog="Any config key is an override: --section.key VALUE (e.g. --train.max_steps 200 --optim.lr 3e-4 "
                "--train.time_budget 10m --run.out_dir runs/x); `kiln presets` lists the presets; every key "
-               "with its value is printed by `kiln train PRESET --dry-run`.")
+               "with its value is printed by `kiln train PRESET --dry-run`.", allow_abbrev=False)
     p.add_argument("preset", nargs="?", default="tiny", help="preset name or YAML path (default: tiny)")
     p.add_argument("--fresh", action="store_true", help="start over; an existing run folder is moved aside")
     from kiln.config import split_preset
@@ -89,7 +89,8 @@ def _add_ckpt(p: argparse.ArgumentParser) -> None:
 
 
 def _generate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="kiln generate", description="Generate text from a checkpoint.")
+    p = argparse.ArgumentParser(prog="kiln generate", description="Generate text from a checkpoint.",
+                                allow_abbrev=False)
     _add_ckpt(p)
     p.add_argument("--prompt", required=True, help="the text to continue; - reads it from standard input; '' "
                    "samples from nothing (after an end of text)")
@@ -146,7 +147,8 @@ def _import(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="kiln eval", description="Loss, perplexity and bits per byte on a text source.")
+    p = argparse.ArgumentParser(prog="kiln eval", description="Loss, perplexity and bits per byte on a text source.",
+                                allow_abbrev=False)
     _add_ckpt(p)
     p.add_argument("--data", required=True, help="txt/jsonl/parquet file, glob, folder, bundled:val, or HF dataset")
     p.add_argument("--text-column", default=None, help="loss: the column holding the text (default: text)")
@@ -200,7 +202,8 @@ def _eval(argv: list[str]) -> int:
 
 
 def _export(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="kiln export", description="Write a Hugging Face model folder or a GGUF file.")
+    p = argparse.ArgumentParser(prog="kiln export", description="Write a Hugging Face model folder or a GGUF file.",
+                                allow_abbrev=False)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, type=user_path)
     p.add_argument("--format", default="hf", choices=["hf", "gguf"], help="hf: a transformers folder; gguf: llama.cpp")
@@ -233,7 +236,8 @@ def _posttrain(stage: str):
 
 def _presets(argv: list[str]) -> int:
     argparse.ArgumentParser(prog="kiln presets", description="The presets (kiln train PRESET): parameters and "
-                            "shape; kiln train PRESET --dry-run shows one in full.").parse_args(argv)
+                            "shape; kiln train PRESET --dry-run shows one in full.",
+                            allow_abbrev=False).parse_args(argv)
     from kiln.config import list_presets, load_config
     from kiln.model import count_params
 

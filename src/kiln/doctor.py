@@ -525,7 +525,8 @@ def print_report(results: list[Check]) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     """`kiln doctor [PRESET] [--out-dir DIR] [--section.key VALUE ...]`; exit 1 when a check FAILs."""
     p = argparse.ArgumentParser(prog="kiln doctor", usage="kiln doctor [PRESET] [--out-dir DIR] [--section.key VALUE ...]",
-                                description="Sanity checks before training PRESET (default: tiny).")
+                                description="Sanity checks before training PRESET (default: tiny).",
+                                allow_abbrev=False)
     p.add_argument("--out-dir", help="output folder to check (default: the preset's run.out_dir)")
     preset, argv = split_preset(argv)
     args, overrides = p.parse_known_args(argv)

@@ -322,7 +322,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="kiln estimate", usage="kiln estimate [PRESET] [--device cuda|cpu] "
                                  "[--section.key VALUE ...]",
                                  description="Peak training memory per device, from the config (PRESET: a preset "
-                                 "name or YAML path, default tiny).")
+                                 "name or YAML path, default tiny).", allow_abbrev=False)
     ap.add_argument("--device", default=None, choices=["cuda", "cpu"],
                     help="the device to estimate for (default: where run.device would train on this machine, as "
                          "kiln doctor and kiln bench measure; cuda for a GPU run planned here)")

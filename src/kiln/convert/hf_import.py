@@ -17,7 +17,8 @@ from kiln.paths import first_missing
 def import_hf(argv: list[str]) -> int:
     """`kiln import --hf DIR --out RUN_DIR`: an HF Llama / Qwen3 / SmolLM3 folder as a kiln run folder."""
     p = argparse.ArgumentParser(prog="kiln import", description="Import a Hugging Face model folder "
-                                "(Llama, Qwen3, SmolLM3; safetensors) as a kiln checkpoint.")
+                                "(Llama, Qwen3, SmolLM3; safetensors) as a kiln checkpoint.",
+                                allow_abbrev=False)
     p.add_argument("--hf", required=True, type=user_path,
                    help="HF model folder (config.json, model.safetensors, tokenizer files)")
     p.add_argument("--out", required=True, type=user_path, help="kiln run folder to create")

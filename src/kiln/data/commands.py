@@ -23,7 +23,8 @@ USAGE = """kiln data <command>
 
 
 def _prepare(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="kiln data prepare", description="Tokenize sources into memory-mapped shards.")
+    p = argparse.ArgumentParser(prog="kiln data prepare", description="Tokenize sources into memory-mapped shards.",
+                                allow_abbrev=False)
     p.add_argument("--source", action="append", default=[], help="file, glob, folder, bundled:train, HF dataset, "
                    "or a JSON object like '{\"path\": \"web/*.jsonl\", \"name\": \"web\"}'; repeat for several")
     p.add_argument("--config", help="take the sources (data.train) and tokenizer from this preset or YAML")
@@ -59,7 +60,8 @@ def _prepare(argv: list[str]) -> int:
 
 
 def _inspect(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="kiln data inspect", description="Summarise a prepared folder.")
+    p = argparse.ArgumentParser(prog="kiln data inspect", description="Summarise a prepared folder.",
+                                allow_abbrev=False)
     p.add_argument("dir")
     args = p.parse_args(argv)
     from kiln.data.verify import hist_labels, inspect
@@ -92,7 +94,7 @@ def _verify(argv: list[str]) -> int:
     from kiln.data.verify import VerifyFailed, verify
 
     p = argparse.ArgumentParser(prog="kiln data verify", description="Check data integrity, duplicated content and "
-                                "val overlap; measure the training batches' diversity.")
+                                "val overlap; measure the training batches' diversity.", allow_abbrev=False)
     p.add_argument("path", help="a prepared folder, or a text source (file, glob, folder)")
     p.add_argument("--val", default=None, help="validation data (prepared folder or text source) to check overlap")
     p.add_argument("--config", help="take train.seq_len, train.micro_batch_size, run.seed and the data settings "

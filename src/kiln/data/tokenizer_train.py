@@ -315,7 +315,8 @@ def _add_sources(p: argparse.ArgumentParser) -> None:
 
 
 def _train(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="kiln tokenizer train", description="Train a BPE tokenizer with byte fallback.")
+    p = argparse.ArgumentParser(prog="kiln tokenizer train", description="Train a BPE tokenizer with byte fallback.",
+                                allow_abbrev=False)
     _add_sources(p)
     p.add_argument("--vocab-size", type=int, required=True, help="ids in all (rounded up to --multiple-of)")
     p.add_argument("--out", required=True, help="output folder (new or empty)")
@@ -338,7 +339,8 @@ def _train(argv: list[str]) -> int:
 
 
 def _stats(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="kiln tokenizer stats", description="Bytes per token of tokenizers on text.")
+    p = argparse.ArgumentParser(prog="kiln tokenizer stats", description="Bytes per token of tokenizers on text.",
+                                allow_abbrev=False)
     p.add_argument("--tokenizer", action="append", default=[], required=True,
                    help="mistral-v3, mistral-v1, bundled-4k, or a tokenizer folder/json; repeat to compare")
     _add_sources(p)

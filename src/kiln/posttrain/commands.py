@@ -44,7 +44,7 @@ STAGE_OF_KIND = {"sft": "sft", "pairs": "dpo", "prompts": "rlvr"}
 def _stage_parser(stage: str, what: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"kiln {stage}", description=what,
                                 epilog="Any config key can follow as --section.key VALUE (e.g. --optim.lr 1e-5 "
-                                       "--train.max_steps 200 --posttrain.beta 0.1).")
+                                       "--train.max_steps 200 --posttrain.beta 0.1).", allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="source checkpoint or run folder (kiln train / import)")
     p.add_argument("--data", help="jsonl file (or HF dataset name); same as --posttrain.data")
     p.add_argument("--val-data", help="held-out jsonl of the same format (or HF dataset, split "
@@ -314,7 +314,7 @@ def rlvr(argv: list[str], *, started: float | None = None) -> int:
 def chat(argv: list[str]) -> int:
     """`kiln chat --checkpoint CKPT`: a conversation in the terminal with the model's chat template."""
     p = argparse.ArgumentParser(prog="kiln chat", description="Chat with a model (empty line, /quit or Ctrl-D "
-                                "quits; /reset forgets the conversation).")
+                                "quits; /reset forgets the conversation).", allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest checkpoint)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--system", default="", help="system message")

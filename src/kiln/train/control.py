@@ -278,7 +278,8 @@ def send(spec: str, command: str, *, wait: float = 60.0) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     """`kiln control list | save | stop | abort [JOB] [--no-wait]`."""
-    p = argparse.ArgumentParser(prog="kiln control", description="List and steer training jobs on this machine.")
+    p = argparse.ArgumentParser(prog="kiln control", description="List and steer training jobs on this machine.",
+                                allow_abbrev=False)
     p.add_argument("command", choices=["list", *COMMANDS])
     p.add_argument("job", nargs="?", help="job id, run name, run folder (or its name) or pid (see kiln control "
                    "list); may be left out while one job runs")
