@@ -54,8 +54,9 @@ def test_usage_into_a_closed_pipe_is_quiet_and_bare_kiln_prints_it_to_stderr():
         err = proc.stderr.read()
         assert proc.wait(timeout=60) == (2 if not args else 0), err
         assert "Traceback" not in err and "Exception ignored" not in err, err
-    res = subprocess.run(kiln_cmd(), capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2 and res.stdout == "" and "kiln <command>" in res.stderr
+    for args, usage in (([], "kiln <command>"), (["data"], "kiln data"), (["tokenizer"], "kiln tokenizer")):
+        res = subprocess.run(kiln_cmd(*args), capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and res.stdout == "" and usage in res.stderr, res.stdout
 
 
 def test_a_tilde_no_shell_expanded_means_home(home):
@@ -88,3 +89,16 @@ def test_an_abbreviated_option_is_refused_not_taken_for_the_long_one(args, tmp_p
     res = run_kiln(*args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 2, res.stdout + res.stderr
     assert args[-2] in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("args, line", [
+    (["trian"], "kiln: error: unknown command 'trian'; did you mean train?"),
+    (["data", "inspekt", "x"], "kiln data: error: unknown command 'inspekt'; did you mean inspect?"),
+    (["tokenizer", "trian"], "kiln tokenizer: error: unknown command 'trian'; did you mean train?"),
+    (["train", "--fersh"], "kiln train: error: unrecognized argument --fersh; did you mean --fresh?"),
+    (["estimate", "tiny", "--devise", "cpu"], "kiln estimate: error: unrecognized argument --devise; did you mean "
+                                              "--device?")])
+def test_a_typo_gets_the_nearest_name(args, line):
+    """A mistyped command or option is refused (exit 2) with one error line that names the nearest real one."""
+    res = run_kiln(*args, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(line), res.stderr

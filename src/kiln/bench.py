@@ -35,6 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from kiln.cliargs import parse_with_overrides
 from kiln.config import Config, load_config, split_preset
 from kiln.data.packing import Batch, Row, make_batch
 from kiln.device import autocast_for, train_precision
@@ -277,7 +278,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     preset, argv = split_preset(argv)  # PRESET (a preset name or YAML path, default tiny) only as the first word
-    args, overrides = p.parse_known_args(argv)
+    args, overrides = parse_with_overrides(p, argv)
     cfg = load_config(preset or "tiny", overrides)
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError("kiln bench: --steps must be >= 1 and --warmup >= 0")

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from kiln.cliargs import int_at_least, user_path
+from kiln.cliargs import int_at_least, parse_with_overrides, unknown_command, user_path
 from kiln.errors import KilnError, first_line
 
 STARTED = time.time()  # the command's start: a time budget counts the imports and setup before step 1 too
@@ -57,7 +57,7 @@ def _train(argv: list[str]) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, size, budget, LR schedule and a memory estimate, then exit")
-    args, overrides = p.parse_known_args(argv)
+    args, overrides = parse_with_overrides(p, argv)  # `--fersh`: did you mean --fresh?
     from kiln.config import load_config
 
     cfg = load_config(args.preset, overrides)  # a bad key or value is refused before torch loads (~2 s)
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
-        print(f"kiln: error: unknown command '{cmd}'\n\n{USAGE}", file=sys.stderr)
+        print(unknown_command("kiln", cmd, COMMANDS), file=sys.stderr)  # `kiln trian`: did you mean train?
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if hasattr(sys.stdin, "reconfigure"):  # a prompt or chat line with bytes that are not UTF-8: U+FFFD, not a

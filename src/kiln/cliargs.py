@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+from collections.abc import Iterable
 
 
 def int_at_least(low: int):
@@ -24,6 +26,30 @@ def user_path(text: str) -> str:
     """An argparse `type` for a path option: `~` expanded where no shell did (`--out=~/x`, `--out '~/x'`), rather
     than a folder named `~` made in the working folder."""
     return os.path.expanduser(text)
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """"; did you mean X?" for the choice nearest a mistyped `word` (difflib), or ""."""
+    near = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {near[0]}?" if near else ""
+
+
+def unknown_command(prog: str, word: str, commands: Iterable[str]) -> str:
+    """The one error line for `prog WORD` when WORD is none of `commands`, with the nearest as a suggestion."""
+    return f"{prog}: error: unknown command '{word}'{did_you_mean(word, commands)} ({prog} --help lists them)"
+
+
+def parse_with_overrides(p: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """p.parse_known_args(argv) for a command that also takes `--section.key VALUE` overrides: a leftover option
+    without a dot that is near one of p's own (`--fersh`) is refused with that suggestion; anything else is left
+    to the config loader."""
+    args, overrides = p.parse_known_args(argv)
+    own = [s for a in p._actions for s in a.option_strings if s.startswith("--")]
+    for word in overrides:
+        flag = word.split("=", 1)[0]
+        if flag.startswith("--") and "." not in flag and (hint := did_you_mean(flag, own)):
+            p.error(f"unrecognized argument {flag}{hint}")  # usage, then the one line; exit 2
+    return args, overrides
 
 
 def parse_with_sources(p: argparse.ArgumentParser, argv: list[str], option: str = "--source") -> argparse.Namespace:

@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kiln import __version__
+from kiln.cliargs import parse_with_overrides
 from kiln.config import Config, ModelConfig, load_config, split_preset
 from kiln.data.factory import Batching, build_train_source, measure_diversity, train_sources, uses_shards
 from kiln.data.packing import Batch
@@ -529,7 +530,7 @@ def main(argv: list[str]) -> int:
                                 allow_abbrev=False)
     p.add_argument("--out-dir", help="output folder to check (default: the preset's run.out_dir)")
     preset, argv = split_preset(argv)
-    args, overrides = p.parse_known_args(argv)
+    args, overrides = parse_with_overrides(p, argv)
     cfg = load_config(preset or "tiny", overrides)
     if args.out_dir:
         cfg.run.out_dir = args.out_dir

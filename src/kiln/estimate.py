@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from kiln.cliargs import parse_with_overrides
 from kiln.config import Config, ModelConfig, load_config, split_preset
 from kiln.device import autocast_dtype
 from kiln.model import count_params
@@ -327,7 +328,7 @@ def main(argv: list[str]) -> int:
                     help="the device to estimate for (default: where run.device would train on this machine, as "
                          "kiln doctor and kiln bench measure; cuda for a GPU run planned here)")
     preset, argv = split_preset(argv)
-    args, overrides = ap.parse_known_args(argv)
+    args, overrides = parse_with_overrides(ap, argv)
     cfg = load_config(preset or "tiny", overrides)
     check_model_split(cfg.parallel, cfg.model)  # a layout training refuses has no memory to estimate
     device = args.device or default_device(cfg)

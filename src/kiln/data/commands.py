@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from kiln.cliargs import int_at_least, parse_with_sources
+from kiln.cliargs import int_at_least, parse_with_sources, unknown_command
 from kiln.config import Config, load_config
 from kiln.data.sources import check_text_column_flag, source_arg
 from kiln.errors import DataError, KilnError
@@ -136,10 +136,13 @@ COMMANDS = {"prepare": _prepare, "inspect": _inspect, "verify": _verify}
 
 def main(argv: list[str]) -> int:
     """`kiln data SUB ...`"""
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # no command: a mistake, so the usage goes to stderr with exit 2
+        print(USAGE, file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(USAGE)
-        return 0 if argv else 2
+        return 0
     if argv[0] not in COMMANDS:
-        print(f"kiln data: unknown command '{argv[0]}'\n\n{USAGE}", file=sys.stderr)
+        print(unknown_command("kiln data", argv[0], COMMANDS), file=sys.stderr)
         return 2
     return COMMANDS[argv[0]](argv[1:])

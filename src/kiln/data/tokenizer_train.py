@@ -52,7 +52,7 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 
-from kiln.cliargs import parse_with_sources
+from kiln.cliargs import parse_with_sources, unknown_command
 from kiln.config import SourceConfig
 from kiln.data.sources import load_documents, open_stream, source_arg, stream_error
 from kiln.data.tokenizer import SPACE, Tokenizer, load_tokenizer, tokenizer_digest
@@ -356,10 +356,13 @@ COMMANDS = {"train": _train, "stats": _stats}
 
 def main(argv: list[str]) -> int:
     """`kiln tokenizer SUB ...`"""
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # no command: a mistake, so the usage goes to stderr with exit 2
+        print(USAGE, file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(USAGE)
-        return 0 if argv else 2
+        return 0
     if argv[0] not in COMMANDS:
-        print(f"kiln tokenizer: unknown command '{argv[0]}'\n\n{USAGE}", file=sys.stderr)
+        print(unknown_command("kiln tokenizer", argv[0], COMMANDS), file=sys.stderr)
         return 2
     return COMMANDS[argv[0]](argv[1:])
