@@ -102,3 +102,18 @@ def test_a_typo_gets_the_nearest_name(args, line):
     """A mistyped command or option is refused (exit 2) with one error line that names the nearest real one."""
     res = run_kiln(*args, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(line), res.stderr
+
+
+HELP = ["", "train", "generate", "chat", "eval", "sft", "dpo", "rlvr", "import", "export", "average", "presets",
+        "control", "logs", "logs summary", "logs plot", "logs compare", "doctor", "bench", "estimate", "data",
+        "data prepare", "data inspect", "data verify", "tokenizer", "tokenizer train", "tokenizer stats"]
+
+
+@pytest.mark.parametrize("command", HELP)
+def test_every_help_fits_80_columns(command):
+    """`kiln [COMMAND] --help` in an 80-column terminal: no line wider than 80."""
+    env = {**os.environ, "COLUMNS": "80"}
+    res = run_kiln(*command.split(), "--help", capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0 and res.stdout.startswith(("usage: kiln", "kiln ")), res.stderr
+    wide = [line for line in res.stdout.splitlines() if len(line) > 80]
+    assert not wide, "\n".join(wide)

@@ -18,32 +18,53 @@ STARTED = time.time()  # the command's start: a time budget counts the imports a
 USAGE = """kiln <command> [options]
 
 commands:
-  train [PRESET] [--fresh] [--dry-run] [--section.key VALUE ...]   pretrain (resumes from the latest checkpoint)
-  generate --checkpoint CKPT --prompt TEXT [...]                   sample from a checkpoint (KV cache)
-  chat --checkpoint CKPT                                           chat in the terminal (the model's chat template)
-  eval --checkpoint CKPT --data FILE_OR_DATASET [--task mc|gsm8k]  loss / ppl / bpb, or a benchmark (last line JSON)
-  sft --checkpoint CKPT --data FILE [--section.key VALUE ...]      supervised fine-tuning, jsonl {"messages": [...]}
-  dpo --checkpoint CKPT --data FILE [...]                          DPO / APO, jsonl {"prompt", "chosen", "rejected"}
-  rlvr --checkpoint CKPT --data FILE [...]                         RL with verifiable rewards, jsonl {"prompt", "answer"}
-  import --hf DIR --out RUN_DIR                                    HF Llama / Qwen3 / SmolLM3 folder -> kiln checkpoint
-  export --checkpoint CKPT --out DIR [--format hf|gguf]            HF folder, or a GGUF file for llama.cpp
-  average CKPT CKPT ... --out DIR [--ema D] [--last K]             one checkpoint from several (uniform or EMA)
-  average CKPT --weights ema --out DIR                             a run's moving average (train.ema_decay)
-  presets                                                          list presets with parameter counts
-  control list|save|stop|abort [JOB]                               steer running training jobs on this machine
-  logs summary|plot|compare RUN_DIR [...] [--out PNG]              run tables, PNG curves, runs overlaid
-  doctor [PRESET] [--out-dir DIR]                                  sanity checks (exit 1 on any FAIL)
-  bench PRESET [--steps N] [--warmup N] [--section.key VALUE ...]  time training steps: one JSON line
-  estimate PRESET [--device cuda|cpu] [--section.key VALUE ...]    peak training memory per device (last line JSON)
-  data prepare|inspect|verify ...                                  pre-tokenized shards; data checks (kiln data -h)
-  tokenizer train|stats ...                                        train a BPE tokenizer; bytes/token (kiln tokenizer -h)
+  train [PRESET] [--fresh] [--dry-run] [--section.key VALUE ...]
+      pretrain (resumes from the latest checkpoint)
+  generate --checkpoint CKPT --prompt TEXT [...]
+      sample from a checkpoint (KV cache)
+  chat --checkpoint CKPT
+      chat in the terminal (the model's chat template)
+  eval --checkpoint CKPT --data FILE_OR_DATASET [--task mc|gsm8k]
+      loss / ppl / bpb, or a benchmark (last line JSON)
+  sft --checkpoint CKPT --data FILE [--section.key VALUE ...]
+      supervised fine-tuning, jsonl {"messages": [...]}
+  dpo --checkpoint CKPT --data FILE [...]
+      DPO / APO, jsonl {"prompt", "chosen", "rejected"}
+  rlvr --checkpoint CKPT --data FILE [...]
+      RL with verifiable rewards, jsonl {"prompt", "answer"}
+  import --hf DIR --out RUN_DIR
+      HF Llama / Qwen3 / SmolLM3 folder -> kiln checkpoint
+  export --checkpoint CKPT --out DIR [--format hf|gguf]
+      HF folder, or a GGUF file for llama.cpp
+  average CKPT CKPT ... --out DIR [--ema D] [--last K]
+      one checkpoint from several (uniform or EMA)
+  average CKPT --weights ema --out DIR
+      a run's moving average (train.ema_decay)
+  presets
+      list presets with parameter counts
+  control list|save|stop|abort [JOB]
+      steer running training jobs on this machine
+  logs summary|plot|compare RUN_DIR [...] [--out PNG]
+      run tables, PNG curves, runs overlaid
+  doctor [PRESET] [--out-dir DIR]
+      sanity checks (exit 1 on any FAIL)
+  bench PRESET [--steps N] [--warmup N] [--section.key VALUE ...]
+      time training steps: one JSON line
+  estimate PRESET [--device cuda|cpu] [--section.key VALUE ...]
+      peak training memory per device (last line JSON)
+  data prepare|inspect|verify ...
+      pre-tokenized shards; data checks (kiln data -h)
+  tokenizer train|stats ...
+      train a BPE tokenizer; bytes/token (kiln tokenizer -h)
+
+kiln COMMAND -h shows a command's options and their defaults.
 """
 
 
 def _train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="kiln train", description="Pretrain a model (resumes automatically).",
-        usage="kiln train [PRESET] [--section.key VALUE ...] [--fresh] [--quiet] [--dry-run]",
+        usage="kiln train [PRESET] [--fresh] [--quiet] [--dry-run]\n                  [--section.key VALUE ...]",
         epilog="Any config key is an override: --section.key VALUE (e.g. --train.max_steps 200 --optim.lr 3e-4 "
                "--train.time_budget 10m --run.out_dir runs/x); `kiln presets` lists the presets; every key "
                "with its value is printed by `kiln train PRESET --dry-run`.", allow_abbrev=False)

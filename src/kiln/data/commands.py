@@ -13,12 +13,16 @@ from kiln.errors import DataError, KilnError
 
 USAGE = """kiln data <command>
 
-  prepare --source PATH_OR_DATASET [--source ...] --out DIR [--tokenizer T] [--workers N]
-                                          pre-tokenize into memory-mapped shards (resumable)
-  inspect DIR                             tokens, documents, length histogram per source (last line JSON)
+  prepare --source PATH_OR_DATASET [--source ...] --out DIR [--tokenizer T]
+          [--workers N]
+      pre-tokenize into memory-mapped shards (resumable)
+  inspect DIR
+      tokens, documents, length histogram per source (last line JSON)
   verify PATH [--val PATH] [--seq-len T] [--config C]
-                                          exit 0 when clean: integrity, duplicated content, val overlap;
-                                          prints the batches' diversity (documents per batch vs random rows)
+      exit 0 when clean: integrity, duplicated content, val overlap; prints
+      the batches' diversity (documents per batch vs random rows)
+
+kiln data COMMAND -h shows a command's options and their defaults.
 """
 
 

@@ -300,11 +300,14 @@ def tokenizer_stats(spec: str, sources: list[SourceConfig]) -> dict[str, Any]:
 
 USAGE = """kiln tokenizer <command>
 
-  train --source PATH_OR_DATASET [--source ...] --vocab-size N --out DIR [--multiple-of 64]
-                      a BPE with byte fallback (Mistral v3 style) on the sources; use it with
-                      --data.tokenizer DIR and --model.vocab_size <its vocab_size>
+  train --source PATH_OR_DATASET [--source ...] --vocab-size N --out DIR
+        [--multiple-of 64]
+      a BPE with byte fallback (Mistral v3 style) on the sources; use it with
+      --data.tokenizer DIR and --model.vocab_size <its vocab_size>
   stats --tokenizer T [--tokenizer ...] --source PATH_OR_DATASET [--source ...]
-                      bytes per token on the sources, one JSON line per tokenizer
+      bytes per token on the sources, one JSON line per tokenizer
+
+kiln tokenizer COMMAND -h shows a command's options and their defaults.
 """
 
 
