@@ -117,3 +117,28 @@ def test_every_help_fits_80_columns(command):
     assert res.returncode == 0 and res.stdout.startswith(("usage: kiln", "kiln ")), res.stderr
     wide = [line for line in res.stdout.splitlines() if len(line) > 80]
     assert not wide, "\n".join(wide)
+
+
+def test_tables_written_to_a_file_fit_80_columns(home, tmp_path):
+    """`kiln logs summary RUNS > file` and `kiln doctor > file`: the tables take $COLUMNS, else 80 columns (they
+    were drawn 100 to 160 wide); the JSON lines after them stay whole."""
+    import shutil
+
+    runs = []
+    for i in range(4):
+        run = tmp_path / f"a-longer-run-name-{i}"
+        run.mkdir()
+        shutil.copy(home / "run" / "metrics.jsonl", run / "metrics.jsonl")
+        runs.append(str(run))
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    res = run_kiln("logs", "summary", *runs, capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    table = [line for line in res.stdout.splitlines() if not line.startswith("{")]
+    assert len(table) > 5 and max(map(len, table)) <= 80, res.stdout
+    res = run_kiln("logs", "summary", *runs, capture_output=True, text=True, timeout=120,
+                   env={**env, "COLUMNS": "120"})
+    assert max(len(line) for line in res.stdout.splitlines() if not line.startswith("{")) > 80
+    res = run_kiln("doctor", "tiny", "--out-dir", str(tmp_path / "doc"), capture_output=True, text=True, timeout=300,
+                   env=env)
+    table = [line for line in res.stdout.splitlines() if not line.startswith("{")]
+    assert res.returncode == 0 and "kiln doctor" in table[0] and max(map(len, table)) <= 80, res.stdout

@@ -515,7 +515,7 @@ def print_report(results: list[Check]) -> dict[str, Any]:
     table.add_column("s", justify="right", no_wrap=True)
     for r in results:
         table.add_row(r.name, f"[{colors[r.status]}]{r.status}[/]", r.detail, f"{r.seconds:.1f}")
-    Console(width=None if os.isatty(1) else 160).print(table)
+    Console().print(table)  # the terminal's width; redirected, $COLUMNS or 80 (rich's default)
     counts = {s.lower(): sum(r.status == s for r in results) for s in ("PASS", "WARN", "FAIL", "SKIP")}
     report = {**counts, "failed": [r.name for r in results if r.status == "FAIL"],
               "seconds": round(sum(r.seconds for r in results), 2)}

@@ -311,7 +311,7 @@ def print_summary(summaries: Sequence[dict[str, Any]]) -> None:
         table.add_column(label, justify="right")
     for label in labels:
         table.add_row(label, *[r.get(label, "-") for r in rows])
-    Console(width=max(100, 24 + 22 * len(summaries)) if not os.isatty(1) else None).print(table)
+    Console().print(table)  # the terminal's width; redirected, $COLUMNS or 80 (rich's default)
     for s in summaries:
         print(json.dumps(s))
 
