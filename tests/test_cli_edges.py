@@ -4,6 +4,7 @@ that fits 80 columns."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -142,3 +143,44 @@ def test_tables_written_to_a_file_fit_80_columns(home, tmp_path):
                    env=env)
     table = [line for line in res.stdout.splitlines() if not line.startswith("{")]
     assert res.returncode == 0 and "kiln doctor" in table[0] and max(map(len, table)) <= 80, res.stdout
+
+
+def undescribed(help_text: str) -> list[str]:
+    """The options and positionals of an argparse help text that have no description."""
+    lines, bare, listed = help_text.splitlines(), [], False
+    for i, line in enumerate(lines):
+        if line.endswith(":") and not line.startswith(" "):  # a section title
+            listed = line in ("options:", "positional arguments:")
+            continue
+        if not listed or not re.match(r"  \S", line) or re.match(r"  \S.*?\s{2,}\S", line):
+            continue  # not an entry, or its description on the same line
+        after = lines[i + 1] if i + 1 < len(lines) else ""
+        if not re.match(r"\s{4,}\S", after):  # nor on the next line
+            bare.append(line.strip())
+    return bare
+
+
+@pytest.mark.parametrize("command", [c for c in HELP if c not in ("", "data", "tokenizer")])
+def test_every_option_in_help_says_what_it_does(command):
+    """`kiln COMMAND -h` describes every option and positional (export's --checkpoint and --out, data prepare's
+    --split, the --device of generate / eval / chat had none)."""
+    res = run_kiln(*command.split(), "-h", capture_output=True, text=True, timeout=120,
+                   env={**os.environ, "COLUMNS": "80"})
+    assert res.returncode == 0 and not undescribed(res.stdout), (undescribed(res.stdout), res.stdout)
+
+
+def test_help_names_defaults_and_the_metavars_of_the_top_level_usage():
+    """The defaults a user would otherwise read in the source, and the same names as `kiln --help`."""
+    def helptext(*args: str) -> str:
+        return run_kiln(*args, "-h", capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "COLUMNS": "80"}).stdout
+
+    bench = helptext("bench")
+    assert "(default 10)" in bench and "(default 3)" in bench and "PRESET: a preset name" in bench
+    assert "sequences per forward pass (default 8)" in helptext("eval")
+    prep = " ".join(helptext("data", "prepare").split())
+    assert "(default 65536)" in prep and "split (default train)" in prep and "required unless --config" in prep
+    usage = " ".join(run_kiln("--help", capture_output=True, text=True).stdout.split())
+    assert "average CKPT CKPT ... --out DIR [--ema D] [--last K]" in usage
+    assert "--out DIR [--ema D] [--last K]" in " ".join(helptext("average").split())
+    assert "--checkpoint CKPT --out PATH" in helptext("export")

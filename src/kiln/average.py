@@ -152,11 +152,13 @@ def _average_into(out: Path, ckpts: list[Path], *, notes: list[str], ema: float,
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln average", description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("checkpoints", nargs="+", help="checkpoint folders, or run folders (their latest, or --last K)")
-    p.add_argument("--out", required=True, type=user_path, help="a new run folder for the averaged checkpoint")
-    p.add_argument("--ema", type=float, default=None,
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                   help="checkpoint folders, or run folders (their latest, or --last K)")
+    p.add_argument("--out", required=True, type=user_path, metavar="DIR",
+                   help="a new run folder for the averaged checkpoint")
+    p.add_argument("--ema", type=float, default=None, metavar="D",
                    help="EMA decay D in (0, 1) over the checkpoints in step order (default: the uniform mean)")
-    p.add_argument("--last", type=int, default=None,
+    p.add_argument("--last", type=int, default=None, metavar="K",
                    help="take the last K checkpoints of each run folder given (default: its latest)")
     p.add_argument("--weights", choices=("model", "ema"), default="model",
                    help="each checkpoint's weights, or the moving average its run kept (train.ema_decay)")

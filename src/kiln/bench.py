@@ -273,10 +273,14 @@ def run_bench(cfg: Config, *, steps: int = 10, warmup: int = 3) -> dict[str, Any
 def main(argv: list[str]) -> int:
     """CLI entry: `kiln bench PRESET [--steps N] [--warmup N] [--section.key VALUE ...]`."""
     p = argparse.ArgumentParser(prog="kiln bench", description=__doc__.split("\n\n")[0],
+                                epilog="PRESET: a preset name or YAML path (default tiny); any config key is "
+                                "an override: --section.key VALUE (kiln train -h).",
                                 usage="kiln bench [PRESET] [--steps N] [--warmup N] [--section.key VALUE ...]",
                                 allow_abbrev=False)
-    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    p.add_argument("--steps", type=int, default=10, metavar="N",
+                   help="timed steps, median reported (default 10)")
+    p.add_argument("--warmup", type=int, default=3, metavar="N",
+                   help="untimed steps first; compilation happens here (default 3)")
     preset, argv = split_preset(argv)  # PRESET (a preset name or YAML path, default tiny) only as the first word
     args, overrides = parse_with_overrides(p, argv)
     cfg = load_config(preset or "tiny", overrides)

@@ -105,8 +105,10 @@ def _follow_run_folder(path: Path, cfg) -> None:
 
 
 def _add_ckpt(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest checkpoint)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda when a GPU is visible, else cpu (default auto)")
 
 
 def _generate(argv: list[str]) -> int:
@@ -175,7 +177,8 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--text-column", default=None, help="loss: the column holding the text (default: text)")
     p.add_argument("--max-tokens", type=int_at_least(1), default=None,
                    help="loss: score about this many tokens, in whole --seq-len rows, at least one (default: 1000000)")
-    p.add_argument("--batch-size", type=int_at_least(1), default=8)
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, metavar="N",
+                   help="sequences per forward pass (default 8)")
     p.add_argument("--seq-len", type=int_at_least(1), default=None, help="loss: default the checkpoint's train.seq_len")
     p.add_argument("--task", default="loss", choices=["loss", "mc", "gsm8k"],
                    help="loss: loss/ppl/bpb; mc: multiple choice by log-likelihood; gsm8k: generate + answer match")
@@ -225,8 +228,11 @@ def _eval(argv: list[str]) -> int:
 def _export(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln export", description="Write a Hugging Face model folder or a GGUF file.",
                                 allow_abbrev=False)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True, type=user_path)
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("--out", required=True, type=user_path, metavar="PATH",
+                   help="hf: a new folder (or a previous kiln export to replace); gguf: the .gguf file to "
+                        "write")
     p.add_argument("--format", default="hf", choices=["hf", "gguf"], help="hf: a transformers folder; gguf: llama.cpp")
     p.add_argument("--dtype", default=None,
                    help="hf: float32 | bfloat16 | float16; gguf: f32 | f16 | bf16 | q8_0 (both take either spelling)")

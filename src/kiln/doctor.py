@@ -528,7 +528,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln doctor", usage="kiln doctor [PRESET] [--out-dir DIR] [--section.key VALUE ...]",
                                 description="Sanity checks before training PRESET (default: tiny).",
                                 allow_abbrev=False)
-    p.add_argument("--out-dir", help="output folder to check (default: the preset's run.out_dir)")
+    p.add_argument("--out-dir", metavar="DIR",
+                   help="output folder to check (default: the preset's run.out_dir)")
     preset, argv = split_preset(argv)
     args, overrides = parse_with_overrides(p, argv)
     cfg = load_config(preset or "tiny", overrides)

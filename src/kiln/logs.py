@@ -495,13 +495,13 @@ def main(argv: list[str]) -> int:
     sub = p.add_subparsers(dest="action", required=True, metavar="summary|plot|compare")
     s = sub.add_parser("summary", help="table of steps, losses, speed, cost; one JSON line per run",
                        allow_abbrev=False)
-    s.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (each with its metrics.jsonl)")
     pl = sub.add_parser("plot", help="PNG curves of one run (default RUN_DIR/plots/curves.png)",
                         allow_abbrev=False)
-    pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, one image each")
     pl.add_argument("--out", type=user_path, help="image file, .png .jpg .pdf or .svg (only with one run)")
     c = sub.add_parser("compare", help="one PNG with several runs overlaid", allow_abbrev=False)
-    c.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="two or more run folders")
     c.add_argument("--out", type=user_path, help="image file, .png .jpg .pdf or .svg (default: compare.png beside the first run)")
     args = p.parse_args(argv)
     if getattr(args, "out", None):

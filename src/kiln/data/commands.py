@@ -29,17 +29,25 @@ kiln data COMMAND -h shows a command's options and their defaults.
 def _prepare(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln data prepare", description="Tokenize sources into memory-mapped shards.",
                                 allow_abbrev=False)
-    p.add_argument("--source", action="append", default=[], help="file, glob, folder, bundled:train, HF dataset, "
-                   "or a JSON object like '{\"path\": \"web/*.jsonl\", \"name\": \"web\"}'; repeat for several")
-    p.add_argument("--config", help="take the sources (data.train) and tokenizer from this preset or YAML")
-    p.add_argument("--out", required=True, help="output folder (new, or an interrupted prepare to resume)")
+    p.add_argument("--source", action="append", default=[], metavar="SOURCE",
+                   help="file, glob, folder, bundled:train, HF dataset, or a JSON object like "
+                   "'{\"path\": \"web/*.jsonl\", \"name\": \"web\"}'; repeat for several; required unless "
+                   "--config gives the sources")
+    p.add_argument("--config", metavar="PRESET_OR_YAML",
+                   help="take the sources (data.train) and tokenizer from this preset or YAML")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (new, or an interrupted prepare to resume)")
     p.add_argument("--tokenizer", default=None, help="mistral-v3 (default), mistral-v1, bundled-4k, or a tokenizer folder/json")
-    p.add_argument("--workers", type=int_at_least(0), default=0, help="processes (0: one per CPU core)")
-    p.add_argument("--shard-docs", type=int_at_least(1), default=65536, help="documents per shard")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--hf-config", default="")
-    p.add_argument("--split", default="train")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--workers", type=int_at_least(0), default=0, metavar="N",
+                   help="processes (0, the default: one per CPU core)")
+    p.add_argument("--shard-docs", type=int_at_least(1), default=65536, metavar="N",
+                   help="documents per shard (default 65536)")
+    p.add_argument("--text-column", default="text", metavar="NAME",
+                   help="the column holding the text in jsonl/parquet/HF sources (default text)")
+    p.add_argument("--hf-config", default="", metavar="NAME",
+                   help="HF dataset configuration, e.g. sample-10BT (default: none)")
+    p.add_argument("--split", default="train", help="HF dataset split (default train)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parse_with_sources(p, argv)
     from kiln.data.prepare import prepare
 
@@ -66,7 +74,7 @@ def _prepare(argv: list[str]) -> int:
 def _inspect(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln data inspect", description="Summarise a prepared folder.",
                                 allow_abbrev=False)
-    p.add_argument("dir")
+    p.add_argument("dir", metavar="DIR", help="a folder written by kiln data prepare")
     args = p.parse_args(argv)
     from kiln.data.verify import hist_labels, inspect
 

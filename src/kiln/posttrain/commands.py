@@ -315,8 +315,10 @@ def chat(argv: list[str]) -> int:
     """`kiln chat --checkpoint CKPT`: a conversation in the terminal with the model's chat template."""
     p = argparse.ArgumentParser(prog="kiln chat", description="Chat with a model (empty line, /quit or Ctrl-D "
                                 "quits; /reset forgets the conversation).", allow_abbrev=False)
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest checkpoint)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda when a GPU is visible, else cpu (default auto)")
     p.add_argument("--system", default="", help="system message")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=None,
                    help="tokens per reply, at least 1 (default: min(256, half the model's context)); a value that "

@@ -280,7 +280,8 @@ def main(argv: list[str]) -> int:
     """`kiln control list | save | stop | abort [JOB] [--no-wait]`."""
     p = argparse.ArgumentParser(prog="kiln control", description="List and steer training jobs on this machine.",
                                 allow_abbrev=False)
-    p.add_argument("command", choices=["list", *COMMANDS])
+    p.add_argument("command", choices=["list", *COMMANDS],
+                   help="list: the running jobs; save: a checkpoint now; stop: save and exit; abort: exit unsaved")
     p.add_argument("job", nargs="?", help="job id, run name, run folder (or its name) or pid (see kiln control "
                    "list); may be left out while one job runs")
     p.add_argument("--no-wait", action="store_true", help="return at once instead of waiting for the job")
