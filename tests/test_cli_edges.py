@@ -184,3 +184,17 @@ def test_help_names_defaults_and_the_metavars_of_the_top_level_usage():
     assert "average CKPT CKPT ... --out DIR [--ema D] [--last K]" in usage
     assert "--out DIR [--ema D] [--last K]" in " ".join(helptext("average").split())
     assert "--checkpoint CKPT --out PATH" in helptext("export")
+
+
+def test_estimate_table_headers_line_up_with_their_values():
+    """`kiln estimate tiny`: each column's header ends where its values (their "GiB") end, and the table fits 80
+    columns (the headers sat one and two characters left of the values)."""
+    res = run_kiln("estimate", "tiny", "--device", "cpu", capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("activation checkpointing"))
+    header, rows = lines[head], lines[head + 1:head + 4]
+    ends = [m.end() for m in re.finditer(r"\S+", header)][-2:]  # "activations", "peak"
+    for row in rows:
+        assert [m.end() for m in re.finditer("GiB", row)] == ends, (header, row)
+    assert max(len(line) for line in lines[:-1]) <= 80, res.stdout  # the last line is the JSON

@@ -299,10 +299,10 @@ def format_estimate(cfg: Config, *, device: str = "cuda") -> str:
     """A table: the configured layout for every activation-checkpointing mode, then the breakdown."""
     configured = cfg.train.activation_checkpointing
     lines = [f"memory estimate for {cfg.run.name}: micro-batch {cfg.train.micro_batch_size} x {cfg.train.seq_len}, "
-             f"{'bf16 autocast' if _uses_autocast(cfg, device) else 'fp32'} on {device}, optimizer {cfg.optim.name}, "
-             f"layout dp_shard={cfg.parallel.dp_shard} tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
-             f"dp_replicate={cfg.parallel.dp_replicate}", "",
-             f"{'activation checkpointing':<26}{'activations':>14}{'peak':>12}"]
+             f"{'bf16 autocast' if _uses_autocast(cfg, device) else 'fp32'} on {device},",
+             f"  optimizer {cfg.optim.name}, layout dp_shard={cfg.parallel.dp_shard} tp={cfg.parallel.tp} "
+             f"pp={cfg.parallel.pp} dp_replicate={cfg.parallel.dp_replicate}", "",
+             f"{'activation checkpointing':<26}{'activations':>15}{'peak':>13}"]  # right edges on the values' GiB
     for ac in ("none", "selective", "full"):
         e = estimate_memory(cfg, device=device, ac=ac)
         mark = "  <- configured" if ac == configured else ""
