@@ -198,3 +198,18 @@ def test_estimate_table_headers_line_up_with_their_values():
     for row in rows:
         assert [m.end() for m in re.finditer("GiB", row)] == ends, (header, row)
     assert max(len(line) for line in lines[:-1]) <= 80, res.stdout  # the last line is the JSON
+
+
+def test_average_takes_checkpoint_flags_as_every_other_command_does(home, tmp_path):
+    """`kiln average --checkpoint A --checkpoint B --out DIR`, as generate / eval / export spell it, alone or with
+    positional CKPTs; neither is one line."""
+    a, b = (str(home / "run" / "checkpoints" / f"step_{n}") for n in (2, 4))
+    res = run_kiln("average", "--checkpoint", a, "--checkpoint", b, "--out", str(tmp_path / "x"),
+                   capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "averaged 2 checkpoints" in res.stdout, res.stderr
+    res = run_kiln("average", a, "--checkpoint", b, "--out", str(tmp_path / "y"), capture_output=True, text=True,
+                   timeout=300)
+    assert res.returncode == 0 and "averaged 2 checkpoints" in res.stdout, res.stderr
+    res = run_kiln("average", "--out", str(tmp_path / "z"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stderr.splitlines()[-1].startswith("kiln average: error: the checkpoints"), \
+        res.stderr

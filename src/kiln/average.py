@@ -152,8 +152,11 @@ def _average_into(out: Path, ckpts: list[Path], *, notes: list[str], ema: float,
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln average", description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT",
+    p.add_argument("checkpoints", nargs="*", metavar="CKPT",
                    help="checkpoint folders, or run folders (their latest, or --last K)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="CKPT", dest="flagged",
+                   help="a checkpoint or run folder, as the other commands take it (repeatable; with or instead "
+                        "of the positional CKPTs)")
     p.add_argument("--out", required=True, type=user_path, metavar="DIR",
                    help="a new run folder for the averaged checkpoint")
     p.add_argument("--ema", type=float, default=None, metavar="D",
@@ -163,13 +166,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--weights", choices=("model", "ema"), default="model",
                    help="each checkpoint's weights, or the moving average its run kept (train.ema_decay)")
     args = p.parse_args(argv)
+    if not args.checkpoints and not args.flagged:
+        p.error("the checkpoints to average are missing: pass CKPT CKPT ... or --checkpoint CKPT (repeatable)")
     if args.last is not None and args.last < 1:
         raise ConfigError(f"--last: the number of checkpoints to take from each run folder must be at least 1, "
                           f"got {args.last}")
     if args.ema is not None and not 0 < args.ema < 1:  # 0 would keep the newest checkpoint alone, not the mean
         raise ConfigError(f"--ema: the decay must be within (0, 1), got {args.ema:g}; leave --ema out for the "
                           "uniform mean")
-    path = average(args.checkpoints, args.out, ema=args.ema or 0.0, last=args.last or 0, weights=args.weights)
+    path = average([*args.checkpoints, *args.flagged], args.out, ema=args.ema or 0.0, last=args.last or 0, weights=args.weights)
     meta = ckpt_io.read_meta(path)
     n = len(meta["averaged_from"])
     if args.weights == "ema" and n == 1:
