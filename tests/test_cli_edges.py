@@ -213,3 +213,29 @@ def test_average_takes_checkpoint_flags_as_every_other_command_does(home, tmp_pa
     res = run_kiln("average", "--out", str(tmp_path / "z"), capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and res.stderr.splitlines()[-1].startswith("kiln average: error: the checkpoints"), \
         res.stderr
+
+
+def test_the_command_kiln_import_prints_continues_pretraining_in_a_new_run(home, tmp_path):
+    """`kiln import --hf DIR --out smol` prints `kiln train smol/config.yaml --data.train ...`; that command (and
+    its --dry-run) trains into smol-train from smol's weights-only step_0, as the config says, rather than
+    following the config into smol and refusing its weights-only checkpoint."""
+    assert run_kiln("export", "--checkpoint", str(home / "run"), "--out", str(tmp_path / "hf"),
+                    capture_output=True, text=True, timeout=300).returncode == 0
+    smol = tmp_path / "smol"
+    res = run_kiln("import", "--hf", str(tmp_path / "hf"), "--out", str(smol), capture_output=True, text=True,
+                   timeout=300)
+    assert res.returncode == 0 and f"kiln train {smol / 'config.yaml'} --data.train" in res.stdout, res.stderr
+    args = ["train", str(smol / "config.yaml"), "--data.train", str(home / "train.jsonl"), "--data.val",
+            str(home / "val.jsonl"), "--train.max_steps", "2", "--train.eval_tokens", "64",
+            "--train.sample_tokens", "0", "--train.seq_len", "32", "--train.global_batch_size", "2",
+            "--train.micro_batch_size", "2"]
+    dry = run_kiln(*args, "--dry-run", capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0 and f"run folder       {tmp_path / 'smol-train'} (new)" in dry.stdout, dry.stderr
+    res = run_kiln(*args, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "smol-train" / "checkpoints" / "step_2").is_dir()
+    assert [c.name for c in (smol / "checkpoints").iterdir()] == ["step_0"]
+    # a run folder whose latest checkpoint is weights-only: the dry run refuses it as the run does
+    dry = run_kiln("train", "tiny", "--run.out_dir", str(smol), "--dry-run", capture_output=True, text=True,
+                   timeout=300)
+    assert dry.returncode == 2 and "a weights-only checkpoint" in dry.stderr.splitlines()[-1], dry.stderr

@@ -91,12 +91,21 @@ def _train(argv: list[str]) -> int:
 
 def _follow_run_folder(path: Path, cfg) -> None:
     """`kiln train RUN/config.yaml` trains in RUN, where that file is: its run.out_dir still names where the run
-    was before `--fresh` moved it aside (or `mv`), and the command resumed the run that is there now."""
+    was before `--fresh` moved it aside (or `mv`), and the command resumed the run that is there now. Not so for
+    the folder `kiln import` writes: its config starts a new run (run.out_dir RUN-train) from RUN's weights-only
+    checkpoint (run.init_from), and RUN holds nothing to resume."""
     if path.name != "config.yaml" or not path.is_file():
         return
     folder = path.resolve().parent
     if not ((folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file()):
         return
+    if cfg.run.init_from and folder in Path(cfg.run.init_from).expanduser().resolve().parents:
+        return  # it starts from a checkpoint in this folder: it trains elsewhere, in its run.out_dir
+    from kiln.train.checkpoint import list_checkpoints, weights_only
+
+    ckpts = list_checkpoints(folder)
+    if ckpts and all(weights_only(c) for c in ckpts):
+        return  # nothing here to resume (kiln import / average): its run.out_dir starts from these weights
     if Path(cfg.run.out_dir).resolve() != folder:
         print(f"note: {path} is the config of the run in {folder}: it trains there (its run.out_dir, "
               f"{cfg.run.out_dir}, is where the run was before it moved; --run.out_dir trains elsewhere)",

@@ -33,6 +33,7 @@ from kiln.train.checkpoint import (
     list_checkpoints,
     read_config,
     resolve_checkpoint,
+    weights_only,
 )
 from kiln.train.mirror import mirror_for
 from kiln.train.plan import Plan
@@ -258,6 +259,10 @@ def run_folder_plan(cfg: Config, *, fresh: bool = False, out: Path | None = None
         return f"{out} (new)" if not (out.exists() and any(out.iterdir())) else f"{out} (no checkpoints yet)"
     if fresh:
         return f"{out} (--fresh: its {len(ckpts)} checkpoint(s) would be moved aside, not deleted)"
+    if weights_only(ckpts[-1]):  # what the run itself refuses (kiln.train.trainer), said by the dry run too
+        raise CheckpointError(
+            f"{ckpts[-1]}: a weights-only checkpoint (kiln average / kiln import), with no optimizer or data state "
+            f"to resume; start a new run from it: --run.init_from {ckpts[-1]} --run.out_dir NEW_DIR")
     check_resumable(read_config(ckpts[-1]), cfg, ckpts[-1], tokenizer=load_tokenizer(cfg.data.tokenizer))
     return f"{out} (resumes from {ckpts[-1].name})"
 
