@@ -291,7 +291,8 @@ def test_a_signal_during_a_step_saves_at_the_end_of_that_step(tmp_path, monkeypa
     out = capsys.readouterr().out
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["stopped"] == {"by": "signal", "last_checkpoint": "step_5"} and "eta_sec" not in summary
-    assert "by signal; last checkpoint step_5; the same command resumes" in " ".join(out.split())
+    text = " ".join(out.replace("\u2502", " ").split())  # the table's 80 columns wrap the row inside its cell
+    assert "by signal; last checkpoint step_5; the same command resumes" in text
     # started with --fresh: "run the same command again" would have moved this run aside and started over
     summary = train(load_config("tiny", overrides(tmp_path)), quiet=True, fresh=True)
     assert summary["stopped"] == "signal" and summary["step"] == 5, summary
