@@ -325,7 +325,7 @@ def check_optimizer(ctx: Context, *, lr: float = 3e-3, steps: int = 5) -> tuple[
     for p in model.parameters():  # as the trainer does: parameters in optim.param_dtype, buffers stay fp32
         p.data = p.data.to(dtype)
     ocfg = dataclasses.replace(ctx.cfg.optim, lr=lr)  # the preset's optimizer at a fixed lr: a sanity check
-    opt = build_optimizer(model, ocfg, device_type=ctx.device.type)
+    opt = build_optimizer(model, ocfg, device_type=ctx.device.type, tie_embeddings=ctx.cfg.model.tie_embeddings)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     losses = []
     name = type(opt).__name__

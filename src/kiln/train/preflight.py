@@ -113,6 +113,16 @@ def prepare_out_dir(out: Path, *, fresh: bool) -> None:
 INIT_KEYS = ("init", "init_std", "init_zero_out")
 
 
+def check_resume_point(ckpt: Path, cfg: Config, *, tokenizer: Tokenizer) -> None:
+    """The checkpoint a run resumes (the run and its dry run alike): one with an optimizer and data state
+    (not kiln average's or kiln import's weights alone) that takes this config (check_resumable)."""
+    if weights_only(ckpt):
+        raise CheckpointError(
+            f"{ckpt}: a weights-only checkpoint (kiln average / kiln import), with no optimizer or data state to "
+            f"resume; start a new run from it: --run.init_from {ckpt} --run.out_dir NEW_DIR")
+    check_resumable(read_config(ckpt), cfg, ckpt, tokenizer=tokenizer)
+
+
 def check_resumable(saved: Config, cfg: Config, ckpt: Path, *, tokenizer: Tokenizer, init_from: bool = False) -> None:
     """Architecture and tokenizer (`tokenizer`: cfg.data.tokenizer's, loaded) must match the checkpoint (resumed,
     or `init_from`: its weights start this run); schedule, budget, layout, intervals and how fresh weights would
@@ -259,11 +269,7 @@ def run_folder_plan(cfg: Config, *, fresh: bool = False, out: Path | None = None
         return f"{out} (new)" if not (out.exists() and any(out.iterdir())) else f"{out} (no checkpoints yet)"
     if fresh:
         return f"{out} (--fresh: its {len(ckpts)} checkpoint(s) would be moved aside, not deleted)"
-    if weights_only(ckpts[-1]):  # what the run itself refuses (kiln.train.trainer), said by the dry run too
-        raise CheckpointError(
-            f"{ckpts[-1]}: a weights-only checkpoint (kiln average / kiln import), with no optimizer or data state "
-            f"to resume; start a new run from it: --run.init_from {ckpts[-1]} --run.out_dir NEW_DIR")
-    check_resumable(read_config(ckpts[-1]), cfg, ckpts[-1], tokenizer=load_tokenizer(cfg.data.tokenizer))
+    check_resume_point(ckpts[-1], cfg, tokenizer=load_tokenizer(cfg.data.tokenizer))
     return f"{out} (resumes from {ckpts[-1].name})"
 
 

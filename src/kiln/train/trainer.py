@@ -37,7 +37,7 @@ from kiln.data.stages import StagedLoader, stage_starts
 from kiln.data.stages import describe as describe_stages
 from kiln.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_digest
 from kiln.device import autocast_for, train_precision
-from kiln.errors import CheckpointError, ConfigError, DataError, KilnError
+from kiln.errors import ConfigError, DataError, KilnError
 from kiln.eval.suite import load_tasks
 from kiln.generate import generate_text
 from kiln.optim import describe_schedule, length_free_steps, lr_factor, param_dtype
@@ -56,6 +56,7 @@ from kiln.train.objective import Objective, RunSettings, unseen_smoothing_blocke
 from kiln.train.plan import Plan, make_plan
 from kiln.train.preflight import (
     check_resumable,
+    check_resume_point,
     check_run_folder,
     check_sources,
     check_tokenizer,
@@ -515,11 +516,7 @@ def _choose_start(cfg: Config, out: Path, mirror: Mirror | None, layout: Layout,
     against the config before anything is written."""
     resume_from = _agree(_latest_checkpoint(out, mirror, fresh=fresh, main=layout.is_main), layout)  # verified
     if resume_from is not None:
-        if ckpt_io.weights_only(resume_from):
-            raise CheckpointError(
-                f"{resume_from}: a weights-only checkpoint (kiln average / kiln import), with no optimizer or data "
-                f"state to resume; start a new run from it: --run.init_from {resume_from} --run.out_dir NEW_DIR")
-        check_resumable(ckpt_io.read_config(resume_from), cfg, resume_from, tokenizer=tokenizer)
+        check_resume_point(resume_from, cfg, tokenizer=tokenizer)
         return resume_from, None
     if not cfg.run.init_from:
         return None, None
