@@ -97,6 +97,8 @@ def test_an_abbreviated_option_is_refused_not_taken_for_the_long_one(args, tmp_p
     (["data", "inspekt", "x"], "kiln data: error: unknown command 'inspekt'; did you mean inspect?"),
     (["tokenizer", "trian"], "kiln tokenizer: error: unknown command 'trian'; did you mean train?"),
     (["train", "--fersh"], "kiln train: error: unrecognized argument --fersh; did you mean --fresh?"),
+    (["sft", "--checkpoint", "x", "--data", "y", "--val-dta", "z"],
+     "kiln sft: error: unrecognized argument --val-dta; did you mean --val-data?"),
     (["estimate", "tiny", "--devise", "cpu"], "kiln estimate: error: unrecognized argument --devise; did you mean "
                                               "--device?")])
 def test_a_typo_gets_the_nearest_name(args, line):

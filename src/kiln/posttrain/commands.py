@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kiln.cliargs import int_at_least
+from kiln.cliargs import int_at_least, parse_with_overrides
 from kiln.config import Config, ParallelConfig, PostTrainConfig, merge_config, parse_overrides
 from kiln.data.cursor import DataId
 from kiln.errors import ConfigError
@@ -239,8 +239,8 @@ def _finish(summary: dict) -> int:
 def sft(argv: list[str], *, started: float | None = None) -> int:
     """`kiln sft --checkpoint CKPT --data FILE [overrides]`: jsonl {"messages": [{"role", "content"}, ...]}.
     `started`: the command's start (kiln.cli passes it), where a train.time_budget's clock starts."""
-    args, overrides = _stage_parser("sft", "Supervised fine-tuning on chat data (loss on assistant tokens)."
-                                    ).parse_known_args(argv)
+    parser = _stage_parser("sft", "Supervised fine-tuning on chat data (loss on assistant tokens).")
+    args, overrides = parse_with_overrides(parser, argv)  # `--fersh`: did you mean --fresh?
     from kiln.posttrain.sft import SFTObjective, encode_conversations, load_sft_data, rows_per_epoch
     from kiln.train.trainer import train
 
@@ -259,8 +259,8 @@ def sft(argv: list[str], *, started: float | None = None) -> int:
 def dpo(argv: list[str], *, started: float | None = None) -> int:
     """`kiln dpo --checkpoint CKPT --data FILE [overrides]`: jsonl {"prompt", "chosen", "rejected"}.
     `started`: the command's start (kiln.cli passes it), where a train.time_budget's clock starts."""
-    args, overrides = _stage_parser("dpo", "Preference optimisation: DPO (sigmoid) or APO-zero / APO-down."
-                                    ).parse_known_args(argv)
+    parser = _stage_parser("dpo", "Preference optimisation: DPO (sigmoid) or APO-zero / APO-down.")
+    args, overrides = parse_with_overrides(parser, argv)  # `--fersh`: did you mean --fresh?
     from kiln.posttrain.dpo import DPOObjective, encode_pairs, load_pairs
     from kiln.train.trainer import train
 
@@ -280,8 +280,8 @@ def dpo(argv: list[str], *, started: float | None = None) -> int:
 def rlvr(argv: list[str], *, started: float | None = None) -> int:
     """`kiln rlvr --checkpoint CKPT --data FILE [overrides]`: jsonl {"prompt", "answer"}.
     `started`: the command's start (kiln.cli passes it), where a train.time_budget's clock starts."""
-    args, overrides = _stage_parser("rlvr", "RL with verifiable rewards (GRPO-style groups, KL to the reference)."
-                                    ).parse_known_args(argv)
+    parser = _stage_parser("rlvr", "RL with verifiable rewards (GRPO-style groups, KL to the reference).")
+    args, overrides = parse_with_overrides(parser, argv)  # `--fersh`: did you mean --fresh?
     from kiln.generate import prompt_room
     from kiln.posttrain.rewards import build_reward
     from kiln.posttrain.rlvr import RLVRObjective, encode_tasks, load_tasks
