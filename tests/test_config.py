@@ -186,3 +186,22 @@ def test_one_data_source_may_be_given_without_its_list():
     assert [(s.path, s.weight) for s in cfg.data.train] == [("a,1.jsonl", 1.0), ("b.jsonl", 3.0)]
     with pytest.raises(ConfigError, match=r"data.train\[0\]: expected a mapping"):
         load_config("tiny", ["--data.train", "[3]"])
+
+
+def test_a_bad_value_of_a_base_file_is_blamed_on_that_file(tmp_path):
+    """Range checks run on the merged config; a value the base file sets (and a file built on it keeps) is the
+    base's to fix, while one that only the child's or the command line's values break stays theirs."""
+    (tmp_path / "base.yaml").write_text("base: tiny\ntrain:\n  eval_every: -3\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\noptim:\n  lr: 0.001\n")
+    (tmp_path / "grand.yaml").write_text("base: child.yaml\nrun:\n  seed: 3\n")
+    for name in ("child.yaml", "grand.yaml"):
+        with pytest.raises(ConfigError) as e:
+            load_config(str(tmp_path / name))
+        assert str(e.value) == f"{tmp_path / 'base.yaml'}: train.eval_every: must be positive, got -3"
+    assert load_config(str(tmp_path / "grand.yaml"), ["--train.eval_every", "5"]).train.eval_every == 5
+    (tmp_path / "short.yaml").write_text("base: tiny\ntrain:\n  seq_len: 64\n")  # fine alone
+    (tmp_path / "small.yaml").write_text("base: short.yaml\nmodel:\n  max_seq_len: 32\n")  # the child breaks it
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'small.yaml'}: train.seq_len \(64\) exceeds"):
+        load_config(str(tmp_path / "small.yaml"))
+    with pytest.raises(ConfigError, match=r"^command line: train.eval_every: must be positive, got 0"):
+        load_config(str(tmp_path / "short.yaml"), ["--train.eval_every", "0"])

@@ -5,6 +5,7 @@ dotted key, at load time, before any model or data work starts."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -466,41 +467,43 @@ def resolve_preset(name_or_path: str) -> Path:
     return preset
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        data = yamlfile.load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{at} malformed YAML: {getattr(e, 'problem', e)}") from None
-    if data is None:  # an empty file (a redirect that failed, a save that did not happen) is no config of defaults
-        raise ConfigError(f"{path}: empty; a config sets a section (model:, train:, ...) or starts from a preset "
-                          "with `base: tiny` (kiln presets lists them)")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (run, model, data, optim, train, parallel)")
-    return data
-
-
 def load_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config, following `base: <preset or path>` (single inheritance)."""
-    data = read_yaml(path)
-    base = data.pop("base", None)
+    data = yamlfile.read(path)
+    base_path = _base_of(path, data.pop("base", None))
     build(Config, data, where=str(path))  # an unknown key or a bad type is this file's, not the one built on it
-    if base is None:
+    if base_path is None:
         return data
+    if base_path.resolve() in seen:
+        raise ConfigError(f"{path}: base: inheritance cycle through {base_path}")
+    return _merge(load_yaml_tree(base_path, (*seen, path.resolve())), data)
+
+
+def _base_of(path: Path, base: Any) -> Path | None:
+    """The file a config's `base:` names: a preset, or a path beside it."""
+    if base is None:
+        return None
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: expected a preset name or a path")
     base_path = resolve_preset(base) if (PRESET_DIR / f"{base}.yaml").exists() else path.parent / base
     if not base_path.is_file():
         raise ConfigError(f"{path}: base: '{base}' is neither a preset nor a file beside it ({base_path}); presets "
                           f"are: {', '.join(list_presets())}")
-    if base_path.resolve() in seen:
-        raise ConfigError(f"{path}: base: inheritance cycle through {base_path}")
-    return _merge(load_yaml_tree(base_path, (*seen, path.resolve())), data)
+    return base_path
+
+
+def _at_fault(path: Path, err: ConfigError) -> ConfigError:
+    """A value that breaks a rule in a config built on a base is the base's when the base alone breaks it too
+    (the deepest such file): the file to edit."""
+    base = _base_of(path, yamlfile.read(path).get("base"))
+    if base is None:
+        return err
+    try:
+        validate(build(Config, load_yaml_tree(base), where=str(base)), where=str(base))
+    except ConfigError as e:
+        if str(e).removeprefix(f"{base}: ") == str(err).removeprefix(f"{path}: "):
+            return _at_fault(base, e)
+    return err
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -554,24 +557,23 @@ def load_config(preset: str = "tiny", overrides: list[str] | None = None) -> Con
     path = resolve_preset(preset)
     tree = load_yaml_tree(path)
     cfg = build(Config, tree, where=str(path))
-    # A bad value is blamed on where it came from: the file, unless the file alone passes and the
-    # command line's overrides make it fail.
-    where = str(path)
+    where = str(path)  # a bad value is the file's (or its base's: _at_fault), unless the file alone passes
     if overrides:
         over = parse_overrides(overrides)
         if over.get("run", {}).get("out_dir") == "":  # "$OUT" unset: runs/<name> would resume another run
             raise ConfigError(f"--run.out_dir is empty; pass a folder, or leave it out for runs/{cfg.run.name or path.stem}")
-        try:
+        with contextlib.suppress(ConfigError):  # else the file is at fault, unless the overrides repair it
             validate(cfg, where=where)
             where = "command line"
-        except ConfigError:
-            pass  # the file is at fault, unless the overrides repair it (checked below)
         cfg = build(Config, _merge(to_dict(cfg), over), where="command line")
     if not cfg.run.name:
         cfg.run.name = path.stem
     if not cfg.run.out_dir:
         cfg.run.out_dir = str(Path("runs") / cfg.run.name)
-    validate(cfg, where=where)
+    try:
+        validate(cfg, where=where)
+    except ConfigError as e:
+        raise (_at_fault(path, e) if where == str(path) else e) from None
     return cfg
 
 
