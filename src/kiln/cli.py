@@ -10,7 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-from kiln.cliargs import int_at_least, parse_with_overrides, unknown_command, user_path
+from kiln.cliargs import (
+    add_checkpoint_flags,
+    add_sampling_flags,
+    int_at_least,
+    parse_with_overrides,
+    unknown_command,
+    user_path,
+)
 from kiln.errors import KilnError, first_line
 
 STARTED = time.time()  # the command's start: a time budget counts the imports and setup before step 1 too
@@ -113,26 +120,15 @@ def _follow_run_folder(path: Path, cfg) -> None:
         cfg.run.out_dir = str(folder)
 
 
-def _add_ckpt(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="checkpoint folder, or a run folder (its latest checkpoint)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto: cuda when a GPU is visible, else cpu (default auto)")
-
-
 def _generate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln generate", description="Generate text from a checkpoint.",
                                 allow_abbrev=False)
-    _add_ckpt(p)
+    add_checkpoint_flags(p)
     p.add_argument("--prompt", required=True, help="the text to continue; - reads it from standard input; '' "
                    "samples from nothing (after an end of text)")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=64, help="default 64")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default 0.8)")
-    p.add_argument("--top-k", type=int_at_least(0), default=0, help="0 disables it (the default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 disables it (the default)")
+    add_sampling_flags(p, temperature=0.8, top_k=0)
     p.add_argument("--seed", type=int_at_least(0), default=0, help="default 0")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 disables it (CTRL-style penalty; "
-                   "the default)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
     args = p.parse_args(argv)
     if args.prompt == "-":
@@ -181,7 +177,7 @@ def _import(argv: list[str]) -> int:
 def _eval(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln eval", description="Loss, perplexity and bits per byte on a text source.",
                                 allow_abbrev=False)
-    _add_ckpt(p)
+    add_checkpoint_flags(p)
     p.add_argument("--data", required=True, help="txt/jsonl/parquet file, glob, folder, bundled:val, or HF dataset")
     p.add_argument("--text-column", default=None, help="loss: the column holding the text (default: text)")
     p.add_argument("--max-tokens", type=int_at_least(1), default=None,

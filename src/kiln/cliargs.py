@@ -65,3 +65,21 @@ def parse_with_sources(p: argparse.ArgumentParser, argv: list[str], option: str 
         p.error("unrecognized arguments: " + " ".join(extra))
     return args
 
+
+def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    """--checkpoint and --device, as every command that loads a checkpoint takes them."""
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda when a GPU is visible, else cpu (default auto)")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, *, temperature: float, top_k: int) -> None:
+    """kiln generate's and kiln chat's sampling flags, with the command's defaults (kiln.generate.check_flags
+    checks their values before a model loads)."""
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 means greedy (default {temperature:g})")
+    p.add_argument("--top-k", type=int_at_least(0), default=top_k,
+                   help="0 disables it " + (f"(default {top_k})" if top_k else "(the default)"))
+    p.add_argument("--top-p", type=float, default=1.0, help="1 disables it (the default)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="1 disables it (CTRL-style penalty; the default)")

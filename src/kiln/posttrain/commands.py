@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kiln.cliargs import int_at_least, parse_with_overrides
+from kiln.cliargs import add_checkpoint_flags, add_sampling_flags, int_at_least, parse_with_overrides
 from kiln.config import Config, ParallelConfig, PostTrainConfig, merge_config, parse_overrides
 from kiln.data.cursor import DataId
 from kiln.errors import ConfigError
@@ -315,18 +315,12 @@ def chat(argv: list[str]) -> int:
     """`kiln chat --checkpoint CKPT`: a conversation in the terminal with the model's chat template."""
     p = argparse.ArgumentParser(prog="kiln chat", description="Chat with a model (empty line, /quit or Ctrl-D "
                                 "quits; /reset forgets the conversation).", allow_abbrev=False)
-    p.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="checkpoint folder, or a run folder (its latest checkpoint)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto: cuda when a GPU is visible, else cpu (default auto)")
+    add_checkpoint_flags(p)
     p.add_argument("--system", default="", help="system message")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=None,
                    help="tokens per reply, at least 1 (default: min(256, half the model's context)); a value that "
                         "leaves no room for a prompt within the context (>= model.max_seq_len) is refused")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (default 0.7)")
-    p.add_argument("--top-k", type=int_at_least(0), default=50, help="0 disables it (default 50)")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 disables it (the default)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 disables it (the default)")
+    add_sampling_flags(p, temperature=0.7, top_k=50)
     p.add_argument("--seed", type=int_at_least(0), default=0, help="default 0; each reply takes the next seed")
     p.add_argument("--raw", action="store_true", help="no chat template: the model continues your text")
     args = p.parse_args(argv)
