@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import json
 import os
 import sys
@@ -285,32 +286,21 @@ def _presets(argv: list[str]) -> int:
     return 0
 
 
-def _logs(argv: list[str]) -> int:
-    from kiln.logs import main as logs_main
+def _elsewhere(module: str):
+    """A command whose parser and work live in `module` (its main(argv)), imported only when it runs."""
+    def run(argv: list[str]) -> int:
+        return importlib.import_module(module).main(argv)
 
-    return logs_main(argv)
-
-
-def _doctor(argv: list[str]) -> int:
-    from kiln.doctor import main as doctor_main
-
-    return doctor_main(argv)
-
-
-def _data(argv: list[str]) -> int:
-    from kiln.data.commands import main as data_main
-
-    return data_main(argv)
+    return run
 
 
 COMMANDS = {"train": _train, "generate": _generate, "chat": _chat, "eval": _eval, "export": _export,
             "presets": _presets, "sft": _posttrain("sft"), "dpo": _posttrain("dpo"),
-            "rlvr": _posttrain("rlvr"), "import": _import, "logs": _logs, "doctor": _doctor, "data": _data,
-            "control": lambda argv: __import__("kiln.train.control", fromlist=["main"]).main(argv),
-            "bench": lambda argv: __import__("kiln.bench", fromlist=["main"]).main(argv),
-            "estimate": lambda argv: __import__("kiln.estimate", fromlist=["main"]).main(argv),
-            "average": lambda argv: __import__("kiln.average", fromlist=["main"]).main(argv),
-            "tokenizer": lambda argv: __import__("kiln.data.tokenizer_train", fromlist=["main"]).main(argv)}
+            "rlvr": _posttrain("rlvr"), "import": _import, "logs": _elsewhere("kiln.logs"),
+            "doctor": _elsewhere("kiln.doctor"), "data": _elsewhere("kiln.data.commands"),
+            "control": _elsewhere("kiln.train.control"), "bench": _elsewhere("kiln.bench"),
+            "estimate": _elsewhere("kiln.estimate"), "average": _elsewhere("kiln.average"),
+            "tokenizer": _elsewhere("kiln.data.tokenizer_train")}
 
 
 def main(argv: list[str] | None = None) -> int:
