@@ -115,7 +115,8 @@ def check_model_split(p: ParallelConfig, m: ModelConfig, *, where: str = "parall
         if n_stages > m.n_layers:
             raise ConfigError(f"{where}: parallel.pp={p.pp} with {p.pp_schedule} needs {n_stages} pipeline stages "
                               f"but the model has only model.n_layers={m.n_layers}; lower parallel.pp")
-        if 0 < p.pp_microbatches < n_stages:  # torch's 1F1B and DualPipeV refuse it on every rank, mid-setup
+        # torch's 1F1B and DualPipeV refuse it on every rank, mid-setup (GPipe and the looped ones run it)
+        if p.pp_schedule in ("1F1B", "DualPipeV") and 0 < p.pp_microbatches < n_stages:
             per = "one stage per rank" if n_stages == p.pp else f"{n_stages // p.pp} stages per rank"
             raise ConfigError(f"{where}: parallel.pp_microbatches={p.pp_microbatches} is fewer than the pipeline's "
                               f"{n_stages} stages (parallel.pp={p.pp}, {per} with {p.pp_schedule}); a pipeline step "
