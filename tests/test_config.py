@@ -64,6 +64,7 @@ def test_overrides_are_typed_and_nested():
     (["--train.divergence_threshold", "-1"], r"train.divergence_threshold: must be >= 0, got -1"),  # silently off
     (["--train.spike_z", "nan"], r"train.spike_z: must be a finite number, got nan"),
     (["--train.sample_every", "-2"], r"train.sample_every: must be >= 0, got -2"),
+    (["--train.sample_tokens", "1024"], r"train.sample_tokens \(1024\) must be below model.max_seq_len \(1024\)"),
     (["--train.target_metric", "eval/bogus"],  # accepted without a word, and nothing stopped at it
      r"train.target_metric eval/bogus has no effect without train.target_loss"),
     (["--data.train", '[{"path": "a.jsonl", "weight": 1e400}]'], r"weight must be a positive finite number, got inf"),

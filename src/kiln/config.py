@@ -493,8 +493,7 @@ def _base_of(path: Path, base: Any) -> Path | None:
 
 
 def _at_fault(path: Path, err: ConfigError) -> ConfigError:
-    """A value that breaks a rule in a config built on a base is the base's when the base alone breaks it too
-    (the deepest such file): the file to edit."""
+    """A broken rule is the base's (the deepest such file) when the base alone breaks it the same way."""
     base = _base_of(path, yamlfile.read(path).get("base"))
     if base is None:
         return err
@@ -709,6 +708,8 @@ def _validate_train(t: TrainConfig, o: OptimConfig, m: ModelConfig, *, where: st
         raise ConfigError(f"{where}: train.unseen_smoothing: must be within [0, 1) (0: off), got {t.unseen_smoothing}")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"{where}: train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    if t.sample_tokens >= m.max_seq_len:  # the sample's prompt needs a token of the context too
+        raise ConfigError(f"{where}: train.sample_tokens ({t.sample_tokens}) must be below model.max_seq_len ({m.max_seq_len}); 0: none")
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(f"{where}: train.global_batch_size ({t.global_batch_size}) must be a multiple of "
                           f"train.micro_batch_size ({t.micro_batch_size})")
