@@ -494,3 +494,17 @@ def test_samples_every_n_steps_print_through_the_cli_and_leave_the_losses_as_the
     assert losses(plain / "run") == losses(sampled / "run")
     wa, wb = ckpt_io.read_model_state(plain / "run"), ckpt_io.read_model_state(sampled / "run")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_runs_config_yaml_resumes_past_a_damaged_old_checkpoint(tmp_path):
+    """`kiln train RUN/config.yaml` asked whether RUN holds only weights-only checkpoints by reading every
+    checkpoint's meta.json, so an old damaged one (never resumed) failed the command the run itself takes."""
+    from conftest import run_kiln
+
+    train(load_config("tiny", small_overrides(tmp_path, **{"train.max_steps": 6})), quiet=True)
+    run = tmp_path / "run"
+    oldest = ckpt_io.list_checkpoints(run)[0]
+    (oldest / "meta.json").write_text("{broken")
+    res = run_kiln("train", str(run / "config.yaml"), "--train.max_steps", "7", capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert ckpt_io.checkpoint_step(ckpt_io.resolve_checkpoint(run)) == 7

@@ -112,7 +112,11 @@ def _follow_run_folder(path: Path, cfg) -> None:
     from kiln.train.checkpoint import list_checkpoints, weights_only
 
     ckpts = list_checkpoints(folder)
-    if ckpts and all(weights_only(c) for c in ckpts):
+    try:  # the newest, which a run would resume
+        imported = bool(ckpts) and weights_only(ckpts[-1])
+    except KilnError:  # damaged: the run sets it aside and resumes the one before, in this folder
+        imported = False
+    if imported:
         return  # nothing here to resume (kiln import / average): its run.out_dir starts from these weights
     if Path(cfg.run.out_dir).resolve() != folder:
         print(f"note: {path} is the config of the run in {folder}: it trains there (its run.out_dir, "
