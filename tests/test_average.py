@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 
 import pytest
@@ -60,9 +61,17 @@ def test_uniform_average_of_the_last_three_through_the_cli(run, tmp_path):
         f"such folders); score it with kiln eval --checkpoint {tmp_path / 'avg'}"], res.stderr
 
 
-def test_ema_average_weights_later_checkpoints_more(run, tmp_path):
+@pytest.mark.parametrize("copied", [False, True])
+def test_ema_average_weights_later_checkpoints_more(run, tmp_path, copied):
+    """Given in any order, and as copies under other names (sorted by the step in their meta.json: the names
+    were parsed as step_<N>, a ValueError traceback for a copy)."""
     ckpts = ckpt_io.list_checkpoints(run)
-    res = run_cli("average", *map(str, ckpts), "--ema", "0.5", "--out", str(tmp_path / "ema"))
+    given = ckpts[::-1]
+    if copied:
+        given = [tmp_path / f"copy-{i}" for i in range(len(ckpts))]
+        for c, dst in zip(ckpts[::-1], given):
+            shutil.copytree(c, dst)
+    res = run_cli("average", *map(str, given), "--ema", "0.5", "--out", str(tmp_path / "ema"))
     assert res.returncode == 0, res.stderr
     got = ckpt_io.read_model_state(tmp_path / "ema")
     states = [ckpt_io.read_model_state(c) for c in ckpts]

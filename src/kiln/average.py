@@ -56,7 +56,8 @@ def expand(paths: list[str], *, last: int = 0, notes: list[str] | None = None) -
         else:
             out.append(ckpt_io.resolve_checkpoint(path))
     unique = {c.resolve(): c for c in out}
-    return sorted(unique.values(), key=ckpt_io.checkpoint_step)
+    # oldest first (an EMA weighs the newest most): by step, from meta.json where a copy has another name
+    return sorted(unique.values(), key=lambda c: int(ckpt_io.read_meta(c).get("step", 0)))
 
 
 def check_compatible(ckpts: list[Path]) -> None:
@@ -146,8 +147,7 @@ def _average_into(out: Path, ckpts: list[Path], *, notes: list[str], ema: float,
         meta["tokenizer_digest"] = last["tokenizer_digest"]
     if ema > 0:
         meta["ema_decay"] = ema
-    return ckpt_io.save_checkpoint(out / "checkpoints", ckpt_io.checkpoint_step(ckpts[-1]), model=model, cfg=cfg,
-                                   meta=meta)
+    return ckpt_io.save_checkpoint(out / "checkpoints", int(last.get("step", 0)), model=model, cfg=cfg, meta=meta)
 
 
 def main(argv: list[str]) -> int:
