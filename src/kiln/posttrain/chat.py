@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 
-from kiln.data.records import load_records as load_records  # kept importable here (kiln.posttrain.commands)
 from kiln.data.tokenizer import Tokenizer
 from kiln.errors import DataError
 

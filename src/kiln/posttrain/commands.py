@@ -202,7 +202,7 @@ def _saved_stage(ckpt: Path) -> str | None:
 def _train_records(pt: PostTrainConfig) -> tuple[list[tuple[str, dict]], DataId]:
     """The stage's training records (posttrain.data, split posttrain.split) and their DataId: a resume on
     other data, even with as many records, is refused (kiln.data.cursor.CursorLoader)."""
-    from kiln.posttrain.chat import load_records
+    from kiln.data.records import load_records
 
     records = load_records(pt.data, split=pt.split)
     return records, DataId.of(pt.data, records)
